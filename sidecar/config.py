@@ -1,0 +1,624 @@
+"""The configuration: YAML in, frozen typed sections out, every problem reported at once.
+
+``load(path)`` reads the file, replaces ``${ENV}`` references, resolves relative paths against
+the file's folder, checks shapes, files and certificates, and raises ``ConfigError`` listing
+each problem as ``dotted.key.path: message``. Modules take their own section, never the whole
+``Config``. Shapes live in the models below; checks that need files live in validators so that
+pydantic collects them together with the shape errors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from cryptography.hazmat.primitives.serialization import Encoding
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .certs import (
+    CertificateError,
+    key_matches_certificate,
+    normalize_fingerprint,
+    read_certificates,
+    read_private_key,
+    sha256_fingerprint,
+)
+from .errors import ConfigError
+
+# ---- value types --------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds as a number, or ``500ms``, ``30s``, ``5m``, ``1h``, ``1d``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like 30s, 5m, 500ms")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(
+            f"not a duration: {value!r} (a number of seconds or a string like 30s, 5m, 500ms)"
+        )
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, str | Path) or str(value) == "":
+        raise ValueError("expected a file path")
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.exists():
+        raise ValueError(f"file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file not readable: {path}")
+    return path
+
+
+def _certificate_file(path: Path) -> Path:
+    try:
+        read_certificates(path)
+    except CertificateError as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
+def _key_file(path: Path) -> Path:
+    try:
+        read_private_key(path)
+    except CertificateError as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
+FilePath = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_existing_file)]
+CertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_certificate_file)]
+KeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_key_file)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+# ---- sections -----------------------------------------------------------------------------
+
+
+class ListenConfig(Section):
+    host: str = "0.0.0.0"  # noqa: S104 - a listener is meant to be reachable
+    port: int = Field(8443, ge=0, le=65535)  # 0: any free port (tests)
+    #: processes sharing the port with SO_REUSEPORT; "auto" is one per CPU
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("workers must be at least 1 (or auto)")
+        return v
+
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
+
+
+class LimitsConfig(Section):
+    """Bounds against hostile or broken clients; defaults follow nginx's."""
+
+    #: request line (method, target, version); longer → 414
+    max_request_line: int = Field(8190, ge=256, le=1 << 20)
+    #: one header line; longer → 431
+    max_header_line: int = Field(8190, ge=256, le=1 << 20)
+    #: number of header lines; more → 431
+    max_headers: int = Field(100, ge=8, le=10_000)
+    #: the whole header block (all header lines together); larger → 431
+    max_header_block: int = Field(32768, ge=1024, le=1 << 24)
+    #: time a client has to send a complete request head (slowloris)
+    header_timeout: Duration = 60.0
+    #: an idle keep-alive connection is closed after this
+    keepalive_timeout: Duration = 75.0
+    #: time a client has to complete the TLS handshake
+    handshake_timeout: Duration = 60.0
+    #: open client connections per worker; further ones are closed at once
+    max_connections: int = Field(4096, ge=1)
+    #: request bodies larger than this are refused with 413; null: no limit
+    max_body_size: int | None = Field(None, ge=0)
+
+
+class TLSConfig(Section):
+    certificate: CertFile
+    key: KeyFile
+    client_ca: tuple[CertFile, ...] = ()
+    pinned_certificates: tuple[CertFile, ...] = ()
+    client_certificate: Literal["optional", "required"] = "optional"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @field_validator("client_ca", "pinned_certificates", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> TLSConfig:
+        certs = read_certificates(self.certificate)
+        key = read_private_key(self.key)
+        if not key_matches_certificate(key, certs[0]):
+            raise ValueError(
+                f"@key: the private key {self.key} does not match the certificate "
+                f"{self.certificate} (the first certificate in the file must be the server's)"
+            )
+        if not self.client_ca and not self.pinned_certificates:
+            raise ValueError(
+                "@client_ca: no trust anchors: set client_ca and/or pinned_certificates"
+            )
+        return self
+
+
+class UpstreamTimeouts(Section):
+    connect: Duration = 5.0
+    read: Duration = 60.0
+
+
+class UpstreamConfig(Section):
+    url: str = "http://127.0.0.1:8080"
+    timeout: UpstreamTimeouts = UpstreamTimeouts()
+    #: pooled keep-alive connections to the upstream (per worker)
+    max_connections: int = Field(256, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        m = re.match(r"^(http|https)://([^/?#]+)(/[^?#]*)?$", v)
+        if not m:
+            raise ValueError(f"not an http:// or https:// URL without query: {v!r}")
+        return v.rstrip("/") if m.group(3) in (None, "/") else v
+
+
+class HeadersConfig(Section):
+    """Names of the identity headers sent upstream (the contract's by default)."""
+
+    certificate: str = "X-APP-CERTIFICATE"
+    userinfo: str = "X-USERINFO"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> HeadersConfig:
+        if self.certificate.lower() == self.userinfo.lower():
+            raise ValueError("@userinfo: must differ from headers.certificate")
+        return self
+
+    @field_validator("certificate", "userinfo")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", v):
+            raise ValueError(f"not a valid header name: {v!r}")
+        return v
+
+
+class CacheConfig(Section):
+    ttl: Duration = 300.0
+    negative_ttl: Duration = 30.0
+    max_entries: int = Field(100_000, ge=1)
+    stale_if_error: Duration = 0.0
+
+
+class CertificateBinding(Section):
+    """One certificate bound to a user: ``sha256`` fingerprint or a ``file``; ``fingerprint`` derived."""
+
+    sha256: str | None = None
+    file: CertFile | None = None
+    fingerprint: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if ("sha256" in data) == ("file" in data):
+            raise ValueError("give exactly one of sha256 or file")
+        if "fingerprint" in data:
+            raise ValueError("fingerprint is derived; give sha256 or file")
+        data = dict(data)
+        if "sha256" in data:
+            try:
+                data["fingerprint"] = normalize_fingerprint(str(data["sha256"]))
+            except ValueError as exc:
+                raise ValueError(f"@sha256: {exc}") from None
+        else:
+            try:
+                path = _resolve_path(data["file"], info)
+                certs = read_certificates(path)
+            except (ValueError, CertificateError) as exc:
+                raise ValueError(f"@file: {exc}") from None
+            if len(certs) != 1:
+                raise ValueError(f"@file: expected exactly one certificate in {path}, found {len(certs)}")
+            data["fingerprint"] = sha256_fingerprint(certs[0].public_bytes(Encoding.DER))
+        return data
+
+
+class StaticUser(Section):
+    sub: str = Field(min_length=1)
+    username: str = Field(min_length=1)
+    given_name: str | None = None
+    family_name: str | None = None
+    email: str | None = None
+    roles: tuple[str, ...] = ()
+    certificates: tuple[CertificateBinding, ...] = Field(min_length=1)
+
+
+class StaticConfig(Section):
+    users: tuple[StaticUser, ...] = ()
+    max_certificates_per_user: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check_users(self) -> StaticConfig:
+        problems: list[str] = []
+        seen_fp: dict[str, int] = {}
+        seen_sub: dict[str, int] = {}
+        seen_name: dict[str, int] = {}
+        for i, user in enumerate(self.users):
+            if len(user.certificates) > self.max_certificates_per_user:
+                problems.append(
+                    f"@users[{i}].certificates: {len(user.certificates)} certificates bound, "
+                    f"at most {self.max_certificates_per_user} allowed "
+                    "(identity.static.max_certificates_per_user)"
+                )
+            for j, binding in enumerate(user.certificates):
+                other = seen_fp.setdefault(binding.fingerprint, i)
+                if other != i:
+                    problems.append(
+                        f"@users[{i}].certificates[{j}]: certificate already bound to users[{other}]"
+                    )
+            if seen_sub.setdefault(user.sub, i) != i:
+                problems.append(f"@users[{i}].sub: duplicate of users[{seen_sub[user.sub]}]")
+            if seen_name.setdefault(user.username, i) != i:
+                problems.append(
+                    f"@users[{i}].username: duplicate of users[{seen_name[user.username]}]"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+class IdentityPlusConfig(Section):
+    endpoint: str = "https://api.identity.plus/v1"
+    #: this service's own API ("agent") certificate and key, PEM or DER ...
+    certificate: CertFile | None = None
+    key: KeyFile | None = None
+    #: ... or both in one PKCS#12 file, its password in a file (trailing newline ignored)
+    p12: FilePath | None = None
+    p12_password_file: FilePath | None = None
+    ca: CertFile | None = None
+    server_pins: tuple[str, ...] = ()
+    signon_url: str = "https://signon.identity.plus"
+    timeout: Duration = 5.0
+    enrol_missing: bool = False
+    #: how the serial is written in inquiries: decimal or 0x + uppercase hex
+    serial_format: Literal["decimal", "hex"] = "decimal"
+    #: optional: ask on behalf of this service domain
+    service: str | None = None
+    #: send the visitor's address as ip-address
+    send_ip_address: bool = False
+
+    @field_validator("server_pins")
+    @classmethod
+    def _pins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(normalize_fingerprint(p) for p in v)
+
+    @field_validator("endpoint", "signon_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not v.startswith("https://"):
+            raise ValueError(f"must be an https:// URL: {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> IdentityPlusConfig:
+        if self.p12 is not None:
+            if self.certificate is not None or self.key is not None:
+                raise ValueError("@p12: give either certificate + key or p12, not both")
+            self._check_p12(self.p12, self.p12_password_file)
+            return self
+        if self.p12_password_file is not None:
+            raise ValueError("@p12_password_file: only used with p12")
+        if self.certificate is None:
+            raise ValueError(
+                "@certificate: required: the API certificate and key (or p12 + p12_password_file)"
+            )
+        if self.key is None:
+            raise ValueError("@key: required with certificate")
+        if not key_matches_certificate(
+            read_private_key(self.key), read_certificates(self.certificate)[0]
+        ):
+            raise ValueError(
+                f"@key: the private key {self.key} does not match the certificate "
+                f"{self.certificate} (the first certificate in the file must be the agent's)"
+            )
+        return self
+
+    @staticmethod
+    def _check_p12(path: Path, password_file: Path | None) -> None:
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
+        password = password_file.read_bytes().rstrip(b"\r\n") if password_file else b""
+        try:
+            key, cert, _ = pkcs12.load_key_and_certificates(path.read_bytes(), password or None)
+        except ValueError:
+            raise ValueError(
+                f"@p12: cannot open {path}: not PKCS#12, or the wrong password (p12_password_file)"
+            ) from None
+        if key is None or cert is None:
+            raise ValueError(f"@p12: {path} must hold the certificate and its private key")
+
+
+class HttpBackendConfig(Section):
+    url: str
+    timeout: Duration = 5.0
+    certificate: CertFile | None = None
+    key: KeyFile | None = None
+    ca: CertFile | None = None
+    #: where browsers go to validate or get a certificate (``?purpose=..&return_url=..``
+    #: appended); without it only verdicts that carry their own ``redirect`` can redirect
+    signon_url: str | None = None
+    #: true: no certificate on a non-public route → redirect to ``signon_url`` to get one
+    enrol_missing: bool = False
+
+    @field_validator("url", "signon_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/?#]+", v):
+            raise ValueError(f"not an http:// or https:// URL: {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _pair(self) -> HttpBackendConfig:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("@certificate: certificate and key go together (mTLS to the backend)")
+        if self.enrol_missing and self.signon_url is None:
+            raise ValueError("@enrol_missing: needs signon_url")
+        return self
+
+
+class IdentityConfig(Section):
+    backend: Literal["static", "identityplus", "http"] = "static"
+    cache: CacheConfig = CacheConfig()
+    static: StaticConfig = StaticConfig()
+    identityplus: IdentityPlusConfig | None = None
+    http: HttpBackendConfig | None = None
+
+    @model_validator(mode="after")
+    def _backend_section(self) -> IdentityConfig:
+        if self.backend == "identityplus" and self.identityplus is None:
+            raise ValueError("@identityplus: required when identity.backend is identityplus")
+        if self.backend == "http" and self.http is None:
+            raise ValueError("@http: required when identity.backend is http")
+        return self
+
+
+class RouteConfig(Section):
+    path: str
+    access: Literal["public", "authenticated"] = "authenticated"
+    roles: tuple[str, ...] = ()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"a route path starts with /: {v!r}")
+        if any(c in v for c in "?#\\") or any(seg in (".", "..") for seg in v.split("/")):
+            raise ValueError(f"a route path is a plain path prefix (no ?, #, \\ or dot segments): {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _roles_need_auth(self) -> RouteConfig:
+        if self.access == "public" and self.roles:
+            raise ValueError("@roles: a public route cannot require roles")
+        return self
+
+
+class AdminConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
+
+
+class LogConfig(Section):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+def _default_routes() -> tuple[RouteConfig, ...]:
+    return (RouteConfig(path="/"),)
+
+
+class Config(Section):
+    listen: ListenConfig = ListenConfig()
+    tls: TLSConfig
+    upstream: UpstreamConfig = UpstreamConfig()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    headers: HeadersConfig = HeadersConfig()
+    limits: LimitsConfig = LimitsConfig()
+    identity: IdentityConfig = IdentityConfig()
+    routes: tuple[RouteConfig, ...] = Field(default_factory=_default_routes)
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> Any:
+        if not isinstance(v, list | tuple):
+            return v
+        out = []
+        for i, item in enumerate(v):
+            try:
+                out.append(ipaddress.ip_network(str(item), strict=False))
+            except ValueError:
+                raise ValueError(f"@[{i}]: not an IP address or CIDR: {item!r}") from None
+        return out
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        # A field validator, so it runs (and reports) even when other sections have errors.
+        seen: dict[str, int] = {}
+        problems = []
+        for i, route in enumerate(routes):
+            if route.path in seen:
+                problems.append(f"@[{i}].path: duplicate of routes[{seen[route.path]}]: {route.path}")
+            seen.setdefault(route.path, i)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return routes
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (YAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, path: str, env: dict[str, str], problems: list[str]) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; an unset VAR is a problem."""
+    if isinstance(node, dict):
+        return {k: _interpolate(v, _join(path, str(k)), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path or '<root>'}: environment variable {name} is not set")
+            return ""
+
+        return _ENV_REF.sub(sub, node)
+    return node
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or part in ("list[...]",):
+            continue
+        else:
+            out = _join(out, part)
+    return out
+
+
+def _problems_from(exc: ValidationError) -> list[str]:
+    problems: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = _format_loc(tuple(err["loc"]))
+        message = str(err["msg"])
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        for line in message.split("\n"):
+            if line.startswith("@"):
+                sub, _, text = line[1:].partition(": ")
+                where = f"{loc}{sub}" if sub.startswith("[") else _join(loc, sub)
+                problems.append(f"{where}: {text}")
+            else:
+                problems.append(f"{loc or '<root>'}: {line}")
+    return problems
+
+
+def parse(data: Any, *, base_dir: Path, env: dict[str, str] | None = None) -> Config:
+    """Validate an already-parsed YAML document; raises ``ConfigError`` with every problem."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["<root>: the configuration must be a YAML mapping"])
+    data = _interpolate(data, "", dict(os.environ) if env is None else env, problems)
+    try:
+        config = Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        problems.extend(_problems_from(exc))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load(path: str | Path, *, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a configuration file; raises ``ConfigError`` with every problem."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: configuration file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot read configuration: {exc}"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{file}: not valid YAML{where}: {problem}"]) from None
+    return parse(data, base_dir=file.resolve().parent, env=env)
