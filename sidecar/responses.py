@@ -1,0 +1,100 @@
+"""The sidecar's own answers: short HTML for browsers, RFC 9457 problem+json otherwise.
+
+Reasons are plain words chosen by the caller from a small set; nothing from an exception,
+a backend reply or the request itself is echoed, so no internals leak.
+"""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from http import HTTPStatus
+
+from aiohttp import web
+
+_TITLES = {
+    400: "Bad request",
+    401: "Client certificate required",
+    403: "Access denied",
+    404: "Not found",
+    413: "Request body too large",
+    414: "Request line too long",
+    431: "Request headers too large",
+    500: "Internal error",
+    502: "Upstream unavailable",
+    503: "Identity service unavailable",
+    504: "Upstream timed out",
+}
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{status} {title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:36em;margin:4em auto;padding:0 1em;color:#222}}
+h1{{font-size:1.4em}}p{{line-height:1.5}}code{{color:#555}}</style></head>
+<body><h1>{status} {title}</h1><p>{reason}</p>{extra}<p><code>request id: {request_id}</code></p></body></html>
+"""
+
+
+def wants_html(accept: str | None) -> bool:
+    return bool(accept) and "text/html" in accept.lower()  # type: ignore[union-attr]
+
+
+def title_of(status: int) -> str:
+    if status in _TITLES:
+        return _TITLES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error(
+    status: int,
+    reason: str,
+    *,
+    request_id: str,
+    accept: str | None,
+    headers: dict[str, str] | None = None,
+    location: str | None = None,
+) -> web.Response:
+    """An error response. ``location`` (a sign-on URL) is given as a link and a header."""
+    title = title_of(status)
+    out_headers = {"X-Request-ID": request_id, "Cache-Control": "no-store"}
+    if headers:
+        out_headers.update(headers)
+    if location:
+        out_headers["Location"] = location
+    if wants_html(accept):
+        extra = ""
+        if location:
+            extra = f'<p><a href="{escape(location, quote=True)}">Continue to sign in</a></p>'
+        body = _PAGE.format(
+            status=status,
+            title=escape(title),
+            reason=escape(reason),
+            extra=extra,
+            request_id=escape(request_id),
+        )
+        return web.Response(
+            status=status, text=body, content_type="text/html", charset="utf-8", headers=out_headers
+        )
+    doc: dict[str, object] = {"type": "about:blank", "title": title, "status": status, "detail": reason}
+    if location:
+        doc["sign_on_url"] = location
+    doc["request_id"] = request_id
+    return web.Response(
+        status=status,
+        body=json.dumps(doc).encode("utf-8"),
+        content_type="application/problem+json",
+        headers=out_headers,
+    )
+
+
+def redirect(location: str, *, request_id: str) -> web.Response:
+    """302 to the identity service; the body is a one-line link for clients that do not follow."""
+    return web.Response(
+        status=302,
+        text=f'<a href="{escape(location, quote=True)}">Continue</a>\n',
+        content_type="text/html",
+        headers={"Location": location, "X-Request-ID": request_id, "Cache-Control": "no-store"},
+    )

@@ -1,0 +1,89 @@
+"""Header rules: spoofed identity and forwarding headers never pass; ours are exact."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from multidict import CIMultiDict
+
+from sidecar.headers import HeaderRules, response_headers, upstream_headers
+from sidecar.identity import User
+
+RULES = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO", (ipaddress.ip_network("10.0.0.0/8"),))
+USER = User("sub-1", "alice", "Alice", None, "a@example.com", ("administrator",))
+
+
+def incoming(*pairs: tuple[str, str]) -> CIMultiDict[str]:
+    return CIMultiDict(pairs)
+
+
+def test_spoofed_identity_headers_removed_in_any_case_and_repeat() -> None:
+    h = incoming(
+        ("Host", "app.example"),
+        ("x-app-certificate", "forged"),
+        ("X-App-Certificate", "forged2"),
+        ("X-USERINFO", "forged"),
+        ("x-userinfo", "forged"),
+        ("Accept", "*/*"),
+    )
+    out = upstream_headers(RULES, h, client_ip="1.2.3.4", trusted=False, request_id="r1", user=None, certificate_b64=None)
+    assert "X-APP-CERTIFICATE" not in out and "X-USERINFO" not in out
+    assert out.getall("Accept") == ["*/*"] and out["Host"] == "app.example"
+
+    out = upstream_headers(RULES, h, client_ip="1.2.3.4", trusted=False, request_id="r1", user=USER, certificate_b64="Q0VSVA==")
+    assert out.getall("X-APP-CERTIFICATE") == ["Q0VSVA=="]
+    assert out.getall("X-USERINFO") == [USER.header_value]
+
+
+def test_hop_by_hop_and_connection_named_removed_but_host_kept() -> None:
+    h = incoming(
+        ("Host", "h"),
+        ("Connection", "keep-alive, X-Secret, host, Content-Length"),
+        ("Keep-Alive", "timeout=5"),
+        ("X-Secret", "s"),
+        ("TE", "trailers"),
+        ("Transfer-Encoding", "chunked"),
+        ("Proxy-Authorization", "Basic x"),
+        ("Upgrade", "h2c"),
+        ("X-Kept", "k"),
+    )
+    out = upstream_headers(RULES, h, client_ip="1.2.3.4", trusted=False, request_id="r", user=None, certificate_b64=None)
+    names = {k.lower() for k in out}
+    assert names.isdisjoint({"connection", "keep-alive", "x-secret", "te", "transfer-encoding", "proxy-authorization", "upgrade"})
+    assert out["Host"] == "h" and out["X-Kept"] == "k"
+
+
+def test_forwarding_headers_from_untrusted_peer_are_replaced() -> None:
+    h = incoming(
+        ("Host", "app"),
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("x-forwarded-for", "7.7.7.7"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "evil"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X-Request-ID", "spoofed"),
+    )
+    out = upstream_headers(RULES, h, client_ip="1.2.3.4", trusted=False, request_id="mine", user=None, certificate_b64=None)
+    assert out.getall("X-Forwarded-For") == ["1.2.3.4"]
+    assert out.getall("X-Forwarded-Proto") == ["https"]
+    assert out.getall("X-Forwarded-Host") == ["app"]
+    assert out.getall("X-Real-IP") == ["1.2.3.4"]
+    assert out.getall("X-Request-ID") == ["mine"]
+    assert "Forwarded" not in out
+
+
+def test_trusted_proxy_headers_are_kept_and_appended() -> None:
+    h = incoming(("Host", "app"), ("X-Forwarded-For", "9.9.9.9"), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "public.example"))
+    out = upstream_headers(RULES, h, client_ip="10.0.0.5", trusted=True, request_id="abc", user=None, certificate_b64=None)
+    assert out.getall("X-Forwarded-For") == ["9.9.9.9, 10.0.0.5"]
+    assert out["X-Forwarded-Host"] == "public.example"
+    assert RULES.is_trusted_proxy("10.1.2.3") and not RULES.is_trusted_proxy("11.0.0.1")
+    assert RULES.is_trusted_proxy("::ffff:10.0.0.1") and not RULES.is_trusted_proxy("garbage")
+
+
+def test_response_headers_drop_hop_by_hop() -> None:
+    h = incoming(("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Connection", "close, X-Internal"), ("X-Internal", "x"), ("Transfer-Encoding", "chunked"))
+    out = response_headers(h)
+    assert out.getall("Set-Cookie") == ["a=1", "b=2"]
+    assert "X-Internal" not in out and "Transfer-Encoding" not in out and "Connection" not in out
