@@ -448,6 +448,28 @@ class AdminConfig(Section):
     port: int = Field(9090, ge=0, le=65535)
 
 
+class ShutdownConfig(Section):
+    """SIGTERM/SIGINT: readiness fails at once, accepting stops after ``drain_delay`` (so load
+    balancers notice), in-flight requests and WebSockets get ``grace_period``, then exit 0."""
+
+    drain_delay: Duration = 5.0
+    grace_period: Duration = 30.0
+
+
+class ReloadConfig(Section):
+    """Reload on SIGHUP, and when a watched file changes (polled; follows symlinks)."""
+
+    watch: bool = True
+    interval: Duration = 2.0
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v < 0.1:
+            raise ValueError("reload.interval must be at least 100ms")
+        return v
+
+
 class LogConfig(Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -472,6 +494,8 @@ class Config(Section):
     identity: IdentityConfig = IdentityConfig()
     routes: tuple[RouteConfig, ...] = Field(default_factory=_default_routes)
     admin: AdminConfig = AdminConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    reload: ReloadConfig = ReloadConfig()
     log: LogConfig = LogConfig()
 
     @field_validator("trusted_proxies", mode="before")

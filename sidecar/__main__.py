@@ -1,0 +1,178 @@
+"""Command line: ``sidecar run``, ``sidecar check-config``, ``sidecar demo``.
+
+Exit codes: 0 clean stop, 2 bad configuration or usage, 1 anything else. Start-up errors are
+one readable line each on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__, log
+from .certs import read_certificates
+from .config import Config, load
+from .errors import CertificateError, ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar", description="mTLS identity sidecar: client certificates in, identity headers out."
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")
+    run.add_argument("--config", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file (default: $SIDECAR_CONFIG)")
+    run.add_argument("--log-format", choices=("json", "console"), help="override log.format")
+    check = sub.add_parser("check-config", help="validate a configuration and print a summary")
+    check.add_argument("config", nargs="?", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file")
+    demo = sub.add_parser("demo", help="run a self-contained demo with a throwaway PKI and an echo upstream")
+    demo.add_argument("--state", default=".sidecar-demo", help="folder for the demo's PKI and config (default: ./.sidecar-demo)")
+    demo.add_argument("--port", type=int, default=8443, help="TLS port of the sidecar (default 8443)")
+    demo.add_argument("--upstream-port", type=int, default=8081, help="port of the echo upstream (default 8081)")
+    demo.add_argument("--admin-port", type=int, default=9090, help="admin port (default 9090)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return check_config(args.config)
+        if args.command == "run":
+            return run(args.config, log_format=args.log_format)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(Path(args.state), port=args.port, upstream_port=args.upstream_port, admin_port=args.admin_port)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_CONFIG
+
+
+def _load_or_report(path: str | None) -> Config | None:
+    if not path:
+        print("sidecar: no configuration file given (use --config FILE or set SIDECAR_CONFIG)", file=sys.stderr)
+        return None
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def check_config(path: str | None) -> int:
+    config = _load_or_report(path)
+    if config is None:
+        return EXIT_CONFIG
+    print(summary(config))
+    return EXIT_OK
+
+
+def summary(config: Config) -> str:
+    """A one-screen description of what this configuration will do."""
+    lines = [
+        "configuration OK",
+        f"  listen      https://{config.listen.host}:{config.listen.port}  workers={config.listen.workers}",
+        f"  upstream    {config.upstream.url}  (connect {config.upstream.timeout.connect:g}s, read {config.upstream.timeout.read:g}s)",
+        f"  tls         {config.tls.certificate}{_expiry(config.tls.certificate)}",
+        f"  client cert {config.tls.client_certificate}; {len(config.tls.client_ca)} CA file(s), "
+        f"{len(config.tls.pinned_certificates)} pinned certificate(s)",
+        f"  identity    backend={config.identity.backend}, cache ttl {config.identity.cache.ttl:g}s",
+    ]
+    if config.identity.backend == "static":
+        users = config.identity.static.users
+        bound = sum(len(u.certificates) for u in users)
+        lines.append(f"  users       {len(users)} user(s), {bound} certificate(s) bound")
+    lines.append("  routes")
+    for route in sorted(config.routes, key=lambda r: len(r.path), reverse=True):
+        rule = "public" if route.access == "public" else (
+            f"roles any of {', '.join(route.roles)}" if route.roles else "authenticated"
+        )
+        lines.append(f"    {route.path:<24} {rule}")
+    lines.append(f"  admin       http://{config.admin.host}:{config.admin.port}")
+    return "\n".join(lines)
+
+
+def _expiry(path: Path) -> str:
+    try:
+        cert = read_certificates(path)[0]
+    except CertificateError:
+        return ""
+    left = cert.not_valid_after_utc - datetime.now(UTC)
+    if left.total_seconds() < 0:
+        return "  (EXPIRED)"
+    return f"  (expires {cert.not_valid_after_utc:%Y-%m-%d}, in {left.days} days)"
+
+
+def run(path: str | None, *, log_format: str | None = None) -> int:
+    config = _load_or_report(path)
+    if config is None:
+        return EXIT_CONFIG
+    log.configure(log_format or config.log.format, config.log.level)
+    try:
+        return run_loop(_serve(config, Path(path).resolve() if path else None))
+    except CertificateError as exc:
+        print(f"tls: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"listen: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+async def _serve(config: Config, path: Path | None) -> int:
+    """Run until SIGTERM/SIGINT, then drain; a second signal stops at once. SIGHUP reloads."""
+    from .app import Sidecar
+
+    sidecar = Sidecar(config, config_path=path)
+    await sidecar.start()
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_stop() -> None:
+        (force if stop.is_set() else stop).set()
+
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(sidecar.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await stop.wait()
+    draining = asyncio.create_task(sidecar.shutdown())
+    forced = asyncio.create_task(force.wait())
+    await asyncio.wait({draining, forced}, return_when=asyncio.FIRST_COMPLETED)
+    if not draining.done():
+        sidecar.log.warning("stopping_at_once", reason="second signal")
+        draining.cancel()
+        return EXIT_OK
+    forced.cancel()
+    draining.result()
+    return EXIT_OK
+
+
+def run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (it is a dependency on Linux), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

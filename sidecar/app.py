@@ -1,0 +1,333 @@
+"""Assembly and lifecycle of one worker: build from a ``Config``, start, reload, drain, stop.
+
+``Sidecar.start`` builds everything that needs the event loop (upstream client, identity
+backend behind its verdict cache, the TLS listener, the admin listener). ``reload`` builds a
+whole new ``Plan`` and TLS context from the file and swaps them in; a reload that fails keeps
+the running state and says why. ``shutdown`` drains: readiness fails at once, the listener
+closes after the drain delay, in-flight requests get the grace period. Nothing here is on
+the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import log
+from .admin import Purge, Readiness, admin_app
+from .certs import read_certificates
+from .config import Config, ConfigError, IdentityConfig, load
+from .errors import CertificateError
+from .handler import Handler, Plan
+from .headers import HeaderRules
+from .identity import Backend
+from .identity.cache import VerdictCache
+from .identity.static import StaticBackend
+from .metrics import Metrics
+from .policy import Route, RouteTable
+from .server import ListenerServer
+from .tls import PeerCertificates, TLSState, server_context
+from .upstream import UpstreamClient
+
+
+def build_routes(config: Config) -> RouteTable:
+    return RouteTable(
+        Route(r.path, public=r.access == "public", roles=frozenset(r.roles)) for r in config.routes
+    )
+
+
+def build_backend(config: IdentityConfig) -> Backend:
+    """The configured identity backend (not yet started)."""
+    if config.backend == "identityplus":
+        from .identity.identityplus import IdentityPlusBackend
+
+        assert config.identityplus is not None
+        return IdentityPlusBackend(config.identityplus)
+    if config.backend == "http":
+        from .identity.http import HttpBackend
+
+        assert config.http is not None
+        return HttpBackend(config.http)
+    return StaticBackend(config.static)
+
+
+def build_rules(config: Config) -> HeaderRules:
+    return HeaderRules(
+        certificate_header=config.headers.certificate,
+        userinfo_header=config.headers.userinfo,
+        trusted_proxies=config.trusted_proxies,
+    )
+
+
+# Keys a running process cannot change: the sockets are bound, the listener's verify mode set.
+_RESTART_ONLY = (
+    ("listen", lambda c: c.listen),
+    ("admin", lambda c: c.admin),
+    ("tls.client_certificate", lambda c: c.tls.client_certificate),
+    ("log", lambda c: c.log),
+)
+
+
+class Sidecar:
+    """The TLS listener, its handler, the admin listener and everything they call, for one process."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        metrics: Metrics | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.metrics = metrics or Metrics()
+        self.log = log.get_logger("sidecar")
+        self.reuse_port = reuse_port
+        self.readiness = Readiness()
+        self.tls = TLSState(server_context(config.tls))
+        self.peer_certs = PeerCertificates()
+        self.handler: Handler | None = None
+        self._server: asyncio.Server | None = None
+        self._listener: ListenerServer | None = None
+        self._admin: web.AppRunner | None = None
+        self._admin_site: web.TCPSite | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._retired: dict[asyncio.Task[None], Plan] = {}
+        self._watched = _signature(watched_files(config, config_path))
+
+    # ---- start ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        plan = await self._build_plan(self.config)
+        self.handler = Handler(plan, metrics=self.metrics, logger=self.log)
+        self.metrics.bind_cache(lambda: self._cache().stats if self._cache() else None)
+        self._observe_certificates(self.config)
+        await self._start_admin()
+        self._listener = ListenerServer(
+            self.handler, limits=self.config.limits, peer_certs=self.peer_certs, metrics=self.metrics
+        )
+        listen = self.config.listen
+        kwargs: dict[str, Any] = {"reuse_port": True} if self.reuse_port else {}
+        self._server = await loop.create_server(
+            self._listener,
+            host=listen.host,
+            port=listen.port,
+            ssl=self.tls.listener,
+            backlog=1024,
+            ssl_handshake_timeout=self.config.limits.handshake_timeout,
+            family=socket.AF_UNSPEC,
+            **kwargs,
+        )
+        self.readiness.started = True
+        if self.config_path is not None and self.config.reload.watch:
+            self._watcher = asyncio.create_task(self._watch())
+        self.log.info(
+            "listening",
+            address=f"https://{listen.host}:{self.port}",
+            admin=f"http://{self.config.admin.host}:{self.admin_port}" if self._admin_site else None,
+            upstream=self.config.upstream.url,
+            backend=self.config.identity.backend,
+            pid=os.getpid(),
+        )
+
+    async def _build_plan(self, config: Config) -> Plan:
+        upstream = UpstreamClient(config.upstream, max_body_size=config.limits.max_body_size)
+        await upstream.start()
+        backend = build_backend(config.identity)
+        start = getattr(backend, "start", None)
+        try:
+            if start is not None:
+                await start()
+        except BaseException:
+            await upstream.close()
+            raise
+        identity = VerdictCache(backend, config.identity.cache)
+        return Plan(
+            routes=build_routes(config),
+            identity=identity,
+            upstream=upstream,
+            rules=build_rules(config),
+            max_header_block=config.limits.max_header_block,
+        )
+
+    async def _start_admin(self) -> None:
+        app = admin_app(metrics=self.metrics, readiness=self.readiness, purge=self._purge_fn)
+        self.readiness.checks.append(self._identity_problem)
+        self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._admin.setup()
+        self._admin_site = web.TCPSite(self._admin, self.config.admin.host, self.config.admin.port)
+        await self._admin_site.start()
+
+    def _cache(self) -> VerdictCache | None:
+        if self.handler is None:
+            return None
+        identity = self.handler.plan.identity
+        return identity if isinstance(identity, VerdictCache) else None
+
+    def _purge_fn(self) -> Purge | None:
+        cache = self._cache()
+        return cache.purge if cache is not None else None
+
+    def _identity_problem(self) -> str | None:
+        cache = self._cache()
+        problem = getattr(cache.backend, "credential_problem", None) if cache else None
+        return f"identity backend credentials: {problem}" if problem else None
+
+    @property
+    def port(self) -> int:
+        """The bound TLS port (useful when configured as 0)."""
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def admin_port(self) -> int:
+        assert self._admin_site is not None and self._admin_site._server is not None
+        sockets = self._admin_site._server.sockets  # type: ignore[union-attr]
+        return int(sockets[0].getsockname()[1])
+
+    # ---- reload ---------------------------------------------------------------------------
+
+    async def reload(self, cause: str = "SIGHUP") -> bool:
+        """Load the configuration file again and swap in the new state; False keeps the old."""
+        if self.config_path is None:
+            self.log.warning("reload_skipped", cause=cause, reason="no configuration file")
+            return False
+        async with self._reload_lock:
+            return await self._reload(cause)
+
+    async def _reload(self, cause: str) -> bool:
+        assert self.handler is not None and self.config_path is not None
+        old = self.config
+        try:
+            new = await asyncio.to_thread(load, self.config_path)
+            context = await asyncio.to_thread(server_context, new.tls)
+            plan = await self._build_plan(new)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                self.log.error("reload_failed", cause=cause, problem=problem)
+            self.metrics.reloads.labels("failure").inc()
+            return False
+        except (CertificateError, ssl.SSLError, OSError) as exc:
+            self.log.error("reload_failed", cause=cause, problem=str(exc))
+            self.metrics.reloads.labels("failure").inc()
+            return False
+        for key, get in _RESTART_ONLY:
+            if get(new) != get(old):
+                self.log.warning("reload_needs_restart", key=key, reason="kept the running value")
+        # Keep what cannot change while running, so self.config says what really runs.
+        new = new.model_copy(
+            update={"listen": old.listen, "admin": old.admin, "log": old.log,
+                    "tls": new.tls.model_copy(update={"client_certificate": old.tls.client_certificate})}
+        )
+        previous = self.handler.plan
+        self.tls.swap(context)
+        self.handler.plan = plan
+        self.config = new
+        self._observe_certificates(new)
+        self._retire(previous, delay=new.shutdown.grace_period)
+        self._watched = _signature(watched_files(new, self.config_path))
+        self.metrics.reloads.labels("success").inc()
+        self.log.info("reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes))
+        return True
+
+    def _retire(self, plan: Plan, *, delay: float) -> None:
+        """Close a replaced plan's clients once requests that started with it had time to end."""
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await _close_plan(plan)
+
+        task = asyncio.create_task(later())
+        self._retired[task] = plan
+        task.add_done_callback(lambda t: self._retired.pop(t, None))
+
+    async def _watch(self) -> None:
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(self.config.reload.interval)
+            current = _signature(watched_files(self.config, self.config_path))
+            if current != self._watched:
+                self._watched = current
+                await self.reload("file changed")
+
+    def _observe_certificates(self, config: Config) -> None:
+        try:
+            leaf = read_certificates(config.tls.certificate)[0]
+            self.metrics.server_cert_expiry.set(leaf.not_valid_after_utc.timestamp())
+        except CertificateError:
+            pass
+
+    # ---- stop -----------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Drain: unready at once, stop accepting after the drain delay, then finish in-flight work."""
+        self.readiness.draining = True
+        self.log.info("draining", drain_delay=self.config.shutdown.drain_delay)
+        await asyncio.sleep(self.config.shutdown.drain_delay)
+        await self.stop(grace=self.config.shutdown.grace_period)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish within ``grace``, then close everything."""
+        self.readiness.draining = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self._server is not None:
+            self._server.close()
+        if self._listener is not None:
+            await self._listener.shutdown(grace)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        for task, plan in list(self._retired.items()):
+            task.cancel()
+            await _close_plan(plan)
+        if self.handler is not None:
+            await _close_plan(self.handler.plan)
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        self.log.info("stopped")
+
+
+async def _close_plan(plan: Plan) -> None:
+    await plan.upstream.close()
+    close = getattr(plan.identity, "close", None)
+    if close is not None:
+        await close()
+
+
+def watched_files(config: Config, config_path: Path | None) -> list[Path]:
+    """The files whose change triggers a reload."""
+    files: list[Path] = [config_path] if config_path is not None else []
+    files += [config.tls.certificate, config.tls.key, *config.tls.client_ca, *config.tls.pinned_certificates]
+    for user in config.identity.static.users:
+        files += [b.file for b in user.certificates if b.file is not None]
+    return files
+
+
+def _signature(files: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
+    """What identifies a file's content cheaply; stat follows symlinks (Kubernetes ..data swaps)."""
+    out = []
+    for path in files:
+        try:
+            st = path.stat()
+            out.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((str(path), -1, -1, -1))
+    return tuple(out)
+
+
+__all__ = ["Sidecar", "build_backend", "build_routes", "watched_files"]

@@ -1,0 +1,396 @@
+"""The one request path: certificate → verdict → decision → forward or answer.
+
+Every request runs ``Handler.__call__`` once, as plain calls in a fixed order; each step takes
+values and returns a value. Status codes for the sidecar's own answers are chosen in
+``_answer`` (policy outcomes come from ``policy.decide``). One log event and one metrics
+update are made per request, in ``_finish``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from . import responses
+from .certs import ClientCert
+from .errors import IdentityUnavailable, UpstreamError
+from .headers import HeaderRules, upstream_headers
+from .identity import LookupContext, SignOnPurpose, Verdict
+from .metrics import Metrics, method_label
+from .policy import BadPath, Decision, Deny, Forward, Redirect, Route, RouteTable, Unavailable, decide
+from .upstream import BodyTooLarge, UpstreamClient
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+RETRY_AFTER_SECONDS = "5"
+
+
+class Identity(Protocol):
+    """What the handler needs of the identity side (the verdict cache, or a bare backend)."""
+
+    name: str
+    can_enrol: bool
+
+    def peek(self, cert: ClientCert) -> Verdict | None:
+        """A fresh cached verdict without awaiting, or None."""
+        ...
+
+    async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict: ...
+
+    async def sign_on(self, purpose: SignOnPurpose, return_url: str) -> str: ...
+
+
+class PeerSource(Protocol):
+    """The connection side of a request: the peer's parsed certificate (once per connection)."""
+
+    def peer_certificate(self) -> ClientCert | None: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request; the single input of the log event and the metrics."""
+
+    status: int
+    decision: str
+    reason: str
+    route: str
+    user: str | None = None
+    verdict_code: str | None = None
+    upstream_seconds: float | None = None
+    stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything a reload can change, swapped in as one value: a request uses one plan."""
+
+    routes: RouteTable
+    identity: Identity
+    upstream: UpstreamClient
+    rules: HeaderRules
+    max_header_block: int
+
+
+class Handler:
+    def __init__(
+        self, plan: Plan, *, metrics: Metrics, logger: Any, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.plan = plan
+        self.metrics = metrics
+        self.log = logger
+        self.clock = clock
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        plan = self.plan
+        peer_ip = _peer_ip(request)
+        trusted = plan.rules.is_trusted_proxy(peer_ip)
+        request_id = _request_id(request, trusted)
+        cert: ClientCert | None = None
+        self.metrics.in_flight.inc()
+        try:
+            cert = _peer_certificate(request)
+            response, outcome = await self._handle(plan, request, cert, peer_ip, trusted, request_id)
+        except Exception as exc:  # the last line of defence: answer 500, never a traceback
+            self.log.error("request_failed", request_id=request_id, error=repr(exc), exc_info=exc)
+            outcome = Outcome(500, "error", "internal error", "-")
+            response = self._error(request, 500, "The sidecar could not handle this request.", request_id)
+        finally:
+            self.metrics.in_flight.dec()
+        self._finish(request, outcome, cert, peer_ip, request_id, started)
+        return response
+
+    async def _handle(
+        self,
+        plan: Plan,
+        request: web.BaseRequest,
+        cert: ClientCert | None,
+        peer_ip: str | None,
+        trusted: bool,
+        request_id: str,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        problem = _malformed(request, plan.max_header_block)
+        if problem is not None:
+            return self._answer_deny(request, Deny(*problem), "-", request_id)
+        try:
+            route = plan.routes.match(request.raw_path)
+        except BadPath as exc:
+            return self._answer_deny(request, Deny(400, str(exc), "bad_path"), "-", request_id)
+        route_label = route.path if route is not None else "-"
+
+        verdict: Verdict | None = None
+        backend_failed = False
+        if cert is not None:
+            refusal = _certificate_refusal(cert, self.clock())
+            if refusal is not None:
+                return self._answer_deny(request, Deny(403, refusal[0], refusal[1]), route_label, request_id)
+            if route is not None:
+                verdict = plan.identity.peek(cert)
+                if verdict is None:
+                    try:
+                        verdict = await self._lookup(plan.identity, cert, peer_ip)
+                    except IdentityUnavailable as exc:
+                        backend_failed = True
+                        self.log.warning(
+                            "identity_unavailable", request_id=request_id, reason=exc.reason, code=exc.code
+                        )
+
+        decision = decide(
+            route,
+            verdict,
+            has_certificate=cert is not None,
+            backend_failed=backend_failed,
+            enrol=plan.identity.can_enrol,
+        )
+        return await self._act(plan, request, decision, route, verdict, cert, peer_ip, trusted, request_id)
+
+    async def _lookup(self, identity: Identity, cert: ClientCert, peer_ip: str | None) -> Verdict:
+        """A verdict the cache could not give at once: timed and counted by outcome."""
+        started = time.perf_counter()
+        try:
+            verdict = await identity.lookup(cert, LookupContext(client_ip=peer_ip))
+        except IdentityUnavailable as exc:
+            self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
+            raise
+        finally:
+            self.metrics.identity_duration.labels(identity.name).observe(time.perf_counter() - started)
+        self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
+        return verdict
+
+    async def _act(
+        self,
+        plan: Plan,
+        request: web.BaseRequest,
+        decision: Decision,
+        route: Route | None,
+        verdict: Verdict | None,
+        cert: ClientCert | None,
+        peer_ip: str | None,
+        trusted: bool,
+        request_id: str,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        route_label = route.path if route is not None else "-"
+        code = verdict.code if verdict is not None else None
+        if isinstance(decision, Forward):
+            user = decision.user
+            headers = upstream_headers(
+                plan.rules,
+                request.headers,
+                client_ip=peer_ip,
+                trusted=trusted,
+                request_id=request_id,
+                user=user,
+                certificate_b64=cert.b64 if (cert is not None and user is not None) else None,
+            )
+            outcome = Outcome(
+                0, "forwarded", "allowed", route_label,
+                user=user.sub if user else None, verdict_code=code,
+                stale=bool(verdict and verdict.stale),
+            )
+            try:
+                forwarded = await plan.upstream.forward(request, headers)
+            except UpstreamError as exc:
+                self.metrics.upstream_errors.labels(exc.kind).inc()
+                status = 504 if exc.kind == "timeout" else 502
+                reason = (
+                    "The application did not answer in time."
+                    if status == 504
+                    else "The application could not be reached."
+                )
+                outcome.status, outcome.decision, outcome.reason = status, "upstream_error", exc.kind
+                return self._error(request, status, reason, request_id), outcome
+            except BodyTooLarge:
+                outcome.status, outcome.decision, outcome.reason = 413, "denied", "body_too_large"
+                return self._error(request, 413, "The request body is larger than this service accepts.", request_id), outcome
+            outcome.status = forwarded.status
+            outcome.upstream_seconds = forwarded.upstream_seconds
+            self.metrics.upstream_duration.observe(forwarded.upstream_seconds)
+            return forwarded.response, outcome
+        if isinstance(decision, Deny):
+            response, outcome = self._answer_deny(request, decision, route_label, request_id)
+            outcome.verdict_code = code or decision.code
+            return response, outcome
+        if isinstance(decision, Unavailable):
+            outcome = Outcome(503, "unavailable", decision.reason, route_label, verdict_code=code)
+            return (
+                self._error(
+                    request,
+                    503,
+                    "The identity service cannot be reached right now. Please try again shortly.",
+                    request_id,
+                    headers={"Retry-After": RETRY_AFTER_SECONDS},
+                ),
+                outcome,
+            )
+        assert isinstance(decision, Redirect)
+        return await self._redirect(plan, request, decision, route_label, code, request_id)
+
+    async def _redirect(
+        self,
+        plan: Plan,
+        request: web.BaseRequest,
+        decision: Redirect,
+        route_label: str,
+        code: str | None,
+        request_id: str,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        return_url = _original_url(request)
+        if return_url is None:
+            deny = Deny(400, "the request's Host header is not valid", "bad_host")
+            return self._answer_deny(request, deny, route_label, request_id)
+        location = decision.location
+        if location is None:
+            try:
+                location = await plan.identity.sign_on(decision.purpose, return_url)
+            except IdentityUnavailable as exc:
+                self.log.warning("sign_on_unavailable", request_id=request_id, reason=exc.reason, code=exc.code)
+                outcome = Outcome(503, "unavailable", "sign-on unavailable", route_label, verdict_code=code)
+                return (
+                    self._error(
+                        request, 503,
+                        "The identity service cannot be reached right now. Please try again shortly.",
+                        request_id, headers={"Retry-After": RETRY_AFTER_SECONDS},
+                    ),
+                    outcome,
+                )
+        if request.method in _SAFE_METHODS:
+            outcome = Outcome(302, "redirected", decision.purpose, route_label, verdict_code=code)
+            return responses.redirect(location, request_id=request_id), outcome
+        # Redirecting a POST would make the browser replay it as GET after sign-on: say 401.
+        status = 401
+        outcome = Outcome(status, "redirected", decision.purpose, route_label, verdict_code=code)
+        reason = (
+            "Your client certificate must be validated with the identity service first."
+            if decision.purpose == "validate"
+            else "A client certificate is required: get one from the identity service."
+        )
+        return self._error(request, status, reason, request_id, location=location), outcome
+
+    # ---- answers of our own ---------------------------------------------------------------
+
+    def _answer_deny(
+        self, request: web.BaseRequest, deny: Deny, route_label: str, request_id: str
+    ) -> tuple[web.StreamResponse, Outcome]:
+        outcome = Outcome(deny.status, "denied", deny.code, route_label, verdict_code=deny.code)
+        return self._error(request, deny.status, _sentence(deny.reason), request_id), outcome
+
+    def _error(
+        self,
+        request: web.BaseRequest,
+        status: int,
+        reason: str,
+        request_id: str,
+        *,
+        headers: dict[str, str] | None = None,
+        location: str | None = None,
+    ) -> web.Response:
+        return responses.error(
+            status, reason, request_id=request_id, accept=request.headers.get("Accept"),
+            headers=headers, location=location,
+        )
+
+    # ---- one log event and one metrics update per request -------------------------------
+
+    def _finish(
+        self,
+        request: web.BaseRequest,
+        outcome: Outcome,
+        cert: ClientCert | None,
+        peer_ip: str | None,
+        request_id: str,
+        started: float,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        self.metrics.requests.labels(
+            outcome.route, method_label(request.method), outcome.decision, f"{outcome.status // 100}xx"
+        ).inc()
+        self.metrics.request_duration.labels(outcome.decision).observe(elapsed)
+        self.log.info(
+            "request",
+            request_id=request_id,
+            client=peer_ip,
+            method=request.method,
+            path=request.path,
+            status=outcome.status,
+            duration_ms=round(elapsed * 1000, 3),
+            route=outcome.route,
+            decision=outcome.decision,
+            reason=outcome.reason,
+            verdict=outcome.verdict_code,
+            stale=outcome.stale or None,
+            cert_serial=cert.serial_hex if cert else None,
+            cert_sha256=cert.sha256 if cert else None,
+            cert_subject=cert.subject if cert else None,
+            sub=outcome.user,
+            upstream_ms=round(outcome.upstream_seconds * 1000, 3) if outcome.upstream_seconds is not None else None,
+        )
+
+
+def _malformed(request: web.BaseRequest, max_header_block: int) -> tuple[int, str, str] | None:
+    """Requests refused before policy: ambiguous framing, oversized header block."""
+    lengths = request.headers.getall("Content-Length", ())
+    if len(lengths) > 1 and len({v.strip() for v in lengths}) > 1:
+        return 400, "the request has conflicting Content-Length headers", "ambiguous_length"
+    if lengths and "Transfer-Encoding" in request.headers:
+        return 400, "the request has both Content-Length and Transfer-Encoding", "ambiguous_length"
+    size = 0
+    for name, value in request.raw_headers:
+        size += len(name) + len(value) + 4
+    if size > max_header_block:
+        return 431, "the request headers are too large", "headers_too_large"
+    return None
+
+
+def _peer_certificate(request: web.BaseRequest) -> ClientCert | None:
+    protocol = request.protocol
+    source = getattr(protocol, "peer_certificate", None)
+    return source() if source is not None else None  # type: ignore[no-any-return]
+
+
+def _peer_ip(request: web.BaseRequest) -> str | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
+
+
+def _request_id(request: web.BaseRequest, trusted: bool) -> str:
+    if trusted:
+        incoming = request.headers.get("X-Request-ID")
+        if incoming and _REQUEST_ID.match(incoming):
+            return incoming
+    return uuid.uuid4().hex
+
+
+def _certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None:
+    """Checks OpenSSL made at the handshake, made again per request: a connection can outlive
+    its certificate, and defence in depth costs two comparisons."""
+    if now > cert.not_after_ts:
+        return "your client certificate has expired", "cert_expired"
+    if now < cert.not_before_ts:
+        return "your client certificate is not valid yet", "cert_not_yet_valid"
+    if not cert.allows_client_auth():
+        return "your client certificate is not meant for client authentication", "cert_no_client_auth"
+    return None
+
+
+def _original_url(request: web.BaseRequest) -> str | None:
+    host = request.headers.get("Host", "")
+    if not _HOST.match(host):
+        return None
+    return f"https://{host}{request.raw_path}"
+
+
+def _sentence(reason: str) -> str:
+    text = reason[:1].upper() + reason[1:]
+    return text if text.endswith(".") else text + "."

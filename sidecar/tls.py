@@ -1,0 +1,128 @@
+"""TLS for the listener: the server context built from configuration, and the peer certificate.
+
+Chain, validity and extended key usage of a client certificate are verified by OpenSSL during
+the handshake (a server verifies with the ``sslclient`` purpose, which refuses a leaf whose EKU
+lacks clientAuth); ``PeerCertificates`` then parses what passed, once per connection.
+``TLSState`` hands the listener one context for its lifetime and swaps the context that
+connections really use on reload, so removing a trust anchor takes effect on the next handshake.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from .certs import ClientCert, read_certificates, read_private_key, to_pem
+from .config import TLSConfig
+from .errors import CertificateError
+
+# Mozilla "intermediate" TLS 1.2 suites without DHE: forward secret AEAD only. TLS 1.3 suites
+# are OpenSSL's defaults, which are all modern.
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+
+def server_context(config: TLSConfig) -> ssl.SSLContext:
+    """A new server context for ``config``; raises ``CertificateError`` naming the file at fault."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if config.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_alpn_protocols(["http/1.1"])
+    _load_chain(ctx, config.certificate, config.key)
+    anchors = []
+    for path in (*config.client_ca, *config.pinned_certificates):
+        anchors.extend(read_certificates(path))
+    if not anchors:
+        raise CertificateError("no client trust anchors (tls.client_ca, tls.pinned_certificates)")
+    try:
+        ctx.load_verify_locations(cadata=to_pem(anchors))
+    except ssl.SSLError as exc:
+        raise CertificateError(f"trust anchors rejected by OpenSSL: {exc.reason or exc}") from None
+    if config.pinned_certificates:
+        # PKI-less mode: a pinned certificate is a trust anchor of its own, no chain needed.
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.verify_mode = ssl.CERT_REQUIRED if config.client_certificate == "required" else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, certificate: Path, key: Path) -> None:
+    """Load a PEM or DER chain and key; OpenSSL's loader takes PEM files only."""
+    chain = read_certificates(certificate)
+    private_key = read_private_key(key)
+    pem_key = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # The key goes through a private temporary file that lives only for the load.
+    fd, name = tempfile.mkstemp(prefix="sidecar-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(to_pem(chain).encode("ascii"))
+            fh.write(pem_key)
+        ctx.load_cert_chain(name)
+    except ssl.SSLError as exc:
+        raise CertificateError(f"{certificate}: certificate and key rejected: {exc.reason or exc}") from None
+    finally:
+        os.unlink(name)
+
+
+class TLSState:
+    """The listener's context, with the live one swapped in per handshake.
+
+    OpenSSL calls the servername callback for every handshake (with or without SNI); it moves
+    the connection onto the current context, whose certificate and trust store then apply.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.current = context
+        self.listener = context
+        context.sni_callback = self._select
+
+    def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        current = self.current
+        if ssl_obj.context is not current:
+            ssl_obj.context = current
+
+    def swap(self, context: ssl.SSLContext) -> None:
+        context.sni_callback = self._select
+        self.current = context
+
+
+class PeerCertificates:
+    """Parses peer certificates, remembering recent ones so a reconnecting client costs a lookup."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._parsed: OrderedDict[bytes, ClientCert] = OrderedDict()
+        self._max = max_entries
+
+    def from_ssl_object(self, ssl_obj: ssl.SSLObject | None) -> ClientCert | None:
+        """The verified peer certificate of a connection, or None when it presented none."""
+        if ssl_obj is None:
+            return None
+        der = ssl_obj.getpeercert(binary_form=True)
+        if not der:
+            return None
+        parsed = self._parsed.get(der)
+        if parsed is not None:
+            self._parsed.move_to_end(der)
+            return parsed
+        parsed = ClientCert.from_der(der)
+        self._parsed[der] = parsed
+        if len(self._parsed) > self._max:
+            self._parsed.popitem(last=False)
+        return parsed

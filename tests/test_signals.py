@@ -1,0 +1,128 @@
+"""Signals on the real process: SIGTERM drains, a second signal stops at once, SIGHUP reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .conftest import ConfigDir
+from .test_cli import free_port
+
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[int]:
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("sleep", "0")))
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+async def start(config_dir: ConfigDir, data: dict[str, Any]) -> tuple[asyncio.subprocess.Process, int, int]:
+    port, admin_port = free_port(), free_port()
+    data["listen"]["port"] = port
+    data["admin"]["port"] = admin_port
+    path: Path = config_dir.write(data)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "run", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as resp:
+                    if resp.status == 200:
+                        return proc, port, admin_port
+            except aiohttp.ClientError:
+                pass
+            if proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+    proc.kill()
+    _, err = await proc.communicate()
+    raise AssertionError(f"sidecar did not become ready: {err.decode()}")
+
+
+def client_ctx(config_dir: ConfigDir, name: str) -> Any:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(config_dir.path / "server-ca.pem"))
+    ctx.load_cert_chain(config_dir.path / f"{name}.pem", config_dir.path / f"{name}.key")
+    return ctx
+
+
+async def test_sigterm_lets_a_slow_request_finish_then_exits_0(config_dir: ConfigDir, slow_upstream: int) -> None:
+    data = config_dir.base(slow_upstream)
+    data["shutdown"] = {"drain_delay": "300ms", "grace_period": "10s"}
+    proc, port, admin_port = await start(config_dir, data)
+    ctx = client_ctx(config_dir, "bob")
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.ensure_future(session.get(f"https://localhost:{port}/app/?sleep=1.5", ssl=ctx))
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as ready:
+            assert ready.status == 503  # draining, at once
+        resp = await slow
+        assert resp.status == 200 and await resp.text() == "done"
+        resp.release()
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    _, err = await proc.communicate()
+    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "draining" for e in events) and any(e["event"] == "stopped" for e in events)
+
+
+async def test_second_signal_stops_at_once(config_dir: ConfigDir, slow_upstream: int) -> None:
+    data = config_dir.base(slow_upstream)
+    data["shutdown"] = {"drain_delay": "30s", "grace_period": "30s"}
+    proc, _, _ = await start(config_dir, data)
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    assert proc.returncode is None  # draining for 30 s
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 5) == 0
+    await proc.communicate()
+
+
+async def test_sighup_adds_a_user(config_dir: ConfigDir, slow_upstream: int) -> None:
+    data = config_dir.base(slow_upstream)
+    proc, port, _ = await start(config_dir, data)
+    try:
+        ctx = client_ctx(config_dir, "stranger")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"https://localhost:{port}/app/", ssl=ctx) as resp:
+                assert resp.status == 403
+            data["identity"]["static"]["users"].append(
+                {"sub": "sub-m", "username": "mallory", "certificates": [{"file": "stranger.pem"}]}
+            )
+            config_dir.write(data)
+            proc.send_signal(signal.SIGHUP)
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                async with session.get(f"https://localhost:{port}/app/", ssl=ctx) as resp:
+                    if resp.status == 200:
+                        break
+            else:
+                pytest.fail("SIGHUP did not reload")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        await proc.communicate()
