@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from . import __version__, log
 from .certs import read_certificates
 from .config import Config, load
@@ -33,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")
     run.add_argument("--config", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file (default: $SIDECAR_CONFIG)")
     run.add_argument("--log-format", choices=("json", "console"), help="override log.format")
+    # Set by the supervisor when it starts workers (listen.workers > 1); not for people.
+    run.add_argument("--worker-socket", help=argparse.SUPPRESS)
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a configuration and print a summary")
     check.add_argument("config", nargs="?", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file")
     demo = sub.add_parser("demo", help="run a self-contained demo with a throwaway PKI and an echo upstream")
@@ -49,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(args.config)
         if args.command == "run":
-            return run(args.config, log_format=args.log_format)
+            return run(args.config, log_format=args.log_format, worker_socket=args.worker_socket,
+                       worker_index=args.worker_index)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -115,13 +121,26 @@ def _expiry(path: Path) -> str:
     return f"  (expires {cert.not_valid_after_utc:%Y-%m-%d}, in {left.days} days)"
 
 
-def run(path: str | None, *, log_format: str | None = None) -> int:
+def run(
+    path: str | None,
+    *,
+    log_format: str | None = None,
+    worker_socket: str | None = None,
+    worker_index: int | None = None,
+) -> int:
     config = _load_or_report(path)
-    if config is None:
+    if config is None or path is None:
         return EXIT_CONFIG
     log.configure(log_format or config.log.format, config.log.level)
+    config_path = Path(path).resolve()
     try:
-        return run_loop(_serve(config, Path(path).resolve() if path else None))
+        if worker_socket is None and config.listen.worker_count() > 1:
+            from .workers import Supervisor
+
+            return run_loop(Supervisor(config, config_path, log_format=log_format).run())
+        if worker_index is not None:
+            structlog.contextvars.bind_contextvars(worker=worker_index)
+        return run_loop(_serve(config, config_path, Path(worker_socket) if worker_socket else None))
     except CertificateError as exc:
         print(f"tls: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -130,11 +149,11 @@ def run(path: str | None, *, log_format: str | None = None) -> int:
         return EXIT_FAILURE
 
 
-async def _serve(config: Config, path: Path | None) -> int:
+async def _serve(config: Config, path: Path | None, worker_socket: Path | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; a second signal stops at once. SIGHUP reloads."""
     from .app import Sidecar
 
-    sidecar = Sidecar(config, config_path=path)
+    sidecar = Sidecar(config, config_path=path, reuse_port=worker_socket is not None, admin_socket=worker_socket)
     await sidecar.start()
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()

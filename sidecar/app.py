@@ -85,12 +85,15 @@ class Sidecar:
         config_path: Path | None = None,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        admin_socket: Path | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.metrics = metrics or Metrics()
         self.log = log.get_logger("sidecar")
         self.reuse_port = reuse_port
+        #: a worker under a supervisor serves its admin listener on this Unix socket instead
+        self.admin_socket = admin_socket
         self.readiness = Readiness()
         self.tls = TLSState(server_context(config.tls))
         self.peer_certs = PeerCertificates()
@@ -98,7 +101,7 @@ class Sidecar:
         self._server: asyncio.Server | None = None
         self._listener: ListenerServer | None = None
         self._admin: web.AppRunner | None = None
-        self._admin_site: web.TCPSite | None = None
+        self._admin_site: web.BaseSite | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._retired: dict[asyncio.Task[None], Plan] = {}
@@ -134,7 +137,7 @@ class Sidecar:
         self.log.info(
             "listening",
             address=f"https://{listen.host}:{self.port}",
-            admin=f"http://{self.config.admin.host}:{self.admin_port}" if self._admin_site else None,
+            admin=str(self.admin_socket) if self.admin_socket else f"http://{self.config.admin.host}:{self.admin_port}",
             upstream=self.config.upstream.url,
             backend=self.config.identity.backend,
             pid=os.getpid(),
@@ -165,7 +168,10 @@ class Sidecar:
         self.readiness.checks.append(self._identity_problem)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
-        self._admin_site = web.TCPSite(self._admin, self.config.admin.host, self.config.admin.port)
+        if self.admin_socket is not None:
+            self._admin_site = web.UnixSite(self._admin, str(self.admin_socket))
+        else:
+            self._admin_site = web.TCPSite(self._admin, self.config.admin.host, self.config.admin.port)
         await self._admin_site.start()
 
     def _cache(self) -> VerdictCache | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -126,3 +127,65 @@ async def test_sighup_adds_a_user(config_dir: ConfigDir, slow_upstream: int) -> 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         await proc.communicate()
+
+
+async def test_two_workers_serve_and_metrics_count_them_all(config_dir: ConfigDir, slow_upstream: int) -> None:
+    data = config_dir.base(slow_upstream)
+    data["listen"]["workers"] = 2
+    proc, port, admin_port = await start(config_dir, data)
+    try:
+        ctx = client_ctx(config_dir, "bob")
+        statuses = []
+        for _ in range(20):  # new connections, so both workers get some
+            async with aiohttp.ClientSession() as session, session.get(
+                f"https://localhost:{port}/app/", ssl=ctx
+            ) as resp:
+                statuses.append(resp.status)
+        assert statuses == [200] * 20
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
+                text = await resp.text()
+            async with session.post(f"http://127.0.0.1:{admin_port}/cache/purge") as resp:
+                purged = await resp.json()
+        from .test_operations import metric
+
+        assert metric(text, "sidecar_requests_total", decision="forwarded") == 20
+        assert metric(text, "sidecar_workers") == 2
+        assert purged["workers"] == 2 and 1 <= purged["purged"] <= 2
+        assert metric(text, "sidecar_cache_entries") == purged["purged"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        await proc.communicate()
+
+
+async def test_a_worker_that_dies_is_restarted(config_dir: ConfigDir, slow_upstream: int) -> None:
+    data = config_dir.base(slow_upstream)
+    data["listen"]["workers"] = 2
+    proc, port, admin_port = await start(config_dir, data)
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2
+        os.kill(int(children[0]), signal.SIGKILL)
+        from .test_operations import metric
+
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
+                    text = await resp.text()
+                if metric(text, "sidecar_worker_restarts_total") == 1:
+                    async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as ready:
+                        if ready.status == 200:
+                            break
+            else:
+                pytest.fail("the dead worker was not restarted")
+            async with session.get(f"https://localhost:{port}/app/", ssl=client_ctx(config_dir, "bob")) as resp:
+                assert resp.status == 200
+        new_children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(new_children) == 2 and children[0] not in new_children
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        _, err = await proc.communicate()
+    assert b'"worker_died"' in err
