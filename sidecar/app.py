@@ -114,6 +114,7 @@ class Sidecar:
         plan = await self._build_plan(self.config)
         self.handler = Handler(plan, metrics=self.metrics, logger=self.log)
         self.metrics.bind_cache(lambda: self._cache().stats if self._cache() else None)
+        self.metrics.client_certs_expiring.set_function(lambda: self.peer_certs.expiring_within(7 * 86400))
         self._observe_certificates(self.config)
         await self._start_admin()
         self._listener = ListenerServer(

@@ -27,14 +27,22 @@ _UNSET: Any = object()
 
 
 class Connection(RequestHandler):
-    __slots__ = ("_counted", "_header_timeout", "_peer", "_peer_certs")
+    __slots__ = ("_counted", "_header_timeout", "_made", "_metrics", "_peer", "_peer_certs")
 
     def __init__(self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._peer: ClientCert | None = _UNSET
         self._peer_certs = manager.peer_certs
         self._header_timeout = manager.limits.header_timeout
+        self._metrics = manager.metrics
         self._counted = False
+        self._made = False
+
+    def __del__(self) -> None:
+        # asyncio makes this protocol at accept time but calls connection_made only after the
+        # TLS handshake: one that never got there failed (or was abandoned) during the handshake.
+        if not self._made:
+            self._metrics.tls_handshake_failures.inc()
 
     # -- the peer certificate, parsed once per connection --------------------------------
 
@@ -55,6 +63,7 @@ class Connection(RequestHandler):
     # -- connection limits -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = True
         manager: ListenerServer = self._manager  # type: ignore[assignment]
         if manager.open_connections >= manager.limits.max_connections:
             manager.metrics.connections_refused.inc()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -126,3 +127,8 @@ class PeerCertificates:
         if len(self._parsed) > self._max:
             self._parsed.popitem(last=False)
         return parsed
+
+    def expiring_within(self, seconds: float, now: float | None = None) -> int:
+        """How many recently seen client certificates expire within ``seconds`` (for a gauge)."""
+        limit = (time.time() if now is None else now) + seconds
+        return sum(1 for cert in list(self._parsed.values()) if cert.not_after_ts <= limit)

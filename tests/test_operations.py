@@ -77,6 +77,28 @@ async def test_health_ready_and_metrics(running: Running) -> None:
     assert "/app/" not in after and running.certs.bob.cert.serial_number.__format__("X") not in after
 
 
+async def test_handshake_failures_and_expiring_certificates_are_counted(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    soon = config_dir.certs.pki.client("expires soon", days_valid=(-1, 3))
+    data = config_dir.base(upstream.port)
+    data["identity"]["static"]["users"].append(
+        {"sub": "s", "username": "soon", "certificates": [{"sha256": hashlib.sha256(soon.der).hexdigest()}]}
+    )
+    running = await start_sidecar(data)
+    assert await request(running, "/app/", soon) == 200
+    assert await request(running, "/app/", running.certs.bob) == 200
+    outsider = make_leaf(make_ca("unknown"), "outsider")
+    with pytest.raises((ssl.SSLError, aiohttp.ClientError, ConnectionError)):
+        await request(running, "/app/", outsider)
+    import gc
+
+    gc.collect()
+    _, text = await admin(running, "GET", "/metrics")
+    assert metric(text, "sidecar_client_certificates_expiring_soon") == 1
+    assert metric(text, "sidecar_tls_handshake_failures_total") >= 1
+
+
 async def test_purge_forces_a_new_lookup(running: Running) -> None:
     bob = running.certs.bob
     assert await request(running, "/app/", bob) == 200
