@@ -30,14 +30,15 @@ from pydantic import (
 )
 
 from .certs import (
-    CertificateError,
     key_matches_certificate,
     normalize_fingerprint,
     read_certificates,
     read_private_key,
     sha256_fingerprint,
 )
-from .errors import ConfigError
+from .errors import CertificateError, ConfigError
+
+__all__ = ["Config", "ConfigError", "load", "parse", "parse_duration"]
 
 # ---- value types --------------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class Section(BaseModel):
 
 
 class ListenConfig(Section):
-    host: str = "0.0.0.0"  # noqa: S104 - a listener is meant to be reachable
+    host: str = "0.0.0.0"
     port: int = Field(8443, ge=0, le=65535)  # 0: any free port (tests)
     #: processes sharing the port with SO_REUSEPORT; "auto" is one per CPU
     workers: int | Literal["auto"] = 1
@@ -225,7 +226,7 @@ class HeadersConfig(Section):
 class CacheConfig(Section):
     ttl: Duration = 300.0
     negative_ttl: Duration = 30.0
-    max_entries: int = Field(100_000, ge=1)
+    max_entries: int = Field(default=100_000, ge=1)
     stale_if_error: Duration = 0.0
 
 
@@ -258,7 +259,9 @@ class CertificateBinding(Section):
             except (ValueError, CertificateError) as exc:
                 raise ValueError(f"@file: {exc}") from None
             if len(certs) != 1:
-                raise ValueError(f"@file: expected exactly one certificate in {path}, found {len(certs)}")
+                raise ValueError(
+                    f"@file: expected exactly one certificate in {path}, found {len(certs)}"
+                )
             data["fingerprint"] = sha256_fingerprint(certs[0].public_bytes(Encoding.DER))
         return data
 
@@ -433,7 +436,9 @@ class RouteConfig(Section):
         if not v.startswith("/"):
             raise ValueError(f"a route path starts with /: {v!r}")
         if any(c in v for c in "?#\\") or any(seg in (".", "..") for seg in v.split("/")):
-            raise ValueError(f"a route path is a plain path prefix (no ?, #, \\ or dot segments): {v!r}")
+            raise ValueError(
+                f"a route path is a plain path prefix (no ?, #, \\ or dot segments): {v!r}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -519,7 +524,9 @@ class Config(Section):
         problems = []
         for i, route in enumerate(routes):
             if route.path in seen:
-                problems.append(f"@[{i}].path: duplicate of routes[{seen[route.path]}]: {route.path}")
+                problems.append(
+                    f"@[{i}].path: duplicate of routes[{seen[route.path]}]: {route.path}"
+                )
             seen.setdefault(route.path, i)
         if problems:
             raise ValueError("\n".join(problems))
@@ -533,10 +540,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses a key given twice in one mapping (YAML silently keeps the last)."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -547,7 +556,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -1,7 +1,8 @@
 """Identity: what a backend says about a client certificate.
 
 A ``Backend`` turns a ``ClientCert`` into a ``Verdict``: allow (with the ``User`` to announce
-upstream), deny, or validate (the person must go through the identity service first). A
+upstream), deny, validate (the person must go through the identity service first), or
+unknown (the service has never seen this certificate: like having none). A
 backend that cannot answer raises ``IdentityUnavailable``; it never guesses. The verdict
 cache sits in front of every backend and has the same shape.
 """
@@ -15,7 +16,10 @@ from typing import Literal, Protocol
 
 from ..certs import ClientCert
 
-VerdictKind = Literal["allow", "deny", "validate"]
+#: allow: identified; deny: refused (403); validate: the person must validate the certificate
+#: with the identity service first (redirect); unknown: the identity service knows no such
+#: certificate, which is treated like no certificate at all (401, or the enrolment redirect).
+VerdictKind = Literal["allow", "deny", "validate", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)

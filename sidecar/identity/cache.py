@@ -1,0 +1,252 @@
+"""The verdict cache: remembers what the backend said about each certificate, for a while.
+
+Entries are keyed by the certificate's SHA-256 fingerprint (never a serial's text, which
+arrives in several spellings), bounded by LRU, and expire on a clock passed in, so the
+bookkeeping is testable without sleeping. Concurrent lookups for one certificate share one
+backend call (single-flight); lookups for different certificates never wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..certs import ClientCert, normalize_fingerprint
+from ..config import CacheConfig
+from ..errors import IdentityUnavailable
+from . import Backend, LookupContext, SignOnPurpose, Verdict
+
+
+@dataclass(slots=True)
+class _Entry:
+    verdict: Verdict
+    #: clock time after which the verdict is no longer fresh
+    expires: float
+    serial: int
+
+
+class CacheStats:
+    """Counters for the metrics module; they only ever grow (``size`` aside).
+
+    ``misses`` counts lookups not answered from a fresh entry; ``coalesced`` counts those of
+    them that joined a backend call already in flight, so backend calls = misses - coalesced.
+    """
+
+    __slots__ = ("_size", "coalesced", "evictions", "failures", "hits", "misses", "stale_served")
+
+    def __init__(self, size: Callable[[], int]) -> None:
+        self._size = size
+        self.hits = 0
+        self.misses = 0
+        self.coalesced = 0
+        self.stale_served = 0
+        #: backend calls that raised (IdentityUnavailable or anything else)
+        self.failures = 0
+        #: entries dropped to stay within max_entries
+        self.evictions = 0
+
+    @property
+    def size(self) -> int:
+        return self._size()
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheStats(size={self.size}, hits={self.hits}, misses={self.misses}, "
+            f"coalesced={self.coalesced}, stale_served={self.stale_served}, "
+            f"failures={self.failures}, evictions={self.evictions})"
+        )
+
+
+class VerdictCache:
+    """A ``Backend`` in front of a ``Backend``: same calls, remembered answers.
+
+    - Allowing verdicts are kept for ``ttl``, refusals for ``negative_ttl``; a backend's own
+      ``Verdict.ttl`` may shorten that, never lengthen it: the configured ttl is the
+      operator's bound on how late a revocation is noticed. ``validate`` verdicts are never
+      kept, and one drops the entry: after validation the certificate must be asked about
+      again.
+    - With ``stale_if_error``, an allowing verdict that expired less than that long ago is
+      served (marked ``stale=True``) while the backend raises ``IdentityUnavailable``; a
+      refusal is never served stale. Otherwise the error propagates: fail closed.
+    - A failed backend call is never cached; every lookup waiting on it gets the exception.
+    - The shared backend call is shielded: a waiter that is cancelled (its client went away)
+      does not cancel the call for the others, and its answer is still stored.
+    - A backend call that started before a ``purge``/``forget`` does not store its answer.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: CacheConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self._ttl = config.ttl
+        self._negative_ttl = config.negative_ttl
+        self._stale_if_error = config.stale_if_error
+        self._max_entries = config.max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        #: integer serial → fingerprints, for purge by serial (two issuers may share a serial)
+        self._by_serial: dict[int, set[str]] = {}
+        self._inflight: dict[str, asyncio.Task[Verdict]] = {}
+        #: bumped by every purge/forget; an answer fetched across one is not stored
+        self._generation = 0
+        self.stats = CacheStats(self._entries.__len__)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def can_enrol(self) -> bool:
+        return self.backend.can_enrol
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ---- the request path -----------------------------------------------------------------
+
+    def peek(self, cert: ClientCert) -> Verdict | None:
+        """A fresh cached verdict, or None: the synchronous fast path (a dict get, a compare)."""
+        entry = self._entries.get(cert.sha256)
+        if entry is None or entry.expires <= self._clock():
+            return None
+        self._entries.move_to_end(cert.sha256)
+        self.stats.hits += 1
+        return entry.verdict
+
+    async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict:
+        """The verdict for ``cert``: cached, or from the backend (one call per certificate).
+
+        Raises ``IdentityUnavailable`` when the backend fails and no stale verdict may be
+        served. Concurrent callers share the first caller's backend call (and its context).
+        """
+        verdict = self.peek(cert)
+        if verdict is not None:
+            return verdict
+        self.stats.misses += 1
+        key = cert.sha256
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._fetch(cert, context), name=f"verdict-{key[:16]}"
+            )
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._fetch_done, key))
+        else:
+            self.stats.coalesced += 1
+        return await asyncio.shield(task)
+
+    async def _fetch(self, cert: ClientCert, context: LookupContext) -> Verdict:
+        generation = self._generation
+        try:
+            verdict = await self.backend.lookup(cert, context)
+        except IdentityUnavailable:
+            self.stats.failures += 1
+            stale = self._stale(cert.sha256)
+            if stale is None:
+                raise
+            self.stats.stale_served += 1
+            return stale
+        except Exception:
+            self.stats.failures += 1
+            raise
+        if generation == self._generation:
+            self._store(cert, verdict)
+        return verdict
+
+    def _fetch_done(self, key: str, task: asyncio.Task[Verdict]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        # Every waiter may have been cancelled: retrieve the exception so that asyncio does
+        # not report it as never retrieved.
+        if not task.cancelled():
+            task.exception()
+
+    def _stale(self, key: str) -> Verdict | None:
+        entry = self._entries.get(key)
+        if entry is None or entry.verdict.kind != "allow":
+            return None
+        if self._clock() - entry.expires >= self._stale_if_error:
+            return None
+        return dataclasses.replace(entry.verdict, stale=True)
+
+    def _store(self, cert: ClientCert, verdict: Verdict) -> None:
+        key = cert.sha256
+        if verdict.kind == "validate":
+            self._remove(key)
+            return
+        ttl = self._ttl if verdict.kind == "allow" else self._negative_ttl
+        if verdict.ttl is not None:
+            ttl = max(0.0, min(ttl, verdict.ttl))
+        keep_for_stale = verdict.kind == "allow" and self._stale_if_error > 0
+        if ttl <= 0 and not keep_for_stale:
+            self._remove(key)
+            return
+        self._remove(key)
+        self._entries[key] = _Entry(verdict, self._clock() + ttl, cert.serial)
+        self._by_serial.setdefault(cert.serial, set()).add(key)
+        while len(self._entries) > self._max_entries:
+            old_key, old = self._entries.popitem(last=False)
+            self._unindex(old_key, old.serial)
+            self.stats.evictions += 1
+
+    def _remove(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._unindex(key, entry.serial)
+        return True
+
+    def _unindex(self, key: str, serial: int) -> None:
+        keys = self._by_serial.get(serial)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_serial[serial]
+
+    # ---- administration -------------------------------------------------------------------
+
+    def forget(self, sha256: str) -> None:
+        """Drop one certificate's entry (``sha256`` as in ``ClientCert.sha256``)."""
+        self._generation += 1
+        self._remove(sha256)
+
+    def purge(self, *, sha256: str | None = None, serial: int | None = None) -> int:
+        """Drop the entries matching every criterion given (all entries when none is).
+
+        ``sha256`` may be written as operators do (colons, any case); raises ``ValueError``
+        when it is not a fingerprint. Returns how many entries were removed.
+        """
+        self._generation += 1
+        if sha256 is None and serial is None:
+            removed = len(self._entries)
+            self._entries.clear()
+            self._by_serial.clear()
+            return removed
+        if sha256 is None:
+            return sum(self._remove(key) for key in list(self._by_serial.get(serial or 0, ())))
+        key = normalize_fingerprint(sha256)
+        entry = self._entries.get(key)
+        if entry is None or (serial is not None and entry.serial != serial):
+            return 0
+        return int(self._remove(key))
+
+    async def sign_on(self, purpose: SignOnPurpose, return_url: str) -> str:
+        return await self.backend.sign_on(purpose, return_url)
+
+    async def close(self) -> None:
+        """Cancel backend calls still in flight, then close the backend."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.backend.close()

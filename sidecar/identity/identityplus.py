@@ -1,0 +1,480 @@
+"""The identityplus backend: asks the Identity Plus API about each certificate, over mutual TLS.
+
+Owns the long-lived API session (this service's own "agent" certificate, reloaded when its
+files change; optional server pins checked on every new connection), the inquiry and its
+outcome table, and the intents that send a browser to Identity Plus sign-on.
+See ``/spec/identityplus.md`` for the protocol as the official clients speak it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import secrets
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from ..certs import ClientCert, read_certificates, sha256_fingerprint
+from ..config import IdentityPlusConfig
+from ..errors import CertificateError, IdentityUnavailable
+from . import LookupContext, SignOnPurpose, User, Verdict
+from .http import client_ssl_context, exchange_json, new_session
+
+
+def _log() -> Any:
+    # Looked up per event (they are rare): a logger cached at import would keep whatever
+    # configuration was current on its first use, and escape structlog.testing.capture_logs.
+    return structlog.get_logger(__name__)
+
+
+SERVICE = "Identity Plus"
+
+#: Verdict codes meaning "Identity Plus knows no such certificate": the handler answers 401,
+#: or with ``can_enrol`` the enrolment redirect, like a request without a certificate.
+NO_CERTIFICATE_CODES = frozenset({"PB 0000", "PB 0001"})
+
+#: PB outcomes answered 403, with the plain reason shown to the visitor.
+_DENY_REASONS = {
+    "PB 0004": "the certificate has been revoked",
+    "PB 0005": "the certificate has been reported as an intruder",
+    "PB 0006": "the certificate is not recognised",
+    "PB 0007": "the certificate has been tampered with",
+    "PB 0008": "the certificate's authorization has expired",
+}
+_VALIDATE_REASONS = {
+    "PB 0002": "the certificate has expired and must be validated",
+    "PB 0003": "the certificate must be validated",
+}
+_CREDENTIAL_CODES = frozenset(f"ER 110{i}" for i in range(7))
+_CREDENTIAL_HINT = (
+    "Identity Plus refused this service's own API certificate (identity.identityplus."
+    "certificate, or p12): it is missing, unknown, expired, revoked, suspended, or the "
+    "account is over its plan. Renew or replace the certificate, or check the account."
+)
+_CREDENTIAL_LOG_EVERY = 60.0
+_OUTCOME = re.compile(r"^(OK|PB|ER) \d{4}$")
+
+
+class IdentityPlusBackend:
+    """Verdicts from the Identity Plus API; ``credential_problem`` for readiness.
+
+    Fails closed: anything but a well-formed reply with a known outcome raises
+    ``IdentityUnavailable``. ``reload_interval`` bounds how often the agent certificate's
+    files are stat'ed (on a call, never in the background). The constructor raises
+    ``CertificateError`` when the agent certificate cannot be used; the session itself is
+    made on the first call, inside the running event loop.
+    """
+
+    name = "identityplus"
+
+    def __init__(
+        self,
+        config: IdentityPlusConfig,
+        *,
+        reload_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self.can_enrol = config.enrol_missing
+        #: set while Identity Plus refuses our own API certificate (ER 1100..ER 1106); the
+        #: next well-formed non-ER answer clears it
+        self.credential_problem: str | None = None
+        self._credential_logged: tuple[str, float] | None = None
+        self._clock = clock
+        self._reload_interval = reload_interval
+        self._files = _credential_files(config)
+        self._signature = _signature(self._files)
+        self._next_check = clock() + reload_interval
+        self._credentials = _load_credentials(config)
+        self._channel: _Channel | None = None
+        self._retired: set[_Channel] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def agent_sha256(self) -> str:
+        """Fingerprint of the API certificate new connections present."""
+        return self._credentials.sha256
+
+    @property
+    def agent_expiry(self) -> float:
+        """When the API certificate new connections present expires (POSIX time), for a gauge."""
+        return datetime.fromisoformat(self._credentials.not_after).timestamp()
+
+    # ---- the calls ------------------------------------------------------------------------
+
+    async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict:
+        """The ``Identity-Inquiry`` for ``cert``'s serial, classified by the outcome table."""
+        inquiry: dict[str, str] = {"serial-number": self._serial_text(cert.serial)}
+        if self._config.service:
+            inquiry["service"] = self._config.service
+        if self._config.send_ip_address and context.client_ip:
+            inquiry["ip-address"] = context.client_ip
+        reply = await self._call("GET", {"Identity-Inquiry": inquiry})
+        envelope, code = self._outcome(reply)
+        return _classify(envelope, code, cert)
+
+    async def sign_on(self, purpose: SignOnPurpose, return_url: str) -> str:
+        """Register an intent and return the sign-on URL (``<signon_url>/<reference>``).
+
+        ``validate`` for PB 0002/PB 0003; ``enrol`` asks for a new certificate (type
+        ``request``). Always ``strict-massl``: the browser comes back with its certificate.
+        """
+        intent = {
+            "type": "validate" if purpose == "validate" else "request",
+            "return-url": return_url,
+            "strict-massl": True,
+        }
+        reply = await self._call("PUT", {"Intent": intent})
+        if isinstance(reply, dict) and "Intent-Reference" not in reply:
+            self._outcome(reply)  # an ER outcome raises with its code; others fail below
+        reference = reply.get("Intent-Reference") if isinstance(reply, dict) else None
+        value = reference.get("value") if isinstance(reference, dict) else None
+        outcome = reference.get("outcome", "OK") if isinstance(reference, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise IdentityUnavailable(
+                f"{SERVICE} answered an intent without a reference", code="malformed"
+            )
+        if not isinstance(outcome, str) or not outcome.strip().upper().startswith("OK"):
+            raise IdentityUnavailable(
+                f"{SERVICE} refused the intent ({str(outcome)[:7]})", code="malformed"
+            )
+        self._clear_credential_problem()
+        return f"{self._config.signon_url}/{quote(value.strip(), safe='')}"
+
+    async def close(self) -> None:
+        """Close every session, the current one and any retired one still open."""
+        self._closed = True
+        channels = [*self._retired, *([self._channel] if self._channel else [])]
+        self._channel = None
+        self._retired.clear()
+        for channel in channels:
+            await channel.session.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _serial_text(self, serial: int) -> str:
+        return f"0x{serial:X}" if self._config.serial_format == "hex" else str(serial)
+
+    async def _call(self, method: str, body: object) -> object:
+        channel = self._acquire()
+        try:
+            return await exchange_json(
+                channel.session, method, self._config.endpoint, body, service=SERVICE
+            )
+        finally:
+            self._release(channel)
+
+    # ---- outcomes -------------------------------------------------------------------------
+
+    def _outcome(self, reply: object) -> tuple[Mapping[str, Any], str]:
+        """(envelope, 7-character code) of a reply; raises for ER and malformed ones."""
+        if not isinstance(reply, dict):
+            raise IdentityUnavailable(
+                f"{SERVICE} answered JSON that is not an object", code="malformed"
+            )
+        envelope = reply.get("Identity-Profile", reply.get("Simple-Response"))
+        if envelope is None:
+            raise IdentityUnavailable(
+                f"{SERVICE} answered neither Identity-Profile nor Simple-Response", code="malformed"
+            )
+        if not isinstance(envelope, dict):
+            raise IdentityUnavailable(
+                f"{SERVICE} answered an envelope that is not an object", code="malformed"
+            )
+        outcome = envelope.get("outcome")
+        if not isinstance(outcome, str) or not outcome.strip():
+            raise IdentityUnavailable(f"{SERVICE} answered without an outcome", code="malformed")
+        # Classify on the first 7 characters only; the words after them are not stable.
+        code = outcome.strip()[:7].upper()
+        if not _OUTCOME.match(code):
+            raise IdentityUnavailable(
+                f"{SERVICE} answered an unrecognised outcome", code="malformed"
+            )
+        if code.startswith("ER"):
+            message = envelope.get("message")
+            text = message if isinstance(message, str) else outcome.strip()[7:]
+            self._refused(code, text.strip()[:200])
+        self._clear_credential_problem()
+        return envelope, code
+
+    def _refused(self, code: str, message: str) -> None:
+        """An ER outcome: log it (our credentials: loudly, once a minute) and raise."""
+        if code in _CREDENTIAL_CODES:
+            self.credential_problem = f"{code}: {message or 'API certificate refused'}"
+            now = self._clock()
+            last = self._credential_logged
+            if last is None or last[0] != code or now - last[1] >= _CREDENTIAL_LOG_EVERY:
+                self._credential_logged = (code, now)
+                _log().error(
+                    "identityplus.credential_problem",
+                    code=code,
+                    message=message,
+                    hint=_CREDENTIAL_HINT,
+                    agent_sha256=self.agent_sha256,
+                )
+            raise IdentityUnavailable(
+                f"{SERVICE} refused this service's API certificate ({code})", code=code
+            )
+        _log().error("identityplus.request_refused", code=code, message=message)
+        raise IdentityUnavailable(f"{SERVICE} refused the request ({code})", code=code)
+
+    def _clear_credential_problem(self) -> None:
+        if self.credential_problem is not None:
+            _log().info("identityplus.credential_problem_cleared", previous=self.credential_problem)
+            self.credential_problem = None
+            self._credential_logged = None
+
+    # ---- sessions and agent certificate reload ---------------------------------------------
+
+    def _acquire(self) -> _Channel:
+        if self._closed:
+            raise IdentityUnavailable(f"the {SERVICE} backend is closed", code="closed")
+        self._check_reload()
+        channel = self._channel
+        if channel is None:
+            channel = _Channel(new_session(self._credentials.context, self._config.timeout))
+            self._channel = channel
+        channel.active += 1
+        return channel
+
+    def _release(self, channel: _Channel) -> None:
+        channel.active -= 1
+        if channel.retired and channel.active == 0:
+            self._close_later(channel)
+
+    def _close_later(self, channel: _Channel) -> None:
+        self._retired.discard(channel)
+        task = asyncio.get_running_loop().create_task(channel.session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _check_reload(self) -> None:
+        """Swap in new credentials when the agent certificate's files changed.
+
+        Calls in flight finish on the old session, which is then closed; new calls use a new
+        session. Files that cannot be used keep the old credentials (and are logged).
+        """
+        now = self._clock()
+        if now < self._next_check:
+            return
+        self._next_check = now + self._reload_interval
+        signature = _signature(self._files)
+        if signature == self._signature:
+            return
+        self._signature = signature
+        try:
+            credentials = _load_credentials(self._config)
+        except CertificateError as exc:
+            _log().error(
+                "identityplus.agent_reload_failed",
+                reason=str(exc),
+                hint="keeping the previous API certificate until the files are fixed",
+                agent_sha256=self.agent_sha256,
+            )
+            return
+        previous = self._credentials
+        self._credentials = credentials
+        old = self._channel
+        self._channel = None
+        if old is not None:
+            old.retired = True
+            self._retired.add(old)
+            if old.active == 0:
+                self._close_later(old)
+        _log().info(
+            "identityplus.agent_reloaded",
+            agent_sha256=credentials.sha256,
+            previous_sha256=previous.sha256,
+            not_after=credentials.not_after,
+        )
+
+
+@dataclass(eq=False)
+class _Channel:
+    """One session (one agent certificate) and the calls currently using it."""
+
+    session: aiohttp.ClientSession
+    active: int = 0
+    retired: bool = False
+
+
+def _classify(envelope: Mapping[str, Any], code: str, cert: ClientCert) -> Verdict:
+    """The outcome table (ER outcomes never get here: they raise)."""
+    if code in ("OK 0001", "OK 0002"):
+        return Verdict.allow(_user(envelope, cert), code=code)
+    if code in NO_CERTIFICATE_CODES:
+        return Verdict("unknown", "the identity service does not know this certificate", code)
+    if code in _VALIDATE_REASONS:
+        return Verdict("validate", _VALIDATE_REASONS[code], code)
+    if code in _DENY_REASONS:
+        return Verdict.deny(_DENY_REASONS[code], code=code)
+    if code.startswith("PB"):
+        # A problem code this client does not know: refuse rather than guess.
+        return Verdict.deny("the identity service refused the certificate", code=code)
+    raise IdentityUnavailable(
+        f"{SERVICE} answered an unexpected outcome ({code})", code="malformed"
+    )
+
+
+def _user(profile: Mapping[str, Any], cert: ClientCert) -> User:
+    """Identity-Profile fields → ``User``, with the certificate's serial and CN as fallbacks."""
+    reference = _text(profile.get("organizational-reference"))
+    local_name = _text(profile.get("local-user-name"))
+    serial = str(cert.serial)
+    given = family = None
+    name = _text(profile.get("organizational-name"))
+    if name:
+        first, _, rest = name.partition(" ")
+        given, family = first or None, rest.strip() or None
+    roles = profile.get("service-roles")
+    if isinstance(roles, str):
+        roles = [roles]
+    return User(
+        sub=reference or local_name or serial,
+        username=local_name or reference or cert.common_name or serial,
+        given_name=given,
+        family_name=family,
+        email=_text(profile.get("organizational-email")),
+        roles=tuple(r for r in (_text(x) for x in roles) if r) if isinstance(roles, list) else (),
+    )
+
+
+def _text(value: object) -> str | None:
+    """A profile field as text: strings stripped, integers written out, anything else None."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+# ---- agent credentials --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    context: ssl.SSLContext
+    sha256: str
+    not_after: str
+
+
+def _credential_files(config: IdentityPlusConfig) -> tuple[Path, ...]:
+    files = (config.certificate, config.key, config.p12, config.p12_password_file)
+    return tuple(f for f in files if f is not None)
+
+
+def _signature(files: tuple[Path, ...]) -> tuple[tuple[int, ...] | None, ...]:
+    """What changes when a file is rewritten or its symlink swapped (stat follows links)."""
+    out: list[tuple[int, ...] | None] = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
+def _load_credentials(config: IdentityPlusConfig) -> _Credentials:
+    """A client ``SSLContext`` presenting the agent certificate; raises ``CertificateError``."""
+    try:
+        context = client_ssl_context(ca=config.ca)
+        if config.p12 is not None:
+            leaf = _load_p12(context, config.p12, config.p12_password_file)
+        elif config.certificate is not None and config.key is not None:
+            leaf = read_certificates(config.certificate)[0]
+            context.load_cert_chain(str(config.certificate), str(config.key))
+        else:
+            raise CertificateError("no API certificate is configured")
+    except ssl.SSLError as exc:
+        raise CertificateError(
+            f"the API certificate and key cannot be used: {exc.reason or exc}"
+        ) from None
+    except OSError as exc:
+        raise CertificateError(f"cannot read the API certificate: {exc.strerror or exc}") from None
+    if config.server_pins:
+        context.sslobject_class = _pinned_ssl_object(frozenset(config.server_pins))
+    return _Credentials(
+        context,
+        sha256_fingerprint(leaf.public_bytes(serialization.Encoding.DER)),
+        leaf.not_valid_after_utc.isoformat(),
+    )
+
+
+def _load_p12(context: ssl.SSLContext, path: Path, password_file: Path | None) -> x509.Certificate:
+    password = password_file.read_bytes().rstrip(b"\r\n") if password_file else b""
+    try:
+        key, leaf, chain = pkcs12.load_key_and_certificates(path.read_bytes(), password or None)
+    except ValueError:
+        raise CertificateError(f"cannot open {path}: not PKCS#12, or the wrong password") from None
+    if key is None or leaf is None:
+        raise CertificateError(f"{path} must hold the certificate and its private key")
+    # The ssl module loads keys from files only: hand it the key encrypted with a one-time
+    # password, in a private temporary file removed at once.
+    once = secrets.token_bytes(32)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [leaf, *chain])
+    pem += key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(once),
+    )
+    with tempfile.NamedTemporaryFile(prefix="agent-", suffix=".pem") as handle:
+        handle.write(pem)
+        handle.flush()
+        context.load_cert_chain(handle.name, password=once)
+    return leaf
+
+
+# ---- server pins --------------------------------------------------------------------------
+
+
+class PinMismatchError(ssl.SSLCertVerificationError):
+    """The server's certificate matches none of ``server_pins``."""
+
+
+def _pinned_ssl_object(pins: frozenset[str]) -> type[ssl.SSLObject]:
+    """An ``SSLObject`` class that, after a verified handshake, also requires a pin to match.
+
+    Set as the context's ``sslobject_class``: asyncio (and uvloop) make every TLS
+    connection through ``wrap_bio``, so each new connection is checked once, before any
+    request is written on it. Failing here fails the connection as a certificate error.
+    """
+
+    class PinnedSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            der = self.getpeercert(binary_form=True)
+            if der is None or not _pin_matches(der, pins):
+                raise PinMismatchError(
+                    1, "the server certificate matches none of identity.identityplus.server_pins"
+                )
+
+    return PinnedSSLObject
+
+
+def _pin_matches(der: bytes, pins: frozenset[str]) -> bool:
+    if hashlib.sha256(der).hexdigest() in pins:
+        return True
+    spki = (
+        x509.load_der_x509_certificate(der)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return hashlib.sha256(spki).hexdigest() in pins

@@ -1,0 +1,361 @@
+"""A fake Identity Plus API: a real HTTPS server on 127.0.0.1 demanding an agent certificate.
+
+It plays every variant of ``spec/identityplus.md`` the client must accept (both envelopes, any
+outcome, extra profile keys, fractional trust scores, both serial spellings) and the faults
+it must survive (slow, HTTP 500, invalid JSON, reset, unknown envelope). Program it per
+serial, then read what it saw::
+
+    fake.set_profile(serial, "OK 0002", local_user_name="alice", service_roles=["member"])
+    fake.set_simple(serial, "PB 0003")
+    fake.set_fault(serial, "reset")            # or set_fault(None, ...) for every call
+    fake.latency = 0.02                        # added to every call
+    fake.calls[serial]                         # inquiries about that serial (int)
+    fake.requests[-1].agent_sha256             # the agent certificate a call presented
+    fake.intents                               # Intent(type, return_url, strict_massl, reference)
+
+Use it with the ``fake_identityplus`` fixture (import it into a test module) or
+``running_fake(folder)``; ``fake.config(...)`` gives an ``IdentityPlusConfig`` aimed at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from sidecar.config import IdentityPlusConfig
+from tests.pki import Issued, make_ca, make_leaf
+
+Fault = Literal["slow", "500", "invalid-json", "reset", "unknown-envelope", "no-outcome"]
+
+#: what the service says after the code; the client must classify on the code alone
+_WORDS = {
+    "OK 0000": "Ok",
+    "OK 0001": "Certificate valid",
+    "OK 0002": "Certificate valid, bound to a local user",
+    "PB 0000": "No certificate found",
+    "PB 0001": "No certificate found",
+    "PB 0002": "Certificate expired",
+    "PB 0003": "Certificate needs validation",
+    "PB 0004": "Certificate revoked",
+    "PB 0005": "Certificate reported as intruder",
+    "PB 0006": "Certificate unknown",
+    "PB 0007": "Certificate tampered",
+    "PB 0008": "Authorization expired",
+    "ER 0001": "Malformed request",
+    "ER 0002": "Invalid serial number",
+    "ER 1100": "No API certificate",
+    "ER 1101": "Unknown API certificate",
+    "ER 1102": "API certificate expired",
+    "ER 1103": "API certificate revoked",
+    "ER 1104": "Service suspended",
+    "ER 1105": "Over plan",
+}
+
+
+def _spelled(outcome: str) -> str:
+    """``OK 0001`` → ``OK 0001 Certificate valid``: the words clients must not rely on."""
+    return f"{outcome} {_WORDS.get(outcome, 'Unspecified')}" if len(outcome) == 7 else outcome
+
+
+def simple(outcome: str, message: str | None = None) -> dict[str, Any]:
+    text = _spelled(outcome)
+    return {"Simple-Response": {"outcome": text, "message": message or text[8:]}}
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An agent (API) certificate issued by the fake's agent CA, written to files."""
+
+    certificate: Path
+    key: Path
+    sha256: str
+    issued: Issued
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    #: the request's top-level key (``Identity-Inquiry``, ``Intent``, ...); "" for a ping
+    operation: str
+    body: Any
+    agent_sha256: str
+    serial: int | None = None
+    #: the serial as the client spelled it
+    serial_text: str | None = None
+
+
+@dataclass(frozen=True)
+class Intent:
+    type: str
+    return_url: str
+    strict_massl: bool
+    reference: str
+    agent_sha256: str
+
+
+def parse_serial(text: object) -> int | None:
+    """``"123"`` and ``"0x7B"`` are the same serial; anything else is None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return int(text[2:], 16) if text.lower().startswith("0x") else int(text, 10)
+    except ValueError:
+        return None
+
+
+class FakeIdentityPlus:
+    """The fake service; ``start()`` it (or use the fixture) before calling it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._server_ca = make_ca("Fake Identity Plus Server CA")
+        self._server = make_leaf(self._server_ca, "localhost", server=True)
+        self._agent_ca = make_ca("Fake Identity Plus Agent CA")
+        self.ca_file = folder / "server-ca.pem"
+        self.ca_file.write_bytes(self._server_ca.pem)
+        self._server_files = self._server.write(folder, "server")
+        self.agent_ca_file = folder / "agent-ca.pem"
+        self.agent_ca_file.write_bytes(self._agent_ca.pem)
+        self._agent_count = 0
+        self.agent = self.issue_agent()
+        #: the default agent's files, for configurations
+        self.agent_certificate = self.agent.certificate
+        self.agent_key = self.agent.key
+
+        #: seconds added to every call
+        self.latency = 0.0
+        #: how long the ``slow`` fault stalls (cut short when the fake closes)
+        self.slow_delay = 30.0
+        #: answered for serials nobody programmed
+        self.default_reply: dict[str, Any] = simple("PB 0001")
+        self.calls: Counter[int] = Counter()
+        self.requests: list[Call] = []
+        self.intents: list[Intent] = []
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._faults: dict[int | None, Fault] = {}
+        self._refused_agents: dict[str, str] = {}
+        self._intent_reply: dict[str, Any] | None = None
+        self._closing = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ---- programming ----------------------------------------------------------------------
+
+    def set_profile(
+        self,
+        serial: int,
+        outcome: str = "OK 0001",
+        *,
+        extra: Mapping[str, object] | None = None,
+        **fields: object,
+    ) -> None:
+        """Answer ``Identity-Profile``; ``local_user_name=`` is sent as ``local-user-name``."""
+        profile: dict[str, object] = {"outcome": _spelled(outcome)}
+        profile.update({k.replace("_", "-"): v for k, v in fields.items()})
+        profile.update(extra or {})
+        self._replies[serial] = {"Identity-Profile": profile}
+
+    def set_simple(self, serial: int, outcome: str, message: str | None = None) -> None:
+        """Answer ``Simple-Response`` with ``outcome`` (any code, ``OK 0001`` included)."""
+        self._replies[serial] = simple(outcome, message)
+
+    def set_reply(self, serial: int, document: dict[str, Any]) -> None:
+        """Answer exactly this JSON document."""
+        self._replies[serial] = document
+
+    def set_fault(self, serial: int | None, fault: Fault | None) -> None:
+        """Misbehave for one serial's inquiries, or for every call when ``serial`` is None."""
+        if fault is None:
+            self._faults.pop(serial, None)
+        else:
+            self._faults[serial] = fault
+
+    def refuse_agent(self, sha256: str | None = None, outcome: str | None = "ER 1103") -> None:
+        """Answer every call presenting this agent certificate (default: ``agent``) with
+        ``outcome``, as the real service does when it refuses the caller; None undoes it."""
+        key = sha256 or self.agent.sha256
+        if outcome is None:
+            self._refused_agents.pop(key, None)
+        else:
+            self._refused_agents[key] = outcome
+
+    def set_intent_reply(self, document: dict[str, Any] | None) -> None:
+        """Answer intents with this document instead of a fresh ``Intent-Reference``."""
+        self._intent_reply = document
+
+    def issue_agent(self, name: str | None = None) -> Agent:
+        """A new agent certificate from the fake's agent CA, written as ``<name>.pem/.key``."""
+        self._agent_count += 1
+        name = name or f"agent-{self._agent_count}"
+        issued = make_leaf(self._agent_ca, f"{name}.services.example")
+        certificate, key = issued.write(self.folder, name)
+        return Agent(certificate, key, hashlib.sha256(issued.der).hexdigest(), issued)
+
+    # ---- facts for tests ------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/v1"
+
+    @property
+    def server_cert_sha256(self) -> str:
+        return hashlib.sha256(self._server.der).hexdigest()
+
+    @property
+    def server_spki_sha256(self) -> str:
+        spki = self._server.cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return hashlib.sha256(spki).hexdigest()
+
+    def config(self, **overrides: object) -> IdentityPlusConfig:
+        """An ``IdentityPlusConfig`` for this fake (1 s timeout); keys as in the YAML."""
+        data: dict[str, object] = {
+            "endpoint": self.url,
+            "certificate": str(self.agent_certificate),
+            "key": str(self.agent_key),
+            "ca": str(self.ca_file),
+            "signon_url": "https://signon.example",
+            "timeout": 1.0,
+        }
+        data.update(overrides)
+        return IdentityPlusConfig.model_validate({k: v for k, v in data.items() if v is not None})
+
+    def agents_seen(self) -> list[str]:
+        return [call.agent_sha256 for call in self.requests]
+
+    # ---- serving --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*(str(p) for p in self._server_files))
+        context.load_verify_locations(cafile=str(self.agent_ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED  # the agent certificate is the only credential
+        app = web.Application()
+        app.router.add_route("*", "/v1", self._handle)
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _pause(self, seconds: float) -> None:
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), seconds)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        agent = _peer_sha256(request)
+        raw = await request.read()
+        await self._pause(self.latency)
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            return web.json_response(simple("ER 0001", "the body is not JSON"))
+        if body is None:  # an empty PUT is a ping
+            self.requests.append(Call(request.method, "", None, agent))
+            return web.json_response(simple("OK 0000"))
+        if not isinstance(body, dict) or len(body) != 1:
+            self.requests.append(Call(request.method, "?", body, agent))
+            return web.json_response(simple("ER 0001", "one top-level key expected"))
+        operation, fields = next(iter(body.items()))
+        fields = fields if isinstance(fields, dict) else {}
+        serial_text = fields.get("serial-number") if operation == "Identity-Inquiry" else None
+        serial = parse_serial(serial_text)
+        self.requests.append(Call(request.method, operation, body, agent, serial, serial_text))
+        if serial is not None:
+            self.calls[serial] += 1
+
+        fault = self._faults.get(serial) if serial is not None else None
+        fault = fault or self._faults.get(None)
+        if fault is not None:
+            answer = await self._fault(request, fault)
+            if answer is not None:
+                return answer
+        if agent in self._refused_agents:
+            return web.json_response(simple(self._refused_agents[agent]))
+
+        if operation == "Identity-Inquiry":
+            if serial is None:
+                return web.json_response(simple("ER 0002"))
+            return web.json_response(self._replies.get(serial, self.default_reply))
+        if operation == "Intent" and request.method == "PUT":
+            reference = f"intent-{len(self.intents) + 1}"
+            self.intents.append(
+                Intent(
+                    str(fields.get("type")),
+                    str(fields.get("return-url")),
+                    fields.get("strict-massl") is True,
+                    reference,
+                    agent,
+                )
+            )
+            if self._intent_reply is not None:
+                return web.json_response(self._intent_reply)
+            return web.json_response(
+                {"Intent-Reference": {"value": reference, "outcome": _spelled("OK 0000")}}
+            )
+        return web.json_response(simple("ER 0001", f"unknown operation {operation}"))
+
+    async def _fault(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
+        if fault == "slow":
+            await self._pause(self.slow_delay)
+            return None
+        if fault == "500":
+            return web.Response(status=500, text="Internal Server Error")
+        if fault == "invalid-json":
+            return web.Response(
+                text='{"Identity-Profile": {"outcome": "OK 00', content_type="application/json"
+            )
+        if fault == "unknown-envelope":
+            return web.json_response({"Identity-Summary": {"outcome": _spelled("OK 0001")}})
+        if fault == "no-outcome":
+            return web.json_response({"Identity-Profile": {"local-user-name": "mallory"}})
+        # reset: drop the connection without an answer
+        assert request.transport is not None
+        request.transport.abort()
+        raise web.HTTPInternalServerError  # never sent: the connection is gone
+
+
+def _peer_sha256(request: web.Request) -> str:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return hashlib.sha256(der).hexdigest() if der else ""
+
+
+@contextlib.asynccontextmanager
+async def running_fake(folder: Path) -> AsyncIterator[FakeIdentityPlus]:
+    fake = FakeIdentityPlus(folder)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+async def fake_identityplus(tmp_path: Path) -> AsyncIterator[FakeIdentityPlus]:
+    """The running fake; ``.agent_certificate``, ``.agent_key``, ``.ca_file`` are its files."""
+    async with running_fake(tmp_path / "identityplus") as fake:
+        yield fake
