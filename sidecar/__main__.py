@@ -28,22 +28,39 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sidecar", description="mTLS identity sidecar: client certificates in, identity headers out."
+        prog="sidecar",
+        description="mTLS identity sidecar: client certificates in, identity headers out.",
     )
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")
-    run.add_argument("--config", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file (default: $SIDECAR_CONFIG)")
+    run.add_argument(
+        "--config",
+        default=os.environ.get("SIDECAR_CONFIG"),
+        help="configuration file (default: $SIDECAR_CONFIG)",
+    )
     run.add_argument("--log-format", choices=("json", "console"), help="override log.format")
     # Set by the supervisor when it starts workers (listen.workers > 1); not for people.
     run.add_argument("--worker-socket", help=argparse.SUPPRESS)
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a configuration and print a summary")
-    check.add_argument("config", nargs="?", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file")
-    demo = sub.add_parser("demo", help="run a self-contained demo with a throwaway PKI and an echo upstream")
-    demo.add_argument("--state", default=".sidecar-demo", help="folder for the demo's PKI and config (default: ./.sidecar-demo)")
-    demo.add_argument("--port", type=int, default=8443, help="TLS port of the sidecar (default 8443)")
-    demo.add_argument("--upstream-port", type=int, default=8081, help="port of the echo upstream (default 8081)")
+    check.add_argument(
+        "config", nargs="?", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file"
+    )
+    demo = sub.add_parser(
+        "demo", help="run a self-contained demo with a throwaway PKI and an echo upstream"
+    )
+    demo.add_argument(
+        "--state",
+        default=".sidecar-demo",
+        help="folder for the demo's PKI and config (default: ./.sidecar-demo)",
+    )
+    demo.add_argument(
+        "--port", type=int, default=8443, help="TLS port of the sidecar (default 8443)"
+    )
+    demo.add_argument(
+        "--upstream-port", type=int, default=8081, help="port of the echo upstream (default 8081)"
+    )
     demo.add_argument("--admin-port", type=int, default=9090, help="admin port (default 9090)")
     return parser
 
@@ -54,12 +71,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return check_config(args.config)
         if args.command == "run":
-            return run(args.config, log_format=args.log_format, worker_socket=args.worker_socket,
-                       worker_index=args.worker_index)
+            return run(
+                args.config,
+                log_format=args.log_format,
+                worker_socket=args.worker_socket,
+                worker_index=args.worker_index,
+            )
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(Path(args.state), port=args.port, upstream_port=args.upstream_port, admin_port=args.admin_port)
+            return run_demo(
+                Path(args.state),
+                port=args.port,
+                upstream_port=args.upstream_port,
+                admin_port=args.admin_port,
+            )
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_CONFIG
@@ -67,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_or_report(path: str | None) -> Config | None:
     if not path:
-        print("sidecar: no configuration file given (use --config FILE or set SIDECAR_CONFIG)", file=sys.stderr)
+        print(
+            "sidecar: no configuration file given (use --config FILE or set SIDECAR_CONFIG)",
+            file=sys.stderr,
+        )
         return None
     try:
         return load(path)
@@ -102,8 +131,10 @@ def summary(config: Config) -> str:
         lines.append(f"  users       {len(users)} user(s), {bound} certificate(s) bound")
     lines.append("  routes")
     for route in sorted(config.routes, key=lambda r: len(r.path), reverse=True):
-        rule = "public" if route.access == "public" else (
-            f"roles any of {', '.join(route.roles)}" if route.roles else "authenticated"
+        rule = (
+            "public"
+            if route.access == "public"
+            else (f"roles any of {', '.join(route.roles)}" if route.roles else "authenticated")
         )
         lines.append(f"    {route.path:<24} {rule}")
     lines.append(f"  admin       http://{config.admin.host}:{config.admin.port}")
@@ -145,7 +176,10 @@ def run(
         print(f"tls: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:
-        print(f"listen: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"listen: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
 
 
@@ -153,7 +187,9 @@ async def _serve(config: Config, path: Path | None, worker_socket: Path | None =
     """Run until SIGTERM/SIGINT, then drain; a second signal stops at once. SIGHUP reloads."""
     from .app import Sidecar
 
-    sidecar = Sidecar(config, config_path=path, reuse_port=worker_socket is not None, admin_socket=worker_socket)
+    sidecar = Sidecar(
+        config, config_path=path, reuse_port=worker_socket is not None, admin_socket=worker_socket
+    )
     await sidecar.start()
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()

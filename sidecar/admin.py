@@ -48,7 +48,9 @@ def _json(status: int, doc: dict[str, object]) -> web.Response:
     return web.Response(status=status, text=json.dumps(doc) + "\n", content_type="application/json")
 
 
-def admin_app(*, metrics: Metrics, readiness: Readiness, purge: Callable[[], Purge | None]) -> web.Application:
+def admin_app(
+    *, metrics: Metrics, readiness: Readiness, purge: Callable[[], Purge | None]
+) -> web.Application:
     """The admin application. ``purge`` returns the current cache's purge function (reloads swap it)."""
 
     async def healthz(request: web.Request) -> web.Response:
@@ -81,7 +83,11 @@ def admin_app(*, metrics: Metrics, readiness: Readiness, purge: Callable[[], Pur
         if fn is None:
             return _json(503, {"error": "no verdict cache is running"})
         removed = fn(sha256=sha256, serial=serial)
-        scope = "all" if serial is None and sha256 is None else ("serial" if serial is not None else "sha256")
+        scope = (
+            "all"
+            if serial is None and sha256 is None
+            else ("serial" if serial is not None else "sha256")
+        )
         return _json(200, {"purged": removed, "scope": scope})
 
     app = web.Application()

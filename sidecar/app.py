@@ -15,6 +15,7 @@ import contextlib
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def build_rules(config: Config) -> HeaderRules:
 
 
 # Keys a running process cannot change: the sockets are bound, the listener's verify mode set.
-_RESTART_ONLY = (
+_RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listen", lambda c: c.listen),
     ("admin", lambda c: c.admin),
     ("tls.client_certificate", lambda c: c.tls.client_certificate),
@@ -113,12 +114,17 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         plan = await self._build_plan(self.config)
         self.handler = Handler(plan, metrics=self.metrics, logger=self.log)
-        self.metrics.bind_cache(lambda: self._cache().stats if self._cache() else None)
-        self.metrics.client_certs_expiring.set_function(lambda: self.peer_certs.expiring_within(7 * 86400))
+        self.metrics.bind_cache(self._cache_stats)
+        self.metrics.client_certs_expiring.set_function(
+            lambda: self.peer_certs.expiring_within(7 * 86400)
+        )
         self._observe_certificates(self.config)
         await self._start_admin()
         self._listener = ListenerServer(
-            self.handler, limits=self.config.limits, peer_certs=self.peer_certs, metrics=self.metrics
+            self.handler,
+            limits=self.config.limits,
+            peer_certs=self.peer_certs,
+            metrics=self.metrics,
         )
         listen = self.config.listen
         kwargs: dict[str, Any] = {"reuse_port": True} if self.reuse_port else {}
@@ -138,7 +144,9 @@ class Sidecar:
         self.log.info(
             "listening",
             address=f"https://{listen.host}:{self.port}",
-            admin=str(self.admin_socket) if self.admin_socket else f"http://{self.config.admin.host}:{self.admin_port}",
+            admin=str(self.admin_socket)
+            if self.admin_socket
+            else f"http://{self.config.admin.host}:{self.admin_port}",
             upstream=self.config.upstream.url,
             backend=self.config.identity.backend,
             pid=os.getpid(),
@@ -172,7 +180,9 @@ class Sidecar:
         if self.admin_socket is not None:
             self._admin_site = web.UnixSite(self._admin, str(self.admin_socket))
         else:
-            self._admin_site = web.TCPSite(self._admin, self.config.admin.host, self.config.admin.port)
+            self._admin_site = web.TCPSite(
+                self._admin, self.config.admin.host, self.config.admin.port
+            )
         await self._admin_site.start()
 
     def _cache(self) -> VerdictCache | None:
@@ -181,9 +191,18 @@ class Sidecar:
         identity = self.handler.plan.identity
         return identity if isinstance(identity, VerdictCache) else None
 
+    def _cache_stats(self) -> object | None:
+        cache = self._cache()
+        return cache.stats if cache is not None else None
+
     def _purge_fn(self) -> Purge | None:
         cache = self._cache()
         return cache.purge if cache is not None else None
+
+    def _agent_expiry(self) -> float:
+        cache = self._cache()
+        expiry = getattr(cache.backend, "agent_expiry", None) if cache else None
+        return float(expiry) if isinstance(expiry, float) else float("nan")
 
     def _identity_problem(self) -> str | None:
         cache = self._cache()
@@ -198,8 +217,9 @@ class Sidecar:
 
     @property
     def admin_port(self) -> int:
-        assert self._admin_site is not None and self._admin_site._server is not None
-        sockets = self._admin_site._server.sockets  # type: ignore[union-attr]
+        assert self._admin_site is not None
+        sockets = getattr(self._admin_site._server, "sockets", None)  # asyncio's or uvloop's Server
+        assert sockets
         return int(sockets[0].getsockname()[1])
 
     # ---- reload ---------------------------------------------------------------------------
@@ -233,8 +253,14 @@ class Sidecar:
                 self.log.warning("reload_needs_restart", key=key, reason="kept the running value")
         # Keep what cannot change while running, so self.config says what really runs.
         new = new.model_copy(
-            update={"listen": old.listen, "admin": old.admin, "log": old.log,
-                    "tls": new.tls.model_copy(update={"client_certificate": old.tls.client_certificate})}
+            update={
+                "listen": old.listen,
+                "admin": old.admin,
+                "log": old.log,
+                "tls": new.tls.model_copy(
+                    update={"client_certificate": old.tls.client_certificate}
+                ),
+            }
         )
         previous = self.handler.plan
         self.tls.swap(context)
@@ -244,7 +270,9 @@ class Sidecar:
         self._retire(previous, delay=new.shutdown.grace_period)
         self._watched = _signature(watched_files(new, self.config_path))
         self.metrics.reloads.labels("success").inc()
-        self.log.info("reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes))
+        self.log.info(
+            "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
+        )
         return True
 
     def _retire(self, plan: Plan, *, delay: float) -> None:
@@ -319,7 +347,12 @@ async def _close_plan(plan: Plan) -> None:
 def watched_files(config: Config, config_path: Path | None) -> list[Path]:
     """The files whose change triggers a reload."""
     files: list[Path] = [config_path] if config_path is not None else []
-    files += [config.tls.certificate, config.tls.key, *config.tls.client_ca, *config.tls.pinned_certificates]
+    files += [
+        config.tls.certificate,
+        config.tls.key,
+        *config.tls.client_ca,
+        *config.tls.pinned_certificates,
+    ]
     for user in config.identity.static.users:
         files += [b.file for b in user.certificates if b.file is not None]
     return files

@@ -25,7 +25,10 @@ from .errors import CertificateError
 _HEX_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
 PrivateKey = (
-    rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
 )
 
 
@@ -199,10 +202,18 @@ def read_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
         else:
             key = serialization.load_der_private_key(data, password=password)
     except TypeError:
-        raise CertificateError(f"private key is encrypted and no password was given: {path}") from None
+        raise CertificateError(
+            f"private key is encrypted and no password was given: {path}"
+        ) from None
     except ValueError:
         raise CertificateError(f"not a readable private key: {path}") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+    if not isinstance(
+        key,
+        rsa.RSAPrivateKey
+        | ec.EllipticCurvePrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey,
+    ):
         raise CertificateError(f"unsupported private key type {type(key).__name__}: {path}")
     return key
 

@@ -29,10 +29,26 @@ from .errors import ConfigError
 
 _USERS = (
     # file name, CN, sub, username, given, family, email, roles
-    ("alice", "Alice Liddell", "2d73cf2a-5339-421e-81cd-8fa0d25a100b", "alice", "Alice", "Liddell",
-     "alice@example.com", ["administrator"]),
-    ("bob", "Bob Builder", "6c0c8c2e-1f0a-4f51-9b1e-2b6a0c7f1d11", "bob", "Bob", "Builder",
-     "bob@example.com", ["member"]),
+    (
+        "alice",
+        "Alice Liddell",
+        "2d73cf2a-5339-421e-81cd-8fa0d25a100b",
+        "alice",
+        "Alice",
+        "Liddell",
+        "alice@example.com",
+        ["administrator"],
+    ),
+    (
+        "bob",
+        "Bob Builder",
+        "6c0c8c2e-1f0a-4f51-9b1e-2b6a0c7f1d11",
+        "bob",
+        "Bob",
+        "Builder",
+        "bob@example.com",
+        ["member"],
+    ),
 )
 
 
@@ -65,7 +81,8 @@ def _cert(
     )
     if issuer:
         builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()),
+            critical=False,
         )
     if ca:
         builder = builder.add_extension(
@@ -83,15 +100,22 @@ def _cert(
     return builder.sign(signer, hashes.SHA256())
 
 
-def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None,
-           chain: tuple[x509.Certificate, ...] = ()) -> None:
+def _write(
+    folder: Path,
+    name: str,
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey | None,
+    chain: tuple[x509.Certificate, ...] = (),
+) -> None:
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
     (folder / f"{name}.pem").write_bytes(pem)
     if key is not None:
         path = folder / f"{name}.key"
         path.write_bytes(
             key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
             )
         )
         path.chmod(0o600)
@@ -103,8 +127,14 @@ def make_pki(folder: Path) -> None:
     server_ca_key = _key()
     server_ca = _cert("Sidecar Demo Server CA", server_ca_key, None, ca=True)
     server_key = _key()
-    server = _cert("localhost", server_key, (server_ca, server_ca_key), ca=False,
-                   usage=ExtendedKeyUsageOID.SERVER_AUTH, days=90)
+    server = _cert(
+        "localhost",
+        server_key,
+        (server_ca, server_ca_key),
+        ca=False,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        days=90,
+    )
     _write(folder, "server-ca", server_ca, None)
     _write(folder, "server", server, server_key)
 
@@ -116,12 +146,20 @@ def make_pki(folder: Path) -> None:
     _write(folder, "client-ca", root, None, chain=(inter,))
     for file, cn, *_ in _USERS:
         key = _key()
-        cert = _cert(cn, key, (inter, inter_key), ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=90)
+        cert = _cert(
+            cn, key, (inter, inter_key), ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=90
+        )
         _write(folder, file, cert, key)
     # A certificate from the trusted CA that is bound to nobody: identified by TLS, refused by policy.
     key = _key()
-    stranger = _cert("Mallory Stranger", key, (inter, inter_key), ca=False,
-                     usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=90)
+    stranger = _cert(
+        "Mallory Stranger",
+        key,
+        (inter, inter_key),
+        ca=False,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        days=90,
+    )
     _write(folder, "mallory", stranger, key)
 
 
@@ -186,7 +224,10 @@ async def echo(request: web.Request) -> web.Response:
         "upstream_saw": {
             "method": request.method,
             "path": request.raw_path,
-            "headers": {k: (v if k.lower() != "x-app-certificate" else v[:40] + "...") for k, v in request.headers.items()},
+            "headers": {
+                k: (v if k.lower() != "x-app-certificate" else v[:40] + "...")
+                for k, v in request.headers.items()
+            },
             "body_bytes": len(body),
         },
         "identity": decoded,
@@ -199,8 +240,10 @@ def _instructions(folder: Path, port: int) -> str:
     d = folder.resolve()
     base = f"https://localhost:{port}"
     ca = f"--cacert {d}/server-ca.pem"
+
     def who(name: str) -> str:
         return f"--cert {d}/{name}.pem --key {d}/{name}.key"
+
     return f"""
 The sidecar is listening on {base} in front of an echo application.
 Paste these in another terminal:
@@ -234,7 +277,9 @@ def run_demo(folder: Path, *, port: int, upstream_port: int, admin_port: int) ->
 
     if not (folder / "client-ca.pem").exists():
         make_pki(folder)
-    config_path = write_config(folder, port=port, upstream_port=upstream_port, admin_port=admin_port)
+    config_path = write_config(
+        folder, port=port, upstream_port=upstream_port, admin_port=admin_port
+    )
     try:
         config = load(config_path)
     except ConfigError as exc:
@@ -258,15 +303,20 @@ async def _demo(config: object, folder: Path, port: int, upstream_port: int) -> 
     try:
         await site.start()
     except OSError as exc:
-        print(f"demo: cannot start the echo upstream on 127.0.0.1:{upstream_port}: {exc.strerror} "
-              "(use --upstream-port)", file=sys.stderr)
+        print(
+            f"demo: cannot start the echo upstream on 127.0.0.1:{upstream_port}: {exc.strerror} "
+            "(use --upstream-port)",
+            file=sys.stderr,
+        )
         await runner.cleanup()
         return 1
     sidecar = Sidecar(config)
     try:
         await sidecar.start()
     except OSError as exc:
-        print(f"demo: cannot listen on 127.0.0.1:{port}: {exc.strerror} (use --port)", file=sys.stderr)
+        print(
+            f"demo: cannot listen on 127.0.0.1:{port}: {exc.strerror} (use --port)", file=sys.stderr
+        )
         await runner.cleanup()
         return 1
     print(_instructions(folder, port), flush=True)

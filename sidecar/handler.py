@@ -23,7 +23,17 @@ from .errors import IdentityUnavailable, UpstreamError
 from .headers import HeaderRules, upstream_headers
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .metrics import Metrics, method_label
-from .policy import BadPath, Decision, Deny, Forward, Redirect, Route, RouteTable, Unavailable, decide
+from .policy import (
+    BadPath,
+    Decision,
+    Deny,
+    Forward,
+    Redirect,
+    Route,
+    RouteTable,
+    Unavailable,
+    decide,
+)
 from .upstream import BodyTooLarge, UpstreamClient
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -33,10 +43,13 @@ RETRY_AFTER_SECONDS = "5"
 
 
 class Identity(Protocol):
-    """What the handler needs of the identity side (the verdict cache, or a bare backend)."""
+    """What the handler needs of the identity side (the verdict cache)."""
 
-    name: str
-    can_enrol: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def can_enrol(self) -> bool: ...
 
     def peek(self, cert: ClientCert) -> Verdict | None:
         """A fresh cached verdict without awaiting, or None."""
@@ -97,11 +110,15 @@ class Handler:
         self.metrics.in_flight.inc()
         try:
             cert = _peer_certificate(request)
-            response, outcome = await self._handle(plan, request, cert, peer_ip, trusted, request_id)
+            response, outcome = await self._handle(
+                plan, request, cert, peer_ip, trusted, request_id
+            )
         except Exception as exc:  # the last line of defence: answer 500, never a traceback
             self.log.error("request_failed", request_id=request_id, error=repr(exc), exc_info=exc)
             outcome = Outcome(500, "error", "internal error", "-")
-            response = self._error(request, 500, "The sidecar could not handle this request.", request_id)
+            response = self._error(
+                request, 500, "The sidecar could not handle this request.", request_id
+            )
         finally:
             self.metrics.in_flight.dec()
         self._finish(request, outcome, cert, peer_ip, request_id, started)
@@ -130,7 +147,9 @@ class Handler:
         if cert is not None:
             refusal = _certificate_refusal(cert, self.clock())
             if refusal is not None:
-                return self._answer_deny(request, Deny(403, refusal[0], refusal[1]), route_label, request_id)
+                return self._answer_deny(
+                    request, Deny(403, refusal[0], refusal[1]), route_label, request_id
+                )
             if route is not None:
                 verdict = plan.identity.peek(cert)
                 if verdict is None:
@@ -139,7 +158,10 @@ class Handler:
                     except IdentityUnavailable as exc:
                         backend_failed = True
                         self.log.warning(
-                            "identity_unavailable", request_id=request_id, reason=exc.reason, code=exc.code
+                            "identity_unavailable",
+                            request_id=request_id,
+                            reason=exc.reason,
+                            code=exc.code,
                         )
 
         decision = decide(
@@ -149,7 +171,9 @@ class Handler:
             backend_failed=backend_failed,
             enrol=plan.identity.can_enrol,
         )
-        return await self._act(plan, request, decision, route, verdict, cert, peer_ip, trusted, request_id)
+        return await self._act(
+            plan, request, decision, route, verdict, cert, peer_ip, trusted, request_id
+        )
 
     async def _lookup(self, identity: Identity, cert: ClientCert, peer_ip: str | None) -> Verdict:
         """A verdict the cache could not give at once: timed and counted by outcome."""
@@ -160,7 +184,9 @@ class Handler:
             self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
             raise
         finally:
-            self.metrics.identity_duration.labels(identity.name).observe(time.perf_counter() - started)
+            self.metrics.identity_duration.labels(identity.name).observe(
+                time.perf_counter() - started
+            )
         self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
         return verdict
 
@@ -190,8 +216,12 @@ class Handler:
                 certificate_b64=cert.b64 if (cert is not None and user is not None) else None,
             )
             outcome = Outcome(
-                0, "forwarded", "allowed", route_label,
-                user=user.sub if user else None, verdict_code=code,
+                0,
+                "forwarded",
+                "allowed",
+                route_label,
+                user=user.sub if user else None,
+                verdict_code=code,
                 stale=bool(verdict and verdict.stale),
             )
             try:
@@ -204,11 +234,20 @@ class Handler:
                     if status == 504
                     else "The application could not be reached."
                 )
-                outcome.status, outcome.decision, outcome.reason = status, "upstream_error", exc.kind
+                outcome.status, outcome.decision, outcome.reason = (
+                    status,
+                    "upstream_error",
+                    exc.kind,
+                )
                 return self._error(request, status, reason, request_id), outcome
             except BodyTooLarge:
                 outcome.status, outcome.decision, outcome.reason = 413, "denied", "body_too_large"
-                return self._error(request, 413, "The request body is larger than this service accepts.", request_id), outcome
+                return self._error(
+                    request,
+                    413,
+                    "The request body is larger than this service accepts.",
+                    request_id,
+                ), outcome
             outcome.status = forwarded.status
             outcome.upstream_seconds = forwarded.upstream_seconds
             self.metrics.upstream_duration.observe(forwarded.upstream_seconds)
@@ -250,13 +289,19 @@ class Handler:
             try:
                 location = await plan.identity.sign_on(decision.purpose, return_url)
             except IdentityUnavailable as exc:
-                self.log.warning("sign_on_unavailable", request_id=request_id, reason=exc.reason, code=exc.code)
-                outcome = Outcome(503, "unavailable", "sign-on unavailable", route_label, verdict_code=code)
+                self.log.warning(
+                    "sign_on_unavailable", request_id=request_id, reason=exc.reason, code=exc.code
+                )
+                outcome = Outcome(
+                    503, "unavailable", "sign-on unavailable", route_label, verdict_code=code
+                )
                 return (
                     self._error(
-                        request, 503,
+                        request,
+                        503,
                         "The identity service cannot be reached right now. Please try again shortly.",
-                        request_id, headers={"Retry-After": RETRY_AFTER_SECONDS},
+                        request_id,
+                        headers={"Retry-After": RETRY_AFTER_SECONDS},
                     ),
                     outcome,
                 )
@@ -292,8 +337,12 @@ class Handler:
         location: str | None = None,
     ) -> web.Response:
         return responses.error(
-            status, reason, request_id=request_id, accept=request.headers.get("Accept"),
-            headers=headers, location=location,
+            status,
+            reason,
+            request_id=request_id,
+            accept=request.headers.get("Accept"),
+            headers=headers,
+            location=location,
         )
 
     # ---- one log event and one metrics update per request -------------------------------
@@ -309,7 +358,10 @@ class Handler:
     ) -> None:
         elapsed = time.perf_counter() - started
         self.metrics.requests.labels(
-            outcome.route, method_label(request.method), outcome.decision, f"{outcome.status // 100}xx"
+            outcome.route,
+            method_label(request.method),
+            outcome.decision,
+            f"{outcome.status // 100}xx",
         ).inc()
         self.metrics.request_duration.labels(outcome.decision).observe(elapsed)
         self.log.info(
@@ -329,7 +381,9 @@ class Handler:
             cert_sha256=cert.sha256 if cert else None,
             cert_subject=cert.subject if cert else None,
             sub=outcome.user,
-            upstream_ms=round(outcome.upstream_seconds * 1000, 3) if outcome.upstream_seconds is not None else None,
+            upstream_ms=round(outcome.upstream_seconds * 1000, 3)
+            if outcome.upstream_seconds is not None
+            else None,
         )
 
 
@@ -350,8 +404,8 @@ def _malformed(request: web.BaseRequest, max_header_block: int) -> tuple[int, st
 
 def _peer_certificate(request: web.BaseRequest) -> ClientCert | None:
     protocol = request.protocol
-    source = getattr(protocol, "peer_certificate", None)
-    return source() if source is not None else None  # type: ignore[no-any-return]
+    source: Callable[[], ClientCert | None] | None = getattr(protocol, "peer_certificate", None)
+    return source() if source is not None else None
 
 
 def _peer_ip(request: web.BaseRequest) -> str | None:
@@ -380,7 +434,10 @@ def _certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None
     if now < cert.not_before_ts:
         return "your client certificate is not valid yet", "cert_not_yet_valid"
     if not cert.allows_client_auth():
-        return "your client certificate is not meant for client authentication", "cert_no_client_auth"
+        return (
+            "your client certificate is not meant for client authentication",
+            "cert_no_client_auth",
+        )
     return None
 
 

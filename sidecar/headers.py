@@ -31,7 +31,14 @@ HOP_BY_HOP = frozenset(
     }
 )
 FORWARDING = frozenset(
-    {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip"}
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+    }
 )
 # Never removed because a client named them in Connection: we need them to route and frame.
 _PROTECTED = frozenset({"host", "content-length"})

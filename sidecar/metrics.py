@@ -13,9 +13,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 def method_label(method: str) -> str:
@@ -75,7 +92,10 @@ class Metrics:
             registry=r,
         )
         self.reloads = Counter(
-            "sidecar_config_reloads", "Configuration reloads by result (success, failure).", ["result"], registry=r
+            "sidecar_config_reloads",
+            "Configuration reloads by result (success, failure).",
+            ["result"],
+            registry=r,
         )
         self.server_cert_expiry = Gauge(
             "sidecar_server_certificate_expiry_timestamp_seconds",
@@ -130,8 +150,14 @@ class _CacheCollector(Collector):
         names = {
             "hits": ("sidecar_cache_hits", "Verdicts answered from the cache."),
             "misses": ("sidecar_cache_misses", "Lookups the cache could not answer fresh."),
-            "stale_served": ("sidecar_cache_stale_served", "Expired allowing verdicts served while the backend failed."),
-            "evictions": ("sidecar_cache_evictions", "Verdicts dropped to stay within max_entries."),
+            "stale_served": (
+                "sidecar_cache_stale_served",
+                "Expired allowing verdicts served while the backend failed.",
+            ),
+            "evictions": (
+                "sidecar_cache_evictions",
+                "Verdicts dropped to stay within max_entries.",
+            ),
         }
         for key, (name, doc) in names.items():
             yield CounterMetricFamily(name, doc, value=values[key] + self._base.get(key, 0))

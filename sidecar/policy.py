@@ -68,11 +68,18 @@ def readings(raw_path: str) -> set[str]:
     if not path.startswith("/"):
         raise BadPath("request target is not an absolute path")
     lowered = path.lower()
-    if "\\" in path or "%5c" in lowered or "%00" in lowered or any(ord(c) < 0x20 or c == "\x7f" for c in path):
+    if (
+        "\\" in path
+        or "%5c" in lowered
+        or "%00" in lowered
+        or any(ord(c) < 0x20 or c == "\x7f" for c in path)
+    ):
         raise BadPath("path contains a backslash or a control character")
     decoded_all = unquote(path, errors="replace")
     # The same decoding but keeping %2F as a non-separator (what most servers do).
-    decoded_keep_slash = "%2F".join(unquote(p, errors="replace") for p in _ENCODED_SLASH.split(path))
+    decoded_keep_slash = "%2F".join(
+        unquote(p, errors="replace") for p in _ENCODED_SLASH.split(path)
+    )
     if any(ord(c) < 0x20 or c in "\\\x7f" for c in decoded_all):
         raise BadPath("path contains a backslash or a control character")
     out: set[str] = set()
@@ -175,6 +182,8 @@ def decide(
         return NO_ROUTE
     if route.public:
         return Forward(verdict.user if verdict is not None and verdict.kind == "allow" else None)
+    if verdict is not None and verdict.kind == "unknown":
+        has_certificate = False  # the identity service has never seen it: as if there were none
     if not has_certificate:
         if enrol:
             return Redirect("enrol", "a client certificate is required")

@@ -78,7 +78,12 @@ def error(
         return web.Response(
             status=status, text=body, content_type="text/html", charset="utf-8", headers=out_headers
         )
-    doc: dict[str, object] = {"type": "about:blank", "title": title, "status": status, "detail": reason}
+    doc: dict[str, object] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": reason,
+    }
     if location:
         doc["sign_on_url"] = location
     doc["request_id"] = request_id

@@ -29,7 +29,9 @@ _UNSET: Any = object()
 class Connection(RequestHandler):
     __slots__ = ("_counted", "_header_timeout", "_made", "_metrics", "_peer", "_peer_certs")
 
-    def __init__(self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
+    ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._peer: ClientCert | None = _UNSET
         self._peer_certs = manager.peer_certs
@@ -87,9 +89,14 @@ class Connection(RequestHandler):
     def data_received(self, data: bytes) -> None:
         # The first bytes of a new request on an idle connection start its header deadline.
         waiter = self._waiter
-        if waiter is not None and not waiter.done() and self._payload_parser is None and not self._upgraded:
-            if not self._messages:
-                self._arm_header_deadline()
+        if (
+            waiter is not None
+            and not waiter.done()
+            and self._payload_parser is None
+            and not self._upgraded
+            and not self._messages
+        ):
+            self._arm_header_deadline()
         super().data_received(data)
 
     def _arm_header_deadline(self) -> None:

@@ -39,7 +39,9 @@ TLS12_CIPHERS = ":".join(
 def server_context(config: TLSConfig) -> ssl.SSLContext:
     """A new server context for ``config``; raises ``CertificateError`` naming the file at fault."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if config.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if config.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
@@ -56,7 +58,9 @@ def server_context(config: TLSConfig) -> ssl.SSLContext:
     if config.pinned_certificates:
         # PKI-less mode: a pinned certificate is a trust anchor of its own, no chain needed.
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.verify_mode = ssl.CERT_REQUIRED if config.client_certificate == "required" else ssl.CERT_OPTIONAL
+    ctx.verify_mode = (
+        ssl.CERT_REQUIRED if config.client_certificate == "required" else ssl.CERT_OPTIONAL
+    )
     return ctx
 
 
@@ -77,7 +81,9 @@ def _load_chain(ctx: ssl.SSLContext, certificate: Path, key: Path) -> None:
             fh.write(pem_key)
         ctx.load_cert_chain(name)
     except ssl.SSLError as exc:
-        raise CertificateError(f"{certificate}: certificate and key rejected: {exc.reason or exc}") from None
+        raise CertificateError(
+            f"{certificate}: certificate and key rejected: {exc.reason or exc}"
+        ) from None
     finally:
         os.unlink(name)
 

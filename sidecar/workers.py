@@ -62,8 +62,18 @@ class Supervisor:
     async def _spawn(self, worker: Worker) -> None:
         with contextlib.suppress(FileNotFoundError):
             worker.socket.unlink()
-        args = [sys.executable, "-m", "sidecar", "run", "--config", str(self.config_path),
-                "--worker-socket", str(worker.socket), "--worker-index", str(worker.index)]
+        args = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "run",
+            "--config",
+            str(self.config_path),
+            "--worker-socket",
+            str(worker.socket),
+            "--worker-index",
+            str(worker.index),
+        ]
         if self.log_format:
             args += ["--log-format", self.log_format]
         worker.process = await asyncio.create_subprocess_exec(*args)
@@ -77,8 +87,13 @@ class Supervisor:
             code = await worker.process.wait()
             if self.stopping:
                 return
-            self.log.error("worker_died", worker=worker.index, pid=worker.process.pid, exit_code=code,
-                           restart_in=delay)
+            self.log.error(
+                "worker_died",
+                worker=worker.index,
+                pid=worker.process.pid,
+                exit_code=code,
+                restart_in=delay,
+            )
             for key, value in worker.last.items():
                 worker.retired[key] = worker.retired.get(key, 0.0) + value
             worker.last = {}
@@ -91,7 +106,9 @@ class Supervisor:
     async def _wait_ready(self) -> bool:
         deadline = asyncio.get_running_loop().time() + _STARTUP_TIMEOUT
         while asyncio.get_running_loop().time() < deadline:
-            if any(w.process is not None and w.process.returncode is not None for w in self.workers):
+            if any(
+                w.process is not None and w.process.returncode is not None for w in self.workers
+            ):
                 return False
             states = await asyncio.gather(*(self._ask(w, "GET", "/readyz") for w in self.workers))
             if all(s is not None and s[0] == 200 for s in states):
@@ -104,10 +121,14 @@ class Supervisor:
             return None
         try:
             connector = aiohttp.UnixConnector(path=str(worker.socket))
-            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as s:
-                async with s.request(method, f"http://worker{path}") as resp:
-                    return resp.status, await resp.text()
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            async with (
+                aiohttp.ClientSession(
+                    connector=connector, timeout=aiohttp.ClientTimeout(total=5)
+                ) as s,
+                s.request(method, f"http://worker{path}") as resp,
+            ):
+                return resp.status, await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
 
     def _signal_all(self, sig: int) -> None:
@@ -120,10 +141,13 @@ class Supervisor:
 
     def admin_app(self) -> web.Application:
         async def healthz(request: web.Request) -> web.Response:
-            alive = sum(1 for w in self.workers if w.process is not None and w.process.returncode is None)
+            alive = sum(
+                1 for w in self.workers if w.process is not None and w.process.returncode is None
+            )
             status = 200 if alive else 503
-            return web.json_response({"status": "ok" if alive else "no worker", "workers_alive": alive},
-                                     status=status)
+            return web.json_response(
+                {"status": "ok" if alive else "no worker", "workers_alive": alive}, status=status
+            )
 
         async def readyz(request: web.Request) -> web.Response:
             if self.stopping:
@@ -138,9 +162,12 @@ class Supervisor:
             return web.json_response({"ready": True, "workers": len(self.workers)})
 
         async def metrics(request: web.Request) -> web.Response:
-            return web.Response(text=await self.merged_metrics(),
-                                content_type="text/plain", charset="utf-8",
-                                headers={"X-Content-Type-Options": "nosniff"})
+            return web.Response(
+                text=await self.merged_metrics(),
+                content_type="text/plain",
+                charset="utf-8",
+                headers={"X-Content-Type-Options": "nosniff"},
+            )
 
         async def purge(request: web.Request) -> web.Response:
             path = "/cache/purge" + (f"?{request.query_string}" if request.query_string else "")
@@ -150,11 +177,15 @@ class Supervisor:
                 if answer is None:
                     continue
                 if answer[0] != 200:
-                    return web.Response(status=answer[0], text=answer[1], content_type="application/json")
+                    return web.Response(
+                        status=answer[0], text=answer[1], content_type="application/json"
+                    )
                 purged += int(json.loads(answer[1]).get("purged", 0))
             reached = sum(1 for a in answers if a is not None)
-            return web.json_response({"purged": purged, "workers": reached},
-                                     status=200 if reached == len(self.workers) else 207)
+            return web.json_response(
+                {"purged": purged, "workers": reached},
+                status=200 if reached == len(self.workers) else 207,
+            )
 
         app = web.Application()
         app.router.add_get("/healthz", healthz)
@@ -175,7 +206,9 @@ class Supervisor:
                     kinds[family.name] = (family.type, family.documentation)
                     for sample in family.samples:
                         if not sample.name.endswith("_created"):
-                            current[(family.name, sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+                            current[
+                                (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                            ] = sample.value
                 worker.last = {k: v for k, v in current.items() if kinds[k[0]][0] in _MONOTONIC}
             else:
                 current = dict(worker.last)  # not answering this time: its last counters
@@ -189,10 +222,12 @@ class Supervisor:
         lines: list[str] = []
         for name, (kind, doc) in kinds.items():
             lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
-            for (family, sample, labels), value in totals.items():
-                if family == name:
+            for (family_name, sample_name, labels), value in totals.items():
+                if family_name == name:
                     text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                    lines.append(f"{sample}{{{text}}} {value!r}" if text else f"{sample} {value!r}")
+                    lines.append(
+                        f"{sample_name}{{{text}}} {value!r}" if text else f"{sample_name} {value!r}"
+                    )
         restarts = sum(w.restarts for w in self.workers)
         lines += [
             "# HELP sidecar_worker_restarts Workers restarted after they died.",
@@ -230,7 +265,11 @@ class Supervisor:
             site = web.TCPSite(runner, self.config.admin.host, self.config.admin.port)
             await site.start()
             watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
-            self.log.info("supervising", workers=len(self.workers), admin=f"{self.config.admin.host}:{self.config.admin.port}")
+            self.log.info(
+                "supervising",
+                workers=len(self.workers),
+                admin=f"{self.config.admin.host}:{self.config.admin.port}",
+            )
             await stop.wait()
             self.stopping = True
             self._signal_all(signal.SIGTERM)
@@ -248,11 +287,11 @@ class Supervisor:
         finally:
             shutil.rmtree(self.runtime, ignore_errors=True)
 
-    async def _reap(self, timeout: float | None) -> None:
+    async def _reap(self, limit: float | None) -> None:
         procs = [w.process for w in self.workers if w.process is not None]
         try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), timeout)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), limit)
+        except TimeoutError:
             for p in procs:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()

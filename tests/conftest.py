@@ -39,7 +39,9 @@ class Certs:
 @pytest.fixture(scope="session")
 def certs() -> Certs:
     pki = PKI.create()
-    return Certs(pki, pki.client("Alice Liddell"), pki.client("Bob Builder"), pki.client("Mallory Stranger"))
+    return Certs(
+        pki, pki.client("Alice Liddell"), pki.client("Bob Builder"), pki.client("Mallory Stranger")
+    )
 
 
 @dataclass
@@ -64,7 +66,10 @@ class ConfigDir:
                 "client_ca": ["client-ca.pem"],
                 "client_certificate": "optional",
             },
-            "upstream": {"url": f"http://127.0.0.1:{upstream_port}", "timeout": {"connect": "2s", "read": "5s"}},
+            "upstream": {
+                "url": f"http://127.0.0.1:{upstream_port}",
+                "timeout": {"connect": "2s", "read": "5s"},
+            },
             "identity": {
                 "backend": "static",
                 "static": {
@@ -180,8 +185,13 @@ async def upstream() -> AsyncIterator[Upstream]:
                     await ws.send_bytes(msg.data)
             return ws
         return web.json_response(
-            {"method": seen.method, "path": seen.raw_path, "headers": seen.headers, "sha256": seen.body_sha256,
-             "length": size}
+            {
+                "method": seen.method,
+                "path": seen.raw_path,
+                "headers": seen.headers,
+                "sha256": seen.body_sha256,
+                "length": size,
+            }
         )
 
     app = web.Application(client_max_size=1 << 30)
@@ -208,7 +218,9 @@ class Running:
     def url(self) -> str:
         return f"https://localhost:{self.sidecar.port}"
 
-    def client_ssl(self, who: Issued | None = None, *, chain: list[Issued] | None = None) -> ssl.SSLContext:
+    def client_ssl(
+        self, who: Issued | None = None, *, chain: list[Issued] | None = None
+    ) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cadata=self.certs.pki.server_ca.pem.decode())
         if who is not None:
             folder = self.config_dir.path / "clients"
@@ -238,7 +250,9 @@ async def start_sidecar(config_dir: ConfigDir, certs: Certs) -> AsyncIterator[Si
 
 
 @pytest.fixture
-async def running(start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream) -> Running:
+async def running(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> Running:
     result: Running = await start_sidecar(config_dir.base(upstream.port))
     return result
 

@@ -46,7 +46,9 @@ class Issued:
             serialization.NoEncryption(),
         )
 
-    def write(self, folder: Path, name: str, *, chain: list[Issued] | None = None) -> tuple[Path, Path]:
+    def write(
+        self, folder: Path, name: str, *, chain: list[Issued] | None = None
+    ) -> tuple[Path, Path]:
         """Write ``name.pem`` (with ``chain`` appended) and ``name.key``; return both paths."""
         folder.mkdir(parents=True, exist_ok=True)
         cert_path = folder / f"{name}.pem"
@@ -64,7 +66,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def make_ca(cn: str = "Test Root CA", *, issuer: Issued | None = None, key_kind: str = "ec") -> Issued:
+def make_ca(
+    cn: str = "Test Root CA", *, issuer: Issued | None = None, key_kind: str = "ec"
+) -> Issued:
     """A root CA, or an intermediate when ``issuer`` is given."""
     key = new_key(key_kind)
     signer_key = issuer.key if issuer else key
@@ -79,9 +83,15 @@ def make_ca(cn: str = "Test Root CA", *, issuer: Issued | None = None, key_kind:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -89,7 +99,8 @@ def make_ca(cn: str = "Test Root CA", *, issuer: Issued | None = None, key_kind:
     )
     if issuer:
         builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
         )
     return Issued(builder.sign(signer_key, hashes.SHA256()), key)
 
@@ -99,7 +110,7 @@ def make_leaf(
     cn: str,
     *,
     server: bool = False,
-    eku: list[x509.ObjectIdentifier] | None | str = "default",
+    eku: list[x509.ObjectIdentifier] | str | None = "default",
     days_valid: tuple[int, int] = (-1, 30),
     key_kind: str = "ec",
     serial: int | None = None,
@@ -126,7 +137,8 @@ def make_leaf(
     )
     if issuer:
         builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
         )
     if eku == "default":
         eku = [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]

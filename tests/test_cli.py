@@ -31,7 +31,9 @@ def wait_for_port(port: int, proc: subprocess.Popen[str], timeout: float = 20) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"process exited early: {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"process exited early: {proc.stderr.read() if proc.stderr else ''}"
+            )
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -40,7 +42,9 @@ def wait_for_port(port: int, proc: subprocess.Popen[str], timeout: float = 20) -
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 async def test_run_with_curl_and_sigterm(config_dir: ConfigDir, upstream: Upstream) -> None:
@@ -50,7 +54,9 @@ async def test_run_with_curl_and_sigterm(config_dir: ConfigDir, upstream: Upstre
     path = config_dir.write(data)
     with subprocess.Popen(
         [sys.executable, "-m", "sidecar", "run", "--config", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     ) as proc:
         code, stderr = await _drive_run(proc, port, config_dir, upstream)
     assert code == 0
@@ -66,15 +72,30 @@ async def _drive_run(
         await asyncio.to_thread(wait_for_port, port, proc)
         d = config_dir.path
         out = await asyncio.to_thread(
-            curl, "--cacert", str(d / "server-ca.pem"), "--cert", str(d / "alice.pem"), "--key", str(d / "alice.key"),
-            "-w", "\n%{http_code}", f"https://localhost:{port}/admin/x",
+            curl,
+            "--cacert",
+            str(d / "server-ca.pem"),
+            "--cert",
+            str(d / "alice.pem"),
+            "--key",
+            str(d / "alice.key"),
+            "-w",
+            "\n%{http_code}",
+            f"https://localhost:{port}/admin/x",
         )
         body, _, code = out.stdout.rpartition("\n")
         assert code == "200", out.stderr
         assert json.loads(body)["path"] == "/admin/x"
         assert decode_userinfo(upstream.last.header("X-USERINFO")[0])["username"] == "alice"
         out = await asyncio.to_thread(
-            curl, "--cacert", str(d / "server-ca.pem"), "-o", "/dev/null", "-w", "%{http_code}", f"https://localhost:{port}/app/"
+            curl,
+            "--cacert",
+            str(d / "server-ca.pem"),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            f"https://localhost:{port}/app/",
         )
         assert out.stdout == "401"
     finally:
@@ -89,9 +110,24 @@ async def _drive_run(
 def test_demo_prints_commands_that_work(tmp_path: Path) -> None:
     port, upstream_port, admin_port = free_port(), free_port(), free_port()
     with subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "demo", "--state", str(tmp_path / "demo"), "--port", str(port),
-         "--upstream-port", str(upstream_port), "--admin-port", str(admin_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "demo",
+            "--state",
+            str(tmp_path / "demo"),
+            "--port",
+            str(port),
+            "--upstream-port",
+            str(upstream_port),
+            "--admin-port",
+            str(admin_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     ) as proc:
         _drive_demo(proc, port)
 
@@ -112,8 +148,18 @@ def _drive_demo(proc: subprocess.Popen[str], port: int) -> None:
         results = {}
         for command in commands:
             out = subprocess.run(
-                [*command.split(" ")[:1], "-sS", "-o", "/dev/null", "-w", "%{http_code}", *_args(command)],
-                capture_output=True, text=True, timeout=30,
+                [
+                    *command.split(" ")[:1],
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    *_args(command),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
             results[command] = out.stdout
         codes = list(results.values())

@@ -39,7 +39,15 @@ def test_valid_config_loads(config_dir: ConfigDir) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [(5, 5.0), (1.5, 1.5), ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("2", 2.0)],
+    [
+        (5, 5.0),
+        (1.5, 1.5),
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("2", 2.0),
+    ],
 )
 def test_durations(text: Any, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -73,17 +81,23 @@ def test_key_that_does_not_match_certificate(config_dir: ConfigDir) -> None:
     data = config_dir.base()
     data["tls"]["key"] = "other.key"
     problems = problems_of(config_dir.write(data))
-    assert any(p.startswith("tls.key: the private key") and "does not match" in p for p in problems), problems
+    assert any(
+        p.startswith("tls.key: the private key") and "does not match" in p for p in problems
+    ), problems
 
 
 def test_unreadable_certificate(config_dir: ConfigDir) -> None:
-    (config_dir.path / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
+    (config_dir.path / "garbage.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+    )
     (config_dir.path / "random.der").write_bytes(b"\x30\x03\x02\x01\x01garbage")
     data = config_dir.base()
     data["tls"]["client_ca"] = ["garbage.pem", "random.der"]
     problems = problems_of(config_dir.write(data))
     assert any(p.startswith("tls.client_ca[0]:") for p in problems), problems
-    assert any(p.startswith("tls.client_ca[1]:") and "not a PEM or DER" in p for p in problems), problems
+    assert any(p.startswith("tls.client_ca[1]:") and "not a PEM or DER" in p for p in problems), (
+        problems
+    )
 
 
 def test_der_files_are_accepted(config_dir: ConfigDir) -> None:
@@ -100,7 +114,9 @@ def test_too_many_certificates_for_a_user(config_dir: ConfigDir) -> None:
     bindings.extend({"sha256": hashlib.sha256(c.der).hexdigest()} for c in extra)
     problems = problems_of(config_dir.write(data))
     assert any(
-        p.startswith("identity.static.users[0].certificates:") and "6 certificates" in p and "at most 5" in p
+        p.startswith("identity.static.users[0].certificates:")
+        and "6 certificates" in p
+        and "at most 5" in p
         for p in problems
     ), problems
     data["identity"]["static"]["max_certificates_per_user"] = 6
@@ -112,20 +128,31 @@ def test_certificate_bound_twice_and_bad_fingerprint(config_dir: ConfigDir) -> N
     users = data["identity"]["static"]["users"]
     users[1]["certificates"].append({"file": "alice.pem"})
     problems = problems_of(config_dir.write(data))
-    assert "identity.static.users[1].certificates[1]: certificate already bound to users[0]" in problems
+    assert (
+        "identity.static.users[1].certificates[1]: certificate already bound to users[0]"
+        in problems
+    )
     users[1]["certificates"].pop()
     users[0]["certificates"].append({"sha256": "12:34"})
     users[0]["certificates"].append({"file": "nope.pem"})
     problems = problems_of(config_dir.write(data))
-    assert any(p.startswith("identity.static.users[0].certificates[1].sha256: not a SHA-256") for p in problems), problems
-    assert any(p.startswith("identity.static.users[0].certificates[2].file: file not found") for p in problems), problems
+    assert any(
+        p.startswith("identity.static.users[0].certificates[1].sha256: not a SHA-256")
+        for p in problems
+    ), problems
+    assert any(
+        p.startswith("identity.static.users[0].certificates[2].file: file not found")
+        for p in problems
+    ), problems
 
 
 def test_env_interpolation_and_relative_paths(config_dir: ConfigDir, tmp_path: Path) -> None:
     data = config_dir.base()
     data["upstream"]["url"] = "http://${APP_HOST}:${APP_PORT:-9000}"
     data["tls"]["certificate"] = "${TLS_DIR}/server.pem"
-    cfg = load(config_dir.write(data), env={"APP_HOST": "10.1.2.3", "TLS_DIR": str(config_dir.path)})
+    cfg = load(
+        config_dir.write(data), env={"APP_HOST": "10.1.2.3", "TLS_DIR": str(config_dir.path)}
+    )
     assert cfg.upstream.url == "http://10.1.2.3:9000"
     # relative paths are resolved against the config file's folder, not the working directory
     assert cfg.tls.key == config_dir.path / "server.key"
@@ -153,7 +180,11 @@ def test_backend_section_required(config_dir: ConfigDir) -> None:
 def test_no_trust_anchor_and_bad_route(config_dir: ConfigDir) -> None:
     data = config_dir.base()
     data["tls"]["client_ca"] = []
-    data["routes"] = [{"path": "admin"}, {"path": "/x/../y"}, {"path": "/p/", "access": "public", "roles": ["a"]}]
+    data["routes"] = [
+        {"path": "admin"},
+        {"path": "/x/../y"},
+        {"path": "/p/", "access": "public", "roles": ["a"]},
+    ]
     data["trusted_proxies"] = ["10.0.0.0/8", "not-an-ip"]
     problems = problems_of(config_dir.write(data))
     assert any(p.startswith("tls.client_ca: no trust anchors") for p in problems), problems
@@ -181,7 +212,11 @@ def test_example_config_loads(tmp_path: Path, config_dir: ConfigDir) -> None:
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 

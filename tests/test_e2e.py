@@ -27,13 +27,22 @@ async def get(
     headers: Any = None,
     data: Any = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession() as session, session.request(
-        method, URL(running.url + path, encoded=True), ssl=running.client_ssl(who), headers=headers, data=data
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            URL(running.url + path, encoded=True),
+            ssl=running.client_ssl(who),
+            headers=headers,
+            data=data,
+        ) as resp,
+    ):
         return resp.status, dict(resp.headers), await resp.read()
 
 
-async def test_allowed_request_carries_exactly_the_contract_headers(running: Running, upstream: Upstream) -> None:
+async def test_allowed_request_carries_exactly_the_contract_headers(
+    running: Running, upstream: Upstream
+) -> None:
     alice = running.certs.alice
     status, headers, body = await get(running, "/admin/reports?x=1", alice)
     assert status == 200, body
@@ -62,11 +71,19 @@ async def test_allowed_request_carries_exactly_the_contract_headers(running: Run
 async def test_userinfo_omits_unknown_fields(running: Running, upstream: Upstream) -> None:
     status, _, _ = await get(running, "/app/", running.certs.bob)
     assert status == 200
-    assert decode_userinfo(upstream.last.header("X-USERINFO")[0]) == {"sub": BOB_SUB, "username": "bob", "roles": ["member"]}
+    assert decode_userinfo(upstream.last.header("X-USERINFO")[0]) == {
+        "sub": BOB_SUB,
+        "username": "bob",
+        "roles": ["member"],
+    }
 
 
-async def test_spoofed_identity_and_forwarding_headers_are_replaced(running: Running, upstream: Upstream) -> None:
-    forged = base64.b64encode(json.dumps({"sub": "admin", "username": "admin", "roles": ["administrator"]}).encode()).decode()
+async def test_spoofed_identity_and_forwarding_headers_are_replaced(
+    running: Running, upstream: Upstream
+) -> None:
+    forged = base64.b64encode(
+        json.dumps({"sub": "admin", "username": "admin", "roles": ["administrator"]}).encode()
+    ).decode()
     spoof = [
         ("X-USERINFO", forged),
         ("x-userinfo", forged),
@@ -84,7 +101,9 @@ async def test_spoofed_identity_and_forwarding_headers_are_replaced(running: Run
     assert status == 200
     seen = upstream.last
     assert [decode_userinfo(v)["sub"] for v in seen.header("X-USERINFO")] == [BOB_SUB]
-    assert [base64.b64decode(v) for v in seen.header("X-APP-CERTIFICATE")] == [running.certs.bob.der]
+    assert [base64.b64decode(v) for v in seen.header("X-APP-CERTIFICATE")] == [
+        running.certs.bob.der
+    ]
     assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
     assert seen.header("X-Forwarded-Proto") == ["https"]
     assert seen.header("X-Forwarded-Host") == [f"localhost:{running.sidecar.port}"]
@@ -93,14 +112,24 @@ async def test_spoofed_identity_and_forwarding_headers_are_replaced(running: Run
     # a forged identity on a public route without a certificate: anonymous upstream
     status, _, _ = await get(running, "/public/x", None, headers=spoof)
     assert status == 200
-    assert upstream.last.header("X-USERINFO") == [] and upstream.last.header("X-APP-CERTIFICATE") == []
+    assert (
+        upstream.last.header("X-USERINFO") == [] and upstream.last.header("X-APP-CERTIFICATE") == []
+    )
 
 
-async def test_trusted_proxy_keeps_forwarding_headers(start_sidecar: SidecarFactory, config_dir: Any, upstream: Upstream) -> None:
+async def test_trusted_proxy_keeps_forwarding_headers(
+    start_sidecar: SidecarFactory, config_dir: Any, upstream: Upstream
+) -> None:
     running = await start_sidecar(config_dir.base(upstream.port, trusted_proxies=["127.0.0.0/8"]))
     status, headers, _ = await get(
-        running, "/app/", running.certs.bob,
-        headers={"X-Forwarded-For": "203.0.113.9", "X-Request-ID": "edge-123", "X-Forwarded-Proto": "https"},
+        running,
+        "/app/",
+        running.certs.bob,
+        headers={
+            "X-Forwarded-For": "203.0.113.9",
+            "X-Request-ID": "edge-123",
+            "X-Forwarded-Proto": "https",
+        },
     )
     assert status == 200
     assert upstream.last.header("X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
@@ -108,19 +137,25 @@ async def test_trusted_proxy_keeps_forwarding_headers(start_sidecar: SidecarFact
     assert upstream.last.header("X-Request-ID") == ["edge-123"]
 
 
-async def test_public_route_without_certificate_is_anonymous(running: Running, upstream: Upstream) -> None:
+async def test_public_route_without_certificate_is_anonymous(
+    running: Running, upstream: Upstream
+) -> None:
     status, _, _ = await get(running, "/public/page")
     assert status == 200
     assert upstream.last.header("X-USERINFO") == []
 
 
-async def test_public_route_with_certificate_is_identified(running: Running, upstream: Upstream) -> None:
+async def test_public_route_with_certificate_is_identified(
+    running: Running, upstream: Upstream
+) -> None:
     status, _, _ = await get(running, "/public/page", running.certs.alice)
     assert status == 200
     assert decode_userinfo(upstream.last.header("X-USERINFO")[0])["username"] == "alice"
 
 
-async def test_no_certificate_on_protected_route_is_401(running: Running, upstream: Upstream) -> None:
+async def test_no_certificate_on_protected_route_is_401(
+    running: Running, upstream: Upstream
+) -> None:
     status, headers, body = await get(running, "/app/")
     assert status == 401
     assert headers["Content-Type"].startswith("application/problem+json")
@@ -130,7 +165,9 @@ async def test_no_certificate_on_protected_route_is_401(running: Running, upstre
 
 
 async def test_browser_gets_html(running: Running) -> None:
-    status, headers, body = await get(running, "/app/", headers={"Accept": "text/html,application/xhtml+xml"})
+    status, headers, body = await get(
+        running, "/app/", headers={"Accept": "text/html,application/xhtml+xml"}
+    )
     assert status == 401
     assert headers["Content-Type"].startswith("text/html")
     assert b"<h1>401" in body and headers["X-Request-ID"].encode() in body
@@ -165,7 +202,13 @@ async def test_ambiguous_paths_are_refused(running: Running, upstream: Upstream)
 async def test_every_method_and_exact_path(running: Running, upstream: Upstream) -> None:
     path = "/app/a%2Fb/%C3%A9t%C3%A9?q=a+b&q=c%26d&empty=&x=%20"
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"):
-        status, _, _ = await get(running, path, running.certs.bob, method=method, data=b"x" if method in ("POST", "PUT") else None)
+        status, _, _ = await get(
+            running,
+            path,
+            running.certs.bob,
+            method=method,
+            data=b"x" if method in ("POST", "PUT") else None,
+        )
         assert status == 200, method
         assert upstream.last.method == method
         assert upstream.last.raw_path == path
@@ -173,7 +216,9 @@ async def test_every_method_and_exact_path(running: Running, upstream: Upstream)
 
 async def test_large_upload_and_download_are_intact(running: Running, upstream: Upstream) -> None:
     payload = os.urandom(5 * 1024 * 1024)
-    status, _, body = await get(running, "/app/upload", running.certs.bob, method="POST", data=io.BytesIO(payload))
+    status, _, body = await get(
+        running, "/app/upload", running.certs.bob, method="POST", data=io.BytesIO(payload)
+    )
     assert status == 200
     assert upstream.last.body_sha256 == hashlib.sha256(payload).hexdigest()
     assert upstream.last.body_len == len(payload)
@@ -187,7 +232,7 @@ async def test_large_upload_and_download_are_intact(running: Running, upstream: 
     assert upstream.last.body_sha256 == hashlib.sha256(payload).hexdigest()
 
     size = 20 * 1024 * 1024
-    status, headers, body = await get(running, f"/download/{size}", running.certs.bob)
+    status, _, body = await get(running, f"/download/{size}", running.certs.bob)
     assert status == 200 and len(body) == size
     block = bytes(range(256)) * 256
     expected = hashlib.sha256()
@@ -197,9 +242,10 @@ async def test_large_upload_and_download_are_intact(running: Running, upstream: 
 
 
 async def test_websocket_echoes_through(running: Running, upstream: Upstream) -> None:
-    async with aiohttp.ClientSession() as session, session.ws_connect(
-        running.url + "/ws", ssl=running.client_ssl(running.certs.bob)
-    ) as ws:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(running.url + "/ws", ssl=running.client_ssl(running.certs.bob)) as ws,
+    ):
         await ws.send_str("hello")
         msg = await ws.receive(timeout=5)
         assert msg.data == "echo:hello"

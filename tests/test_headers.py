@@ -26,11 +26,27 @@ def test_spoofed_identity_headers_removed_in_any_case_and_repeat() -> None:
         ("x-userinfo", "forged"),
         ("Accept", "*/*"),
     )
-    out = upstream_headers(RULES, h, client_ip="1.2.3.4", trusted=False, request_id="r1", user=None, certificate_b64=None)
+    out = upstream_headers(
+        RULES,
+        h,
+        client_ip="1.2.3.4",
+        trusted=False,
+        request_id="r1",
+        user=None,
+        certificate_b64=None,
+    )
     assert "X-APP-CERTIFICATE" not in out and "X-USERINFO" not in out
     assert out.getall("Accept") == ["*/*"] and out["Host"] == "app.example"
 
-    out = upstream_headers(RULES, h, client_ip="1.2.3.4", trusted=False, request_id="r1", user=USER, certificate_b64="Q0VSVA==")
+    out = upstream_headers(
+        RULES,
+        h,
+        client_ip="1.2.3.4",
+        trusted=False,
+        request_id="r1",
+        user=USER,
+        certificate_b64="Q0VSVA==",
+    )
     assert out.getall("X-APP-CERTIFICATE") == ["Q0VSVA=="]
     assert out.getall("X-USERINFO") == [USER.header_value]
 
@@ -47,9 +63,27 @@ def test_hop_by_hop_and_connection_named_removed_but_host_kept() -> None:
         ("Upgrade", "h2c"),
         ("X-Kept", "k"),
     )
-    out = upstream_headers(RULES, h, client_ip="1.2.3.4", trusted=False, request_id="r", user=None, certificate_b64=None)
+    out = upstream_headers(
+        RULES,
+        h,
+        client_ip="1.2.3.4",
+        trusted=False,
+        request_id="r",
+        user=None,
+        certificate_b64=None,
+    )
     names = {k.lower() for k in out}
-    assert names.isdisjoint({"connection", "keep-alive", "x-secret", "te", "transfer-encoding", "proxy-authorization", "upgrade"})
+    assert names.isdisjoint(
+        {
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "transfer-encoding",
+            "proxy-authorization",
+            "upgrade",
+        }
+    )
     assert out["Host"] == "h" and out["X-Kept"] == "k"
 
 
@@ -64,7 +98,15 @@ def test_forwarding_headers_from_untrusted_peer_are_replaced() -> None:
         ("X-Real-IP", "6.6.6.6"),
         ("X-Request-ID", "spoofed"),
     )
-    out = upstream_headers(RULES, h, client_ip="1.2.3.4", trusted=False, request_id="mine", user=None, certificate_b64=None)
+    out = upstream_headers(
+        RULES,
+        h,
+        client_ip="1.2.3.4",
+        trusted=False,
+        request_id="mine",
+        user=None,
+        certificate_b64=None,
+    )
     assert out.getall("X-Forwarded-For") == ["1.2.3.4"]
     assert out.getall("X-Forwarded-Proto") == ["https"]
     assert out.getall("X-Forwarded-Host") == ["app"]
@@ -74,8 +116,21 @@ def test_forwarding_headers_from_untrusted_peer_are_replaced() -> None:
 
 
 def test_trusted_proxy_headers_are_kept_and_appended() -> None:
-    h = incoming(("Host", "app"), ("X-Forwarded-For", "9.9.9.9"), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "public.example"))
-    out = upstream_headers(RULES, h, client_ip="10.0.0.5", trusted=True, request_id="abc", user=None, certificate_b64=None)
+    h = incoming(
+        ("Host", "app"),
+        ("X-Forwarded-For", "9.9.9.9"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "public.example"),
+    )
+    out = upstream_headers(
+        RULES,
+        h,
+        client_ip="10.0.0.5",
+        trusted=True,
+        request_id="abc",
+        user=None,
+        certificate_b64=None,
+    )
     assert out.getall("X-Forwarded-For") == ["9.9.9.9, 10.0.0.5"]
     assert out["X-Forwarded-Host"] == "public.example"
     assert RULES.is_trusted_proxy("10.1.2.3") and not RULES.is_trusted_proxy("11.0.0.1")
@@ -83,7 +138,13 @@ def test_trusted_proxy_headers_are_kept_and_appended() -> None:
 
 
 def test_response_headers_drop_hop_by_hop() -> None:
-    h = incoming(("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Connection", "close, X-Internal"), ("X-Internal", "x"), ("Transfer-Encoding", "chunked"))
+    h = incoming(
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("Connection", "close, X-Internal"),
+        ("X-Internal", "x"),
+        ("Transfer-Encoding", "chunked"),
+    )
     out = response_headers(h)
     assert out.getall("Set-Cookie") == ["a=1", "b=2"]
     assert "X-Internal" not in out and "Transfer-Encoding" not in out and "Connection" not in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from typing import Any
@@ -13,7 +14,9 @@ from .conftest import ConfigDir, Running, SidecarFactory, Upstream
 from .pki import Issued
 
 
-async def raw_exchange(running: Running, payload: bytes, who: Issued | None = None, *, timeout: float = 5) -> bytes:
+async def raw_exchange(
+    running: Running, payload: bytes, who: Issued | None = None, *, timeout: float = 5
+) -> bytes:
     """Send raw bytes over TLS, read until the server closes or answers one response."""
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", running.sidecar.port, ssl=running.client_ssl(who), server_hostname="localhost"
@@ -33,10 +36,8 @@ async def raw_exchange(running: Running, payload: bytes, who: Issued | None = No
         return data
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
             await writer.wait_closed()
-        except (ssl.SSLError, ConnectionError):
-            pass
 
 
 def _complete(data: bytes) -> bool:
@@ -53,7 +54,9 @@ def status_of(response: bytes) -> int:
 
 
 @pytest.fixture
-async def limited(start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream) -> Running:
+async def limited(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> Running:
     data = config_dir.base(upstream.port)
     data["limits"] = {
         "max_request_line": 1024,
@@ -107,7 +110,9 @@ async def test_request_line_too_long_with_equal_limits(
     data["limits"] = {"max_request_line": 1024, "max_header_line": 1024}
     running = await start_sidecar(data)
     assert status_of(await raw_exchange(running, request("/public/" + "a" * 2000))) == 414
-    assert status_of(await raw_exchange(running, request("/public/x", "X-Big: " + "b" * 2000))) == 431
+    assert (
+        status_of(await raw_exchange(running, request("/public/x", "X-Big: " + "b" * 2000))) == 431
+    )
     assert upstream.seen == []
 
 
@@ -121,7 +126,9 @@ async def test_request_line_too_long_with_equal_limits(
         ["Transfer-Encoding: gzip"],
     ],
 )
-async def test_ambiguous_length_is_refused(limited: Running, upstream: Upstream, framing: list[str]) -> None:
+async def test_ambiguous_length_is_refused(
+    limited: Running, upstream: Upstream, framing: list[str]
+) -> None:
     raw = request("/public/x", *framing).replace(b"GET", b"POST", 1) + b"0\r\n\r\nhello"
     response = await raw_exchange(limited, raw)
     assert status_of(response) == 400
@@ -135,7 +142,9 @@ async def test_body_over_limit_is_413(limited: Running, upstream: Upstream) -> N
     assert upstream.seen == []
 
 
-async def test_slow_header_client_is_cut_off_while_others_are_served(limited: Running, upstream: Upstream) -> None:
+async def test_slow_header_client_is_cut_off_while_others_are_served(
+    limited: Running, upstream: Upstream
+) -> None:
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", limited.sidecar.port, ssl=limited.client_ssl(None), server_hostname="localhost"
     )
@@ -154,10 +163,8 @@ async def test_slow_header_client_is_cut_off_while_others_are_served(limited: Ru
             if reader.at_eof():
                 break
             await asyncio.sleep(0.1)
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             await asyncio.wait_for(reader.read(), timeout=5)
-        except (ConnectionError, ssl.SSLError):
-            pass
         closed_after = time.monotonic() - started
 
     async def others() -> None:
@@ -171,7 +178,9 @@ async def test_slow_header_client_is_cut_off_while_others_are_served(limited: Ru
     await asyncio.gather(trickle(), others())
     writer.close()
     assert served == 5
-    assert closed_after is not None and closed_after < 4, closed_after  # the full head would take 3.5 s+
+    assert closed_after is not None and closed_after < 4, (
+        closed_after
+    )  # the full head would take 3.5 s+
     assert all(s.raw_path != "/public/slow" for s in upstream.seen)
 
 
@@ -199,14 +208,19 @@ async def test_connections_beyond_the_limit_are_closed(
     held: list[Any] = []
     for _ in range(2):
         r, w = await asyncio.open_connection(
-            "127.0.0.1", running.sidecar.port, ssl=running.client_ssl(None), server_hostname="localhost"
+            "127.0.0.1",
+            running.sidecar.port,
+            ssl=running.client_ssl(None),
+            server_hostname="localhost",
         )
         held.append((r, w))
     await asyncio.sleep(0.1)
-    with pytest.raises((ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, AssertionError)):
+    try:
         response = await raw_exchange(running, request("/public/x"), timeout=3)
-        assert response, "closed without an answer"
-    for r, w in held:
+    except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+        response = b""
+    assert response == b"", "a connection beyond the limit was served"
+    for _, w in held:
         w.close()
     await asyncio.sleep(0.1)
     assert status_of(await raw_exchange(running, request("/public/x"))) == 200

@@ -39,7 +39,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 async def request(running: Running, path: str, who: Any = None) -> int:
-    async with aiohttp.ClientSession() as session, session.get(running.url + path, ssl=running.client_ssl(who)) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(running.url + path, ssl=running.client_ssl(who)) as resp,
+    ):
         await resp.read()
         return resp.status
 
@@ -57,14 +60,16 @@ async def test_health_ready_and_metrics(running: Running) -> None:
     assert (await admin(running, "GET", "/healthz"))[0] == 200
     status, body = await admin(running, "GET", "/readyz")
     assert status == 200 and json.loads(body) == {"ready": True}
-    _, before = await admin(running, "GET", "/metrics")
     assert await request(running, "/app/", running.certs.bob) == 200
     assert await request(running, "/app/") == 401
     assert await request(running, "/admin/", running.certs.bob) == 403
     _, after = await admin(running, "GET", "/metrics")
     forwarded = dict(route="/", method="GET", decision="forwarded", status_class="2xx")
     assert metric(after, "sidecar_requests_total", **forwarded) == 1
-    assert metric(after, "sidecar_requests_total", route="/", decision="denied", status_class="4xx") == 1
+    assert (
+        metric(after, "sidecar_requests_total", route="/", decision="denied", status_class="4xx")
+        == 1
+    )
     assert metric(after, "sidecar_requests_total", route="/admin/", decision="denied") == 1
     assert metric(after, "sidecar_request_duration_seconds_count", decision="forwarded") == 1
     assert metric(after, "sidecar_upstream_duration_seconds_count") == 1
@@ -74,7 +79,9 @@ async def test_health_ready_and_metrics(running: Running) -> None:
     assert metric(after, "sidecar_server_certificate_expiry_timestamp_seconds") > 0
     assert metric(after, "sidecar_in_flight_requests") == 0
     # labels never carry request paths or serials
-    assert "/app/" not in after and running.certs.bob.cert.serial_number.__format__("X") not in after
+    assert (
+        "/app/" not in after and running.certs.bob.cert.serial_number.__format__("X") not in after
+    )
 
 
 async def test_handshake_failures_and_expiring_certificates_are_counted(
@@ -83,7 +90,11 @@ async def test_handshake_failures_and_expiring_certificates_are_counted(
     soon = config_dir.certs.pki.client("expires soon", days_valid=(-1, 3))
     data = config_dir.base(upstream.port)
     data["identity"]["static"]["users"].append(
-        {"sub": "s", "username": "soon", "certificates": [{"sha256": hashlib.sha256(soon.der).hexdigest()}]}
+        {
+            "sub": "s",
+            "username": "soon",
+            "certificates": [{"sha256": hashlib.sha256(soon.der).hexdigest()}],
+        }
     )
     running = await start_sidecar(data)
     assert await request(running, "/app/", soon) == 200
@@ -111,7 +122,9 @@ async def test_purge_forces_a_new_lookup(running: Running) -> None:
     assert await request(running, "/app/", bob) == 200
     _, text = await admin(running, "GET", "/metrics")
     assert metric(text, "sidecar_identity_lookups_total", backend="static") == 2
-    status, body = await admin(running, "POST", f"/cache/purge?sha256={hashlib.sha256(bob.der).hexdigest()}")
+    status, body = await admin(
+        running, "POST", f"/cache/purge?sha256={hashlib.sha256(bob.der).hexdigest()}"
+    )
     assert json.loads(body)["purged"] == 1
     status, body = await admin(running, "POST", "/cache/purge")
     assert status == 200 and json.loads(body)["scope"] == "all"
@@ -125,8 +138,22 @@ async def test_access_log_fields_and_no_secrets(running: Running) -> None:
     with capture_logs() as events:
         assert await request(running, "/admin/x?q=1", alice) == 200
     [event] = [e for e in events if e["event"] == "request"]
-    for key in ("request_id", "client", "method", "path", "status", "duration_ms", "route", "decision",
-                "reason", "cert_serial", "cert_sha256", "cert_subject", "sub", "upstream_ms"):
+    for key in (
+        "request_id",
+        "client",
+        "method",
+        "path",
+        "status",
+        "duration_ms",
+        "route",
+        "decision",
+        "reason",
+        "cert_serial",
+        "cert_sha256",
+        "cert_subject",
+        "sub",
+        "upstream_ms",
+    ):
         assert event.get(key) is not None, key
     assert event["cert_serial"] == f"{alice.cert.serial_number:X}"
     assert event["sub"] == "2d73cf2a-5339-421e-81cd-8fa0d25a100b"
@@ -143,7 +170,10 @@ async def test_reload_adds_user_while_keepalive_connection_stays_open(
 ) -> None:
     stranger = running.certs.stranger
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", running.sidecar.port, ssl=running.client_ssl(stranger), server_hostname="localhost"
+        "127.0.0.1",
+        running.sidecar.port,
+        ssl=running.client_ssl(stranger),
+        server_hostname="localhost",
     )
     get = b"GET /app/ HTTP/1.1\r\nHost: localhost\r\n\r\n"
     writer.write(get)
@@ -180,7 +210,9 @@ async def test_rotated_server_certificate_is_presented_to_new_connections(
     make_leaf(new_ca, "localhost", server=True).write(config_dir.path, "server")
     assert await running.sidecar.reload("test")
     ctx = ssl.create_default_context(cadata=new_ca.pem.decode())
-    reader, writer = await asyncio.open_connection("127.0.0.1", running.sidecar.port, ssl=ctx, server_hostname="localhost")
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", running.sidecar.port, ssl=ctx, server_hostname="localhost"
+    )
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     writer.close()
     rotated = x509.load_pem_x509_certificate((config_dir.path / "server.pem").read_bytes())
@@ -189,7 +221,9 @@ async def test_rotated_server_certificate_is_presented_to_new_connections(
         await request(running, "/public/x")  # the old CA no longer vouches for the server
 
 
-async def test_removed_client_ca_refuses_next_handshake(running: Running, config_dir: ConfigDir, upstream: Upstream) -> None:
+async def test_removed_client_ca_refuses_next_handshake(
+    running: Running, config_dir: ConfigDir, upstream: Upstream
+) -> None:
     bob = running.certs.bob
     assert await request(running, "/app/", bob) == 200
     other = make_ca("Some other client CA")
@@ -200,7 +234,9 @@ async def test_removed_client_ca_refuses_next_handshake(running: Running, config
     assert len(upstream.seen) == 1
 
 
-async def test_watched_file_change_reloads(start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream) -> None:
+async def test_watched_file_change_reloads(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
     data = config_dir.base(upstream.port)
     data["reload"] = {"watch": True, "interval": "100ms"}
     running = await start_sidecar(data)

@@ -68,7 +68,9 @@ def test_readings_that_reach_another_route_are_refused(raw: str) -> None:
         TABLE.match(raw)
 
 
-@pytest.mark.parametrize("raw", ["/a\\b", "/a%5cb", "/a%00b", "/../etc/passwd", "relative", "/a%0ab"])
+@pytest.mark.parametrize(
+    "raw", ["/a\\b", "/a%5cb", "/a%00b", "/../etc/passwd", "relative", "/a%0ab"]
+)
 def test_malformed_paths(raw: str) -> None:
     with pytest.raises(BadPath):
         TABLE.match(raw)
@@ -91,6 +93,7 @@ ALLOW_ALICE = Verdict.allow(ALICE)
 ALLOW_BOB = Verdict.allow(BOB)
 DENIED = Verdict.deny("certificate is not bound to a user", code="unbound")
 VALIDATE = Verdict("validate", "needs validation", "PB 0003")
+UNKNOWN = Verdict("unknown", "the identity service does not know this certificate", "PB 0001")
 
 
 @pytest.mark.parametrize(
@@ -105,16 +108,41 @@ VALIDATE = Verdict("validate", "needs validation", "PB 0003")
         (ROOT, None, False, False, False, NO_CERTIFICATE),
         (ROOT, None, False, False, True, Redirect("enrol", "a client certificate is required")),
         (ROOT, None, True, True, False, Unavailable("the identity service is unavailable")),
-        (ROOT, DENIED, True, False, False, Deny(403, "certificate is not bound to a user", "unbound")),
+        (
+            ROOT,
+            DENIED,
+            True,
+            False,
+            False,
+            Deny(403, "certificate is not bound to a user", "unbound"),
+        ),
         (ROOT, VALIDATE, True, False, False, Redirect("validate", "needs validation", None)),
+        (ROOT, UNKNOWN, True, False, False, NO_CERTIFICATE),
+        (ROOT, UNKNOWN, True, False, True, Redirect("enrol", "a client certificate is required")),
+        (PUBLIC, UNKNOWN, True, False, True, Forward(None)),
         (ROOT, ALLOW_BOB, True, False, False, Forward(BOB)),
-        (ADMIN, ALLOW_BOB, True, False, False, Deny(403, "your account lacks a role this path requires", "missing_role")),
+        (
+            ADMIN,
+            ALLOW_BOB,
+            True,
+            False,
+            False,
+            Deny(403, "your account lacks a role this path requires", "missing_role"),
+        ),
         (ADMIN, ALLOW_ALICE, True, False, False, Forward(ALICE)),
         (API, ALLOW_ALICE, True, False, False, Forward(ALICE)),
         (ADMIN, Verdict("allow", "x", "odd", user=None), True, False, False, Deny(403, "x", "odd")),
     ],
 )
 def test_decide(
-    route: Route | None, verdict: Verdict | None, has_cert: bool, failed: bool, enrol: bool, expected: object
+    route: Route | None,
+    verdict: Verdict | None,
+    has_cert: bool,
+    failed: bool,
+    enrol: bool,
+    expected: object,
 ) -> None:
-    assert decide(route, verdict, has_certificate=has_cert, backend_failed=failed, enrol=enrol) == expected
+    assert (
+        decide(route, verdict, has_certificate=has_cert, backend_failed=failed, enrol=enrol)
+        == expected
+    )

@@ -36,14 +36,22 @@ async def slow_upstream() -> AsyncIterator[int]:
     await runner.cleanup()
 
 
-async def start(config_dir: ConfigDir, data: dict[str, Any]) -> tuple[asyncio.subprocess.Process, int, int]:
+async def start(
+    config_dir: ConfigDir, data: dict[str, Any]
+) -> tuple[asyncio.subprocess.Process, int, int]:
     port, admin_port = free_port(), free_port()
     data["listen"]["port"] = port
     data["admin"]["port"] = admin_port
     path: Path = config_dir.write(data)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:
@@ -70,13 +78,17 @@ def client_ctx(config_dir: ConfigDir, name: str) -> Any:
     return ctx
 
 
-async def test_sigterm_lets_a_slow_request_finish_then_exits_0(config_dir: ConfigDir, slow_upstream: int) -> None:
+async def test_sigterm_lets_a_slow_request_finish_then_exits_0(
+    config_dir: ConfigDir, slow_upstream: int
+) -> None:
     data = config_dir.base(slow_upstream)
     data["shutdown"] = {"drain_delay": "300ms", "grace_period": "10s"}
     proc, port, admin_port = await start(config_dir, data)
     ctx = client_ctx(config_dir, "bob")
     async with aiohttp.ClientSession() as session:
-        slow = asyncio.ensure_future(session.get(f"https://localhost:{port}/app/?sleep=1.5", ssl=ctx))
+        slow = asyncio.ensure_future(
+            session.get(f"https://localhost:{port}/app/?sleep=1.5", ssl=ctx)
+        )
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.1)
@@ -88,7 +100,9 @@ async def test_sigterm_lets_a_slow_request_finish_then_exits_0(config_dir: Confi
     assert await asyncio.wait_for(proc.wait(), 15) == 0
     _, err = await proc.communicate()
     events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
-    assert any(e["event"] == "draining" for e in events) and any(e["event"] == "stopped" for e in events)
+    assert any(e["event"] == "draining" for e in events) and any(
+        e["event"] == "stopped" for e in events
+    )
 
 
 async def test_second_signal_stops_at_once(config_dir: ConfigDir, slow_upstream: int) -> None:
@@ -129,7 +143,9 @@ async def test_sighup_adds_a_user(config_dir: ConfigDir, slow_upstream: int) -> 
         await proc.communicate()
 
 
-async def test_two_workers_serve_and_metrics_count_them_all(config_dir: ConfigDir, slow_upstream: int) -> None:
+async def test_two_workers_serve_and_metrics_count_them_all(
+    config_dir: ConfigDir, slow_upstream: int
+) -> None:
     data = config_dir.base(slow_upstream)
     data["listen"]["workers"] = 2
     proc, port, admin_port = await start(config_dir, data)
@@ -137,9 +153,10 @@ async def test_two_workers_serve_and_metrics_count_them_all(config_dir: ConfigDi
         ctx = client_ctx(config_dir, "bob")
         statuses = []
         for _ in range(20):  # new connections, so both workers get some
-            async with aiohttp.ClientSession() as session, session.get(
-                f"https://localhost:{port}/app/", ssl=ctx
-            ) as resp:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"https://localhost:{port}/app/", ssl=ctx) as resp,
+            ):
                 statuses.append(resp.status)
         assert statuses == [200] * 20
         async with aiohttp.ClientSession() as session:
@@ -180,7 +197,9 @@ async def test_a_worker_that_dies_is_restarted(config_dir: ConfigDir, slow_upstr
                             break
             else:
                 pytest.fail("the dead worker was not restarted")
-            async with session.get(f"https://localhost:{port}/app/", ssl=client_ctx(config_dir, "bob")) as resp:
+            async with session.get(
+                f"https://localhost:{port}/app/", ssl=client_ctx(config_dir, "bob")
+            ) as resp:
                 assert resp.status == 200
         new_children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         assert len(new_children) == 2 and children[0] not in new_children

@@ -24,7 +24,11 @@ async def fetch(url: str, ctx: ssl.SSLContext) -> int:
 
 def bind(data: dict[str, Any], issued: Issued, username: str = "carol") -> None:
     data["identity"]["static"]["users"].append(
-        {"sub": f"sub-{username}", "username": username, "certificates": [{"sha256": hashlib.sha256(issued.der).hexdigest()}]}
+        {
+            "sub": f"sub-{username}",
+            "username": username,
+            "certificates": [{"sha256": hashlib.sha256(issued.der).hexdigest()}],
+        }
     )
 
 
@@ -47,7 +51,11 @@ async def refused(url: str, ctx: ssl.SSLContext) -> bool:
     ],
 )
 async def test_bad_certificates_never_reach_upstream(
-    label: str, kwargs: dict[str, Any], start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+    label: str,
+    kwargs: dict[str, Any],
+    start_sidecar: SidecarFactory,
+    config_dir: ConfigDir,
+    upstream: Upstream,
 ) -> None:
     bad = config_dir.certs.pki.client(f"bad {label}", **kwargs)
     data = config_dir.base(upstream.port)
@@ -67,7 +75,9 @@ async def test_certificate_without_eku_extension_is_accepted(
     assert await fetch(running.url + "/app/", running.client_ssl(plain)) == 200
 
 
-async def test_unknown_ca_is_refused(start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream) -> None:
+async def test_unknown_ca_is_refused(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
     other = PKI.create()
     outsider = other.client("outsider")
     data = config_dir.base(upstream.port)
@@ -77,7 +87,9 @@ async def test_unknown_ca_is_refused(start_sidecar: SidecarFactory, config_dir: 
     assert upstream.seen == []
 
 
-async def test_pinned_self_signed_certificate(start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream) -> None:
+async def test_pinned_self_signed_certificate(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
     pinned = make_leaf(None, "device-42")
     unpinned = make_leaf(None, "device-43")
     pinned.write(config_dir.path, "device-42")
@@ -130,7 +142,9 @@ async def test_rsa_server_key_and_tls_versions(
     running = await start_sidecar(data)
     ctx = ssl.create_default_context(cadata=rsa_ca.pem.decode())
     assert await fetch(running.url + "/public/", ctx) == 200
-    _, writer = await asyncio.open_connection("127.0.0.1", running.sidecar.port, ssl=ctx, server_hostname="localhost")
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", running.sidecar.port, ssl=ctx, server_hostname="localhost"
+    )
     tls = writer.get_extra_info("ssl_object")
     assert tls.version() == "TLSv1.3"
     assert tls.selected_alpn_protocol() in (None, "http/1.1")
