@@ -26,7 +26,7 @@ from .admin import Purge, Readiness, admin_app
 from .certs import read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError
-from .handler import Handler, Plan
+from .handler import Handler, Identity, Plan
 from .headers import HeaderRules
 from .identity import Backend
 from .identity.cache import VerdictCache
@@ -105,7 +105,7 @@ class Sidecar:
         self._admin_site: web.BaseSite | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
-        self._retired: dict[asyncio.Task[None], Plan] = {}
+        self._retired: dict[asyncio.Task[None], tuple[Plan, Plan]] = {}
         self._watched = _signature(watched_files(config, config_path))
 
     # ---- start ----------------------------------------------------------------------------
@@ -152,18 +152,20 @@ class Sidecar:
             pid=os.getpid(),
         )
 
-    async def _build_plan(self, config: Config) -> Plan:
-        upstream = UpstreamClient(config.upstream, max_body_size=config.limits.max_body_size)
-        await upstream.start()
-        backend = build_backend(config.identity)
-        start = getattr(backend, "start", None)
-        try:
-            if start is not None:
-                await start()
-        except BaseException:
-            await upstream.close()
-            raise
-        identity = VerdictCache(backend, config.identity.cache)
+    async def _build_plan(
+        self, config: Config, previous: tuple[Plan, Config] | None = None
+    ) -> Plan:
+        """A plan for ``config``; the running upstream client and verdict cache are kept when
+        their configuration did not change (a reload must not empty a warm cache for nothing)."""
+        if previous is not None and _same_upstream(config, previous[1]):
+            upstream = previous[0].upstream
+        else:
+            upstream = UpstreamClient(config.upstream, max_body_size=config.limits.max_body_size)
+            await upstream.start()
+        if previous is not None and config.identity == previous[1].identity:
+            identity: Identity = previous[0].identity
+        else:
+            identity = VerdictCache(build_backend(config.identity), config.identity.cache)
         return Plan(
             routes=build_routes(config),
             identity=identity,
@@ -238,7 +240,7 @@ class Sidecar:
         try:
             new = await asyncio.to_thread(load, self.config_path)
             context = await asyncio.to_thread(server_context, new.tls)
-            plan = await self._build_plan(new)
+            plan = await self._build_plan(new, (self.handler.plan, old))
         except ConfigError as exc:
             for problem in exc.problems:
                 self.log.error("reload_failed", cause=cause, problem=problem)
@@ -267,7 +269,7 @@ class Sidecar:
         self.handler.plan = plan
         self.config = new
         self._observe_certificates(new)
-        self._retire(previous, delay=new.shutdown.grace_period)
+        self._retire(previous, plan, delay=new.shutdown.grace_period)
         self._watched = _signature(watched_files(new, self.config_path))
         self.metrics.reloads.labels("success").inc()
         self.log.info(
@@ -275,15 +277,15 @@ class Sidecar:
         )
         return True
 
-    def _retire(self, plan: Plan, *, delay: float) -> None:
-        """Close a replaced plan's clients once requests that started with it had time to end."""
+    def _retire(self, old: Plan, new: Plan, *, delay: float) -> None:
+        """Close what ``new`` does not reuse, once requests that started with ``old`` had time to end."""
 
         async def later() -> None:
             await asyncio.sleep(delay)
-            await _close_plan(plan)
+            await _close_plan(old, keep=new)
 
         task = asyncio.create_task(later())
-        self._retired[task] = plan
+        self._retired[task] = (old, new)
         task.add_done_callback(lambda t: self._retired.pop(t, None))
 
     async def _watch(self) -> None:
@@ -326,9 +328,9 @@ class Sidecar:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-        for task, plan in list(self._retired.items()):
+        for task, (old, new) in list(self._retired.items()):
             task.cancel()
-            await _close_plan(plan)
+            await _close_plan(old, keep=new)
         if self.handler is not None:
             await _close_plan(self.handler.plan)
         if self._admin is not None:
@@ -337,10 +339,16 @@ class Sidecar:
         self.log.info("stopped")
 
 
-async def _close_plan(plan: Plan) -> None:
-    await plan.upstream.close()
+def _same_upstream(a: Config, b: Config) -> bool:
+    return a.upstream == b.upstream and a.limits.max_body_size == b.limits.max_body_size
+
+
+async def _close_plan(plan: Plan, *, keep: Plan | None = None) -> None:
+    """Close a plan's clients, except those ``keep`` still uses."""
+    if keep is None or plan.upstream is not keep.upstream:
+        await plan.upstream.close()
     close = getattr(plan.identity, "close", None)
-    if close is not None:
+    if close is not None and (keep is None or plan.identity is not keep.identity):
         await close()
 
 

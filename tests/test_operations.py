@@ -258,3 +258,23 @@ async def test_readiness_fails_while_draining(running: Running) -> None:
     status, body = await admin(running, "GET", "/readyz")
     assert status == 503 and json.loads(body)["reason"] == "draining"
     assert (await admin(running, "GET", "/healthz"))[0] == 200
+
+
+async def test_reload_keeps_a_warm_cache_unless_identity_changed(
+    running: Running, config_dir: ConfigDir
+) -> None:
+    bob = running.certs.bob
+    assert await request(running, "/app/", bob) == 200
+    data = yaml.safe_load((config_dir.path / "sidecar.yaml").read_text())
+    data["routes"].append({"path": "/extra/", "access": "public"})
+    config_dir.write(data)
+    assert await running.sidecar.reload("test")
+    assert await request(running, "/app/", bob) == 200
+    _, text = await admin(running, "GET", "/metrics")
+    assert metric(text, "sidecar_identity_lookups_total", backend="static") == 1  # still cached
+    data["identity"]["static"]["users"][1]["roles"] = ["member", "auditor"]
+    config_dir.write(data)
+    assert await running.sidecar.reload("test")
+    assert await request(running, "/app/", bob) == 200
+    _, text = await admin(running, "GET", "/metrics")
+    assert metric(text, "sidecar_identity_lookups_total", backend="static") == 2  # asked again
