@@ -102,7 +102,9 @@ def upstream_headers(
         strip.discard(name.lower())
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name.lower() not in strip:
+        # CGI-style servers (PHP, WSGI, Rack) read "X_USERINFO" as "X-USERINFO": compare
+        # names with underscores read as dashes, so no spelling slips past.
+        if name.lower().replace("_", "-") not in strip:
             out.add(name, value)
     host = incoming.get("Host", "")
     if trusted:

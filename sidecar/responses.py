@@ -12,6 +12,9 @@ from http import HTTPStatus
 
 from aiohttp import web
 
+#: our own answers say who answered, without a version (aiohttp would announce Python's)
+SERVER = "sidecar"
+
 _TITLES = {
     400: "Bad request",
     401: "Client certificate required",
@@ -59,7 +62,7 @@ def error(
 ) -> web.Response:
     """An error response. ``location`` (a sign-on URL) is given as a link and a header."""
     title = title_of(status)
-    out_headers = {"X-Request-ID": request_id, "Cache-Control": "no-store"}
+    out_headers = {"X-Request-ID": request_id, "Cache-Control": "no-store", "Server": SERVER}
     if headers:
         out_headers.update(headers)
     if location:
@@ -101,5 +104,10 @@ def redirect(location: str, *, request_id: str) -> web.Response:
         status=302,
         text=f'<a href="{escape(location, quote=True)}">Continue</a>\n',
         content_type="text/html",
-        headers={"Location": location, "X-Request-ID": request_id, "Cache-Control": "no-store"},
+        headers={
+            "Location": location,
+            "X-Request-ID": request_id,
+            "Cache-Control": "no-store",
+            "Server": SERVER,
+        },
     )

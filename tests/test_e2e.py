@@ -87,6 +87,7 @@ async def test_spoofed_identity_and_forwarding_headers_are_replaced(
     spoof = [
         ("X-USERINFO", forged),
         ("x-userinfo", forged),
+        ("X_USERINFO", forged),  # what CGI-style servers read as X-USERINFO
         ("X-App-Certificate", "Zm9yZ2Vk"),
         ("X-Forwarded-For", "6.6.6.6"),
         ("x-forwarded-proto", "http"),
@@ -108,6 +109,7 @@ async def test_spoofed_identity_and_forwarding_headers_are_replaced(
     assert seen.header("X-Forwarded-Proto") == ["https"]
     assert seen.header("X-Forwarded-Host") == [f"localhost:{running.sidecar.port}"]
     assert seen.header("Forwarded") == [] and seen.header("X-Keep-Me-Not") == []
+    assert seen.header("X_USERINFO") == []
     assert headers["X-Request-ID"] != "attacker-chosen"
     # a forged identity on a public route without a certificate: anonymous upstream
     status, _, _ = await get(running, "/public/x", None, headers=spoof)

@@ -51,6 +51,29 @@ def test_spoofed_identity_headers_removed_in_any_case_and_repeat() -> None:
     assert out.getall("X-USERINFO") == [USER.header_value]
 
 
+def test_underscore_spellings_of_protected_headers_are_removed() -> None:
+    h = incoming(
+        ("Host", "h"),
+        ("X_USERINFO", "forged"),
+        ("x_app_certificate", "forged"),
+        ("X_Forwarded_For", "6.6.6.6"),
+        ("X-Custom_Header", "kept"),
+    )
+    out = upstream_headers(
+        RULES,
+        h,
+        client_ip="1.2.3.4",
+        trusted=False,
+        request_id="r",
+        user=None,
+        certificate_b64=None,
+    )
+    names = {k.lower() for k in out}
+    assert "x_userinfo" not in names and "x_app_certificate" not in names
+    assert "x_forwarded_for" not in names
+    assert out["X-Custom_Header"] == "kept"
+
+
 def test_hop_by_hop_and_connection_named_removed_but_host_kept() -> None:
     h = incoming(
         ("Host", "h"),
