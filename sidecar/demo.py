@@ -236,7 +236,7 @@ async def echo(request: web.Request) -> web.Response:
     return web.json_response(doc, dumps=lambda o: json.dumps(o, indent=2) + "\n")
 
 
-def _instructions(folder: Path, port: int) -> str:
+def _instructions(folder: Path, port: int, admin_port: int) -> str:
     d = folder.resolve()
     base = f"https://localhost:{port}"
     ca = f"--cacert {d}/server-ca.pem"
@@ -266,6 +266,10 @@ Paste these in another terminal:
 
   # identity headers sent by the client are replaced, never passed on:
   curl {ca} {who("bob")} -H 'X-USERINFO: eyJzdWIiOiJhZG1pbiJ9' {base}/app/
+
+  # the admin listener: readiness and Prometheus metrics
+  curl http://127.0.0.1:{admin_port}/readyz
+  curl -s http://127.0.0.1:{admin_port}/metrics | grep sidecar_requests_total
 
 Files (certificates, keys, sidecar.yaml): {d}
 Press Ctrl-C to stop.
@@ -319,7 +323,7 @@ async def _demo(config: object, folder: Path, port: int, upstream_port: int) -> 
         )
         await runner.cleanup()
         return 1
-    print(_instructions(folder, port), flush=True)
+    print(_instructions(folder, port, config.admin.port), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

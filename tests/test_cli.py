@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -145,30 +144,20 @@ def _drive_demo(proc: subprocess.Popen[str], port: int) -> None:
                 break
         commands = [line.strip() for line in lines if line.strip().startswith("curl ")]
         assert len(commands) >= 6, lines
-        results = {}
-        for command in commands:
-            out = subprocess.run(
-                [
-                    *command.split(" ")[:1],
-                    "-sS",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    *_args(command),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            results[command] = out.stdout
-        codes = list(results.values())
-        assert codes[0] == "200"  # alice on /admin/
-        assert codes[1] == "403"  # bob lacks the role
-        assert codes[2] == "200"  # bob elsewhere
-        assert codes[3] == "401"  # no certificate
-        assert codes[4] == "200"  # public without a certificate
-        assert codes[5] == "403"  # certificate bound to nobody
+        # Run each command exactly as a person would paste it into a shell.
+        out = [
+            subprocess.run(["bash", "-c", c], capture_output=True, text=True, timeout=30).stdout
+            for c in commands
+        ]
+        assert '"upstream_saw"' in out[0] and '"username": "alice"' in out[0]  # alice on /admin/
+        assert '"status": 403' in out[1] and "role" in out[1]  # bob lacks the role
+        assert '"username": "bob"' in out[2]  # bob elsewhere
+        assert '"status": 401' in out[3]  # no certificate
+        assert '"upstream_saw"' in out[4] and '"identity": null' in out[4]  # public, anonymous
+        assert '"status": 403' in out[5] and "not bound" in out[5]  # bound to nobody
+        assert '"username": "bob"' in out[6] and "admin" not in out[6].split('"identity"')[1]
+        assert '"ready": true' in out[7]
+        assert "sidecar_requests_total{" in out[8]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -176,8 +165,3 @@ def _drive_demo(proc: subprocess.Popen[str], port: int) -> None:
         finally:
             proc.kill()
     assert proc.returncode == 0
-
-
-def _args(command: str) -> list[str]:
-    # The printed commands are shell lines; split respecting single quotes.
-    return [a.strip("'") for a in re.findall(r"'[^']*'|\S+", command)][1:]
