@@ -15,7 +15,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from . import log
 from .admin import Purge, Readiness, admin_app
 from .certs import read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
-from .errors import CertificateError
+from .errors import CertificateError, IdentityUnavailable
 from .handler import Handler, Identity, Plan
 from .headers import HeaderRules
 from .identity import Backend
@@ -36,6 +36,9 @@ from .policy import Route, RouteTable
 from .server import ListenerServer
 from .tls import PeerCertificates, TLSState, server_context
 from .upstream import UpstreamClient
+
+#: while the identity backend reports its own credentials broken, readiness asks it this often
+_PING_EVERY = 2.0
 
 
 def build_routes(config: Config) -> RouteTable:
@@ -106,6 +109,8 @@ class Sidecar:
         self._watcher: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._retired: dict[asyncio.Task[None], tuple[Plan, Plan]] = {}
+        self._ping: asyncio.Task[None] | None = None
+        self._last_ping = float("-inf")
         self._watched = _signature(watched_files(config, config_path))
 
     # ---- start ----------------------------------------------------------------------------
@@ -118,6 +123,7 @@ class Sidecar:
         self.metrics.client_certs_expiring.set_function(
             lambda: self.peer_certs.expiring_within(7 * 86400)
         )
+        self.metrics.agent_cert_expiry.set_function(self._agent_expiry)
         self._observe_certificates(self.config)
         await self._start_admin()
         self._listener = ListenerServer(
@@ -203,13 +209,30 @@ class Sidecar:
 
     def _agent_expiry(self) -> float:
         cache = self._cache()
-        expiry = getattr(cache.backend, "agent_expiry", None) if cache else None
+        expiry = getattr(cache.backend, "agent_expiry", None) if cache is not None else None
         return float(expiry) if isinstance(expiry, float) else float("nan")
 
     def _identity_problem(self) -> str | None:
         cache = self._cache()
-        problem = getattr(cache.backend, "credential_problem", None) if cache else None
-        return f"identity backend credentials: {problem}" if problem else None
+        backend = cache.backend if cache is not None else None
+        problem = getattr(backend, "credential_problem", None)
+        if not problem:
+            return None
+        # Nothing else would notice a fixed credential: an unready process gets no visitors.
+        ping = getattr(backend, "ping", None)
+        now = asyncio.get_running_loop().time()
+        if ping is not None and self._ping is None and now - self._last_ping >= _PING_EVERY:
+            self._last_ping = now
+            self._ping = asyncio.create_task(self._run_ping(ping))
+        return f"identity backend credentials: {problem}"
+
+    async def _run_ping(self, ping: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await ping()
+        except IdentityUnavailable as exc:
+            self.log.warning("identity_ping_failed", reason=exc.reason, code=exc.code)
+        finally:
+            self._ping = None
 
     @property
     def port(self) -> int:
@@ -328,6 +351,10 @@ class Sidecar:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        if self._ping is not None:
+            self._ping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ping
         for task, (old, new) in list(self._retired.items()):
             task.cancel()
             await _close_plan(old, keep=new)

@@ -275,6 +275,8 @@ class FakeIdentityPlus:
             return web.json_response(simple("ER 0001", "the body is not JSON"))
         if body is None:  # an empty PUT is a ping
             self.requests.append(Call(request.method, "", None, agent))
+            if agent in self._refused_agents:
+                return web.json_response(simple(self._refused_agents[agent]))
             return web.json_response(simple("OK 0000"))
         if not isinstance(body, dict) or len(body) != 1:
             self.requests.append(Call(request.method, "?", body, agent))

@@ -157,6 +157,15 @@ class IdentityPlusBackend:
         self._clear_credential_problem()
         return f"{self._config.signon_url}/{quote(value.strip(), safe='')}"
 
+    async def ping(self) -> None:
+        """``PUT`` with an empty body (answered ``OK 0000``): does the API accept our certificate?
+
+        Sets or clears ``credential_problem`` like any call; raises ``IdentityUnavailable``
+        when the service fails. Readiness uses it so that a fixed credential is noticed
+        without waiting for a visitor (an unready pod gets no visitors).
+        """
+        self._outcome(await self._call("PUT", None))
+
     async def close(self) -> None:
         """Close every session, the current one and any retired one still open."""
         self._closed = True
