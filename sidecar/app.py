@@ -118,7 +118,12 @@ class Sidecar:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         plan = await self._build_plan(self.config)
-        self.handler = Handler(plan, metrics=self.metrics, logger=self.log)
+        self.handler = Handler(
+            plan,
+            metrics=self.metrics,
+            logger=self.log,
+            access_log=self.config.log.level in ("debug", "info"),
+        )
         self.metrics.bind_cache(self._cache_stats)
         self.metrics.client_certs_expiring.set_function(
             lambda: self.peer_certs.expiring_within(7 * 86400)

@@ -22,7 +22,7 @@ from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
 from .headers import HeaderRules, upstream_headers
 from .identity import LookupContext, SignOnPurpose, Verdict
-from .metrics import Metrics, method_label
+from .metrics import Metrics
 from .policy import (
     BadPath,
     Decision,
@@ -93,11 +93,19 @@ class Plan:
 
 class Handler:
     def __init__(
-        self, plan: Plan, *, metrics: Metrics, logger: Any, clock: Callable[[], float] = time.time
+        self,
+        plan: Plan,
+        *,
+        metrics: Metrics,
+        logger: Any,
+        access_log: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.plan = plan
         self.metrics = metrics
         self.log = logger
+        #: False when the log level is above info: skip building an event nobody will see
+        self.access_log = access_log
         self.clock = clock
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -357,13 +365,11 @@ class Handler:
         started: float,
     ) -> None:
         elapsed = time.perf_counter() - started
-        self.metrics.requests.labels(
-            outcome.route,
-            method_label(request.method),
-            outcome.decision,
-            f"{outcome.status // 100}xx",
-        ).inc()
-        self.metrics.request_duration.labels(outcome.decision).observe(elapsed)
+        self.metrics.observe_request(
+            outcome.route, request.method, outcome.decision, outcome.status, elapsed
+        )
+        if not self.access_log:
+            return
         self.log.info(
             "request",
             request_id=request_id,

@@ -119,6 +119,24 @@ class Metrics:
         )
         self._cache = _CacheCollector()
         r.register(self._cache)
+        # Bounded: routes come from the configuration, methods from a fixed set.
+        self._request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+
+    def observe_request(
+        self, route: str, method: str, decision: str, status: int, seconds: float
+    ) -> None:
+        """Count one answered request; label children are looked up once per label set."""
+        method = method_label(method)
+        key = (route, method, decision, status // 100)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, decision, f"{status // 100}xx"),
+                self.request_duration.labels(decision),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def bind_cache(self, stats: Callable[[], Any]) -> None:
         """Read the verdict cache's counters at scrape time (the cache may be swapped on reload)."""

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .conftest import ConfigDir
 from .test_cli import free_port
+from .test_operations import read_response
 
 
 @pytest.fixture
@@ -117,26 +118,31 @@ async def test_second_signal_stops_at_once(config_dir: ConfigDir, slow_upstream:
     await proc.communicate()
 
 
-async def test_sighup_adds_a_user(config_dir: ConfigDir, slow_upstream: int) -> None:
+async def test_sighup_adds_a_user_while_a_keepalive_connection_stays_open(
+    config_dir: ConfigDir, slow_upstream: int
+) -> None:
     data = config_dir.base(slow_upstream)
     proc, port, _ = await start(config_dir, data)
     try:
-        ctx = client_ctx(config_dir, "stranger")
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"https://localhost:{port}/app/", ssl=ctx) as resp:
-                assert resp.status == 403
-            data["identity"]["static"]["users"].append(
-                {"sub": "sub-m", "username": "mallory", "certificates": [{"file": "stranger.pem"}]}
-            )
-            config_dir.write(data)
-            proc.send_signal(signal.SIGHUP)
-            for _ in range(50):
-                await asyncio.sleep(0.1)
-                async with session.get(f"https://localhost:{port}/app/", ssl=ctx) as resp:
-                    if resp.status == 200:
-                        break
-            else:
-                pytest.fail("SIGHUP did not reload")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ctx(config_dir, "stranger"), server_hostname="localhost"
+        )
+        get = b"GET /app/ HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        writer.write(get)
+        assert (await read_response(reader)).startswith(b"HTTP/1.1 403")
+        data["identity"]["static"]["users"].append(
+            {"sub": "sub-m", "username": "mallory", "certificates": [{"file": "stranger.pem"}]}
+        )
+        config_dir.write(data)
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            writer.write(get)  # the same connection, kept alive across the reload
+            if (await read_response(reader)).startswith(b"HTTP/1.1 200"):
+                break
+        else:
+            pytest.fail("SIGHUP did not reload")
+        writer.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
