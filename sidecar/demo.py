@@ -144,23 +144,14 @@ def make_pki(folder: Path) -> None:
     inter = _cert("Sidecar Demo Client Intermediate CA", inter_key, (root, root_key), ca=True)
     # The trust file holds the root and its intermediate, as the contract allows.
     _write(folder, "client-ca", root, None, chain=(inter,))
-    for file, cn, *_ in _USERS:
+    # mallory's certificate comes from the trusted CA but is bound to nobody: TLS accepts it,
+    # the policy refuses it.
+    for file, cn in [*((u[0], u[1]) for u in _USERS), ("mallory", "Mallory Stranger")]:
         key = _key()
         cert = _cert(
             cn, key, (inter, inter_key), ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=90
         )
         _write(folder, file, cert, key)
-    # A certificate from the trusted CA that is bound to nobody: identified by TLS, refused by policy.
-    key = _key()
-    stranger = _cert(
-        "Mallory Stranger",
-        key,
-        (inter, inter_key),
-        ca=False,
-        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        days=90,
-    )
-    _write(folder, "mallory", stranger, key)
 
 
 def write_config(folder: Path, *, port: int, upstream_port: int, admin_port: int) -> Path:

@@ -265,17 +265,7 @@ class Handler:
             outcome.verdict_code = code or decision.code
             return response, outcome
         if isinstance(decision, Unavailable):
-            outcome = Outcome(503, "unavailable", decision.reason, route_label, verdict_code=code)
-            return (
-                self._error(
-                    request,
-                    503,
-                    "The identity service cannot be reached right now. Please try again shortly.",
-                    request_id,
-                    headers={"Retry-After": RETRY_AFTER_SECONDS},
-                ),
-                outcome,
-            )
+            return self._unavailable(request, decision.reason, route_label, code, request_id)
         assert isinstance(decision, Redirect)
         return await self._redirect(plan, request, decision, route_label, code, request_id)
 
@@ -300,18 +290,8 @@ class Handler:
                 self.log.warning(
                     "sign_on_unavailable", request_id=request_id, reason=exc.reason, code=exc.code
                 )
-                outcome = Outcome(
-                    503, "unavailable", "sign-on unavailable", route_label, verdict_code=code
-                )
-                return (
-                    self._error(
-                        request,
-                        503,
-                        "The identity service cannot be reached right now. Please try again shortly.",
-                        request_id,
-                        headers={"Retry-After": RETRY_AFTER_SECONDS},
-                    ),
-                    outcome,
+                return self._unavailable(
+                    request, "sign-on unavailable", route_label, code, request_id
                 )
         if request.method in _SAFE_METHODS:
             outcome = Outcome(302, "redirected", decision.purpose, route_label, verdict_code=code)
@@ -327,6 +307,25 @@ class Handler:
         return self._error(request, status, reason, request_id, location=location), outcome
 
     # ---- answers of our own ---------------------------------------------------------------
+
+    def _unavailable(
+        self,
+        request: web.BaseRequest,
+        reason: str,
+        route_label: str,
+        code: str | None,
+        request_id: str,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        """503 + Retry-After: the identity service failed and nothing cached can serve."""
+        outcome = Outcome(503, "unavailable", reason, route_label, verdict_code=code)
+        response = self._error(
+            request,
+            503,
+            "The identity service cannot be reached right now. Please try again shortly.",
+            request_id,
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+        return response, outcome
 
     def _answer_deny(
         self, request: web.BaseRequest, deny: Deny, route_label: str, request_id: str
