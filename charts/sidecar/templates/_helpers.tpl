@@ -1,0 +1,184 @@
+{{/* Names, labels, the rendered configuration and the checks on values. */}}
+
+{{- define "sidecar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "sidecar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sidecar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sidecar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "sidecar.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "sidecar.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: {{ .Values.mode }}
+{{- end }}
+
+{{- define "sidecar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "sidecar.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "sidecar.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "sidecar.appImage" -}}
+{{- if .Values.app.image.tag }}
+{{- printf "%s:%s" .Values.app.image.repository .Values.app.image.tag }}
+{{- else }}
+{{- .Values.app.image.repository }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the sidecar runs as a native sidecar (an init container with restartPolicy: Always). */}}
+{{- define "sidecar.native" -}}
+{{- $native := .Values.nativeSidecar | toString }}
+{{- if ne .Values.mode "sidecar" }}
+{{- else if eq $native "true" }}true
+{{- else if and (eq $native "auto") (semverCompare ">=1.29-0" .Capabilities.KubeVersion.Version) }}true
+{{- end }}
+{{- end }}
+
+{{/* Where the mounted files are; the rendered configuration names these paths. */}}
+{{- define "sidecar.paths" -}}
+{{- dict "config" "/etc/sidecar/config" "tls" "/etc/sidecar/tls" "trust" "/etc/sidecar/trust" "agent" "/etc/sidecar/agent" | toJson }}
+{{- end }}
+
+{{- define "sidecar.upstream" -}}
+{{- if eq .Values.mode "gateway" }}
+{{- .Values.gateway.upstream }}
+{{- else }}
+{{- printf "http://127.0.0.1:%d" (int .Values.app.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The configuration the sidecar reads: `config` as given, with the keys the chart owns filled in.
+A key the chart owns that `config` sets to something else is an error, not silently replaced.
+*/}}
+{{- define "sidecar.configYaml" -}}
+{{- include "sidecar.validate" . }}
+{{- $paths := include "sidecar.paths" . | fromJson }}
+{{- $user := .Values.config | default dict }}
+{{- $tls := dict "certificate" (printf "%s/tls.crt" $paths.tls) "key" (printf "%s/tls.key" $paths.tls) }}
+{{- if or .Values.clientCA.secretName .Values.clientCA.configMapName }}
+{{- $anchors := list }}
+{{- range .Values.clientCA.keys }}
+{{- $anchors = append $anchors (printf "%s/%s" $paths.trust .) }}
+{{- end }}
+{{- $_ := set $tls "client_ca" $anchors }}
+{{- end }}
+{{- $owned := dict
+  "listen" (dict "port" (int .Values.ports.https))
+  "admin" (dict "port" (int .Values.ports.admin))
+  "tls" $tls
+  "upstream" (dict "url" (include "sidecar.upstream" .))
+  "shutdown" (dict "drain_delay" .Values.shutdown.drainDelaySeconds "grace_period" .Values.shutdown.gracePeriodSeconds) }}
+{{- if .Values.identityPlus.agentSecretName }}
+{{- $agent := dict "certificate" (printf "%s/%s" $paths.agent .Values.identityPlus.certificateKey) "key" (printf "%s/%s" $paths.agent .Values.identityPlus.keyKey) }}
+{{- $_ := set $owned "identity" (dict "identityplus" $agent) }}
+{{- end }}
+{{- range $section, $keys := $owned }}
+{{- $given := get $user $section }}
+{{- if and $given (kindIs "map" $given) }}
+{{- range $key, $value := $keys }}
+{{- if kindIs "map" $value }}
+{{- $inner := get $given $key }}
+{{- if and $inner (kindIs "map" $inner) }}
+{{- range $k, $v := $value }}
+{{- if and (hasKey $inner $k) (ne (toJson (get $inner $k)) (toJson $v)) }}
+{{- fail (printf "config.%s.%s.%s is set by the chart to %s (%s); leave it out of config" $section $key $k (toJson $v) (include "sidecar.ownedBy" (printf "%s.%s.%s" $section $key $k))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- else if and (hasKey $given $key) (ne (toJson (get $given $key)) (toJson $value)) }}
+{{- fail (printf "config.%s.%s is set by the chart to %s (%s); leave it out of config" $section $key (toJson $value) (include "sidecar.ownedBy" (printf "%s.%s" $section $key))) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $defaults := dict "admin" (dict "host" "0.0.0.0") }}
+{{- $config := mustMergeOverwrite (dict) $defaults (deepCopy $user) $owned }}
+{{- toYaml $config }}
+{{- end }}
+
+{{- define "sidecar.ownedBy" -}}
+{{- $from := dict
+  "listen.port" "from ports.https"
+  "admin.port" "from ports.admin"
+  "tls.certificate" "the Secret tls.secretName, mounted"
+  "tls.key" "the Secret tls.secretName, mounted"
+  "tls.client_ca" "clientCA, mounted"
+  "upstream.url" "http://127.0.0.1:<app.port> in mode sidecar, gateway.upstream in mode gateway"
+  "shutdown.drain_delay" "from shutdown.drainDelaySeconds"
+  "shutdown.grace_period" "from shutdown.gracePeriodSeconds"
+  "identity.identityplus.certificate" "identityPlus.agentSecretName, mounted"
+  "identity.identityplus.key" "identityPlus.agentSecretName, mounted" }}
+{{- get $from . }}
+{{- end }}
+
+{{/* Checks across values that the schema cannot express; each failure says what to set. */}}
+{{- define "sidecar.validate" -}}
+{{- if not .Values.tls.secretName }}
+{{- fail "tls.secretName is required: the kubernetes.io/tls Secret with the server certificate (e.g. from cert-manager)" }}
+{{- end }}
+{{- if and .Values.clientCA.secretName .Values.clientCA.configMapName }}
+{{- fail "clientCA: give secretName or configMapName, not both" }}
+{{- end }}
+{{- $pinned := dig "tls" "pinned_certificates" list (.Values.config | default dict) }}
+{{- if not (or .Values.clientCA.secretName .Values.clientCA.configMapName $pinned) }}
+{{- fail "clientCA.secretName or clientCA.configMapName is required: the trust anchors for client certificates (or set config.tls.pinned_certificates)" }}
+{{- end }}
+{{- if eq .Values.mode "sidecar" }}
+{{- if not .Values.app.image.repository }}
+{{- fail "app.image.repository is required in mode sidecar: the application that runs beside the sidecar" }}
+{{- end }}
+{{- if has (int .Values.app.port) (list (int .Values.ports.https) (int .Values.ports.admin)) }}
+{{- fail (printf "app.port %d is one of the sidecar's ports (ports.https, ports.admin): they share the pod's network" (int .Values.app.port)) }}
+{{- end }}
+{{- if .Values.autoscaling.enabled }}
+{{- fail "autoscaling is for mode gateway; in mode sidecar scale with replicaCount or your own HorizontalPodAutoscaler" }}
+{{- end }}
+{{- else }}
+{{- if not .Values.gateway.upstream }}
+{{- fail "gateway.upstream is required in mode gateway: the URL of the application, e.g. http://my-app.my-namespace.svc.cluster.local:8080" }}
+{{- end }}
+{{- end }}
+{{- $backend := dig "identity" "backend" "static" (.Values.config | default dict) }}
+{{- $ip := dig "identity" "identityplus" dict (.Values.config | default dict) }}
+{{- if and (eq $backend "identityplus") (not .Values.identityPlus.agentSecretName) (not (or (get $ip "certificate") (get $ip "p12"))) }}
+{{- fail "identityPlus.agentSecretName is required with config.identity.backend identityplus: the Secret with this service's agent certificate and key" }}
+{{- end }}
+{{- end }}
+
+{{- define "sidecar.terminationGracePeriod" -}}
+{{- if kindIs "invalid" .Values.shutdown.terminationGracePeriodSeconds }}
+{{- add (int .Values.shutdown.preStopSeconds) (int .Values.shutdown.drainDelaySeconds) (int .Values.shutdown.gracePeriodSeconds) 5 }}
+{{- else }}
+{{- int .Values.shutdown.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
