@@ -1,10 +1,11 @@
 """Forward one request to the upstream application and stream its answer back.
 
-``UpstreamClient`` owns the pooled keep-alive ``ClientSession`` (and one for WebSockets);
-``forward`` is its only hot-path call. A failure before the response has started raises
-``UpstreamError`` (the handler answers 502 or 504); after it has started, the client connection
-is aborted so that a truncated response can never pass for a complete one. WebSocket upgrades
-are relayed frame by frame. Everything aiohttp-client specific stays in this module.
+``UpstreamClient.forward`` is the only hot-path call. Plain HTTP goes over pooled keep-alive
+connections (``upstream_pool``) with the request head written as given and the body streamed;
+WebSocket upgrades go through an aiohttp ``ClientSession`` and are relayed frame by frame. A
+failure before the response has started raises ``UpstreamError`` (the handler answers 502 or
+504); after it has started, the client connection is aborted so that a truncated response can
+never pass for a complete one. Everything aiohttp-client specific stays in this module.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -25,6 +25,8 @@ from yarl import URL
 from .config import UpstreamConfig
 from .errors import UpstreamError
 from .headers import connection_tokens, response_headers
+from .upstream_http import BodyTooLarge, Connection, RequestBody, request_head
+from .upstream_pool import Pool
 
 # Headers aiohttp would invent; the upstream must see only what the client (and we) sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -40,6 +42,8 @@ _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.versi
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
+__all__ = ["BodyTooLarge", "Forwarded", "UpstreamClient"]
+
 
 @dataclass(frozen=True, slots=True)
 class Forwarded:
@@ -51,45 +55,51 @@ class Forwarded:
     upstream_seconds: float
 
 
-class BodyTooLarge(Exception):
-    """The request body exceeded ``max_body_size`` before the upstream answered."""
-
-
 class UpstreamClient:
     def __init__(self, config: UpstreamConfig, *, max_body_size: int | None = None) -> None:
         base = URL(config.url)
         self._https = base.scheme == "https"
+        self._host = base.raw_host or ""
+        self._port = base.port or (443 if self._https else 80)
+        # For clients that sent none (HTTP/1.0): what any client of the upstream would send.
+        self._host_header = base.host_port_subcomponent or self._host
         # Plain string concatenation with the client's raw target keeps it byte-exact.
-        self._base = str(base.origin()) + base.raw_path.rstrip("/")
-        self._ws_base = ("wss" if self._https else "ws") + self._base[len(base.scheme) :]
-        self._max_connections = config.max_connections
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.timeout.connect,
-            sock_connect=config.timeout.connect,
-            sock_read=config.timeout.read,
+        self._prefix = base.raw_path.rstrip("/")
+        self._ws_base = (
+            ("wss" if self._https else "ws") + str(base.origin())[len(base.scheme) :] + self._prefix
         )
+        self._config = config
         self._max_body_size = max_body_size
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         # An open WebSocket holds its connection for its whole life: kept out of the pool, they
         # cannot starve plain requests. The listener's connection limit bounds them.
         self._ws_session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         tls = ssl.create_default_context() if self._https else None
-        self._session = self._new_session(self._max_connections, tls)
-        self._ws_session = self._new_session(0, tls)
-
-    def _new_session(self, limit: int, tls: ssl.SSLContext | None) -> aiohttp.ClientSession:
+        config = self._config
+        self._pool = Pool(
+            self._host,
+            self._port,
+            tls=tls,
+            connect_timeout=config.timeout.connect,
+            read_timeout=config.timeout.read,
+            max_connections=config.max_connections,
+        )
         connector = aiohttp.TCPConnector(
-            limit=limit,
+            limit=0,
             ttl_dns_cache=10,
             ssl=tls if tls is not None else True,
             enable_cleanup_closed=tls is not None and _NEEDS_CLEANUP_CLOSED,
         )
-        return aiohttp.ClientSession(
+        self._ws_session = aiohttp.ClientSession(
             connector=connector,
-            timeout=self._timeout,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=config.timeout.connect,
+                sock_connect=config.timeout.connect,
+                sock_read=config.timeout.read,
+            ),
             auto_decompress=False,
             # A shared jar would hand one client's cookies to the next.
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -97,10 +107,11 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
-        for session in (self._session, self._ws_session):
-            if session is not None:
-                await session.close()
-        self._session = self._ws_session = None
+        if self._pool is not None:
+            await self._pool.close()
+        if self._ws_session is not None:
+            await self._ws_session.close()
+        self._pool = self._ws_session = None
 
     async def forward(self, request: web.BaseRequest, headers: CIMultiDict[str]) -> Forwarded:
         """Send ``request`` upstream with ``headers`` as given and stream the answer back.
@@ -110,9 +121,11 @@ class UpstreamClient:
 
         Raises ``UpstreamError`` only before any byte of a response has gone to the client, and
         ``BodyTooLarge`` when the body passes ``max_body_size`` before the upstream answered.
+        A request without a body that meets a closed keep-alive connection (no response byte
+        received) is sent once more on a new connection; nothing else is ever retried.
         """
-        session, ws_session = self._session, self._ws_session
-        if session is None or ws_session is None:
+        pool, ws_session = self._pool, self._ws_session
+        if pool is None or ws_session is None:
             raise RuntimeError("UpstreamClient.start() has not been awaited")
         target = _origin_form(request.raw_path)
         if _is_websocket(request):
@@ -121,35 +134,55 @@ class UpstreamClient:
         length = request.content_length
         if limit is not None and length is not None and length > limit:
             raise BodyTooLarge(f"Content-Length {length} exceeds {limit}")
-        body = None
-        if request.body_exists:
-            # Content-Length bodies are framed by the server's parser; only chunked ones can grow.
-            body = _RequestBody(request, limit if length is None else None)
+        has_body = request.body_exists
+        if has_body:
             await _continue(request)
+        chunked = has_body and length is None
+        body = RequestBody(request.content, chunked=chunked, limit=limit) if has_body else None
         if "Expect" in headers:
-            # Answered above, hop by hop; aiohttp would otherwise wait for the upstream's
-            # 100 Continue without end, and an upstream may rightly never send one.
+            # Answered above, hop by hop; an upstream may rightly never send 100 Continue.
             headers = headers.copy()
             del headers["Expect"]
+        head = request_head(
+            request.method, self._prefix + target, headers, self._host_header, chunked
+        )
+        out, rest = [head], None
+        if body is not None:
+            first, done = body.buffered()  # may be too large already: nothing is sent then
+            out += first
+            rest = None if done else body
+        head_only = request.method == "HEAD"
         started = time.perf_counter()
+        conn = await pool.acquire()
+        sender = _send(conn, out, rest, head_only)
         try:
-            upstream = await session.request(
-                request.method,
-                URL(self._base + target, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            if body is not None and body.too_large:
-                raise BodyTooLarge(f"chunked body exceeds {limit}") from None
+            try:
+                await conn.head()
+            except OSError as exc:
+                retry = conn.reused and body is None and conn.received == 0
+                if isinstance(exc, TimeoutError) or not retry:
+                    raise
+                # The upstream closed an idle keep-alive connection as we sent: every proxy
+                # sends such a request again, on a connection that cannot be stale.
+                pool.release(conn, reuse=False)
+                conn = await pool.acquire(fresh=True)
+                sender = _send(conn, out, None, head_only)
+                await conn.head()
+        except (OSError, TimeoutError, UpstreamError) as exc:
+            _cancel(sender)
+            pool.release(conn, reuse=False)
             raise _upstream_error(exc) from exc
+        except BaseException:  # BodyTooLarge, or we were cancelled
+            _cancel(sender)
+            pool.release(conn, reuse=False)
+            raise
         try:
             return await _stream_response(
-                request, upstream, time.perf_counter() - started, headers.get(_REQUEST_ID)
+                request, conn, time.perf_counter() - started, headers.get(_REQUEST_ID)
             )
         finally:
-            upstream.release()
+            _cancel(sender)  # the upstream answered before it took the whole body
+            pool.release(conn, reuse=True)
 
     async def _forward_websocket(
         self,
@@ -204,47 +237,58 @@ class UpstreamClient:
         return Forwarded(client, 101, upstream_seconds)
 
 
-class _RequestBody:
-    """The client's request body as it arrives, refused once it grows past ``limit``."""
+def _send(
+    conn: Connection, out: list[bytes], rest: RequestBody | None, head_only: bool
+) -> asyncio.Task[None] | None:
+    """Start the exchange with the head and what is here of the body; a task sends the rest."""
+    conn.begin(head_only=head_only, sending=rest is not None)
+    conn.writelines(out)
+    if rest is None:
+        return None
+    return asyncio.get_running_loop().create_task(rest.send_rest(conn))
 
-    def __init__(self, request: web.BaseRequest, limit: int | None) -> None:
-        self._content = request.content
-        self._limit = limit
-        self.too_large = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in self._content.iter_any():
-            seen += len(chunk)
-            if self._limit is not None and seen > self._limit:
-                # aiohttp wraps what we raise here; ``forward`` reads the flag instead.
-                self.too_large = True
-                raise BodyTooLarge(f"body exceeds {self._limit}")
-            yield chunk
+def _cancel(sender: asyncio.Task[None] | None) -> None:
+    if sender is not None and not sender.done():
+        sender.cancel()
+
+
+class _WholeResponse(web.StreamResponse):
+    """A response that arrived whole with its head: aiohttp then sends head and body in one
+    write (one TLS record, one syscall) instead of two. A streamed response must not wait:
+    its client may be waiting for the head alone (server-sent events)."""
+
+    _send_headers_immediately = False
 
 
 async def _stream_response(
-    request: web.BaseRequest,
-    upstream: aiohttp.ClientResponse,
-    upstream_seconds: float,
-    request_id: str | None,
+    request: web.BaseRequest, conn: Connection, upstream_seconds: float, request_id: str | None
 ) -> Forwarded:
     """Stream the upstream's response to the client; abort the client if the upstream fails."""
-    headers = response_headers(upstream.headers)
+    headers = response_headers(
+        CIMultiDict(
+            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+            for name, value in conn.raw_headers
+        )
+    )
     if request_id is not None:
         headers[_REQUEST_ID] = request_id
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    forwarded = Forwarded(response, upstream.status, upstream_seconds)
+    status = conn.status
+    reason = conn.reason.decode("utf-8", "surrogateescape")
+    kind = _WholeResponse if conn.complete else web.StreamResponse
+    response = kind(status=status, reason=reason, headers=headers)
+    forwarded = Forwarded(response, status, upstream_seconds)
     try:
         await response.prepare(request)
+        if conn.complete:  # all of it arrived with the head: one write
+            await response.write_eof(await conn.read())
+            return forwarded
     except ConnectionError:  # the client is gone
-        upstream.close()
         return forwarded
     while True:
         try:
-            chunk = await upstream.content.readany()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            upstream.close()
+            chunk = await conn.read()
+        except Exception:  # timeout, reset, malformed body: the client must see it truncated
             _abort(request)
             return forwarded
         if not chunk:
@@ -252,7 +296,6 @@ async def _stream_response(
         try:
             await response.write(chunk)
         except ConnectionError:
-            upstream.close()
             return forwarded
     with contextlib.suppress(ConnectionError):  # the client left after the last byte
         await response.write_eof()
@@ -368,7 +411,9 @@ def _offered_protocols(request: web.BaseRequest) -> list[str]:
 
 
 def _upstream_error(exc: BaseException) -> UpstreamError:
-    """Translate an aiohttp failure before the response started into our vocabulary."""
+    """Translate a failure before the response started into our vocabulary."""
+    if isinstance(exc, UpstreamError):
+        return exc
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
         return UpstreamError("connect", detail)

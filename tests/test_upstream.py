@@ -1,9 +1,11 @@
 """The forwarder over real sockets: a front server calls ``UpstreamClient.forward`` for each
-request and sends it to a real aiohttp upstream; the tests talk HTTP to the front server."""
+request and sends it to a real aiohttp upstream (or, where the exact bytes of an answer
+matter, a scripted raw one); the tests talk HTTP to the front server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import io
@@ -26,6 +28,7 @@ from sidecar.config import UpstreamConfig, UpstreamTimeouts
 from sidecar.errors import UpstreamError
 from sidecar.headers import HeaderRules, upstream_headers
 from sidecar.upstream import BodyTooLarge, Forwarded, UpstreamClient
+from sidecar.upstream_http import request_head
 
 from .pki import make_ca, make_leaf
 
@@ -80,6 +83,8 @@ class Upstream:
     ws_handshakes: list[Seen] = field(default_factory=list)
     ws_closes: list[int | None] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the client port of the connection each request came over (one port: one connection)
+    peers: list[int] = field(default_factory=list)
 
     @property
     def last(self) -> Seen:
@@ -103,6 +108,8 @@ class UpstreamApp:
         self.state: Upstream
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert request.transport is not None
+        self.state.peers.append(request.transport.get_extra_info("peername")[1])
         segments = request.path.removeprefix("/app").split("/")
         handler = getattr(self, "do_" + segments[1].replace("-", "_"), self.do_echo)
         response: web.StreamResponse = await handler(request)
@@ -753,3 +760,445 @@ async def test_websocket_refused_by_upstream_is_an_error(
         await session.ws_connect(proxy.url("/ws-refuse"))
     assert refused.value.status == 502
     assert proxy.errors[-1].kind == "protocol"
+
+
+# ---- the connection pool ----------------------------------------------------------------------
+
+
+@dataclass
+class Scripted:
+    """A raw HTTP/1.1 upstream: the test writes its answers byte for byte."""
+
+    url: str = ""
+    connections: int = 0
+    open: int = 0
+    max_open: int = 0
+    #: each request's head and body, in arrival order
+    requests: list[bytes] = field(default_factory=list)
+
+    def methods(self) -> list[str]:
+        return [r.split(b" ", 1)[0].decode() for r in self.requests]
+
+
+#: (the upstream, index of the request on its connection, request head, writer) -> keep open
+Answer = Callable[[Scripted, int, bytes, asyncio.StreamWriter], Awaitable[bool]]
+StartScripted = Callable[[Answer], Awaitable[Scripted]]
+
+
+def answer_ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def keep_alive_ok(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+    w.write(answer_ok(b"ok %d" % n))
+    await w.drain()
+    return True
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[StartScripted]:
+    servers: list[asyncio.Server] = []
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def start(answer: Answer) -> Scripted:
+        state = Scripted()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.add(writer)
+            writer.transport.get_extra_info("socket").setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+            )
+            state.connections += 1
+            state.open += 1
+            state.max_open = max(state.max_open, state.open)
+            try:
+                for n in range(1000):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":", 1)[1])
+                    state.requests.append(head + await reader.readexactly(length))
+                    if not await answer(state, n, head, writer):
+                        break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                state.open -= 1
+                writers.discard(writer)
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return state
+
+    yield start
+    for writer in list(writers):
+        writer.close()
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_sequential_requests_share_one_upstream_connection(
+    proxy: Proxy, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    for i in range(5):
+        status, _, _ = await fetch(session, "GET", proxy.url(f"/echo/{i}"))
+        assert status == 200
+    status, _, _ = await fetch(session, "POST", proxy.url("/echo/body"), data=b"x" * 1000)
+    assert status == 200
+    assert len(upstream.peers) == 6
+    assert len(set(upstream.peers)) == 1
+
+
+async def test_head_then_get_on_the_same_connection(
+    proxy: Proxy, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    # The HEAD response announces 1234 bytes that never come: the next response must not be
+    # taken for them.
+    status, headers, body = await fetch(session, "HEAD", proxy.url("/head"))
+    assert (status, headers["Content-Length"], body) == (200, "1234", b"")
+    status, _, body = await fetch(session, "GET", proxy.url("/head"))
+    assert (status, body) == (200, b"h" * 1234)
+    status, _, body = await fetch(session, "HEAD", proxy.url("/head"))
+    status, _, body = await fetch(session, "GET", proxy.url("/echo/after"))
+    assert status == 200
+    assert len(set(upstream.peers)) == 1
+
+
+async def test_204_and_304_then_get_on_the_same_connection(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession
+) -> None:
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /204 "):
+            w.write(b"HTTP/1.1 204 No Content\r\nX-Kind: empty\r\n\r\n")
+        elif head.startswith(b"GET /304 "):
+            # The length of the representation the client has; no body follows (RFC 9110).
+            w.write(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\n\r\n')
+        else:
+            w.write(answer_ok(b"after %d" % n))
+        return True
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    status, headers, body = await fetch(session, "GET", proxy.url("/204"))
+    assert (status, headers["X-Kind"], body) == (204, "empty", b"")
+    assert (await fetch(session, "GET", proxy.url("/x")))[::2] == (200, b"after 1")
+    status, headers, body = await fetch(session, "GET", proxy.url("/304"))
+    assert (status, headers["ETag"], body) == (304, '"v1"', b"")
+    assert (await fetch(session, "GET", proxy.url("/x")))[::2] == (200, b"after 3")
+    assert up.connections == 1
+
+
+@pytest.mark.parametrize(
+    "farewell", [b"", b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n"]
+)
+async def test_connection_closed_while_idle_is_not_used(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession, farewell: bytes
+) -> None:
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer_ok())
+        await w.drain()
+        await asyncio.sleep(0.05)  # then the upstream's keep-alive timeout strikes
+        w.write(farewell)
+        return False
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    for _ in range(3):
+        status, _, body = await fetch(session, "GET", proxy.url("/"))
+        assert (status, body) == (200, b"ok")
+        await asyncio.sleep(0.2)
+    assert up.connections == 3
+    assert proxy.errors == []
+
+
+@pytest.mark.parametrize("max_connections", [1, 16])
+async def test_stale_connection_is_retried_for_a_request_without_body(
+    make_proxy: MakeProxy,
+    scripted: StartScripted,
+    session: aiohttp.ClientSession,
+    max_connections: int,
+) -> None:
+    # The race every keep-alive client meets: the upstream closes an idle connection just as
+    # a request goes out on it. Here every connection's second request meets it.
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        if n == 1:
+            return False  # closed without a byte of response
+        response = answer_ok(b"answered")
+        w.write(response[: -len(b"answered")] if head.startswith(b"HEAD ") else response)
+        return True
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url, max_connections=max_connections)
+    assert (await fetch(session, "GET", proxy.url("/1")))[::2] == (200, b"answered")
+    assert (await fetch(session, "GET", proxy.url("/2")))[::2] == (200, b"answered")
+    assert (await fetch(session, "HEAD", proxy.url("/3")))[0] == 200
+    assert up.methods() == ["GET", "GET", "GET", "HEAD", "HEAD"]
+    assert up.connections == 3
+    assert proxy.errors == []
+    # A request with a body may have been acted on: it is never sent twice.
+    status, _, _ = await fetch(session, "POST", proxy.url("/4"), data=b"pay once")
+    assert status == 502
+    assert proxy.errors[-1].kind == "reset"
+    assert up.methods().count("POST") == 1
+
+
+async def test_connection_close_response_is_not_reused(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession
+) -> None:
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        if head.startswith(b"GET /http10 "):
+            w.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        else:
+            w.write(answer_ok(extra=b"Connection: close\r\n"))
+        return True  # and the upstream would go on: only its word keeps us from reusing
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    for path in ("/close", "/close", "/http10", "/http10"):
+        status, headers, body = await fetch(session, "GET", proxy.url(path))
+        assert (status, body) == (200, b"ok")
+        assert headers.get("Connection", "").lower() != "close"  # hop by hop: not passed on
+    assert up.connections == 4
+
+
+@pytest.mark.parametrize("version", [b"1.0", b"1.1"])
+async def test_response_delimited_by_eof_arrives_intact(
+    make_proxy: MakeProxy,
+    scripted: StartScripted,
+    session: aiohttp.ClientSession,
+    version: bytes,
+) -> None:
+    data = blob(300_000)
+
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/" + version + b" 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+        for start in range(0, len(data), 50_000):
+            w.write(data[start : start + 50_000])
+            await w.drain()
+        return False
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    for _ in range(2):
+        status, _, body = await fetch(session, "GET", proxy.url("/eof"))
+        assert status == 200
+        assert sha256(body) == sha256(data)
+    assert up.connections == 2
+
+
+async def test_answer_before_the_whole_body_reaches_the_client(
+    make_proxy: MakeProxy, session: aiohttp.ClientSession
+) -> None:
+    # An upstream may refuse an upload on its head alone (RFC 9110 §15.5.14); the rest of the
+    # body is then never sent, and the connection is out of step: it is not reused.
+    connections, done = 0, asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Too Big\r\nContent-Length: 4\r\n\r\nnope")
+        await writer.drain()
+        await done.wait()  # without reading the body
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        proxy = await make_proxy(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        data = os.urandom(5 * MiB)
+        for _ in range(2):
+            status, _, body = await fetch(
+                session, "POST", proxy.url("/upload"), data=io.BytesIO(data)
+            )
+            assert (status, body) == (413, b"nope")
+        assert connections == 2
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_early_hints_are_skipped(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession
+) -> None:
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        w.write(answer_ok(b"final", b"X-Final: yes\r\n"))
+        return True
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    for _ in range(2):
+        status, headers, body = await fetch(session, "GET", proxy.url("/hints"))
+        assert (status, body, headers["X-Final"]) == (200, b"final", "yes")
+        assert "Link" not in headers
+    assert up.connections == 1
+
+
+async def test_pool_bounds_connections_and_queues_the_rest(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession
+) -> None:
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.15)
+        w.write(answer_ok(b"slow"))
+        return True
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url, max_connections=2)
+    results = await asyncio.gather(*(fetch(session, "GET", proxy.url(f"/{i}")) for i in range(5)))
+    assert [(status, body) for status, _, body in results] == [(200, b"slow")] * 5
+    assert up.max_open <= 2
+    assert up.connections == 2
+
+
+async def test_pool_wait_is_bounded_by_the_connect_timeout(
+    make_proxy: MakeProxy, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(upstream.url, max_connections=1, connect=0.3)
+    slow = asyncio.create_task(fetch(session, "GET", proxy.url("/slow")))
+    await eventually(lambda: len(upstream.peers) == 1)
+    status, _, _ = await fetch(session, "GET", proxy.url("/echo/waits"))
+    assert status == 502
+    assert proxy.errors[-1].kind == "connect"
+    upstream.release.set()
+    assert (await slow)[0] == 200
+    assert (await fetch(session, "GET", proxy.url("/echo/then")))[0] == 200
+
+
+async def test_response_head_split_across_many_segments(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession
+) -> None:
+    raw = (
+        b"HTTP/1.1 200 Fine Thanks\r\nX-Long-Header-Name: "
+        + b"v" * 300
+        + b"\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        for start in range(0, len(raw), 7):
+            w.write(raw[start : start + 7])
+            await w.drain()
+            await asyncio.sleep(0.001)
+        return True
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    for _ in range(2):
+        async with session.get(proxy.url("/split")) as resp:
+            assert (resp.status, resp.reason) == (200, "Fine Thanks")
+            assert resp.headers["X-Long-Header-Name"] == "v" * 300
+            assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+            assert await resp.read() == b"hello world"
+    assert up.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "status"),
+    [(60 * 1024, 200), (70 * 1024, 502)],
+    ids=["60KiB-passes", "70KiB-refused"],
+)
+async def test_response_head_is_bounded_at_64_kib(
+    make_proxy: MakeProxy, scripted: StartScripted, size: int, status: int
+) -> None:
+    cookie = "c=" + "k" * (size - 2)
+
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer_ok(extra=f"Set-Cookie: {cookie}\r\n".encode()))
+        return True
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    async with aiohttp.ClientSession(max_field_size=128 * 1024) as big:
+        got, headers, body = await fetch(big, "GET", proxy.url("/cookie"))
+    assert got == status
+    if status == 200:
+        assert headers["Set-Cookie"] == cookie
+        assert body == b"ok"
+    else:
+        assert proxy.errors[-1].kind == "protocol"
+
+
+async def test_endless_response_header_is_refused_without_waiting(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession
+) -> None:
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                w.write(b"e" * 4096)
+                await w.drain()
+        return False
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url, read=30)
+    status, _, _ = await fetch(session, "GET", proxy.url("/"), timeout=aiohttp.ClientTimeout(5))
+    assert status == 502
+    assert proxy.errors[-1].kind == "protocol"
+
+
+async def test_request_without_host_gets_the_upstreams(proxy: Proxy, upstream: Upstream) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.url("/").port)
+    writer.write(b"GET /echo/old HTTP/1.0\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.0 200 ")
+    assert upstream.last.header("Host") == [URL(upstream.url).raw_authority]
+
+
+def test_header_values_cannot_smuggle_a_request() -> None:
+    headers = CIMultiDict([("X-Evil", "a\r\nContent-Length: 0\r\n\r\nGET /admin HTTP/1.1")])
+    with pytest.raises(ValueError, match="CR or LF"):
+        request_head("GET", "/", headers, "upstream", False)
+
+
+def test_on_uvloop(tmp_path: Path) -> None:
+    """The sidecar runs on uvloop, whose transports differ from asyncio's: a round trip of
+    the main paths there (keep-alive, bodies both ways and their backpressure, HEAD, TLS)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        app = UpstreamApp()
+        runner = web.ServerRunner(web.Server(app))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        app.state = Upstream(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        timeouts = UpstreamTimeouts(connect=2.0, read=5.0)
+        client = UpstreamClient(UpstreamConfig(url=app.state.url, timeout=timeouts))
+        await client.start()
+        proxy = Proxy(client)
+        front = web.ServerRunner(web.Server(proxy.handle, handler_cancellation=False))
+        await front.setup()
+        await web.TCPSite(front, "127.0.0.1", 0).start()
+        proxy.base = f"http://127.0.0.1:{front.addresses[0][1]}"
+        data = os.urandom(3 * MiB)
+        try:
+            async with aiohttp.ClientSession(skip_auto_headers=BARE) as session:
+                for _ in range(3):
+                    assert (await fetch(session, "GET", proxy.url("/echo/a")))[0] == 200
+                assert (await fetch(session, "HEAD", proxy.url("/head")))[::2] == (200, b"")
+                status, _, _ = await fetch(
+                    session, "PUT", proxy.url("/echo/u"), data=io.BytesIO(data)
+                )
+                assert (status, app.state.last.sha256) == (200, sha256(data))
+                status, _, _ = await fetch(session, "POST", proxy.url("/echo/c"), data=pieces(data))
+                assert (status, app.state.last.sha256) == (200, sha256(data))
+                status, _, body = await fetch(
+                    session, "GET", proxy.url(f"/download?size={5 * MiB}")
+                )
+                assert (status, sha256(body)) == (200, sha256(blob(5 * MiB)))
+            assert len(set(app.state.peers)) == 1
+        finally:
+            await front.cleanup()
+            await client.close()
+            await runner.cleanup()
+
+    uvloop.run(scenario())

@@ -1,0 +1,379 @@
+"""HTTP/1.1 to the upstream on the wire: the request head, the request body, and the
+``Connection`` protocol that reads the response.
+
+A ``Connection`` owns its transport, an httptools (llhttp) response parser and the state of
+the one exchange in progress: status, headers, body chunks (with read backpressure),
+completion, and one lazily re-armed read timer. Failures come out as ``TimeoutError``,
+``OSError`` (resets), ``UpstreamError`` (protocol) or ``BodyTooLarge``; the caller decides
+what they mean for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+from aiohttp import StreamReader
+from multidict import CIMultiDict
+
+from .errors import UpstreamError
+
+# The response head (status line and headers, interim responses included) is held in memory
+# whole; nginx's largest default proxy buffers take 32 KiB, a cookie-heavy application more.
+MAX_HEAD = 64 * 1024
+# Body bytes buffered before the upstream is told to wait (the client is slower than it).
+_HIGH_WATER = 256 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeded ``max_body_size`` before the upstream answered."""
+
+
+def request_head(
+    method: str, target: str, headers: CIMultiDict[str], host: str, chunked: bool
+) -> bytes:
+    """The request line and ``headers`` as given, with the framing of the client's body."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    if "Host" not in headers:
+        lines.append(f"Host: {host}")
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    lines.append("\r\n")
+    head = "\r\n".join(lines)
+    # aiohttp's parser let no CR or LF into the client's values, and ours have none; one here
+    # would end the head early and start a request of the client's making.
+    if head.count("\n") != len(lines) or head.count("\r") != len(lines):
+        raise ValueError("CR or LF in a request header")
+    # aiohttp decoded the client's bytes this way: encoding them back gives the same bytes.
+    return head.encode("utf-8", "surrogateescape")
+
+
+class RequestBody:
+    """The client's request body, framed as the client framed it, refused past ``limit``."""
+
+    def __init__(self, content: StreamReader, *, chunked: bool, limit: int | None) -> None:
+        self._content = content
+        self._chunked = chunked
+        # Content-Length bodies are framed by the server's parser; only chunked ones can grow.
+        self._limit = limit if chunked else None
+        self._seen = 0
+
+    def buffered(self) -> tuple[list[bytes], bool]:
+        """What has arrived already, framed, and whether that is the whole body."""
+        try:
+            data = self._content.read_nowait()
+        except Exception as exc:  # the client's body failed already (it left, bad framing)
+            raise UpstreamError("reset", f"request body: {type(exc).__name__}: {exc}") from exc
+        done = self._content.at_eof()
+        return self._frame(data, done), done
+
+    async def send_rest(self, conn: Connection) -> None:
+        """Stream the rest to ``conn`` as it arrives; a failure becomes the exchange's error."""
+        try:
+            while True:
+                data = await self._content.readany()
+                conn.writelines(self._frame(data, not data))
+                if not data:
+                    conn.request_sent = True
+                    return
+                conn.touch()
+                await conn.drain()
+        except (BodyTooLarge, OSError) as exc:
+            conn.fail(exc)
+        except Exception as exc:  # e.g. the client's chunked framing was broken
+            conn.fail(ConnectionAbortedError(f"request body: {type(exc).__name__}: {exc}"))
+
+    def _frame(self, data: bytes, done: bool) -> list[bytes]:
+        self._seen += len(data)
+        if self._limit is not None and self._seen > self._limit:
+            raise BodyTooLarge(f"chunked body exceeds {self._limit}")
+        if not self._chunked:
+            return [data]
+        framed = [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
+        if done:
+            framed.append(b"0\r\n\r\n")
+        return framed
+
+
+class Connection(asyncio.Protocol):
+    """One connection to the upstream; ``begin`` starts an exchange, ``head`` and ``read``
+    wait for its response. Errors are sticky: once failed, every wait raises the error."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        self._loop = loop
+        self._read_timeout = read_timeout
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._stale_parser = False
+        self.lost = False
+        #: set by the pool once the connection is its own: called once when it closes
+        self.on_lost: Callable[[Connection], None] | None = None
+        #: served an exchange before this one (a stale keep-alive connection may be retried)
+        self.reused = False
+        self.idle = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reset(head_only=False)
+        self.request_sent = True
+
+    def _reset(self, *, head_only: bool) -> None:
+        self._head_only = head_only
+        self._error: BaseException | None = None
+        self._interim = False
+        self._head_size = 0
+        #: response bytes received in this exchange (interim responses included)
+        self.received = 0
+        self.status = 0
+        self.reason = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self._until_eof = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._read_paused = False
+
+    # ---- the exchange, as the forwarder sees it ----------------------------------------------
+
+    def begin(self, *, head_only: bool, sending: bool) -> None:
+        """Start an exchange: ``head_only`` for HEAD requests (no body in the response),
+        ``sending`` while a request body is still to be written (``request_sent`` after)."""
+        if self._stale_parser:
+            # llhttp cannot be told a response is to HEAD: it may still wait for that body.
+            self._parser = httptools.HttpResponseParser(self)
+            self._stale_parser = False
+        if self._read_paused and self._transport is not None:
+            self._transport.resume_reading()  # the last body was not read to the end
+        self._reset(head_only=head_only)
+        self.request_sent = not sending
+        self.idle = False
+        if self.closing:  # closed on its way out of the pool
+            self._error = ConnectionResetError("the upstream closed the connection")
+
+    @property
+    def closing(self) -> bool:
+        return self.lost or self._transport is None or self._transport.is_closing()
+
+    def writelines(self, data: list[bytes]) -> None:
+        # After a failure the error surfaces in the next wait; a closed transport may raise.
+        if self._error is None and not self.closing:
+            assert self._transport is not None
+            self._transport.writelines(data)
+
+    async def drain(self) -> None:
+        """Wait while the upstream is not taking what we write (its socket buffer is full)."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self.lost:
+                raise ConnectionResetError("the upstream closed the connection")
+            if not self._write_paused:
+                return
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def touch(self) -> None:
+        """Push the read deadline back: the request body is still making progress (a client
+        that stalls its upload longer than the read timeout gets a 504 like a slow upstream)."""
+        self._deadline = self._loop.time() + self._read_timeout
+
+    async def head(self) -> None:
+        """Wait for the final response's head (interim 1xx responses are skipped)."""
+        while not self.head_done:
+            await self._wait()
+
+    async def read(self) -> bytes:
+        """The body bytes received so far, waiting for some if there are none; b"" at the end."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            await self._wait()
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        if self._read_paused:
+            self._read_paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the exchange ended cleanly on both sides with the connection left usable."""
+        return (
+            self.complete
+            and self.keep_alive
+            and self.request_sent
+            and self._error is None
+            and not self.lost
+        )
+
+    def fail(self, exc: BaseException) -> None:
+        """End the exchange with ``exc`` (the first error sticks) and drop the connection."""
+        if self._error is None:
+            self._error = exc
+        self._wake()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # ---- waiting, with one timer per connection ----------------------------------------------
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._deadline = self._loop.time() + self._read_timeout
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self._error is not None:
+            raise self._error
+
+    def _on_timer(self) -> None:
+        # Deadlines move on every wait and body write; the timer follows them lazily instead
+        # of being cancelled and rescheduled each time.
+        self._timer = None
+        if self._waiter is None:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        elif self._error is None:
+            self._error = TimeoutError(f"no data from the upstream for {self._read_timeout}s")
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # ---- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not registered as asyncio.Transport, so no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle or self.complete:
+            # Nothing is owed to us: an idle connection that talks (a 408 before closing) or
+            # bytes after the response cannot be trusted with another exchange.
+            self.keep_alive = False
+            self.close()
+            return
+        self.received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.complete:  # bytes after a complete response
+                self.keep_alive = False
+                self.close()
+            else:  # a callback's own error, or what llhttp found
+                self.fail(self._error or UpstreamError("protocol", f"{type(exc).__name__}: {exc}"))
+            return
+        if not self.head_done and self.received > MAX_HEAD:
+            self.fail(UpstreamError("protocol", f"response head larger than {MAX_HEAD} bytes"))
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.idle and not self.complete:
+            if self.head_done and self._until_eof and exc is None:
+                self.complete = True  # a body delimited by the end of the connection
+            elif self._error is None:
+                self._error = exc or ConnectionResetError("the upstream closed the connection")
+        self._write_paused = False
+        self._wake()
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    # ---- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.head_done:  # a second final response: stop before it overwrites the first
+            raise ConnectionAbortedError("unsolicited response")
+        self.reason = b""
+        self.raw_headers = []
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status  # llhttp may hand it over in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD:  # trailers count too: they are held until parsed
+            self._error = UpstreamError("protocol", f"response head larger than {MAX_HEAD} bytes")
+            raise self._error  # stops the parser; data_received fails the connection
+        if not self.head_done:  # trailers are dropped, as hop-by-hop framing
+            self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True  # 100 Continue, 103 Early Hints: the final response follows
+            return
+        self.status = status
+        self.head_done = True
+        self.keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        if self._head_only or status in (204, 304):
+            self.complete = True
+            if self._head_only:
+                self._stale_parser = True
+            return
+        # llhttp reads a response without Content-Length that is not chunked until EOF.
+        self._until_eof = True
+        for name, value in self.raw_headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                self._until_eof = False
+            elif len(name) == 17 and name.lower() == b"transfer-encoding":
+                self._until_eof = not value.rstrip().lower().endswith(b"chunked")
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:  # a body after a HEAD response: the connection is out of step
+            self.keep_alive = False
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._read_paused:
+            self._read_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self.complete = True
