@@ -200,6 +200,11 @@ class UpstreamConfig(Section):
         m = re.match(r"^(http|https)://([^/?#]+)(/[^?#]*)?$", v)
         if not m:
             raise ValueError(f"not an http:// or https:// URL without query: {v!r}")
+        if "@" in m.group(2):
+            raise ValueError(
+                "credentials in upstream.url are not supported (they would be sent to nobody): "
+                "the sidecar forwards the client's own Authorization header"
+            )
         return v.rstrip("/") if m.group(3) in (None, "/") else v
 
 

@@ -170,6 +170,16 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     assert "duplicate key 'port'" in problems_of(dup)[0]
 
 
+def test_upstream_url_without_credentials(config_dir: ConfigDir) -> None:
+    data = config_dir.base()
+    data["upstream"]["url"] = "http://user:secret@127.0.0.1:8080"
+    problems = problems_of(config_dir.write(data))
+    assert any(p.startswith("upstream.url: credentials in upstream.url") for p in problems), (
+        problems
+    )
+    assert not any("secret" in p for p in problems)
+
+
 def test_backend_section_required(config_dir: ConfigDir) -> None:
     data = config_dir.base()
     data["identity"]["backend"] = "identityplus"
