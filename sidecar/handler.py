@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -428,7 +427,7 @@ def _request_id(request: web.BaseRequest, trusted: bool) -> str:
         incoming = request.headers.get("X-Request-ID")
         if incoming and _REQUEST_ID.match(incoming):
             return incoming
-    return uuid.uuid4().hex
+    return responses.new_request_id()
 
 
 def _certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None:

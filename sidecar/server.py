@@ -9,7 +9,6 @@ errors (oversized request line or headers, malformed framing) with our own error
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -138,7 +137,9 @@ class Connection(RequestHandler):
             accept = request.headers.get("Accept")
         except Exception:
             accept = None
-        response = responses.error(status, reason, request_id=uuid.uuid4().hex, accept=accept)
+        response = responses.error(
+            status, reason, request_id=responses.new_request_id(), accept=accept
+        )
         response.force_close()
         return response
 
