@@ -23,6 +23,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from .errors import CertificateError
 
 _HEX_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_CLIENT_AUTH_USAGES = frozenset(
+    {
+        ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string,
+        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE.dotted_string,
+    }
+)
 
 PrivateKey = (
     rsa.RSAPrivateKey
@@ -42,9 +48,10 @@ def normalize_fingerprint(text: str) -> str:
 
     Raises ``ValueError`` naming the problem when the text is not a SHA-256 fingerprint.
     """
-    cleaned = re.sub(r"[\s:]", "", text).lower()
+    cleaned = text.strip().lower()
     if cleaned.startswith("sha256:"):
         cleaned = cleaned[len("sha256:") :]
+    cleaned = re.sub(r"[\s:]", "", cleaned)
     if not _HEX_FINGERPRINT.match(cleaned):
         raise ValueError(
             "not a SHA-256 fingerprint (expected 64 hex digits, colons optional), "
@@ -87,6 +94,8 @@ class ClientCert:
     #: validity as POSIX timestamps, for a cheap per-request check
     not_before_ts: float = 0.0
     not_after_ts: float = 0.0
+    #: decided once at parse time (see ``allows_client_auth``): checked on every request
+    client_auth: bool = True
 
     @classmethod
     def from_der(cls, der: bytes) -> ClientCert:
@@ -132,6 +141,7 @@ class ClientCert:
             b64=base64.b64encode(der).decode("ascii"),
             not_before_ts=cert.not_valid_before_utc.timestamp(),
             not_after_ts=cert.not_valid_after_utc.timestamp(),
+            client_auth=eku is None or not _CLIENT_AUTH_USAGES.isdisjoint(eku),
         )
 
     @property
@@ -141,13 +151,7 @@ class ClientCert:
 
     def allows_client_auth(self) -> bool:
         """RFC 5280 §4.2.1.12: with an EKU extension, clientAuth (or anyExtendedKeyUsage) is needed."""
-        if self.extended_key_usage is None:
-            return True
-        allowed = {
-            ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string,
-            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE.dotted_string,
-        }
-        return any(oid in allowed for oid in self.extended_key_usage)
+        return self.client_auth
 
     def valid_at(self, when: float | None = None) -> bool:
         """Within its validity period at POSIX time ``when`` (now by default)."""
