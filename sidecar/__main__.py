@@ -177,7 +177,7 @@ def run(
         return EXIT_CONFIG
     except OSError as exc:
         print(
-            f"listen: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}",
+            f"sidecar: cannot start: {exc}",
             file=sys.stderr,
         )
         return EXIT_FAILURE

@@ -116,6 +116,14 @@ class Sidecar:
     # ---- start ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start everything; on failure (a port in use) close what was started and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0, quiet=True)
+            raise
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         plan = await self._build_plan(self.config)
         self.handler = Handler(
@@ -341,7 +349,7 @@ class Sidecar:
         await asyncio.sleep(self.config.shutdown.drain_delay)
         await self.stop(grace=self.config.shutdown.grace_period)
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = 10.0, *, quiet: bool = False) -> None:
         """Stop accepting, let in-flight requests finish within ``grace``, then close everything."""
         self.readiness.draining = True
         if self._watcher is not None:
@@ -368,7 +376,8 @@ class Sidecar:
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
-        self.log.info("stopped")
+        if not quiet:
+            self.log.info("stopped")
 
 
 def _same_upstream(a: Config, b: Config) -> bool:

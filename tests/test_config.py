@@ -254,3 +254,18 @@ def test_run_with_bad_config_is_one_line_each(config_dir: ConfigDir) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith("tls.certificate: file not found")
     assert "Traceback" not in result.stderr
+
+
+def test_run_with_a_port_in_use_is_one_line(config_dir: ConfigDir) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        data = config_dir.base()
+        data["admin"]["port"] = taken.getsockname()[1]
+        result = _cli("run", "--config", str(config_dir.write(data)))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sidecar: cannot start:") and "address already in use" in lines[0]
