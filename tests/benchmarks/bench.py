@@ -1,0 +1,1199 @@
+"""The sidecar against nginx as the reference mTLS proxy, scenario by scenario.
+
+Run it with ``tests/benchmarks/run.sh`` (which installs nginx, wrk and a C compiler when
+missing and builds the client-certificate shim); this module is the part after that::
+
+    python -m tests.benchmarks.bench --shim build/benchmarks/client_cert_shim.so [options]
+
+Each scenario runs on both proxies, interleaved (nginx, sidecar, nginx, sidecar, ...), ``--reps``
+times; per scenario it reports the median req/s, p50 and p99 latency (wrk's histogram), the
+peak RSS of the proxy's processes, the CPU the proxy used, and the ratios sidecar/nginx. The
+same goes to a JSON file. See README.md in this folder for what each scenario means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import loadgen, stack
+from .stack import BenchPKI, Placement, Proc
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    path: str = "/"
+    connections: int = 32
+    method: str = "GET"
+    body_size: int = 0
+    close: bool = False
+    resume: bool = True
+    #: run against the variants that log every request (nginx access_log, sidecar at info)
+    logging: bool = False
+    #: targets (ratios sidecar/nginx): throughput at least, p99 at most
+    min_rps_ratio: float | None = None
+    max_p99_ratio: float | None = None
+    #: S3: report RSS growth per in-flight request, and probe it with 4 MiB bodies at this path
+    streaming: bool = False
+    probe_path: str | None = None
+
+
+SCENARIOS = [
+    Scenario(
+        "S1-c32",
+        "keep-alive GET, cached verdict, 32 connections",
+        connections=32,
+        min_rps_ratio=0.5,
+        max_p99_ratio=2.0,
+    ),
+    Scenario(
+        "S1-c128",
+        "keep-alive GET, cached verdict, 128 connections",
+        connections=128,
+        min_rps_ratio=0.5,
+        max_p99_ratio=2.0,
+    ),
+    Scenario(
+        "S1-c32-log",
+        "S1-c32 with per-request logging (sidecar log.level info, nginx access_log)",
+        connections=32,
+        logging=True,
+    ),
+    Scenario(
+        "S2-new",
+        "new connection + full TLS handshake with client cert per request",
+        connections=32,
+        close=True,
+        resume=False,
+        min_rps_ratio=0.45,
+    ),
+    Scenario(
+        "S2-resume",
+        "new connection per request, TLS session resumed",
+        connections=32,
+        close=True,
+        resume=True,
+        min_rps_ratio=0.6,
+    ),
+    Scenario(
+        "S3-upload",
+        "1 MiB POST upload, streamed",
+        path="/upload",
+        method="POST",
+        body_size=MiB,
+        connections=16,
+        min_rps_ratio=0.8,
+        streaming=True,
+        probe_path="/upload",
+    ),
+    Scenario(
+        "S3-download",
+        "1 MiB GET download, streamed",
+        path="/download",
+        connections=16,
+        min_rps_ratio=0.8,
+        streaming=True,
+        probe_path="/download4",
+    ),
+]
+#: S3's body-size probe calls it whole-body buffering when 4 MiB bodies instead of 1 MiB make
+#: the RSS grow by this much more per in-flight request (a streaming proxy's stays flat)
+BUFFERING_KIB = 1024
+#: a measurement during which other processes used more CPU than this (cores) is made again
+OTHER_LOAD_LIMIT = 0.3
+
+
+@dataclass
+class Target:
+    """One proxy under test: how to reach it and which process tree is it."""
+
+    name: str  # nginx | sidecar
+    port: int
+    proc: Proc
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    folder: Path
+    pki: BenchPKI
+    placement: Placement
+    shim: Path
+    #: the sidecar package to run (a commit's, extracted), or None for the installed one
+    src: Path | None = None
+    procs: list[Proc] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    # ---- processes ----------------------------------------------------------------------
+
+    def start_fixed(self) -> None:
+        p = self.ports
+        for name in (
+            "upstream",
+            "reference",
+            "reference_log",
+            "sidecar",
+            "sidecar_log",
+            "admin",
+            "admin_log",
+            "verdicts",
+            "sidecar_s4",
+            "admin_s4",
+            "sidecar_probe",
+            "admin_probe",
+        ):
+            p[name] = stack.free_port()
+        up = stack.start_nginx(
+            "upstream-nginx",
+            stack.upstream_conf(self.folder, p["upstream"]),
+            self.folder,
+            self.placement.rest,
+        )
+        self.procs.append(up)
+        stack.wait_port(up, p["upstream"])
+        ref_conf = stack.reference_conf(
+            self.folder,
+            self.pki,
+            port=p["reference"],
+            log_port=p["reference_log"],
+            upstream_port=p["upstream"],
+            workers=self.args.workers,
+        )
+        ref = stack.start_nginx("reference-nginx", ref_conf, self.folder, self.placement.proxy)
+        self.procs.append(ref)
+        stack.wait_port(ref, p["reference"])
+        self.upstream, self.reference = up, ref
+
+    def start_sidecar(
+        self,
+        name: str,
+        port_key: str,
+        admin_key: str,
+        *,
+        log_level: str = "warning",
+        http_backend: str | None = None,
+    ) -> Proc:
+        conf = stack.sidecar_conf(
+            self.folder,
+            self.pki,
+            name=name,
+            port=self.ports[port_key],
+            admin_port=self.ports[admin_key],
+            upstream_port=self.ports["upstream"],
+            workers=self.args.workers,
+            log_level=log_level,
+            http_backend=http_backend,
+        )
+        proc = stack.start_sidecar(name, conf, self.folder, self.placement.proxy, src=self.src)
+        self.procs.append(proc)
+        stack.wait_port(proc, self.ports[port_key])
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    # ---- checks -------------------------------------------------------------------------
+
+    def checks(self, sidecar: Proc) -> dict[str, Any]:
+        """Both proxies do the same thing before they are compared; nginx refuses without a cert."""
+        pki, p = self.pki, self.ports
+        with_cert = stack.client_context(pki, pki.client_cert, pki.client_key)
+        without = stack.client_context(pki, None)
+        from tests.pki import make_leaf
+
+        stranger = self.folder / "stranger.pem"
+        leaf = make_leaf(pki.issuer, "stranger")  # trusted CA, bound to nobody
+        stranger.write_bytes(leaf.pem + leaf.key_pem)
+        unknown = stack.client_context(pki, stranger)
+        out: dict[str, Any] = {}
+        expected = {
+            "cert": stack.der_b64(pki.client_der),
+            "userinfo": stack.BENCH_USER.header_value,
+        }
+        for name, port in (("nginx", p["reference"]), ("sidecar", p["sidecar"])):
+            status, body, headers = stack.https_get(
+                port,
+                "/__headers",
+                with_cert,
+                {"X-USERINFO": "forged", "X-APP-CERTIFICATE": "forged"},
+            )
+            seen = stack.decode_json(body) if status == 200 else {}
+            out[name] = {
+                "with_certificate": status,
+                "identity_headers_match": status == 200
+                and all(seen.get(k) == v for k, v in expected.items()),
+                "forwarded_headers": {k: seen.get(k) for k in ("xff", "proto", "host")},
+                "request_id_on_response": any(k.lower() == "x-request-id" for k in headers),
+                "without_certificate": stack.https_get(port, "/", without)[0],
+                "unbound_certificate": stack.https_get(port, "/", unknown)[0],
+            }
+        # wrk as it is (no shim) against nginx: every answer must be a refusal.
+        script = loadgen.lua_script(self.folder, "check")
+        bare = loadgen.run_wrk(
+            f"https://127.0.0.1:{p['reference']}/",
+            connections=4,
+            threads=1,
+            seconds=1,
+            script=script,
+            shim=None,
+            cert=None,
+            key=None,
+            cpus=self.placement.rest,
+            folder=self.folder,
+        )
+        out["nginx"]["wrk_without_shim"] = {
+            "requests": bare.requests,
+            "non_2xx": bare.errors["status"],
+        }
+        problems = []
+        for name in ("nginx", "sidecar"):
+            c = out[name]
+            if c["with_certificate"] != 200 or not c["identity_headers_match"]:
+                problems.append(f"{name}: request with the client certificate: {c}")
+            if c["without_certificate"] not in (400, 401, 0):
+                problems.append(
+                    f"{name}: a request without a certificate got {c['without_certificate']}"
+                )
+            if c["unbound_certificate"] not in (403, 0):
+                problems.append(f"{name}: an unbound certificate got {c['unbound_certificate']}")
+        if bare.requests == 0 or bare.errors["status"] != bare.requests:
+            problems.append(f"nginx answered wrk without a client certificate: {bare.as_dict()}")
+        out["problems"] = problems
+        return out
+
+    # ---- one measurement ----------------------------------------------------------------
+
+    def run_once(self, target: Target, scenario: Scenario, seconds: float) -> dict[str, Any]:
+        pids = stack.tree(target.proc.pid)
+        up_pids = stack.tree(self.upstream.pid)
+        stack.reset_hwm(pids)
+        rss_before = stack.rss_kib(pids)
+        kernel = stack.ksoftirqd_pids()  # network softirq work for our traffic, when deferred
+        cpu0, up0 = stack.cpu_seconds(pids), stack.cpu_seconds(up_pids)
+        k0 = stack.cpu_seconds(kernel)
+        busy0, steal0 = loadgen.busy_seconds()
+        t0 = time.monotonic()
+        res = loadgen.run_wrk(
+            f"https://127.0.0.1:{target.port}{scenario.path}",
+            connections=scenario.connections,
+            threads=self.placement.client_threads,
+            seconds=seconds,
+            script=self.script(scenario),
+            shim=self.shim,
+            cert=self.pki.client_cert,
+            key=self.pki.client_key,
+            resume=scenario.resume,
+            cpus=self.placement.rest,
+            folder=self.folder,
+        )
+        wall = time.monotonic() - t0
+        busy1, steal1 = loadgen.busy_seconds()
+        proxy_cpu = stack.cpu_seconds(pids) - cpu0
+        up_cpu = stack.cpu_seconds(up_pids) - up0
+        ours = proxy_cpu + up_cpu + res.cpu_seconds + (stack.cpu_seconds(kernel) - k0)
+        return {
+            **res.as_dict(),
+            "wall_seconds": round(wall, 3),
+            "rss_before_kib": rss_before,
+            "peak_rss_kib": stack.hwm_kib(pids),
+            "proxy_cores": round(proxy_cpu / wall, 3),
+            "upstream_cores": round(up_cpu / wall, 3),
+            "wrk_cores": round(res.cpu_seconds / wall, 3),
+            "other_load_cores": round(max(0.0, (busy1 - busy0) - ours) / wall, 3),
+            "steal_cores": round((steal1 - steal0) / wall, 3),
+            "requests_per_proxy_cpu_second": round(res.requests / proxy_cpu, 1)
+            if proxy_cpu > 0
+            else None,
+        }
+
+    def script(self, scenario: Scenario) -> Path:
+        return loadgen.lua_script(
+            self.folder,
+            scenario.key,
+            method=scenario.method,
+            body_size=scenario.body_size,
+            close=scenario.close,
+        )
+
+    # ---- a scenario on both proxies ------------------------------------------------------
+
+    def scenario(self, scenario: Scenario, targets: list[Target]) -> dict[str, Any]:
+        self.say(f"\n== {scenario.key}: {scenario.title}")
+        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        idle: dict[str, int] = {}
+        peak: dict[str, int] = {}
+        for t in targets:
+            idle[t.name] = stack.rss_kib(stack.tree(t.proc.pid))
+            loadgen.wait_quiet(self.args.quiet_wait)
+            warm = self.run_once(t, scenario, self.args.warmup)
+            peak[t.name] = warm["peak_rss_kib"]
+            self.say(f"   warm-up {t.name:<8} {warm['rps']:>9.0f} req/s")
+        discarded: dict[str, int] = {t.name: 0 for t in targets}
+        for rep in range(1, self.args.reps + 1):
+            for t in targets:
+                for attempt in range(self.args.retries + 1):
+                    load = loadgen.wait_quiet(self.args.quiet_wait)
+                    r = self.run_once(t, scenario, self.args.duration)
+                    r["other_load_before_cores"] = round(load, 3)
+                    if r["other_load_cores"] <= OTHER_LOAD_LIMIT or attempt == self.args.retries:
+                        break
+                    discarded[t.name] += 1
+                    self.say(
+                        f"   rep {rep} {t.name:<8} discarded: other processes used {r['other_load_cores']:.2f} cores meanwhile"
+                    )
+                runs[t.name].append(r)
+                peak[t.name] = max(peak[t.name], r["peak_rss_kib"])
+                errors = sum(r["errors"].values())
+                flag = f"  ({errors} errors: {r['errors']})" if errors else ""
+                hs = (
+                    f"  handshakes full={r['handshakes_full']} resumed={r['handshakes_resumed']}"
+                    if scenario.close
+                    else ""
+                )
+                self.say(
+                    f"   rep {rep} {t.name:<8} {r['rps']:>9.0f} req/s  p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>8.2f} ms"
+                    f"  proxy {r['proxy_cores']:.2f} cores  other load {r['other_load_cores']:.2f}{hs}{flag}"
+                )
+        summary = {
+            name: summarize(rs, idle[name], peak[name], scenario) for name, rs in runs.items()
+        }
+        for name in summary:
+            summary[name]["discarded_runs"] = discarded[name]
+        return {
+            "scenario": scenario.__dict__,
+            "targets": {t.name: {"port": t.port} for t in targets},
+            "runs": runs,
+            "summary": summary,
+            "comparison": compare(summary, scenario, self.probes.get(scenario.key)),
+        }
+
+    # ---- S3: does the sidecar's memory grow with the body size? ------------------------
+
+    def body_probe(self, scenario: Scenario) -> dict[str, Any]:
+        """RSS growth per in-flight request of a fresh sidecar, with 1 MiB and 4 MiB bodies.
+
+        A proxy that buffers whole bodies grows by about the body size per in-flight request;
+        one that streams grows by its (bounded) buffers, whatever the body size.
+        """
+        assert scenario.probe_path is not None
+        self.say(f"   body-size probe ({scenario.key}, fresh sidecar each time):")
+        sizes: dict[str, Any] = {}
+        small = dataclasses.replace(SCENARIOS[0], connections=scenario.connections)
+        for mib in (1, 4):
+            variant = dataclasses.replace(
+                scenario,
+                key=f"{scenario.key}-{mib}m",
+                path=scenario.path if mib == 1 else scenario.probe_path,
+                body_size=mib * MiB if scenario.body_size else 0,
+            )
+            proc = self.start_sidecar("sidecar-probe", "sidecar_probe", "admin_probe")
+            try:
+                target = Target("sidecar", self.ports["sidecar_probe"], proc)
+                self.run_once(target, small, 1.0)  # connections, TLS sessions, pools
+                idle = stack.rss_kib(stack.tree(proc.pid))
+                loadgen.wait_quiet(self.args.quiet_wait)
+                r = self.run_once(target, variant, self.args.duration)
+            finally:
+                self.stop(proc)
+            growth = max(0, r["peak_rss_kib"] - idle)
+            per = round(growth / scenario.connections, 1)
+            sizes[f"{mib} MiB"] = {
+                "idle_rss_kib": idle,
+                "peak_rss_kib": r["peak_rss_kib"],
+                "growth_per_in_flight_kib": per,
+                "rps": round(r["rps"], 1),
+                "errors": sum(r["errors"].values()),
+            }
+            self.say(
+                f"     {mib} MiB bodies: RSS +{per:.0f} KiB per in-flight request ({r['rps']:.0f} req/s)"
+            )
+        extra = (
+            sizes["4 MiB"]["growth_per_in_flight_kib"] - sizes["1 MiB"]["growth_per_in_flight_kib"]
+        )
+        return {
+            "connections": scenario.connections,
+            "sizes": sizes,
+            "extra_per_in_flight_kib_for_4x_body": round(extra, 1),
+            "buffers_whole_bodies": extra >= BUFFERING_KIB,
+        }
+
+    # ---- S4 --------------------------------------------------------------------------------
+
+    def s4(self) -> dict[str, Any]:
+        self.say(
+            "\n== S4: 1,000 distinct client certificates at once, identity backend with 20 ms latency"
+        )
+        certs_dir = self.folder / "s4-certs"
+        if certs_dir.exists():
+            shutil.rmtree(certs_dir)  # issued by an earlier run's CA
+        t0 = time.monotonic()
+        self.pki.many_clients(self.args.s4_certs, certs_dir)
+        self.say(
+            f"   made {self.args.s4_certs} client certificates in {time.monotonic() - t0:.1f} s"
+        )
+        hot = self.folder / "hot.pem"
+        hot.write_bytes(self.pki.client_cert.read_bytes() + self.pki.client_key.read_bytes())
+        py = sys.executable
+        verdicts = stack.start(
+            "verdicts",
+            [
+                py,
+                "-m",
+                "tests.benchmarks.s4",
+                "verdicts",
+                "--port",
+                str(self.ports["verdicts"]),
+                "--latency",
+                str(self.args.s4_latency),
+            ],
+            self.folder,
+            self.placement.rest,
+            env={"PYTHONPATH": str(ROOT)},
+        )
+        self.procs.append(verdicts)
+        stack.wait_port(verdicts, self.ports["verdicts"])
+        url = f"http://127.0.0.1:{self.ports['verdicts']}"
+        result: dict[str, Any] = {
+            "certificates": self.args.s4_certs,
+            "backend_latency_ms": self.args.s4_latency * 1000,
+        }
+        try:
+            for mode in ("preconnected", "arrival"):
+                _post(url + "/reset")
+                try:
+                    sidecar = self.start_sidecar(
+                        "sidecar-s4", "sidecar_s4", "admin_s4", http_backend=url + "/verdict"
+                    )
+                except RuntimeError as exc:
+                    result["status"] = "pending"
+                    result["reason"] = (
+                        "the sidecar does not start with identity.backend http: "
+                        + str(exc).splitlines()[-1]
+                    )
+                    self.say(f"   PENDING: {result['reason']}")
+                    return result
+                try:
+                    pids = stack.tree(sidecar.pid)
+                    stack.reset_hwm(pids)
+                    rss0 = stack.rss_kib(pids)
+                    loadgen.wait_quiet(self.args.quiet_wait)
+                    sampler = CpuSampler(pids)
+                    drive = subprocess.run(
+                        [
+                            py,
+                            "-m",
+                            "tests.benchmarks.s4",
+                            "drive",
+                            "--port",
+                            str(self.ports["sidecar_s4"]),
+                            "--certs",
+                            str(certs_dir),
+                            "--hot",
+                            str(hot),
+                            "--count",
+                            str(self.args.s4_certs),
+                            "--duplicates",
+                            str(self.args.s4_duplicates),
+                            "--mode",
+                            mode,
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=300,
+                        check=False,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)},
+                        preexec_fn=_pin(self.placement.rest),
+                    )
+                    sampler.stop()
+                    if drive.returncode != 0:
+                        raise RuntimeError(f"s4 driver failed: {drive.stderr[-2000:]}")
+                    doc = json.loads(drive.stdout)
+                    # Was the sidecar's CPU saturated while the burst was in flight?
+                    doc["sidecar_cores_during_burst"] = sampler.cores(*doc["burst_window"])
+                    doc["sidecar_peak_rss_kib"] = stack.hwm_kib(pids)
+                    doc["sidecar_rss_before_kib"] = rss0
+                finally:
+                    self.stop(sidecar)
+                doc["identity"] = self.s4_calls(url, certs_dir)
+                result[mode] = doc
+                self.say(_s4_line(mode, doc))
+        finally:
+            self.stop(verdicts)
+        pre = result["preconnected"]
+        result["pass_one_call_per_certificate"] = all(
+            result[m]["identity"]["one_call_each"] for m in ("preconnected", "arrival")
+        )
+        result["pass_hits_p50"] = (
+            pre["hot_during_burst"].get("count", 0) >= 5
+            and pre["hot_during_burst"]["p50_ms"] < self.args.s4_latency * 1000
+        )
+        result["pass_hits_unaffected"] = (
+            pre["hot_during_burst"].get("count", 0) >= 5
+            and pre["hot_during_burst"]["p99_ms"] < self.args.s4_latency * 1000
+        )
+        result["status"] = "measured"
+        return result
+
+    def s4_calls(self, url: str, certs_dir: Path) -> dict[str, Any]:
+        import hashlib
+        import urllib.request
+
+        with urllib.request.urlopen(url + "/stats", timeout=10) as resp:
+            stats = json.loads(resp.read())
+        per = stats["per_certificate"]
+        burst = [
+            hashlib.sha256(stack.pem_to_der(p)).hexdigest()
+            for p in sorted(certs_dir.glob("client-*.pem"))[: self.args.s4_certs]
+        ]
+        counts = Counter(per.get(sha, 0) for sha in burst)
+        return {
+            "calls_total": stats["calls"],
+            "calls_for_burst_certificates": sum(per.get(sha, 0) for sha in burst),
+            "certificates_by_call_count": {str(k): v for k, v in sorted(counts.items())},
+            "peak_calls_in_flight": stats["peak_in_flight"],
+            "one_call_each": counts == Counter({1: len(burst)}),
+        }
+
+    # ---- profile ------------------------------------------------------------------------
+
+    def profile(self, sidecar: Target) -> dict[str, Any]:
+        """py-spy samples the sidecar during S1-c32 (a run of its own, not one of the measured)."""
+        pyspy = Path(sys.executable).parent / "py-spy"
+        if not pyspy.exists():
+            return {"status": "skipped", "reason": "py-spy is not installed in the venv"}
+        self.say(
+            f"\n== profile: py-spy on the sidecar during S1-c32 ({self.args.profile_seconds:g} s)"
+        )
+        out: dict[str, Any] = {}
+        for native in (False, True):
+            raw = self.folder / f"profile{'-native' if native else ''}.txt"
+            argv = [
+                str(pyspy),
+                "record",
+                "--pid",
+                str(sidecar.proc.pid),
+                "--rate",
+                "50" if native else "250",
+                "--duration",
+                f"{self.args.profile_seconds:g}",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+            ]
+            # py-spy stops the process for each sample (consistent stacks); --native unwinds C
+            # frames too, which takes long enough to slow the sidecar down, hence 50 Hz
+            if native:
+                argv.append("--native")
+            loadgen.wait_quiet(self.args.quiet_wait)
+            spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.5)
+            scenario = SCENARIOS[0]
+            r = self.run_once(sidecar, scenario, self.args.profile_seconds)
+            _, err = spy.communicate(timeout=60)
+            if spy.returncode != 0 or not raw.exists():
+                out["native" if native else "python"] = {
+                    "status": "failed",
+                    "error": err.decode(errors="replace")[-500:],
+                }
+                continue
+            out["native" if native else "python"] = {
+                "file": str(raw),
+                "rps_while_profiling": round(r["rps"]),
+                **summarize_profile(raw, native=native),
+            }
+        return out
+
+
+class CpuSampler:
+    """CPU seconds of a process tree every 50 ms, in a thread, to read utilisation afterwards."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._pids = pids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), stack.cpu_seconds(self._pids)))
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cores(self, start: float, end: float) -> float | None:
+        before = [s for s in self.samples if s[0] <= start]
+        after = [s for s in self.samples if s[0] >= end]
+        if not before or not after or after[0][0] <= before[-1][0]:
+            return None
+        (t0, c0), (t1, c1) = before[-1], after[0]
+        return round((c1 - c0) / (t1 - t0), 2)
+
+
+# ---- statistics ---------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def summarize(
+    runs: list[dict[str, Any]], idle_rss: int, peak_rss: int, scenario: Scenario
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "reps": len(runs),
+        "rps": round(_median([r["rps"] for r in runs]), 1),
+        "rps_min": round(min(r["rps"] for r in runs), 1),
+        "rps_max": round(max(r["rps"] for r in runs), 1),
+        "p50_ms": round(_median([r["p50_ms"] for r in runs]), 3),
+        "p99_ms": round(_median([r["p99_ms"] for r in runs]), 3),
+        "peak_rss_kib": peak_rss,
+        "idle_rss_kib": idle_rss,
+        "proxy_cores": round(_median([r["proxy_cores"] for r in runs]), 3),
+        "requests_per_proxy_cpu_second": round(
+            _median([r["requests_per_proxy_cpu_second"] or 0 for r in runs]), 1
+        ),
+        "errors": sum(sum(r["errors"].values()) for r in runs),
+        "failed_runs": sum(1 for r in runs if r["requests"] == 0),
+        "requests": sum(r["requests"] for r in runs),
+        "other_load_cores_max": max(r["other_load_cores"] for r in runs),
+    }
+    if scenario.streaming:
+        # wrk counts received bytes only: an upload's throughput is its bodies sent
+        per_run = [
+            (r["requests"] * scenario.body_size if scenario.body_size else r["bytes"])
+            / r["seconds"]
+            / MiB
+            for r in runs
+        ]
+        out["mib_per_s"] = round(_median(per_run), 1)
+    if scenario.close:
+        full = sum(r["handshakes_full"] for r in runs)
+        resumed = sum(r["handshakes_resumed"] for r in runs)
+        out["handshakes_full"] = full
+        out["handshakes_resumed"] = resumed
+        out["resumed_fraction"] = round(resumed / (full + resumed), 3) if full + resumed else 0.0
+        # wrk's latency starts after the handshake; Little's law gives the whole cycle.
+        out["connection_cycle_ms"] = (
+            round(scenario.connections / out["rps"] * 1000, 3) if out["rps"] else None
+        )
+    if scenario.streaming:
+        growth = max(0, peak_rss - idle_rss)
+        out["rss_growth_kib"] = growth
+        out["rss_growth_per_in_flight_kib"] = round(growth / scenario.connections, 1)
+    return out
+
+
+def compare(
+    summary: dict[str, dict[str, Any]], scenario: Scenario, probe: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    names = list(summary)
+    if len(names) != 2:
+        return {}
+    ref, sc = summary[names[0]], summary[names[1]]
+    out: dict[str, Any] = {
+        "rps_ratio": round(sc["rps"] / ref["rps"], 3) if ref["rps"] else None,
+        "p50_ratio": round(sc["p50_ms"] / ref["p50_ms"], 2) if ref["p50_ms"] else None,
+        "p99_ratio": round(sc["p99_ms"] / ref["p99_ms"], 2) if ref["p99_ms"] else None,
+        "rss_ratio": round(sc["peak_rss_kib"] / ref["peak_rss_kib"], 2)
+        if ref["peak_rss_kib"]
+        else None,
+        "cpu_efficiency_ratio": (
+            round(sc["requests_per_proxy_cpu_second"] / ref["requests_per_proxy_cpu_second"], 3)
+            if ref["requests_per_proxy_cpu_second"]
+            else None
+        ),
+    }
+    checks: dict[str, bool] = {}
+    if scenario.min_rps_ratio is not None and out["rps_ratio"] is not None:
+        checks["req/s"] = out["rps_ratio"] >= scenario.min_rps_ratio
+    if scenario.max_p99_ratio is not None and out["p99_ratio"] is not None:
+        checks["p99"] = out["p99_ratio"] <= scenario.max_p99_ratio
+    if scenario.streaming and probe is not None:
+        checks["streaming"] = not probe["buffers_whole_bodies"]
+    if scenario.streaming or checks:
+        checks["no errors"] = not (
+            sc["errors"] or ref["errors"] or sc["failed_runs"] or ref["failed_runs"]
+        )
+    out["target"] = _target_text(scenario)
+    out["checks"] = checks
+    out["meets_target"] = all(checks.values()) if checks else None
+    return out
+
+
+def _target_text(s: Scenario) -> str:
+    parts = []
+    if s.min_rps_ratio is not None:
+        parts.append(f"req/s >= {s.min_rps_ratio:g}x")
+    if s.max_p99_ratio is not None:
+        parts.append(f"p99 <= {s.max_p99_ratio:g}x")
+    if s.streaming:
+        parts.append(
+            "no whole-body buffering (RSS per in-flight request flat from 1 to 4 MiB bodies)"
+        )
+    return ", ".join(parts) or "(reported only)"
+
+
+def summarize_profile(raw: Path, *, native: bool, top: int = 40) -> dict[str, Any]:
+    """Top functions by own samples and by inclusive samples, from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    files: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack_text, _, count_text = line.rpartition(" ")
+        if not stack_text or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_frame_name(f) for f in stack_text.split(";")]
+        frames = [f for f in frames if f]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        files[frames[-1].rpartition(" (")[2].rstrip(")") or frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+
+    def rows(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"function": f, "samples": n, "percent": round(100 * n / total, 1)}
+            for f, n in counter.most_common(top)
+        ]
+
+    return {
+        "samples": total,
+        "self": rows(own),
+        "inclusive": rows(incl),
+        "self_by_file": rows(files),
+    }
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/file.py:123)`` → ``func (file.py)``; the process/thread frames are dropped."""
+    frame = frame.strip()
+    if frame.startswith(("process ", "thread ")) or not frame:
+        return ""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    path = where.rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/lib/python3", "/sidecar/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            if marker == "/sidecar/":
+                path = "sidecar/" + path
+            break
+    else:
+        path = path.rsplit("/", 1)[-1]
+    return f"{name} ({path})" if path else name
+
+
+def _post(url: str) -> None:
+    import urllib.request
+
+    req = urllib.request.Request(url, method="POST", data=b"")
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+
+
+def _pin(cpus: tuple[int, ...] | None) -> Any:
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _s4_line(mode: str, doc: dict[str, Any]) -> str:
+    ident = doc["identity"]
+    during = doc["hot_during_burst"]
+    base = doc["hot_baseline"]
+    return (
+        f"   {mode:<12} burst {doc['burst_seconds']:.2f} s  statuses {doc['burst_statuses']}  identity calls "
+        f"{ident['calls_for_burst_certificates']} for {doc['certificates']} certs (+{doc['duplicate_connections']} duplicate connections)"
+        f"  hot p50/p99 {base.get('p50_ms')}/{base.get('p99_ms')} ms alone, "
+        f"{during.get('p50_ms')}/{during.get('p99_ms')} ms during ({during.get('count')} hits)"
+        f"  sidecar CPU during the burst {doc.get('sidecar_cores_during_burst')} cores"
+    )
+
+
+# ---- machine and versions ----------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+
+    def version(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return "not found"
+        text = (done.stdout + done.stderr).strip().splitlines()
+        return text[0] if text else ""
+
+    import ssl as ssl_mod
+
+    import aiohttp
+
+    try:
+        import uvloop
+
+        uv = str(getattr(uvloop, "__version__", "?"))
+    except ImportError:
+        uv = "not installed"
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "python_openssl": ssl_mod.OPENSSL_VERSION,
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uv,
+        "nginx": version([stack.nginx_binary(), "-v"]),
+        "wrk": version([loadgen.wrk_binary(), "-v"]).split("Copyright")[0].strip(),
+        "openssl": version(["openssl", "version"]),
+        "sidecar_commit": version(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
+    }
+
+
+# ---- output -------------------------------------------------------------------------------
+
+
+def _floor2(ratio: float | None) -> str:
+    """Two decimals, rounded down, so that a ratio shown as 0.80 really is at least 0.80."""
+    return "-" if ratio is None else f"{math.floor(ratio * 100) / 100:.2f}"
+
+
+def _kib(v: int) -> str:
+    return f"{v / 1024:.0f} MiB" if v >= 10240 else f"{v} KiB"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table (also printed)."""
+    head = (
+        "| scenario | nginx req/s | sidecar req/s | ratio | p50 ms nginx / sidecar | p99 ms nginx / sidecar | p99 ratio "
+        "| peak RSS nginx / sidecar | proxy CPU nginx / sidecar | req per CPU-s ratio | target | met | other load |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |\n"
+    )
+    lines = []
+    for s in results["scenarios"]:
+        key = s["scenario"]["key"]
+        a, b = (s["summary"][n] for n in s["targets"])
+        c = s["comparison"]
+        extra = ""
+        if "resumed_fraction" in b:
+            extra = f" (resumed {a['resumed_fraction']:.0%} / {b['resumed_fraction']:.0%})"
+        if "rss_growth_per_in_flight_kib" in b:
+            extra = (
+                f" ({a.get('mib_per_s', 0):.0f} / {b.get('mib_per_s', 0):.0f} MiB/s; RSS growth per"
+                f" in-flight request {a['rss_growth_per_in_flight_kib']:.0f} / {b['rss_growth_per_in_flight_kib']:.0f} KiB"
+            )
+            probe = s.get("body_size_probe")
+            if probe:
+                sz = probe["sizes"]
+                extra += (
+                    f"; fresh sidecar: {sz['1 MiB']['growth_per_in_flight_kib']:.0f} KiB with 1 MiB,"
+                    f" {sz['4 MiB']['growth_per_in_flight_kib']:.0f} KiB with 4 MiB bodies"
+                )
+            extra += ")"
+        met = {True: "yes", False: "**no**", None: "-"}[c["meets_target"]]
+        if c["meets_target"] is False:
+            met += " (" + ", ".join(k for k, ok in c.get("checks", {}).items() if not ok) + ")"
+        lines.append(
+            f"| {key}{extra} | {a['rps']:.0f} | {b['rps']:.0f} | **{_floor2(c['rps_ratio'])}** | {a['p50_ms']:.2f} / {b['p50_ms']:.2f} "
+            f"| {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | {c['p99_ratio']:.2f} | {_kib(a['peak_rss_kib'])} / {_kib(b['peak_rss_kib'])} "
+            f"| {a['proxy_cores']:.2f} / {b['proxy_cores']:.2f} | {c['cpu_efficiency_ratio']:.2f} | {c['target']} | {met} "
+            f"| {max(a['other_load_cores_max'], b['other_load_cores_max']):.2f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def s4_text(s4: dict[str, Any]) -> str:
+    if s4.get("status") != "measured":
+        return f"S4: {s4.get('status', 'not run')}: {s4.get('reason', '')}\n"
+    out = []
+    for mode in ("preconnected", "arrival"):
+        d = s4[mode]
+        i = d["identity"]
+        out.append(
+            f"S4 {mode}: {d['certificates']} certificates (+{d['duplicate_connections']} duplicate connections) in "
+            f"{d['burst_seconds']:.2f} s, statuses {d['burst_statuses']}; identity calls {i['calls_for_burst_certificates']} "
+            f"(per certificate: {i['certificates_by_call_count']}, peak in flight {i['peak_calls_in_flight']}); "
+            f"cache-hit latency p50/p99 {d['hot_baseline'].get('p50_ms')}/{d['hot_baseline'].get('p99_ms')} ms alone, "
+            f"{d['hot_during_burst'].get('p50_ms')}/{d['hot_during_burst'].get('p99_ms')} ms during the burst "
+            f"(max {d['hot_during_burst'].get('max_ms')} ms, {d['hot_during_burst'].get('count')} hits); "
+            f"misses p50/p99 {d['burst_latency'].get('p50_ms')}/{d['burst_latency'].get('p99_ms')} ms; "
+            f"sidecar CPU during the burst {d.get('sidecar_cores_during_burst')} cores"
+        )
+    out.append(
+        f"S4 one identity call per certificate: {'yes' if s4['pass_one_call_per_certificate'] else 'NO'}; "
+        f"typical cache hit never waits for a backend call (p50 during the burst < backend latency): "
+        f"{'yes' if s4['pass_hits_p50'] else 'NO'}; "
+        f"cache hits unaffected (p99 during the burst < backend latency): {'yes' if s4['pass_hits_unaffected'] else 'NO'}"
+    )
+    return "\n".join(out) + "\n"
+
+
+def profile_text(profile: dict[str, Any], top: int = 12) -> str:
+    out = []
+    for kind in ("python", "native"):
+        p = profile.get(kind)
+        if not p or "self" not in p:
+            continue
+        out.append(
+            f"py-spy ({kind} frames), {p['samples']} samples at {p['rps_while_profiling']} req/s,"
+            " top by own samples:"
+        )
+        out.extend(f"  {r['percent']:5.1f}%  {r['function']}" for r in p["self"][:top])
+        out.append("  own samples by file:")
+        out.extend(f"  {r['percent']:5.1f}%  {r['function']}" for r in p["self_by_file"][:top])
+        out.append("  top inclusive (below the event loop's own frames):")
+        below = [r for r in p["inclusive"] if r["percent"] < 70]
+        out.extend(f"  {r['percent']:5.1f}%  {r['function']}" for r in below[:top])
+    return "\n".join(out) + "\n"
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shim", type=Path, help="the built client_cert_shim.so (required to measure)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="measure nothing: print the tables of an earlier results JSON again",
+    )
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=ROOT / "build" / "benchmarks",
+        help="state folder (PKI, configs, logs, results)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: DIR/results.json)"
+    )
+    p.add_argument(
+        "--duration", type=float, default=8.0, help="seconds per measurement (default 8)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of warm-up per proxy and scenario (default 2)",
+    )
+    p.add_argument(
+        "--reps", type=int, default=3, help="repetitions per proxy (interleaved; default 3)"
+    )
+    p.add_argument(
+        "--sidecar-ref",
+        default=None,
+        help="benchmark the sidecar as committed at this git ref (e.g. HEAD) instead of the working tree",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes for both proxies (default 1)"
+    )
+    p.add_argument(
+        "--scenarios",
+        default="all",
+        help="comma-separated scenario keys (S1-c32, S2-new, ...), groups (S1, S2, S3, S4) or all",
+    )
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the proxy and the load generator to separate CPUs",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="wait up to this long for other load to stop before each measurement",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help=f"measure again when other processes used more than {OTHER_LOAD_LIMIT} cores meanwhile (default 2)",
+    )
+    p.add_argument("--s4-certs", type=int, default=1000)
+    p.add_argument(
+        "--s4-duplicates",
+        type=int,
+        default=200,
+        help="extra S4 connections reusing certificates at the same moment",
+    )
+    p.add_argument(
+        "--s4-latency",
+        type=float,
+        default=0.02,
+        help="identity backend latency in seconds (default 0.02)",
+    )
+    p.add_argument(
+        "--profile-seconds", type=float, default=10.0, help="py-spy duration; 0 skips the profile"
+    )
+    args = p.parse_args(argv)
+    if args.shim is None and args.report is None:
+        p.error("--shim is required (tests/benchmarks/run.sh builds it)")
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    return args
+
+
+def selected(spec: str) -> tuple[list[Scenario], bool]:
+    if spec == "all":
+        return SCENARIOS, True
+    keys = [k.strip() for k in spec.split(",") if k.strip()]
+    chosen = [
+        s
+        for s in SCENARIOS
+        if any(s.key == k or ("-" not in k and s.key.startswith(k + "-")) for k in keys)
+    ]
+    return chosen, any(k in ("S4",) for k in keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report is not None:
+        print(report(json.loads(args.report.read_text())))
+        return 0
+    folder: Path = args.dir.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    scenarios, with_s4 = selected(args.scenarios)
+    placement = Placement.choose(not args.no_pin, args.workers)
+    pki = BenchPKI.create(folder / "pki")
+    bench = Bench(args, folder, pki, placement, args.shim.resolve())
+    info = machine()
+    if args.sidecar_ref:
+        sha, bench.src = stack.export_commit(ROOT, args.sidecar_ref, folder)
+        info["sidecar_source"] = f"commit {sha} ({args.sidecar_ref})"
+    else:
+        info["sidecar_source"] = f"working tree ({info['sidecar_commit']})"
+    print(
+        f"machine: {info['nproc']} CPUs, {info['cpu_model']}; {info['nginx']}; {info['wrk']}; Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}"
+    )
+    print(f"sidecar: {info['sidecar_source']}")
+    print(
+        f"placement: {placement.describe()}; {args.reps} reps x {args.duration:g} s (+{args.warmup:g} s warm-up), workers {args.workers}"
+    )
+    results: dict[str, Any] = {
+        "machine": info,
+        "parameters": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "placement": placement.describe(),
+        },
+        "scenarios": [],
+    }
+    out_path: Path = args.out or folder / "results.json"
+    try:
+        bench.start_fixed()
+        sidecar = bench.start_sidecar("sidecar", "sidecar", "admin")
+        results["checks"] = checks = bench.checks(sidecar)
+        for name in ("nginx", "sidecar"):
+            print(f"check {name}: {json.dumps(checks[name])}")
+        if checks["problems"]:
+            print("checks failed:\n  " + "\n  ".join(checks["problems"]), file=sys.stderr)
+            return 1
+        ref_t = Target("nginx", bench.ports["reference"], bench.reference)
+        sc_t = Target("sidecar", bench.ports["sidecar"], sidecar)
+        for scenario in scenarios:
+            if scenario.logging:
+                logger = bench.start_sidecar(
+                    "sidecar-info", "sidecar_log", "admin_log", log_level="info"
+                )
+                try:
+                    targets = [
+                        Target("nginx", bench.ports["reference_log"], bench.reference),
+                        Target("sidecar", bench.ports["sidecar_log"], logger),
+                    ]
+                    results["scenarios"].append(bench.scenario(scenario, targets))
+                finally:
+                    bench.stop(logger)
+            else:
+                if scenario.probe_path is not None:
+                    bench.probes[scenario.key] = bench.body_probe(scenario)
+                results["scenarios"].append(bench.scenario(scenario, [ref_t, sc_t]))
+                if scenario.key in bench.probes:
+                    results["scenarios"][-1]["body_size_probe"] = bench.probes[scenario.key]
+            _write(out_path, results)
+        if args.profile_seconds > 0:
+            results["profile"] = bench.profile(sc_t)
+            _write(out_path, results)
+        if with_s4:
+            results["s4"] = bench.s4()
+            _write(out_path, results)
+    finally:
+        for proc in reversed(bench.procs):
+            proc.stop()
+    text = report(results)
+    print("\n" + text)
+    md_path = out_path.with_suffix(".md")
+    md_path.write_text(text)
+    print(f"results: {out_path} and {md_path}")
+    return 0
+
+
+def report(results: dict[str, Any]) -> str:
+    """The Markdown report of a results document (comparisons recomputed from the summaries)."""
+    info = results["machine"]
+    for s in results["scenarios"]:
+        scenario = Scenario(**s["scenario"])
+        s["comparison"] = compare(s["summary"], scenario, s.get("body_size_probe"))
+    head = (
+        f"{info['date']}, {info['nproc']} CPUs ({info['cpu_model']}), sidecar "
+        f"{info.get('sidecar_source', info.get('sidecar_commit'))}; {info['nginx']}, {info['wrk']}, "
+        f"Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}; "
+        f"{results['parameters'].get('placement', '')}\n\n"
+    )
+    return (
+        head
+        + (table(results) if results["scenarios"] else "")
+        + "\n"
+        + (s4_text(results["s4"]) if "s4" in results else "")
+        + "\n"
+        + (profile_text(results["profile"]) if "profile" in results else "")
+    )
+
+
+def _write(path: Path, results: dict[str, Any]) -> None:
+    path.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

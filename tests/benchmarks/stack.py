@@ -1,0 +1,624 @@
+"""The benchmark's moving parts on 127.0.0.1: PKI, configuration files and processes.
+
+Three kinds of process, each started here and stopped by pid when the run ends:
+
+* the fixed upstream: nginx answering ``return 200`` (plus a 1 MiB file and a header echo);
+* the reference proxy: nginx with ``ssl_verify_client on``, HTTP/1.1 keep-alive to the
+  upstream and the same identity headers the sidecar sends, computed from nginx variables;
+* the sidecar (``sidecar run --config FILE``) with the static backend, or the http backend
+  for S4.
+
+CPU placement: with two or more CPUs and one proxy worker, the proxy under test (either one)
+runs alone on the last CPU and everything else (load generator, upstream, verdict service) on
+the others, so both proxies get the same core and the same neighbours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives import hashes, serialization
+
+from sidecar.identity import User
+from sidecar.tls import TLS12_CIPHERS
+from tests.pki import Issued, make_ca, make_leaf
+
+DOWNLOAD_SIZE = 1024 * 1024
+BENCH_USER = User(
+    sub="8f1f2b9e-0c7a-4a52-9d8e-5b8f3c1a7e42",
+    username="bench",
+    given_name="Bench",
+    family_name="Client",
+    email="bench@example.com",
+    roles=("member",),
+)
+#: base64 lines of a PEM certificate that the nginx map can join (an RSA-4096 leaf needs ~30)
+_PEM_LINES = 40
+
+
+# ---- CPUs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs the proxy under test gets, and which the rest (load, upstream) gets."""
+
+    proxy: tuple[int, ...] | None
+    rest: tuple[int, ...] | None
+
+    @classmethod
+    def choose(cls, pin: bool, workers: int) -> Placement:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not pin or len(cpus) < workers + 1:
+            return cls(None, None)
+        return cls(tuple(cpus[-workers:]), tuple(cpus[:-workers]))
+
+    def describe(self) -> str:
+        if self.proxy is None:
+            return "not pinned (the scheduler shares all CPUs)"
+        return f"proxy on CPU {_cpus(self.proxy)}; load generator and upstream on CPU {_cpus(self.rest)}"
+
+    @property
+    def client_threads(self) -> int:
+        return len(self.rest) if self.rest else max(1, (os.cpu_count() or 2) // 2)
+
+
+def _cpus(cpus: Sequence[int] | None) -> str:
+    return ",".join(str(c) for c in cpus or ())
+
+
+# ---- PKI ----------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchPKI:
+    folder: Path
+    server_cert: Path
+    server_key: Path
+    client_ca: Path  # the client root and intermediate, one file (both servers trust it)
+    client_cert: Path
+    client_key: Path
+    client_der: bytes
+    #: nginx's $ssl_client_fingerprint: SHA-1 of the DER, lowercase hex
+    client_sha1: str
+    issuer: Issued = field(repr=False)
+
+    @classmethod
+    def create(cls, folder: Path) -> BenchPKI:
+        """ECDSA P-256 everywhere: a server CA and a localhost certificate, a client root with
+        an intermediate, and the load generator's client certificate."""
+        folder.mkdir(parents=True, exist_ok=True)
+        server_ca = make_ca("Bench Server CA")
+        server = make_leaf(server_ca, "localhost", server=True)
+        root = make_ca("Bench Client Root")
+        intermediate = make_ca("Bench Client Intermediate", issuer=root)
+        client = make_leaf(intermediate, "bench-client", email=BENCH_USER.email)
+        server_cert, server_key = server.write(folder, "server")
+        client_cert, client_key = client.write(folder, "client")
+        client_ca = folder / "client-ca.pem"
+        client_ca.write_bytes(root.pem + intermediate.pem)
+        digest = client.cert.fingerprint(hashes.SHA1())
+        return cls(
+            folder,
+            server_cert,
+            server_key,
+            client_ca,
+            client_cert,
+            client_key,
+            client.der,
+            digest.hex(),
+            intermediate,
+        )
+
+    def many_clients(self, count: int, folder: Path) -> list[Path]:
+        """``count`` distinct client certificates, each as one PEM file with its key (S4)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(count):
+            leaf = make_leaf(self.issuer, f"s4-client-{i:05d}")
+            path = folder / f"client-{i:05d}.pem"
+            path.write_bytes(leaf.pem + leaf.key_pem)
+            paths.append(path)
+        return paths
+
+
+def der_b64(der: bytes) -> str:
+    import base64
+
+    return base64.b64encode(der).decode("ascii")
+
+
+def pem_to_der(path: Path) -> bytes:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+# ---- nginx configurations -----------------------------------------------------------------
+
+
+def _nginx_common(folder: Path, name: str, workers: int) -> str:
+    """The top of an nginx.conf: one process tree of our own, files under ``folder``."""
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    temp = folder / f"{name}-temp"
+    temp.mkdir(parents=True, exist_ok=True)
+    return f"""{user}worker_processes {workers};
+pid {folder}/{name}.pid;
+error_log {folder}/{name}-error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 8192; multi_accept off; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    server_tokens off;
+"""
+
+
+def upstream_conf(folder: Path, port: int) -> Path:
+    """The fixed upstream: ``return 200`` for anything, a 1 MiB file, and a header echo."""
+    blob = folder / "download.bin"
+    if not blob.exists() or blob.stat().st_size != DOWNLOAD_SIZE:
+        blob.write_bytes(os.urandom(DOWNLOAD_SIZE))
+    blob4 = folder / "download4.bin"  # the body-size probe (S3)
+    if not blob4.exists() or blob4.stat().st_size != 4 * DOWNLOAD_SIZE:
+        blob4.write_bytes(os.urandom(4 * DOWNLOAD_SIZE))
+    conf = (
+        _nginx_common(folder, "upstream", 1)
+        + f"""
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    upstream bench_self {{ server 127.0.0.1:{port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096 reuseport;
+        client_max_body_size 0;
+        location / {{ default_type text/plain; return 200 "ok\\n"; }}
+        # An application reads the whole upload before it answers; nginx's ``return`` would
+        # answer first. proxy_pass makes nginx read the body (in memory), then ask /__sink.
+        location = /upload {{
+            client_body_buffer_size 8m;
+            proxy_pass http://bench_self/__sink;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_body "";
+        }}
+        location = /__sink {{ default_type text/plain; return 200 "stored\\n"; }}
+        location = /download {{ alias {blob}; }}
+        location = /download4 {{ alias {blob4}; }}
+        location = /__headers {{
+            default_type application/json;
+            return 200 '{{"cert":"$http_x_app_certificate","userinfo":"$http_x_userinfo","xff":"$http_x_forwarded_for","proto":"$http_x_forwarded_proto","host":"$http_x_forwarded_host"}}';
+        }}
+    }}
+}}
+"""
+    )
+    path = folder / "upstream.conf"
+    path.write_text(conf)
+    return path
+
+
+def reference_conf(
+    folder: Path, pki: BenchPKI, *, port: int, log_port: int, upstream_port: int, workers: int
+) -> Path:
+    """nginx as the reference mTLS proxy, doing what the sidecar does for an allowed request.
+
+    ``X-APP-CERTIFICATE`` is the base64 DER of the client certificate (the PEM's base64 lines
+    joined by a regex map, so the bytes are the sidecar's); ``X-USERINFO`` comes from a map on
+    the certificate's fingerprint, the static backend's equivalent; a certificate the map does
+    not know gets 403. Both directions stream (no request or response buffering), like the
+    sidecar, through 64 KiB buffers (with nginx's default 4 KiB relay buffer a streamed 1 MiB
+    download runs at half the speed, which would flatter the sidecar). A second server on ``log_port`` is the same with an access log (S1 at log level
+    info).
+    """
+    groups = "".join(f"(?:(?<c{i:02d}>[A-Za-z0-9+/=]+)\\n)?" for i in range(2, _PEM_LINES + 1))
+    joined = "".join(f"$c{i:02d}" for i in range(1, _PEM_LINES + 1))
+    regex = f"~^-----BEGIN CERTIFICATE-----\\n(?<c01>[A-Za-z0-9+/=]+)\\n{groups}-----END CERTIFICATE-----"
+    ciphers = TLS12_CIPHERS
+
+    def server(listen: int, access_log: str) -> str:
+        return f"""
+    server {{
+        listen 127.0.0.1:{listen} ssl backlog=4096 reuseport;
+        {access_log}
+        ssl_certificate {pki.server_cert};
+        ssl_certificate_key {pki.server_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {ciphers};
+        ssl_prefer_server_ciphers on;
+        ssl_client_certificate {pki.client_ca};
+        ssl_verify_client on;
+        ssl_verify_depth 3;
+        ssl_session_tickets on;
+        ssl_session_cache shared:BENCH{listen}:10m;
+        ssl_session_timeout 1h;
+        keepalive_timeout 75s;
+        keepalive_requests 10000000;
+        client_max_body_size 0;
+        proxy_request_buffering off;
+        proxy_buffering off;
+        client_body_buffer_size 64k;
+        proxy_buffer_size 64k;
+        proxy_buffers 8 64k;
+        proxy_busy_buffers_size 128k;
+        proxy_http_version 1.1;
+        proxy_connect_timeout 5s;
+        proxy_read_timeout 60s;
+        location / {{
+            if ($bench_userinfo = "") {{ return 403; }}
+            proxy_pass http://bench_upstream;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-APP-CERTIFICATE $bench_certificate;
+            proxy_set_header X-USERINFO $bench_userinfo;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Request-ID $request_id;
+            add_header X-Request-ID $request_id always;
+        }}
+    }}
+"""
+
+    access = f"access_log {folder}/reference-access.log bench;"
+    conf = (
+        _nginx_common(folder, "reference", workers)
+        + f"""
+    log_format bench escape=json '{{"time":"$time_iso8601","request_id":"$request_id","client":"$remote_addr","method":"$request_method","path":"$uri","status":$status,"duration_ms":"$request_time","upstream_ms":"$upstream_response_time","cert_serial":"$ssl_client_serial","cert_subject":"$ssl_client_s_dn"}}';
+    upstream bench_upstream {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 256;
+        keepalive_requests 10000000;
+        keepalive_timeout 300s;
+    }}
+    map $ssl_client_raw_cert $bench_certificate {{
+        default "";
+        "{regex}" "{joined}";
+    }}
+    map $ssl_client_fingerprint $bench_userinfo {{
+        default "";
+        {pki.client_sha1} "{BENCH_USER.header_value}";
+    }}
+{server(port, "")}{server(log_port, access)}}}
+"""
+    )
+    path = folder / "reference.conf"
+    path.write_text(conf)
+    return path
+
+
+# ---- sidecar configuration ----------------------------------------------------------------
+
+
+def sidecar_conf(
+    folder: Path,
+    pki: BenchPKI,
+    *,
+    name: str,
+    port: int,
+    admin_port: int,
+    upstream_port: int,
+    workers: int,
+    log_level: str = "warning",
+    http_backend: str | None = None,
+) -> Path:
+    """The sidecar's configuration: defaults everywhere except ports, files and the backend."""
+    identity: dict[str, Any]
+    if http_backend is None:
+        identity = {
+            "backend": "static",
+            "static": {
+                "users": [
+                    {
+                        "sub": BENCH_USER.sub,
+                        "username": BENCH_USER.username,
+                        "given_name": BENCH_USER.given_name,
+                        "family_name": BENCH_USER.family_name,
+                        "email": BENCH_USER.email,
+                        "roles": list(BENCH_USER.roles),
+                        "certificates": [{"file": str(pki.client_cert)}],
+                    }
+                ]
+            },
+        }
+    else:
+        identity = {
+            "backend": "http",
+            "cache": {"ttl": "5m", "max_entries": 100000},
+            "http": {"url": http_backend, "timeout": "5s"},
+        }
+    data = {
+        "listen": {"host": "127.0.0.1", "port": port, "workers": workers},
+        "tls": {
+            "certificate": str(pki.server_cert),
+            "key": str(pki.server_key),
+            "client_ca": [str(pki.client_ca)],
+        },
+        "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
+        "identity": identity,
+        "routes": [{"path": "/"}],
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "log": {"format": "json", "level": log_level},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """A process this run started; stopped by its own pid only."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(sig)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start(
+    name: str,
+    argv: Sequence[str],
+    folder: Path,
+    cpus: Sequence[int] | None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Proc:
+    log = folder / f"{name}.log"
+    cmd = list(argv)
+    if cpus:
+        cmd = ["taskset", "-c", _cpus(cpus), *cmd]
+    out = log.open("wb")
+    popen = subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    out.close()
+    return Proc(name, popen, log)
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if found is None:
+        raise SystemExit("nginx not found (tests/benchmarks/run.sh installs it)")
+    return found
+
+
+def start_nginx(name: str, conf: Path, folder: Path, cpus: Sequence[int] | None) -> Proc:
+    argv = [
+        nginx_binary(),
+        "-e",
+        str(folder / f"{name}-error.log"),
+        "-p",
+        str(folder),
+        "-c",
+        str(conf),
+        "-g",
+        "daemon off;",
+    ]
+    check = subprocess.run([*argv[:-2], "-t"], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        raise SystemExit(f"{name}: nginx -t failed:\n{check.stderr}")
+    return start(name, argv, folder, cpus)
+
+
+def sidecar_binary() -> str:
+    exe = Path(sys.executable).parent / "sidecar"
+    return str(exe) if exe.exists() else "sidecar"
+
+
+def start_sidecar(
+    name: str, conf: Path, folder: Path, cpus: Sequence[int] | None, src: Path | None = None
+) -> Proc:
+    """``sidecar run --config conf``; from the source folder ``src`` when given (a commit's
+    ``sidecar/`` package, see ``export_commit``), else as installed (the working tree)."""
+    if src is None:
+        return start(name, [sidecar_binary(), "run", "--config", str(conf)], folder, cpus)
+    argv = [sys.executable, "-m", "sidecar", "run", "--config", str(conf)]
+    # cwd too: ``python -m`` puts the current folder first on sys.path
+    return start(name, argv, folder, cpus, env={"PYTHONPATH": str(src)}, cwd=src)
+
+
+def export_commit(root: Path, ref: str, folder: Path) -> tuple[str, Path]:
+    """The ``sidecar/`` package as committed at ``ref``, extracted under ``folder``.
+
+    Benchmarking a commit keeps a run independent of edits made to the working tree meanwhile.
+    """
+    import io
+    import tarfile
+
+    sha = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--verify", ref + "^{commit}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest = folder / f"src-{sha[:12]}"
+    if not (dest / "sidecar" / "__init__.py").exists():
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", "--format=tar", sha, "sidecar"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(dest, filter="data")
+    return sha, dest
+
+
+def wait_port(proc: Proc, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+        ):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not listen on {port} within {timeout:g}s:\n{proc.tail()}")
+
+
+# ---- a plain HTTPS client for checks ------------------------------------------------------
+
+
+def client_context(pki: BenchPKI, cert: Path | None, key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=None)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
+
+
+def https_get(
+    port: int, path: str, ctx: ssl.SSLContext, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    """One request; (status, body, headers), or (0, error text, {}) when TLS or the socket fails."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), dict(resp.getheaders())
+    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+        return 0, repr(exc).encode(), {}
+    finally:
+        conn.close()
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    doc = json.loads(body)
+    assert isinstance(doc, dict)
+    return doc
+
+
+# ---- /proc ---------------------------------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (nginx master and workers, sidecar and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def ksoftirqd_pids() -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("ksoftirqd/"):
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    return sum(_status_kib(p, "VmRSS") for p in pids)
+
+
+def hwm_kib(pids: Sequence[int]) -> int:
+    """Peak RSS since the last ``reset_hwm`` (sum over the processes)."""
+    return sum(_status_kib(p, "VmHWM") for p in pids)
+
+
+def reset_hwm(pids: Sequence[int]) -> None:
+    for p in pids:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
