@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from multidict import CIMultiDict
 
@@ -11,6 +12,19 @@ from sidecar.identity import User
 
 RULES = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO", (ipaddress.ip_network("10.0.0.0/8"),))
 USER = User("sub-1", "alice", "Alice", None, "a@example.com", ("administrator",))
+
+
+def build(h: CIMultiDict[str], **kwargs: Any) -> CIMultiDict[str]:
+    """upstream_headers with the test's rules and defaults for what a test does not vary."""
+    args: dict[str, Any] = {
+        "client_ip": "1.2.3.4",
+        "trusted": False,
+        "request_id": "r",
+        "user": None,
+        "certificate_b64": None,
+    }
+    args.update(kwargs)
+    return upstream_headers(RULES, h, **args)
 
 
 def incoming(*pairs: tuple[str, str]) -> CIMultiDict[str]:
@@ -26,27 +40,11 @@ def test_spoofed_identity_headers_removed_in_any_case_and_repeat() -> None:
         ("x-userinfo", "forged"),
         ("Accept", "*/*"),
     )
-    out = upstream_headers(
-        RULES,
-        h,
-        client_ip="1.2.3.4",
-        trusted=False,
-        request_id="r1",
-        user=None,
-        certificate_b64=None,
-    )
+    out = build(h, request_id="r1")
     assert "X-APP-CERTIFICATE" not in out and "X-USERINFO" not in out
     assert out.getall("Accept") == ["*/*"] and out["Host"] == "app.example"
 
-    out = upstream_headers(
-        RULES,
-        h,
-        client_ip="1.2.3.4",
-        trusted=False,
-        request_id="r1",
-        user=USER,
-        certificate_b64="Q0VSVA==",
-    )
+    out = build(h, request_id="r1", user=USER, certificate_b64="Q0VSVA==")
     assert out.getall("X-APP-CERTIFICATE") == ["Q0VSVA=="]
     assert out.getall("X-USERINFO") == [USER.header_value]
 
@@ -59,15 +57,7 @@ def test_underscore_spellings_of_protected_headers_are_removed() -> None:
         ("X_Forwarded_For", "6.6.6.6"),
         ("X-Custom_Header", "kept"),
     )
-    out = upstream_headers(
-        RULES,
-        h,
-        client_ip="1.2.3.4",
-        trusted=False,
-        request_id="r",
-        user=None,
-        certificate_b64=None,
-    )
+    out = build(h)
     names = {k.lower() for k in out}
     assert "x_userinfo" not in names and "x_app_certificate" not in names
     assert "x_forwarded_for" not in names
@@ -86,15 +76,7 @@ def test_hop_by_hop_and_connection_named_removed_but_host_kept() -> None:
         ("Upgrade", "h2c"),
         ("X-Kept", "k"),
     )
-    out = upstream_headers(
-        RULES,
-        h,
-        client_ip="1.2.3.4",
-        trusted=False,
-        request_id="r",
-        user=None,
-        certificate_b64=None,
-    )
+    out = build(h)
     names = {k.lower() for k in out}
     assert names.isdisjoint(
         {
@@ -121,15 +103,7 @@ def test_forwarding_headers_from_untrusted_peer_are_replaced() -> None:
         ("X-Real-IP", "6.6.6.6"),
         ("X-Request-ID", "spoofed"),
     )
-    out = upstream_headers(
-        RULES,
-        h,
-        client_ip="1.2.3.4",
-        trusted=False,
-        request_id="mine",
-        user=None,
-        certificate_b64=None,
-    )
+    out = build(h, request_id="mine")
     assert out.getall("X-Forwarded-For") == ["1.2.3.4"]
     assert out.getall("X-Forwarded-Proto") == ["https"]
     assert out.getall("X-Forwarded-Host") == ["app"]
@@ -145,15 +119,7 @@ def test_trusted_proxy_headers_are_kept_and_appended() -> None:
         ("X-Forwarded-Proto", "https"),
         ("X-Forwarded-Host", "public.example"),
     )
-    out = upstream_headers(
-        RULES,
-        h,
-        client_ip="10.0.0.5",
-        trusted=True,
-        request_id="abc",
-        user=None,
-        certificate_b64=None,
-    )
+    out = build(h, client_ip="10.0.0.5", trusted=True, request_id="abc")
     assert out.getall("X-Forwarded-For") == ["9.9.9.9, 10.0.0.5"]
     assert out["X-Forwarded-Host"] == "public.example"
     assert RULES.is_trusted_proxy("10.1.2.3") and not RULES.is_trusted_proxy("11.0.0.1")
