@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -191,6 +192,7 @@ async def _serve(config: Config, path: Path | None, worker_socket: Path | None =
         config, config_path=path, reuse_port=worker_socket is not None, admin_socket=worker_socket
     )
     await sidecar.start()
+    _tune_gc()
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
 
@@ -218,6 +220,14 @@ async def _serve(config: Config, path: Path | None, worker_socket: Path | None =
     forced.cancel()
     draining.result()
     return EXIT_OK
+
+
+def _tune_gc() -> None:
+    """Move what start-up built (modules, configuration, contexts) out of the collector's way,
+    and collect the youngest generation less often: a request allocates many short-lived
+    objects, almost none of them in cycles."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
