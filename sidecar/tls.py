@@ -9,14 +9,17 @@ connections really use on reload, so removing a trust anchor takes effect on the
 
 from __future__ import annotations
 
-import os
+import secrets
 import ssl
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .certs import ClientCert, read_certificates, read_private_key, to_pem
 from .config import TLSConfig
@@ -65,27 +68,42 @@ def server_context(config: TLSConfig) -> ssl.SSLContext:
 
 
 def _load_chain(ctx: ssl.SSLContext, certificate: Path, key: Path) -> None:
-    """Load a PEM or DER chain and key; OpenSSL's loader takes PEM files only."""
-    chain = read_certificates(certificate)
-    private_key = read_private_key(key)
-    pem_key = private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    # The key goes through a private temporary file that lives only for the load.
-    fd, name = tempfile.mkstemp(prefix="sidecar-", suffix=".pem")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(to_pem(chain).encode("ascii"))
-            fh.write(pem_key)
-        ctx.load_cert_chain(name)
+        load_chain_files(ctx, certificate, key)
     except ssl.SSLError as exc:
         raise CertificateError(
             f"{certificate}: certificate and key rejected: {exc.reason or exc}"
         ) from None
-    finally:
-        os.unlink(name)
+
+
+def load_chain_files(ctx: ssl.SSLContext, certificate: Path, key: Path) -> x509.Certificate:
+    """Load a chain file and a key file, each PEM or DER; returns the leaf.
+
+    Raises ``CertificateError`` for unreadable files, ``ssl.SSLError`` when OpenSSL refuses them.
+    """
+    chain = read_certificates(certificate)
+    load_chain(ctx, chain, read_private_key(key))
+    return chain[0]
+
+
+def load_chain(
+    ctx: ssl.SSLContext, chain: Sequence[x509.Certificate], key: PrivateKeyTypes
+) -> None:
+    """Load a certificate chain and its key into ``ctx``.
+
+    The ssl module loads keys from files only: the key goes through a private temporary file,
+    encrypted with a one-time password, removed as soon as it is loaded.
+    """
+    once = secrets.token_bytes(32)
+    pem = to_pem(list(chain)).encode("ascii") + key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(once),
+    )
+    with tempfile.NamedTemporaryFile(prefix="sidecar-", suffix=".pem") as handle:
+        handle.write(pem)
+        handle.flush()
+        ctx.load_cert_chain(handle.name, password=once)
 
 
 class TLSState:

@@ -640,3 +640,35 @@ async def test_a_closed_backend_makes_no_new_session(fake_identityplus: FakeIden
     with pytest.raises(IdentityUnavailable, match="closed"):
         await backend.lookup(visitor(), CTX)
     await backend.close()  # twice is fine
+
+
+async def test_der_agent_certificate_key_and_ca_files_work(
+    fake_identityplus: FakeIdentityPlus, tmp_path: Path
+) -> None:
+    """Every certificate file may be PEM or DER (contract §2), the agent's and the API CA's too."""
+    cert = x509.load_pem_x509_certificate(fake_identityplus.agent_certificate.read_bytes())
+    key = serialization.load_pem_private_key(fake_identityplus.agent_key.read_bytes(), None)
+    ca = x509.load_pem_x509_certificates(fake_identityplus.ca_file.read_bytes())[0]
+    (tmp_path / "agent.der").write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    (tmp_path / "agent.key.der").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "ca.der").write_bytes(ca.public_bytes(serialization.Encoding.DER))
+    backend = IdentityPlusBackend(
+        fake_identityplus.config(
+            certificate=str(tmp_path / "agent.der"),
+            key=str(tmp_path / "agent.key.der"),
+            ca=str(tmp_path / "ca.der"),
+        )
+    )
+    try:
+        probe = visitor()
+        fake_identityplus.set_profile(probe.serial, "OK 0001")
+        assert (await backend.lookup(probe, CTX)).kind == "allow"
+        assert fake_identityplus.requests[-1].agent_sha256 == backend.agent_sha256
+    finally:
+        await backend.close()

@@ -65,9 +65,10 @@ from urllib.parse import urlencode
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..certs import ClientCert
+from ..certs import ClientCert, read_certificates, to_pem
 from ..config import HttpBackendConfig
-from ..errors import IdentityUnavailable
+from ..errors import CertificateError, IdentityUnavailable
+from ..tls import load_chain_files
 from . import LookupContext, SignOnPurpose, User, Verdict
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -82,13 +83,16 @@ def client_ssl_context(
 ) -> ssl.SSLContext:
     """Verify the server against the system store plus ``ca``; present ``certificate``/``key``.
 
-    Verification is always on. Raises ``ssl.SSLError`` or ``OSError`` for unusable files.
+    Verification is always on. Files may be PEM or DER, like every certificate file. Raises
+    ``CertificateError`` for unreadable files, ``ssl.SSLError`` when OpenSSL refuses them.
     """
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if ca is not None:
-        context.load_verify_locations(cafile=str(ca))
+        context.load_verify_locations(cadata=to_pem(read_certificates(ca)))
     if certificate is not None:
-        context.load_cert_chain(str(certificate), str(key) if key else None)
+        if key is None:
+            raise CertificateError(f"{certificate}: a client certificate needs its key")
+        load_chain_files(context, certificate, key)
     return context
 
 

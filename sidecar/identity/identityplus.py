@@ -12,9 +12,7 @@ import asyncio
 import hashlib
 import os
 import re
-import secrets
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,9 +27,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from ..certs import ClientCert, read_certificates, sha256_fingerprint
+from ..certs import ClientCert, sha256_fingerprint
 from ..config import IdentityPlusConfig
 from ..errors import CertificateError, IdentityUnavailable
+from ..tls import load_chain, load_chain_files
 from . import LookupContext, SignOnPurpose, User, Verdict
 from .http import client_ssl_context, exchange_json, new_session
 
@@ -408,8 +407,7 @@ def _load_credentials(config: IdentityPlusConfig) -> _Credentials:
         if config.p12 is not None:
             leaf = _load_p12(context, config.p12, config.p12_password_file)
         elif config.certificate is not None and config.key is not None:
-            leaf = read_certificates(config.certificate)[0]
-            context.load_cert_chain(str(config.certificate), str(config.key))
+            leaf = load_chain_files(context, config.certificate, config.key)
         else:
             raise CertificateError("no API certificate is configured")
     except ssl.SSLError as exc:
@@ -435,19 +433,7 @@ def _load_p12(context: ssl.SSLContext, path: Path, password_file: Path | None) -
         raise CertificateError(f"cannot open {path}: not PKCS#12, or the wrong password") from None
     if key is None or leaf is None:
         raise CertificateError(f"{path} must hold the certificate and its private key")
-    # The ssl module loads keys from files only: hand it the key encrypted with a one-time
-    # password, in a private temporary file removed at once.
-    once = secrets.token_bytes(32)
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [leaf, *chain])
-    pem += key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(once),
-    )
-    with tempfile.NamedTemporaryFile(prefix="agent-", suffix=".pem") as handle:
-        handle.write(pem)
-        handle.flush()
-        context.load_cert_chain(handle.name, password=once)
+    load_chain(context, [leaf, *chain], key)
     return leaf
 
 
