@@ -23,7 +23,7 @@ from aiohttp import web
 
 from . import log
 from .admin import Purge, Readiness, admin_app
-from .certs import read_certificates
+from .certs import file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .handler import Handler, Identity, Plan
@@ -111,7 +111,7 @@ class Sidecar:
         self._retired: dict[asyncio.Task[None], tuple[Plan, Plan]] = {}
         self._ping: asyncio.Task[None] | None = None
         self._last_ping = float("-inf")
-        self._watched = _signature(watched_files(config, config_path))
+        self._watched = file_signature(watched_files(config, config_path))
 
     # ---- start ----------------------------------------------------------------------------
 
@@ -306,7 +306,7 @@ class Sidecar:
         self.config = new
         self._observe_certificates(new)
         self._retire(previous, plan, delay=new.shutdown.grace_period)
-        self._watched = _signature(watched_files(new, self.config_path))
+        self._watched = file_signature(watched_files(new, self.config_path))
         self.metrics.reloads.labels("success").inc()
         self.log.info(
             "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
@@ -328,7 +328,7 @@ class Sidecar:
         assert self.config_path is not None
         while True:
             await asyncio.sleep(self.config.reload.interval)
-            current = _signature(watched_files(self.config, self.config_path))
+            current = file_signature(watched_files(self.config, self.config_path))
             if current != self._watched:
                 self._watched = current
                 await self.reload("file changed")
@@ -405,18 +405,6 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
     for user in config.identity.static.users:
         files += [b.file for b in user.certificates if b.file is not None]
     return files
-
-
-def _signature(files: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
-    """What identifies a file's content cheaply; stat follows symlinks (Kubernetes ..data swaps)."""
-    out = []
-    for path in files:
-        try:
-            st = path.stat()
-            out.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((str(path), -1, -1, -1))
-    return tuple(out)
 
 
 __all__ = ["Sidecar", "build_backend", "build_routes", "watched_files"]

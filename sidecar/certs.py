@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -230,6 +232,23 @@ def key_matches_certificate(key: PrivateKey, cert: x509.Certificate) -> bool:
 
 def to_pem(certs: list[x509.Certificate]) -> str:
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certs)
+
+
+FileSignature = tuple[tuple[int, ...] | None, ...]
+
+
+def file_signature(files: Sequence[Path]) -> FileSignature:
+    """What changes when one of ``files`` is rewritten, replaced or its symlink swapped
+    (stat follows links, so Kubernetes' ``..data`` swaps are seen); None for a missing file."""
+    out: list[tuple[int, ...] | None] = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
 
 
 def _read(path: Path) -> bytes:

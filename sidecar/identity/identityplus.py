@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import ssl
 import time
@@ -27,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from ..certs import ClientCert, sha256_fingerprint
+from ..certs import ClientCert, file_signature, sha256_fingerprint
 from ..config import IdentityPlusConfig
 from ..errors import CertificateError, IdentityUnavailable
 from ..tls import load_chain, load_chain_files
@@ -97,7 +96,7 @@ class IdentityPlusBackend:
         self._clock = clock
         self._reload_interval = reload_interval
         self._files = _credential_files(config)
-        self._signature = _signature(self._files)
+        self._signature = file_signature(self._files)
         self._next_check = clock() + reload_interval
         self._credentials = _load_credentials(config)
         self._channel: _Channel | None = None
@@ -282,7 +281,7 @@ class IdentityPlusBackend:
         if now < self._next_check:
             return
         self._next_check = now + self._reload_interval
-        signature = _signature(self._files)
+        signature = file_signature(self._files)
         if signature == self._signature:
             return
         self._signature = signature
@@ -385,19 +384,6 @@ class _Credentials:
 def _credential_files(config: IdentityPlusConfig) -> tuple[Path, ...]:
     files = (config.certificate, config.key, config.p12, config.p12_password_file)
     return tuple(f for f in files if f is not None)
-
-
-def _signature(files: tuple[Path, ...]) -> tuple[tuple[int, ...] | None, ...]:
-    """What changes when a file is rewritten or its symlink swapped (stat follows links)."""
-    out: list[tuple[int, ...] | None] = []
-    for path in files:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append(None)
-            continue
-        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(out)
 
 
 def _load_credentials(config: IdentityPlusConfig) -> _Credentials:
