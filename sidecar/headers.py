@@ -9,7 +9,6 @@ removed before ours are added, as are hop-by-hop headers, every header named in
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -51,11 +50,15 @@ class HeaderRules:
     certificate_header: str
     userinfo_header: str
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: removed whoever sent them; from untrusted peers the forwarding headers too
     always_strip: frozenset[str] = field(init=False, repr=False)
+    untrusted_strip: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         names = {self.certificate_header.lower(), self.userinfo_header.lower(), "x-request-id"}
-        object.__setattr__(self, "always_strip", frozenset(names) | HOP_BY_HOP)
+        always = frozenset(names) | HOP_BY_HOP
+        object.__setattr__(self, "always_strip", always)
+        object.__setattr__(self, "untrusted_strip", always | FORWARDING)
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
@@ -88,18 +91,15 @@ def upstream_headers(
     request_id: str,
     user: User | None,
     certificate_b64: str | None,
-    keep: Iterable[str] = (),
 ) -> CIMultiDict[str]:
     """The headers to send upstream, in the client's order, with ours appended.
 
-    ``keep`` names hop-by-hop headers the caller forwards itself (e.g. ``Upgrade`` for a
-    WebSocket). Identity headers are added only when ``user`` is given.
+    Identity headers are added only when ``user`` is given.
     """
-    strip: set[str] = set(rules.always_strip) | connection_tokens(incoming)
-    if not trusted:
-        strip |= FORWARDING
-    for name in keep:
-        strip.discard(name.lower())
+    strip = rules.always_strip if trusted else rules.untrusted_strip
+    named = connection_tokens(incoming)
+    if named:
+        strip = strip | named
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         # CGI-style servers (PHP, WSGI, Rack) read "X_USERINFO" as "X-USERINFO": compare
