@@ -34,12 +34,15 @@ class User:
     roles: tuple[str, ...] = ()
     #: base64 of the UTF-8 JSON document: the exact header value, computed once per user.
     header_value: str = field(default="", compare=False, repr=False)
+    #: the same, as the bytes sent
+    header_bytes: bytes = field(default=b"", init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.sub or not self.username:
             raise ValueError("a user needs a non-empty sub and username")
         if not self.header_value:
             object.__setattr__(self, "header_value", _userinfo_b64(self))
+        object.__setattr__(self, "header_bytes", self.header_value.encode("ascii"))
 
 
 def _userinfo_b64(user: User) -> str:
