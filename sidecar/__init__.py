@@ -7,7 +7,11 @@ A request flows one way::
                  ── decision (policy: pure)
                  ── forward (upstream) | answer (responses)
 
-``handler`` runs that path as plain calls for every request. ``config`` checks the YAML once
+``listener`` is the TLS listener's own HTTP/1.1 protocol: it serves requests without a body
+(nearly all a browser sends) and relays the upstream's answer as bytes; the first request it
+does not serve (a body, an upgrade, a malformed head) moves the connection to aiohttp's server
+(``server``). ``handler`` runs the path above as plain calls for every request, whichever
+protocol parsed it. ``config`` checks the YAML once
 and hands each module its own frozen section; ``app`` assembles the listener and the
 upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
 Leaves (``certs``, ``policy``, ``headers``, ``responses``) do no I/O.

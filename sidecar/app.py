@@ -31,9 +31,9 @@ from .headers import HeaderRules
 from .identity import Backend
 from .identity.cache import VerdictCache
 from .identity.static import StaticBackend
+from .listener import ListenerServer
 from .metrics import Metrics
 from .policy import Route, RouteTable
-from .server import ListenerServer
 from .tls import PeerCertificates, TLSState, server_context
 from .upstream import UpstreamClient
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import responses
 from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
-from .headers import HeaderRules, upstream_headers
+from .headers import HeaderRules, lines_to_multidict, request_fields
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .metrics import Metrics
 from .policy import (
@@ -33,7 +34,7 @@ from .policy import (
     Unavailable,
     decide,
 )
-from .upstream import BodyTooLarge, UpstreamClient
+from .upstream import BodyTooLarge, Forwarded, UpstreamClient
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
@@ -57,6 +58,34 @@ class Identity(Protocol):
     async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict: ...
 
     async def sign_on(self, purpose: SignOnPurpose, return_url: str) -> str: ...
+
+
+class Request(Protocol):
+    """What the handler reads of a request: aiohttp's ``BaseRequest`` or the listener's own."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def raw_path(self) -> str:
+        """The request target as sent (origin-, absolute- or asterisk-form)."""
+        ...
+
+    @property
+    def path(self) -> str:
+        """The target's path, %-decoded (for the log only)."""
+        ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]: ...
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+
+
+#: sends the request upstream with the header lines given (from ``headers.request_fields``:
+#: the lines, whether the client sent a Host, the request id) and the response to the client
+Forward_ = Callable[[UpstreamClient, list[bytes], bool, str], Awaitable[Forwarded]]
 
 
 class PeerSource(Protocol):
@@ -108,17 +137,35 @@ class Handler:
         self.clock = clock
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's entry point (the listener's fallback path, see ``listener``)."""
+        response = await self.process(
+            request,
+            _peer_certificate(request),
+            _peer_ip(request),
+            lambda upstream, lines, _host, _rid: upstream.forward(
+                request, lines_to_multidict(lines)
+            ),
+        )
+        assert response is not None  # aiohttp's forward always hands its response back
+        return response
+
+    async def process(
+        self,
+        request: Request,
+        cert: ClientCert | None,
+        peer_ip: str | None,
+        forward: Forward_,
+    ) -> web.StreamResponse | None:
+        """Handle one request: the response to send, or None when ``forward`` sent one."""
         started = time.perf_counter()
         plan = self.plan
-        peer_ip = _peer_ip(request)
         trusted = plan.rules.is_trusted_proxy(peer_ip)
         request_id = _request_id(request, trusted)
-        cert: ClientCert | None = None
-        self.metrics.in_flight.inc()
+        response: web.StreamResponse | None
+        self.metrics.request_started()
         try:
-            cert = _peer_certificate(request)
             response, outcome = await self._handle(
-                plan, request, cert, peer_ip, trusted, request_id
+                plan, request, cert, peer_ip, trusted, request_id, forward
             )
         except Exception as exc:  # the last line of defence: answer 500, never a traceback
             self.log.error("request_failed", request_id=request_id, error=repr(exc), exc_info=exc)
@@ -127,19 +174,20 @@ class Handler:
                 request, 500, "The sidecar could not handle this request.", request_id
             )
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.request_finished()
         self._finish(request, outcome, cert, peer_ip, request_id, started)
         return response
 
     async def _handle(
         self,
         plan: Plan,
-        request: web.BaseRequest,
+        request: Request,
         cert: ClientCert | None,
         peer_ip: str | None,
         trusted: bool,
         request_id: str,
-    ) -> tuple[web.StreamResponse, Outcome]:
+        forward: Forward_,
+    ) -> tuple[web.StreamResponse | None, Outcome]:
         problem = _malformed(request, plan.max_header_block)
         if problem is not None:
             return self._answer_deny(request, Deny(*problem), "-", request_id)
@@ -179,7 +227,7 @@ class Handler:
             enrol=plan.identity.can_enrol,
         )
         return await self._act(
-            plan, request, decision, route, verdict, cert, peer_ip, trusted, request_id
+            plan, request, decision, route, verdict, cert, peer_ip, trusted, request_id, forward
         )
 
     async def _lookup(self, identity: Identity, cert: ClientCert, peer_ip: str | None) -> Verdict:
@@ -200,7 +248,7 @@ class Handler:
     async def _act(
         self,
         plan: Plan,
-        request: web.BaseRequest,
+        request: Request,
         decision: Decision,
         route: Route | None,
         verdict: Verdict | None,
@@ -208,14 +256,15 @@ class Handler:
         peer_ip: str | None,
         trusted: bool,
         request_id: str,
-    ) -> tuple[web.StreamResponse, Outcome]:
+        forward: Forward_,
+    ) -> tuple[web.StreamResponse | None, Outcome]:
         route_label = route.path if route is not None else "-"
         code = verdict.code if verdict is not None else None
         if isinstance(decision, Forward):
             user = decision.user
-            headers = upstream_headers(
+            lines, has_host = request_fields(
                 plan.rules,
-                request.headers,
+                request.raw_headers,
                 client_ip=peer_ip,
                 trusted=trusted,
                 request_id=request_id,
@@ -232,7 +281,7 @@ class Handler:
                 stale=bool(verdict and verdict.stale),
             )
             try:
-                forwarded = await plan.upstream.forward(request, headers)
+                forwarded = await forward(plan.upstream, lines, has_host, request_id)
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(exc.kind).inc()
                 status = 504 if exc.kind == "timeout" else 502
@@ -257,7 +306,7 @@ class Handler:
                 ), outcome
             outcome.status = forwarded.status
             outcome.upstream_seconds = forwarded.upstream_seconds
-            self.metrics.upstream_duration.observe(forwarded.upstream_seconds)
+            self.metrics.observe_upstream(forwarded.upstream_seconds)
             return forwarded.response, outcome
         if isinstance(decision, Deny):
             response, outcome = self._answer_deny(request, decision, route_label, request_id)
@@ -271,7 +320,7 @@ class Handler:
     async def _redirect(
         self,
         plan: Plan,
-        request: web.BaseRequest,
+        request: Request,
         decision: Redirect,
         route_label: str,
         code: str | None,
@@ -309,7 +358,7 @@ class Handler:
 
     def _unavailable(
         self,
-        request: web.BaseRequest,
+        request: Request,
         reason: str,
         route_label: str,
         code: str | None,
@@ -327,14 +376,14 @@ class Handler:
         return response, outcome
 
     def _answer_deny(
-        self, request: web.BaseRequest, deny: Deny, route_label: str, request_id: str
+        self, request: Request, deny: Deny, route_label: str, request_id: str
     ) -> tuple[web.StreamResponse, Outcome]:
         outcome = Outcome(deny.status, "denied", deny.code, route_label, verdict_code=deny.code)
         return self._error(request, deny.status, _sentence(deny.reason), request_id), outcome
 
     def _error(
         self,
-        request: web.BaseRequest,
+        request: Request,
         status: int,
         reason: str,
         request_id: str,
@@ -355,7 +404,7 @@ class Handler:
 
     def _finish(
         self,
-        request: web.BaseRequest,
+        request: Request,
         outcome: Outcome,
         cert: ClientCert | None,
         peer_ip: str | None,
@@ -391,16 +440,23 @@ class Handler:
         )
 
 
-def _malformed(request: web.BaseRequest, max_header_block: int) -> tuple[int, str, str] | None:
+def _malformed(request: Request, max_header_block: int) -> tuple[int, str, str] | None:
     """Requests refused before policy: ambiguous framing, oversized header block."""
-    lengths = request.headers.getall("Content-Length", ())
-    if len(lengths) > 1 and len({v.strip() for v in lengths}) > 1:
-        return 400, "the request has conflicting Content-Length headers", "ambiguous_length"
-    if lengths and "Transfer-Encoding" in request.headers:
-        return 400, "the request has both Content-Length and Transfer-Encoding", "ambiguous_length"
     size = 0
+    lengths: set[bytes] = set()
+    length_headers = 0
+    chunked = False
     for name, value in request.raw_headers:
         size += len(name) + len(value) + 4
+        if len(name) == 14 and name.lower() == b"content-length":
+            length_headers += 1
+            lengths.add(value.strip())
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            chunked = True
+    if len(lengths) > 1:
+        return 400, "the request has conflicting Content-Length headers", "ambiguous_length"
+    if length_headers and chunked:
+        return 400, "the request has both Content-Length and Transfer-Encoding", "ambiguous_length"
     if size > max_header_block:
         return 431, "the request headers are too large", "headers_too_large"
     return None
@@ -422,7 +478,7 @@ def _peer_ip(request: web.BaseRequest) -> str | None:
     return None
 
 
-def _request_id(request: web.BaseRequest, trusted: bool) -> str:
+def _request_id(request: Request, trusted: bool) -> str:
     if trusted:
         incoming = request.headers.get("X-Request-ID")
         if incoming and _REQUEST_ID.match(incoming):
@@ -445,7 +501,7 @@ def _certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None
     return None
 
 
-def _original_url(request: web.BaseRequest) -> str | None:
+def _original_url(request: Request) -> str | None:
     host = request.headers.get("Host", "")
     if not _HOST.match(host):
         return None

@@ -6,12 +6,20 @@ decisions and status classes; never request paths, serials or addresses.
 
 from __future__ import annotations
 
+import math
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
@@ -45,25 +53,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "sidecar_requests",
-            "Requests answered, by route, method, decision and status class.",
-            ["route", "method", "decision", "status_class"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "sidecar_request_duration_seconds",
-            "Time from request head to the end of the response, by decision.",
-            ["decision"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "sidecar_upstream_duration_seconds",
-            "Time until the upstream's response headers arrived.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
         self.upstream_errors = Counter(
             "sidecar_upstream_errors",
             "Upstream failures by kind (connect, timeout, reset, protocol).",
@@ -75,9 +64,6 @@ class Metrics:
             "Identity backend lookups by backend and outcome code.",
             ["backend", "outcome"],
             registry=r,
-        )
-        self.in_flight = Gauge(
-            "sidecar_in_flight_requests", "Requests being handled now.", registry=r
         )
         self.connections_refused = Counter(
             "sidecar_connections_refused",
@@ -119,28 +105,113 @@ class Metrics:
         )
         self._cache = _CacheCollector()
         r.register(self._cache)
-        # Bounded: routes come from the configuration, methods from a fixed set.
-        self._request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+        # The per-request metrics: plain numbers on the hot path, exported at scrape time.
+        self._hot = _RequestCollector()
+        r.register(self._hot)
+
+    @property
+    def in_flight(self) -> int:
+        return self._hot.in_flight
+
+    def request_started(self) -> None:
+        self._hot.in_flight += 1
+
+    def request_finished(self) -> None:
+        self._hot.in_flight -= 1
 
     def observe_request(
         self, route: str, method: str, decision: str, status: int, seconds: float
     ) -> None:
-        """Count one answered request; label children are looked up once per label set."""
-        method = method_label(method)
-        key = (route, method, decision, status // 100)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(route, method, decision, f"{status // 100}xx"),
-                self.request_duration.labels(decision),
-            )
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one answered request and its duration."""
+        hot = self._hot
+        key = (route, method if method in _METHODS else "other", decision, status // 100)
+        requests = hot.requests
+        requests[key] = requests.get(key, 0) + 1
+        duration = hot.durations.get(decision)
+        if duration is None:
+            duration = hot.durations[decision] = _Histogram()
+        duration.observe(seconds)
+
+    def observe_upstream(self, seconds: float) -> None:
+        self._hot.upstream.observe(seconds)
 
     def bind_cache(self, stats: Callable[[], Any]) -> None:
         """Read the verdict cache's counters at scrape time (the cache may be swapped on reload)."""
         self._cache.stats = stats
+
+
+#: the ``le`` labels, as prometheus_client writes them
+_BUCKET_LABELS: tuple[str, ...] = tuple(
+    floatToGoString(bound)  # type: ignore[no-untyped-call]
+    for bound in (*_LATENCY_BUCKETS, math.inf)
+)
+
+
+class _Histogram:
+    """Counts per bucket (not cumulative; +Inf last) and the sum."""
+
+    __slots__ = ("counts", "created", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (le = "less or equal")
+        self.counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for label, count in zip(_BUCKET_LABELS, self.counts, strict=True):
+            running += count
+            out.append((label, float(running)))
+        return out
+
+
+class _RequestCollector(Collector):
+    """sidecar_requests_total, the two duration histograms and the in-flight gauge: kept as
+    plain numbers (one event loop updates them) and turned into metrics when scraped, the
+    same names, labels and samples as prometheus_client's own Counter, Histogram and Gauge."""
+
+    def __init__(self) -> None:
+        self.created = time.time()
+        self.in_flight = 0
+        #: (route, method, decision, status // 100) -> count
+        self.requests: dict[tuple[str, str, str, int], int] = {}
+        self.durations: dict[str, _Histogram] = {}
+        self.upstream = _Histogram()
+
+    def collect(self) -> Iterator[Any]:
+        requests = CounterMetricFamily(
+            "sidecar_requests",
+            "Requests answered, by route, method, decision and status class.",
+            labels=["route", "method", "decision", "status_class"],
+        )
+        for (route, method, decision, klass), count in sorted(self.requests.items()):
+            requests.add_metric([route, method, decision, f"{klass}xx"], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "sidecar_request_duration_seconds",
+            "Time from request head to the end of the response, by decision.",
+            labels=["decision"],
+        )
+        for decision, histogram in sorted(self.durations.items()):
+            durations.add_metric([decision], histogram.buckets(), histogram.total)
+        yield durations
+        upstream = HistogramMetricFamily(
+            "sidecar_upstream_duration_seconds",
+            "Time until the upstream's response headers arrived.",
+        )
+        upstream.add_metric([], self.upstream.buckets(), self.upstream.total)
+        yield upstream
+        yield GaugeMetricFamily(
+            "sidecar_in_flight_requests", "Requests being handled now.", value=self.in_flight
+        )
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
 
 
 class _CacheCollector(Collector):

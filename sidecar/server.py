@@ -1,15 +1,16 @@
-"""The listener's connection protocol: aiohttp's HTTP/1.1 server with the limits we promise.
+"""The listener's fallback protocol: aiohttp's HTTP/1.1 server with the limits we promise.
 
-One ``Connection`` per TLS connection. It parses the peer certificate once, refuses
-connections beyond ``limits.max_connections``, gives a client ``limits.header_timeout`` to send
-a complete request head (slowloris), closes idle keep-alive connections, and answers parse
+A connection comes here from ``listener.ClientConnection`` at the first request the fast path
+does not serve (a body, an upgrade, a malformed or oversized head) and stays to its end. It
+keeps the peer certificate parsed there, gives a client ``limits.header_timeout`` to send a
+complete request head (slowloris), closes idle keep-alive connections, and answers parse
 errors (oversized request line or headers, malformed framing) with our own error pages.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -17,16 +18,18 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import responses
 from .certs import ClientCert
-from .config import LimitsConfig
 from .errors import CertificateError
-from .metrics import Metrics
-from .tls import PeerCertificates
+
+if TYPE_CHECKING:
+    from .listener import ListenerServer
 
 _UNSET: Any = object()
 
 
 class Connection(RequestHandler):
-    __slots__ = ("_counted", "_header_timeout", "_made", "_metrics", "_peer", "_peer_certs")
+    """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
+
+    __slots__ = ("_counted", "_header_timeout", "_metrics", "_peer", "_peer_certs")
 
     def __init__(
         self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
@@ -37,13 +40,12 @@ class Connection(RequestHandler):
         self._header_timeout = manager.limits.header_timeout
         self._metrics = manager.metrics
         self._counted = False
-        self._made = False
 
-    def __del__(self) -> None:
-        # asyncio makes this protocol at accept time but calls connection_made only after the
-        # TLS handshake: one that never got there failed (or was abandoned) during the handshake.
-        if not self._made:
-            self._metrics.tls_handshake_failures.inc()
+    def adopt(self, *, counted: bool, peer: ClientCert | None) -> None:
+        """Take over a connection from the listener: its place in ``open_connections`` (given
+        back when it closes) and its peer certificate if parsed already."""
+        self._counted = counted
+        self._peer = peer
 
     # -- the peer certificate, parsed once per connection --------------------------------
 
@@ -64,17 +66,9 @@ class Connection(RequestHandler):
     # -- connection limits -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._made = True
-        manager: ListenerServer = self._manager  # type: ignore[assignment]
-        if manager.open_connections >= manager.limits.max_connections:
-            manager.metrics.connections_refused.inc()
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        manager.open_connections += 1
-        self._counted = True
         super().connection_made(transport)
         # aiohttp arms the keep-alive timer for a connection that has sent nothing yet; the
-        # first request head must arrive within header_timeout instead.
+        # request head must arrive within header_timeout instead.
         self._arm_header_deadline()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -142,38 +136,3 @@ class Connection(RequestHandler):
         )
         response.force_close()
         return response
-
-
-class ListenerServer(web.Server):
-    """aiohttp's low-level server, making our ``Connection`` protocol."""
-
-    def __init__(
-        self,
-        handler: Any,
-        *,
-        limits: LimitsConfig,
-        peer_certs: PeerCertificates,
-        metrics: Metrics,
-        **kwargs: Any,
-    ) -> None:
-        # aiohttp reports which limit was hit, not which part: keep the two numbers distinct
-        # (one byte more for the request line) so that 414 and 431 can be told apart.
-        line_limit = limits.max_request_line
-        if line_limit == limits.max_header_line:
-            line_limit += 1
-        super().__init__(
-            handler,
-            keepalive_timeout=limits.keepalive_timeout,
-            max_line_size=line_limit,
-            max_field_size=limits.max_header_line,
-            max_headers=limits.max_headers,
-            access_log=None,
-            **kwargs,
-        )
-        self.limits = limits
-        self.peer_certs = peer_certs
-        self.metrics = metrics
-        self.open_connections = 0
-
-    def __call__(self) -> Connection:
-        return Connection(self, loop=self._loop, **self._kwargs)

@@ -16,6 +16,7 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -24,8 +25,15 @@ from yarl import URL
 
 from .config import UpstreamConfig
 from .errors import UpstreamError
-from .headers import connection_tokens, response_headers
-from .upstream_http import BodyTooLarge, Connection, RequestBody, request_head
+from .headers import connection_tokens, response_fields, response_headers
+from .responses import SERVER
+from .upstream_http import (
+    BodyTooLarge,
+    Connection,
+    RequestBody,
+    head_from_lines,
+    request_head,
+)
 from .upstream_pool import Pool
 
 # Headers aiohttp would invent; the upstream must see only what the client (and we) sent.
@@ -42,13 +50,47 @@ _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.versi
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
-__all__ = ["BodyTooLarge", "Forwarded", "UpstreamClient"]
+__all__ = ["BodyTooLarge", "Downstream", "Forwarded", "UpstreamClient"]
+
+
+class Downstream(Protocol):
+    """The client side of ``UpstreamClient.relay``: it frames the response for its client."""
+
+    def respond(
+        self,
+        status: int,
+        reason: bytes,
+        lines: list[bytes],
+        flags: int,
+        body: bytes,
+        complete: bool,
+    ) -> None:
+        """Send the response head (header ``lines`` as from ``headers.response_fields``, with
+        its ``flags``) and ``body``: all of it if ``complete``, else the rest follows."""
+        ...
+
+    def send(self, data: bytes) -> None:
+        """More of the body."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait while the client is not taking what we send; ConnectionError once it is gone."""
+        ...
+
+    def finish(self) -> None:
+        """The body is complete."""
+        ...
+
+    def abort(self) -> None:
+        """The body cannot be completed: close so that the client sees it truncated."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class Forwarded:
-    #: already prepared and fully written (or the WebSocketResponse after close)
-    response: web.StreamResponse
+    #: already prepared and fully written (or the WebSocketResponse after close); None when
+    #: the response went to a ``Downstream``
+    response: web.StreamResponse | None
     #: the status sent to the client
     status: int
     #: from sending the request until the upstream's response headers arrived
@@ -63,6 +105,7 @@ class UpstreamClient:
         self._port = base.port or (443 if self._https else 80)
         # For clients that sent none (HTTP/1.0): what any client of the upstream would send.
         self._host_header = base.host_port_subcomponent or self._host
+        self._host_bytes = self._host_header.encode("ascii")  # yarl gives it IDNA-encoded
         # Plain string concatenation with the client's raw target keeps it byte-exact.
         self._prefix = base.raw_path.rstrip("/")
         self._ws_base = (
@@ -151,7 +194,79 @@ class UpstreamClient:
             first, done = body.buffered()  # may be too large already: nothing is sent then
             out += first
             rest = None if done else body
-        head_only = request.method == "HEAD"
+        conn, sender, upstream_seconds = await self._exchange(
+            out, rest, head_only=request.method == "HEAD", retry=body is None
+        )
+        try:
+            return await _stream_response(request, conn, upstream_seconds, headers.get(_REQUEST_ID))
+        finally:
+            _cancel(sender)  # the upstream answered before it took the whole body
+            pool.release(conn, reuse=True)
+
+    async def relay(
+        self,
+        client: Downstream,
+        method: str,
+        raw_target: str,
+        lines: list[bytes],
+        has_host: bool,
+        request_id: str,
+    ) -> Forwarded:
+        """Send a request without a body upstream and relay the answer to ``client``.
+
+        The listener's own path (see ``listener``): the same exchange as ``forward``, on the
+        header lines of ``headers.request_fields``, with the response head filtered as bytes
+        and handed to ``client`` to frame. Errors as for ``forward``.
+        """
+        if self._pool is None:
+            raise RuntimeError("UpstreamClient.start() has not been awaited")
+        target = raw_target if raw_target.startswith("/") else _origin_form(raw_target)
+        head = head_from_lines(
+            method,
+            self._prefix + target,
+            lines,
+            None if has_host else self._host_bytes,
+        )
+        conn, _, upstream_seconds = await self._exchange(
+            [head], None, head_only=method == "HEAD", retry=True
+        )
+        status = conn.status
+        try:
+            fields, flags = response_fields(conn.raw_headers)
+            fields.append(b"X-Request-ID: %b\r\n" % request_id.encode("ascii"))
+            if conn.complete:  # all of it arrived with the head: one write
+                client.respond(status, conn.reason, fields, flags, await conn.read(), True)
+                return Forwarded(None, status, upstream_seconds)
+            client.respond(status, conn.reason, fields, flags, b"", False)
+            while True:
+                try:
+                    chunk = await conn.read()
+                except Exception:  # timeout, reset, malformed body: the client must see it
+                    client.abort()  # truncated
+                    break
+                if not chunk:
+                    client.finish()
+                    break
+                client.send(chunk)
+                try:
+                    await client.drain()
+                except ConnectionError:  # the client is gone
+                    break
+            return Forwarded(None, status, upstream_seconds)
+        finally:
+            self._pool.release(conn, reuse=True)
+
+    async def _exchange(
+        self, out: list[bytes], rest: RequestBody | None, *, head_only: bool, retry: bool
+    ) -> tuple[Connection, asyncio.Task[None] | None, float]:
+        """Send a request on a pooled connection and wait for its response head.
+
+        Returns the connection and the task still sending the body (the caller releases and
+        cancels them) and the seconds the head took. ``retry``: the request may be sent once
+        more if a reused connection turns out to be closed (only requests without a body).
+        """
+        pool = self._pool
+        assert pool is not None
         started = time.perf_counter()
         conn = await pool.acquire()
         sender = _send(conn, out, rest, head_only)
@@ -159,8 +274,8 @@ class UpstreamClient:
             try:
                 await conn.head()
             except OSError as exc:
-                retry = conn.reused and body is None and conn.received == 0
-                if isinstance(exc, TimeoutError) or not retry:
+                stale = retry and conn.reused and conn.received == 0
+                if isinstance(exc, TimeoutError) or not stale:
                     raise
                 # The upstream closed an idle keep-alive connection as we sent: every proxy
                 # sends such a request again, on a connection that cannot be stale.
@@ -176,13 +291,7 @@ class UpstreamClient:
             _cancel(sender)
             pool.release(conn, reuse=False)
             raise
-        try:
-            return await _stream_response(
-                request, conn, time.perf_counter() - started, headers.get(_REQUEST_ID)
-            )
-        finally:
-            _cancel(sender)  # the upstream answered before it took the whole body
-            pool.release(conn, reuse=True)
+        return conn, sender, time.perf_counter() - started
 
     async def _forward_websocket(
         self,
@@ -265,14 +374,10 @@ async def _stream_response(
     request: web.BaseRequest, conn: Connection, upstream_seconds: float, request_id: str | None
 ) -> Forwarded:
     """Stream the upstream's response to the client; abort the client if the upstream fails."""
-    headers = response_headers(
-        CIMultiDict(
-            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-            for name, value in conn.raw_headers
-        )
-    )
+    headers = response_headers(_decoded(conn.raw_headers))
     if request_id is not None:
         headers[_REQUEST_ID] = request_id
+    headers.setdefault("Server", SERVER)  # as on the listener's own path; not aiohttp's banner
     status = conn.status
     reason = conn.reason.decode("utf-8", "surrogateescape")
     kind = _WholeResponse if conn.complete else web.StreamResponse
@@ -300,6 +405,12 @@ async def _stream_response(
     with contextlib.suppress(ConnectionError):  # the client left after the last byte
         await response.write_eof()
     return forwarded
+
+
+def _decoded(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    return CIMultiDict(
+        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in raw
+    )
 
 
 async def _continue(request: web.BaseRequest) -> None:

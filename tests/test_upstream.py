@@ -310,6 +310,7 @@ class Proxy:
         except BodyTooLarge:
             return web.Response(status=413, text="too large")
         self.forwarded.append(forwarded)
+        assert forwarded.response is not None  # forward() always hands its response back
         return forwarded.response
 
 

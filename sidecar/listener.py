@@ -1,0 +1,612 @@
+"""The TLS listener: every client connection starts on our own HTTP/1.1 protocol.
+
+``ClientConnection`` is the asyncio protocol made for each accepted connection. It reads
+request heads itself (framing by the blank line, parsing by httptools/llhttp), runs
+``Handler.process`` for each, relays the upstream's answer byte for byte and frames it for
+its client: the hot path of a proxy, without per-request objects it does not need.
+
+It serves requests without a body and without an upgrade, which is nearly all of what a
+browser sends. The first request it does not serve itself (a body, an upgrade, ``Expect``, a
+head llhttp refuses or one past a size limit) hands the connection over, that request's
+bytes included, to aiohttp's server (``server.Connection``), which then serves it to the end:
+bodies are streamed, WebSockets relayed and malformed requests answered there, as before.
+
+Per connection: the peer certificate is parsed once; ``limits.max_connections`` is
+enforced; a request head must be complete within ``limits.header_timeout`` of its first
+byte (slowloris); an idle keep-alive connection is closed after ``limits.keepalive_timeout``.
+Pipelined requests are answered in order. Graceful shutdown closes idle connections and lets
+in-flight requests finish (with ``Connection: close``) within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import time
+from collections.abc import Awaitable
+from email.utils import formatdate
+from typing import Any, cast
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .certs import ClientCert
+from .config import LimitsConfig
+from .errors import CertificateError
+from .handler import Handler
+from .headers import HAS_DATE, HAS_LENGTH, HAS_SERVER
+from .log import get_logger
+from .metrics import Metrics
+from .responses import SERVER
+from .server import Connection as FallbackConnection
+from .tls import PeerCertificates
+from .upstream import Forwarded, UpstreamClient
+
+_UNSET: Any = object()
+_HEAD_END = b"\r\n\r\n"
+# Headers that take a request off the fast path (aiohttp serves it): a body, an upgrade, an
+# interim response to send. Lower case, as llhttp gives names as sent.
+_HAND_OFF = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+# Pipelined bytes held while a request is in flight before the client is told to wait.
+_PIPELINE_LIMIT = 256 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
+
+log = get_logger("sidecar.listener")
+
+
+class ListenerServer(web.Server):
+    """Makes a ``ClientConnection`` per accepted connection; keeps the limits, counters and
+    the connections for shutdown. As an aiohttp ``Server`` it also manages the connections
+    handed over to aiohttp."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        limits: LimitsConfig,
+        peer_certs: PeerCertificates,
+        metrics: Metrics,
+    ) -> None:
+        # aiohttp reports which limit was hit, not which part: keep the two numbers distinct
+        # (one byte more for the request line) so that 414 and 431 can be told apart.
+        line_limit = limits.max_request_line
+        if line_limit == limits.max_header_line:
+            line_limit += 1
+        super().__init__(
+            handler,
+            keepalive_timeout=limits.keepalive_timeout,
+            max_line_size=line_limit,
+            max_field_size=limits.max_header_line,
+            max_headers=limits.max_headers,
+            access_log=None,
+        )
+        self.handler = handler
+        self.limits = limits
+        self.peer_certs = peer_certs
+        self.metrics = metrics
+        self.open_connections = 0
+        self.clients: set[ClientConnection] = set()
+        # A head longer than this may break a line limit: it is measured line by line.
+        self.short_head = min(limits.max_request_line, limits.max_header_line)
+        # Bytes without a complete head beyond which the head cannot be acceptable.
+        self.max_head = limits.max_request_line + limits.max_headers * (limits.max_header_line + 2)
+        self.closing = False
+
+    def __call__(self) -> ClientConnection:  # type: ignore[override]
+        return ClientConnection(self)
+
+    def adopt(self) -> FallbackConnection:
+        """An aiohttp connection protocol for a connection handed over."""
+        return FallbackConnection(self, loop=self._loop, **self._kwargs)
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        """No new requests; in-flight ones get ``timeout`` seconds, then their connections are
+        aborted. Idle connections close now."""
+        self.closing = True
+        grace = 0.0 if timeout is None else timeout
+        tasks = [task for client in list(self.clients) if (task := client.stop()) is not None]
+        fallback = asyncio.ensure_future(super().shutdown(timeout))
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await fallback
+        for client in list(self.clients):
+            client.abort()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection on the fast path (see the module's docstring)."""
+
+    __slots__ = (
+        "_buffer",
+        "_complete",
+        "_counted",
+        "_deadline",
+        "_drain_waiter",
+        "_handed_off",
+        "_head_started",
+        "_made",
+        "_parser",
+        "_peer",
+        "_peer_ip",
+        "_raw_headers",
+        "_read_paused",
+        "_server",
+        "_stopping",
+        "_task",
+        "_timer",
+        "_transport",
+        "_unusual",
+        "_url",
+        "_write_paused",
+        "loop",
+    )
+
+    def __init__(self, server: ListenerServer) -> None:
+        self._server = server
+        self.loop = server._loop
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        self._made = False
+        self._counted = False
+        self._handed_off = False
+        self._stopping = False
+        self._peer: ClientCert | None = _UNSET
+        self._peer_ip: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # one lazily re-armed timer: the header deadline, or the idle keep-alive limit
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._head_started = False
+        # the head being parsed
+        self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._complete = False
+        self._unusual = False
+
+    def __del__(self) -> None:
+        # asyncio makes this protocol at accept time but calls connection_made only after the
+        # TLS handshake: one that never got there failed (or was abandoned) during the handshake.
+        if not self._made:
+            self._server.metrics.tls_handshake_failures.inc()
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = True
+        server = self._server
+        if server.open_connections >= server.limits.max_connections or server.closing:
+            server.metrics.connections_refused.inc()
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        server.open_connections += 1
+        self._counted = True
+        server.clients.add(self)
+        # uvloop's transports are not registered as asyncio.Transport, so no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._peer_ip = str(peer[0])
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The first request head must arrive within header_timeout of the handshake.
+        self._head_started = True
+        self._set_deadline(server.limits.header_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._release()
+        self._wake_drain()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._task is not None:  # pipelined behind the request in flight
+            if len(self._buffer) > _PIPELINE_LIMIT and not self._read_paused:
+                self._read_paused = True
+                assert self._transport is not None
+                self._transport.pause_reading()
+            return
+        self._next()
+
+    def eof_received(self) -> bool:
+        # The client is done sending: nothing more to serve (over TLS the transport closes).
+        self._stopping = True
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    # ---- request heads ------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Take the next request head from the buffer, if there is one, and serve it."""
+        buffer, server = self._buffer, self._server
+        if self._stopping or self._transport is None:
+            if self._transport is not None:
+                self._transport.close()
+            return
+        if not buffer:
+            return
+        if not self._head_started:
+            # First bytes on an idle connection: the head is due within header_timeout (or
+            # at the end of the keep-alive period, if that is sooner).
+            self._head_started = True
+            self._set_deadline(server.limits.header_timeout, sooner_only=True)
+        end = buffer.find(_HEAD_END)
+        if end < 0:
+            if len(buffer) > server.max_head or b"\n\n" in buffer:
+                self._hand_off()  # too large, or bare-LF framing: aiohttp answers it
+            return
+        size = end + 4
+        head = bytes(buffer[:size]) if size < len(buffer) else bytes(buffer)
+        if size > server.short_head and not self._within_limits(head):
+            self._hand_off()
+            return
+        self._url = b""
+        self._raw_headers = []
+        self._complete = self._unusual = False
+        parser = self._parser
+        try:
+            parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._hand_off()
+            return
+        if (
+            not self._complete
+            or self._unusual
+            or len(self._raw_headers) > server.limits.max_headers
+        ):
+            self._hand_off()
+            return
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._hand_off()
+            return
+        del buffer[:size]
+        self._head_started = False
+        exchange = Exchange(
+            self,
+            parser.get_method().decode("ascii"),
+            self._url.decode("utf-8", "surrogateescape"),
+            self._raw_headers,
+            http10=version == "1.0",
+            keep_alive=parser.should_keep_alive(),
+        )
+        self._task = self.loop.create_task(self._serve(exchange))
+
+    def _within_limits(self, head: bytes) -> bool:
+        limits = self._server.limits
+        lines = head.split(b"\r\n")
+        if len(lines[0]) > limits.max_request_line:
+            return False
+        longest = limits.max_header_line
+        return all(len(line) <= longest for line in lines[1:])
+
+    # httptools callbacks (the whole head is fed at once)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+        if name.lower() in _HAND_OFF:
+            self._unusual = True
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    async def _serve(self, exchange: Exchange) -> None:
+        handler = self._server.handler
+        try:
+            response = await handler.process(
+                exchange, self.peer_certificate(), self._peer_ip, exchange.forward
+            )
+            if response is not None:
+                exchange.answer(response)
+        except Exception as exc:  # the handler answers errors itself: this is a broken write
+            log.error("response_failed", error=repr(exc), exc_info=exc)
+            exchange.keep_alive = False
+            self.abort()
+        finally:
+            self._task = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if not exchange.keep_alive:
+            self._stopping = True
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if not self._buffer and not self._stopping:
+            self._set_deadline(self._server.limits.keepalive_timeout)  # idle now
+        self._next()
+
+    def peer_certificate(self) -> ClientCert | None:
+        peer = self._peer
+        if peer is _UNSET:
+            transport = self._transport
+            ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+            try:
+                peer = self._server.peer_certs.from_ssl_object(ssl_obj)
+            except CertificateError:
+                # OpenSSL verified it but we cannot parse it: treat as no identity, and close.
+                self._stopping = True
+                peer = None
+            self._peer = peer
+        return peer
+
+    # ---- writing, for the exchange -----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def drain(self) -> None:
+        while True:
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client closed the connection")
+            if not self._write_paused:
+                return
+            waiter = self._drain_waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping or self._server.closing
+
+    # ---- ends ---------------------------------------------------------------------------------
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Shutdown: no more requests here. Idle connections close now; the request in flight
+        (returned) finishes first."""
+        self._stopping = True
+        if self._task is None:
+            if self._transport is not None:
+                self._transport.close()
+            return None
+        return self._task
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _release(self) -> None:
+        self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server.clients.discard(self)
+        if self._counted:
+            self._counted = False
+            self._server.open_connections -= 1
+
+    def _hand_off(self) -> None:
+        """Give the connection, with every byte not yet served, to aiohttp's server."""
+        transport = self._transport
+        assert transport is not None
+        fallback = self._server.adopt()
+        peer = self.peer_certificate()
+        self._handed_off = True
+        # The connection stays counted; the fallback protocol gives the count back.
+        counted, self._counted = self._counted, False
+        self._release()
+        data, self._buffer = bytes(self._buffer), bytearray()
+        transport.set_protocol(fallback)
+        fallback.adopt(counted=counted, peer=peer)
+        fallback.connection_made(transport)
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if data:
+            fallback.data_received(data)
+
+    # ---- the deadline --------------------------------------------------------------------------
+
+    def _set_deadline(self, seconds: float, *, sooner_only: bool = False) -> None:
+        deadline = self.loop.time() + seconds
+        if sooner_only and self._timer is not None and deadline >= self._deadline:
+            return
+        self._deadline = deadline
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._transport is None or self._task is not None:
+            return  # gone, or busy: the upstream's read timeout bounds a request in flight
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        # No complete head in time (slowloris), or idle past keep-alive: close.
+        self._transport.close()
+
+
+class Exchange:
+    """One request on the fast path: what the handler reads (``handler.Request``) and where
+    the upstream's answer goes (``upstream.Downstream``)."""
+
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_headers",
+        "http10",
+        "keep_alive",
+        "method",
+        "raw_headers",
+        "raw_path",
+    )
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        method: str,
+        raw_path: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        *,
+        http10: bool,
+        keep_alive: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.raw_headers = raw_headers
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self._headers: CIMultiDict[str] | None = None
+        self._chunked = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDict(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, value in self.raw_headers
+            )
+        return headers
+
+    @property
+    def path(self) -> str:
+        return _decoded_path(self.raw_path)
+
+    def forward(
+        self, upstream: UpstreamClient, lines: list[bytes], has_host: bool, request_id: str
+    ) -> Awaitable[Forwarded]:
+        """``handler.Forward_`` for this request."""
+        return upstream.relay(self, self.method, self.raw_path, lines, has_host, request_id)
+
+    # ---- upstream.Downstream ---------------------------------------------------------------------
+
+    def respond(
+        self,
+        status: int,
+        reason: bytes,
+        lines: list[bytes],
+        flags: int,
+        body: bytes,
+        complete: bool,
+    ) -> None:
+        framing = b""
+        if status in _NO_BODY_STATUS or status < 200:
+            body = b""
+        elif complete:
+            # A HEAD response's length is the GET's: the upstream's, or none.
+            if not flags & HAS_LENGTH and self.method != "HEAD":
+                framing = b"Content-Length: %d\r\n" % len(body)
+        elif not flags & HAS_LENGTH:
+            if self.http10:
+                self.keep_alive = False  # the end of the connection ends the body
+            else:
+                framing = b"Transfer-Encoding: chunked\r\n"
+                self._chunked = True
+        if self.method == "HEAD":
+            body = b""
+        conn = self._conn
+        if conn.stopping:
+            self.keep_alive = False
+        if not self.keep_alive:
+            framing += b"Connection: close\r\n"
+        elif self.http10:
+            framing += b"Connection: keep-alive\r\n"
+        if not flags & HAS_DATE:
+            framing += _http_date()
+        if not flags & HAS_SERVER:
+            framing += _SERVER_LINE
+        conn.write(
+            b"%b %d %b\r\n%b%b\r\n%b"
+            % (
+                b"HTTP/1.0" if self.http10 else b"HTTP/1.1",
+                status,
+                reason,
+                b"".join(lines),
+                framing,
+                body,
+            )
+        )
+
+    def send(self, data: bytes) -> None:
+        if self._chunked:
+            self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        elif self.method != "HEAD":
+            self._conn.write(data)
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
+    def finish(self) -> None:
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        self._conn.abort()
+
+    # ---- our own answers ---------------------------------------------------------------------
+
+    def answer(self, response: web.StreamResponse) -> None:
+        """Send one of the handler's own responses (a complete ``web.Response``)."""
+        assert isinstance(response, web.Response)
+        if response.keep_alive is False:
+            self.keep_alive = False
+        body = response.body
+        assert body is None or isinstance(body, bytes)
+        lines = []
+        flags = 0
+        for name, value in response.headers.items():
+            lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+            flags |= _FLAGS.get(name.lower(), 0)
+        self.respond(
+            response.status, response.reason.encode("latin-1"), lines, flags, body or b"", True
+        )
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoded_path(raw: str) -> str:
+    try:
+        return URL(raw, encoded=True).path
+    except ValueError:
+        return raw
+
+
+_SERVER_LINE = f"Server: {SERVER}\r\n".encode()
+_FLAGS = {"content-length": HAS_LENGTH, "date": HAS_DATE, "server": HAS_SERVER}
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """The Date header line, made once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, b"Date: %b\r\n" % formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
