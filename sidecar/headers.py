@@ -9,6 +9,7 @@ removed before ours are added, as are hop-by-hop headers, every header named in
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -108,7 +109,13 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
 
 def _named(values: list[bytes]) -> frozenset[bytes]:
     """Header names listed in Connection values (lower case), except the protected ones."""
-    tokens = {token.strip().lower() for value in values for token in value.split(b",")}
+    return _named_in(values[0]) if len(values) == 1 else _named_in(b",".join(values))
+
+
+@functools.lru_cache(maxsize=256)
+def _named_in(value: bytes) -> frozenset[bytes]:
+    # Connection values repeat ("keep-alive", "close"): parsed once each.
+    tokens = {token.strip().lower() for token in value.split(b",")}
     return frozenset(tokens - _PROTECTED_BYTES - {b""})
 
 
@@ -149,10 +156,12 @@ def request_fields(
             forwarded_host = forwarded_host or key == b"x-forwarded-host"
         # CGI-style servers (PHP, WSGI, Rack) read "X_USERINFO" as "X-USERINFO": compare
         # names with underscores read as dashes, so no spelling slips past.
-        if (key.replace(b"_", b"-") if b"_" in key else key) not in strip:
+        if b"_" in key:
+            key = key.replace(b"_", b"-")
+        if key not in strip:
             kept.append((key, b"%b: %b\r\n" % (name, value)))
-    if connection:
-        named = _named(connection)
+    named = _named(connection) - strip if connection else None  # stripped ones are gone
+    if named:
         lines = [line for key, line in kept if key not in named]
     else:
         lines = [line for _, line in kept]
@@ -193,7 +202,7 @@ def response_fields(raw: Iterable[tuple[bytes, bytes]]) -> tuple[list[bytes], in
             flags |= flag
         kept.append((key, b"%b: %b\r\n" % (name, value)))
     if connection:
-        named = _named(connection)
+        named = _named(connection) - _RESPONSE_STRIP  # those are gone already
         if named:
             kept = [(key, line) for key, line in kept if key not in named]
             flags = 0
