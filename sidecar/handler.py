@@ -85,7 +85,7 @@ class Request(Protocol):
 
 #: sends the request upstream with the header lines given (from ``headers.request_fields``:
 #: the lines, whether the client sent a Host, the request id) and the response to the client
-Forward_ = Callable[[UpstreamClient, list[bytes], bool, str], Awaitable[Forwarded]]
+Forward_ = Callable[[UpstreamClient, bytes, bool, str], Awaitable[Forwarded]]
 
 
 class PeerSource(Protocol):
@@ -142,8 +142,8 @@ class Handler:
             request,
             _peer_certificate(request),
             _peer_ip(request),
-            lambda upstream, lines, _host, _rid: upstream.forward(
-                request, lines_to_multidict(lines)
+            lambda upstream, block, _host, _rid: upstream.forward(
+                request, lines_to_multidict(block)
             ),
         )
         assert response is not None  # aiohttp's forward always hands its response back
@@ -262,7 +262,7 @@ class Handler:
         code = verdict.code if verdict is not None else None
         if isinstance(decision, Forward):
             user = decision.user
-            lines, has_host = request_fields(
+            block, has_host = request_fields(
                 plan.rules,
                 request.raw_headers,
                 client_ip=peer_ip,
@@ -281,7 +281,7 @@ class Handler:
                 stale=bool(verdict and verdict.stale),
             )
             try:
-                forwarded = await forward(plan.upstream, lines, has_host, request_id)
+                forwarded = await forward(plan.upstream, block, has_host, request_id)
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(exc.kind).inc()
                 status = 504 if exc.kind == "timeout" else 502

@@ -59,6 +59,8 @@ class HeaderRules:
     always_strip_b: frozenset[bytes] = field(init=False, repr=False)
     untrusted_strip_b: frozenset[bytes] = field(init=False, repr=False)
     _identity_names: tuple[bytes, bytes] = field(init=False, repr=False)
+    #: request header names as sent -> what they are to request_fields (see classify)
+    request_kinds: dict[bytes, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = {self.certificate_header.lower(), self.userinfo_header.lower(), "x-request-id"}
@@ -69,11 +71,25 @@ class HeaderRules:
         object.__setattr__(
             self, "untrusted_strip_b", frozenset(n.encode() for n in always | FORWARDING)
         )
+        object.__setattr__(self, "request_kinds", {})
         object.__setattr__(
             self,
             "_identity_names",
             (self.certificate_header.encode("ascii"), self.userinfo_header.encode("ascii")),
         )
+
+    def classify(self, name: bytes) -> int:
+        """What a request header name is to ``request_fields`` (cached per spelling)."""
+        norm = _normal(name)
+        kind = _SPECIAL.get(name.lower(), 0)
+        if norm in self.always_strip_b:
+            kind |= _STRIP
+        elif norm in _FORWARDING_B:
+            kind |= _FORWARDING
+        kinds = self.request_kinds
+        if len(kinds) < _NAME_CACHE:
+            kinds[name] = kind
+        return kind
 
     def identity_lines(self, certificate_b64: str, user: User) -> bytes:
         """Our two identity headers, as header lines."""
@@ -119,6 +135,28 @@ def _named_in(value: bytes) -> frozenset[bytes]:
     return frozenset(tokens - _PROTECTED_BYTES - {b""})
 
 
+# What a request header name is to request_fields (bits; 0: an ordinary header, kept).
+_STRIP = 1  # never passes (identity, hop-by-hop, X-Request-ID)
+_FORWARDING = 2  # passes only from trusted proxies
+_HOST, _CONNECTION, _XFF, _XFP, _XFH = 4, 8, 16, 32, 64
+_FORWARDING_B = frozenset(name.encode() for name in FORWARDING)
+_SPECIAL = {
+    b"host": _HOST,
+    b"connection": _CONNECTION,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _XFP,
+    b"x-forwarded-host": _XFH,
+}
+# Names are cached as sent (their spellings repeat); the caches stop growing at this size.
+_NAME_CACHE = 1024
+
+
+def _normal(name: bytes) -> bytes:
+    # CGI-style servers (PHP, WSGI, Rack) read "X_USERINFO" as "X-USERINFO": names are
+    # compared with underscores read as dashes, so no spelling slips past.
+    return name.lower().replace(b"_", b"-")
+
+
 def request_fields(
     rules: HeaderRules,
     raw: Iterable[tuple[bytes, bytes]],
@@ -128,99 +166,140 @@ def request_fields(
     request_id: str,
     user: User | None,
     certificate_b64: str | None,
-) -> tuple[list[bytes], bool]:
-    """The header lines (``Name: value\r\n``) to send upstream, in the client's order with
-    ours appended, and whether the client sent a Host. Identity headers only with ``user``.
+) -> tuple[bytes, bool]:
+    """The header lines (``Name: value\r\n`` each) to send upstream, in the client's order
+    with ours appended, and whether the client sent a Host. Identity headers only with ``user``.
 
     Works on the bytes as received, so that what the upstream sees is byte for byte what the
-    client sent (minus what we strip).
+    client sent, minus what is stripped.
     """
-    strip = rules.always_strip_b if trusted else rules.untrusted_strip_b
-    kept: list[tuple[bytes, bytes]] = []
-    connection: list[bytes] = []
-    host: bytes | None = None
-    prior: list[bytes] = []
-    proto = forwarded_host = False
-    for name, value in raw:
-        key = name.lower()
-        if key == b"host":
-            if host is None:
-                host = value
-        elif key == b"connection":
-            connection.append(value)
-        elif trusted:
-            if key == b"x-forwarded-for":
-                prior.append(value)  # merged and sent last, with the peer appended
-                continue
-            proto = proto or key == b"x-forwarded-proto"
-            forwarded_host = forwarded_host or key == b"x-forwarded-host"
-        # CGI-style servers (PHP, WSGI, Rack) read "X_USERINFO" as "X-USERINFO": compare
-        # names with underscores read as dashes, so no spelling slips past.
-        if b"_" in key:
-            key = key.replace(b"_", b"-")
-        if key not in strip:
-            kept.append((key, b"%b: %b\r\n" % (name, value)))
-    named = _named(connection) - strip if connection else None  # stripped ones are gone
-    if named:
-        lines = [line for key, line in kept if key not in named]
-    else:
-        lines = [line for _, line in kept]
+    raw = raw if isinstance(raw, list | tuple) else list(raw)
+    block, host, connection, prior, seen = _request_pass(rules, raw, trusted, None)
+    if connection:
+        named = _named(connection) - (rules.always_strip_b if trusted else rules.untrusted_strip_b)
+        if named:  # the client named more headers as hop-by-hop: a second pass drops them
+            block, host, connection, prior, seen = _request_pass(rules, raw, trusted, named)
     ip = (client_ip or "").encode("ascii", "replace")
+    parts = [block]
     if trusted:
         joined = b", ".join(prior)
-        lines.append(b"X-Forwarded-For: %b\r\n" % (joined + b", " + ip if joined else ip))
-        if not proto:
-            lines.append(b"X-Forwarded-Proto: https\r\n")
-        if host and not forwarded_host:
-            lines.append(b"X-Forwarded-Host: %b\r\n" % host)
+        parts.append(b"X-Forwarded-For: %b\r\n" % (joined + b", " + ip if joined else ip))
+        if not seen & _XFP:
+            parts.append(b"X-Forwarded-Proto: https\r\n")
+        if host and not seen & _XFH:
+            parts.append(b"X-Forwarded-Host: %b\r\n" % host)
     else:
-        lines.append(b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: https\r\n" % ip)
+        parts.append(b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: https\r\n" % ip)
         if host:
-            lines.append(b"X-Forwarded-Host: %b\r\n" % host)
-        lines.append(b"X-Real-IP: %b\r\n" % ip)
-    lines.append(b"X-Request-ID: %b\r\n" % request_id.encode("ascii"))
+            parts.append(b"X-Forwarded-Host: %b\r\n" % host)
+        parts.append(b"X-Real-IP: %b\r\n" % ip)
+    parts.append(b"X-Request-ID: %b\r\n" % request_id.encode("ascii"))
     if user is not None and certificate_b64 is not None:
-        lines.append(rules.identity_lines(certificate_b64, user))
-    return lines, host is not None
+        parts.append(rules.identity_lines(certificate_b64, user))
+    return b"".join(parts), host is not None
 
 
-def response_fields(raw: Iterable[tuple[bytes, bytes]]) -> tuple[list[bytes], int]:
-    """The upstream's response header lines minus hop-by-hop ones and X-Request-ID (framing
-    and the request id are ours), and which of ``HAS_LENGTH``, ``HAS_DATE``, ``HAS_SERVER``
-    it had."""
-    kept: list[tuple[bytes, bytes]] = []
+def _request_pass(
+    rules: HeaderRules,
+    raw: Iterable[tuple[bytes, bytes]],
+    trusted: bool,
+    named: frozenset[bytes] | None,
+) -> tuple[bytes, bytes | None, list[bytes], list[bytes], int]:
+    """One pass over the client's headers: the kept lines joined, the first Host, the
+    Connection values, the X-Forwarded-For values (trusted peers) and which of X-Forwarded-Proto
+    and -Host a trusted peer sent."""
+    kinds = rules.request_kinds
+    dropped = _STRIP if trusted else _STRIP | _FORWARDING
+    parts: list[bytes] = []
+    host: bytes | None = None
     connection: list[bytes] = []
-    flags = 0
+    prior: list[bytes] = []
+    seen = 0
     for name, value in raw:
-        key = name.lower()
-        if key in _RESPONSE_STRIP:
-            if key == b"connection":
+        kind = kinds.get(name)
+        if kind is None:
+            kind = rules.classify(name)
+        if kind:
+            if kind & _HOST:
+                if host is None:
+                    host = value
+            elif kind & _CONNECTION:
                 connection.append(value)
+                continue
+            elif trusted and kind & (_XFF | _XFP | _XFH):
+                if kind & _XFF:
+                    prior.append(value)  # merged and sent last, with the peer appended
+                    continue
+                seen |= kind
+            if kind & dropped:
+                continue
+        if named is not None and _normal(name) in named:
             continue
-        flag = _FLAGS.get(key)
-        if flag is not None:
-            flags |= flag
-        kept.append((key, b"%b: %b\r\n" % (name, value)))
-    if connection:
-        named = _named(connection) - _RESPONSE_STRIP  # those are gone already
-        if named:
-            kept = [(key, line) for key, line in kept if key not in named]
-            flags = 0
-            for key, _ in kept:
-                flags |= _FLAGS.get(key, 0)
-    return [line for _, line in kept], flags
+        parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts), host, connection, prior, seen
 
 
 HAS_LENGTH, HAS_DATE, HAS_SERVER = 1, 2, 4
-_FLAGS = {b"content-length": HAS_LENGTH, b"date": HAS_DATE, b"server": HAS_SERVER}
+_R_STRIP, _R_CONNECTION = 8, 16
 _RESPONSE_STRIP = frozenset(name.encode() for name in HOP_BY_HOP) | {b"x-request-id"}
 _PROTECTED_BYTES = frozenset(name.encode() for name in _PROTECTED)
+_RESPONSE_KINDS: dict[bytes, int] = {}
 
 
-def lines_to_multidict(lines: Iterable[bytes]) -> CIMultiDict[str]:
+def _response_kind(name: bytes) -> int:
+    key = name.lower()
+    kind = {b"content-length": HAS_LENGTH, b"date": HAS_DATE, b"server": HAS_SERVER}.get(key, 0)
+    if key in _RESPONSE_STRIP:
+        kind |= _R_STRIP
+    if key == b"connection":
+        kind |= _R_CONNECTION
+    if len(_RESPONSE_KINDS) < _NAME_CACHE:
+        _RESPONSE_KINDS[name] = kind
+    return kind
+
+
+def response_fields(raw: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, int]:
+    """The upstream's response header lines minus hop-by-hop ones and X-Request-ID (framing
+    and the request id are ours), and which of ``HAS_LENGTH``, ``HAS_DATE``, ``HAS_SERVER``
+    it had."""
+    raw = raw if isinstance(raw, list | tuple) else list(raw)
+    block, flags, connection = _response_pass(raw, None)
+    if connection:
+        named = _named(connection) - _RESPONSE_STRIP  # those are gone already
+        if named:
+            block, flags, _ = _response_pass(raw, named)
+    return block, flags
+
+
+def _response_pass(
+    raw: Iterable[tuple[bytes, bytes]], named: frozenset[bytes] | None
+) -> tuple[bytes, int, list[bytes]]:
+    kinds = _RESPONSE_KINDS
+    parts: list[bytes] = []
+    connection: list[bytes] = []
+    flags = 0
+    for name, value in raw:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _response_kind(name)
+        if kind:
+            if kind & _R_STRIP:
+                if kind & _R_CONNECTION:
+                    connection.append(value)
+                continue
+            if named is not None and name.lower() in named:
+                continue
+            flags |= kind
+        elif named is not None and name.lower() in named:
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts), flags, connection
+
+
+def lines_to_multidict(block: bytes) -> CIMultiDict[str]:
     """Header lines as a multidict, for aiohttp (decoded as aiohttp decodes the client's)."""
     out: CIMultiDict[str] = CIMultiDict()
-    for line in b"".join(lines).split(b"\r\n")[:-1]:  # an item may hold several lines
+    for line in block.split(b"\r\n")[:-1]:
         name, _, value = line.partition(b": ")
         out.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
     return out
@@ -244,7 +323,7 @@ def upstream_headers(
     certificate_b64: str | None,
 ) -> CIMultiDict[str]:
     """``request_fields`` for decoded headers, as a multidict."""
-    lines, _ = request_fields(
+    block, _ = request_fields(
         rules,
         _encoded(incoming),
         client_ip=client_ip,
@@ -253,10 +332,10 @@ def upstream_headers(
         user=user,
         certificate_b64=certificate_b64,
     )
-    return lines_to_multidict(lines)
+    return lines_to_multidict(block)
 
 
 def response_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop ones (framing is ours to decide)."""
-    lines, _ = response_fields(_encoded(incoming))
-    return lines_to_multidict(lines)
+    block, _ = response_fields(_encoded(incoming))
+    return lines_to_multidict(block)

@@ -500,10 +500,10 @@ class Exchange:
         return _decoded_path(self.raw_path)
 
     def forward(
-        self, upstream: UpstreamClient, lines: list[bytes], has_host: bool, request_id: str
+        self, upstream: UpstreamClient, block: bytes, has_host: bool, request_id: str
     ) -> Awaitable[Forwarded]:
         """``handler.Forward_`` for this request."""
-        return upstream.relay(self, self.method, self.raw_path, lines, has_host, request_id)
+        return upstream.relay(self, self.method, self.raw_path, block, has_host, request_id)
 
     # ---- upstream.Downstream ---------------------------------------------------------------------
 
@@ -511,7 +511,7 @@ class Exchange:
         self,
         status: int,
         reason: bytes,
-        lines: list[bytes],
+        fields: bytes,
         flags: int,
         body: bytes,
         complete: bool,
@@ -548,7 +548,7 @@ class Exchange:
                 b"HTTP/1.0" if self.http10 else b"HTTP/1.1",
                 status,
                 reason,
-                b"".join(lines),
+                fields,
                 framing,
                 body,
             )
@@ -583,10 +583,11 @@ class Exchange:
         lines = []
         flags = 0
         for name, value in response.headers.items():
-            lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+            lines.append(f"{name}: {value}\r\n")
             flags |= _FLAGS.get(name.lower(), 0)
+        fields = "".join(lines).encode("utf-8", "surrogateescape")
         self.respond(
-            response.status, response.reason.encode("latin-1"), lines, flags, body or b"", True
+            response.status, response.reason.encode("latin-1"), fields, flags, body or b"", True
         )
 
 

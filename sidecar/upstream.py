@@ -60,13 +60,13 @@ class Downstream(Protocol):
         self,
         status: int,
         reason: bytes,
-        lines: list[bytes],
+        fields: bytes,
         flags: int,
         body: bytes,
         complete: bool,
     ) -> None:
-        """Send the response head (header ``lines`` as from ``headers.response_fields``, with
-        its ``flags``) and ``body``: all of it if ``complete``, else the rest follows."""
+        """Send the response head (header lines ``fields`` as from ``headers.response_fields``,
+        with its ``flags``) and ``body``: all of it if ``complete``, else the rest follows."""
         ...
 
     def send(self, data: bytes) -> None:
@@ -208,7 +208,7 @@ class UpstreamClient:
         client: Downstream,
         method: str,
         raw_target: str,
-        lines: list[bytes],
+        block: bytes,
         has_host: bool,
         request_id: str,
     ) -> Forwarded:
@@ -224,7 +224,7 @@ class UpstreamClient:
         head = head_from_lines(
             method,
             self._prefix + target,
-            lines,
+            block,
             None if has_host else self._host_bytes,
         )
         conn, _, upstream_seconds = await self._exchange(
@@ -233,7 +233,7 @@ class UpstreamClient:
         status = conn.status
         try:
             fields, flags = response_fields(conn.raw_headers)
-            fields.append(b"X-Request-ID: %b\r\n" % request_id.encode("ascii"))
+            fields += b"X-Request-ID: %b\r\n" % request_id.encode("ascii")
             if conn.complete:  # all of it arrived with the head: one write
                 client.respond(status, conn.reason, fields, flags, await conn.read(), True)
                 return Forwarded(None, status, upstream_seconds)

@@ -52,14 +52,14 @@ def request_head(
     return head.encode("utf-8", "surrogateescape")
 
 
-def head_from_lines(method: str, target: str, lines: list[bytes], host: bytes | None) -> bytes:
-    """The request line and header ``lines`` (from ``headers.request_fields``), with a Host
-    line first when the client sent none. For requests without a body."""
+def head_from_lines(method: str, target: str, block: bytes, host: bytes | None) -> bytes:
+    """The request line and the header lines of ``block`` (from ``headers.request_fields``),
+    with a Host line first when the client sent none. For requests without a body."""
     head = b"%b %b HTTP/1.1\r\n%b%b\r\n" % (
         method.encode("ascii"),
         target.encode("utf-8", "surrogateescape"),
         b"Host: %b\r\n" % host if host is not None else b"",
-        b"".join(lines),
+        block,
     )
     # Both parsers let no CR or LF into the client's values, and ours have none; a stray one
     # would end the head early or be read differently upstream.

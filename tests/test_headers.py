@@ -7,7 +7,16 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from sidecar.headers import HeaderRules, response_headers, upstream_headers
+from sidecar.headers import (
+    HAS_DATE,
+    HAS_LENGTH,
+    HAS_SERVER,
+    HeaderRules,
+    request_fields,
+    response_fields,
+    response_headers,
+    upstream_headers,
+)
 from sidecar.identity import User
 
 RULES = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO", (ipaddress.ip_network("10.0.0.0/8"),))
@@ -137,3 +146,58 @@ def test_response_headers_drop_hop_by_hop() -> None:
     out = response_headers(h)
     assert out.getall("Set-Cookie") == ["a=1", "b=2"]
     assert "X-Internal" not in out and "Transfer-Encoding" not in out and "Connection" not in out
+
+
+def test_request_fields_work_on_the_bytes_as_sent() -> None:
+    raw = [
+        (b"Host", b"app.example"),
+        (b"X-Caf\xc3\xa9", b"cr\xc3\xa8me \xff"),  # not ASCII, not even UTF-8: passed as is
+        (b"x_custom", b"1"),
+        (b"Connection", b"X-Custom, keep-alive"),  # names x_custom (read as x-custom)
+        (b"X-USERINFO", b"forged"),
+    ]
+    block, has_host = request_fields(
+        RULES,
+        raw,
+        client_ip="1.2.3.4",
+        trusted=False,
+        request_id="r1",
+        user=USER,
+        certificate_b64="Q0VSVA==",
+    )
+    assert has_host
+    assert block == (
+        b"Host: app.example\r\n"
+        b"X-Caf\xc3\xa9: cr\xc3\xa8me \xff\r\n"
+        b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: app.example\r\nX-Real-IP: 1.2.3.4\r\nX-Request-ID: r1\r\n"
+        b"X-APP-CERTIFICATE: Q0VSVA==\r\nX-USERINFO: " + USER.header_value.encode() + b"\r\n"
+    )
+    # The name cache must not let one spelling's verdict leak to another.
+    block, has_host = request_fields(
+        RULES,
+        [(b"X_USERINFO", b"forged"), (b"x-userinfo", b"forged")],
+        client_ip="1.2.3.4",
+        trusted=False,
+        request_id="r2",
+        user=None,
+        certificate_b64=None,
+    )
+    assert not has_host and b"forged" not in block
+
+
+def test_response_fields_drop_connection_named_and_report_framing() -> None:
+    raw = [
+        (b"Content-Type", b"text/plain"),
+        (b"Content-Length", b"2"),
+        (b"X-Secret-Hop", b"x"),
+        (b"Connection", b"keep-alive, x-secret-hop"),
+        (b"X-Request-ID", b"upstream's own"),
+        (b"Keep-Alive", b"timeout=5"),
+    ]
+    block, flags = response_fields(raw)
+    assert block == b"Content-Type: text/plain\r\nContent-Length: 2\r\n"
+    assert flags == HAS_LENGTH
+    block, flags = response_fields([(b"Date", b"d"), (b"Server", b"s"), (b"Connection", b"close")])
+    assert block == b"Date: d\r\nServer: s\r\n"
+    assert flags == HAS_DATE | HAS_SERVER
