@@ -22,6 +22,7 @@ from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
 from .headers import HeaderRules, lines_to_multidict, request_fields
 from .identity import LookupContext, SignOnPurpose, Verdict
+from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
 from .policy import (
     BadPath,
@@ -134,6 +135,8 @@ class Handler:
         self.log = logger
         #: False when the log level is above info: skip building an event nobody will see
         self.access_log = access_log
+        #: the access event's own JSON writer, when the logs are JSON (else through structlog)
+        self._access = access_writer() if access_log else None
         self.clock = clock
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -417,27 +420,30 @@ class Handler:
         )
         if not self.access_log:
             return
-        self.log.info(
-            "request",
-            request_id=request_id,
-            client=peer_ip,
-            method=request.method,
-            path=request.path,
-            status=outcome.status,
-            duration_ms=round(elapsed * 1000, 3),
-            route=outcome.route,
-            decision=outcome.decision,
-            reason=outcome.reason,
-            verdict=outcome.verdict_code,
-            stale=outcome.stale or None,
-            cert_serial=cert.serial_hex if cert else None,
-            cert_sha256=cert.sha256 if cert else None,
-            cert_subject=cert.subject if cert else None,
-            sub=outcome.user,
-            upstream_ms=round(outcome.upstream_seconds * 1000, 3)
+        values = (
+            request_id,
+            peer_ip,
+            request.method,
+            request.path,
+            outcome.status,
+            round(elapsed * 1000, 3),
+            outcome.route,
+            outcome.decision,
+            outcome.reason,
+            outcome.verdict_code,
+            outcome.stale or None,
+            cert.serial_hex if cert else None,
+            cert.sha256 if cert else None,
+            cert.subject if cert else None,
+            outcome.user,
+            round(outcome.upstream_seconds * 1000, 3)
             if outcome.upstream_seconds is not None
             else None,
         )
+        if self._access is not None:
+            self._access(values)
+        else:
+            self.log.info("request", **dict(zip(ACCESS_FIELDS, values, strict=True)))
 
 
 def _malformed(request: Request, max_header_block: int) -> tuple[int, str, str] | None:

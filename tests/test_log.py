@@ -1,0 +1,85 @@
+"""The access event's own renderer writes exactly the line structlog would."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from sidecar import log
+
+VALUES = (
+    "r-1",
+    "2001:db8::1",
+    "GET",
+    '/caf\u00e9/"quoted"\n\\',
+    200,
+    1.5,
+    "/",
+    "forwarded",
+    "allowed",
+    "allow",
+    True,
+    "0a1b",
+    "ab" * 32,
+    "CN=Zo\u00eb \u2603,O=Example",
+    None,
+    0.001,
+)
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    monkeypatch.setattr(log, "_stderr", lambda: out)
+    # configure() sets these: restored afterwards, so later tests log through structlog again
+    monkeypatch.setattr(log, "_access_json", False)
+    monkeypatch.setattr(log, "_line_logger", None)
+    log.configure("json", "info")
+    structlog.contextvars.bind_contextvars(worker=2)
+    yield out
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+def test_access_event_matches_structlog(captured: io.StringIO) -> None:
+    access = log.access_writer()
+    assert access is not None
+    log.get_logger("sidecar").info("request", **dict(zip(log.ACCESS_FIELDS, VALUES, strict=True)))
+    access(VALUES)
+    assert log._line_logger is not None
+    log._line_logger.flush()
+    ours, theirs = (json.loads(line) for line in reversed(captured.getvalue().splitlines()))
+    ours_text, theirs_text = captured.getvalue().splitlines()[::-1]
+    # Same keys in the same order, same values; the timestamps differ by the time between.
+    assert list(ours) == list(theirs)
+    assert ours.pop("timestamp").endswith("Z") and theirs.pop("timestamp").endswith("Z")
+    assert ours == theirs
+    assert ours["worker"] == 2 and ours["path"] == VALUES[3]
+    # Byte for byte once the timestamps are set aside.
+    assert ours_text.rsplit('"timestamp"', 1)[0] == theirs_text.rsplit('"timestamp"', 1)[0]
+
+
+@pytest.mark.parametrize("micro", [0, 1, 999_999, 500_000])
+def test_timestamp_is_structlogs_iso_utc(micro: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    instant = datetime.datetime(2026, 11, 25, 21, 0, 7, micro, tzinfo=datetime.UTC)
+    monkeypatch.setattr("sidecar.log.time.time", instant.timestamp)
+    expected = instant.isoformat().replace("+00:00", "Z")  # what TimeStamper(fmt="iso") writes
+    assert log._timestamp() == expected
+
+
+def test_no_writer_when_not_json_at_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(log, "_stderr", io.StringIO)
+    monkeypatch.setattr(log, "_access_json", False)
+    monkeypatch.setattr(log, "_line_logger", None)
+    try:
+        log.configure("console", "info")
+        assert log.access_writer() is None
+        log.configure("json", "warning")
+        assert log.access_writer() is None
+    finally:
+        structlog.reset_defaults()
