@@ -109,6 +109,7 @@ class ListenerServer(web.Server):
         self.closing = True
         grace = 0.0 if timeout is None else timeout
         tasks = [task for client in list(self.clients) if (task := client.stop()) is not None]
+        self.pre_shutdown()  # as aiohttp's runner does: idle handed-over connections close now
         fallback = asyncio.ensure_future(super().shutdown(timeout))
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -132,6 +133,8 @@ class ClientConnection(asyncio.Protocol):
         "_drain_waiter",
         "_handed_off",
         "_head_started",
+        "_hosts",
+        "_keep_alive",
         "_made",
         "_parser",
         "_peer",
@@ -174,6 +177,8 @@ class ClientConnection(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._complete = False
         self._unusual = False
+        self._hosts = 0
+        self._keep_alive = False
 
     def __del__(self) -> None:
         # asyncio makes this protocol at accept time but calls connection_made only after the
@@ -261,6 +266,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._raw_headers = []
         self._complete = self._unusual = False
+        self._hosts = 0
         parser = self._parser
         try:
             parser.feed_data(head)
@@ -278,6 +284,10 @@ class ClientConnection(asyncio.Protocol):
         if version != "1.1" and version != "1.0":
             self._hand_off()
             return
+        # One Host, or none in HTTP/1.0 (RFC 9112 §3.2): aiohttp answers the others with 400.
+        if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
+            self._hand_off()
+            return
         del buffer[:size]
         self._head_started = False
         exchange = Exchange(
@@ -286,7 +296,7 @@ class ClientConnection(asyncio.Protocol):
             self._url.decode("utf-8", "surrogateescape"),
             self._raw_headers,
             http10=version == "1.0",
-            keep_alive=parser.should_keep_alive(),
+            keep_alive=self._keep_alive,
         )
         self._task = self.loop.create_task(self._serve(exchange))
 
@@ -305,11 +315,17 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw_headers.append((name, value))
-        if name.lower() in _HAND_OFF:
+        lower = name.lower()
+        if lower == b"host":
+            self._hosts += 1
+        elif lower in _HAND_OFF:
             self._unusual = True
 
     def on_message_complete(self) -> None:
         self._complete = True
+        # Read now: once the message is complete llhttp resets its flags for the next one,
+        # and should_keep_alive() would only give the version's default.
+        self._keep_alive = self._parser.should_keep_alive()
 
     # ---- serving ------------------------------------------------------------------------------
 
