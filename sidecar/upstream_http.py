@@ -116,6 +116,18 @@ class RequestBody:
         return framed
 
 
+def _until_eof(raw_headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response's body ends with the connection: llhttp reads one without
+    Content-Length that is not chunked until EOF."""
+    until_eof = True
+    for name, value in raw_headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            until_eof = False
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            until_eof = not value.rstrip().lower().endswith(b"chunked")
+    return until_eof
+
+
 class Connection(asyncio.Protocol):
     """One connection to the upstream; ``begin`` starts an exchange, ``head`` and ``read``
     wait for its response. Errors are sticky: once failed, every wait raises the error."""
@@ -153,7 +165,6 @@ class Connection(asyncio.Protocol):
         self.head_done = False
         self.complete = False
         self.keep_alive = False
-        self._until_eof = False
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._read_paused = False
@@ -321,7 +332,7 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if not self.idle and not self.complete:
-            if self.head_done and self._until_eof and exc is None:
+            if self.head_done and exc is None and _until_eof(self.raw_headers):
                 self.complete = True  # a body delimited by the end of the connection
             elif self._error is None:
                 self._error = exc or ConnectionResetError("the upstream closed the connection")
@@ -349,12 +360,14 @@ class Connection(asyncio.Protocol):
         self.reason += status  # llhttp may hand it over in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_HEAD:  # trailers count too: they are held until parsed
-            self._error = UpstreamError("protocol", f"response head larger than {MAX_HEAD} bytes")
-            raise self._error  # stops the parser; data_received fails the connection
-        if not self.head_done:  # trailers are dropped, as hop-by-hop framing
+        if not self.head_done:  # the head's size is checked on the bytes received
             self.raw_headers.append((name, value))
+            return
+        # Trailers are dropped, as hop-by-hop framing, but llhttp holds each until it is whole.
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD:
+            self._error = UpstreamError("protocol", f"trailers larger than {MAX_HEAD} bytes")
+            raise self._error  # stops the parser; data_received fails the connection
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -362,6 +375,15 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: the final response follows
             return
+        # Everything received so far is at most the head plus some body: only a large total
+        # needs the head measured (data_received checks heads that arrive in pieces).
+        if self.received > MAX_HEAD:
+            size = sum(len(name) + len(value) + 4 for name, value in self.raw_headers)
+            if size > MAX_HEAD:
+                self._error = UpstreamError(
+                    "protocol", f"response head larger than {MAX_HEAD} bytes"
+                )
+                raise self._error
         self.status = status
         self.head_done = True
         self.keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
@@ -369,14 +391,6 @@ class Connection(asyncio.Protocol):
             self.complete = True
             if self._head_only:
                 self._stale_parser = True
-            return
-        # llhttp reads a response without Content-Length that is not chunked until EOF.
-        self._until_eof = True
-        for name, value in self.raw_headers:
-            if len(name) == 14 and name.lower() == b"content-length":
-                self._until_eof = False
-            elif len(name) == 17 and name.lower() == b"transfer-encoding":
-                self._until_eof = not value.rstrip().lower().endswith(b"chunked")
 
     def on_body(self, body: bytes) -> None:
         if self.complete:  # a body after a HEAD response: the connection is out of step

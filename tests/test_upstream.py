@@ -1203,3 +1203,47 @@ def test_on_uvloop(tmp_path: Path) -> None:
             await runner.cleanup()
 
     uvloop.run(scenario())
+
+
+@pytest.mark.parametrize("pieces", [1, 64], ids=["one-write", "in-pieces"])
+async def test_response_head_larger_than_the_limit_is_a_protocol_error(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession, pieces: int
+) -> None:
+    fields = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(70))  # ~70 KiB
+    raw = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok"
+
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        size = len(raw) // pieces + 1
+        for start in range(0, len(raw), size):
+            w.write(raw[start : start + size])
+            await w.drain()
+        return False
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    status, _, _ = await fetch(session, "GET", proxy.url("/huge-head"))
+    assert status == 502
+    assert proxy.errors[-1].kind == "protocol"
+    assert "larger than" in str(proxy.errors[-1])
+
+
+async def test_trailers_larger_than_the_limit_truncate_the_response(
+    make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession
+) -> None:
+    trailers = b"".join(b"X-Trailer-%d: %s\r\n" % (i, b"t" * 1000) for i in range(70))
+
+    async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+        await w.drain()
+        await asyncio.sleep(0.2)  # the response has started when the trailers come
+        w.write(b"0\r\n" + trailers)  # and never the end of them
+        await w.drain()
+        await asyncio.sleep(1)
+        return False
+
+    up = await scripted(answer)
+    proxy = await make_proxy(up.url)
+    async with session.get(proxy.url("/huge-trailers")) as resp:
+        assert resp.status == 200  # the response had started: it can only be cut short
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()

@@ -1,0 +1,176 @@
+"""The Python cost of one forwarded request, without sockets, TLS or other processes.
+
+    .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile]
+
+Drives the real listener protocol (``ClientConnection``), handler, header rules, upstream
+client and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
+is cached, an upstream answer of 2 bytes with nginx's headers. What it reports is the CPU time
+the sidecar's own Python spends per request (microseconds, best of several rounds), the part a
+change to the request path can move; the full benchmark (``run.sh``) adds TLS, system calls and
+the event loop, and is noisy on a shared machine, while this is stable to a few percent.
+``--profile`` prints cProfile's top functions for the same loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sidecar.__main__ import _tune_gc
+from sidecar.app import Sidecar
+from sidecar.certs import ClientCert
+from sidecar.config import load
+from sidecar.handler import Handler
+from sidecar.listener import ClientConnection, ListenerServer
+from sidecar.upstream_http import Connection as UpstreamConnection
+from tests.pki import make_ca, make_leaf
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 21:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+)
+
+
+class _Transport:
+    """Just enough of an asyncio transport; ``on_write`` sees what the protocol sends."""
+
+    def __init__(self, on_write: Any, extra: dict[str, Any] | None = None) -> None:
+        self.on_write = on_write
+        self.extra = extra or {}
+
+    def write(self, data: bytes) -> None:
+        self.on_write(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.on_write(b"".join(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        raise AssertionError("a connection of the harness was aborted")
+
+
+def _config(folder: Path) -> tuple[Path, ClientCert]:
+    ca = make_ca("Hot path CA")
+    server = make_leaf(ca, "localhost", server=True)
+    client = make_leaf(ca, "bench")
+    for name, data in {
+        "ca.pem": ca.pem,
+        "server.pem": server.pem,
+        "server.key": server.key_pem,
+        "client.pem": client.pem,
+    }.items():
+        (folder / name).write_bytes(data)
+    (folder / "sidecar.yaml").write_text(
+        "listen: {host: 127.0.0.1, port: 8443}\n"
+        "tls: {certificate: server.pem, key: server.key, client_ca: [ca.pem]}\n"
+        "upstream: {url: 'http://127.0.0.1:9'}\n"
+        "identity:\n  backend: static\n  static:\n    users:\n"
+        "    - {sub: s-1, username: bench, certificates: [{file: client.pem}]}\n"
+        "routes:\n- path: /\n"
+        "log: {level: warning}\n"
+    )
+    return folder / "sidecar.yaml", ClientCert.from_der(client.der)
+
+
+async def measure(requests: int, rounds: int, profile: bool) -> None:
+    loop = asyncio.get_running_loop()
+    with tempfile.TemporaryDirectory() as tmp:
+        path, cert = _config(Path(tmp))
+        config = load(path)
+        sidecar = Sidecar(config, config_path=path)
+        plan = await sidecar._build_plan(config)
+    handler = Handler(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
+    listener = ListenerServer(
+        handler, limits=config.limits, peer_certs=sidecar.peer_certs, metrics=sidecar.metrics
+    )
+
+    # The upstream side: one pooled keep-alive connection that answers every request at once.
+    upstream = UpstreamConnection(loop, read_timeout=60.0)
+    upstream.connection_made(
+        _Transport(lambda _: loop.call_soon(upstream.data_received, RESPONSE))  # type: ignore[arg-type]
+    )
+    pool = plan.upstream._pool
+    assert pool is not None
+    pool._open = 1
+    upstream.on_lost = pool._lost
+    upstream.idle = True
+    pool._idle.append(upstream)
+
+    done: asyncio.Future[None] | None = None
+    answers = 0
+
+    def on_answer(data: bytes) -> None:
+        nonlocal answers
+        answers += 1
+        if not data.startswith(b"HTTP/1.1 200 OK\r\n"):
+            raise AssertionError(f"unexpected answer: {data[:200]!r}")
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    client = ClientConnection(listener)
+    client.connection_made(_Transport(on_answer, {"peername": ("127.0.0.1", 50000)}))  # type: ignore[arg-type]
+    client._peer = cert
+
+    async def run(n: int) -> float:
+        nonlocal done
+        started = time.process_time()
+        for _ in range(n):
+            done = loop.create_future()
+            client.data_received(REQUEST)
+            await done
+        return time.process_time() - started
+
+    await run(1000)  # warm-up: caches, the route table, the pool
+    _tune_gc()  # as `sidecar run` does once started
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        await run(requests)
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+    else:
+        best = min([await run(requests) for _ in range(rounds)])
+        print(f"{best / requests * 1e6:.1f} us of CPU per request (best of {rounds} x {requests})")
+        assert answers >= requests * rounds
+    await plan.upstream.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(measure(args.requests, args.rounds, args.profile))
+    else:
+        uvloop.run(measure(args.requests, args.rounds, args.profile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
