@@ -235,7 +235,7 @@ class UpstreamClient:
             fields, flags = response_fields(conn.raw_headers)
             fields += b"X-Request-ID: %b\r\n" % request_id.encode("ascii")
             if conn.complete:  # all of it arrived with the head: one write
-                client.respond(status, conn.reason, fields, flags, await conn.read(), True)
+                client.respond(status, conn.reason, fields, flags, conn.take(), True)
                 return Forwarded(None, status, upstream_seconds)
             client.respond(status, conn.reason, fields, flags, b"", False)
             while True:
@@ -386,7 +386,7 @@ async def _stream_response(
     try:
         await response.prepare(request)
         if conn.complete:  # all of it arrived with the head: one write
-            await response.write_eof(await conn.read())
+            await response.write_eof(conn.take())
             return forwarded
     except ConnectionError:  # the client is gone
         return forwarded

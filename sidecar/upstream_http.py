@@ -227,7 +227,13 @@ class Connection(asyncio.Protocol):
             if self.complete:
                 return b""
             await self._wait()
+        return self.take()
+
+    def take(self) -> bytes:
+        """The body bytes received so far, without waiting (all of it once ``complete``)."""
         chunks, self._chunks, self._buffered = self._chunks, [], 0
+        if not chunks:
+            return b""
         if self._read_paused:
             self._read_paused = False
             assert self._transport is not None
