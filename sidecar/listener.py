@@ -127,6 +127,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_buffer",
+        "_busy",
         "_complete",
         "_counted",
         "_deadline",
@@ -141,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
         "_peer_ip",
         "_raw_headers",
         "_read_paused",
+        "_ready",
         "_server",
         "_stopping",
         "_task",
@@ -148,6 +150,7 @@ class ClientConnection(asyncio.Protocol):
         "_transport",
         "_unusual",
         "_url",
+        "_waiter",
         "_write_paused",
         "loop",
     )
@@ -164,7 +167,12 @@ class ClientConnection(asyncio.Protocol):
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
         self._peer_ip: str | None = None
+        # One task per connection serves its requests in turn (a task per request costs more
+        # than the rest of the dispatch); it waits on _waiter for the next parsed request.
         self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._ready: Exchange | None = None
+        self._busy = False
         self._read_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -214,10 +222,11 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()
         self._wake_drain()
+        self._end_waiting()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self._task is not None:  # pipelined behind the request in flight
+        if self._busy:  # pipelined behind the request in flight
             if len(self._buffer) > _PIPELINE_LIMIT and not self._read_paused:
                 self._read_paused = True
                 assert self._transport is not None
@@ -298,7 +307,14 @@ class ClientConnection(asyncio.Protocol):
             http10=version == "1.0",
             keep_alive=self._keep_alive,
         )
-        self._task = self.loop.create_task(self._serve(exchange))
+        self._busy = True
+        self._ready = exchange
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set_result(None)
+        elif self._task is None:
+            self._task = self.loop.create_task(self._run())
 
     def _within_limits(self, head: bytes) -> bool:
         limits = self._server.limits
@@ -329,6 +345,23 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- serving ------------------------------------------------------------------------------
 
+    async def _run(self) -> None:
+        """Serve the connection's requests as they are parsed, until it closes."""
+        while True:
+            exchange = self._ready
+            if exchange is None:
+                transport = self._transport
+                if transport is None or transport.is_closing():
+                    return
+                waiter = self._waiter = self.loop.create_future()
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    return  # the connection closed or was handed over while idle
+                continue
+            self._ready = None
+            await self._serve(exchange)
+
     async def _serve(self, exchange: Exchange) -> None:
         handler = self._server.handler
         try:
@@ -342,7 +375,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.keep_alive = False
             self.abort()
         finally:
-            self._task = None
+            self._busy = False
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -404,11 +437,18 @@ class ClientConnection(asyncio.Protocol):
         """Shutdown: no more requests here. Idle connections close now; the request in flight
         (returned) finishes first."""
         self._stopping = True
-        if self._task is None:
+        if not self._busy:
             if self._transport is not None:
                 self._transport.close()
+            self._end_waiting()
             return None
         return self._task
+
+    def _end_waiting(self) -> None:
+        """Let the connection's task end if it is waiting for a request."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -434,6 +474,7 @@ class ClientConnection(asyncio.Protocol):
         # The connection stays counted; the fallback protocol gives the count back.
         counted, self._counted = self._counted, False
         self._release()
+        self._end_waiting()
         data, self._buffer = bytes(self._buffer), bytearray()
         transport.set_protocol(fallback)
         fallback.adopt(counted=counted, peer=peer)
@@ -458,7 +499,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._transport is None or self._task is not None:
+        if self._transport is None or self._busy:
             return  # gone, or busy: the upstream's read timeout bounds a request in flight
         if self.loop.time() < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
