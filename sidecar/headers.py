@@ -123,16 +123,17 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
     return tokens
 
 
-def _named(values: list[bytes]) -> frozenset[bytes]:
-    """Header names listed in Connection values (lower case), except the protected ones."""
-    return _named_in(values[0]) if len(values) == 1 else _named_in(b",".join(values))
+def _named(values: list[bytes], gone: frozenset[bytes]) -> frozenset[bytes]:
+    """Header names listed in Connection values (lower case), except the protected ones and
+    those in ``gone`` (stripped anyway)."""
+    return _named_in(values[0] if len(values) == 1 else b",".join(values), gone)
 
 
 @functools.lru_cache(maxsize=256)
-def _named_in(value: bytes) -> frozenset[bytes]:
+def _named_in(value: bytes, gone: frozenset[bytes]) -> frozenset[bytes]:
     # Connection values repeat ("keep-alive", "close"): parsed once each.
     tokens = {token.strip().lower() for token in value.split(b",")}
-    return frozenset(tokens - _PROTECTED_BYTES - {b""})
+    return frozenset(tokens - _PROTECTED_BYTES - gone - {b""})
 
 
 # What a request header name is to request_fields (bits; 0: an ordinary header, kept).
@@ -176,7 +177,7 @@ def request_fields(
     raw = raw if isinstance(raw, list | tuple) else list(raw)
     block, host, connection, prior, seen = _request_pass(rules, raw, trusted, None)
     if connection:
-        named = _named(connection) - (rules.always_strip_b if trusted else rules.untrusted_strip_b)
+        named = _named(connection, rules.always_strip_b if trusted else rules.untrusted_strip_b)
         if named:  # the client named more headers as hop-by-hop: a second pass drops them
             block, host, connection, prior, seen = _request_pass(rules, raw, trusted, named)
     ip = (client_ip or "").encode("ascii", "replace")
@@ -265,7 +266,7 @@ def response_fields(raw: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, int]:
     raw = raw if isinstance(raw, list | tuple) else list(raw)
     block, flags, connection = _response_pass(raw, None)
     if connection:
-        named = _named(connection) - _RESPONSE_STRIP  # those are gone already
+        named = _named(connection, _RESPONSE_STRIP)
         if named:
             block, flags, _ = _response_pass(raw, named)
     return block, flags
