@@ -468,8 +468,11 @@ class ClientConnection(asyncio.Protocol):
         """Give the connection, with every byte not yet served, to aiohttp's server."""
         transport = self._transport
         assert transport is not None
-        fallback = self._server.adopt()
         peer = self.peer_certificate()
+        if self._stopping:  # a certificate OpenSSL accepted but we cannot read: no service
+            transport.close()
+            return
+        fallback = self._server.adopt()
         self._handed_off = True
         # The connection stays counted; the fallback protocol gives the count back.
         counted, self._counted = self._counted, False

@@ -18,50 +18,34 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import responses
 from .certs import ClientCert
-from .errors import CertificateError
 
 if TYPE_CHECKING:
     from .listener import ListenerServer
-
-_UNSET: Any = object()
 
 
 class Connection(RequestHandler):
     """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
 
-    __slots__ = ("_counted", "_header_timeout", "_metrics", "_peer", "_peer_certs")
+    __slots__ = ("_counted", "_header_timeout", "_metrics", "_peer")
 
     def __init__(
         self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
-        self._peer: ClientCert | None = _UNSET
-        self._peer_certs = manager.peer_certs
+        self._peer: ClientCert | None = None
         self._header_timeout = manager.limits.header_timeout
         self._metrics = manager.metrics
         self._counted = False
 
     def adopt(self, *, counted: bool, peer: ClientCert | None) -> None:
         """Take over a connection from the listener: its place in ``open_connections`` (given
-        back when it closes) and its peer certificate if parsed already."""
+        back when it closes) and its peer certificate, already parsed (None: no identity)."""
         self._counted = counted
         self._peer = peer
 
-    # -- the peer certificate, parsed once per connection --------------------------------
-
     def peer_certificate(self) -> ClientCert | None:
-        peer = self._peer
-        if peer is _UNSET:
-            transport = self.transport
-            ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
-            try:
-                peer = self._peer_certs.from_ssl_object(ssl_obj)
-            except CertificateError:
-                # OpenSSL verified it but we cannot parse it: treat as no identity, and close.
-                self.force_close()
-                peer = None
-            self._peer = peer
-        return peer
+        """The peer certificate the listener parsed before it handed the connection over."""
+        return self._peer
 
     # -- connection limits -----------------------------------------------------------------
 

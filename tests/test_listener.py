@@ -29,6 +29,7 @@ from yarl import URL
 
 from sidecar import config as config_mod
 from sidecar.app import Sidecar
+from sidecar.errors import CertificateError
 from sidecar.metrics import Metrics
 
 from .conftest import BOB_SUB, ConfigDir, Running, Seen, SidecarFactory, Upstream, decode_userinfo
@@ -1222,3 +1223,38 @@ def test_main_paths_on_uvloop(config_dir: ConfigDir) -> None:
             await app.stop()
 
     uvloop.run(scenario())
+
+
+# ---- a certificate OpenSSL accepted but the sidecar cannot read ------------------------------
+
+
+@pytest.fixture
+def unreadable_certificates(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No certificate that OpenSSL verifies and cryptography refuses is at hand: the parser's
+    # refusal is what is simulated here, the connection and the requests are real.
+    def refuse(ssl_obj: object) -> None:
+        raise CertificateError("cannot parse the peer certificate")
+
+    monkeypatch.setattr(running.sidecar.peer_certs, "from_ssl_object", refuse)
+
+
+@pytest.mark.usefixtures("unreadable_certificates")
+async def test_unreadable_certificate_is_no_identity_and_the_last_request(
+    running: Running, upstream: App
+) -> None:
+    async with connect(running) as conn:
+        conn.send(request("/needs-identity") + request("/public/never"))
+        response = await conn.response()
+        assert response.status == 401  # as without a certificate
+        assert "close" in response.tokens("Connection")
+        assert await conn.ended() == b""
+    assert upstream.paths() == []
+
+
+@pytest.mark.usefixtures("unreadable_certificates")
+async def test_unreadable_certificate_is_not_handed_over(running: Running, upstream: App) -> None:
+    async with connect(running) as conn:
+        conn.send(req("POST", "/needs-identity", body=b"payload"))
+        assert await conn.ended() == b""  # closed: never served as anyone
+    assert upstream.paths() == []
+    await eventually(lambda: open_connections(running) == 0, "the connection to be released")
