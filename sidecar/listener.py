@@ -34,6 +34,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from . import responses
 from .certs import ClientCert
 from .config import LimitsConfig
 from .errors import CertificateError
@@ -92,8 +93,9 @@ class ListenerServer(web.Server):
         self.clients: set[ClientConnection] = set()
         # A head longer than this may break a line limit: it is measured line by line.
         self.short_head = min(limits.max_request_line, limits.max_header_line)
-        # Bytes without a complete head beyond which the head cannot be acceptable.
-        self.max_head = limits.max_request_line + limits.max_headers * (limits.max_header_line + 2)
+        # Bytes without a complete head beyond which the head cannot be acceptable: the
+        # request line and the whole header block (limits.max_header_block), with their CRLFs.
+        self.max_head = limits.max_request_line + limits.max_header_block + 4
         self.closing = False
 
     def __call__(self) -> ClientConnection:  # type: ignore[override]
@@ -264,8 +266,12 @@ class ClientConnection(asyncio.Protocol):
             self._set_deadline(server.limits.header_timeout, sooner_only=True)
         end = buffer.find(_HEAD_END)
         if end < 0:
-            if len(buffer) > server.max_head or b"\n\n" in buffer:
-                self._hand_off()  # too large, or bare-LF framing: aiohttp answers it
+            if b"\n\n" in buffer or (
+                len(buffer) > server.limits.max_request_line and b"\n" not in buffer
+            ):
+                self._hand_off()  # bare-LF framing, or a request line too long: aiohttp answers
+            elif len(buffer) > server.max_head:
+                self._refuse_head()  # held in memory no further
             return
         size = end + 4
         head = bytes(buffer[:size]) if size < len(buffer) else bytes(buffer)
@@ -315,6 +321,22 @@ class ClientConnection(asyncio.Protocol):
             waiter.set_result(None)
         elif self._task is None:
             self._task = self.loop.create_task(self._run())
+
+    def _refuse_head(self) -> None:
+        """431 and close: the head grew past what it may be before it ended."""
+        exchange = Exchange(self, "GET", "*", [], http10=False, keep_alive=False)
+        exchange.answer(
+            responses.error(
+                431,
+                "The request headers are too large.",
+                request_id=responses.new_request_id(),
+                accept=None,
+            )
+        )
+        self._stopping = True
+        self._buffer = bytearray()
+        if self._transport is not None:
+            self._transport.close()
 
     def _within_limits(self, head: bytes) -> bool:
         limits = self._server.limits

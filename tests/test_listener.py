@@ -1258,3 +1258,27 @@ async def test_unreadable_certificate_is_not_handed_over(running: Running, upstr
         assert await conn.ended() == b""  # closed: never served as anyone
     assert upstream.paths() == []
     await eventually(lambda: open_connections(running) == 0, "the connection to be released")
+
+
+async def test_unfinished_head_past_the_header_block_limit_is_refused_at_once(
+    running: Running, upstream: App
+) -> None:
+    # 40 KiB of header lines that never end (limits.max_header_block is 32 KiB by default):
+    # answered 431 as soon as the limit is passed, not held until the header deadline.
+    lines = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 400) for i in range(100))
+    async with connect(running) as conn:
+        conn.send(b"GET /public/x HTTP/1.1\r\nHost: localhost\r\n" + lines)
+        started = time.monotonic()
+        response = await conn.response()
+        assert response.status == 431
+        assert "close" in response.tokens("Connection")
+        assert await conn.ended() == b""
+    assert time.monotonic() - started < 2
+    assert upstream.paths() == []
+
+
+async def test_request_line_too_long_without_its_end_is_414(running: Running) -> None:
+    async with connect(running) as conn:
+        conn.send(b"GET /" + b"a" * 20000)  # no line end yet (max_request_line: 8190)
+        response = await conn.response()
+        assert response.status == 414
