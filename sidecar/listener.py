@@ -307,7 +307,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_started = False
         exchange = Exchange(
             self,
-            parser.get_method().decode("ascii"),
+            _method(parser.get_method()),
             self._url.decode("utf-8", "surrogateescape"),
             self._raw_headers,
             http10=version == "1.0",
@@ -671,6 +671,13 @@ class Exchange:
         self.respond(
             response.status, response.reason.encode("latin-1"), fields, flags, body or b"", True
         )
+
+
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT", "PATCH")}
+
+
+def _method(raw: bytes) -> str:
+    return _METHODS.get(raw) or raw.decode("ascii")  # llhttp knows only ASCII methods
 
 
 @functools.lru_cache(maxsize=4096)

@@ -268,7 +268,7 @@ class UpstreamClient:
         pool = self._pool
         assert pool is not None
         started = time.perf_counter()
-        conn = await pool.acquire()
+        conn = pool.take_idle() or await pool.acquire()  # no coroutine when one is idle
         sender = _send(conn, out, rest, head_only)
         try:
             try:

@@ -50,12 +50,11 @@ class Pool:
         """An idle connection (unless ``fresh``), a new one, or the next one given back."""
         if self._closed:
             raise RuntimeError("the upstream pool is closed")
-        idle = self._idle
-        while idle and not fresh:
-            conn = idle.pop()
-            if not conn.closing:  # else it is on its way out: connection_lost is due
-                conn.reused = True
+        if not fresh:
+            conn = self.take_idle()
+            if conn is not None:
                 return conn
+        idle = self._idle
         if self._open < self._max:
             self._open += 1
             return await self._connect()
@@ -84,6 +83,16 @@ class Pool:
             return await self._connect()
         got.reused = True
         return got
+
+    def take_idle(self) -> Connection | None:
+        """The newest idle connection, without waiting, or None."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closing:  # else it is on its way out: connection_lost is due
+                conn.reused = True
+                return conn
+        return None
 
     def release(self, conn: Connection, *, reuse: bool) -> None:
         """Take ``conn`` back: pooled if ``reuse`` and it is clean, closed otherwise."""
