@@ -179,7 +179,11 @@ class Sidecar:
         if previous is not None and _same_upstream(config, previous[1]):
             upstream = previous[0].upstream
         else:
-            upstream = UpstreamClient(config.upstream, max_body_size=config.limits.max_body_size)
+            upstream = UpstreamClient(
+                config.upstream,
+                max_body_size=config.limits.max_body_size,
+                send_timeout=config.limits.send_timeout,
+            )
             await upstream.start()
         if previous is not None and config.identity == previous[1].identity:
             identity: Identity = previous[0].identity
@@ -381,7 +385,11 @@ class Sidecar:
 
 
 def _same_upstream(a: Config, b: Config) -> bool:
-    return a.upstream == b.upstream and a.limits.max_body_size == b.limits.max_body_size
+    return (
+        a.upstream == b.upstream
+        and a.limits.max_body_size == b.limits.max_body_size
+        and a.limits.send_timeout == b.limits.send_timeout
+    )
 
 
 async def _close_plan(plan: Plan, *, keep: Plan | None = None) -> None:

@@ -146,6 +146,8 @@ class LimitsConfig(Section):
     header_timeout: Duration = 60.0
     #: an idle keep-alive connection is closed after this
     keepalive_timeout: Duration = 75.0
+    #: a client that takes none of a response for this long is disconnected (nginx's send_timeout)
+    send_timeout: Duration = Field(60.0, gt=0)
     #: time a client has to complete the TLS handshake
     handshake_timeout: Duration = 60.0
     #: open client connections per worker; further ones are closed at once

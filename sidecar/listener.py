@@ -440,7 +440,12 @@ class ClientConnection(asyncio.Protocol):
                 return
             waiter = self._drain_waiter = self.loop.create_future()
             try:
-                await waiter
+                await asyncio.wait_for(waiter, self._server.limits.send_timeout)
+            except TimeoutError:
+                # The client stopped reading (limits.send_timeout): it must not hold this
+                # connection, nor the upstream connection behind it, any longer.
+                transport.abort()
+                raise ConnectionResetError("the client took nothing for send_timeout") from None
             finally:
                 self._drain_waiter = None
 

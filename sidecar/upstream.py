@@ -98,7 +98,13 @@ class Forwarded:
 
 
 class UpstreamClient:
-    def __init__(self, config: UpstreamConfig, *, max_body_size: int | None = None) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        max_body_size: int | None = None,
+        send_timeout: float = 60.0,
+    ) -> None:
         base = URL(config.url)
         self._https = base.scheme == "https"
         self._host = base.raw_host or ""
@@ -113,6 +119,8 @@ class UpstreamClient:
         )
         self._config = config
         self._max_body_size = max_body_size
+        #: on aiohttp's path, a client that takes none of a response for this long is dropped
+        self._send_timeout = send_timeout
         self._pool: Pool | None = None
         # An open WebSocket holds its connection for its whole life: kept out of the pool, they
         # cannot starve plain requests. The listener's connection limit bounds them.
@@ -198,7 +206,9 @@ class UpstreamClient:
             out, rest, head_only=request.method == "HEAD", retry=body is None
         )
         try:
-            return await _stream_response(request, conn, upstream_seconds, headers.get(_REQUEST_ID))
+            return await _stream_response(
+                request, conn, upstream_seconds, headers.get(_REQUEST_ID), self._send_timeout
+            )
         finally:
             _cancel(sender)  # the upstream answered before it took the whole body
             pool.release(conn, reuse=True)
@@ -371,7 +381,11 @@ class _WholeResponse(web.StreamResponse):
 
 
 async def _stream_response(
-    request: web.BaseRequest, conn: Connection, upstream_seconds: float, request_id: str | None
+    request: web.BaseRequest,
+    conn: Connection,
+    upstream_seconds: float,
+    request_id: str | None,
+    send_timeout: float,
 ) -> Forwarded:
     """Stream the upstream's response to the client; abort the client if the upstream fails."""
     headers = response_headers(_decoded(conn.raw_headers))
@@ -399,8 +413,12 @@ async def _stream_response(
         if not chunk:
             break
         try:
-            await response.write(chunk)
+            async with asyncio.timeout(send_timeout):
+                await response.write(chunk)
         except ConnectionError:
+            return forwarded
+        except TimeoutError:  # the client stopped reading (limits.send_timeout)
+            _abort(request)
             return forwarded
     with contextlib.suppress(ConnectionError):  # the client left after the last byte
         await response.write_eof()

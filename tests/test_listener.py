@@ -1282,3 +1282,22 @@ async def test_request_line_too_long_without_its_end_is_414(running: Running) ->
         conn.send(b"GET /" + b"a" * 20000)  # no line end yet (max_request_line: 8190)
         response = await conn.response()
         assert response.status == 414
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-path", "handed-over"])
+async def test_client_that_stops_reading_is_dropped_after_send_timeout(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: App, method: str
+) -> None:
+    running = await start_with_limits(start_sidecar, config_dir, upstream, send_timeout="1s")
+    async with connect(running) as conn:
+        conn.send(req(method, "/public/download/268435456", body=b"x" if method == "POST" else b""))
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        # Read nothing more: the sidecar's writes back up, then it must let go of the client
+        # and of the upstream connection behind it.
+        await eventually(
+            lambda: open_connections(running) == 0, "the stalled client to be dropped", timeout=15
+        )
+    async with connect(running) as conn:  # and it goes on serving
+        conn.send(request("/public/after"))
+        assert (await conn.response()).status == 200
