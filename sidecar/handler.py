@@ -39,6 +39,11 @@ from .upstream import BodyTooLarge, Forwarded, UpstreamClient
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
+# Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): an IP literal, or a reg-name of
+# unreserved characters, %-escapes and sub-delims (empty allowed), then digits for the port.
+_HOST_FIELD = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
 RETRY_AFTER_SECONDS = "5"
 
@@ -452,13 +457,20 @@ def _malformed(request: Request, max_header_block: int) -> tuple[int, str, str] 
     lengths: set[bytes] = set()
     length_headers = 0
     chunked = False
+    bad_host = False
     for name, value in request.raw_headers:
         size += len(name) + len(value) + 4
-        if len(name) == 14 and name.lower() == b"content-length":
+        if len(name) == 4 and name.lower() == b"host":
+            bad_host = bad_host or _HOST_FIELD.fullmatch(value) is None
+        elif len(name) == 14 and name.lower() == b"content-length":
             length_headers += 1
             lengths.add(value.strip())
         elif len(name) == 17 and name.lower() == b"transfer-encoding":
             chunked = True
+    if bad_host:
+        # RFC 9112 3.2: 400. An application reading it as a host name, a URL or a cache key
+        # must not be handed spaces, slashes or an '@' it may split on.
+        return 400, "the request's Host header is not valid", "bad_host"
     if len(lengths) > 1:
         return 400, "the request has conflicting Content-Length headers", "ambiguous_length"
     if length_headers and chunked:

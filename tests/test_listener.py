@@ -1301,3 +1301,30 @@ async def test_client_that_stops_reading_is_dropped_after_send_timeout(
     async with connect(running) as conn:  # and it goes on serving
         conn.send(request("/public/after"))
         assert (await conn.response()).status == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-path", "handed-over"])
+@pytest.mark.parametrize(
+    "host", ["a b", "evil.example/admin", "user@evil.example", "a:b:c", "[::1", "h\u00e9.example"]
+)
+async def test_invalid_host_value_is_400(
+    running: Running, upstream: App, method: str, host: str
+) -> None:
+    async with connect(running) as conn:
+        conn.send(req(method, "/public/h", host=host, body=b"x" * (method == "POST")))
+        response = await conn.response()
+    assert response.status == 400
+    assert upstream.paths() == []
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost", "localhost:8443", "[::1]:8443", "my_app", "10.0.0.1:80", "xn--bcher-kva.ch"],
+)
+async def test_valid_host_values_pass_as_sent(running: Running, upstream: App, host: str) -> None:
+    async with connect(running) as conn:
+        conn.send(req("GET", "/public/h", host=host))
+        response = await conn.response()
+    assert response.status == 200
+    assert upstream.seen[-1].header("Host") == [host]
+    assert upstream.seen[-1].header("X-Forwarded-Host") == [host]
