@@ -5,9 +5,11 @@ Everything is real: TLS with generated certificates, sockets on 127.0.0.1, an ai
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -260,3 +262,15 @@ async def running(
 def decode_userinfo(value: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(base64.b64decode(value, validate=True))
     return doc
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+    """SIDECAR_TEST_LOOP=uvloop runs every async test on uvloop, the loop `sidecar run` uses
+    (CI runs the suite both ways)."""
+    if os.environ.get("SIDECAR_TEST_LOOP") != "uvloop":
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
