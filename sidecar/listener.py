@@ -134,7 +134,6 @@ class ClientConnection(asyncio.Protocol):
         "_counted",
         "_deadline",
         "_drain_waiter",
-        "_handed_off",
         "_head_started",
         "_hosts",
         "_keep_alive",
@@ -165,7 +164,6 @@ class ClientConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._made = False
         self._counted = False
-        self._handed_off = False
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
         self._peer_ip: str | None = None
@@ -500,7 +498,6 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         fallback = self._server.adopt()
-        self._handed_off = True
         # The connection stays counted; the fallback protocol gives the count back.
         counted, self._counted = self._counted, False
         self._release()
