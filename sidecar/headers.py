@@ -91,14 +91,12 @@ class HeaderRules:
             kinds[name] = kind
         return kind
 
-    def identity_lines(self, certificate_b64: str, user: User) -> bytes:
+    def identity_lines(self, certificate_b64: str, user: User) -> tuple[bytes, bytes]:
         """Our two identity headers, as header lines."""
         certificate, userinfo = self._identity_names
-        return b"%b: %b\r\n%b: %b\r\n" % (
-            certificate,
-            certificate_b64.encode("ascii"),
-            userinfo,
-            user.header_bytes,
+        return (
+            b"%b: %b\r\n" % (certificate, certificate_b64.encode("ascii")),
+            b"%b: %b\r\n" % (userinfo, user.header_bytes),
         )
 
     def is_trusted_proxy(self, address: str | None) -> bool:
@@ -175,13 +173,13 @@ def request_fields(
     client sent, minus what is stripped.
     """
     raw = raw if isinstance(raw, list | tuple) else list(raw)
-    block, host, connection, prior, seen = _request_pass(rules, raw, trusted, None)
+    block, kept, host, connection, prior, seen = _request_pass(rules, raw, trusted, None)
     if connection:
         named = _named(connection, rules.always_strip_b if trusted else rules.untrusted_strip_b)
         if named:  # the client named more headers as hop-by-hop: a second pass drops them
-            block, host, connection, prior, seen = _request_pass(rules, raw, trusted, named)
+            block, kept, host, connection, prior, seen = _request_pass(rules, raw, trusted, named)
     ip = (client_ip or "").encode("ascii", "replace")
-    parts = [block]
+    parts = [block]  # then one line per item
     if trusted:
         joined = b", ".join(prior)
         parts.append(b"X-Forwarded-For: %b\r\n" % (joined + b", " + ip if joined else ip))
@@ -190,14 +188,21 @@ def request_fields(
         if host and not seen & _XFH:
             parts.append(b"X-Forwarded-Host: %b\r\n" % host)
     else:
-        parts.append(b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: https\r\n" % ip)
+        parts.append(b"X-Forwarded-For: %b\r\n" % ip)
+        parts.append(b"X-Forwarded-Proto: https\r\n")
         if host:
             parts.append(b"X-Forwarded-Host: %b\r\n" % host)
         parts.append(b"X-Real-IP: %b\r\n" % ip)
     parts.append(b"X-Request-ID: %b\r\n" % request_id.encode("ascii"))
     if user is not None and certificate_b64 is not None:
-        parts.append(rules.identity_lines(certificate_b64, user))
-    return b"".join(parts), host is not None
+        parts += rules.identity_lines(certificate_b64, user)
+    out = b"".join(parts)
+    # Both parsers let no CR or LF into the client's values, and ours have none: one here would
+    # add a line, or end the head early and start a request of the client's making.
+    lines = kept + len(parts) - 1
+    if out.count(b"\n") != lines or out.count(b"\r") != lines:
+        raise ValueError("CR or LF in a request header")
+    return out, host is not None
 
 
 def _request_pass(
@@ -205,10 +210,10 @@ def _request_pass(
     raw: Iterable[tuple[bytes, bytes]],
     trusted: bool,
     named: frozenset[bytes] | None,
-) -> tuple[bytes, bytes | None, list[bytes], list[bytes], int]:
-    """One pass over the client's headers: the kept lines joined, the first Host, the
-    Connection values, the X-Forwarded-For values (trusted peers) and which of X-Forwarded-Proto
-    and -Host a trusted peer sent."""
+) -> tuple[bytes, int, bytes | None, list[bytes], list[bytes], int]:
+    """One pass over the client's headers: the kept lines joined and how many, the first Host,
+    the Connection values, the X-Forwarded-For values (trusted peers) and which of
+    X-Forwarded-Proto and -Host a trusted peer sent."""
     kinds = rules.request_kinds
     dropped = _STRIP if trusted else _STRIP | _FORWARDING
     parts: list[bytes] = []
@@ -237,7 +242,7 @@ def _request_pass(
         if named is not None and _normal(name) in named:
             continue
         parts += (name, b": ", value, b"\r\n")
-    return b"".join(parts), host, connection, prior, seen
+    return b"".join(parts), len(parts) // 4, host, connection, prior, seen
 
 
 HAS_LENGTH, HAS_DATE, HAS_SERVER = 1, 2, 4

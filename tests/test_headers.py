@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import pytest
 from multidict import CIMultiDict
 
 from sidecar.headers import (
@@ -18,6 +19,7 @@ from sidecar.headers import (
     upstream_headers,
 )
 from sidecar.identity import User
+from sidecar.upstream_http import head_from_lines
 
 RULES = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO", (ipaddress.ip_network("10.0.0.0/8"),))
 USER = User("sub-1", "alice", "Alice", None, "a@example.com", ("administrator",))
@@ -201,3 +203,48 @@ def test_response_fields_drop_connection_named_and_report_framing() -> None:
     block, flags = response_fields([(b"Date", b"d"), (b"Server", b"s"), (b"Connection", b"close")])
     assert block == b"Date: d\r\nServer: s\r\n"
     assert flags == HAS_DATE | HAS_SERVER
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [(b"X-Evil", b"a\r\nX-Injected: 1")],  # a whole extra line
+        [(b"X-Evil", b"a\r\n\r\nGET /admin HTTP/1.1")],  # the head ended early
+        [(b"X-Evil", b"a\nb")],
+        [(b"X-Evil", b"a\rb")],
+        [(b"Host", b"h\r\nX-Injected: 1")],  # also echoed in X-Forwarded-Host
+    ],
+    ids=["crlf-line", "crlf-request", "lf", "cr", "host"],
+)
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted"])
+def test_request_fields_refuse_cr_or_lf_in_a_value(
+    raw: list[tuple[bytes, bytes]], trusted: bool
+) -> None:
+    with pytest.raises(ValueError, match="CR or LF"):
+        request_fields(
+            RULES,
+            raw,
+            client_ip="10.0.0.1",
+            trusted=trusted,
+            request_id="r",
+            user=USER,
+            certificate_b64="Q0VSVA==",
+        )
+
+
+def test_trusted_forwarded_for_values_are_checked_too() -> None:
+    with pytest.raises(ValueError, match="CR or LF"):
+        request_fields(
+            RULES,
+            [(b"X-Forwarded-For", b"1.1.1.1\r\nX-Injected: 1")],  # merged, not kept as sent
+            client_ip="10.0.0.1",
+            trusted=True,
+            request_id="r",
+            user=None,
+            certificate_b64=None,
+        )
+
+
+def test_request_target_with_cr_or_lf_is_refused() -> None:
+    with pytest.raises(ValueError, match="CR or LF"):
+        head_from_lines("GET", "/a\r\nX-Injected: 1", b"Host: h\r\n", None)
