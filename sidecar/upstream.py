@@ -25,7 +25,7 @@ from yarl import URL
 
 from .config import UpstreamConfig
 from .errors import UpstreamError
-from .headers import connection_tokens, response_fields, response_headers
+from .headers import connection_tokens, lines_to_multidict, response_fields
 from .responses import SERVER
 from .upstream_http import (
     BodyTooLarge,
@@ -388,7 +388,7 @@ async def _stream_response(
     send_timeout: float,
 ) -> Forwarded:
     """Stream the upstream's response to the client; abort the client if the upstream fails."""
-    headers = response_headers(_decoded(conn.raw_headers))
+    headers = lines_to_multidict(response_fields(conn.raw_headers)[0])
     if request_id is not None:
         headers[_REQUEST_ID] = request_id
     headers.setdefault("Server", SERVER)  # as on the listener's own path; not aiohttp's banner
@@ -423,12 +423,6 @@ async def _stream_response(
     with contextlib.suppress(ConnectionError):  # the client left after the last byte
         await response.write_eof()
     return forwarded
-
-
-def _decoded(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    return CIMultiDict(
-        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape")) for name, value in raw
-    )
 
 
 async def _continue(request: web.BaseRequest) -> None:
