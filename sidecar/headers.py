@@ -112,13 +112,12 @@ class HeaderRules:
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        for token in value.split(","):
-            token = token.strip().lower()
-            if token and token not in _PROTECTED:
-                tokens.add(token)
-    return tokens
+    """Header names listed in Connection (lower case), except Host and Content-Length."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return set()
+    joined = ",".join(values).encode("utf-8", "surrogateescape")
+    return {token.decode("utf-8", "surrogateescape") for token in _named_in(joined, frozenset())}
 
 
 def _named(values: list[bytes], gone: frozenset[bytes]) -> frozenset[bytes]:
