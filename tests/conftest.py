@@ -25,6 +25,7 @@ from sidecar.app import Sidecar
 from sidecar.metrics import Metrics
 
 from .pki import PKI, Issued
+from .servers import serve_app
 
 ALICE_SUB = "2d73cf2a-5339-421e-81cd-8fa0d25a100b"
 BOB_SUB = "6c0c8c2e-1f0a-4f51-9b1e-2b6a0c7f1d11"
@@ -198,11 +199,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, state.port = await serve_app(app)
     yield state
     await runner.cleanup()
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 
 from sidecar.config import IdentityPlusConfig
 from tests.pki import Issued, make_ca, make_leaf
+from tests.servers import serve_app
 
 Fault = Literal["slow", "500", "invalid-json", "reset", "unknown-envelope", "no-outcome"]
 
@@ -246,13 +247,9 @@ class FakeIdentityPlus:
         context.verify_mode = ssl.CERT_REQUIRED  # the agent certificate is the only credential
         app = web.Application()
         app.router.add_route("*", "/v1", self._handle)
-        self._runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        self._runner, self.port = await serve_app(
+            app, ssl_context=context, handler_cancellation=True, shutdown_timeout=1.0
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
 
     async def close(self) -> None:
         self._closing.set()

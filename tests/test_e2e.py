@@ -16,6 +16,7 @@ from yarl import URL
 
 from .conftest import ALICE_SUB, BOB_SUB, Running, SidecarFactory, Upstream, decode_userinfo
 from .pki import Issued
+from .servers import serve_app
 
 
 async def get(
@@ -289,11 +290,7 @@ async def test_upstream_too_slow_is_504(start_sidecar: SidecarFactory, config_di
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", slow)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app, shutdown_timeout=0.1)
     data = config_dir.base(port)
     data["upstream"]["timeout"]["read"] = "300ms"
     running = await start_sidecar(data)

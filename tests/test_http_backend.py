@@ -20,6 +20,7 @@ from sidecar.errors import IdentityUnavailable
 from sidecar.identity import LookupContext, User
 from sidecar.identity.http import HttpBackend
 from tests.pki import PKI, make_leaf
+from tests.servers import serve_app
 
 CTX = LookupContext(client_ip="203.0.113.9")
 
@@ -72,13 +73,9 @@ class VerdictService:
             context.verify_mode = ssl.CERT_REQUIRED
         app = web.Application()
         app.router.add_post("/verdict", self._handle)
-        self._runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        self._runner, self.port = await serve_app(
+            app, ssl_context=context, handler_cancellation=True, shutdown_timeout=1.0
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
 
     async def close(self) -> None:
         self._closing.set()

@@ -30,6 +30,7 @@ from yarl import URL
 from .conftest import ConfigDir, Running, SidecarFactory, Upstream, decode_userinfo
 from .fake_identityplus import FakeIdentityPlus, Fault, fake_identityplus
 from .pki import Issued
+from .servers import serve_app
 
 __all__ = ["fake_identityplus"]  # the fixture, imported to be used here
 
@@ -698,11 +699,7 @@ async def verdict_service() -> AsyncIterator[VerdictService]:
 
     app = web.Application()
     app.router.add_post("/verdict", verdict)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    service.port = runner.addresses[0][1]
+    runner, service.port = await serve_app(app)
     yield service
     await runner.cleanup()
 

@@ -34,6 +34,7 @@ from sidecar.metrics import Metrics
 
 from .conftest import BOB_SUB, ConfigDir, Running, Seen, SidecarFactory, Upstream, decode_userinfo
 from .pki import Issued
+from .servers import serve_app
 from .test_limits import raw_exchange, request
 
 MiB = 1024 * 1024
@@ -102,11 +103,7 @@ class App(Upstream):
     async def start(self) -> None:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
+        self.runner, self.port = await serve_app(app, shutdown_timeout=0.5)
 
     async def stop(self) -> None:
         self.release.set()  # let stalled handlers finish before the server closes

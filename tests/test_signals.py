@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from .conftest import ConfigDir
+from .servers import serve_app
 from .test_cli import free_port
 from .test_operations import read_response
 
@@ -29,11 +30,8 @@ async def slow_upstream() -> AsyncIterator[int]:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app, shutdown_timeout=0.1)
+    yield port
     await runner.cleanup()
 
 
