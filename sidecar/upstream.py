@@ -346,6 +346,7 @@ class UpstreamClient:
         )
         if _REQUEST_ID in headers:
             client.headers[_REQUEST_ID] = headers[_REQUEST_ID]
+        client.headers["Server"] = SERVER  # not aiohttp's banner, as on every other answer
         try:
             await client.prepare(request)
             await _relay_websocket(client, upstream)

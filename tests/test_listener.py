@@ -582,6 +582,7 @@ async def test_websocket_upgrade_after_a_get(
         assert switched.one("Sec-WebSocket-Accept") == accept
         assert "upgrade" in switched.tokens("Connection")
         assert switched.one("Upgrade").lower() == "websocket"
+        assert switched.one("Server") == "sidecar"  # neither aiohttp's banner nor Python's
         conn.send(ws_frame(OP_TEXT, b"hello"))
         assert await read_ws_frame(conn.reader) == (OP_TEXT, b"echo:hello")
         conn.send(ws_frame(OP_BINARY, b"\x00\x01binary"))
