@@ -25,7 +25,7 @@ from sidecar.app import Sidecar
 from sidecar.metrics import Metrics
 
 from .pki import PKI, Issued
-from .servers import serve_app
+from .servers import scripted, serve_app  # noqa: F401 (scripted: a fixture for every module)
 
 ALICE_SUB = "2d73cf2a-5339-421e-81cd-8fa0d25a100b"
 BOB_SUB = "6c0c8c2e-1f0a-4f51-9b1e-2b6a0c7f1d11"
