@@ -26,7 +26,6 @@ from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
 from .policy import (
     BadPath,
-    Decision,
     Deny,
     Forward,
     Redirect,
@@ -114,6 +113,69 @@ class Outcome:
     stale: bool = False
 
 
+#: what is left of a request after ``Handler.begin`` (``Ticket.step``)
+DONE, FORWARD, LOOKUP, SIGN_ON = range(4)
+
+
+class Ticket:
+    """One request from ``Handler.begin`` to ``Handler.end``: what is known so far."""
+
+    __slots__ = (
+        "block",
+        "cert",
+        "has_host",
+        "outcome",
+        "peer_ip",
+        "plan",
+        "redirect",
+        "request",
+        "request_id",
+        "response",
+        "route",
+        "started",
+        "step",
+        "trusted",
+        "verdict_code",
+    )
+
+    def __init__(
+        self,
+        request: Request,
+        cert: ClientCert | None,
+        peer_ip: str | None,
+        request_id: str,
+        started: float,
+        plan: Plan,
+        trusted: bool,
+    ) -> None:
+        self.request = request
+        self.cert = cert
+        self.peer_ip = peer_ip
+        self.request_id = request_id
+        self.started = started
+        self.plan = plan
+        self.trusted = trusted
+        self.step = DONE
+        self.route: Route | None = None
+        self.verdict_code: str | None = None
+        self.response: web.StreamResponse | None = None
+        self.outcome: Outcome | None = None
+        #: for FORWARD: the header lines and whether the client sent a Host
+        self.block = b""
+        self.has_host = False
+        #: for SIGN_ON: the decision and the URL to come back to
+        self.redirect: tuple[Redirect, str] | None = None
+
+    @property
+    def route_label(self) -> str:
+        return self.route.path if self.route is not None else "-"
+
+    def done(self, response: web.StreamResponse, outcome: Outcome) -> None:
+        self.response = response
+        self.outcome = outcome
+        self.step = DONE
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Everything a reload can change, swapped in as one value: a request uses one plan."""
@@ -165,78 +227,129 @@ class Handler:
         forward: Forward_,
     ) -> web.StreamResponse | None:
         """Handle one request: the response to send, or None when ``forward`` sent one."""
-        started = time.perf_counter()
+        return await self.resume(self.begin(request, cert, peer_ip), forward)
+
+    def begin(self, request: Request, cert: ClientCert | None, peer_ip: str | None) -> Ticket:
+        """Everything about a request that needs no waiting. ``ticket.step`` then says what
+        is left: ``DONE`` (``ticket.response`` is the answer), ``FORWARD`` (the request is to
+        go upstream with ``ticket.block``), or a wait for the identity service. ``resume``
+        does whatever is left; a caller that does it itself (``forwarded``) calls ``end``."""
         plan = self.plan
         trusted = plan.rules.is_trusted_proxy(peer_ip)
-        request_id = _request_id(request, trusted)
-        response: web.StreamResponse | None
+        ticket = Ticket(
+            request,
+            cert,
+            peer_ip,
+            _request_id(request, trusted),
+            time.perf_counter(),
+            plan,
+            trusted,
+        )
         self.metrics.request_started()
         try:
-            response, outcome = await self._handle(
-                plan, request, cert, peer_ip, trusted, request_id, forward
-            )
+            self._start(ticket)
         except Exception as exc:  # the last line of defence: answer 500, never a traceback
-            self.log.error("request_failed", request_id=request_id, error=repr(exc), exc_info=exc)
-            outcome = Outcome(500, "error", "internal error", "-")
-            response = self._error(
-                request, 500, "The sidecar could not handle this request.", request_id
-            )
-        finally:
-            self.metrics.request_finished()
-        self._finish(request, outcome, cert, peer_ip, request_id, started)
-        return response
+            self.fail(ticket, exc)
+        return ticket
 
-    async def _handle(
-        self,
-        plan: Plan,
-        request: Request,
-        cert: ClientCert | None,
-        peer_ip: str | None,
-        trusted: bool,
-        request_id: str,
-        forward: Forward_,
-    ) -> tuple[web.StreamResponse | None, Outcome]:
+    async def resume(self, ticket: Ticket, forward: Forward_) -> web.StreamResponse | None:
+        """Do what ``begin`` left (the verdict, the sign-on address, the upstream exchange
+        through ``forward``), then ``end``: the response to send, or None when ``forward``
+        sent one."""
+        try:
+            if ticket.step == LOOKUP:
+                await self._look_up(ticket)
+            if ticket.step == SIGN_ON:
+                await self._sign_on(ticket)
+            if ticket.step == FORWARD:
+                try:
+                    forwarded = await forward(
+                        ticket.plan.upstream, ticket.block, ticket.has_host, ticket.request_id
+                    )
+                except (UpstreamError, BodyTooLarge) as exc:
+                    self._forward_failed(ticket, exc)
+                else:
+                    self.forwarded(ticket, forwarded)
+        except Exception as exc:  # the last line of defence: answer 500, never a traceback
+            self.fail(ticket, exc)
+        except BaseException:  # cancelled: no answer, and no access event
+            self.metrics.request_finished()
+            raise
+        self.end(ticket)
+        return ticket.response
+
+    def forwarded(self, ticket: Ticket, forwarded: Forwarded) -> None:
+        """The upstream's response went to the client (``FORWARD`` done)."""
+        outcome = ticket.outcome
+        assert outcome is not None
+        outcome.status = forwarded.status
+        outcome.upstream_seconds = forwarded.upstream_seconds
+        self.metrics.observe_upstream(forwarded.upstream_seconds)
+        ticket.response = forwarded.response
+        ticket.step = DONE
+
+    def fail(self, ticket: Ticket, exc: Exception) -> None:
+        """An unexpected error: the answer is 500."""
+        self.log.error(
+            "request_failed", request_id=ticket.request_id, error=repr(exc), exc_info=exc
+        )
+        ticket.done(
+            self._error(
+                ticket.request,
+                500,
+                "The sidecar could not handle this request.",
+                ticket.request_id,
+            ),
+            Outcome(500, "error", "internal error", "-"),
+        )
+
+    def end(self, ticket: Ticket) -> None:
+        """The request is over: one metrics update and one access event."""
+        self.metrics.request_finished()
+        self._finish(ticket)
+
+    # ---- the steps ------------------------------------------------------------------------
+
+    def _start(self, ticket: Ticket) -> None:
+        plan, request, cert = ticket.plan, ticket.request, ticket.cert
         problem = _malformed(request, plan.max_header_block)
         if problem is not None:
-            return self._answer_deny(request, Deny(*problem), "-", request_id)
+            self._deny(ticket, Deny(*problem))
+            return
         try:
             route = plan.routes.match(request.raw_path)
         except BadPath as exc:
-            return self._answer_deny(request, Deny(400, str(exc), "bad_path"), "-", request_id)
-        route_label = route.path if route is not None else "-"
-
+            self._deny(ticket, Deny(400, str(exc), "bad_path"))
+            return
+        ticket.route = route
         verdict: Verdict | None = None
-        backend_failed = False
         if cert is not None:
             refusal = _certificate_refusal(cert, self.clock())
             if refusal is not None:
-                return self._answer_deny(
-                    request, Deny(403, refusal[0], refusal[1]), route_label, request_id
-                )
+                self._deny(ticket, Deny(403, refusal[0], refusal[1]))
+                return
             if route is not None:
                 verdict = plan.identity.peek(cert)
                 if verdict is None:
-                    try:
-                        verdict = await self._lookup(plan.identity, cert, peer_ip)
-                    except IdentityUnavailable as exc:
-                        backend_failed = True
-                        self.log.warning(
-                            "identity_unavailable",
-                            request_id=request_id,
-                            reason=exc.reason,
-                            code=exc.code,
-                        )
+                    ticket.step = LOOKUP
+                    return
+        self._decide(ticket, verdict, backend_failed=False)
 
-        decision = decide(
-            route,
-            verdict,
-            has_certificate=cert is not None,
-            backend_failed=backend_failed,
-            enrol=plan.identity.can_enrol,
-        )
-        return await self._act(
-            plan, request, decision, route, verdict, cert, peer_ip, trusted, request_id, forward
-        )
+    async def _look_up(self, ticket: Ticket) -> None:
+        assert ticket.cert is not None
+        verdict: Verdict | None = None
+        backend_failed = False
+        try:
+            verdict = await self._lookup(ticket.plan.identity, ticket.cert, ticket.peer_ip)
+        except IdentityUnavailable as exc:
+            backend_failed = True
+            self.log.warning(
+                "identity_unavailable",
+                request_id=ticket.request_id,
+                reason=exc.reason,
+                code=exc.code,
+            )
+        self._decide(ticket, verdict, backend_failed=backend_failed)
 
     async def _lookup(self, identity: Identity, cert: ClientCert, peer_ip: str | None) -> Verdict:
         """A verdict the cache could not give at once: timed and counted by outcome."""
@@ -253,141 +366,144 @@ class Handler:
         self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
         return verdict
 
-    async def _act(
-        self,
-        plan: Plan,
-        request: Request,
-        decision: Decision,
-        route: Route | None,
-        verdict: Verdict | None,
-        cert: ClientCert | None,
-        peer_ip: str | None,
-        trusted: bool,
-        request_id: str,
-        forward: Forward_,
-    ) -> tuple[web.StreamResponse | None, Outcome]:
-        route_label = route.path if route is not None else "-"
-        code = verdict.code if verdict is not None else None
+    def _decide(self, ticket: Ticket, verdict: Verdict | None, *, backend_failed: bool) -> None:
+        plan, cert = ticket.plan, ticket.cert
+        decision = decide(
+            ticket.route,
+            verdict,
+            has_certificate=cert is not None,
+            backend_failed=backend_failed,
+            enrol=plan.identity.can_enrol,
+        )
+        code = ticket.verdict_code = verdict.code if verdict is not None else None
         if isinstance(decision, Forward):
             user = decision.user
-            block, has_host = request_fields(
+            ticket.block, ticket.has_host = request_fields(
                 plan.rules,
-                request.raw_headers,
-                client_ip=peer_ip,
-                trusted=trusted,
-                request_id=request_id,
+                ticket.request.raw_headers,
+                client_ip=ticket.peer_ip,
+                trusted=ticket.trusted,
+                request_id=ticket.request_id,
                 user=user,
                 certificate_b64=cert.b64 if (cert is not None and user is not None) else None,
             )
-            outcome = Outcome(
+            ticket.outcome = Outcome(
                 0,
                 "forwarded",
                 "allowed",
-                route_label,
+                ticket.route_label,
                 user=user.sub if user else None,
                 verdict_code=code,
                 stale=bool(verdict and verdict.stale),
             )
-            try:
-                forwarded = await forward(plan.upstream, block, has_host, request_id)
-            except UpstreamError as exc:
-                self.metrics.upstream_errors.labels(exc.kind).inc()
-                status = 504 if exc.kind == "timeout" else 502
-                reason = (
-                    "The application did not answer in time."
-                    if status == 504
-                    else "The application could not be reached."
-                )
-                outcome.status, outcome.decision, outcome.reason = (
-                    status,
-                    "upstream_error",
-                    exc.kind,
-                )
-                return self._error(request, status, reason, request_id), outcome
-            except BodyTooLarge:
-                outcome.status, outcome.decision, outcome.reason = 413, "denied", "body_too_large"
-                return self._error(
-                    request,
+            ticket.step = FORWARD
+        elif isinstance(decision, Deny):
+            self._deny(ticket, decision)
+            assert ticket.outcome is not None
+            ticket.outcome.verdict_code = code or decision.code
+        elif isinstance(decision, Unavailable):
+            self._unavailable(ticket, decision.reason)
+        else:
+            self._redirect(ticket, decision)
+
+    def _forward_failed(self, ticket: Ticket, exc: UpstreamError | BodyTooLarge) -> None:
+        outcome = ticket.outcome
+        assert outcome is not None
+        if isinstance(exc, BodyTooLarge):
+            outcome.status, outcome.decision, outcome.reason = 413, "denied", "body_too_large"
+            ticket.done(
+                self._error(
+                    ticket.request,
                     413,
                     "The request body is larger than this service accepts.",
-                    request_id,
-                ), outcome
-            outcome.status = forwarded.status
-            outcome.upstream_seconds = forwarded.upstream_seconds
-            self.metrics.observe_upstream(forwarded.upstream_seconds)
-            return forwarded.response, outcome
-        if isinstance(decision, Deny):
-            response, outcome = self._answer_deny(request, decision, route_label, request_id)
-            outcome.verdict_code = code or decision.code
-            return response, outcome
-        if isinstance(decision, Unavailable):
-            return self._unavailable(request, decision.reason, route_label, code, request_id)
-        assert isinstance(decision, Redirect)
-        return await self._redirect(plan, request, decision, route_label, code, request_id)
+                    ticket.request_id,
+                ),
+                outcome,
+            )
+            return
+        self.metrics.upstream_errors.labels(exc.kind).inc()
+        status = 504 if exc.kind == "timeout" else 502
+        reason = (
+            "The application did not answer in time."
+            if status == 504
+            else "The application could not be reached."
+        )
+        outcome.status, outcome.decision, outcome.reason = status, "upstream_error", exc.kind
+        ticket.done(self._error(ticket.request, status, reason, ticket.request_id), outcome)
 
-    async def _redirect(
-        self,
-        plan: Plan,
-        request: Request,
-        decision: Redirect,
-        route_label: str,
-        code: str | None,
-        request_id: str,
-    ) -> tuple[web.StreamResponse, Outcome]:
-        return_url = _original_url(request)
+    def _redirect(self, ticket: Ticket, decision: Redirect) -> None:
+        return_url = _original_url(ticket.request)
         if return_url is None:
-            deny = Deny(400, "the request's Host header is not valid", "bad_host")
-            return self._answer_deny(request, deny, route_label, request_id)
-        location = decision.location
-        if location is None:
-            try:
-                location = await plan.identity.sign_on(decision.purpose, return_url)
-            except IdentityUnavailable as exc:
-                self.log.warning(
-                    "sign_on_unavailable", request_id=request_id, reason=exc.reason, code=exc.code
-                )
-                return self._unavailable(
-                    request, "sign-on unavailable", route_label, code, request_id
-                )
+            self._deny(ticket, Deny(400, "the request's Host header is not valid", "bad_host"))
+            return
+        if decision.location is None:  # the backend makes one: a wait
+            ticket.redirect = (decision, return_url)
+            ticket.step = SIGN_ON
+            return
+        self._redirect_to(ticket, decision, decision.location)
+
+    async def _sign_on(self, ticket: Ticket) -> None:
+        assert ticket.redirect is not None
+        decision, return_url = ticket.redirect
+        try:
+            location = await ticket.plan.identity.sign_on(decision.purpose, return_url)
+        except IdentityUnavailable as exc:
+            self.log.warning(
+                "sign_on_unavailable",
+                request_id=ticket.request_id,
+                reason=exc.reason,
+                code=exc.code,
+            )
+            self._unavailable(ticket, "sign-on unavailable")
+            return
+        self._redirect_to(ticket, decision, location)
+
+    def _redirect_to(self, ticket: Ticket, decision: Redirect, location: str) -> None:
+        request, code = ticket.request, ticket.verdict_code
         if request.method in _SAFE_METHODS:
-            outcome = Outcome(302, "redirected", decision.purpose, route_label, verdict_code=code)
-            return responses.redirect(location, request_id=request_id), outcome
+            outcome = Outcome(
+                302, "redirected", decision.purpose, ticket.route_label, verdict_code=code
+            )
+            ticket.done(responses.redirect(location, request_id=ticket.request_id), outcome)
+            return
         # Redirecting a POST would make the browser replay it as GET after sign-on: say 401.
         status = 401
-        outcome = Outcome(status, "redirected", decision.purpose, route_label, verdict_code=code)
+        outcome = Outcome(
+            status, "redirected", decision.purpose, ticket.route_label, verdict_code=code
+        )
         reason = (
             "Your client certificate must be validated with the identity service first."
             if decision.purpose == "validate"
             else "A client certificate is required: get one from the identity service."
         )
-        return self._error(request, status, reason, request_id, location=location), outcome
+        ticket.done(
+            self._error(request, status, reason, ticket.request_id, location=location), outcome
+        )
 
     # ---- answers of our own ---------------------------------------------------------------
 
-    def _unavailable(
-        self,
-        request: Request,
-        reason: str,
-        route_label: str,
-        code: str | None,
-        request_id: str,
-    ) -> tuple[web.StreamResponse, Outcome]:
+    def _unavailable(self, ticket: Ticket, reason: str) -> None:
         """503 + Retry-After: the identity service failed and nothing cached can serve."""
-        outcome = Outcome(503, "unavailable", reason, route_label, verdict_code=code)
+        outcome = Outcome(
+            503, "unavailable", reason, ticket.route_label, verdict_code=ticket.verdict_code
+        )
         response = self._error(
-            request,
+            ticket.request,
             503,
             "The identity service cannot be reached right now. Please try again shortly.",
-            request_id,
+            ticket.request_id,
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
-        return response, outcome
+        ticket.done(response, outcome)
 
-    def _answer_deny(
-        self, request: Request, deny: Deny, route_label: str, request_id: str
-    ) -> tuple[web.StreamResponse, Outcome]:
-        outcome = Outcome(deny.status, "denied", deny.code, route_label, verdict_code=deny.code)
-        return self._error(request, deny.status, _sentence(deny.reason), request_id), outcome
+    def _deny(self, ticket: Ticket, deny: Deny) -> None:
+        outcome = Outcome(
+            deny.status, "denied", deny.code, ticket.route_label, verdict_code=deny.code
+        )
+        ticket.done(
+            self._error(ticket.request, deny.status, _sentence(deny.reason), ticket.request_id),
+            outcome,
+        )
 
     def _error(
         self,
@@ -410,24 +526,18 @@ class Handler:
 
     # ---- one log event and one metrics update per request -------------------------------
 
-    def _finish(
-        self,
-        request: Request,
-        outcome: Outcome,
-        cert: ClientCert | None,
-        peer_ip: str | None,
-        request_id: str,
-        started: float,
-    ) -> None:
-        elapsed = time.perf_counter() - started
+    def _finish(self, ticket: Ticket) -> None:
+        outcome, request, cert = ticket.outcome, ticket.request, ticket.cert
+        assert outcome is not None
+        elapsed = time.perf_counter() - ticket.started
         self.metrics.observe_request(
             outcome.route, request.method, outcome.decision, outcome.status, elapsed
         )
         if not self.access_log:
             return
         values = (
-            request_id,
-            peer_ip,
+            ticket.request_id,
+            ticket.peer_ip,
             request.method,
             request.path,
             outcome.status,

@@ -38,14 +38,14 @@ from . import responses
 from .certs import ClientCert
 from .config import LimitsConfig
 from .errors import CertificateError
-from .handler import Handler
+from .handler import DONE, FORWARD, Handler, Ticket
 from .headers import HAS_DATE, HAS_LENGTH, HAS_SERVER
 from .log import get_logger
 from .metrics import Metrics
 from .responses import SERVER
 from .server import Connection as FallbackConnection
 from .tls import PeerCertificates
-from .upstream import Forwarded, UpstreamClient
+from .upstream import Forwarded, Sent, UpstreamClient
 
 _UNSET: Any = object()
 _HEAD_END = b"\r\n\r\n"
@@ -136,6 +136,7 @@ class ClientConnection(asyncio.Protocol):
         "_drain_waiter",
         "_head_started",
         "_hosts",
+        "_in_task",
         "_keep_alive",
         "_made",
         "_parser",
@@ -145,6 +146,7 @@ class ClientConnection(asyncio.Protocol):
         "_read_paused",
         "_ready",
         "_server",
+        "_stopped",
         "_stopping",
         "_task",
         "_timer",
@@ -171,8 +173,10 @@ class ClientConnection(asyncio.Protocol):
         # than the rest of the dispatch); it waits on _waiter for the next parsed request.
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._ready: Exchange | None = None
+        self._ready: tuple[Exchange, Ticket] | None = None
         self._busy = False
+        self._in_task = False  # the task is serving a request (else it waits, or is none)
+        self._stopped: asyncio.Future[None] | None = None  # for stop(), while busy
         self._read_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -223,6 +227,7 @@ class ClientConnection(asyncio.Protocol):
         self._release()
         self._wake_drain()
         self._end_waiting()
+        self._wake_stopped()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -312,13 +317,10 @@ class ClientConnection(asyncio.Protocol):
             keep_alive=self._keep_alive,
         )
         self._busy = True
-        self._ready = exchange
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.set_result(None)
-        elif self._task is None:
-            self._task = self.loop.create_task(self._run())
+        # From the loop, not from here: the upstream writes of the requests read in this
+        # round then go out together (measured: a third more requests per second than
+        # writing each one between the reads).
+        self.loop.call_soon(self._start, exchange)
 
     def _refuse_head(self) -> None:
         """431 and close: the head grew past what it may be before it ended."""
@@ -365,11 +367,66 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- serving ------------------------------------------------------------------------------
 
+    def _start(self, exchange: Exchange) -> None:
+        """Serve a request without a task when nothing in it waits (a verdict the cache has,
+        an idle upstream connection): the response comes back through ``_on_upstream``.
+        Anything else goes to the connection's task."""
+        handler = self._server.handler
+        ticket = handler.begin(exchange, self.peer_certificate(), self._peer_ip)
+        if ticket.step == FORWARD:
+            try:
+                sent = ticket.plan.upstream.send_now(
+                    exchange.method,
+                    exchange.raw_path,
+                    ticket.block,
+                    ticket.has_host,
+                    functools.partial(self._on_upstream, exchange, ticket),
+                )
+            except Exception as exc:  # as in Handler.resume: answered 500
+                handler.fail(ticket, exc)
+            else:
+                if sent is not None:
+                    exchange.sent = sent
+                    return
+        if ticket.step == DONE:
+            handler.end(ticket)
+            self._answer(exchange, ticket.response)
+        else:
+            self._queue(exchange, ticket)
+
+    def _on_upstream(self, exchange: Exchange, ticket: Ticket) -> None:
+        """The upstream's response head is here, or the exchange failed (see ``_start``)."""
+        sent = exchange.sent
+        assert sent is not None
+        handler = self._server.handler
+        try:
+            forwarded = ticket.plan.upstream.relay_whole(exchange, sent, ticket.request_id)
+        except Exception as exc:  # as in Handler.resume: answered 500
+            handler.fail(ticket, exc)
+        else:
+            if forwarded is None:  # a body still coming, or a failure: the task takes it on
+                self._queue(exchange, ticket)
+                return
+            handler.forwarded(ticket, forwarded)
+        exchange.sent = None
+        handler.end(ticket)
+        self._answer(exchange, ticket.response)
+
+    def _queue(self, exchange: Exchange, ticket: Ticket) -> None:
+        """Hand the request to the connection's task (made at the first such request)."""
+        self._ready = (exchange, ticket)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set_result(None)
+        elif self._task is None:
+            self._task = self.loop.create_task(self._run())
+
     async def _run(self) -> None:
-        """Serve the connection's requests as they are parsed, until it closes."""
+        """Serve the requests queued for the task, until the connection closes."""
         while True:
-            exchange = self._ready
-            if exchange is None:
+            ready = self._ready
+            if ready is None:
                 transport = self._transport
                 if transport is None or transport.is_closing():
                     return
@@ -380,22 +437,30 @@ class ClientConnection(asyncio.Protocol):
                     return  # the connection closed or was handed over while idle
                 continue
             self._ready = None
-            await self._serve(exchange)
+            exchange, ticket = ready
+            self._in_task = True
+            try:
+                response = await self._server.handler.resume(ticket, exchange.forward)
+            except Exception as exc:  # the handler answers errors itself: a broken write
+                log.error("response_failed", error=repr(exc), exc_info=exc)
+                exchange.keep_alive = False
+                self.abort()
+                response = None
+            finally:
+                self._in_task = False
+            self._answer(exchange, response)
 
-    async def _serve(self, exchange: Exchange) -> None:
-        handler = self._server.handler
-        try:
-            response = await handler.process(
-                exchange, self.peer_certificate(), self._peer_ip, exchange.forward
-            )
-            if response is not None:
+    def _answer(self, exchange: Exchange, response: web.StreamResponse | None) -> None:
+        """Send our own answer, if there is one; then on to the next request."""
+        if response is not None:
+            try:
                 exchange.answer(response)
-        except Exception as exc:  # the handler answers errors itself: this is a broken write
-            log.error("response_failed", error=repr(exc), exc_info=exc)
-            exchange.keep_alive = False
-            self.abort()
-        finally:
-            self._busy = False
+            except Exception as exc:
+                log.error("response_failed", error=repr(exc), exc_info=exc)
+                exchange.keep_alive = False
+                self.abort()
+        self._busy = False
+        self._wake_stopped()
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -458,16 +523,27 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- ends ---------------------------------------------------------------------------------
 
-    def stop(self) -> asyncio.Task[None] | None:
+    def stop(self) -> asyncio.Future[None] | None:
         """Shutdown: no more requests here. Idle connections close now; the request in flight
-        (returned) finishes first."""
+        finishes first: what is returned is done then (cancelling it cancels the request if
+        the task serves it)."""
         self._stopping = True
         if not self._busy:
             if self._transport is not None:
                 self._transport.close()
             self._end_waiting()
             return None
-        return self._task
+        if self._in_task:
+            assert self._task is not None
+            return self._task
+        if self._stopped is None:
+            self._stopped = self.loop.create_future()
+        return self._stopped
+
+    def _wake_stopped(self) -> None:
+        stopped, self._stopped = self._stopped, None
+        if stopped is not None and not stopped.done():
+            stopped.set_result(None)
 
     def _end_waiting(self) -> None:
         """Let the connection's task end if it is waiting for a request."""
@@ -548,6 +624,7 @@ class Exchange:
         "method",
         "raw_headers",
         "raw_path",
+        "sent",
     )
 
     def __init__(
@@ -568,6 +645,8 @@ class Exchange:
         self.keep_alive = keep_alive
         self._headers: CIMultiDict[str] | None = None
         self._chunked = False
+        #: the request as written upstream by ``UpstreamClient.send_now``, its answer to come
+        self.sent: Sent | None = None
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -586,7 +665,9 @@ class Exchange:
     def forward(
         self, upstream: UpstreamClient, block: bytes, has_host: bool, request_id: str
     ) -> Awaitable[Forwarded]:
-        """``handler.Forward_`` for this request."""
+        """``handler.Forward_`` for this request (the rest of it, when it was sent already)."""
+        if self.sent is not None:
+            return upstream.finish_relay(self, self.sent, request_id)
         return upstream.relay(self, self.method, self.raw_path, block, has_host, request_id)
 
     # ---- upstream.Downstream ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ import contextlib
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,7 +51,7 @@ _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.versi
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
-__all__ = ["BodyTooLarge", "Downstream", "Forwarded", "UpstreamClient"]
+__all__ = ["BodyTooLarge", "Downstream", "Forwarded", "Sent", "UpstreamClient"]
 
 
 class Downstream(Protocol):
@@ -86,7 +87,17 @@ class Downstream(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen one costs 4x as much
+class Sent:
+    """A request ``UpstreamClient.send_now`` wrote, its response still to come."""
+
+    conn: Connection
+    head: bytes
+    head_only: bool
+    started: float
+
+
+@dataclass(slots=True)  # not frozen: made per request, and a frozen one costs 4x as much
 class Forwarded:
     #: already prepared and fully written (or the WebSocketResponse after close); None when
     #: the response went to a ``Downstream``
@@ -228,25 +239,83 @@ class UpstreamClient:
         header lines of ``headers.request_fields``, with the response head filtered as bytes
         and handed to ``client`` to frame. Errors as for ``forward``.
         """
-        if self._pool is None:
+        head = self._relay_head(method, raw_target, block, has_host)
+        conn, _, upstream_seconds = await self._exchange(
+            [head], None, head_only=method == "HEAD", retry=True
+        )
+        return await self._relay_response(client, conn, request_id, upstream_seconds)
+
+    def send_now(
+        self,
+        method: str,
+        raw_target: str,
+        block: bytes,
+        has_host: bool,
+        notify: Callable[[], None],
+    ) -> Sent | None:
+        """``relay`` without a task, when a pooled connection is idle (else None: use
+        ``relay``). The request is written now; ``notify`` is called from the event loop once
+        the response head is here or the exchange failed, and then ``relay_whole`` or, when it
+        cannot, ``finish_relay`` takes it from there."""
+        pool = self._pool
+        if pool is None:
             raise RuntimeError("UpstreamClient.start() has not been awaited")
+        head = self._relay_head(method, raw_target, block, has_host)
+        conn = pool.take_idle()
+        if conn is None:
+            return None
+        head_only = method == "HEAD"
+        conn.begin(head_only=head_only, sending=False)
+        conn.writelines([head])
+        conn.notify(notify)
+        return Sent(conn, head, head_only, time.perf_counter())
+
+    def relay_whole(self, client: Downstream, sent: Sent, request_id: str) -> Forwarded | None:
+        """After ``send_now``'s notice: relay the response if all of it is here and nothing
+        failed, and give the connection back; else None (``finish_relay`` does the rest)."""
+        conn = sent.conn
+        if not conn.complete or conn.failed:
+            return None
+        assert self._pool is not None
+        try:
+            self._respond_whole(client, conn, request_id)
+        finally:
+            self._pool.release(conn, reuse=True)
+        return Forwarded(None, conn.status, time.perf_counter() - sent.started)
+
+    async def finish_relay(self, client: Downstream, sent: Sent, request_id: str) -> Forwarded:
+        """The rest of ``relay`` for a request ``send_now`` sent: a failure (a stale
+        connection's request is sent again, as ``relay`` does), or a body still coming."""
+        conn, upstream_seconds = await self._await_head(
+            sent.conn, None, [sent.head], head_only=sent.head_only, retry=True, started=sent.started
+        )
+        return await self._relay_response(client, conn, request_id, upstream_seconds)
+
+    def _relay_head(self, method: str, raw_target: str, block: bytes, has_host: bool) -> bytes:
         target = raw_target if raw_target.startswith("/") else _origin_form(raw_target)
-        head = head_from_lines(
+        return head_from_lines(
             method,
             self._prefix + target,
             block,
             None if has_host else self._host_bytes,
         )
-        conn, _, upstream_seconds = await self._exchange(
-            [head], None, head_only=method == "HEAD", retry=True
-        )
+
+    def _respond_whole(self, client: Downstream, conn: Connection, request_id: str) -> None:
+        fields, flags = response_fields(conn.raw_headers)
+        fields += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
+        client.respond(conn.status, conn.reason, fields, flags, conn.take(), True)
+
+    async def _relay_response(
+        self, client: Downstream, conn: Connection, request_id: str, upstream_seconds: float
+    ) -> Forwarded:
+        assert self._pool is not None
         status = conn.status
         try:
-            fields, flags = response_fields(conn.raw_headers)
-            fields += b"X-Request-ID: %b\r\n" % request_id.encode("ascii")
             if conn.complete:  # all of it arrived with the head: one write
-                client.respond(status, conn.reason, fields, flags, conn.take(), True)
+                self._respond_whole(client, conn, request_id)
                 return Forwarded(None, status, upstream_seconds)
+            fields, flags = response_fields(conn.raw_headers)
+            fields += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
             client.respond(status, conn.reason, fields, flags, b"", False)
             while True:
                 try:
@@ -276,10 +345,30 @@ class UpstreamClient:
         more if a reused connection turns out to be closed (only requests without a body).
         """
         pool = self._pool
-        assert pool is not None
+        if pool is None:
+            raise RuntimeError("UpstreamClient.start() has not been awaited")
         started = time.perf_counter()
         conn = pool.take_idle() or await pool.acquire()  # no coroutine when one is idle
         sender = _send(conn, out, rest, head_only)
+        conn, seconds = await self._await_head(
+            conn, sender, out, head_only=head_only, retry=retry, started=started
+        )
+        return conn, sender, seconds
+
+    async def _await_head(
+        self,
+        conn: Connection,
+        sender: asyncio.Task[None] | None,
+        out: list[bytes],
+        *,
+        head_only: bool,
+        retry: bool,
+        started: float,
+    ) -> tuple[Connection, float]:
+        """Wait for the response head of the request sent on ``conn``; the connection it came
+        on (another one if the request was sent again) and the seconds since ``started``."""
+        pool = self._pool
+        assert pool is not None
         try:
             try:
                 await conn.head()
@@ -301,7 +390,7 @@ class UpstreamClient:
             _cancel(sender)
             pool.release(conn, reuse=False)
             raise
-        return conn, sender, time.perf_counter() - started
+        return conn, time.perf_counter() - started
 
     async def _forward_websocket(
         self,

@@ -59,11 +59,21 @@ def head_from_lines(method: str, target: str, block: bytes, host: bytes | None) 
     target_bytes = target.encode("utf-8", "surrogateescape")
     if b"\r" in target_bytes or b"\n" in target_bytes:  # parsers refuse them: defence in depth
         raise ValueError("CR or LF in the request target")
-    return b"%b %b HTTP/1.1\r\n%b%b\r\n" % (
-        method.encode("ascii"),
-        target_bytes,
-        b"Host: %b\r\n" % host if host is not None else b"",
-        block,
+    if host is None:
+        return b"".join(
+            (method.encode("ascii"), b" ", target_bytes, b" HTTP/1.1\r\n", block, b"\r\n")
+        )
+    return b"".join(
+        (
+            method.encode("ascii"),
+            b" ",
+            target_bytes,
+            b" HTTP/1.1\r\nHost: ",
+            host,
+            b"\r\n",
+            block,
+            b"\r\n",
+        )
     )
 
 
@@ -143,6 +153,8 @@ class Connection(asyncio.Protocol):
         self.reused = False
         self.idle = False
         self._waiter: asyncio.Future[None] | None = None
+        # instead of a waiter: called (soon) once the head is here or the exchange failed
+        self._notify: Callable[[], None] | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
@@ -179,6 +191,7 @@ class Connection(asyncio.Protocol):
         if self._read_paused and self._transport is not None:
             self._transport.resume_reading()  # the last body was not read to the end
         self._reset(head_only=head_only)
+        self._notify = None
         self.request_sent = not sending
         self.idle = False
         if self.closing:  # closed on its way out of the pool
@@ -213,6 +226,20 @@ class Connection(asyncio.Protocol):
         """Push the read deadline back: the request body is still making progress (a client
         that stalls its upload longer than the read timeout gets a 504 like a slow upstream)."""
         self._deadline = self._loop.time() + self._read_timeout
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called, from the event loop and once, when the response head has
+        arrived or the exchange has failed (read timeout included): ``head`` without a task,
+        for a caller that then looks at ``head_done``, ``complete`` and ``failed``."""
+        self._deadline = self._loop.time() + self._read_timeout
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        self._notify = callback
+        self._wake()  # the head may be here already, or the connection failed
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
 
     async def head(self) -> None:
         """Wait for the final response's head (interim 1xx responses are skipped)."""
@@ -281,7 +308,7 @@ class Connection(asyncio.Protocol):
         # Deadlines move on every wait and body write; the timer follows them lazily instead
         # of being cancelled and rescheduled each time.
         self._timer = None
-        if self._waiter is None:
+        if self._waiter is None and self._notify is None:
             return
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
@@ -290,6 +317,12 @@ class Connection(asyncio.Protocol):
             self._wake()
 
     def _wake(self) -> None:
+        notify = self._notify
+        if notify is not None and (self.head_done or self._error is not None):
+            self._notify = None
+            # From the loop, not from here: the caller's writes then go out together with
+            # those of the other connections served in this round (fewer, cheaper syscalls).
+            self._loop.call_soon(notify)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
