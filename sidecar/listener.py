@@ -11,6 +11,11 @@ head llhttp refuses or one past a size limit) hands the connection over, that re
 bytes included, to aiohttp's server (``server.Connection``), which then serves it to the end:
 bodies are streamed, WebSockets relayed and malformed requests answered there, as before.
 
+A request that needs no waiting on our side (verdict cached, an upstream connection idle)
+is served from event-loop callbacks, without a task: written upstream in ``_start``, relayed
+back in ``_on_upstream``. Whatever must wait goes to the connection's task, which continues
+the same exchange with the handler's and upstream client's coroutines.
+
 Per connection: the peer certificate is parsed once; ``limits.max_connections`` is
 enforced; a request head must be complete within ``limits.header_timeout`` of its first
 byte (slowloris); an idle keep-alive connection is closed after ``limits.keepalive_timeout``.
@@ -169,8 +174,8 @@ class ClientConnection(asyncio.Protocol):
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
         self._peer_ip: str | None = None
-        # One task per connection serves its requests in turn (a task per request costs more
-        # than the rest of the dispatch); it waits on _waiter for the next parsed request.
+        # Requests that must wait for something (see _start) go to one task per connection,
+        # made at the first such request; it waits on _waiter for the next one.
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._ready: tuple[Exchange, Ticket] | None = None
