@@ -61,6 +61,8 @@ class HeaderRules:
     _identity_names: tuple[bytes, bytes] = field(init=False, repr=False)
     #: request header names as sent -> what they are to request_fields (see classify)
     request_kinds: dict[bytes, int] = field(init=False, repr=False, compare=False)
+    #: (certificate base64, X-USERINFO value) -> our two identity header lines, checked
+    _identity_blocks: dict[tuple[str, bytes], bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = {self.certificate_header.lower(), self.userinfo_header.lower(), "x-request-id"}
@@ -72,6 +74,7 @@ class HeaderRules:
             self, "untrusted_strip_b", frozenset(n.encode() for n in always | FORWARDING)
         )
         object.__setattr__(self, "request_kinds", {})
+        object.__setattr__(self, "_identity_blocks", {})
         object.__setattr__(
             self,
             "_identity_names",
@@ -91,13 +94,23 @@ class HeaderRules:
             kinds[name] = kind
         return kind
 
-    def identity_lines(self, certificate_b64: str, user: User) -> tuple[bytes, bytes]:
-        """Our two identity headers, as header lines."""
-        certificate, userinfo = self._identity_names
-        return (
-            b"%b: %b\r\n" % (certificate, certificate_b64.encode("ascii")),
-            b"%b: %b\r\n" % (userinfo, user.header_bytes),
-        )
+    def identity_lines(self, certificate_b64: str, user: User) -> bytes:
+        """Our two identity headers, as header lines (made and checked once per certificate
+        and user: a few KiB of base64 need not be copied and scanned on every request)."""
+        key = (certificate_b64, user.header_bytes)
+        lines = self._identity_blocks.get(key)
+        if lines is None:
+            certificate, userinfo = self._identity_names
+            value = certificate_b64.encode("ascii")
+            lines = b"".join(
+                (certificate, b": ", value, b"\r\n", userinfo, b": ", user.header_bytes, b"\r\n")
+            )
+            if lines.count(b"\n") != 2 or lines.count(b"\r") != 2:
+                raise ValueError("CR or LF in an identity header")
+            if len(self._identity_blocks) >= _NAME_CACHE:
+                self._identity_blocks.clear()  # bounded: a new certificate costs one join
+            self._identity_blocks[key] = lines
+        return lines
 
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
@@ -193,14 +206,14 @@ def request_fields(
             parts.append(b"X-Forwarded-Host: %b\r\n" % host)
         parts.append(b"X-Real-IP: %b\r\n" % ip)
     parts.append(b"X-Request-ID: %b\r\n" % request_id.encode("ascii"))
-    if user is not None and certificate_b64 is not None:
-        parts += rules.identity_lines(certificate_b64, user)
     out = b"".join(parts)
     # Both parsers let no CR or LF into the client's values, and ours have none: one here would
     # add a line, or end the head early and start a request of the client's making.
     lines = kept + len(parts) - 1
     if out.count(b"\n") != lines or out.count(b"\r") != lines:
         raise ValueError("CR or LF in a request header")
+    if user is not None and certificate_b64 is not None:
+        out += rules.identity_lines(certificate_b64, user)  # checked where they are made
     return out, host is not None
 
 

@@ -245,6 +245,41 @@ def test_trusted_forwarded_for_values_are_checked_too() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("certificate_b64", "userinfo"),
+    [("Q0VSVA==\r\nX-Injected: 1", ""), ("Q0VSVA==", "e30=\r\nX-Injected: 1"), ("Q0\nVA", "")],
+    ids=["certificate", "userinfo", "lf"],
+)
+def test_identity_values_are_checked_for_cr_or_lf(certificate_b64: str, userinfo: str) -> None:
+    # Ours are base64, but a backend may hand over the X-USERINFO value it made: the lines
+    # are checked once where they are made (and kept), not on every request.
+    user = User("sub-2", "mallory", header_value=userinfo) if userinfo else USER
+    for _ in range(2):  # the second time from the cache, if anything were kept
+        with pytest.raises(ValueError, match="CR or LF"):
+            request_fields(
+                RULES,
+                [(b"Host", b"h")],
+                client_ip="1.2.3.4",
+                trusted=False,
+                request_id="r",
+                user=user,
+                certificate_b64=certificate_b64,
+            )
+
+
+def test_identity_lines_are_kept_per_certificate_and_user_within_a_bound() -> None:
+    rules = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO")
+    bob = User("sub-3", "bob", roles=("member",))
+    first = rules.identity_lines("QUFB", USER)
+    assert first == b"X-APP-CERTIFICATE: QUFB\r\nX-USERINFO: " + USER.header_bytes + b"\r\n"
+    assert rules.identity_lines("QUFB", USER) is first  # made once
+    assert rules.identity_lines("QUFB", bob).endswith(bob.header_bytes + b"\r\n")  # not mixed up
+    assert rules.identity_lines("QkJC", USER).startswith(b"X-APP-CERTIFICATE: QkJC\r\n")
+    for i in range(5000):  # many certificates: memory stays bounded
+        rules.identity_lines(f"{i:08d}", USER)
+    assert len(rules._identity_blocks) <= 1024
+
+
 def test_request_target_with_cr_or_lf_is_refused() -> None:
     with pytest.raises(ValueError, match="CR or LF"):
         head_from_lines("GET", "/a\r\nX-Injected: 1", b"Host: h\r\n", None)
