@@ -83,3 +83,51 @@ def test_no_writer_when_not_json_at_info(monkeypatch: pytest.MonkeyPatch) -> Non
         assert log.access_writer() is None
     finally:
         structlog.reset_defaults()
+
+
+class _Recorder(io.StringIO):
+    """A text stream that records what each flush() pushed out (one write(2) each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+        self._mark = 0
+
+    def flush(self) -> None:
+        value = self.getvalue()
+        if len(value) > self._mark:
+            self.flushed.append(value[self._mark :])
+            self._mark = len(value)
+
+
+def test_held_lines_go_out_whole_in_pipe_atomic_writes() -> None:
+    stream = _Recorder()
+    logger = log.LineLogger(stream)
+    lines = [f'{{"n": {i}, "pad": "{"x" * (i % 700)}"}}' for i in range(300)]
+    lines.insert(150, "y" * 9000)  # longer than one atomic write: it goes alone
+    for line in lines:
+        logger.info(line)  # no event loop here: written at once...
+    assert stream.getvalue() == "".join(line + "\n" for line in lines)
+    held = log.LineLogger(stream2 := _Recorder())
+    held._held = list(lines)  # ... so hold them as a running loop would, then flush once
+    held.flush()
+    assert "".join(stream2.flushed) == "".join(line + "\n" for line in lines)
+    assert len(stream2.flushed) > 1
+    for write in stream2.flushed:
+        assert write.endswith("\n"), "a write ended mid-line"
+        assert len(write) <= log.ATOMIC_WRITE or write.count("\n") == 1
+    # a warning goes out at once, after what was held before it
+    held._held = ["first"]
+    held.warning("second")
+    assert stream2.getvalue().endswith("first\nsecond\n")
+
+
+def test_lines_are_held_until_the_flush_or_the_bound() -> None:
+    stream = _Recorder()
+    logger = log.LineLogger(stream)
+    logger._scheduled = True  # as if a flush were already due on the loop
+    for i in range(log.HOLD_LINES - 1):
+        logger.info(f"line {i}")
+    assert stream.getvalue() == ""
+    logger.info("the last one held")
+    assert stream.getvalue().count("\n") == log.HOLD_LINES
