@@ -391,7 +391,7 @@ class Bench:
             "targets": {t.name: {"port": t.port} for t in targets},
             "runs": runs,
             "summary": summary,
-            "comparison": compare(summary, scenario, self.probes.get(scenario.key)),
+            "comparison": compare(summary, scenario, self.probes.get(scenario.key), runs),
         }
 
     # ---- S3: does the sidecar's memory grow with the body size? ------------------------
@@ -667,6 +667,18 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
+def _pair_ratio(
+    runs: dict[str, list[dict[str, Any]]] | None, names: list[str], key: str
+) -> float | None:
+    """Median over the repetitions of sidecar/nginx for ``key`` (runs interleaved A B A B)."""
+    if not runs or any(name not in runs for name in names):
+        return None
+    pairs = [
+        b[key] / a[key] for a, b in zip(runs[names[0]], runs[names[1]], strict=False) if a[key]
+    ]
+    return round(_median(pairs), 3) if pairs else None
+
+
 def summarize(
     runs: list[dict[str, Any]], idle_rss: int, peak_rss: int, scenario: Scenario
 ) -> dict[str, Any]:
@@ -715,13 +727,21 @@ def summarize(
 
 
 def compare(
-    summary: dict[str, dict[str, Any]], scenario: Scenario, probe: dict[str, Any] | None = None
+    summary: dict[str, dict[str, Any]],
+    scenario: Scenario,
+    probe: dict[str, Any] | None = None,
+    runs: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     names = list(summary)
     if len(names) != 2:
         return {}
     ref, sc = summary[names[0]], summary[names[1]]
     out: dict[str, Any] = {
+        # The median of each repetition's own ratio (nginx's run and the sidecar's just after
+        # it): on a machine whose speed drifts, a pair close in time cancels more of the
+        # drift than the ratio of the two medians (which decides the targets, as before).
+        "rps_ratio_pairs": _pair_ratio(runs, names, "rps"),
+        "p99_ratio_pairs": _pair_ratio(runs, names, "p99_ms"),
         "rps_ratio": round(sc["rps"] / ref["rps"], 3) if ref["rps"] else None,
         "p50_ratio": round(sc["p50_ms"] / ref["p50_ms"], 2) if ref["p50_ms"] else None,
         "p99_ratio": round(sc["p99_ms"] / ref["p99_ms"], 2) if ref["p99_ms"] else None,
@@ -898,6 +918,12 @@ def _floor2(ratio: float | None) -> str:
     return "-" if ratio is None else f"{math.floor(ratio * 100) / 100:.2f}"
 
 
+def _pairs(ratio: float | None, *, floor: bool = False) -> str:
+    if ratio is None:
+        return ""
+    return f" ({_floor2(ratio)})" if floor else f" ({ratio:.2f})"
+
+
 def _kib(v: int) -> str:
     return f"{v / 1024:.0f} MiB" if v >= 10240 else f"{v} KiB"
 
@@ -905,7 +931,7 @@ def _kib(v: int) -> str:
 def table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (also printed)."""
     head = (
-        "| scenario | nginx req/s | sidecar req/s | ratio | p50 ms nginx / sidecar | p99 ms nginx / sidecar | p99 ratio "
+        "| scenario | nginx req/s | sidecar req/s | ratio (of pairs) | p50 ms nginx / sidecar | p99 ms nginx / sidecar | p99 ratio (of pairs) "
         "| peak RSS nginx / sidecar | proxy CPU nginx / sidecar | req per CPU-s ratio | target | met | other load |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |\n"
     )
@@ -934,8 +960,8 @@ def table(results: dict[str, Any]) -> str:
         if c["meets_target"] is False:
             met += " (" + ", ".join(k for k, ok in c.get("checks", {}).items() if not ok) + ")"
         lines.append(
-            f"| {key}{extra} | {a['rps']:.0f} | {b['rps']:.0f} | **{_floor2(c['rps_ratio'])}** | {a['p50_ms']:.2f} / {b['p50_ms']:.2f} "
-            f"| {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | {c['p99_ratio']:.2f} | {_kib(a['peak_rss_kib'])} / {_kib(b['peak_rss_kib'])} "
+            f"| {key}{extra} | {a['rps']:.0f} | {b['rps']:.0f} | **{_floor2(c['rps_ratio'])}**{_pairs(c.get('rps_ratio_pairs'), floor=True)} | {a['p50_ms']:.2f} / {b['p50_ms']:.2f} "
+            f"| {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | {c['p99_ratio']:.2f}{_pairs(c.get('p99_ratio_pairs'))} | {_kib(a['peak_rss_kib'])} / {_kib(b['peak_rss_kib'])} "
             f"| {a['proxy_cores']:.2f} / {b['proxy_cores']:.2f} | {c['cpu_efficiency_ratio']:.2f} | {c['target']} | {met} "
             f"| {max(a['other_load_cores_max'], b['other_load_cores_max']):.2f} |"
         )
@@ -1174,7 +1200,7 @@ def report(results: dict[str, Any]) -> str:
     info = results["machine"]
     for s in results["scenarios"]:
         scenario = Scenario(**s["scenario"])
-        s["comparison"] = compare(s["summary"], scenario, s.get("body_size_probe"))
+        s["comparison"] = compare(s["summary"], scenario, s.get("body_size_probe"), s.get("runs"))
     head = (
         f"{info['date']}, {info['nproc']} CPUs ({info['cpu_model']}), sidecar "
         f"{info.get('sidecar_source', info.get('sidecar_commit'))}; {info['nginx']}, {info['wrk']}, "
