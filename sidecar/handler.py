@@ -34,6 +34,7 @@ from .policy import (
     Unavailable,
     decide,
 )
+from .server import last_on_connection
 from .upstream import BodyTooLarge, Forwarded, UpstreamClient
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -217,6 +218,8 @@ class Handler:
             ),
         )
         assert response is not None  # aiohttp's forward always hands its response back
+        if not response.prepared:  # our own answer (a forwarded one was prepared already)
+            last_on_connection(request, response)
         return response
 
     async def process(

@@ -26,13 +26,14 @@ if TYPE_CHECKING:
 class Connection(RequestHandler):
     """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
 
-    __slots__ = ("_counted", "_header_timeout", "_metrics", "_peer")
+    __slots__ = ("_counted", "_header_timeout", "_listener", "_metrics", "_peer")
 
     def __init__(
         self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._peer: ClientCert | None = None
+        self._listener = manager
         self._header_timeout = manager.limits.header_timeout
         self._metrics = manager.metrics
         self._counted = False
@@ -46,6 +47,11 @@ class Connection(RequestHandler):
     def peer_certificate(self) -> ClientCert | None:
         """The peer certificate the listener parsed before it handed the connection over."""
         return self._peer
+
+    @property
+    def closing(self) -> bool:
+        """The listener is shutting down: a response prepared now is the connection's last."""
+        return self._listener.closing
 
     # -- connection limits -----------------------------------------------------------------
 
@@ -120,3 +126,11 @@ class Connection(RequestHandler):
         )
         response.force_close()
         return response
+
+
+def last_on_connection(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Before ``response`` is prepared: during shutdown it says ``Connection: close`` (aiohttp
+    closes the connection after it anyway; the client should know), as on the listener's path."""
+    protocol = request.protocol
+    if isinstance(protocol, Connection) and protocol.closing:
+        response.force_close()

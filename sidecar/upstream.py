@@ -28,6 +28,7 @@ from .config import UpstreamConfig
 from .errors import UpstreamError
 from .headers import connection_tokens, lines_to_multidict, response_fields
 from .responses import SERVER
+from .server import last_on_connection
 from .upstream_http import (
     BodyTooLarge,
     Connection,
@@ -487,6 +488,7 @@ async def _stream_response(
     kind = _WholeResponse if conn.complete else web.StreamResponse
     response = kind(status=status, reason=reason, headers=headers)
     forwarded = Forwarded(response, status, upstream_seconds)
+    last_on_connection(request, response)
     try:
         await response.prepare(request)
         if conn.complete:  # all of it arrived with the head: one write
