@@ -166,6 +166,8 @@ class Bench:
             "admin_s4",
             "sidecar_probe",
             "admin_probe",
+            "sidecar_b",
+            "admin_b",
         ):
             p[name] = stack.free_port()
         up = stack.start_nginx(
@@ -197,6 +199,7 @@ class Bench:
         *,
         log_level: str = "warning",
         http_backend: str | None = None,
+        src: Path | None = None,
     ) -> Proc:
         conf = stack.sidecar_conf(
             self.folder,
@@ -209,7 +212,9 @@ class Bench:
             log_level=log_level,
             http_backend=http_backend,
         )
-        proc = stack.start_sidecar(name, conf, self.folder, self.placement.proxy, src=self.src)
+        proc = stack.start_sidecar(
+            name, conf, self.folder, self.placement.proxy, src=src or self.src
+        )
         self.procs.append(proc)
         stack.wait_port(proc, self.ports[port_key])
         return proc
@@ -679,6 +684,17 @@ def _pair_ratio(
     return round(_median(pairs), 3) if pairs else None
 
 
+def _pair_wins(
+    runs: dict[str, list[dict[str, Any]]] | None, names: list[str], key: str
+) -> list[int] | None:
+    """In how many repetitions each of the two had the higher ``key``."""
+    if not runs or any(name not in runs for name in names):
+        return None
+    pairs = list(zip(runs[names[0]], runs[names[1]], strict=False))
+    second = sum(1 for a, b in pairs if b[key] > a[key])
+    return [len(pairs) - second, second]
+
+
 def summarize(
     runs: list[dict[str, Any]], idle_rss: int, peak_rss: int, scenario: Scenario
 ) -> dict[str, Any]:
@@ -733,7 +749,7 @@ def compare(
     runs: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     names = list(summary)
-    if len(names) != 2:
+    if len(names) not in (2, 3):
         return {}
     ref, sc = summary[names[0]], summary[names[1]]
     out: dict[str, Any] = {
@@ -765,6 +781,15 @@ def compare(
         checks["no errors"] = not (
             sc["errors"] or ref["errors"] or sc["failed_runs"] or ref["failed_runs"]
         )
+    if len(names) == 3:  # --versus: the other build against the one under test
+        other = summary[names[2]]
+        out["versus"] = {
+            "rps_ratio": round(other["rps"] / sc["rps"], 3) if sc["rps"] else None,
+            "rps_ratio_pairs": _pair_ratio(runs, names[1:], "rps"),
+            "p99_ratio": round(other["p99_ms"] / sc["p99_ms"], 2) if sc["p99_ms"] else None,
+            "rps": other["rps"],
+            "pair_wins": _pair_wins(runs, names[1:], "rps"),
+        }
     out["target"] = _target_text(scenario)
     out["checks"] = checks
     out["meets_target"] = all(checks.values()) if checks else None
@@ -938,7 +963,7 @@ def table(results: dict[str, Any]) -> str:
     lines = []
     for s in results["scenarios"]:
         key = s["scenario"]["key"]
-        a, b = (s["summary"][n] for n in s["targets"])
+        a, b = (s["summary"][n] for n in list(s["targets"])[:2])
         c = s["comparison"]
         extra = ""
         if "resumed_fraction" in b:
@@ -1054,6 +1079,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="benchmark the sidecar as committed at this git ref (e.g. HEAD) instead of the working tree",
     )
     p.add_argument(
+        "--versus",
+        default=None,
+        metavar="REF",
+        help="also run the sidecar as committed at REF, interleaved with the other two, in the "
+        "scenarios without logging; reported as its ratio to the sidecar under test",
+    )
+    p.add_argument(
         "--workers", type=int, default=1, help="worker processes for both proxies (default 1)"
     )
     p.add_argument(
@@ -1131,6 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
         info["sidecar_source"] = f"commit {sha} ({args.sidecar_ref})"
     else:
         info["sidecar_source"] = f"working tree ({info['sidecar_commit']})"
+    versus_src: Path | None = None
+    if args.versus:
+        sha_b, versus_src = stack.export_commit(ROOT, args.versus, folder)
+        info["versus_source"] = f"commit {sha_b} ({args.versus})"
     print(
         f"machine: {info['nproc']} CPUs, {info['cpu_model']}; {info['nginx']}; {info['wrk']}; Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}"
     )
@@ -1158,6 +1194,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         ref_t = Target("nginx", bench.ports["reference"], bench.reference)
         sc_t = Target("sidecar", bench.ports["sidecar"], sidecar)
+        versus: list[Target] = []
+        if versus_src is not None:
+            other = bench.start_sidecar("sidecar-b", "sidecar_b", "admin_b", src=versus_src)
+            versus.append(Target("sidecar-b", bench.ports["sidecar_b"], other))
         for scenario in scenarios:
             if scenario.logging:
                 logger = bench.start_sidecar(
@@ -1174,7 +1214,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if scenario.probe_path is not None:
                     bench.probes[scenario.key] = bench.body_probe(scenario)
-                results["scenarios"].append(bench.scenario(scenario, [ref_t, sc_t]))
+                results["scenarios"].append(bench.scenario(scenario, [ref_t, sc_t, *versus]))
                 if scenario.key in bench.probes:
                     results["scenarios"][-1]["body_size_probe"] = bench.probes[scenario.key]
             _write(out_path, results)
@@ -1210,11 +1250,35 @@ def report(results: dict[str, Any]) -> str:
     return (
         head
         + (table(results) if results["scenarios"] else "")
+        + versus_text(results)
         + "\n"
         + (s4_text(results["s4"]) if "s4" in results else "")
         + "\n"
         + (profile_text(results["profile"]) if "profile" in results else "")
     )
+
+
+def versus_text(results: dict[str, Any]) -> str:
+    """With ``--versus``: each scenario's other build against the sidecar under test."""
+    source = results["machine"].get("versus_source")
+    rows = [s for s in results["scenarios"] if "versus" in s["comparison"]]
+    if source is None or not rows:
+        return ""
+    lines = [
+        f"\n`--versus` {source} / the sidecar under test, same runs interleaved:\n",
+        "| scenario | its req/s | req/s ratio (of pairs) | runs won: under test / other | p99 ratio |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
+    for s in rows:
+        v = s["comparison"]["versus"]
+        wins = v.get("pair_wins") or ["-", "-"]
+        pairs = v.get("rps_ratio_pairs")
+        lines.append(
+            f"| {s['scenario']['key']} | {v['rps']:.0f} | {v['rps_ratio']:.3f}"
+            f"{f' ({pairs:.3f})' if pairs is not None else ''} | {wins[0]} / {wins[1]} "
+            f"| {v['p99_ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _write(path: Path, results: dict[str, Any]) -> None:
