@@ -339,35 +339,29 @@ class Handler:
         self._decide(ticket, verdict, backend_failed=False)
 
     async def _look_up(self, ticket: Ticket) -> None:
-        assert ticket.cert is not None
+        """A verdict the cache could not give at once (timed and counted by outcome), then
+        the decision on it."""
+        identity, cert = ticket.plan.identity, ticket.cert
+        assert cert is not None
         verdict: Verdict | None = None
-        backend_failed = False
+        started = time.perf_counter()
         try:
-            verdict = await self._lookup(ticket.plan.identity, ticket.cert, ticket.peer_ip)
+            verdict = await identity.lookup(cert, LookupContext(client_ip=ticket.peer_ip))
         except IdentityUnavailable as exc:
-            backend_failed = True
+            self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
             self.log.warning(
                 "identity_unavailable",
                 request_id=ticket.request_id,
                 reason=exc.reason,
                 code=exc.code,
             )
-        self._decide(ticket, verdict, backend_failed=backend_failed)
-
-    async def _lookup(self, identity: Identity, cert: ClientCert, peer_ip: str | None) -> Verdict:
-        """A verdict the cache could not give at once: timed and counted by outcome."""
-        started = time.perf_counter()
-        try:
-            verdict = await identity.lookup(cert, LookupContext(client_ip=peer_ip))
-        except IdentityUnavailable as exc:
-            self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
-            raise
+        else:
+            self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
         finally:
             self.metrics.identity_duration.labels(identity.name).observe(
                 time.perf_counter() - started
             )
-        self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
-        return verdict
+        self._decide(ticket, verdict, backend_failed=verdict is None)
 
     def _decide(self, ticket: Ticket, verdict: Verdict | None, *, backend_failed: bool) -> None:
         plan, cert = ticket.plan, ticket.cert
