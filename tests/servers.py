@@ -36,6 +36,10 @@ class Scripted:
     #: each request's head and body, in arrival order
     requests: list[bytes] = field(default_factory=list)
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
     def methods(self) -> list[str]:
         return [r.split(b" ", 1)[0].decode() for r in self.requests]
 
