@@ -241,6 +241,11 @@ class Connection(asyncio.Protocol):
     def failed(self) -> bool:
         return self._error is not None
 
+    def _completed(self) -> bool:
+        # ``complete`` read through a call: in data_received mypy keeps it narrowed to False
+        # across the parser's callbacks that set it, and the compiled build trusts that.
+        return self.complete
+
     async def head(self) -> None:
         """Wait for the final response's head (interim 1xx responses are skipped)."""
         while not self.head_done:
@@ -291,8 +296,7 @@ class Connection(asyncio.Protocol):
     # ---- waiting, with one timer per connection ----------------------------------------------
 
     async def _wait(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self._raise_failure()
         self._deadline = self._loop.time() + self._read_timeout
         if self._timer is None:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
@@ -301,6 +305,11 @@ class Connection(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        # A method, not the same test inline before and after the await in _wait: mypy keeps
+        # an attribute narrowed across an await, and the compiled build (setup.py) trusts it.
         if self._error is not None:
             raise self._error
 
@@ -350,7 +359,7 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            if self.complete:  # bytes after a complete response
+            if self._completed():  # bytes after a complete response
                 self.keep_alive = False
                 self.close()
             else:  # a callback's own error, or what llhttp found

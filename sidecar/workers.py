@@ -85,8 +85,8 @@ class Supervisor:
         while not self.stopping:
             assert worker.process is not None
             code = await worker.process.wait()
-            if self.stopping:
-                return
+            if self.stopping:  # set while we waited (mypy keeps the loop's narrowing)
+                return  # type: ignore[unreachable]
             self.log.error(
                 "worker_died",
                 worker=worker.index,
