@@ -14,7 +14,13 @@ does not serve (a body, an upgrade, a malformed head) moves the connection to ai
 protocol parsed it. ``config`` checks the YAML once
 and hands each module its own frozen section; ``app`` assembles the listener and the
 upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
+``build`` says whether the request path runs compiled (setup.py) or interpreted.
 Leaves (``certs``, ``policy``, ``headers``, ``responses``) do no I/O.
 """
 
+from .build import Build, choose
+
 __version__ = "0.1.0"
+
+#: compiled or interpreted, decided before any module of the request path is imported
+BUILD: Build = choose()

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from . import __version__, log
+from . import BUILD, __version__, log
 from .certs import read_certificates
 from .config import Config, load
 from .errors import CertificateError, ConfigError
@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="sidecar",
         description="mTLS identity sidecar: client certificates in, identity headers out.",
     )
-    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"sidecar {__version__} ({BUILD.describe()})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")
     run.add_argument(

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import log
+from . import BUILD, log
 from .admin import Purge, Readiness, admin_app
 from .certs import file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
@@ -169,7 +169,10 @@ class Sidecar:
             upstream=self.config.upstream.url,
             backend=self.config.identity.backend,
             pid=os.getpid(),
+            build=BUILD.describe(),
         )
+        if BUILD.note is not None:
+            self.log.warning("compiled_build_not_used", reason=BUILD.note)
 
     async def _build_plan(
         self, config: Config, previous: tuple[Plan, Config] | None = None

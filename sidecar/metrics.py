@@ -21,6 +21,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from . import BUILD, __version__
+
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
 )
@@ -53,6 +55,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        Gauge(
+            "sidecar_build_info",
+            "The sidecar running: its version, and whether its request path is compiled.",
+            ["version", "build"],
+            registry=r,
+        ).labels(__version__, "compiled" if BUILD.compiled else "interpreted").set(1)
         self.upstream_errors = Counter(
             "sidecar_upstream_errors",
             "Upstream failures by kind (connect, timeout, reset, protocol).",

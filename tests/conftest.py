@@ -271,3 +271,12 @@ def pytest_asyncio_loop_factories(
     import uvloop
 
     return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which build of the request path the tests run (see setup.py; SIDECAR_PURE=1 for the
+    interpreted one)."""
+    from sidecar import BUILD
+
+    line = f"sidecar build: {BUILD.describe()}"
+    return line if BUILD.note is None else f"{line} ({BUILD.note})"

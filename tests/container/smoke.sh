@@ -158,6 +158,8 @@ inside() { "$engine" run --rm $run_flags --read-only --entrypoint /bin/sh "$imag
 [ "$(inside 'id -u')" = 10001 ] && echo "  ok  id -u is 10001 inside" || fail "not UID 10001 inside"
 inside 'for c in gcc cc g++ make; do command -v $c && exit 1; done; exit 0' >/dev/null \
   && echo "  ok  no compiler in the runtime image" || fail "a compiler is in the runtime image"
+built=$(inside '/opt/sidecar/bin/sidecar --version')
+[[ "$built" == *"(compiled)" ]] && echo "  ok  $built" || fail "the image's sidecar is not the compiled build: $built"
 inside 'test ! -e /root/.cache/pip && test ! -e /opt/sidecar/bin/pip' \
   && echo "  ok  no pip cache, no pip in the virtual environment" || fail "pip or its cache is in the image"
 inside 'command -v sleep >/dev/null' && echo "  ok  sleep is there (the chart's preStop hook uses it)" || fail "no sleep in the image"

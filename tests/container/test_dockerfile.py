@@ -89,7 +89,21 @@ def test_build_context_is_small() -> None:
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*")] == "*"  # everything is left out ...
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "sidecar"}  # ... but what the build copies
+    assert allowed == {
+        "pyproject.toml",
+        "setup.py",
+        "README.md",
+        "sidecar",
+    }  # ... but what the build copies
+    # a compiled build of the working tree stays out: the image compiles its own
+    assert {"sidecar/**/*.so", "sidecar/_compiled.json"} <= set(ignore)
+
+
+def test_image_is_compiled() -> None:
+    build = stages()[0]
+    install = next(x for x in build if "pip install" in x)
+    assert "SIDECAR_COMPILE=1" in install  # compiled or the build fails
+    assert "sys.exit(not sidecar.BUILD.compiled)" in install  # and checks they load
 
 
 def test_smoke_script_parses() -> None:
