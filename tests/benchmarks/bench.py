@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -145,6 +146,8 @@ class Bench:
     ports: dict[str, int] = field(default_factory=dict)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: each sidecar process started: its build ("compiled" or "interpreted")
+    builds: dict[str, str] = field(default_factory=dict)
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -200,6 +203,7 @@ class Bench:
         log_level: str = "warning",
         http_backend: str | None = None,
         src: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         conf = stack.sidecar_conf(
             self.folder,
@@ -213,10 +217,11 @@ class Bench:
             http_backend=http_backend,
         )
         proc = stack.start_sidecar(
-            name, conf, self.folder, self.placement.proxy, src=src or self.src
+            name, conf, self.folder, self.placement.proxy, src=src or self.src, env=env
         )
         self.procs.append(proc)
         stack.wait_port(proc, self.ports[port_key])
+        self.builds[name] = stack.build_of(self.ports[admin_key])
         return proc
 
     def stop(self, proc: Proc) -> None:
@@ -1086,6 +1091,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "scenarios without logging; reported as its ratio to the sidecar under test",
     )
     p.add_argument(
+        "--versus-pure",
+        action="store_true",
+        help="run the --versus build interpreted (SIDECAR_PURE=1): with --versus REF and "
+        "--sidecar-ref REF, the compiled and the interpreted build of one commit",
+    )
+    p.add_argument(
         "--workers", type=int, default=1, help="worker processes for both proxies (default 1)"
     )
     p.add_argument(
@@ -1148,6 +1159,8 @@ def selected(spec: str) -> tuple[list[Scenario], bool]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # kill/SIGTERM stops what the run started too (the finally below), as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.report is not None:
         print(report(json.loads(args.report.read_text())))
         return 0
@@ -1186,6 +1199,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start_fixed()
         sidecar = bench.start_sidecar("sidecar", "sidecar", "admin")
+        info["sidecar_build"] = bench.builds["sidecar"]
+        print(f"sidecar build: {info['sidecar_build']}")
         results["checks"] = checks = bench.checks(sidecar)
         for name in ("nginx", "sidecar"):
             print(f"check {name}: {json.dumps(checks[name])}")
@@ -1196,8 +1211,16 @@ def main(argv: list[str] | None = None) -> int:
         sc_t = Target("sidecar", bench.ports["sidecar"], sidecar)
         versus: list[Target] = []
         if versus_src is not None:
-            other = bench.start_sidecar("sidecar-b", "sidecar_b", "admin_b", src=versus_src)
+            other = bench.start_sidecar(
+                "sidecar-b",
+                "sidecar_b",
+                "admin_b",
+                src=versus_src,
+                env={"SIDECAR_PURE": "1"} if args.versus_pure else None,
+            )
             versus.append(Target("sidecar-b", bench.ports["sidecar_b"], other))
+            info["versus_build"] = bench.builds["sidecar-b"]
+            print(f"sidecar-b build: {info['versus_build']}")
         for scenario in scenarios:
             if scenario.logging:
                 logger = bench.start_sidecar(
@@ -1243,7 +1266,9 @@ def report(results: dict[str, Any]) -> str:
         s["comparison"] = compare(s["summary"], scenario, s.get("body_size_probe"), s.get("runs"))
     head = (
         f"{info['date']}, {info['nproc']} CPUs ({info['cpu_model']}), sidecar "
-        f"{info.get('sidecar_source', info.get('sidecar_commit'))}; {info['nginx']}, {info['wrk']}, "
+        f"{info.get('sidecar_source', info.get('sidecar_commit'))}"
+        f"{' (' + info['sidecar_build'] + ')' if 'sidecar_build' in info else ''}; "
+        f"{info['nginx']}, {info['wrk']}, "
         f"Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}; "
         f"{results['parameters'].get('placement', '')}\n\n"
     )
@@ -1261,6 +1286,8 @@ def report(results: dict[str, Any]) -> str:
 def versus_text(results: dict[str, Any]) -> str:
     """With ``--versus``: each scenario's other build against the sidecar under test."""
     source = results["machine"].get("versus_source")
+    if "versus_build" in results["machine"]:
+        source = f"{source} ({results['machine']['versus_build']})"
     rows = [s for s in results["scenarios"] if "versus" in s["comparison"]]
     if source is None or not rows:
         return ""

@@ -5,8 +5,8 @@
 #   tests/benchmarks/run.sh --scenarios S1,S4    # a subset; any option of bench.py works
 #   tests/benchmarks/run.sh --help
 #
-# Installs what is missing (Debian: nginx (nginx-light where it exists), wrk, gcc, libssl-dev; the project's venv with
-# py-spy), builds the LD_PRELOAD shim that gives wrk a client certificate, then runs
+# Installs what is missing (Debian: nginx (nginx-light where it exists), wrk, gcc, libssl-dev,
+# python3-dev; the project's venv, compiled, with py-spy), builds the LD_PRELOAD shim that gives wrk a client certificate, then runs
 # tests/benchmarks/bench.py. Everything listens on 127.0.0.1 and stops when the run ends.
 # Results: build/benchmarks/results.json and results.md (a Markdown table).
 set -euo pipefail
@@ -21,6 +21,9 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 [ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+# Python's headers: the sidecar is benchmarked compiled (setup.py)
+python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need+=(python3-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""

@@ -468,19 +468,25 @@ def sidecar_binary() -> str:
 
 
 def start_sidecar(
-    name: str, conf: Path, folder: Path, cpus: Sequence[int] | None, src: Path | None = None
+    name: str,
+    conf: Path,
+    folder: Path,
+    cpus: Sequence[int] | None,
+    src: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """``sidecar run --config conf``; from the source folder ``src`` when given (a commit's
     ``sidecar/`` package, see ``export_commit``), else as installed (the working tree)."""
     if src is None:
-        return start(name, [sidecar_binary(), "run", "--config", str(conf)], folder, cpus)
+        return start(name, [sidecar_binary(), "run", "--config", str(conf)], folder, cpus, env)
     argv = [sys.executable, "-m", "sidecar", "run", "--config", str(conf)]
     # cwd too: ``python -m`` puts the current folder first on sys.path
-    return start(name, argv, folder, cpus, env={"PYTHONPATH": str(src)}, cwd=src)
+    return start(name, argv, folder, cpus, env={**(env or {}), "PYTHONPATH": str(src)}, cwd=src)
 
 
 def export_commit(root: Path, ref: str, folder: Path) -> tuple[str, Path]:
-    """The ``sidecar/`` package as committed at ``ref``, extracted under ``folder``.
+    """The ``sidecar/`` package as committed at ``ref``, extracted under ``folder``, and
+    compiled as its own setup.py compiles it (``SIDECAR_COMPILE=1``) when it has one.
 
     Benchmarking a commit keeps a run independent of edits made to the working tree meanwhile.
     """
@@ -494,14 +500,34 @@ def export_commit(root: Path, ref: str, folder: Path) -> tuple[str, Path]:
         check=True,
     ).stdout.strip()
     dest = folder / f"src-{sha[:12]}"
+    paths = ["sidecar"]
+    for extra in ("setup.py", "pyproject.toml"):
+        exists = subprocess.run(
+            ["git", "-C", str(root), "cat-file", "-e", f"{sha}:{extra}"], capture_output=True
+        )
+        if exists.returncode == 0:
+            paths.append(extra)
     if not (dest / "sidecar" / "__init__.py").exists():
         archive = subprocess.run(
-            ["git", "-C", str(root), "archive", "--format=tar", sha, "sidecar"],
+            ["git", "-C", str(root), "archive", "--format=tar", sha, *paths],
             capture_output=True,
             check=True,
         ).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(dest, filter="data")
+    if "setup.py" in paths and not (dest / "sidecar" / "_compiled.json").exists():
+        print(f"compiling {sha[:12]} with mypyc (about two minutes)", flush=True)
+        log = folder / f"compile-{sha[:12]}.log"
+        with log.open("wb") as out:
+            done = subprocess.run(
+                [sys.executable, "setup.py", "build_ext", "--inplace"],
+                cwd=dest,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "SIDECAR_COMPILE": "1"},
+            )
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {sha[:12]} failed: see {log}")
     return sha, dest
 
 
@@ -517,6 +543,25 @@ def wait_port(proc: Proc, port: int, timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} did not listen on {port} within {timeout:g}s:\n{proc.tail()}")
+
+
+def build_of(admin_port: int) -> str:
+    """Which build a sidecar runs ("compiled" or "interpreted"), from its sidecar_build_info
+    metric; "unknown" for a commit from before the metric."""
+    import re
+
+    text = ""
+    for _ in range(50):  # the admin listener may come up just after the TLS one
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    match = re.search(r'^sidecar_build_info\{[^}]*build="(\w+)"', text, re.M)
+    return match.group(1) if match else "unknown"
 
 
 # ---- a plain HTTPS client for checks ------------------------------------------------------
