@@ -31,13 +31,14 @@ COPY sidecar ./sidecar
 # SIDECAR_COMPILE=1: compiled or the build fails (never a silently slower image).
 # Dependencies only as prebuilt wheels; bytecode compiled now because the root filesystem is
 # read-only at run time; the venv's own pip goes once the install is done: the image runs the
-# sidecar, it installs nothing. The last line fails the build unless the compiled modules load.
+# sidecar, it installs nothing. The last line fails the build unless the compiled modules load
+# (-I: not the sources in /src, which the current folder would put first).
 RUN python3 -m venv /opt/sidecar \
  && SIDECAR_COMPILE=1 /opt/sidecar/bin/pip install --no-cache-dir --only-binary=:all: . \
  && /opt/sidecar/bin/python -m compileall -q /opt/sidecar/lib \
  && /opt/sidecar/bin/pip uninstall --yes pip \
  && /opt/sidecar/bin/sidecar --version \
- && /opt/sidecar/bin/python -c 'import sys, sidecar, sidecar.listener; sys.exit(not sidecar.BUILD.compiled)'
+ && /opt/sidecar/bin/python -I -c 'import sys, sidecar, sidecar.listener; sys.exit(not sidecar.BUILD.compiled)'
 
 FROM ${PYTHON_IMAGE}
 ARG PYTHON_IMAGE
