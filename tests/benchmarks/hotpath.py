@@ -8,7 +8,8 @@ is cached, an upstream answer of 2 bytes with nginx's headers. What it reports i
 the sidecar's own Python spends per request (microseconds, best of several rounds), the part a
 change to the request path can move; the full benchmark (``run.sh``) adds TLS, system calls and
 the event loop, and is noisy on a shared machine, while this is stable to a few percent.
-``--profile`` prints cProfile's top functions for the same loop.
+``--profile`` prints cProfile's top functions for the same loop (compiled functions are
+invisible to cProfile: profile with ``SIDECAR_PURE=1``). The build measured is printed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sidecar import BUILD
 from sidecar.__main__ import _tune_gc
 from sidecar.app import Sidecar
 from sidecar.certs import ClientCert
@@ -152,7 +154,10 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
     else:
         best = min([await run(requests) for _ in range(rounds)])
-        print(f"{best / requests * 1e6:.1f} us of CPU per request (best of {rounds} x {requests})")
+        print(
+            f"{best / requests * 1e6:.1f} us of CPU per request (best of {rounds} x {requests};"
+            f" {BUILD.describe()} build)"
+        )
         assert answers >= requests * rounds
     await plan.upstream.close()
 

@@ -516,11 +516,17 @@ def export_commit(root: Path, ref: str, folder: Path) -> tuple[str, Path]:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(dest, filter="data")
     if "setup.py" in paths and not (dest / "sidecar" / "_compiled.json").exists():
+        # As a user's install builds it (pip, in an isolated build environment with the
+        # commit's own build requirements), then unpacked over the sources.
+        import zipfile
+
         print(f"compiling {sha[:12]} with mypyc (about two minutes)", flush=True)
         log = folder / f"compile-{sha[:12]}.log"
+        wheels = folder / f"wheel-{sha[:12]}"
+        shutil.rmtree(wheels, ignore_errors=True)
         with log.open("wb") as out:
             done = subprocess.run(
-                [sys.executable, "setup.py", "build_ext", "--inplace"],
+                [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), "."],
                 cwd=dest,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -528,6 +534,9 @@ def export_commit(root: Path, ref: str, folder: Path) -> tuple[str, Path]:
             )
         if done.returncode != 0:
             raise RuntimeError(f"compiling {sha[:12]} failed: see {log}")
+        (wheel,) = wheels.glob("*.whl")
+        with zipfile.ZipFile(wheel) as zipped:
+            zipped.extractall(dest, [n for n in zipped.namelist() if ".dist-info/" not in n])
     return sha, dest
 
 
