@@ -1347,11 +1347,13 @@ def clients(running: Running) -> set[ClientConnection]:
     return set(listener.clients)
 
 
-async def warm(running: Running) -> None:
-    """One request on a connection of its own: the upstream pool then has an idle one."""
+async def warm(running: Running) -> set[ClientConnection]:
+    """One request on a connection of its own: the upstream pool then has an idle one.
+    Returns the client connections open after it (``the_client`` finds the next one)."""
     async with connect(running) as conn:
         conn.send(request("/public/warm"))
         assert (await conn.response()).status == 200
+    return clients(running)
 
 
 def taskless(conn: ClientConnection) -> bool:
@@ -1380,8 +1382,7 @@ async def the_client(running: Running, before: set[ClientConnection]) -> ClientC
 
 
 async def test_warm_requests_need_no_task(running: Running, upstream: App) -> None:
-    await warm(running)
-    before = clients(running)
+    before = await warm(running)
     async with connect(running) as conn:
         for i in range(3):
             conn.send(request(f"/public/n/{i}"))
@@ -1394,8 +1395,7 @@ async def test_read_timeout_is_504(
     start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: App
 ) -> None:
     running = await start_with_read_timeout(start_sidecar, config_dir, upstream.port, read="300ms")
-    await warm(running)
-    before = clients(running)
+    before = await warm(running)
     async with connect(running) as conn:
         conn.send(request("/public/slow"))
         await eventually(lambda: upstream.slow_waiting == 1, "the request upstream")
@@ -1426,8 +1426,7 @@ async def test_stale_pooled_connection_is_sent_again(
 
     up = await scripted(answer)
     running = await start_with_read_timeout(start_sidecar, config_dir, up.port)
-    await warm(running)
-    before = clients(running)
+    before = await warm(running)
     async with connect(running) as conn:
         conn.send(request("/public/again"))
         answer_ = await conn.response()
@@ -1463,8 +1462,7 @@ async def test_garbage_from_the_upstream_is_502(
 
     up = await scripted(answer)
     running = await start_with_read_timeout(start_sidecar, config_dir, up.port)
-    await warm(running)
-    before = clients(running)
+    before = await warm(running)
     async with connect(running) as conn:
         conn.send(request("/public/garbage"))
         assert (await conn.response()).status == 502
@@ -1477,8 +1475,7 @@ async def test_garbage_from_the_upstream_is_502(
 async def test_client_leaving_while_its_request_is_upstream(
     running: Running, upstream: App, how: str
 ) -> None:
-    await warm(running)
-    before = clients(running)
+    before = await warm(running)
     async with connect(running) as conn:
         conn.send(request("/public/slow"))
         await eventually(lambda: upstream.slow_waiting == 1, "the request upstream")
@@ -1498,8 +1495,7 @@ async def test_client_leaving_while_its_request_is_upstream(
 
 
 async def test_shutdown_waits_for_a_request_without_a_task(running: Running, upstream: App) -> None:
-    await warm(running)
-    before = clients(running)
+    before = await warm(running)
     async with connect(running) as conn:
         conn.send(request("/public/slow"))
         await eventually(lambda: upstream.slow_waiting == 1, "the request upstream")
