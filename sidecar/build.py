@@ -58,15 +58,17 @@ class SourceOnly(importlib.abc.MetaPathFinder):
         return None
 
 
-def _source(package: Path, module: str) -> Path:
-    return package.joinpath(*module.split(".")[1:]).with_suffix(".py")
+def _module_path(package: Path, module: str) -> Path:
+    """A module's path without its suffix: ``sidecar.identity.cache`` -> ``identity/cache``."""
+    return package.joinpath(*module.split(".")[1:])
 
 
 def _stale(package: Path, modules: dict[str, str]) -> list[str]:
     stale = []
     for module, digest in modules.items():
         try:
-            current = hashlib.sha256(_source(package, module).read_bytes()).hexdigest()
+            source = _module_path(package, module).with_suffix(".py")
+            current = hashlib.sha256(source.read_bytes()).hexdigest()
         except OSError:
             current = ""
         if current != digest:
@@ -75,10 +77,9 @@ def _stale(package: Path, modules: dict[str, str]) -> list[str]:
 
 
 def _is_extension(package: Path, module: str) -> bool:
-    parts = module.split(".")[1:]
-    folder = package.joinpath(*parts[:-1])
+    path = _module_path(package, module)
     return any(
-        (folder / (parts[-1] + suffix)).exists()
+        path.with_name(path.name + suffix).exists()
         for suffix in importlib.machinery.EXTENSION_SUFFIXES
     )
 
