@@ -66,7 +66,6 @@ def _choice() -> str:
 def _can_compile() -> bool:
     """A C compiler that builds against this Python's headers."""
     from setuptools._distutils.ccompiler import new_compiler
-    from setuptools._distutils.errors import CompileError, DistutilsPlatformError
     from setuptools._distutils.sysconfig import customize_compiler, get_python_inc
 
     try:
@@ -76,7 +75,9 @@ def _can_compile() -> bool:
             source = Path(tmp, "probe.c")
             source.write_text("#include <Python.h>\nint probe(void) { return 0; }\n")
             compiler.compile([str(source)], output_dir=tmp, include_dirs=[get_python_inc()])
-    except (CompileError, DistutilsPlatformError, OSError):
+    # Whatever stops the probe means no compiling here. Not only CompileError: which
+    # distutils raises it (setuptools' copy or its alias) depends on the setuptools version.
+    except Exception:
         return False
     return True
 

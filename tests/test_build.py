@@ -174,3 +174,36 @@ def test_version_and_metric_say_which_build_runs() -> None:
         "sidecar_build_info", {"version": sidecar.__version__, "build": expected}
     )
     assert value == 1.0
+
+
+def run_setup(**env: str) -> subprocess.CompletedProcess[str]:
+    """``setup.py --name``: setup.py decides whether to compile before setuptools reads the
+    metadata, and says why it will not."""
+    return subprocess.run(
+        [sys.executable, "setup.py", "--name"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+
+
+def test_setup_refuses_an_unknown_sidecar_compile() -> None:
+    result = run_setup(SIDECAR_COMPILE="maybe")
+    assert result.returncode != 0
+    assert "SIDECAR_COMPILE must be auto, 1 or 0, not 'maybe'" in result.stderr
+
+
+def test_setup_required_to_compile_without_a_compiler_fails_and_says_why() -> None:
+    result = run_setup(SIDECAR_COMPILE="1", CC="/nonexistent/cc")
+    assert result.returncode != 0
+    assert "SIDECAR_COMPILE=1 but no C compiler works" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_setup_without_a_compiler_installs_the_plain_modules_and_says_so() -> None:
+    result = run_setup(SIDECAR_COMPILE="auto", CC="/nonexistent/cc")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "mtls-identity-sidecar"
+    assert "no working C compiler: installing the pure-Python modules" in result.stderr
