@@ -215,6 +215,10 @@ async def _serve(config: Config, path: Path | None, worker_socket: Path | None =
     draining = asyncio.create_task(sidecar.shutdown())
     forced = asyncio.create_task(force.wait())
     await asyncio.wait({draining, forced}, return_when=asyncio.FIRST_COMPLETED)
+    # A reload still under way is abandoned; it closes what it had built.
+    for task in reloads:
+        task.cancel()
+    await asyncio.gather(*reloads, return_exceptions=True)
     if not draining.done():
         sidecar.log.warning("stopping_at_once", reason="second signal")
         draining.cancel()

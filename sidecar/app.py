@@ -180,27 +180,37 @@ class Sidecar:
         self, config: Config, previous: tuple[Plan, Config] | None = None
     ) -> Plan:
         """A plan for ``config``; the running upstream client and verdict cache are kept when
-        their configuration did not change (a reload must not empty a warm cache for nothing)."""
-        if previous is not None and _same_upstream(config, previous[1]):
-            upstream = previous[0].upstream
-        else:
-            upstream = UpstreamClient(
-                config.upstream,
-                max_body_size=config.limits.max_body_size,
-                send_timeout=config.limits.send_timeout,
+        their configuration did not change (a reload must not empty a warm cache for nothing).
+        If any step fails (or is cancelled), what this call started is closed again."""
+        built: list[Callable[[], Awaitable[None]]] = []
+        try:
+            if previous is not None and _same_upstream(config, previous[1]):
+                upstream = previous[0].upstream
+            else:
+                upstream = UpstreamClient(
+                    config.upstream,
+                    max_body_size=config.limits.max_body_size,
+                    send_timeout=config.limits.send_timeout,
+                )
+                built.append(upstream.close)
+                await upstream.start()
+            if previous is not None and config.identity == previous[1].identity:
+                identity: Identity = previous[0].identity
+            else:
+                cache = VerdictCache(build_backend(config.identity), config.identity.cache)
+                built.append(cache.close)
+                identity = cache
+            return Plan(
+                routes=build_routes(config),
+                identity=identity,
+                upstream=upstream,
+                rules=build_rules(config),
+                max_header_block=config.limits.max_header_block,
             )
-            await upstream.start()
-        if previous is not None and config.identity == previous[1].identity:
-            identity: Identity = previous[0].identity
-        else:
-            identity = VerdictCache(build_backend(config.identity), config.identity.cache)
-        return Plan(
-            routes=build_routes(config),
-            identity=identity,
-            upstream=upstream,
-            rules=build_rules(config),
-            max_header_block=config.limits.max_header_block,
-        )
+        except BaseException:
+            for close in reversed(built):
+                await close()
+            raise
 
     async def _start_admin(self) -> None:
         app = admin_app(metrics=self.metrics, readiness=self.readiness, purge=self._purge_fn)
@@ -277,23 +287,29 @@ class Sidecar:
             self.log.warning("reload_skipped", cause=cause, reason="no configuration file")
             return False
         async with self._reload_lock:
+            if self.readiness.draining:
+                self.log.warning("reload_skipped", cause=cause, reason="shutting down")
+                return False
             return await self._reload(cause)
 
     async def _reload(self, cause: str) -> bool:
         assert self.handler is not None and self.config_path is not None
         old = self.config
+        previous = self.handler.plan
         try:
             new = await asyncio.to_thread(load, self.config_path)
             context = await asyncio.to_thread(server_context, new.tls)
-            plan = await self._build_plan(new, (self.handler.plan, old))
+            plan = await self._build_plan(new, (previous, old))
         except ConfigError as exc:
-            for problem in exc.problems:
-                self.log.error("reload_failed", cause=cause, problem=problem)
-            self.metrics.reloads.labels("failure").inc()
-            return False
+            return self._reload_failed(cause, exc.problems)
         except (CertificateError, ssl.SSLError, OSError) as exc:
-            self.log.error("reload_failed", cause=cause, problem=str(exc))
-            self.metrics.reloads.labels("failure").inc()
+            return self._reload_failed(cause, [str(exc)])
+        except Exception as exc:  # a bug rather than the file: keep the running state all the same
+            return self._reload_failed(cause, [f"unexpected error: {exc!r}"], exc=exc)
+        if self.readiness.draining:
+            # stop() began while this was building: it closes only the plan it knows of.
+            await _close_plan(plan, keep=previous)
+            self.log.warning("reload_skipped", cause=cause, reason="shutting down")
             return False
         for key, get in _RESTART_ONLY:
             if get(new) != get(old):
@@ -312,7 +328,6 @@ class Sidecar:
                 ),
             }
         )
-        previous = self.handler.plan
         self.tls.swap(context)
         self.handler.plan = plan
         if self._listener is not None:
@@ -326,6 +341,14 @@ class Sidecar:
             "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
         )
         return True
+
+    def _reload_failed(
+        self, cause: str, problems: list[str], *, exc: BaseException | None = None
+    ) -> bool:
+        for problem in problems:
+            self.log.error("reload_failed", cause=cause, problem=problem, exc_info=exc)
+        self.metrics.reloads.labels("failure").inc()
+        return False
 
     def _retire(self, old: Plan, new: Plan, *, delay: float) -> None:
         """Close what ``new`` does not reuse, once requests that started with ``old`` had time to end."""

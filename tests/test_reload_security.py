@@ -8,9 +8,12 @@ HTTP/1.1 over real TLS to it (or counts what it holds open).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import ssl
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from structlog.testing import capture_logs
@@ -132,6 +135,56 @@ async def test_a_reload_says_which_limit_needs_a_restart(
     limits = running.sidecar.config.limits
     assert limits.keepalive_timeout == 5.0  # applied
     assert limits.handshake_timeout == 60.0  # what really runs
+
+
+# ---- a reload that fails closes what it built ----------------------------------------------
+
+
+def open_sessions() -> int:
+    """aiohttp client sessions not closed (the upstream client's, the backends')."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, aiohttp.ClientSession) and not o.closed)
+
+
+async def test_a_failed_reload_closes_the_upstream_client_it_built(
+    running: Running, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    before = open_sessions()
+    # A new upstream (so the reload builds a new client), and an identity backend whose mTLS
+    # certificate and key do not match: each file is valid, the pair is refused afterwards.
+    edit(
+        config_dir,
+        upstream={"url": f"http://localhost:{upstream.port}"},
+        identity={
+            "backend": "http",
+            "http": {
+                "url": "https://127.0.0.1:1/verdict",
+                "certificate": "alice.pem",
+                "key": "bob.key",
+            },
+        },
+    )
+    for _ in range(3):
+        with capture_logs() as events:
+            assert not await running.sidecar.reload("test")
+        assert any(e["event"] == "reload_failed" for e in events)
+    assert open_sessions() == before, "a failed reload left upstream clients open"
+    # and the old state serves on
+    assert status_of(await raw_exchange(running, request("/public/x"))) == 200
+
+
+async def test_a_reload_abandoned_by_shutdown_closes_what_it_built(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    before = open_sessions()
+    running = await start_sidecar(config_dir.base(upstream.port))
+    edit(config_dir, upstream={"url": f"http://localhost:{upstream.port}"})
+    reload = asyncio.create_task(running.sidecar.reload("test"))
+    await asyncio.sleep(0)  # the reload is under way (loading the file in a thread)
+    await running.sidecar.stop(grace=1)
+    with contextlib.suppress(asyncio.CancelledError):
+        assert not await reload
+    assert open_sessions() == before, "a reload finished after stop() left its clients open"
 
 
 @pytest.mark.parametrize("watch", [False, True])
