@@ -213,7 +213,12 @@ class Sidecar:
             raise
 
     async def _start_admin(self) -> None:
-        app = admin_app(metrics=self.metrics, readiness=self.readiness, purge=self._purge_fn)
+        app = admin_app(
+            metrics=self.metrics,
+            readiness=self.readiness,
+            purge=self._purge_fn,
+            config=self.config.admin,
+        )
         self.readiness.checks.append(self._identity_problem)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()

@@ -35,6 +35,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import log
+from .admin import ADMIN_HEADER, guard
 from .config import Config
 
 _MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon")
@@ -243,7 +244,8 @@ class Supervisor:
                 aiohttp.ClientSession(
                     connector=connector, timeout=aiohttp.ClientTimeout(total=5)
                 ) as s,
-                s.request(method, f"http://worker{path}") as resp,
+                # as any client of the admin listener: a name it is known by, and the header
+                s.request(method, f"http://localhost{path}", headers={ADMIN_HEADER: "1"}) as resp,
             ):
                 return resp.status, await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError):
@@ -307,7 +309,7 @@ class Supervisor:
                 status=200 if reached == len(self.workers) else 207,
             )
 
-        app = web.Application()
+        app = web.Application(middlewares=[guard(self.config.admin)])
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)

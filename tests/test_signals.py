@@ -168,7 +168,9 @@ async def test_two_workers_serve_and_metrics_count_them_all(
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
                 text = await resp.text()
-            async with session.post(f"http://127.0.0.1:{admin_port}/cache/purge") as resp:
+            async with session.post(
+                f"http://127.0.0.1:{admin_port}/cache/purge", headers={"X-Sidecar-Admin": "1"}
+            ) as resp:
                 purged = await resp.json()
         from .test_operations import metric
 
