@@ -304,7 +304,7 @@ class Sidecar:
         try:
             new = await asyncio.to_thread(load, self.config_path)
             context = await asyncio.to_thread(server_context, new.tls)
-            plan = await self._build_plan(new, (previous, old))
+            plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
             return self._reload_failed(cause, exc.problems)
         except (CertificateError, ssl.SSLError, OSError) as exc:
@@ -319,20 +319,7 @@ class Sidecar:
         for key, get in _RESTART_ONLY:
             if get(new) != get(old):
                 self.log.warning("reload_needs_restart", key=key, reason="kept the running value")
-        # Keep what cannot change while running, so self.config says what really runs.
-        new = new.model_copy(
-            update={
-                "listen": old.listen,
-                "admin": old.admin,
-                "log": old.log,
-                "tls": new.tls.model_copy(
-                    update={"client_certificate": old.tls.client_certificate}
-                ),
-                "limits": new.limits.model_copy(
-                    update={"handshake_timeout": old.limits.handshake_timeout}
-                ),
-            }
-        )
+        new = _as_running(new, old)
         self.tls.swap(context)
         self.handler.plan = plan
         if self._listener is not None:
@@ -422,6 +409,22 @@ class Sidecar:
             self._admin = None
         if not quiet:
             self.log.info("stopped")
+
+
+def _as_running(new: Config, old: Config) -> Config:
+    """``new`` with the restart-only keys as ``old`` runs them: what a reload really puts in
+    force (so that self.config says what runs, and a key kept is not a change next time)."""
+    return new.model_copy(
+        update={
+            "listen": old.listen,
+            "admin": old.admin,
+            "log": old.log,
+            "tls": new.tls.model_copy(update={"client_certificate": old.tls.client_certificate}),
+            "limits": new.limits.model_copy(
+                update={"handshake_timeout": old.limits.handshake_timeout}
+            ),
+        }
+    )
 
 
 def _same_upstream(a: Config, b: Config) -> bool:

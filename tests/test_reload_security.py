@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from .conftest import ConfigDir, Running, SidecarFactory, Upstream
 from .pki import Issued
+from .servers import StartScripted, keep_alive_ok
 from .test_limits import raw_exchange, request, status_of
 
 
@@ -210,3 +211,22 @@ async def test_reload_watch_applies_on_reload(
         assert status_of(await raw_exchange(running, request("/app/"))) == 401, (
             "reload.watch turned off by a reload is not obeyed"
         )
+
+
+async def test_a_restart_only_limit_does_not_renew_the_upstream_pool(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, scripted: StartScripted
+) -> None:
+    """A key a reload keeps is no change: the warm upstream connections stay, reload after
+    reload (a certificate renewal reloads too)."""
+    app = await scripted(keep_alive_ok)
+    running = await start_sidecar(config_dir.base(app.port))
+    assert status_of(await raw_exchange(running, request("/public/x"))) == 200
+    edit(config_dir, limits={"handshake_timeout": "5s"})
+    for _ in range(2):
+        assert await running.sidecar.reload("test")
+        assert status_of(await raw_exchange(running, request("/public/x"))) == 200
+    assert app.connections == 1
+    edit(config_dir, limits={"handshake_timeout": "5s", "max_body_size": 1000})
+    assert await running.sidecar.reload("test")
+    assert status_of(await raw_exchange(running, request("/public/x"))) == 200
+    assert app.connections == 2  # a limit the client takes: a new pool
