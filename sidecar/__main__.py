@@ -162,6 +162,11 @@ def run(
     worker_socket: str | None = None,
     worker_index: int | None = None,
 ) -> int:
+    # SIGHUP's default action is to terminate. Hold it until the event loop's handler is in
+    # place (_serve, Supervisor.run): one that arrives meanwhile is delivered then and reloads,
+    # since the file may have changed after it was read here. A supervisor's workers start
+    # with it held already (workers.Child); it stays held from the drain to the exit.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     config = _load_or_report(path)
     if config is None or path is None:
         return EXIT_CONFIG
@@ -211,10 +216,18 @@ async def _serve(config: Config, path: Path | None, worker_socket: Path | None =
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # see run()
     await stop.wait()
+    # Draining: nothing is reloaded any more, and after the loop has removed its handler a
+    # SIGHUP would end the process with the wrong exit code.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     draining = asyncio.create_task(sidecar.shutdown())
     forced = asyncio.create_task(force.wait())
     await asyncio.wait({draining, forced}, return_when=asyncio.FIRST_COMPLETED)
+    # A reload still under way is abandoned; it closes what it had built.
+    for task in reloads:
+        task.cancel()
+    await asyncio.gather(*reloads, return_exceptions=True)
     if not draining.done():
         sidecar.log.warning("stopping_at_once", reason="second signal")
         draining.cancel()

@@ -9,6 +9,7 @@ pydantic collects them together with the shape errors.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -455,9 +456,28 @@ class RouteConfig(Section):
         return self
 
 
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$"
+)
+
+
+def _admin_name(value: str) -> str:
+    name = value.lower().rstrip(".")
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(name.strip("[]")))
+    if not _HOST_NAME.match(name):
+        raise ValueError(
+            f"not a host name: {value!r} (a DNS name, without scheme, port or wildcard)"
+        )
+    return name
+
+
 class AdminConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
+    #: names the admin listener answers to besides IP addresses, localhost and ``host`` (e.g.
+    #: a Service's DNS name); a request with any other Host is refused (DNS rebinding)
+    server_names: tuple[Annotated[str, AfterValidator(_admin_name)], ...] = ()
 
 
 class ShutdownConfig(Section):

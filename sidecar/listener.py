@@ -77,31 +77,30 @@ class ListenerServer(web.Server):
         peer_certs: PeerCertificates,
         metrics: Metrics,
     ) -> None:
-        # aiohttp reports which limit was hit, not which part: keep the two numbers distinct
-        # (one byte more for the request line) so that 414 and 431 can be told apart.
-        line_limit = limits.max_request_line
-        if line_limit == limits.max_header_line:
-            line_limit += 1
-        super().__init__(
-            handler,
-            keepalive_timeout=limits.keepalive_timeout,
-            max_line_size=line_limit,
-            max_field_size=limits.max_header_line,
-            max_headers=limits.max_headers,
-            access_log=None,
-        )
+        super().__init__(handler, access_log=None, **_parser_limits(limits))
         self.handler = handler
         self.limits = limits
         self.peer_certs = peer_certs
         self.metrics = metrics
         self.open_connections = 0
         self.clients: set[ClientConnection] = set()
+        self.short_head = 0
+        self.max_head = 0
+        self.apply_limits(limits)
+        self.closing = False
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """Use ``limits`` from now on (a reload): for every new connection, and for the next
+        request head on a connection this protocol serves. A connection already handed over
+        to aiohttp keeps the parser limits and header deadline it was given until it closes.
+        ``handshake_timeout`` is the asyncio server's, fixed when it started listening."""
+        self.limits = limits
         # A head longer than this may break a line limit: it is measured line by line.
         self.short_head = min(limits.max_request_line, limits.max_header_line)
         # Bytes without a complete head beyond which the head cannot be acceptable: the
         # request line and the whole header block (limits.max_header_block), with their CRLFs.
         self.max_head = limits.max_request_line + limits.max_header_block + 4
-        self.closing = False
+        self._kwargs.update(_parser_limits(limits))  # for the connections adopt() makes
 
     def __call__(self) -> ClientConnection:  # type: ignore[override]
         return ClientConnection(self)
@@ -127,6 +126,21 @@ class ListenerServer(web.Server):
         await fallback
         for client in list(self.clients):
             client.abort()
+
+
+def _parser_limits(limits: LimitsConfig) -> dict[str, Any]:
+    """aiohttp's ``RequestHandler`` keyword arguments for ``limits``."""
+    # aiohttp reports which limit was hit, not which part: keep the two numbers distinct
+    # (one byte more for the request line) so that 414 and 431 can be told apart.
+    line_limit = limits.max_request_line
+    if line_limit == limits.max_header_line:
+        line_limit += 1
+    return {
+        "keepalive_timeout": limits.keepalive_timeout,
+        "max_line_size": line_limit,
+        "max_field_size": limits.max_header_line,
+        "max_headers": limits.max_headers,
+    }
 
 
 class ClientConnection(asyncio.Protocol):

@@ -108,7 +108,7 @@ class Connection(RequestHandler):
             self.log_exception("Error handling request", exc_info=exc)
             reason = "The sidecar could not handle this request."
         elif isinstance(exc, LineTooLong):
-            # aiohttp names the part only by the limit it hit (see ListenerServer.__init__).
+            # aiohttp names the part only by the limit it hit (see listener._parser_limits).
             if len(exc.args) > 1 and exc.args[1] == self.max_line_size:
                 status, reason = 414, "The request line is too long."
             else:
