@@ -76,15 +76,61 @@ def test_malformed_paths(raw: str) -> None:
         TABLE.match(raw)
 
 
-def test_dot_segments_resolve_like_the_upstream_would() -> None:
-    # Every reading resolves "/public/../admin/x" to /admin/x: the stricter route applies.
-    assert TABLE.match("/public/../admin/x") == ADMIN
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/public/../admin/x",  # resolved, it would be /admin/x
+        "/admin/../public/x",  # resolved, /public/x: an application routing on the raw path reads /admin/
+        "/docs/./x",  # harmless where it leads, refused all the same: nothing to guess
+        "/docs/x/..",
+        "/docs/..;x/y",
+        "/docs/.. /y".replace(" ", "%20"),  # Windows drops the space: ".."
+    ],
+)
+def test_dot_segments_are_refused_wherever_they_lead(raw: str) -> None:
+    with pytest.raises(BadPath, match="segment"):
+        TABLE.match(raw)
 
 
-def test_harmless_encodings_pass() -> None:
-    assert TABLE.match("/admin/a%20b?q=%2F") == ADMIN
-    assert TABLE.match("/docs/./x") == ROOT
-    assert "/admin/x" in readings("/admin;jsessionid=1/x")
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("/public/x#y", "#"),
+        ("http://h/public/x", "absolute"),
+        ("*", "absolute"),
+        ("/public/%zz", "not percent-encoding"),
+        ("/public/%c0%ae", "overlong"),
+        ("/public/%252e", "twice"),
+        ("/public/%2525", "twice"),
+    ],
+)
+def test_targets_no_reading_makes_safe(raw: str, problem: str) -> None:
+    with pytest.raises(BadPath, match=problem):
+        TABLE.match(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/ADMIN/users",  # Express, ASP.NET, IIS: /admin/users
+        "/Public/x",
+        "/admin./users",  # IIS: /admin/users
+        "/admin%20/users",
+        "/adm%2569n/x",  # decoded twice: /admin/x
+        "/public;x%3f/..",
+    ],
+)
+def test_readings_of_other_servers_that_reach_another_route_are_refused(raw: str) -> None:
+    with pytest.raises(BadPath):
+        TABLE.match(raw)
+
+
+def test_a_path_made_to_be_read_many_ways_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    nasty = "/a" + "%2F;x%3F%20.%3b//" * 12
+    assert len(readings(nasty)) <= 256  # every reading applies to the whole path: few
+    monkeypatch.setattr("sidecar.policy._MAX_READINGS", 4)
+    with pytest.raises(BadPath, match="ambiguous"):
+        readings(nasty)
 
 
 ALICE = User("a", "alice", roles=("administrator",))
