@@ -152,6 +152,13 @@ def readings(raw_path: str) -> set[str]:
     return seen
 
 
+#: what the route cache may hold, in bytes of keys (an entry costs its key and about this much)
+ROUTE_CACHE_BYTES = 1 << 20
+_ENTRY_OVERHEAD = 100
+#: longer paths are matched every time (they are rare, and would fill the cache fastest)
+_CACHED_PATH = 512
+
+
 class RouteTable:
     """Routes compiled once; ``match`` is called per request."""
 
@@ -160,7 +167,9 @@ class RouteTable:
         self._routes = tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
         # Case-insensitive servers (Express, ASP.NET, IIS) read /ADMIN/ as /admin/.
         self._folded = tuple((r.path.lower(), r) for r in self._routes)
+        # Keys are chosen by anonymous clients: bounded in bytes, emptied when full.
         self._cache: dict[str, Route | None] = {}
+        self._cache_bytes = 0
 
     def match_one(self, path: str) -> Route | None:
         for route in self._routes:
@@ -194,9 +203,19 @@ class RouteTable:
         if len(routes) != 1:
             raise BadPath("path is ambiguous: it could address different routes")
         route = routes.pop()
-        if len(self._cache) < 10_000 and len(raw_path) <= 512:
+        if len(raw_path) <= _CACHED_PATH:
+            cost = len(raw_path) + _ENTRY_OVERHEAD
+            if self._cache_bytes + cost > ROUTE_CACHE_BYTES:
+                self._cache.clear()
+                self._cache_bytes = 0
             self._cache[raw_path] = route
+            self._cache_bytes += cost
         return route
+
+    @property
+    def cache_bytes(self) -> int:
+        """What the cache holds now, as it counts it (for tests and metrics)."""
+        return self._cache_bytes
 
 
 _MISSING = object()

@@ -7,6 +7,8 @@ Examples first, then the invariant itself with generated targets (hypothesis): t
 listener and aiohttp's fallback path with a raw upstream that records the bytes it got, and,
 for long runs, at the level of the pure policy. ``SIDECAR_PATH_EXAMPLES=100000`` makes both
 property tests run that many examples (CI: a few hundred, derandomised).
+
+Also here: a flood of distinct long paths (anonymous input) keeps the path caches bounded.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import ssl
 import time
-from collections.abc import AsyncIterator, MutableMapping, Sequence
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from sidecar import listener
 from sidecar.policy import BadPath, Route, RouteTable
 
 from . import path_oracle as oracle
@@ -404,3 +410,69 @@ def test_the_pure_policy_keeps_the_invariant(target: str) -> None:
     assert must_refuse(target) is None, target
     if route is not None:
         check_forwarded(target, target, route.path, "alice")
+
+
+# ---- bounded caches ------------------------------------------------------------------------
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@contextlib.contextmanager
+def no_access_events() -> Iterator[None]:
+    """Drop log events (the flood's own would be held by pytest's capture)."""
+
+    def drop(*_: Any) -> Any:
+        raise structlog.DropEvent
+
+    previous = structlog.get_config()
+    structlog.configure(processors=[drop])
+    try:
+        yield
+    finally:
+        structlog.configure(**previous)
+
+
+async def test_a_flood_of_distinct_long_paths_keeps_memory_bounded(
+    clients: Clients, gate: Running
+) -> None:
+    """Anonymous clients choose the paths: 4,096 distinct 8 KB ones (32 MiB) must not stay."""
+    client = clients.by_name[None]
+    filler = "f" * 8000
+
+    async def flood(first: int, count: int, batch: int = 64) -> None:
+        for start in range(first, first + count, batch):
+            reader, writer = await client._open()
+            writer.write(
+                b"".join(
+                    f"GET /x/{i:06d}/{filler} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+                    for i in range(start, start + batch)
+                )
+            )
+            for _ in range(batch):
+                async with asyncio.timeout(10):
+                    assert (await read_response(reader)).status == 401
+
+    with no_access_events():
+        await flood(0, 256)  # warm: buffers, the TLS connection, a first fill of the caches
+        before = rss()
+        await flood(256, 4096)
+        grown = rss() - before
+    assert grown < 8 * 1024 * 1024, f"RSS grew {grown / 2**20:.1f} MiB"
+    assert listener.decoded_paths.size <= listener.decoded_paths.budget
+
+
+def test_the_route_cache_is_bounded_in_bytes() -> None:
+    table = RouteTable([Route("/public/", public=True), Route("/")])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(15_000):
+            assert table.match(f"/x/{i:06d}/" + "p" * 490) == Route("/")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * 1024 * 1024, f"{grown / 2**20:.1f} MiB held"
+    assert table.match("/public/x") == Route("/public/", public=True)  # still caches

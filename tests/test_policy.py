@@ -133,6 +133,14 @@ def test_a_path_made_to_be_read_many_ways_is_refused(monkeypatch: pytest.MonkeyP
         readings(nasty)
 
 
+def test_the_route_cache_is_emptied_when_full() -> None:
+    table = RouteTable([ROOT, PUBLIC])
+    for i in range(20_000):
+        table.match(f"/x/{i:05d}")
+    assert table.cache_bytes <= 1 << 20
+    assert table.match("/public/a") == PUBLIC
+
+
 ALICE = User("a", "alice", roles=("administrator",))
 BOB = User("b", "bob", roles=("member",))
 ALLOW_ALICE = Verdict.allow(ALICE)
