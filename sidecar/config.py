@@ -210,23 +210,69 @@ class UpstreamConfig(Section):
         return v.rstrip("/") if m.group(3) in (None, "/") else v
 
 
+#: RFC 9110 §5.6.2: a field name is a token
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: names the sidecar frames requests by or sets itself (headers.HOP_BY_HOP and FORWARDING,
+#: Host, Content-Length, X-Request-ID; a test keeps the two modules in step), compared as
+#: header names are: lower case, "_" read as "-"
+SIDECAR_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+        "x-request-id",
+    }
+)
+
+
+def _header_name(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
 class HeadersConfig(Section):
-    """Names of the identity headers sent upstream (the contract's by default)."""
+    """Names of the identity headers sent upstream (the contract's by default).
+
+    Names are compared as the sidecar compares a client's header names: in any case, and with
+    underscores read as dashes, since CGI-style servers (PHP, WSGI, Rack) read ``X_USER`` and
+    ``X-User`` as the same ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and
+    strips every such spelling from clients."""
 
     certificate: str = "X-APP-CERTIFICATE"
     userinfo: str = "X-USERINFO"
 
     @model_validator(mode="after")
     def _distinct(self) -> HeadersConfig:
-        if self.certificate.lower() == self.userinfo.lower():
-            raise ValueError("@userinfo: must differ from headers.certificate")
+        if _header_name(self.certificate) == _header_name(self.userinfo):
+            raise ValueError(
+                "@userinfo: must differ from headers.certificate "
+                "(in any case, and with underscores read as dashes)"
+            )
         return self
 
     @field_validator("certificate", "userinfo")
     @classmethod
     def _token(cls, v: str) -> str:
-        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", v):
+        if not _TOKEN.match(v):
             raise ValueError(f"not a valid header name: {v!r}")
+        if _header_name(v) in SIDECAR_HEADERS:
+            raise ValueError(
+                f"{v!r} is a header the sidecar frames requests by or sets itself: "
+                "choose another name"
+            )
         return v
 
 

@@ -65,7 +65,12 @@ class HeaderRules:
     _identity_blocks: dict[tuple[str, bytes], bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        names = {self.certificate_header.lower(), self.userinfo_header.lower(), "x-request-id"}
+        # Normalised as client names are (see _normal): "X_USER" also strips "X-User".
+        names = {
+            normal_name(self.certificate_header),
+            normal_name(self.userinfo_header),
+            "x-request-id",
+        }
         always = frozenset(names) | HOP_BY_HOP
         object.__setattr__(self, "always_strip", always)
         object.__setattr__(self, "untrusted_strip", always | FORWARDING)
@@ -141,8 +146,9 @@ def _named(values: list[bytes], gone: frozenset[bytes]) -> frozenset[bytes]:
 
 @functools.lru_cache(maxsize=256)
 def _named_in(value: bytes, gone: frozenset[bytes]) -> frozenset[bytes]:
-    # Connection values repeat ("keep-alive", "close"): parsed once each.
-    tokens = {token.strip().lower() for token in value.split(b",")}
+    # Connection values repeat ("keep-alive", "close"): parsed once each. Names as the header
+    # names they are compared with (_normal): "Connection: X_Secret" also drops "X-Secret".
+    tokens = {_normal(token.strip()) for token in value.split(b",")}
     return frozenset(tokens - _PROTECTED_BYTES - gone - {b""})
 
 
@@ -166,6 +172,12 @@ def _normal(name: bytes) -> bytes:
     # CGI-style servers (PHP, WSGI, Rack) read "X_USERINFO" as "X-USERINFO": names are
     # compared with underscores read as dashes, so no spelling slips past.
     return name.lower().replace(b"_", b"-")
+
+
+def normal_name(name: str) -> str:
+    """A header name as the rules compare it: lower case, underscores read as dashes. Every
+    name the rules are given (configured, listed in Connection) goes through this too."""
+    return name.lower().replace("_", "-")
 
 
 def request_fields(
