@@ -212,9 +212,9 @@ class UpstreamConfig(Section):
 
 #: RFC 9110 §5.6.2: a field name is a token
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-#: names the sidecar frames requests by or sets itself (headers.HOP_BY_HOP and FORWARDING,
-#: Host, Content-Length, X-Request-ID; a test keeps the two modules in step), compared as
-#: header names are: lower case, "_" read as "-"
+#: names the sidecar frames requests by, sets or strips itself (headers.HOP_BY_HOP,
+#: FORWARDING and REROUTING, Host, Content-Length, X-Request-ID; a test keeps the two modules
+#: in step), compared as header names are: lower case, "_" read as "-"
 SIDECAR_HEADERS = frozenset(
     {
         "host",
@@ -234,9 +234,20 @@ SIDECAR_HEADERS = frozenset(
         "x-forwarded-host",
         "x-forwarded-port",
         "x-real-ip",
+        "x-forwarded-prefix",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
         "x-request-id",
     }
 )
+
+
+#: what the upstream needs to frame and route a request: never removed
+_NEEDED = frozenset({"host", "content-length"})
 
 
 def _header_name(name: str) -> str:
@@ -253,6 +264,23 @@ class HeadersConfig(Section):
 
     certificate: str = "X-APP-CERTIFICATE"
     userinfo: str = "X-USERINFO"
+    #: more request headers to remove whoever sent them (trusted proxies included)
+    strip: tuple[str, ...] = ()
+
+    @field_validator("strip")
+    @classmethod
+    def _strippable(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        problems = []
+        for i, name in enumerate(names):
+            if not _TOKEN.match(name):
+                problems.append(f"@[{i}]: not a valid header name: {name!r}")
+            elif _header_name(name) in _NEEDED:
+                problems.append(
+                    f"@[{i}]: {name!r} cannot be stripped: requests are forwarded by it"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return names
 
     @model_validator(mode="after")
     def _distinct(self) -> HeadersConfig:
@@ -270,7 +298,7 @@ class HeadersConfig(Section):
             raise ValueError(f"not a valid header name: {v!r}")
         if _header_name(v) in SIDECAR_HEADERS:
             raise ValueError(
-                f"{v!r} is a header the sidecar frames requests by or sets itself: "
+                f"{v!r} is a header the sidecar frames requests by, sets or strips itself: "
                 "choose another name"
             )
         return v

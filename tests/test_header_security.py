@@ -1,8 +1,9 @@
 """Forged request headers, attacked from outside over real TLS.
 
-Identity headers under configured names with underscores, and names a client lists in
-``Connection`` with underscores: none may reach the application from a client, whatever
-its spelling (CGI-style servers read ``X_USER`` as ``X-USER``), on
+Identity headers under configured names with underscores, names a client lists in
+``Connection`` with underscores, and headers with which applications re-route a request
+(``X-Original-URL``) or re-address it (``True-Client-IP``): none may reach the application
+from a client, whatever its spelling (CGI-style servers read ``X_USER`` as ``X-USER``), on
 the listener's path and on aiohttp's (a request with a body).
 """
 
@@ -14,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from sidecar import headers
 from sidecar.config import ConfigError, load
-from sidecar.headers import FORWARDING, HOP_BY_HOP
 
 from .conftest import ConfigDir, Running, SidecarFactory, Upstream, decode_userinfo
 from .pki import Issued
@@ -107,6 +108,77 @@ async def test_names_listed_in_connection_are_normalised_like_header_names(
     assert "x-secret" not in names_received(upstream), upstream.last.headers
 
 
+# ---- headers that re-route or re-address a request (item 10) --------------------------------
+
+REROUTING = [
+    ("X-Original-URL", "/admin/users"),  # IIS URL Rewrite, Symfony before 3.4.14
+    ("X-Rewrite-URL", "/admin/users"),  # IIS, Zend
+    ("X_Original_URL", "/admin/users"),
+    ("x-rewrite_url", "/admin/users"),
+]
+READDRESSING = [
+    ("X-Forwarded-Prefix", "/admin"),  # Spring, Symfony, Traefik: the path prefix
+    ("True-Client-IP", "10.6.6.6"),  # Akamai, Cloudflare Enterprise
+    ("X-Client-IP", "10.6.6.6"),
+    ("CF-Connecting-IP", "10.6.6.6"),  # Cloudflare
+    ("X-Cluster-Client-IP", "10.6.6.6"),  # Rackspace, Riverbed
+    ("X-Forwarded-Server", "evil"),  # the README promises every X-Forwarded-*
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Forwarded-Uri", "/admin/"),  # Traefik's forward-auth
+    ("X_Forwarded_Prefix", "/admin"),
+    ("true_client_ip", "10.6.6.6"),
+]
+
+
+@pytest.mark.parametrize(("method", "body"), PATHS, ids=PATH_IDS)
+async def test_rerouting_and_readdressing_headers_are_stripped_from_clients(
+    running: Running, upstream: Upstream, method: str, body: bytes
+) -> None:
+    for who in (None, running.certs.bob):
+        assert await send(running, "/public/x", REROUTING + READDRESSING, who, method) == 200
+        received = names_received(upstream)
+        for name, _ in REROUTING + READDRESSING:
+            assert name.lower().replace("_", "-") not in received, upstream.last.headers
+
+
+@pytest.fixture
+async def behind_a_proxy(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> Running:
+    data = config_dir.base(upstream.port)
+    data["trusted_proxies"] = ["127.0.0.1/32"]
+    data["headers"] = {"strip": ["X-Debug-User", "X-Legacy-Auth"]}
+    running: Running = await start_sidecar(data)
+    return running
+
+
+@pytest.mark.parametrize(("method", "body"), PATHS, ids=PATH_IDS)
+async def test_a_trusted_proxy_may_readdress_but_never_reroute(
+    behind_a_proxy: Running, upstream: Upstream, method: str, body: bytes
+) -> None:
+    sent = REROUTING + READDRESSING[:5] + [("X_Debug_User", "root"), ("X-LEGACY-AUTH", "x")]
+    assert await send(behind_a_proxy, "/public/x", sent, None, method) == 200
+    received = names_received(upstream)
+    # The sidecar judged the request line; a path in a header would be judged by nobody.
+    assert not received & {"x-original-url", "x-rewrite-url"}
+    # headers.strip: from every peer, trusted proxies included, in every spelling.
+    assert not received & {"x-debug-user", "x-legacy-auth"}
+    for name, value in READDRESSING[:5]:
+        assert upstream.last.header(name) == [value]
+
+
+async def test_configured_strip_list_applies_to_clients_too(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    data = config_dir.base(upstream.port)
+    data["headers"] = {"strip": ["X-Debug-User"]}
+    running = await start_sidecar(data)
+    headers = [("X-Debug-User", "root"), ("x_debug_user", "root"), ("X-Kept", "yes")]
+    assert await send(running, "/public/x", headers, None, "GET") == 200
+    assert "x-debug-user" not in names_received(upstream)
+    assert upstream.last.header("X-Kept") == ["yes"]
+
+
 # ---- configuration ---------------------------------------------------------------------------
 
 
@@ -127,6 +199,10 @@ def load_with(config_dir: ConfigDir, headers: dict[str, Any]) -> Path:
         ({"userinfo": "X_Forwarded_For"}, "headers.userinfo: 'X_Forwarded_For' is a header"),
         ({"certificate": "X-Request-ID"}, "headers.certificate: 'X-Request-ID' is a header"),
         ({"certificate": "Connection"}, "headers.certificate: 'Connection' is a header"),
+        ({"strip": ["X-Ok", "X Bad"]}, "headers.strip[1]: not a valid header name"),
+        ({"strip": ["Content_Length"]}, "headers.strip[0]: 'Content_Length' cannot be stripped"),
+        ({"strip": ["host"]}, "headers.strip[0]: 'host' cannot be stripped"),
+        ({"strip": "X-One"}, "headers.strip"),
     ],
 )
 def test_header_names_are_checked(
@@ -140,10 +216,12 @@ def test_header_names_are_checked(
 def test_reserved_names_cover_what_the_headers_module_sets() -> None:
     from sidecar.config import SIDECAR_HEADERS
 
-    ours = HOP_BY_HOP | FORWARDING | {"host", "content-length", "x-request-id"}
+    ours = headers.HOP_BY_HOP | headers.FORWARDING | headers.REROUTING
+    ours |= {"host", "content-length", "x-request-id"}
     assert ours <= SIDECAR_HEADERS, ours - SIDECAR_HEADERS
 
 
 def test_underscored_names_are_accepted(config_dir: ConfigDir) -> None:
-    config = load(load_with(config_dir, {"userinfo": "X_USER"}))
+    config = load(load_with(config_dir, {"userinfo": "X_USER", "strip": ["X_Debug"]}))
     assert config.headers.userinfo == "X_USER"
+    assert config.headers.strip == ("X_Debug",)
