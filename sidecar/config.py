@@ -391,6 +391,15 @@ class StaticConfig(Section):
         return self
 
 
+def _uri(value: str) -> str:
+    # Sign-on URLs become Location headers: a CR or LF would add lines to the visitor's answer.
+    if not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise ValueError(
+            f"a URL is visible ASCII characters only (percent-encode the rest): {value!r}"
+        )
+    return value
+
+
 class IdentityPlusConfig(Section):
     endpoint: str = "https://api.identity.plus/v1"
     #: this service's own API ("agent") certificate and key, PEM or DER ...
@@ -421,7 +430,7 @@ class IdentityPlusConfig(Section):
     def _https(cls, v: str) -> str:
         if not v.startswith("https://"):
             raise ValueError(f"must be an https:// URL: {v!r}")
-        return v.rstrip("/")
+        return _uri(v).rstrip("/")
 
     @model_validator(mode="after")
     def _credentials(self) -> IdentityPlusConfig:
@@ -479,7 +488,7 @@ class HttpBackendConfig(Section):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://[^/?#]+", v):
             raise ValueError(f"not an http:// or https:// URL: {v!r}")
-        return v
+        return v if v is None else _uri(v)
 
     @model_validator(mode="after")
     def _pair(self) -> HttpBackendConfig:

@@ -457,6 +457,18 @@ class Handler:
 
     def _redirect_to(self, ticket: Ticket, decision: Redirect, location: str) -> None:
         request, code = ticket.request, ticket.verdict_code
+        if not responses.is_location(location):
+            # A sign-on address from a backend (or its configuration) that is not a URI: a CR
+            # or LF in it would add header lines to the visitor's answer. Failing, like any
+            # reply not understood.
+            self.log.error(
+                "sign_on_unusable",
+                request_id=ticket.request_id,
+                purpose=decision.purpose,
+                reason="the sign-on address has characters a Location header cannot carry",
+            )
+            self._unavailable(ticket, "sign-on address unusable")
+            return
         if request.method in _SAFE_METHODS:
             outcome = Outcome(
                 302, "redirected", decision.purpose, ticket.route_label, verdict_code=code
