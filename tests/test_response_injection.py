@@ -218,3 +218,17 @@ def test_sign_on_urls_in_the_configuration_are_checked(
     with pytest.raises(ConfigError) as caught:
         load(config_dir.write(data))
     assert f"identity.{section}.{key}: a URL is visible ASCII" in str(caught.value)
+
+
+@pytest.mark.parametrize("incoming", ["abc\n", "abc\r\nSet-Cookie: a=1", "a b", "x" * 129])
+def test_a_trusted_proxys_request_id_is_kept_only_when_clean(incoming: str) -> None:
+    from multidict import CIMultiDict
+
+    from sidecar.handler import _request_id
+
+    class Proxied:
+        headers = CIMultiDict({"X-Request-ID": incoming})
+
+    assert _request_id(Proxied(), trusted=True) != incoming  # type: ignore[arg-type]
+    Proxied.headers = CIMultiDict({"X-Request-ID": "req-1:a/b+c="})
+    assert _request_id(Proxied(), trusted=True) == "req-1:a/b+c="  # type: ignore[arg-type]
