@@ -768,16 +768,18 @@ def _method(raw: bytes) -> str:
     return _METHODS.get(raw) or raw.decode("ascii")  # llhttp knows only ASCII methods
 
 
+#: targets longer than this are decoded every time: rare, and they would fill the cache
+_LONGEST_CACHED_TARGET = 1024
+#: what an entry costs beyond its two strings' characters (object headers, the dict's slot)
+_PATH_ENTRY = 120
+
+
 class PathCache:
     """Decoded request paths by raw target, for the access log. Anonymous clients choose the
     keys, so what is held is bounded in characters (keys and values, about bytes, plus an
     estimate per entry), and the cache is emptied when it would pass that bound."""
 
     __slots__ = ("budget", "entries", "size")
-
-    #: targets longer than this are decoded every time: rare, and they would fill the cache
-    LONGEST = 1024
-    _ENTRY = 120
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -792,8 +794,8 @@ class PathCache:
             value = URL(raw, encoded=True).path
         except ValueError:
             value = raw
-        if len(raw) <= self.LONGEST:
-            cost = len(raw) + len(value) + self._ENTRY
+        if len(raw) <= _LONGEST_CACHED_TARGET:
+            cost = len(raw) + len(value) + _PATH_ENTRY
             if self.size + cost > self.budget:
                 self.entries.clear()
                 self.size = 0
