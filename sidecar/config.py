@@ -611,13 +611,22 @@ class Config(Section):
     def _unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
         # A field validator, so it runs (and reports) even when other sections have errors.
         seen: dict[str, int] = {}
+        folded: dict[str, int] = {}
         problems = []
         for i, route in enumerate(routes):
             if route.path in seen:
                 problems.append(
                     f"@[{i}].path: duplicate of routes[{seen[route.path]}]: {route.path}"
                 )
+            elif route.path.lower() in folded:
+                # Applications that ignore case (Express, ASP.NET, IIS) serve both the same:
+                # every request under them would be refused as ambiguous.
+                problems.append(
+                    f"@[{i}].path: differs from routes[{folded[route.path.lower()]}] only in "
+                    f"letter case: {route.path}"
+                )
             seen.setdefault(route.path, i)
+            folded.setdefault(route.path.lower(), i)
         if problems:
             raise ValueError("\n".join(problems))
         return routes

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from sidecar.config import parse
 from sidecar.identity import User, Verdict
 from sidecar.policy import (
     NO_CERTIFICATE,
@@ -199,4 +202,18 @@ def test_decide(
     assert (
         decide(route, verdict, has_certificate=has_cert, backend_failed=failed, enrol=enrol)
         == expected
+    )
+
+
+def test_routes_that_differ_only_in_case_are_refused_by_check_config(tmp_path: Path) -> None:
+    from sidecar.config import ConfigError, RouteConfig
+
+    RouteConfig(path="/Admin/")  # a route may have capitals
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            {"tls": {}, "routes": [{"path": "/admin/"}, {"path": "/Admin/"}, {"path": "/"}]},
+            base_dir=tmp_path,
+        )
+    assert "routes[1].path: differs from routes[0] only in letter case: /Admin/" in (
+        caught.value.problems
     )
