@@ -51,11 +51,16 @@ _OVERLONG = re.compile(r"%c[01]|%e0%[89]|%f0%8", re.IGNORECASE)
 _TWICE = re.compile(r"%(?:2e|2f|5c|25|3b|3f|23|[01][0-9a-f]|7f)", re.IGNORECASE)
 # Windows (IIS, a file system) drops the dots and spaces that end a segment.
 _TRAILING_DOTS = re.compile(r"[. ]+(?=/|$)")
-_DOT_SEGMENTS = frozenset({".", ".."})
+# A "." or ".." segment; Windows also reads ".. " as "..": the spaces that end a segment go.
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.? *(?=/|$)")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _control(text: str) -> bool:
-    return any(ord(c) < 0x20 or c == "\x7f" for c in text)
+    # isprintable: a fast "no" for the usual all-ASCII path
+    return not text.isprintable() and _CONTROL.search(text) is not None
 
 
 def _decoded(path: str) -> str:
@@ -63,8 +68,12 @@ def _decoded(path: str) -> str:
 
 
 def _decoded_but_slashes(path: str) -> str:
-    # %2F stays encoded: most servers do not read it as a separator.
-    return "%2F".join(unquote(p, errors="replace") for p in _ENCODED_SLASH.split(path))
+    # %2F stays encoded: most servers do not read it as a separator. (Written as an escaped
+    # "%" first, it comes out of the one decoding as "%2F".) Without a %2F this is what
+    # _decoded reads: nothing new, and no second decoding of a long path.
+    if _ENCODED_SLASH.search(path) is None:
+        return path
+    return unquote(_ENCODED_SLASH.sub("%252F", path), errors="replace")
 
 
 def _without_params(path: str) -> str:
@@ -127,6 +136,8 @@ def readings(raw_path: str) -> set[str]:
         raise BadPath("path contains a backslash or a control character")
     if _TWICE.search(once):
         raise BadPath("path is percent-encoded twice")
+    if not ("%" in path or ";" in path or "//" in path or "./" in path or path[-1] == "."):
+        return {path}  # nothing to decode, drop, merge or strip: one reading
     # Every order of the readings above: a closure, small for real paths (one string when
     # there is nothing to decode, drop or merge); decoding ends after two rounds (_TWICE).
     seen = {path}
@@ -143,12 +154,8 @@ def readings(raw_path: str) -> set[str]:
             raise BadPath("path is ambiguous: it could address different routes")
         frontier = found
     for reading in seen:
-        if "." not in reading:
-            continue
-        for segment in reading.split("/"):
-            # Windows also reads ".. " as "..": the spaces that end a segment are dropped.
-            if segment.rstrip(" ") in _DOT_SEGMENTS:
-                raise BadPath("path contains a '.' or '..' segment")
+        if "." in reading and _DOT_SEGMENT.search(reading):
+            raise BadPath("path contains a '.' or '..' segment")
     return seen
 
 
