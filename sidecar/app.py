@@ -67,6 +67,7 @@ def build_rules(config: Config) -> HeaderRules:
         certificate_header=config.headers.certificate,
         userinfo_header=config.headers.userinfo,
         trusted_proxies=config.trusted_proxies,
+        strip=config.headers.strip,
     )
 
 

@@ -211,23 +211,97 @@ class UpstreamConfig(Section):
         return v.rstrip("/") if m.group(3) in (None, "/") else v
 
 
+#: RFC 9110 §5.6.2: a field name is a token
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: names the sidecar frames requests by, sets or strips itself (headers.HOP_BY_HOP,
+#: FORWARDING and REROUTING, Host, Content-Length, X-Request-ID; a test keeps the two modules
+#: in step), compared as header names are: lower case, "_" read as "-"
+SIDECAR_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+        "x-forwarded-prefix",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-request-id",
+    }
+)
+
+
+#: what the upstream needs to frame and route a request: never removed
+_NEEDED = frozenset({"host", "content-length"})
+
+
+def _header_name(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
 class HeadersConfig(Section):
-    """Names of the identity headers sent upstream (the contract's by default)."""
+    """Names of the identity headers sent upstream (the contract's by default).
+
+    Names are compared as the sidecar compares a client's header names: in any case, and with
+    underscores read as dashes, since CGI-style servers (PHP, WSGI, Rack) read ``X_USER`` and
+    ``X-User`` as the same ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and
+    strips every such spelling from clients."""
 
     certificate: str = "X-APP-CERTIFICATE"
     userinfo: str = "X-USERINFO"
+    #: more request headers to remove whoever sent them (trusted proxies included)
+    strip: tuple[str, ...] = ()
+
+    @field_validator("strip")
+    @classmethod
+    def _strippable(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        problems = []
+        for i, name in enumerate(names):
+            if not _TOKEN.match(name):
+                problems.append(f"@[{i}]: not a valid header name: {name!r}")
+            elif _header_name(name) in _NEEDED:
+                problems.append(
+                    f"@[{i}]: {name!r} cannot be stripped: requests are forwarded by it"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return names
 
     @model_validator(mode="after")
     def _distinct(self) -> HeadersConfig:
-        if self.certificate.lower() == self.userinfo.lower():
-            raise ValueError("@userinfo: must differ from headers.certificate")
+        if _header_name(self.certificate) == _header_name(self.userinfo):
+            raise ValueError(
+                "@userinfo: must differ from headers.certificate "
+                "(in any case, and with underscores read as dashes)"
+            )
         return self
 
     @field_validator("certificate", "userinfo")
     @classmethod
     def _token(cls, v: str) -> str:
-        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", v):
+        if not _TOKEN.match(v):
             raise ValueError(f"not a valid header name: {v!r}")
+        if _header_name(v) in SIDECAR_HEADERS:
+            raise ValueError(
+                f"{v!r} is a header the sidecar frames requests by, sets or strips itself: "
+                "choose another name"
+            )
         return v
 
 
@@ -318,6 +392,15 @@ class StaticConfig(Section):
         return self
 
 
+def _uri(value: str) -> str:
+    # Sign-on URLs become Location headers: a CR or LF would add lines to the visitor's answer.
+    if not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise ValueError(
+            f"a URL is visible ASCII characters only (percent-encode the rest): {value!r}"
+        )
+    return value
+
+
 class IdentityPlusConfig(Section):
     endpoint: str = "https://api.identity.plus/v1"
     #: this service's own API ("agent") certificate and key, PEM or DER ...
@@ -348,7 +431,7 @@ class IdentityPlusConfig(Section):
     def _https(cls, v: str) -> str:
         if not v.startswith("https://"):
             raise ValueError(f"must be an https:// URL: {v!r}")
-        return v.rstrip("/")
+        return _uri(v).rstrip("/")
 
     @model_validator(mode="after")
     def _credentials(self) -> IdentityPlusConfig:
@@ -406,7 +489,7 @@ class HttpBackendConfig(Section):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://[^/?#]+", v):
             raise ValueError(f"not an http:// or https:// URL: {v!r}")
-        return v
+        return v if v is None else _uri(v)
 
     @model_validator(mode="after")
     def _pair(self) -> HttpBackendConfig:
@@ -548,13 +631,22 @@ class Config(Section):
     def _unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
         # A field validator, so it runs (and reports) even when other sections have errors.
         seen: dict[str, int] = {}
+        folded: dict[str, int] = {}
         problems = []
         for i, route in enumerate(routes):
             if route.path in seen:
                 problems.append(
                     f"@[{i}].path: duplicate of routes[{seen[route.path]}]: {route.path}"
                 )
+            elif route.path.lower() in folded:
+                # Applications that ignore case (Express, ASP.NET, IIS) serve both the same:
+                # every request under them would be refused as ambiguous.
+                problems.append(
+                    f"@[{i}].path: differs from routes[{folded[route.path.lower()]}] only in "
+                    f"letter case: {route.path}"
+                )
             seen.setdefault(route.path, i)
+            folded.setdefault(route.path.lower(), i)
         if problems:
             raise ValueError("\n".join(problems))
         return routes

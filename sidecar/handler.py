@@ -37,7 +37,8 @@ from .policy import (
 from .server import last_on_connection
 from .upstream import BodyTooLarge, Forwarded, UpstreamClient
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# fullmatch: "$" alone would also match before a final newline
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
 # Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): an IP literal, or a reg-name of
 # unreserved characters, %-escapes and sub-delims (empty allowed), then digits for the port.
@@ -457,6 +458,18 @@ class Handler:
 
     def _redirect_to(self, ticket: Ticket, decision: Redirect, location: str) -> None:
         request, code = ticket.request, ticket.verdict_code
+        if not responses.is_location(location):
+            # A sign-on address from a backend (or its configuration) that is not a URI: a CR
+            # or LF in it would add header lines to the visitor's answer. Failing, like any
+            # reply not understood.
+            self.log.error(
+                "sign_on_unusable",
+                request_id=ticket.request_id,
+                purpose=decision.purpose,
+                reason="the sign-on address has characters a Location header cannot carry",
+            )
+            self._unavailable(ticket, "sign-on address unusable")
+            return
         if request.method in _SAFE_METHODS:
             outcome = Outcome(
                 302, "redirected", decision.purpose, ticket.route_label, verdict_code=code
@@ -606,7 +619,7 @@ def _peer_ip(request: web.BaseRequest) -> str | None:
 def _request_id(request: Request, trusted: bool) -> str:
     if trusted:
         incoming = request.headers.get("X-Request-ID")
-        if incoming and _REQUEST_ID.match(incoming):
+        if incoming and _REQUEST_ID.fullmatch(incoming):
             return incoming
     return responses.new_request_id()
 

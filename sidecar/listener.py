@@ -782,12 +782,47 @@ def _method(raw: bytes) -> str:
     return _METHODS.get(raw) or raw.decode("ascii")  # llhttp knows only ASCII methods
 
 
-@functools.lru_cache(maxsize=4096)
+#: targets longer than this are decoded every time: rare, and they would fill the cache
+_LONGEST_CACHED_TARGET = 1024
+#: what an entry costs beyond its two strings' characters (object headers, the dict's slot)
+_PATH_ENTRY = 120
+
+
+class PathCache:
+    """Decoded request paths by raw target, for the access log. Anonymous clients choose the
+    keys, so what is held is bounded in characters (keys and values, about bytes, plus an
+    estimate per entry), and the cache is emptied when it would pass that bound."""
+
+    __slots__ = ("budget", "entries", "size")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.size = 0
+        self.entries: dict[str, str] = {}
+
+    def get(self, raw: str) -> str:
+        value = self.entries.get(raw)
+        if value is not None:
+            return value
+        try:
+            value = URL(raw, encoded=True).path
+        except ValueError:
+            value = raw
+        if len(raw) <= _LONGEST_CACHED_TARGET:
+            cost = len(raw) + len(value) + _PATH_ENTRY
+            if self.size + cost > self.budget:
+                self.entries.clear()
+                self.size = 0
+            self.entries[raw] = value
+            self.size += cost
+        return value
+
+
+decoded_paths = PathCache(1 << 20)
+
+
 def _decoded_path(raw: str) -> str:
-    try:
-        return URL(raw, encoded=True).path
-    except ValueError:
-        return raw
+    return decoded_paths.get(raw)
 
 
 _SERVER_LINE = f"Server: {SERVER}\r\n".encode()

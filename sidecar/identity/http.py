@@ -34,7 +34,8 @@ over HTTPS with the configured ``ca`` (system store otherwise) and, when ``certi
         "roles": ["...", ...]                                        # optional, default []
       },
       "reason": "<plain words the visitor may see>",  # optional; deny and validate
-      "redirect": "<absolute http(s) URL>",           # validate: where the browser is sent
+      "redirect": "<absolute http(s) URL>",           # validate: where the browser is sent;
+                                                      #   visible ASCII only (percent-encoded)
       "ttl": <seconds>                                # optional: cache this answer at most so long
     }
 
@@ -57,6 +58,7 @@ reuse a recently expired allowing verdict.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from pathlib import Path
 from typing import Literal
@@ -73,6 +75,8 @@ from . import LookupContext, SignOnPurpose, User, Verdict
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _MAX_REASON = 200
+#: a URI as it may be sent in a header: visible ASCII (RFC 3986)
+_URI = re.compile(r"[\x21-\x7e]+")
 
 
 # ---- shared by the HTTPS backends ---------------------------------------------------------
@@ -179,6 +183,12 @@ class _Reply(BaseModel):
     def _absolute(cls, v: str | None) -> str | None:
         if v is not None and not (v.startswith(("https://", "http://")) and len(v) > 8):
             raise ValueError("must be an absolute http(s) URL")
+        # It becomes the Location header: a CR or LF would add lines to the visitor's answer.
+        if v is not None and _URI.fullmatch(v) is None:
+            raise ValueError(
+                "must be visible ASCII characters only (percent-encode spaces, controls and "
+                "other characters)"
+            )
         return v
 
 
