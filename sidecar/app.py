@@ -182,11 +182,7 @@ class Sidecar:
         if previous is not None and _same_upstream(config, previous[1]):
             upstream = previous[0].upstream
         else:
-            upstream = UpstreamClient(
-                config.upstream,
-                max_body_size=config.limits.max_body_size,
-                send_timeout=config.limits.send_timeout,
-            )
+            upstream = UpstreamClient(config.upstream, limits=config.limits)
             await upstream.start()
         if previous is not None and config.identity == previous[1].identity:
             identity: Identity = previous[0].identity
@@ -388,11 +384,7 @@ class Sidecar:
 
 
 def _same_upstream(a: Config, b: Config) -> bool:
-    return (
-        a.upstream == b.upstream
-        and a.limits.max_body_size == b.limits.max_body_size
-        and a.limits.send_timeout == b.limits.send_timeout
-    )
+    return a.upstream == b.upstream and a.limits == b.limits
 
 
 async def _close_plan(plan: Plan, *, keep: Plan | None = None) -> None:

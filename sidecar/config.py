@@ -148,6 +148,9 @@ class LimitsConfig(Section):
     keepalive_timeout: Duration = 75.0
     #: a client that takes none of a response for this long is disconnected (nginx's send_timeout)
     send_timeout: Duration = Field(60.0, gt=0)
+    #: the longest pause between two reads of a request body; then 408 (nginx's
+    #: client_body_timeout)
+    body_timeout: Duration = Field(60.0, gt=0)
     #: time a client has to complete the TLS handshake
     handshake_timeout: Duration = 60.0
     #: open client connections per worker; further ones are closed at once

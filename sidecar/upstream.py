@@ -24,12 +24,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .config import UpstreamConfig
+from .config import LimitsConfig, UpstreamConfig
 from .errors import UpstreamError
 from .headers import connection_tokens, lines_to_multidict, response_fields
 from .responses import SERVER
 from .server import last_on_connection
 from .upstream_http import (
+    BodyTimeout,
     BodyTooLarge,
     Connection,
     RequestBody,
@@ -52,7 +53,7 @@ _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.versi
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
-__all__ = ["BodyTooLarge", "Downstream", "Forwarded", "Sent", "UpstreamClient"]
+__all__ = ["BodyTimeout", "BodyTooLarge", "Downstream", "Forwarded", "Sent", "UpstreamClient"]
 
 
 class Downstream(Protocol):
@@ -76,7 +77,8 @@ class Downstream(Protocol):
         ...
 
     async def drain(self) -> None:
-        """Wait while the client is not taking what we send; ConnectionError once it is gone."""
+        """Wait while the client is not taking what we send; ConnectionError once it is gone
+        (it is cut off when it takes nothing for ``limits.send_timeout``)."""
         ...
 
     def finish(self) -> None:
@@ -110,13 +112,7 @@ class Forwarded:
 
 
 class UpstreamClient:
-    def __init__(
-        self,
-        config: UpstreamConfig,
-        *,
-        max_body_size: int | None = None,
-        send_timeout: float = 60.0,
-    ) -> None:
+    def __init__(self, config: UpstreamConfig, *, limits: LimitsConfig | None = None) -> None:
         base = URL(config.url)
         self._https = base.scheme == "https"
         self._host = base.raw_host or ""
@@ -130,9 +126,9 @@ class UpstreamClient:
             ("wss" if self._https else "ws") + str(base.origin())[len(base.scheme) :] + self._prefix
         )
         self._config = config
-        self._max_body_size = max_body_size
-        #: on aiohttp's path, a client that takes none of a response for this long is dropped
-        self._send_timeout = send_timeout
+        limits = limits if limits is not None else LimitsConfig()
+        self._max_body_size = limits.max_body_size
+        self._body_timeout = limits.body_timeout
         self._pool: Pool | None = None
         # An open WebSocket holds its connection for its whole life: kept out of the pool, they
         # cannot starve plain requests. The listener's connection limit bounds them.
@@ -182,8 +178,10 @@ class UpstreamClient:
         The response is prepared here, so it gets the ``X-Request-ID`` of ``headers`` (replacing
         any the upstream sent) for the handler, which can no longer add headers.
 
-        Raises ``UpstreamError`` only before any byte of a response has gone to the client, and
-        ``BodyTooLarge`` when the body passes ``max_body_size`` before the upstream answered.
+        Raises ``UpstreamError`` only before any byte of a response has gone to the client,
+        ``BodyTooLarge`` when the body passes ``max_body_size`` before the upstream answered,
+        and ``BodyTimeout`` when the client paused its body longer than ``body_timeout``
+        before the upstream answered (the upstream connection is aborted then, never reused).
         A request without a body that meets a closed keep-alive connection (no response byte
         received) is sent once more on a new connection; nothing else is ever retried.
         """
@@ -201,7 +199,11 @@ class UpstreamClient:
         if has_body:
             await _continue(request)
         chunked = has_body and length is None
-        body = RequestBody(request.content, chunked=chunked, limit=limit) if has_body else None
+        body = (
+            RequestBody(request.content, chunked=chunked, limit=limit, timeout=self._body_timeout)
+            if has_body
+            else None
+        )
         if "Expect" in headers:
             # Answered above, hop by hop; an upstream may rightly never send 100 Continue.
             headers = headers.copy()
@@ -218,9 +220,7 @@ class UpstreamClient:
             out, rest, head_only=request.method == "HEAD", retry=body is None
         )
         try:
-            return await _stream_response(
-                request, conn, upstream_seconds, headers.get(_REQUEST_ID), self._send_timeout
-            )
+            return await _stream_response(request, conn, upstream_seconds, headers.get(_REQUEST_ID))
         finally:
             _cancel(sender)  # the upstream answered before it took the whole body
             pool.release(conn, reuse=True)
@@ -387,7 +387,7 @@ class UpstreamClient:
             _cancel(sender)
             pool.release(conn, reuse=False)
             raise _upstream_error(exc) from exc
-        except BaseException:  # BodyTooLarge, or we were cancelled
+        except BaseException:  # BodyTooLarge, BodyTimeout, or we were cancelled
             _cancel(sender)
             pool.release(conn, reuse=False)
             raise
@@ -472,13 +472,14 @@ class _WholeResponse(web.StreamResponse):
 
 
 async def _stream_response(
-    request: web.BaseRequest,
-    conn: Connection,
-    upstream_seconds: float,
-    request_id: str | None,
-    send_timeout: float,
+    request: web.BaseRequest, conn: Connection, upstream_seconds: float, request_id: str | None
 ) -> Forwarded:
-    """Stream the upstream's response to the client; abort the client if the upstream fails."""
+    """Stream the upstream's response to the client; abort the client if the upstream fails.
+
+    Every write waits while the client is not taking the response; the listener's protocol
+    (``server.Connection``) cuts a client off that takes nothing for ``send_timeout``, which
+    ends the wait, and the exchange with it.
+    """
     headers = lines_to_multidict(response_fields(conn.raw_headers)[0])
     if request_id is not None:
         headers[_REQUEST_ID] = request_id
@@ -505,12 +506,8 @@ async def _stream_response(
         if not chunk:
             break
         try:
-            async with asyncio.timeout(send_timeout):
-                await response.write(chunk)
+            await response.write(chunk)
         except ConnectionError:
-            return forwarded
-        except TimeoutError:  # the client stopped reading (limits.send_timeout)
-            _abort(request)
             return forwarded
     with contextlib.suppress(ConnectionError):  # the client left after the last byte
         await response.write_eof()

@@ -1,20 +1,24 @@
-"""Slow clients must not hold upstream connections: ``limits.send_timeout`` on every path.
+"""Slow clients must not hold upstream connections: ``limits.body_timeout`` and
+``limits.send_timeout`` on every path.
 
-A client that stops taking a response is cut off within ``send_timeout`` whichever protocol
-serves it, whether the answer is streamed or written whole, and the upstream connection
-behind it goes back to the pool or is closed: a pool of N connections with N stalled clients
-still serves the next request.
+A request body that pauses longer than ``body_timeout`` gets 408 and nothing more reaches the
+upstream, whose connection is dropped. A client that stops taking a response is cut off
+within ``send_timeout`` whichever protocol serves it, whether the answer is streamed or
+written whole, and the upstream connection behind it goes back to the pool or is closed: a
+pool of N connections with N stalled clients still serves the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
@@ -33,6 +37,119 @@ async def upstream() -> AsyncIterator[App]:
     await app.start()
     yield app
     await app.stop()
+
+
+# ---- an upstream that shows how much of a body reached it ---------------------------------
+
+
+@dataclass
+class BodyWatcher:
+    """Reads each request's head and then its body as it comes, and records whether the
+    connection ended before the whole body (the request aborted) or the body arrived."""
+
+    port: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+    completed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            match = re.search(rb"\r\ncontent-length: *([0-9]+)", head.lower())
+            length = int(match.group(1)) if match else 0
+            body = b""
+            self.bodies.append(body)
+            while len(body) < length:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    self.aborted.set()
+                    return
+                body += chunk
+                self.bodies[-1] = body
+            self.completed.set()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngot!")
+            await writer.drain()
+            await reader.read()  # until the sidecar closes its side
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.aborted.set()
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def body_watcher() -> AsyncIterator[BodyWatcher]:
+    watcher = BodyWatcher()
+    server = await asyncio.start_server(watcher.serve, "127.0.0.1", 0)
+    watcher.port = server.sockets[0].getsockname()[1]
+    yield watcher
+    server.close()
+    await server.wait_closed()
+
+
+async def start(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, port: int, **limits: str
+) -> Running:
+    data = config_dir.base(port)
+    data["limits"] = limits
+    running: Running = await start_sidecar(data)
+    return running
+
+
+# ---- body_timeout ------------------------------------------------------------------------
+
+
+async def test_body_paused_past_body_timeout_is_408_and_aborted_upstream(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, body_watcher: BodyWatcher
+) -> None:
+    running = await start(start_sidecar, config_dir, body_watcher.port, body_timeout="1s")
+    async with connect(running) as conn:
+        conn.send(req("POST", "/public/upload", "Content-Length: 100") + b"0123456789")
+        started = time.monotonic()
+        response = await conn.response(timeout=20)
+        waited = time.monotonic() - started
+        assert response.status == 408, response
+        assert "close" in response.tokens("Connection")
+        assert response.get("X-Request-ID")
+        assert waited >= 0.9, waited  # the body had body_timeout to come
+        # the upstream saw the request aborted after what had arrived, never the rest
+        await asyncio.wait_for(body_watcher.aborted.wait(), 10)
+        conn.send(b"x" * 90)
+        await conn.ended(timeout=15)
+    assert body_watcher.bodies == [b"0123456789"]
+    assert not body_watcher.completed.is_set()
+    assert len(body_watcher.heads) == 1
+
+
+async def test_body_with_pauses_shorter_than_body_timeout_arrives_whole(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, body_watcher: BodyWatcher
+) -> None:
+    running = await start(start_sidecar, config_dir, body_watcher.port, body_timeout="3s")
+    body = bytes(range(100))
+    async with connect(running) as conn:
+        conn.send(req("POST", "/public/upload", f"Content-Length: {len(body)}"))
+        for i in range(0, len(body), 20):
+            conn.send(body[i : i + 20])
+            await asyncio.sleep(0.2)
+        response = await conn.response(timeout=20)
+    assert (response.status, response.body) == (200, b"got!")
+    assert body_watcher.bodies == [body]
+
+
+async def test_chunked_body_paused_past_body_timeout_is_408(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: App
+) -> None:
+    running = await start(start_sidecar, config_dir, upstream.port, body_timeout="1s")
+    async with connect(running) as conn:
+        conn.send(req("POST", "/public/chunked", "Transfer-Encoding: chunked") + b"5\r\nhello\r\n")
+        response = await conn.response(timeout=20)
+        assert response.status == 408
+        assert "close" in response.tokens("Connection")
+        conn.send(b"5\r\nworld\r\n0\r\n\r\n" + request("/public/next"))  # too late
+        assert await conn.ended(timeout=15) == b""
+    await asyncio.sleep(0.2)
+    assert upstream.paths() == []  # the echo upstream records only whole bodies
 
 
 # ---- send_timeout: a pool of N and N clients that stopped reading ---------------------------
