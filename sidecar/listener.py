@@ -36,7 +36,7 @@ import contextlib
 import functools
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any, cast
 
@@ -146,6 +146,7 @@ class ClientConnection(asyncio.Protocol):
         "_counted",
         "_deadline",
         "_flow",
+        "_gone",
         "_head_started",
         "_hosts",
         "_in_task",
@@ -188,6 +189,8 @@ class ClientConnection(asyncio.Protocol):
         self._in_task = False  # the task is serving a request (else it waits, or is none)
         self._stopped: asyncio.Future[None] | None = None  # for stop(), while busy
         self._flow = FlowControl(self.loop, server.limits.send_timeout)
+        #: called if the connection ends while a response streams to it (``when_gone``)
+        self._gone: Callable[[], None] | None = None
         # one lazily re-armed timer: the header deadline, or the idle keep-alive limit
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -237,6 +240,9 @@ class ClientConnection(asyncio.Protocol):
         self._flow.close()
         self._end_waiting()
         self._wake_stopped()
+        gone, self._gone = self._gone, None
+        if gone is not None:
+            gone()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -528,6 +534,13 @@ class ClientConnection(asyncio.Protocol):
             raise ConnectionResetError("the client closed the connection")
         await self._flow.drain()
 
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called if the connection ends (None: no longer)."""
+        if callback is not None and self._transport is None:
+            callback()
+            return
+        self._gone = callback
+
     @property
     def stopping(self) -> bool:
         return self._stopping or self._server.closing
@@ -736,6 +749,9 @@ class Exchange:
 
     async def drain(self) -> None:
         await self._conn.drain()
+
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        self._conn.when_gone(callback)
 
     def finish(self) -> None:
         if self._chunked:

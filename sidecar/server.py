@@ -16,6 +16,7 @@ itself stops parsing pipelined requests beyond 32 queued ones (aiohttp >= 3.14.1
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
@@ -36,6 +37,7 @@ class Connection(RequestHandler):
     __slots__ = (
         "_counted",
         "_flow",
+        "_gone",
         "_header_timeout",
         "_held",
         "_listener",
@@ -55,6 +57,8 @@ class Connection(RequestHandler):
         self._flow = FlowControl(loop, manager.limits.send_timeout)
         #: bytes that arrived while the client was not taking its answers, not yet parsed
         self._held = b""
+        #: called if the connection ends while a response streams to it (``when_gone``)
+        self._gone: Callable[[], None] | None = None
 
     def adopt(self, *, counted: bool, peer: ClientCert | None) -> None:
         """Take over a connection from the listener: its place in ``open_connections`` (given
@@ -65,6 +69,13 @@ class Connection(RequestHandler):
     def peer_certificate(self) -> ClientCert | None:
         """The peer certificate the listener parsed before it handed the connection over."""
         return self._peer
+
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called if the connection ends (None: no longer)."""
+        if callback is not None and self.transport is None:
+            callback()
+            return
+        self._gone = callback
 
     @property
     def closing(self) -> bool:
@@ -85,6 +96,9 @@ class Connection(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._flow.close()
         self._held = b""
+        gone, self._gone = self._gone, None
+        if gone is not None:
+            gone()
         if self._counted:
             self._counted = False
             manager: ListenerServer | None = self._manager  # type: ignore[assignment]
@@ -169,6 +183,14 @@ class Connection(RequestHandler):
         )
         response.force_close()
         return response
+
+
+def when_gone(request: web.BaseRequest, callback: Callable[[], None] | None) -> None:
+    """Have ``callback`` called if the request's connection ends (None: no longer), when it
+    is one of ours (aiohttp's own servers, in tests, have no such notice)."""
+    protocol = request.protocol
+    if isinstance(protocol, Connection):
+        protocol.when_gone(callback)
 
 
 def last_on_connection(request: web.BaseRequest, response: web.StreamResponse) -> None:

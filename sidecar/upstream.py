@@ -28,7 +28,7 @@ from .config import LimitsConfig, UpstreamConfig
 from .errors import UpstreamError
 from .headers import connection_tokens, lines_to_multidict, response_fields
 from .responses import SERVER
-from .server import last_on_connection
+from .server import last_on_connection, when_gone
 from .upstream_http import (
     BodyTimeout,
     BodyTooLarge,
@@ -79,6 +79,10 @@ class Downstream(Protocol):
     async def drain(self) -> None:
         """Wait while the client is not taking what we send; ConnectionError once it is gone
         (it is cut off when it takes nothing for ``limits.send_timeout``)."""
+        ...
+
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called if the client connection ends (None: no longer)."""
         ...
 
     def finish(self) -> None:
@@ -318,6 +322,9 @@ class UpstreamClient:
             fields, flags = response_fields(conn.raw_headers)
             fields += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
             client.respond(status, conn.reason, fields, flags, b"", False)
+            # A client that leaves (or is cut off for send_timeout) ends the exchange at once,
+            # not at the upstream's next byte.
+            client.when_gone(conn.abandon)
             while True:
                 try:
                     chunk = await conn.read()
@@ -334,6 +341,7 @@ class UpstreamClient:
                     break
             return Forwarded(None, status, upstream_seconds)
         finally:
+            client.when_gone(None)
             self._pool.release(conn, reuse=True)
 
     async def _exchange(
@@ -497,20 +505,24 @@ async def _stream_response(
             return forwarded
     except ConnectionError:  # the client is gone
         return forwarded
-    while True:
-        try:
-            chunk = await conn.read()
-        except Exception:  # timeout, reset, malformed body: the client must see it truncated
-            _abort(request)
-            return forwarded
-        if not chunk:
-            break
-        try:
-            await response.write(chunk)
-        except ConnectionError:
-            return forwarded
-    with contextlib.suppress(ConnectionError):  # the client left after the last byte
-        await response.write_eof()
+    when_gone(request, conn.abandon)  # not at the upstream's next byte
+    try:
+        while True:
+            try:
+                chunk = await conn.read()
+            except Exception:  # timeout, reset, malformed body: the client must see it truncated
+                _abort(request)
+                return forwarded
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                return forwarded
+        with contextlib.suppress(ConnectionError):  # the client left after the last byte
+            await response.write_eof()
+    finally:
+        when_gone(request, None)
     return forwarded
 
 

@@ -314,6 +314,12 @@ class Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def abandon(self) -> None:
+        """The client this response goes to is gone: a response still arriving is dropped
+        with its connection (a complete one may still be reused)."""
+        if not self.complete:
+            self.fail(ConnectionAbortedError("the client connection is gone"))
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()

@@ -237,19 +237,22 @@ async def test_whole_answers_to_a_client_that_stopped_reading_do_not_hold_the_po
 
 @pytest.fixture
 async def bursty() -> AsyncIterator[tuple[int, asyncio.Event]]:
-    """An upstream whose ``/public/burst`` sends 64 MiB at once, then nothing until released
-    (the test's end)."""
+    """An upstream whose ``/public/burst`` sends 64 MiB at once and ``/public/quiet`` 1 KiB,
+    then nothing until released (the test's end)."""
     release = asyncio.Event()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         await request.read()
-        if not request.path.startswith("/public/burst"):
+        if not request.path.startswith(("/public/burst", "/public/quiet")):
             return web.json_response({"path": request.path})
         response = web.StreamResponse()
         await response.prepare(request)
         with contextlib.suppress(ConnectionError):
-            for _ in range(64):
-                await response.write(b"b" * MiB)
+            if request.path.startswith("/public/burst"):
+                for _ in range(64):
+                    await response.write(b"b" * MiB)
+            else:
+                await response.write(b"q" * 1024)
             await asyncio.wait_for(release.wait(), 60)
             await response.write_eof()
         return response
@@ -298,3 +301,21 @@ async def test_client_cut_off_while_the_upstream_is_quiet_frees_the_pool(
         head = await stalled.reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         await served_soon(running)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"], ids=["fast-path", "aiohttp"])
+async def test_client_leaving_a_quiet_stream_frees_its_upstream_connection_at_once(
+    start_sidecar: SidecarFactory,
+    config_dir: ConfigDir,
+    bursty: tuple[int, asyncio.Event],
+    method: str,
+) -> None:
+    """Not when the upstream next sends a byte (within the test: never)."""
+    running = await start_one_connection_pool(start_sidecar, config_dir, bursty[0])
+    async with connect(running) as leaving:
+        leaving.send(req(method, "/public/quiet", body=b"x" if method == "POST" else b""))
+        head = await leaving.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        await leaving.reader.readexactly(1024 + 5)  # the first chunk, chunked
+        leaving.abort()
+    await served_soon(running)
