@@ -5,7 +5,9 @@ connections (``upstream_pool``) with the request head written as given and the b
 WebSocket upgrades go through an aiohttp ``ClientSession`` and are relayed frame by frame. A
 failure before the response has started raises ``UpstreamError`` (the handler answers 502 or
 504); after it has started, the client connection is aborted so that a truncated response can
-never pass for a complete one. Everything aiohttp-client specific stays in this module.
+never pass for a complete one. A request is sent a second time only when it is idempotent
+and met a reused connection that failed before any byte of answer. Everything aiohttp-client
+specific stays in this module.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _REQUEST_ID = "X-Request-ID"
 # WebSocket messages are buffered whole by aiohttp, so they need a bound (aiohttp's default).
 _WS_MAX_MESSAGE = 4 * 1024 * 1024
+# Methods that may be sent again when a reused connection fails before any byte of answer:
+# the application cannot have acted on them in a way that matters (RFC 9110 §9.2.2; nginx's
+# proxy_next_upstream never retries POST, LOCK or PATCH; PUT and DELETE are not retried here
+# either, since applications often implement them with side effects that are not idempotent).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Close codes that stand for a missing close frame or status; they may not be sent (RFC 6455).
 _NO_STATUS = frozenset({0, 1005})  # aiohttp reports an empty close frame as 0
 _ABNORMAL = frozenset({1006, 1015})
@@ -102,6 +109,8 @@ class Sent:
     head: bytes
     head_only: bool
     started: float
+    #: the method is idempotent: the request may be sent again (see ``_await_head``)
+    retry: bool
 
 
 @dataclass(slots=True)  # not frozen: made per request, and a frozen one costs 4x as much
@@ -186,8 +195,9 @@ class UpstreamClient:
         ``BodyTooLarge`` when the body passes ``max_body_size`` before the upstream answered,
         and ``BodyTimeout`` when the client paused its body longer than ``body_timeout``
         before the upstream answered (the upstream connection is aborted then, never reused).
-        A request without a body that meets a closed keep-alive connection (no response byte
-        received) is sent once more on a new connection; nothing else is ever retried.
+        An idempotent request without a body that meets a closed keep-alive connection (no
+        response byte received) is sent once more on a new connection; nothing else is ever
+        retried.
         """
         pool, ws_session = self._pool, self._ws_session
         if pool is None or ws_session is None:
@@ -221,7 +231,10 @@ class UpstreamClient:
             out += first
             rest = None if done else body
         conn, sender, upstream_seconds = await self._exchange(
-            out, rest, head_only=request.method == "HEAD", retry=body is None
+            out,
+            rest,
+            head_only=request.method == "HEAD",
+            retry=body is None and request.method in _IDEMPOTENT,
         )
         try:
             return await _stream_response(request, conn, upstream_seconds, headers.get(_REQUEST_ID))
@@ -246,7 +259,7 @@ class UpstreamClient:
         """
         head = self._relay_head(method, raw_target, block, has_host)
         conn, _, upstream_seconds = await self._exchange(
-            [head], None, head_only=method == "HEAD", retry=True
+            [head], None, head_only=method == "HEAD", retry=method in _IDEMPOTENT
         )
         return await self._relay_response(client, conn, request_id, upstream_seconds)
 
@@ -273,7 +286,7 @@ class UpstreamClient:
         conn.begin(head_only=head_only, sending=False)
         conn.writelines([head])
         conn.notify(notify)
-        return Sent(conn, head, head_only, time.perf_counter())
+        return Sent(conn, head, head_only, time.perf_counter(), method in _IDEMPOTENT)
 
     def relay_whole(self, client: Downstream, sent: Sent, request_id: str) -> Forwarded | None:
         """After ``send_now``'s notice: relay the response if all of it is here and nothing
@@ -290,9 +303,15 @@ class UpstreamClient:
 
     async def finish_relay(self, client: Downstream, sent: Sent, request_id: str) -> Forwarded:
         """The rest of ``relay`` for a request ``send_now`` sent: a failure (a stale
-        connection's request is sent again, as ``relay`` does), or a body still coming."""
+        connection's idempotent request is sent again, as ``relay`` does), or a body still
+        coming."""
         conn, upstream_seconds = await self._await_head(
-            sent.conn, None, [sent.head], head_only=sent.head_only, retry=True, started=sent.started
+            sent.conn,
+            None,
+            [sent.head],
+            head_only=sent.head_only,
+            retry=sent.retry,
+            started=sent.started,
         )
         return await self._relay_response(client, conn, request_id, upstream_seconds)
 
@@ -351,7 +370,8 @@ class UpstreamClient:
 
         Returns the connection and the task still sending the body (the caller releases and
         cancels them) and the seconds the head took. ``retry``: the request may be sent once
-        more if a reused connection turns out to be closed (only requests without a body).
+        more if a reused connection turns out to be closed (only idempotent requests without a
+        body: any other may have been acted on).
         """
         pool = self._pool
         if pool is None:
