@@ -2,12 +2,12 @@
 
 ``UpstreamClient.forward`` is the only hot-path call. Plain HTTP goes over pooled keep-alive
 connections (``upstream_pool``) with the request head written as given and the body streamed;
-WebSocket upgrades go through an aiohttp ``ClientSession`` and are relayed frame by frame. A
-failure before the response has started raises ``UpstreamError`` (the handler answers 502 or
-504); after it has started, the client connection is aborted so that a truncated response can
-never pass for a complete one. A request is sent a second time only when it is idempotent
-and met a reused connection that failed before any byte of answer. Everything aiohttp-client
-specific stays in this module.
+WebSocket upgrades go through an aiohttp ``ClientSession`` and are relayed frame by frame, with
+an idle timeout and a bound on message size. A failure before the response has started raises
+``UpstreamError`` (the handler answers 502 or 504); after it has started, the client
+connection is aborted so that a truncated response can never pass for a complete one. A
+request is sent a second time only when it is idempotent and met a reused connection that
+failed before any byte of answer. Everything aiohttp-client specific stays in this module.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -45,8 +45,6 @@ from .upstream_pool import Pool
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # Every response carries the request's id; the one sent upstream is the one the client gets.
 _REQUEST_ID = "X-Request-ID"
-# WebSocket messages are buffered whole by aiohttp, so they need a bound (aiohttp's default).
-_WS_MAX_MESSAGE = 4 * 1024 * 1024
 # Methods that may be sent again when a reused connection fails before any byte of answer:
 # the application cannot have acted on them in a way that matters (RFC 9110 §9.2.2; nginx's
 # proxy_next_upstream never retries POST, LOCK or PATCH; PUT and DELETE are not retried here
@@ -142,6 +140,10 @@ class UpstreamClient:
         limits = limits if limits is not None else LimitsConfig()
         self._max_body_size = limits.max_body_size
         self._body_timeout = limits.body_timeout
+        self._ws_idle_timeout = limits.websocket_idle_timeout
+        # aiohttp refuses a message as large as its max_msg_size: one byte more lets the
+        # configured size itself through.
+        self._ws_max_msg_size = limits.websocket_max_message + 1
         self._pool: Pool | None = None
         # An open WebSocket holds its connection for its whole life: kept out of the pool, they
         # cannot starve plain requests. The listener's connection limit bounds them.
@@ -445,7 +447,7 @@ class UpstreamClient:
                 autoclose=False,
                 autoping=False,
                 compress=0,
-                max_msg_size=_WS_MAX_MESSAGE,
+                max_msg_size=self._ws_max_msg_size,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
             )
         except aiohttp.WSServerHandshakeError as exc:
@@ -460,14 +462,14 @@ class UpstreamClient:
             autoclose=False,
             autoping=False,
             compress=False,
-            max_msg_size=_WS_MAX_MESSAGE,
+            max_msg_size=self._ws_max_msg_size,
         )
         if _REQUEST_ID in headers:
             client.headers[_REQUEST_ID] = headers[_REQUEST_ID]
         client.headers["Server"] = SERVER  # not aiohttp's banner, as on every other answer
         try:
             await client.prepare(request)
-            await _relay_websocket(client, upstream)
+            await _relay_websocket(client, upstream, self._ws_idle_timeout)
         finally:
             # Still open if the client vanished during the handshake, or we were cancelled.
             if not upstream.closed:
@@ -562,44 +564,99 @@ def _abort(request: web.BaseRequest) -> None:
         transport.abort()
 
 
-async def _relay_websocket(
-    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    """Copy frames both ways until one side closes; answer it, then close the other alike.
+class _Activity:
+    """When a frame last passed, either way: what keeps a relayed WebSocket from being idle."""
 
-    The side that closed first gets its own code echoed (RFC 6455 §5.5.1) and is released at
-    once; the other side then gets the same code and reason. A side that vanished without a
-    close frame makes the other one see 1014 (bad gateway) or 1001 (going away).
+    __slots__ = ("_loop", "last")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.last = loop.time()
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def idle_for(self) -> float:
+        return self._loop.time() - self.last
+
+
+@dataclass(slots=True)
+class _End:
+    """How a relayed WebSocket ended: the side whose doing it was (``culprit``), the close
+    code it sent (None when it vanished or failed), and whether its message was too large
+    (aiohttp has closed that side with 1009 then)."""
+
+    culprit: _Socket
+    code: int | None
+    reason: str
+    too_big: bool = False
+
+
+async def _relay_websocket(
+    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, idle_timeout: float
+) -> None:
+    """Copy frames both ways until one side ends it or no frame passed for ``idle_timeout``;
+    then close both sides.
+
+    A side that closed gets its own code echoed (RFC 6455 §5.5.1) and the other side the same
+    code and reason. A side whose message was over the size limit has been closed with 1009
+    (Message Too Big) and the other side gets 1001 (Going Away). A side that vanished without
+    a close frame makes the other one see 1014 (Bad Gateway: the upstream) or 1001 (the
+    client). An idle WebSocket is closed with 1001 on both sides: the proxy goes away from it,
+    neither peer ended it.
     """
-    to_upstream = asyncio.ensure_future(_pump(client, upstream))
-    to_client = asyncio.ensure_future(_pump(upstream, client))
+    loop = asyncio.get_running_loop()
+    activity = _Activity(loop)
+    to_upstream = asyncio.ensure_future(_pump(client, upstream, activity))
+    to_client = asyncio.ensure_future(_pump(upstream, client, activity))
     tasks = (to_upstream, to_client)
-    first: _Socket
-    second: _Socket
+    end: _End | None = None
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if to_client.done():
-            # Cancelling the server side's receive is harmless; the client side's would mark
-            # the connection as failed, so that one is left to close(), which interrupts it.
+        while True:
+            remaining = idle_timeout - activity.idle_for()
+            if remaining <= 0:
+                break  # idle
+            done, _ = await asyncio.wait(
+                tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                end = (to_client if to_client.done() else to_upstream).result()
+                break
+        # Cancelling the server side's receive is harmless; the client side's would mark
+        # the connection as failed, so that one is left to close(), which interrupts it.
+        if not to_upstream.done():
             to_upstream.cancel()
             await asyncio.wait((to_upstream,))
-            code, reason = to_client.result() or (WSCloseCode.BAD_GATEWAY, "")
-            first, second = upstream, client
+        if end is None:
+            await asyncio.gather(
+                client.close(code=WSCloseCode.GOING_AWAY, message=b"idle"),
+                upstream.close(code=WSCloseCode.GOING_AWAY, message=b"idle"),
+            )
+            return
+        culprit = end.culprit
+        other: _Socket = upstream if culprit is client else client
+        if end.too_big:
+            code, reason = int(WSCloseCode.GOING_AWAY), ""
+        elif end.code is not None:
+            code, reason = _sendable(end.code), end.reason
+        elif culprit is upstream:
+            code, reason = int(WSCloseCode.BAD_GATEWAY), ""
         else:
-            code, reason = to_upstream.result() or (WSCloseCode.GOING_AWAY, "")
-            first, second = client, upstream
-        await first.close(code=_sendable(code), message=reason.encode())
-        await second.close(code=_sendable(code), message=reason.encode())
+            code, reason = int(WSCloseCode.GOING_AWAY), ""
+        if not end.too_big:  # that side is closed already, with 1009
+            await culprit.close(code=code, message=reason.encode())
+        await other.close(code=code, message=reason.encode())
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str] | None:
-    """Copy frames until ``source`` closes: its close code and reason, or None if it failed."""
+async def _pump(source: _Socket, sink: _Socket, activity: _Activity) -> _End:
+    """Copy frames until ``source`` closes, fails, or ``sink`` cannot take one."""
     while True:
         msg = await source.receive()
+        activity.touch()
         try:
             if msg.type is WSMsgType.TEXT:
                 await sink.send_str(msg.data)
@@ -610,11 +667,17 @@ async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str] | None:
             elif msg.type is WSMsgType.PONG:
                 await sink.pong(msg.data)
             elif msg.type is WSMsgType.CLOSE:
-                return int(msg.data), msg.extra or ""
-            else:  # CLOSING (we are closing it), CLOSED or ERROR
-                return None
+                return _End(source, int(msg.data), msg.extra or "")
+            elif msg.type is WSMsgType.ERROR:
+                error = msg.data
+                too_big = (
+                    isinstance(error, WebSocketError) and error.code == WSCloseCode.MESSAGE_TOO_BIG
+                )
+                return _End(source, None, "", too_big=too_big)
+            else:  # CLOSING (we are closing it) or CLOSED
+                return _End(source, None, "")
         except (ConnectionError, aiohttp.ClientError):
-            return None
+            return _End(sink, None, "")
 
 
 def _sendable(code: int) -> int:
