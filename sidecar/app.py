@@ -188,11 +188,7 @@ class Sidecar:
             if previous is not None and _same_upstream(config, previous[1]):
                 upstream = previous[0].upstream
             else:
-                upstream = UpstreamClient(
-                    config.upstream,
-                    max_body_size=config.limits.max_body_size,
-                    send_timeout=config.limits.send_timeout,
-                )
+                upstream = UpstreamClient(config.upstream, limits=config.limits)
                 built.append(upstream.close)
                 await upstream.start()
             if previous is not None and config.identity == previous[1].identity:

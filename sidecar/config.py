@@ -149,6 +149,13 @@ class LimitsConfig(Section):
     keepalive_timeout: Duration = 75.0
     #: a client that takes none of a response for this long is disconnected (nginx's send_timeout)
     send_timeout: Duration = Field(60.0, gt=0)
+    #: the longest pause between two reads of a request body; then 408 (nginx's
+    #: client_body_timeout)
+    body_timeout: Duration = Field(60.0, gt=0)
+    #: a WebSocket on which no frame passed either way for this long is closed (1001)
+    websocket_idle_timeout: Duration = Field(300.0, gt=0)
+    #: the largest WebSocket message (bytes), either way; a larger one closes with 1009
+    websocket_max_message: int = Field(1 << 20, ge=1, le=1 << 30)
     #: time a client has to complete the TLS handshake
     handshake_timeout: Duration = 60.0
     #: open client connections per worker; further ones are closed at once

@@ -35,7 +35,7 @@ from .policy import (
     decide,
 )
 from .server import last_on_connection
-from .upstream import BodyTooLarge, Forwarded, UpstreamClient
+from .upstream import BodyTimeout, BodyTooLarge, Forwarded, UpstreamClient
 
 # fullmatch: "$" alone would also match before a final newline
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -270,7 +270,7 @@ class Handler:
                     forwarded = await forward(
                         ticket.plan.upstream, ticket.block, ticket.has_host, ticket.request_id
                     )
-                except (UpstreamError, BodyTooLarge) as exc:
+                except (UpstreamError, BodyTooLarge, BodyTimeout) as exc:
                     self._forward_failed(ticket, exc)
                 else:
                     self.forwarded(ticket, forwarded)
@@ -404,9 +404,24 @@ class Handler:
         else:
             self._redirect(ticket, decision)
 
-    def _forward_failed(self, ticket: Ticket, exc: UpstreamError | BodyTooLarge) -> None:
+    def _forward_failed(
+        self, ticket: Ticket, exc: UpstreamError | BodyTooLarge | BodyTimeout
+    ) -> None:
         outcome = ticket.outcome
         assert outcome is not None
+        if isinstance(exc, BodyTimeout):
+            # nginx's client_body_timeout: 408, and the connection ends (what is left of the
+            # body would be read as the next request)
+            outcome.status, outcome.decision, outcome.reason = 408, "denied", "body_timeout"
+            response = self._error(
+                ticket.request,
+                408,
+                "The request body stopped arriving before it was complete.",
+                ticket.request_id,
+            )
+            response.force_close()
+            ticket.done(response, outcome)
+            return
         if isinstance(exc, BodyTooLarge):
             outcome.status, outcome.decision, outcome.reason = 413, "denied", "body_too_large"
             ticket.done(

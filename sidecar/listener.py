@@ -21,6 +21,12 @@ enforced; a request head must be complete within ``limits.header_timeout`` of it
 byte (slowloris); an idle keep-alive connection is closed after ``limits.keepalive_timeout``.
 Pipelined requests are answered in order. Graceful shutdown closes idle connections and lets
 in-flight requests finish (with ``Connection: close``) within the grace period.
+
+Flow control (``flow``): while the connection's write buffer is above its high-water mark
+the client is not taking its answers, so no further request starts and nothing more is read;
+the next one starts when the buffer has drained (``resume_writing``). A client that takes too
+little for ``limits.send_timeout`` is cut off. Pipelined bytes beyond ``_PIPELINE_LIMIT``
+behind the request in flight also stop reading until they are served.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import contextlib
 import functools
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any, cast
 
@@ -43,6 +49,7 @@ from . import responses
 from .certs import ClientCert
 from .config import LimitsConfig
 from .errors import CertificateError
+from .flow import PIPELINE, FlowControl
 from .handler import DONE, FORWARD, Handler, Ticket
 from .headers import HAS_DATE, HAS_LENGTH, HAS_SERVER
 from .log import get_logger
@@ -152,7 +159,8 @@ class ClientConnection(asyncio.Protocol):
         "_complete",
         "_counted",
         "_deadline",
-        "_drain_waiter",
+        "_flow",
+        "_gone",
         "_head_started",
         "_hosts",
         "_in_task",
@@ -162,7 +170,6 @@ class ClientConnection(asyncio.Protocol):
         "_peer",
         "_peer_ip",
         "_raw_headers",
-        "_read_paused",
         "_ready",
         "_server",
         "_stopped",
@@ -173,7 +180,6 @@ class ClientConnection(asyncio.Protocol):
         "_unusual",
         "_url",
         "_waiter",
-        "_write_paused",
         "loop",
     )
 
@@ -196,9 +202,9 @@ class ClientConnection(asyncio.Protocol):
         self._busy = False
         self._in_task = False  # the task is serving a request (else it waits, or is none)
         self._stopped: asyncio.Future[None] | None = None  # for stop(), while busy
-        self._read_paused = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._flow = FlowControl(self.loop, server.limits.send_timeout)
+        #: called if the connection ends while a response streams to it (``when_gone``)
+        self._gone: Callable[[], None] | None = None
         # one lazily re-armed timer: the header deadline, or the idle keep-alive limit
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -231,6 +237,7 @@ class ClientConnection(asyncio.Protocol):
         server.clients.add(self)
         # uvloop's transports are not registered as asyncio.Transport, so no isinstance check.
         self._transport = cast(asyncio.Transport, transport)
+        self._flow.attach(self._transport, self._transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._peer_ip = str(peer[0])
@@ -244,19 +251,22 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()
-        self._wake_drain()
+        self._flow.close()
         self._end_waiting()
         self._wake_stopped()
+        gone, self._gone = self._gone, None
+        if gone is not None:
+            gone()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self._busy:  # pipelined behind the request in flight
-            if len(self._buffer) > _PIPELINE_LIMIT and not self._read_paused:
-                self._read_paused = True
-                assert self._transport is not None
-                self._transport.pause_reading()
-            return
-        self._next()
+        flow = self._flow
+        # Else pipelined behind the request in flight, or the client is not taking its
+        # answers (reading is held then: these are bytes read before it was).
+        if not self._busy and not flow.write_paused:
+            self._next()
+        if len(self._buffer) > _PIPELINE_LIMIT and (self._busy or flow.write_paused):
+            flow.hold(PIPELINE)
 
     def eof_received(self) -> bool:
         # The client is done sending: nothing more to serve (over TLS the transport closes).
@@ -264,11 +274,14 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self._wake_drain()
+        self._flow.resume_writing()
+        # While busy, the request in flight is writing (this may come from inside one of its
+        # writes): it goes on by itself, and _answer continues once it is done.
+        if not self._busy:
+            self._continue()
 
     # ---- request heads ------------------------------------------------------------------------
 
@@ -480,17 +493,31 @@ class ClientConnection(asyncio.Protocol):
                 self.abort()
         self._busy = False
         self._wake_stopped()
+        if not exchange.keep_alive:
+            self._stopping = True
+        self._continue()
+
+    def _continue(self) -> None:
+        """On to the next request, unless the client must first take what it was sent
+        (``resume_writing`` comes back here then, or ``send_timeout`` cuts it off)."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if not exchange.keep_alive:
-            self._stopping = True
-        if self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
+        flow = self._flow
+        if flow.write_paused and not self._stopping:
+            return
         if not self._buffer and not self._stopping:
             self._set_deadline(self._server.limits.keepalive_timeout)  # idle now
         self._next()
+        # Read again once what is held is at most the limit, or while the rest of a head is due.
+        if self._open() and (not self._busy or len(self._buffer) <= _PIPELINE_LIMIT):
+            flow.release(PIPELINE)
+
+    def _open(self) -> bool:
+        # A call, not an inline test: _next may have closed or handed over the connection,
+        # and mypy (whose narrowing the compiled build trusts) would not see it.
+        transport = self._transport
+        return transport is not None and not transport.is_closing()
 
     def peer_certificate(self) -> ClientCert | None:
         peer = self._peer
@@ -514,27 +541,19 @@ class ClientConnection(asyncio.Protocol):
             transport.write(data)
 
     async def drain(self) -> None:
-        while True:
-            transport = self._transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the client closed the connection")
-            if not self._write_paused:
-                return
-            waiter = self._drain_waiter = self.loop.create_future()
-            try:
-                await asyncio.wait_for(waiter, self._server.limits.send_timeout)
-            except TimeoutError:
-                # The client stopped reading (limits.send_timeout): it must not hold this
-                # connection, nor the upstream connection behind it, any longer.
-                transport.abort()
-                raise ConnectionResetError("the client took nothing for send_timeout") from None
-            finally:
-                self._drain_waiter = None
+        """Wait while the client is not taking what it was sent (``flow``: cut off after
+        ``send_timeout``); ``ConnectionResetError`` once the connection is gone."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        await self._flow.drain()
 
-    def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called if the connection ends (None: no longer)."""
+        if callback is not None and self._transport is None:
+            callback()
+            return
+        self._gone = callback
 
     @property
     def stopping(self) -> bool:
@@ -601,9 +620,7 @@ class ClientConnection(asyncio.Protocol):
         transport.set_protocol(fallback)
         fallback.adopt(counted=counted, peer=peer)
         fallback.connection_made(transport)
-        if self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
+        self._flow.detach()  # reading resumes if held here: aiohttp's protocol holds its own
         if data:
             fallback.data_received(data)
 
@@ -746,6 +763,9 @@ class Exchange:
 
     async def drain(self) -> None:
         await self._conn.drain()
+
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        self._conn.when_gone(callback)
 
     def finish(self) -> None:
         if self._chunked:
