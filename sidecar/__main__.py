@@ -114,7 +114,17 @@ def check_config(path: str | None) -> int:
     if config is None:
         return EXIT_CONFIG
     print(summary(config))
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Risks a valid configuration leaves open, said by check-config and at start-up."""
+    from .identity.issuers import issuer_risk
+
+    risk = issuer_risk(config.tls, config.identity)
+    return [risk] if risk is not None else []
 
 
 def summary(config: Config) -> str:
@@ -128,6 +138,10 @@ def summary(config: Config) -> str:
         f"{len(config.tls.pinned_certificates)} pinned certificate(s)",
         f"  identity    backend={config.identity.backend}, cache ttl {config.identity.cache.ttl:g}s",
     ]
+    identityplus = config.identity.identityplus
+    if config.identity.backend == "identityplus" and identityplus and identityplus.issuers:
+        names = ", ".join(c.subject.rfc4514_string() for c in identityplus.issuer_certificates())
+        lines.append(f"  issuers     {names}")
     if config.identity.backend == "static":
         users = config.identity.static.users
         bound = sum(len(u.certificates) for u in users)

@@ -30,6 +30,7 @@ from .handler import Handler, Identity, Plan
 from .headers import HeaderRules
 from .identity import Backend
 from .identity.cache import VerdictCache
+from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
 from .listener import ListenerServer
 from .metrics import Metrics
@@ -173,6 +174,7 @@ class Sidecar:
         )
         if BUILD.note is not None:
             self.log.warning("compiled_build_not_used", reason=BUILD.note)
+        self._warn(self.config)
 
     async def _build_plan(
         self, config: Config, previous: tuple[Plan, Config] | None = None
@@ -318,7 +320,17 @@ class Sidecar:
         self.log.info(
             "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
         )
+        self._warn(new)
         return True
+
+    def _warn(self, config: Config) -> None:
+        """Say the risks a valid configuration leaves open (as check-config does)."""
+        try:
+            risk = issuer_risk(config.tls, config.identity)
+        except CertificateError:  # a file gone since it was loaded: the next reload says so
+            return
+        if risk is not None:
+            self.log.warning("identityplus_issuers_missing", risk=risk)
 
     def _retire(self, old: Plan, new: Plan, *, delay: float) -> None:
         """Close what ``new`` does not reuse, once requests that started with ``old`` had time to end."""
@@ -415,6 +427,8 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
     ]
     for user in config.identity.static.users:
         files += [b.file for b in user.certificates if b.file is not None]
+    if config.identity.identityplus is not None:
+        files += config.identity.identityplus.issuers
     return files
 
 

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import BasicConstraints, ExtensionNotFound
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -102,9 +105,30 @@ def _key_file(path: Path) -> Path:
     return path
 
 
+def _ca_certificate_file(path: Path) -> Path:
+    try:
+        certificates = read_certificates(path)
+    except CertificateError as exc:
+        raise ValueError(str(exc)) from None
+    for certificate in certificates:
+        try:
+            constraints = certificate.extensions.get_extension_for_class(BasicConstraints).value
+            is_ca = constraints.ca
+        except (ExtensionNotFound, ValueError):
+            is_ca = False
+        if not is_ca:
+            raise ValueError(
+                f"{path}: {certificate.subject.rfc4514_string()} is not a CA certificate "
+                "(basicConstraints CA:TRUE): list the CA certificates that sign client "
+                "certificates"
+            )
+    return path
+
+
 FilePath = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_existing_file)]
 CertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_certificate_file)]
 KeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_key_file)]
+CACertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_ca_certificate_file)]
 
 
 class Section(BaseModel):
@@ -336,6 +360,28 @@ class IdentityPlusConfig(Section):
     service: str | None = None
     #: send the visitor's address as ip-address
     send_ip_address: bool = False
+    #: the Identity Plus CA certificates that sign client certificates: only certificates
+    #: they signed are asked about (serials are unique per issuer only); empty: any
+    issuers: tuple[CACertFile, ...] = ()
+    # The issuers' DER, read once: part of equality, so that a rewritten file under the same
+    # name is a changed configuration (a reload then builds a new backend).
+    _issuer_der: tuple[bytes, ...] = PrivateAttr(default=())
+
+    @field_validator("issuers", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _read_issuers(self) -> IdentityPlusConfig:
+        self._issuer_der = tuple(
+            c.public_bytes(Encoding.DER) for path in self.issuers for c in read_certificates(path)
+        )
+        return self
+
+    def issuer_certificates(self) -> list[x509.Certificate]:
+        """The certificates in ``issuers``, as read when the configuration was loaded."""
+        return [x509.load_der_x509_certificate(der) for der in self._issuer_der]
 
     @field_validator("server_pins")
     @classmethod
