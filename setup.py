@@ -38,6 +38,7 @@ COMPILED = [
     "sidecar/listener.py",
     "sidecar/handler.py",
     "sidecar/headers.py",
+    "sidecar/hosts.py",
     "sidecar/upstream.py",
     "sidecar/upstream_http.py",
     "sidecar/upstream_pool.py",

@@ -28,6 +28,7 @@ from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .handler import Handler, Identity, Plan
 from .headers import HeaderRules
+from .hosts import ServerNames
 from .identity import Backend
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
@@ -71,9 +72,18 @@ def build_rules(config: Config) -> HeaderRules:
     )
 
 
+def build_server_names(config: Config) -> ServerNames:
+    """``listen.server_names``, or the server certificate's names (read again on reload)."""
+    names = config.listen.server_names
+    if names is not None:
+        return ServerNames(names)
+    return ServerNames.for_certificate(read_certificates(config.tls.certificate)[0])
+
+
 # Keys a running process cannot change: the sockets are bound, the listener's verify mode set.
+# (listen.server_names is not one: it is part of the plan.)
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
-    ("listen", lambda c: c.listen),
+    ("listen", lambda c: c.listen.model_copy(update={"server_names": None})),
     ("admin", lambda c: c.admin),
     ("tls.client_certificate", lambda c: c.tls.client_certificate),
     ("log", lambda c: c.log),
@@ -200,6 +210,7 @@ class Sidecar:
             upstream=upstream,
             rules=build_rules(config),
             max_header_block=config.limits.max_header_block,
+            server_names=build_server_names(config),
         )
 
     async def _start_admin(self) -> None:
@@ -301,7 +312,7 @@ class Sidecar:
         # Keep what cannot change while running, so self.config says what really runs.
         new = new.model_copy(
             update={
-                "listen": old.listen,
+                "listen": old.listen.model_copy(update={"server_names": new.listen.server_names}),
                 "admin": old.admin,
                 "log": old.log,
                 "tls": new.tls.model_copy(

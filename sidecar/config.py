@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import hosts
 from .certs import (
     key_matches_certificate,
     normalize_fingerprint,
@@ -138,11 +139,27 @@ class Section(BaseModel):
 # ---- sections -----------------------------------------------------------------------------
 
 
+def _server_name(value: str) -> str:
+    return hosts.server_name(value)
+
+
 class ListenConfig(Section):
     host: str = "0.0.0.0"
     port: int = Field(8443, ge=0, le=65535)  # 0: any free port (tests)
     #: processes sharing the port with SO_REUSEPORT; "auto" is one per CPU
     workers: int | Literal["auto"] = 1
+    #: the names requests may address (Host, SNI); others get 421. None: the server
+    #: certificate's DNS and IP names (following it on reload)
+    server_names: tuple[Annotated[str, AfterValidator(_server_name)], ...] | None = None
+
+    @field_validator("server_names")
+    @classmethod
+    def _some_names(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and not v:
+            raise ValueError(
+                "at least one name (or leave the key out to serve the server certificate's names)"
+            )
+        return None if v is None else tuple(dict.fromkeys(v))
 
     @field_validator("workers")
     @classmethod
@@ -568,6 +585,18 @@ class Config(Section):
             except ValueError:
                 raise ValueError(f"@[{i}]: not an IP address or CIDR: {item!r}") from None
         return out
+
+    @model_validator(mode="after")
+    def _names_served(self) -> Config:
+        if self.listen.server_names is None:
+            leaf = read_certificates(self.tls.certificate)[0]
+            if not hosts.certificate_names(leaf):
+                raise ValueError(
+                    f"@listen.server_names: the server certificate {self.tls.certificate} "
+                    "names no host (no DNS or IP subjectAltName, no host name as its common "
+                    "name): list the names clients use"
+                )
+        return self
 
     @field_validator("routes")
     @classmethod

@@ -21,6 +21,7 @@ from . import responses
 from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
 from .headers import HeaderRules, lines_to_multidict, request_fields
+from .hosts import ServerNames
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
@@ -35,6 +36,7 @@ from .policy import (
     decide,
 )
 from .server import last_on_connection
+from .tls import requested_server_name
 from .upstream import BodyTooLarge, Forwarded, UpstreamClient
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -186,6 +188,8 @@ class Plan:
     upstream: UpstreamClient
     rules: HeaderRules
     max_header_block: int
+    #: the names requests may address (Host, SNI); any other is 421
+    server_names: ServerNames
 
 
 class Handler:
@@ -213,6 +217,7 @@ class Handler:
             request,
             _peer_certificate(request),
             _peer_ip(request),
+            _server_name(request),
             lambda upstream, block, _host, _rid: upstream.forward(
                 request, lines_to_multidict(block)
             ),
@@ -227,16 +232,24 @@ class Handler:
         request: Request,
         cert: ClientCert | None,
         peer_ip: str | None,
+        server_name: str | None,
         forward: Forward_,
     ) -> web.StreamResponse | None:
         """Handle one request: the response to send, or None when ``forward`` sent one."""
-        return await self.resume(self.begin(request, cert, peer_ip), forward)
+        return await self.resume(self.begin(request, cert, peer_ip, server_name), forward)
 
-    def begin(self, request: Request, cert: ClientCert | None, peer_ip: str | None) -> Ticket:
+    def begin(
+        self,
+        request: Request,
+        cert: ClientCert | None,
+        peer_ip: str | None,
+        server_name: str | None,
+    ) -> Ticket:
         """Everything about a request that needs no waiting. ``ticket.step`` then says what
         is left: ``DONE`` (``ticket.response`` is the answer), ``FORWARD`` (the request is to
         go upstream with ``ticket.block``), or a wait for the identity service. ``resume``
-        does whatever is left; a caller that does it itself (``forwarded``) calls ``end``."""
+        does whatever is left; a caller that does it itself (``forwarded``) calls ``end``.
+        ``server_name`` is the connection's TLS server name (SNI), None when it sent none."""
         plan = self.plan
         trusted = plan.rules.is_trusted_proxy(peer_ip)
         ticket = Ticket(
@@ -250,7 +263,7 @@ class Handler:
         )
         self.metrics.request_started()
         try:
-            self._start(ticket)
+            self._start(ticket, server_name)
         except Exception as exc:  # the last line of defence: answer 500, never a traceback
             self.fail(ticket, exc)
         return ticket
@@ -313,9 +326,9 @@ class Handler:
 
     # ---- the steps ------------------------------------------------------------------------
 
-    def _start(self, ticket: Ticket) -> None:
+    def _start(self, ticket: Ticket, server_name: str | None) -> None:
         plan, request, cert = ticket.plan, ticket.request, ticket.cert
-        problem = _malformed(request, plan.max_header_block)
+        problem = _malformed(request, plan, server_name)
         if problem is not None:
             self._deny(ticket, Deny(*problem))
             return
@@ -558,17 +571,23 @@ class Handler:
             self.log.info("request", **dict(zip(ACCESS_FIELDS, values, strict=True)))
 
 
-def _malformed(request: Request, max_header_block: int) -> tuple[int, str, str] | None:
-    """Requests refused before policy: ambiguous framing, oversized header block."""
+def _malformed(
+    request: Request, plan: Plan, server_name: str | None
+) -> tuple[int, str, str] | None:
+    """Requests refused before policy: ambiguous framing, an oversized header block, and a
+    Host (or target authority) that names no host this service serves, or another host than
+    the connection's SNI: 421, before any identity lookup or sign-on intent (``hosts``)."""
     size = 0
     lengths: set[bytes] = set()
     length_headers = 0
     chunked = False
     bad_host = False
+    host: bytes | None = None
     for name, value in request.raw_headers:
         size += len(name) + len(value) + 4
         if len(name) == 4 and name.lower() == b"host":
             bad_host = bad_host or _HOST_FIELD.fullmatch(value) is None
+            host = value
         elif len(name) == 14 and name.lower() == b"content-length":
             length_headers += 1
             lengths.add(value.strip())
@@ -582,8 +601,11 @@ def _malformed(request: Request, max_header_block: int) -> tuple[int, str, str] 
         return 400, "the request has conflicting Content-Length headers", "ambiguous_length"
     if length_headers and chunked:
         return 400, "the request has both Content-Length and Transfer-Encoding", "ambiguous_length"
-    if size > max_header_block:
+    if size > plan.max_header_block:
         return 431, "the request headers are too large", "headers_too_large"
+    misdirected = plan.server_names.misdirected(request.raw_path, host, server_name)
+    if misdirected is not None:
+        return 421, misdirected[0], misdirected[1]
     return None
 
 
@@ -591,6 +613,11 @@ def _peer_certificate(request: web.BaseRequest) -> ClientCert | None:
     protocol = request.protocol
     source: Callable[[], ClientCert | None] | None = getattr(protocol, "peer_certificate", None)
     return source() if source is not None else None
+
+
+def _server_name(request: web.BaseRequest) -> str | None:
+    transport = request.transport
+    return requested_server_name(transport.get_extra_info("ssl_object") if transport else None)
 
 
 def _peer_ip(request: web.BaseRequest) -> str | None:
@@ -627,8 +654,10 @@ def _certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None
 
 
 def _original_url(request: Request) -> str | None:
+    """The URL to come back to after sign-on: from the Host, which ``_malformed`` has
+    found to be served (and the connection's SNI), and an origin-form target."""
     host = request.headers.get("Host", "")
-    if not _HOST.match(host):
+    if not _HOST.match(host) or not request.raw_path.startswith("/"):
         return None
     return f"https://{host}{request.raw_path}"
 
