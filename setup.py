@@ -46,6 +46,7 @@ COMPILED = [
     "sidecar/metrics.py",
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
+    "sidecar/identity/intents.py",
 ]
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)

@@ -23,6 +23,7 @@ from .errors import IdentityUnavailable, UpstreamError
 from .headers import HeaderRules, lines_to_multidict, request_fields
 from .hosts import ServerNames
 from .identity import LookupContext, SignOnPurpose, Verdict
+from .identity.intents import SignOn, SignOnLimited
 from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
 from .policy import (
@@ -65,7 +66,9 @@ class Identity(Protocol):
 
     async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict: ...
 
-    async def sign_on(self, purpose: SignOnPurpose, return_url: str) -> str: ...
+    async def sign_on(
+        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+    ) -> SignOn: ...
 
 
 class Request(Protocol):
@@ -453,11 +456,21 @@ class Handler:
         self._redirect_to(ticket, decision, decision.location)
 
     async def _sign_on(self, ticket: Ticket) -> None:
+        """The sign-on URL from the identity side (an intent, perhaps one made earlier for the
+        same URL): 429 when this address (or everyone) made too many, 503 when it fails."""
         assert ticket.redirect is not None
         decision, return_url = ticket.redirect
+        counter = self.metrics.signon_intents
         try:
-            location = await ticket.plan.identity.sign_on(decision.purpose, return_url)
+            signed = await ticket.plan.identity.sign_on(
+                decision.purpose, return_url, ticket.peer_ip
+            )
+        except SignOnLimited as exc:
+            counter.labels("limited").inc()
+            self._too_many(ticket, exc.retry_after)
+            return
         except IdentityUnavailable as exc:
+            counter.labels("failed").inc()
             self.log.warning(
                 "sign_on_unavailable",
                 request_id=ticket.request_id,
@@ -466,7 +479,8 @@ class Handler:
             )
             self._unavailable(ticket, "sign-on unavailable")
             return
-        self._redirect_to(ticket, decision, location)
+        counter.labels("coalesced" if signed.coalesced else "registered").inc()
+        self._redirect_to(ticket, decision, signed.location)
 
     def _redirect_to(self, ticket: Ticket, decision: Redirect, location: str) -> None:
         request, code = ticket.request, ticket.verdict_code
@@ -503,6 +517,20 @@ class Handler:
             "The identity service cannot be reached right now. Please try again shortly.",
             ticket.request_id,
             headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+        ticket.done(response, outcome)
+
+    def _too_many(self, ticket: Ticket, retry_after: int) -> None:
+        """429 + Retry-After: too many sign-on intents asked for from this address."""
+        outcome = Outcome(
+            429, "denied", "sign_on_limited", ticket.route_label, verdict_code=ticket.verdict_code
+        )
+        response = self._error(
+            ticket.request,
+            429,
+            "Too many sign-on requests came from your network. Please try again shortly.",
+            ticket.request_id,
+            headers={"Retry-After": str(retry_after)},
         )
         ticket.done(response, outcome)
 
