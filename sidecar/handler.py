@@ -465,17 +465,18 @@ class Handler:
             signed = await ticket.plan.identity.sign_on(
                 decision.purpose, return_url, ticket.peer_ip
             )
-        except SignOnLimited as exc:
+        # Two names: compiled, one name for both exceptions would be typed as the first.
+        except SignOnLimited as limited:
             counter.labels("limited").inc()
-            self._too_many(ticket, exc.retry_after)
+            self._too_many(ticket, limited.retry_after)
             return
-        except IdentityUnavailable as exc:
+        except IdentityUnavailable as failure:
             counter.labels("failed").inc()
             self.log.warning(
                 "sign_on_unavailable",
                 request_id=ticket.request_id,
-                reason=exc.reason,
-                code=exc.code,
+                reason=failure.reason,
+                code=failure.code,
             )
             self._unavailable(ticket, "sign-on unavailable")
             return
