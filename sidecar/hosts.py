@@ -44,6 +44,8 @@ SNI_NOT_SERVED: Misdirection = (
     "this service does not serve the host the TLS connection was made for",
     "misdirected_sni",
 )
+#: what the memo holds for a request that is not misdirected (no reason)
+_SERVED: Misdirection = ("", "")
 HOST_NOT_TARGET: Misdirection = (
     "the Host header names another host than the request target",
     "misdirected_target",
@@ -167,7 +169,8 @@ class ServerNames:
         self.exact = frozenset(n for n in self.names if not n.startswith("*."))
         #: the parents of the wildcards: "example.com" for "*.example.com"
         self.wildcards = frozenset(n[2:] for n in self.names if n.startswith("*."))
-        self._memo: dict[tuple[bytes | None, str | None], Misdirection | None] = {}
+        #: (Host, SNI) -> the judgement, _SERVED for none
+        self._memo: dict[tuple[bytes | None, str | None], Misdirection] = {}
 
     @classmethod
     def for_certificate(cls, cert: x509.Certificate) -> ServerNames:
@@ -191,11 +194,13 @@ class ServerNames:
         if target.startswith("/") or target == "*":
             key = (host, server_name)
             memo = self._memo
-            if key in memo:
-                return memo[key]
+            known = memo.get(key)
+            if known is not None:
+                # compared by value: compiled, a tuple of two strings is not an object to be
+                return None if not known[0] else known
             judged = self._judge(None, host, server_name)
             if len(memo) < _REMEMBERED and (host is None or len(host) <= 255):
-                memo[key] = judged
+                memo[key] = _SERVED if judged is None else judged
             return judged
         match = _ABSOLUTE.match(target)
         return self._judge(match.group(1) if match else None, host, server_name)

@@ -357,7 +357,12 @@ _SUBS = [make_ca(f"Sub {i}", issuer=_CAS[i]) for i in range(3)]
 _ALL = [*_CAS, *_SUBS]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     listed=st.sets(st.integers(0, len(_ALL) - 1)),
     signer=st.integers(0, len(_ALL) - 1),

@@ -351,7 +351,7 @@ _events = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(events=_events)
 def test_registrations_stay_within_the_rates(events: list[tuple[float, str, int]]) -> None:
     per_address, overall = Rate(burst=4, per_second=0.5), Rate(burst=6, per_second=1.0)
