@@ -102,7 +102,7 @@ class VerdictCache:
         self._generation = 0
         self.stats = CacheStats(self._entries.__len__)
         #: the backend's sign-on calls, coalesced and rate limited
-        self.intents = IntentGate(backend.sign_on)
+        self.intents = IntentGate(self._backend_sign_on)
 
     @property
     def name(self) -> str:
@@ -249,6 +249,11 @@ class VerdictCache:
         """The backend's sign-on URL, reused and rate limited by ``intents`` (raises
         ``SignOnLimited`` beyond the limits, ``IdentityUnavailable`` when the backend fails)."""
         return await self.intents.sign_on(purpose, return_url, client_ip)
+
+    async def _backend_sign_on(self, purpose: SignOnPurpose, return_url: str) -> str:
+        # The backend's method looked up at each call, not bound once: the same backend
+        # whatever is done to it (a test wraps it).
+        return await self.backend.sign_on(purpose, return_url)
 
     async def close(self) -> None:
         """Cancel backend calls still in flight, then close the backend."""
