@@ -39,6 +39,7 @@ COMPILED = [
     "sidecar/flow.py",
     "sidecar/handler.py",
     "sidecar/headers.py",
+    "sidecar/hosts.py",
     "sidecar/upstream.py",
     "sidecar/upstream_http.py",
     "sidecar/upstream_pool.py",
@@ -46,6 +47,7 @@ COMPILED = [
     "sidecar/metrics.py",
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
+    "sidecar/identity/intents.py",
 ]
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)

@@ -28,8 +28,10 @@ from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .handler import Handler, Identity, Plan
 from .headers import HeaderRules
+from .hosts import ServerNames
 from .identity import Backend
 from .identity.cache import VerdictCache
+from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
 from .listener import ListenerServer
 from .metrics import Metrics
@@ -71,10 +73,19 @@ def build_rules(config: Config) -> HeaderRules:
     )
 
 
+def build_server_names(config: Config) -> ServerNames:
+    """``listen.server_names``, or the server certificate's names (read again on reload)."""
+    names = config.listen.server_names
+    if names is not None:
+        return ServerNames(names)
+    return ServerNames.for_certificate(read_certificates(config.tls.certificate)[0])
+
+
 # Keys a running process cannot change: the sockets are bound, the listener's verify mode set,
 # the asyncio server's handshake timeout fixed when it started listening.
+# (listen.server_names is not one: it is part of the plan.)
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
-    ("listen", lambda c: c.listen),
+    ("listen", lambda c: c.listen.model_copy(update={"server_names": None})),
     ("admin", lambda c: c.admin),
     ("tls.client_certificate", lambda c: c.tls.client_certificate),
     ("limits.handshake_timeout", lambda c: c.limits.handshake_timeout),
@@ -176,6 +187,7 @@ class Sidecar:
         )
         if BUILD.note is not None:
             self.log.warning("compiled_build_not_used", reason=BUILD.note)
+        self._warn(self.config)
 
     async def _build_plan(
         self, config: Config, previous: tuple[Plan, Config] | None = None
@@ -203,6 +215,7 @@ class Sidecar:
                 upstream=upstream,
                 rules=build_rules(config),
                 max_header_block=config.limits.max_header_block,
+                server_names=build_server_names(config),
             )
         except BaseException:
             for close in reversed(built):
@@ -329,6 +342,7 @@ class Sidecar:
         self.log.info(
             "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
         )
+        self._warn(new)
         return True
 
     def _reload_failed(
@@ -338,6 +352,15 @@ class Sidecar:
             self.log.error("reload_failed", cause=cause, problem=problem, exc_info=exc)
         self.metrics.reloads.labels("failure").inc()
         return False
+
+    def _warn(self, config: Config) -> None:
+        """Say the risks a valid configuration leaves open (as check-config does)."""
+        try:
+            risk = issuer_risk(config.tls, config.identity)
+        except CertificateError:  # a file gone since it was loaded: the next reload says so
+            return
+        if risk is not None:
+            self.log.warning("identityplus_issuers_missing", risk=risk)
 
     def _retire(self, old: Plan, new: Plan, *, delay: float) -> None:
         """Close what ``new`` does not reuse, once requests that started with ``old`` had time to end."""
@@ -413,7 +436,7 @@ def _as_running(new: Config, old: Config) -> Config:
     force (so that self.config says what runs, and a key kept is not a change next time)."""
     return new.model_copy(
         update={
-            "listen": old.listen,
+            "listen": old.listen.model_copy(update={"server_names": new.listen.server_names}),
             "admin": old.admin,
             "log": old.log,
             "tls": new.tls.model_copy(update={"client_certificate": old.tls.client_certificate}),
@@ -450,6 +473,8 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
     ]
     for user in config.identity.static.users:
         files += [b.file for b in user.certificates if b.file is not None]
+    if config.identity.identityplus is not None:
+        files += config.identity.identityplus.issuers
     return files
 
 

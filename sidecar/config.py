@@ -17,19 +17,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import BasicConstraints, ExtensionNotFound
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from . import hosts
 from .certs import (
     key_matches_certificate,
     normalize_fingerprint,
@@ -103,9 +107,30 @@ def _key_file(path: Path) -> Path:
     return path
 
 
+def _ca_certificate_file(path: Path) -> Path:
+    try:
+        certificates = read_certificates(path)
+    except CertificateError as exc:
+        raise ValueError(str(exc)) from None
+    for certificate in certificates:
+        try:
+            constraints = certificate.extensions.get_extension_for_class(BasicConstraints).value
+            is_ca = constraints.ca
+        except (ExtensionNotFound, ValueError):
+            is_ca = False
+        if not is_ca:
+            raise ValueError(
+                f"{path}: {certificate.subject.rfc4514_string()} is not a CA certificate "
+                "(basicConstraints CA:TRUE): list the CA certificates that sign client "
+                "certificates"
+            )
+    return path
+
+
 FilePath = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_existing_file)]
 CertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_certificate_file)]
 KeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_key_file)]
+CACertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_ca_certificate_file)]
 
 
 class Section(BaseModel):
@@ -115,11 +140,27 @@ class Section(BaseModel):
 # ---- sections -----------------------------------------------------------------------------
 
 
+def _server_name(value: str) -> str:
+    return hosts.server_name(value)
+
+
 class ListenConfig(Section):
     host: str = "0.0.0.0"
     port: int = Field(8443, ge=0, le=65535)  # 0: any free port (tests)
     #: processes sharing the port with SO_REUSEPORT; "auto" is one per CPU
     workers: int | Literal["auto"] = 1
+    #: the names requests may address (Host, SNI); others get 421. None: the server
+    #: certificate's DNS and IP names (following it on reload)
+    server_names: tuple[Annotated[str, AfterValidator(_server_name)], ...] | None = None
+
+    @field_validator("server_names")
+    @classmethod
+    def _some_names(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and not v:
+            raise ValueError(
+                "at least one name (or leave the key out to serve the server certificate's names)"
+            )
+        return None if v is None else tuple(dict.fromkeys(v))
 
     @field_validator("workers")
     @classmethod
@@ -427,6 +468,28 @@ class IdentityPlusConfig(Section):
     service: str | None = None
     #: send the visitor's address as ip-address
     send_ip_address: bool = False
+    #: the Identity Plus CA certificates that sign client certificates: only certificates
+    #: they signed are asked about (serials are unique per issuer only); empty: any
+    issuers: tuple[CACertFile, ...] = ()
+    # The issuers' DER, read once: part of equality, so that a rewritten file under the same
+    # name is a changed configuration (a reload then builds a new backend).
+    _issuer_der: tuple[bytes, ...] = PrivateAttr(default=())
+
+    @field_validator("issuers", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _read_issuers(self) -> IdentityPlusConfig:
+        self._issuer_der = tuple(
+            c.public_bytes(Encoding.DER) for path in self.issuers for c in read_certificates(path)
+        )
+        return self
+
+    def issuer_certificates(self) -> list[x509.Certificate]:
+        """The certificates in ``issuers``, as read when the configuration was loaded."""
+        return [x509.load_der_x509_certificate(der) for der in self._issuer_der]
 
     @field_validator("server_pins")
     @classmethod
@@ -632,6 +695,18 @@ class Config(Section):
             except ValueError:
                 raise ValueError(f"@[{i}]: not an IP address or CIDR: {item!r}") from None
         return out
+
+    @model_validator(mode="after")
+    def _names_served(self) -> Config:
+        if self.listen.server_names is None:
+            leaf = read_certificates(self.tls.certificate)[0]
+            if not hosts.certificate_names(leaf):
+                raise ValueError(
+                    f"@listen.server_names: the server certificate {self.tls.certificate} "
+                    "names no host (no DNS or IP subjectAltName, no host name as its common "
+                    "name): list the names clients use"
+                )
+        return self
 
     @field_validator("routes")
     @classmethod

@@ -56,7 +56,7 @@ from .log import get_logger
 from .metrics import Metrics
 from .responses import SERVER
 from .server import Connection as FallbackConnection
-from .tls import PeerCertificates
+from .tls import PeerCertificates, requested_server_name
 from .upstream import Forwarded, Sent, UpstreamClient
 
 _UNSET: Any = object()
@@ -172,6 +172,7 @@ class ClientConnection(asyncio.Protocol):
         "_raw_headers",
         "_ready",
         "_server",
+        "_sni",
         "_stopped",
         "_stopping",
         "_task",
@@ -194,6 +195,7 @@ class ClientConnection(asyncio.Protocol):
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
         self._peer_ip: str | None = None
+        self._sni: str | None = None  # the TLS server name the client asked for
         # Requests that must wait for something (see _start) go to one task per connection,
         # made at the first such request; it waits on _waiter for the next one.
         self._task: asyncio.Task[None] | None = None
@@ -241,6 +243,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._peer_ip = str(peer[0])
+        self._sni = requested_server_name(transport.get_extra_info("ssl_object"))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -404,7 +407,7 @@ class ClientConnection(asyncio.Protocol):
         an idle upstream connection): the response comes back through ``_on_upstream``.
         Anything else goes to the connection's task."""
         handler = self._server.handler
-        ticket = handler.begin(exchange, self.peer_certificate(), self._peer_ip)
+        ticket = handler.begin(exchange, self.peer_certificate(), self._peer_ip, self._sni)
         if ticket.step == FORWARD:
             try:
                 sent = ticket.plan.upstream.send_now(

@@ -4,15 +4,18 @@ Chain, validity and extended key usage of a client certificate are verified by O
 the handshake (a server verifies with the ``sslclient`` purpose, which refuses a leaf whose EKU
 lacks clientAuth); ``PeerCertificates`` then parses what passed, once per connection.
 ``TLSState`` hands the listener one context for its lifetime and swaps the context that
-connections really use on reload, so removing a trust anchor takes effect on the next handshake.
+connections really use on reload, so removing a trust anchor takes effect on the next handshake;
+it also records the server name each connection asked for (``requested_server_name``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import ssl
 import tempfile
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,11 +109,28 @@ def load_chain(
         ctx.load_cert_chain(handle.name, password=once)
 
 
+# The server name (SNI) of each connection, by its SSLObject: the one the servername callback
+# gets is the one the transport gives as its "ssl_object". Weak, so it goes with the connection.
+_SERVER_NAMES: weakref.WeakKeyDictionary[object, str | None] = weakref.WeakKeyDictionary()
+
+
+def requested_server_name(ssl_obj: object | None) -> str | None:
+    """The server name a connection's client sent in its TLS handshake (SNI), or None when it
+    sent none (or the handshake was not made by a ``TLSState`` context)."""
+    if ssl_obj is None:
+        return None
+    try:
+        return _SERVER_NAMES.get(ssl_obj)
+    except TypeError:  # not weakly referenceable: nothing was recorded for it
+        return None
+
+
 class TLSState:
     """The listener's context, with the live one swapped in per handshake.
 
     OpenSSL calls the servername callback for every handshake (with or without SNI); it moves
-    the connection onto the current context, whose certificate and trust store then apply.
+    the connection onto the current context, whose certificate and trust store then apply,
+    and records the name the client asked for (``requested_server_name``).
     """
 
     def __init__(self, context: ssl.SSLContext) -> None:
@@ -119,6 +139,9 @@ class TLSState:
         context.sni_callback = self._select
 
     def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        # Not weakly referenceable: not recorded, and the request is judged on its Host alone.
+        with contextlib.suppress(TypeError):
+            _SERVER_NAMES[ssl_obj] = server_name
         current = self.current
         if ssl_obj.context is not current:
             ssl_obj.context = current
