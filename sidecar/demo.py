@@ -9,10 +9,8 @@ commands that work as pasted.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import ipaddress
-import json
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import log
 from .config import load
+from .demo_echo import echo_app
 from .errors import ConfigError
 
 _USERS = (
@@ -200,33 +199,6 @@ log:
     return path
 
 
-async def echo(request: web.Request) -> web.Response:
-    """The demo upstream: tells what it received, decoding X-USERINFO for readability."""
-    body = await request.read()
-    userinfo = request.headers.get("X-USERINFO")
-    decoded = None
-    if userinfo:
-        try:
-            decoded = json.loads(base64.b64decode(userinfo))
-        except ValueError:
-            decoded = "<not base64 JSON>"
-    cert = request.headers.get("X-APP-CERTIFICATE")
-    doc = {
-        "upstream_saw": {
-            "method": request.method,
-            "path": request.raw_path,
-            "headers": {
-                k: (v if k.lower() != "x-app-certificate" else v[:40] + "...")
-                for k, v in request.headers.items()
-            },
-            "body_bytes": len(body),
-        },
-        "identity": decoded,
-        "certificate_der_bytes": len(base64.b64decode(cert)) if cert else None,
-    }
-    return web.json_response(doc, dumps=lambda o: json.dumps(o, indent=2) + "\n")
-
-
 def _instructions(folder: Path, port: int, admin_port: int) -> str:
     d = folder.resolve()
     base = f"https://localhost:{port}"
@@ -290,9 +262,7 @@ async def _demo(config: object, folder: Path, port: int, upstream_port: int) -> 
     from .config import Config
 
     assert isinstance(config, Config)
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(echo_app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", upstream_port)
     try:
