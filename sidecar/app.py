@@ -27,7 +27,7 @@ from .certs import file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .handler import Handler, Identity, Plan
-from .headers import HeaderRules
+from .headers import HeaderRules, ResponseRules
 from .hosts import ServerNames
 from .identity import Backend
 from .identity.cache import VerdictCache
@@ -200,7 +200,11 @@ class Sidecar:
             if previous is not None and _same_upstream(config, previous[1]):
                 upstream = previous[0].upstream
             else:
-                upstream = UpstreamClient(config.upstream, limits=config.limits)
+                upstream = UpstreamClient(
+                    config.upstream,
+                    limits=config.limits,
+                    responses=ResponseRules(config.headers.reports.names()),
+                )
                 built.append(upstream.close)
                 await upstream.start()
             if previous is not None and config.identity == previous[1].identity:
@@ -449,8 +453,11 @@ def _as_running(new: Config, old: Config) -> Config:
 
 def _same_upstream(a: Config, b: Config) -> bool:
     # All of limits, not only the keys UpstreamClient takes today: a limit it is given later
-    # must not be kept silently by a reload (a new client costs a few new connections).
-    return a.upstream == b.upstream and a.limits == b.limits
+    # must not be kept silently by a reload (a new client costs a few new connections). The
+    # report header names are removed from its responses: a new name needs a new client.
+    return (
+        a.upstream == b.upstream and a.limits == b.limits and a.headers.reports == b.headers.reports
+    )
 
 
 async def _close_plan(plan: Plan, *, keep: Plan | None = None) -> None:

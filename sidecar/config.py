@@ -303,6 +303,75 @@ def _header_name(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
+#: response fields a report header name may not take: they frame, address or describe the
+#: response, and report headers are removed from every response (RFC 9110 and 6265)
+_RESPONSE_FIELDS = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "content-language",
+        "content-location",
+        "content-range",
+        "content-disposition",
+        "set-cookie",
+        "location",
+        "date",
+        "server",
+        "www-authenticate",
+        "cache-control",
+        "etag",
+        "last-modified",
+        "vary",
+        "expires",
+        "retry-after",
+        "accept-ranges",
+        "age",
+        "allow",
+    }
+)
+
+
+class ReportHeadersConfig(Section):
+    """Response headers by which the application reports to Identity Plus (README "Trust
+    reports"). They are removed from every upstream response, whether reports are on or off,
+    so that a browser never sees them."""
+
+    bind: str = "X-Identity-Bind"
+    unbind: str = "X-Identity-Unbind"
+    trust: str = "X-Identity-Trust"
+    intrusion: str = "X-Identity-Intrusion"
+
+    @field_validator("bind", "unbind", "trust", "intrusion")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not _TOKEN.match(v):
+            raise ValueError(f"not a valid header name: {v!r}")
+        name = _header_name(v)
+        if name in SIDECAR_HEADERS or name in _RESPONSE_FIELDS:
+            raise ValueError(
+                f"{v!r} frames, addresses or describes responses: it would be removed from "
+                "every response; choose another name"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ReportHeadersConfig:
+        seen: dict[str, str] = {}
+        for key in ("bind", "unbind", "trust", "intrusion"):
+            name = _header_name(getattr(self, key))
+            if name in seen:
+                raise ValueError(
+                    f"@{key}: the same header as headers.reports.{seen[name]} "
+                    "(in any case, and with underscores read as dashes)"
+                )
+            seen[name] = key
+        return self
+
+    def names(self) -> tuple[str, str, str, str]:
+        """The four names, in the order of ``REPORT_KINDS`` (bind, unbind, trust, intrusion)."""
+        return (self.bind, self.unbind, self.trust, self.intrusion)
+
+
 class HeadersConfig(Section):
     """Names of the identity headers sent upstream (the contract's by default).
 
@@ -315,6 +384,8 @@ class HeadersConfig(Section):
     userinfo: str = "X-USERINFO"
     #: more request headers to remove whoever sent them (trusted proxies included)
     strip: tuple[str, ...] = ()
+    #: response headers the application reports to Identity Plus with (always removed)
+    reports: ReportHeadersConfig = ReportHeadersConfig()
 
     @field_validator("strip")
     @classmethod
@@ -338,6 +409,14 @@ class HeadersConfig(Section):
                 "@userinfo: must differ from headers.certificate "
                 "(in any case, and with underscores read as dashes)"
             )
+        identity = {_header_name(self.certificate), _header_name(self.userinfo)}
+        for key, name in zip(
+            ("bind", "unbind", "trust", "intrusion"), self.reports.names(), strict=True
+        ):
+            if _header_name(name) in identity:
+                raise ValueError(
+                    f"@reports.{key}: must differ from headers.certificate and headers.userinfo"
+                )
         return self
 
     @field_validator("certificate", "userinfo")

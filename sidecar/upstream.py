@@ -28,7 +28,14 @@ from yarl import URL
 
 from .config import LimitsConfig, UpstreamConfig
 from .errors import UpstreamError
-from .headers import connection_tokens, lines_to_multidict, response_fields
+from .headers import (
+    DEFAULT_RESPONSE_RULES,
+    Captured,
+    ResponseRules,
+    connection_tokens,
+    lines_to_multidict,
+    response_fields,
+)
 from .responses import SERVER
 from .server import last_on_connection, when_gone
 from .upstream_http import (
@@ -58,7 +65,15 @@ _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.versi
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
-__all__ = ["BodyTimeout", "BodyTooLarge", "Downstream", "Forwarded", "Sent", "UpstreamClient"]
+__all__ = [
+    "BodyTimeout",
+    "BodyTooLarge",
+    "Captured",
+    "Downstream",
+    "Forwarded",
+    "Sent",
+    "UpstreamClient",
+]
 
 
 class Downstream(Protocol):
@@ -120,10 +135,18 @@ class Forwarded:
     status: int
     #: from sending the request until the upstream's response headers arrived
     upstream_seconds: float
+    #: the report headers the upstream's response carried (removed from it), or None
+    reports: Captured | None = None
 
 
 class UpstreamClient:
-    def __init__(self, config: UpstreamConfig, *, limits: LimitsConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        limits: LimitsConfig | None = None,
+        responses: ResponseRules = DEFAULT_RESPONSE_RULES,
+    ) -> None:
         base = URL(config.url)
         self._https = base.scheme == "https"
         self._host = base.raw_host or ""
@@ -137,6 +160,8 @@ class UpstreamClient:
             ("wss" if self._https else "ws") + str(base.origin())[len(base.scheme) :] + self._prefix
         )
         self._config = config
+        #: what is removed from (and captured in) every response head (headers.reports)
+        self._responses = responses
         limits = limits if limits is not None else LimitsConfig()
         self._max_body_size = limits.max_body_size
         self._body_timeout = limits.body_timeout
@@ -239,7 +264,9 @@ class UpstreamClient:
             retry=body is None and request.method in _IDEMPOTENT,
         )
         try:
-            return await _stream_response(request, conn, upstream_seconds, headers.get(_REQUEST_ID))
+            return await _stream_response(
+                request, conn, upstream_seconds, headers.get(_REQUEST_ID), self._responses
+            )
         finally:
             _cancel(sender)  # the upstream answered before it took the whole body
             pool.release(conn, reuse=True)
@@ -298,10 +325,10 @@ class UpstreamClient:
             return None
         assert self._pool is not None
         try:
-            self._respond_whole(client, conn, request_id)
+            reports = self._respond_whole(client, conn, request_id)
         finally:
             self._pool.release(conn, reuse=True)
-        return Forwarded(None, conn.status, time.perf_counter() - sent.started)
+        return Forwarded(None, conn.status, time.perf_counter() - sent.started, reports)
 
     async def finish_relay(self, client: Downstream, sent: Sent, request_id: str) -> Forwarded:
         """The rest of ``relay`` for a request ``send_now`` sent: a failure (a stale
@@ -326,10 +353,14 @@ class UpstreamClient:
             None if has_host else self._host_bytes,
         )
 
-    def _respond_whole(self, client: Downstream, conn: Connection, request_id: str) -> None:
-        fields, flags = response_fields(conn.raw_headers)
+    def _respond_whole(
+        self, client: Downstream, conn: Connection, request_id: str
+    ) -> Captured | None:
+        # trust-reports: the report headers are removed here, and their values handed back
+        fields, flags, reports = response_fields(conn.raw_headers, self._responses)
         fields += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
         client.respond(conn.status, conn.reason, fields, flags, conn.take(), True)
+        return reports
 
     async def _relay_response(
         self, client: Downstream, conn: Connection, request_id: str, upstream_seconds: float
@@ -338,9 +369,10 @@ class UpstreamClient:
         status = conn.status
         try:
             if conn.complete:  # all of it arrived with the head: one write
-                self._respond_whole(client, conn, request_id)
-                return Forwarded(None, status, upstream_seconds)
-            fields, flags = response_fields(conn.raw_headers)
+                reports = self._respond_whole(client, conn, request_id)
+                return Forwarded(None, status, upstream_seconds, reports)
+            # trust-reports: the report headers are removed here, and their values handed back
+            fields, flags, reports = response_fields(conn.raw_headers, self._responses)
             fields += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
             client.respond(status, conn.reason, fields, flags, b"", False)
             # A client that leaves (or is cut off for send_timeout) ends the exchange at once,
@@ -360,7 +392,7 @@ class UpstreamClient:
                     await client.drain()
                 except ConnectionError:  # the client is gone
                     break
-            return Forwarded(None, status, upstream_seconds)
+            return Forwarded(None, status, upstream_seconds, reports)
         finally:
             client.when_gone(None)
             self._pool.release(conn, reuse=True)
@@ -502,7 +534,11 @@ class _WholeResponse(web.StreamResponse):
 
 
 async def _stream_response(
-    request: web.BaseRequest, conn: Connection, upstream_seconds: float, request_id: str | None
+    request: web.BaseRequest,
+    conn: Connection,
+    upstream_seconds: float,
+    request_id: str | None,
+    rules: ResponseRules,
 ) -> Forwarded:
     """Stream the upstream's response to the client; abort the client if the upstream fails.
 
@@ -510,7 +546,9 @@ async def _stream_response(
     (``server.Connection``) cuts a client off that takes nothing for ``send_timeout``, which
     ends the wait, and the exchange with it.
     """
-    headers = lines_to_multidict(response_fields(conn.raw_headers)[0])
+    # trust-reports: the report headers are removed here, and their values handed back
+    fields, _, reports = response_fields(conn.raw_headers, rules)
+    headers = lines_to_multidict(fields)
     if request_id is not None:
         headers[_REQUEST_ID] = request_id
     headers.setdefault("Server", SERVER)  # as on the listener's own path; not aiohttp's banner
@@ -518,7 +556,7 @@ async def _stream_response(
     reason = conn.reason.decode("utf-8", "surrogateescape")
     kind = _WholeResponse if conn.complete else web.StreamResponse
     response = kind(status=status, reason=reason, headers=headers)
-    forwarded = Forwarded(response, status, upstream_seconds)
+    forwarded = Forwarded(response, status, upstream_seconds, reports)
     last_on_connection(request, response)
     try:
         await response.prepare(request)
