@@ -528,6 +528,43 @@ def _uri(value: str) -> str:
     return value
 
 
+class ReportsConfig(Section):
+    """Trust reports: the application's response headers (``headers.reports``) and the admin
+    listener's ``POST /identityplus/...`` become Identity Plus calls, made in the background
+    (``identity.reports``). ``reports: true`` is short for ``reports: {enabled: true}``."""
+
+    enabled: bool = False
+    #: Identity Plus calls in flight at once (per worker)
+    concurrency: int = Field(4, ge=1, le=64)
+    #: reports queued or being retried at once (per worker); more are dropped
+    max_pending: int = Field(1000, ge=1, le=100_000)
+    #: a call that fails (or answers ER 1106) is made again at most this many times
+    retries: int = Field(3, ge=0, le=20)
+    #: the wait before the first retry, doubled for each next one (with jitter) ...
+    backoff: Duration = Field(1.0, gt=0)
+    #: ... up to this
+    max_backoff: Duration = Field(60.0, gt=0)
+    #: reports per minute about one certificate (as many at once), per worker
+    per_certificate: int = Field(10, ge=1, le=100_000)
+    #: reports per minute in all (as many at once), per worker
+    overall: int = Field(600, ge=1, le=1_000_000)
+    #: the same report again within this long is not sent again
+    dedupe_window: Duration = 600.0
+    #: how long POST /identityplus/... waits for the outcome before answering 202
+    admin_wait: Duration = Field(10.0, ge=0, le=300)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _backoffs(self) -> ReportsConfig:
+        if self.max_backoff < self.backoff:
+            raise ValueError("@max_backoff: must be at least backoff")
+        return self
+
+
 class IdentityPlusConfig(Section):
     endpoint: str = "https://api.identity.plus/v1"
     #: this service's own API ("agent") certificate and key, PEM or DER ...
@@ -550,6 +587,8 @@ class IdentityPlusConfig(Section):
     #: the Identity Plus CA certificates that sign client certificates: only certificates
     #: they signed are asked about (serials are unique per issuer only); empty: any
     issuers: tuple[CACertFile, ...] = ()
+    #: trust reports from the application and the admin listener (README "Trust reports")
+    reports: ReportsConfig = ReportsConfig()
     # The issuers' DER, read once: part of equality, so that a rewritten file under the same
     # name is a changed configuration (a reload then builds a new backend).
     _issuer_der: tuple[bytes, ...] = PrivateAttr(default=())
