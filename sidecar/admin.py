@@ -1,10 +1,12 @@
-"""The admin listener: plain HTTP for probes, Prometheus and cache purges.
+"""The admin listener: plain HTTP for probes, Prometheus, cache purges, the status page and
+trust reports.
 
 ``/healthz`` says the process serves; ``/readyz`` says it should get traffic (not while
 starting, draining, or while the identity backend reports its own credentials broken);
 ``/metrics`` is the Prometheus text format; ``POST /cache/purge`` empties the verdict cache,
 or drops one certificate given by ``?serial=`` (decimal, ``0x`` hex or colon hex) or
-``?sha256=``. Keep this listener private: it has no authentication.
+``?sha256=``; ``GET /`` is the status page (``status``); ``POST /identityplus/{kind}`` sends
+a trust report (``admin_reports``). Keep this listener private: it has no authentication.
 
 Browsers are kept out by one rule, ``refusal``, applied to every request by ``guard`` (the
 supervisor's listener uses it too): the ``Host`` must be a name this listener is known by
@@ -29,6 +31,7 @@ from .certs import normalize_fingerprint, parse_serial
 from .config import AdminConfig
 from .log import get_logger
 from .metrics import Metrics
+from .status import Document, respond
 
 #: the header that makes a state-changing admin request one a web page cannot send cross-site
 #: without a CORS preflight (which this listener never grants); its value does not matter
@@ -188,8 +191,11 @@ def admin_app(
     readiness: Readiness,
     purge: Callable[[], Purge | None],
     config: AdminConfig,
+    status: Callable[[], Document] | None = None,
+    reports: Callable[[web.Request], Awaitable[web.Response]] | None = None,
 ) -> web.Application:
-    """The admin application. ``purge`` returns the current cache's purge function (reloads swap it)."""
+    """The admin application. ``purge`` returns the current cache's purge function (reloads
+    swap it); ``status`` makes the status document; ``reports`` answers trust reports."""
 
     async def healthz(request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
@@ -228,9 +234,17 @@ def admin_app(
         )
         return _json(200, {"purged": removed, "scope": scope})
 
+    async def status_view(request: web.Request) -> web.Response:
+        assert status is not None
+        return respond(status(), request.headers.get("Accept"))
+
     app = web.Application(middlewares=[guard(config)])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_post("/cache/purge", purge_view)
+    if status is not None:
+        app.router.add_get("/", status_view)
+    if reports is not None:
+        app.router.add_post("/identityplus/{kind}", reports)
     return app

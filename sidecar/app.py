@@ -4,8 +4,9 @@
 backend behind its verdict cache, the TLS listener, the admin listener). ``reload`` builds a
 whole new ``Plan`` and TLS context from the file and swaps them in; a reload that fails keeps
 the running state and says why. ``shutdown`` drains: readiness fails at once, the listener
-closes after the drain delay, in-flight requests get the grace period. Nothing here is on
-the request path.
+closes after the drain delay, in-flight requests get the grace period. The trust reporter
+and the status page's collectors live as long as the process (a reload reconfigures them).
+Nothing here is on the request path.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import contextlib
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from . import BUILD, log
-from .admin import Purge, Readiness, admin_app
+from . import BUILD, __version__, log, status
+from .admin import ADMIN_HEADER, Purge, Readiness, admin_app
+from .admin_reports import report_view
 from .certs import file_signature, read_certificates
-from .config import Config, ConfigError, IdentityConfig, load
+from .config import Config, ConfigError, IdentityConfig, ReportsConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .handler import Handler, Identity, Plan
 from .headers import HeaderRules, ResponseRules
@@ -32,9 +36,11 @@ from .hosts import ServerNames
 from .identity import Backend
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
+from .identity.reports import Community, Reporter, Target
 from .identity.static import StaticBackend
 from .listener import ListenerServer
 from .metrics import Metrics
+from .observe import Observations
 from .policy import Route, RouteTable
 from .tls import PeerCertificates, TLSState, server_context
 from .upstream import UpstreamClient
@@ -104,6 +110,7 @@ class Sidecar:
         metrics: Metrics | None = None,
         reuse_port: bool = False,
         admin_socket: Path | None = None,
+        supervisor_socket: Path | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -112,6 +119,20 @@ class Sidecar:
         self.reuse_port = reuse_port
         #: a worker under a supervisor serves its admin listener on this Unix socket instead
         self.admin_socket = admin_socket
+        #: ... and tells its supervisor there which verdicts every worker must drop
+        self.supervisor_socket = supervisor_socket
+        self.started = time.time()
+        #: the last reload: when, why, and how it went (the status page)
+        self.last_reload: dict[str, object] | None = None
+        self.observations = Observations()
+        self.reporter = Reporter(
+            _reports_config(config),
+            backend=self._community,
+            forget=self._forget,
+            metrics=self.metrics,
+        )
+        self._told: set[asyncio.Task[None]] = set()
+        self._certificates: dict[str, Any] = {}
         self.readiness = Readiness()
         self.tls = TLSState(server_context(config.tls))
         self.peer_certs = PeerCertificates()
@@ -145,8 +166,11 @@ class Sidecar:
             metrics=self.metrics,
             logger=self.log,
             access_log=self.config.log.level in ("debug", "info"),
+            reports=self.reporter,
+            observations=self.observations,
         )
         self.metrics.bind_cache(self._cache_stats)
+        self.metrics.trust_reports_pending.set_function(lambda: self.reporter.pending)
         self.metrics.client_certs_expiring.set_function(
             lambda: self.peer_certs.expiring_within(7 * 86400)
         )
@@ -232,6 +256,13 @@ class Sidecar:
             readiness=self.readiness,
             purge=self._purge_fn,
             config=self.config.admin,
+            status=self.status_document,
+            reports=report_view(
+                self.reporter,
+                seen=self.peer_certs.find,
+                # a worker's socket is reached only by its supervisor, which checks the peer
+                allowed=None if self.admin_socket is not None else self._reports_from,
+            ),
         )
         self.readiness.checks.append(self._identity_problem)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -257,6 +288,78 @@ class Sidecar:
     def _purge_fn(self) -> Purge | None:
         cache = self._cache()
         return cache.purge if cache is not None else None
+
+    def _reports_from(self) -> tuple[Any, ...]:
+        return self.config.admin.reports_from
+
+    def _community(self) -> Community | None:
+        """The Identity Plus backend trust reports are sent through, if that is the backend."""
+        from .identity.identityplus import IdentityPlusBackend
+
+        cache = self._cache()
+        backend = cache.backend if cache is not None else None
+        return backend if isinstance(backend, IdentityPlusBackend) else None
+
+    def _forget(self, target: Target) -> None:
+        """Drop a certificate's verdict after a report changed its profile: here, and (under
+        a supervisor) in every other worker, so that its next request asks again."""
+        cache = self._cache()
+        if cache is not None:
+            if target.sha256 is not None:
+                cache.forget(target.sha256)
+            else:
+                cache.purge(serial=target.serial)
+        if self.supervisor_socket is not None:
+            task = asyncio.get_running_loop().create_task(self._tell_supervisor(target))
+            self._told.add(task)
+            task.add_done_callback(self._told.discard)
+
+    async def _tell_supervisor(self, target: Target) -> None:
+        assert self.supervisor_socket is not None
+        doc = {"sha256": target.sha256, "serial": str(target.serial)}
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=str(self.supervisor_socket)),
+                    timeout=aiohttp.ClientTimeout(total=10),
+                ) as session,
+                session.post(
+                    "http://localhost/workers/forget", json=doc, headers={ADMIN_HEADER: "1"}
+                ) as resp,
+            ):
+                if resp.status != 200:
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info, (), status=resp.status, message=await resp.text()
+                    )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.log.warning(
+                "verdict_drop_not_relayed",
+                cert_sha256=target.sha256,
+                reason=repr(exc),
+                hint="other workers keep this certificate's verdict until its ttl",
+            )
+
+    def status_document(self) -> status.Document:
+        """This process's status page (``status.document``)."""
+        cache = self._cache()
+        backend = cache.backend if cache is not None else None
+        expiry = getattr(backend, "agent_expiry", None)
+        handler = self.handler
+        return status.document(
+            version=__version__,
+            build=BUILD.describe(),
+            started=self.started,
+            config_file=str(self.config_path) if self.config_path is not None else None,
+            reload=self.last_reload,
+            certs=self._certificates,
+            server_names=handler.plan.server_names.names if handler is not None else (),
+            backend=self.config.identity.backend,
+            credential_problem=getattr(backend, "credential_problem", None),
+            agent_expiry=float(expiry) if isinstance(expiry, float) else None,
+            observations=self.observations,
+            reports=self.reporter.snapshot(),
+            registry=self.metrics.registry,
+        )
 
     def _agent_expiry(self) -> float:
         cache = self._cache()
@@ -339,10 +442,12 @@ class Sidecar:
         if self._listener is not None:
             self._listener.apply_limits(new.limits)
         self.config = new
+        self.reporter.apply(_reports_config(new))
         self._observe_certificates(new)
         self._retire(previous, plan, delay=new.shutdown.grace_period)
         self._watched = file_signature(watched_files(new, self.config_path))
         self.metrics.reloads.labels("success").inc()
+        self.last_reload = {"time": time.time(), "cause": cause, "result": "success"}
         self.log.info(
             "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
         )
@@ -355,6 +460,12 @@ class Sidecar:
         for problem in problems:
             self.log.error("reload_failed", cause=cause, problem=problem, exc_info=exc)
         self.metrics.reloads.labels("failure").inc()
+        self.last_reload = {
+            "time": time.time(),
+            "cause": cause,
+            "result": "failure",
+            "problems": problems[:20],
+        }
         return False
 
     def _warn(self, config: Config) -> None:
@@ -394,6 +505,10 @@ class Sidecar:
             self.metrics.server_cert_expiry.set(leaf.not_valid_after_utc.timestamp())
         except CertificateError:
             pass
+        # status: the certificates in force, as they were loaded
+        self._certificates = status.certificates(
+            config.tls.certificate, config.tls.client_ca, config.tls.pinned_certificates
+        )
 
     # ---- stop -----------------------------------------------------------------------------
 
@@ -423,6 +538,11 @@ class Sidecar:
             self._ping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ping
+        # Reports being sent get a moment; the rest are logged as failed (their backend closes).
+        await self.reporter.close(min(grace, 5.0))
+        for task in list(self._told):
+            task.cancel()
+        await asyncio.gather(*self._told, return_exceptions=True)
         for task, (old, new) in list(self._retired.items()):
             task.cancel()
             await _close_plan(old, keep=new)
@@ -433,6 +553,11 @@ class Sidecar:
             self._admin = None
         if not quiet:
             self.log.info("stopped")
+
+
+def _reports_config(config: Config) -> ReportsConfig:
+    identityplus = config.identity.identityplus
+    return identityplus.reports if identityplus is not None else ReportsConfig()
 
 
 def _as_running(new: Config, old: Config) -> Config:

@@ -743,12 +743,32 @@ def _admin_name(value: str) -> str:
     return name
 
 
+def _networks(v: Any) -> Any:
+    """A list of CIDRs (or addresses) as networks; each one that is not, a problem."""
+    if not isinstance(v, list | tuple):
+        return v
+    out = []
+    for i, item in enumerate(v):
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"@[{i}]: not an IP address or CIDR: {item!r}") from None
+    return out
+
+
 class AdminConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
     #: names the admin listener answers to besides IP addresses, localhost and ``host`` (e.g.
     #: a Service's DNS name); a request with any other Host is refused (DNS rebinding)
     server_names: tuple[Annotated[str, AfterValidator(_admin_name)], ...] = ()
+    #: besides loopback, the peers (CIDRs) that may send trust reports (POST /identityplus/...)
+    reports_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @field_validator("reports_from", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> Any:
+        return _networks(v)
 
 
 class ShutdownConfig(Section):
@@ -804,15 +824,7 @@ class Config(Section):
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _cidrs(cls, v: Any) -> Any:
-        if not isinstance(v, list | tuple):
-            return v
-        out = []
-        for i, item in enumerate(v):
-            try:
-                out.append(ipaddress.ip_network(str(item), strict=False))
-            except ValueError:
-                raise ValueError(f"@[{i}]: not an IP address or CIDR: {item!r}") from None
-        return out
+        return _networks(v)
 
     @model_validator(mode="after")
     def _names_served(self) -> Config:

@@ -3,7 +3,9 @@
 Every request runs ``Handler.__call__`` once, as plain calls in a fixed order; each step takes
 values and returns a value. Status codes for the sidecar's own answers are chosen in
 ``_answer`` (policy outcomes come from ``policy.decide``). One log event and one metrics
-update are made per request, in ``_finish``.
+update are made per request, in ``_finish`` (which also remembers refusals for the status
+page). Report headers the application's response carried go to ``reports`` once that
+response has gone to the client (``forwarded``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
 from .headers import HeaderRules, lines_to_multidict, request_fields
 from .hosts import ServerNames
-from .identity import LookupContext, SignOnPurpose, Verdict
+from .identity import LookupContext, SignOnPurpose, User, Verdict
 from .identity.intents import SignOn, SignOnLimited
 from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
+from .observe import REFUSED, Observations
 from .policy import (
     BadPath,
     Deny,
@@ -38,7 +41,7 @@ from .policy import (
 )
 from .server import last_on_connection
 from .tls import requested_server_name
-from .upstream import BodyTimeout, BodyTooLarge, Forwarded, UpstreamClient
+from .upstream import BodyTimeout, BodyTooLarge, Captured, Forwarded, UpstreamClient
 
 # fullmatch: "$" alone would also match before a final newline
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -70,6 +73,22 @@ class Identity(Protocol):
     async def sign_on(
         self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
     ) -> SignOn: ...
+
+
+class Reports(Protocol):
+    """Where the report headers of a forwarded response go (``identity.reports.Reporter``)."""
+
+    def from_response(
+        self,
+        cert: ClientCert | None,
+        user: User | None,
+        verdict_code: str | None,
+        captured: Captured,
+        *,
+        client_ip: str | None,
+        path: str | None,
+        request_id: str | None,
+    ) -> None: ...
 
 
 class Request(Protocol):
@@ -142,6 +161,7 @@ class Ticket:
         "started",
         "step",
         "trusted",
+        "user",
         "verdict_code",
     )
 
@@ -165,6 +185,8 @@ class Ticket:
         self.step = DONE
         self.route: Route | None = None
         self.verdict_code: str | None = None
+        #: the user announced upstream (identity headers sent), if any
+        self.user: User | None = None
         self.response: web.StreamResponse | None = None
         self.outcome: Outcome | None = None
         #: for FORWARD: the header lines and whether the client sent a Host
@@ -205,9 +227,14 @@ class Handler:
         logger: Any,
         access_log: bool = True,
         clock: Callable[[], float] = time.time,
+        reports: Reports | None = None,
+        observations: Observations | None = None,
     ) -> None:
         self.plan = plan
         self.metrics = metrics
+        #: the trust reporter (report headers of responses), and the status page's collectors
+        self.reports = reports
+        self.observations = observations
         self.log = logger
         #: False when the log level is above info: skip building an event nobody will see
         self.access_log = access_log
@@ -307,6 +334,27 @@ class Handler:
         self.metrics.observe_upstream(forwarded.upstream_seconds)
         ticket.response = forwarded.response
         ticket.step = DONE
+        captured = forwarded.reports
+        if captured is not None and self.reports is not None:
+            # trust-reports: the response has gone to the client; what it reported goes out,
+            # about this request's certificate
+            self._report(ticket, self.reports, captured)
+
+    def _report(self, ticket: Ticket, reports: Reports, captured: Captured) -> None:
+        try:
+            reports.from_response(
+                ticket.cert,
+                ticket.user,
+                ticket.verdict_code,
+                captured,
+                client_ip=ticket.peer_ip,
+                path=ticket.request.raw_path.split("?", 1)[0],
+                request_id=ticket.request_id,
+            )
+        except Exception as exc:  # the response is sent: a report must not turn it into a 500
+            self.log.error(
+                "trust_report_failed", request_id=ticket.request_id, error=repr(exc), exc_info=exc
+            )
 
     def fail(self, ticket: Ticket, exc: Exception) -> None:
         """An unexpected error: the answer is 500."""
@@ -361,10 +409,12 @@ class Handler:
         identity, cert = ticket.plan.identity, ticket.cert
         assert cert is not None
         verdict: Verdict | None = None
+        failure: IdentityUnavailable | None = None
         started = time.perf_counter()
         try:
             verdict = await identity.lookup(cert, LookupContext(client_ip=ticket.peer_ip))
         except IdentityUnavailable as exc:
+            failure = exc
             self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
             self.log.warning(
                 "identity_unavailable",
@@ -375,9 +425,15 @@ class Handler:
         else:
             self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
         finally:
-            self.metrics.identity_duration.labels(identity.name).observe(
-                time.perf_counter() - started
-            )
+            seconds = time.perf_counter() - started
+            self.metrics.identity_duration.labels(identity.name).observe(seconds)
+            observations = self.observations
+            if observations is not None:  # status: latency and last error, cache misses only
+                observations.looked_up(
+                    seconds,
+                    failure.reason if failure is not None else None,
+                    failure.code if failure is not None else None,
+                )
         self._decide(ticket, verdict, backend_failed=verdict is None)
 
     def _decide(self, ticket: Ticket, verdict: Verdict | None, *, backend_failed: bool) -> None:
@@ -391,7 +447,7 @@ class Handler:
         )
         code = ticket.verdict_code = verdict.code if verdict is not None else None
         if isinstance(decision, Forward):
-            user = decision.user
+            user = ticket.user = decision.user
             ticket.block, ticket.has_host = request_fields(
                 plan.rules,
                 ticket.request.raw_headers,
@@ -600,6 +656,19 @@ class Handler:
         self.metrics.observe_request(
             outcome.route, request.method, outcome.decision, outcome.status, elapsed
         )
+        observations = self.observations
+        if observations is not None and outcome.decision in REFUSED:
+            # status: the last refusals ("I can't get in")
+            observations.refused(
+                method=request.method[:20],
+                status=outcome.status,
+                route=outcome.route,
+                decision=outcome.decision,
+                reason=outcome.reason,
+                verdict=outcome.verdict_code,
+                sha256=cert.sha256 if cert is not None else None,
+                request_id=ticket.request_id,
+            )
         if not self.access_log:
             return
         values = (

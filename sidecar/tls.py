@@ -175,6 +175,14 @@ class PeerCertificates:
             self._parsed.popitem(last=False)
         return parsed
 
+    def find(self, sha256: str) -> ClientCert | None:
+        """A recently seen client certificate by its fingerprint (the admin listener's trust
+        reports name certificates so), or None."""
+        for cert in list(self._parsed.values()):
+            if cert.sha256 == sha256:
+                return cert
+        return None
+
     def expiring_within(self, seconds: float, now: float | None = None) -> int:
         """How many recently seen client certificates expire within ``seconds`` (for a gauge)."""
         limit = (time.time() if now is None else now) + seconds
