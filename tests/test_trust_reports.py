@@ -515,3 +515,24 @@ async def answer_with(
     answer: Callable[[Scripted, int, bytes, asyncio.StreamWriter], Awaitable[bool]],
 ) -> Scripted:
     return await scripted(answer)
+
+
+async def test_a_flood_of_bad_headers_is_counted_in_full_and_logged_in_part(start: Start) -> None:
+    """An application that sets a bad header on every response cannot flood the log: every
+    report is counted, the log events are bounded, and the next one says how many it left out."""
+    env = await start(reports=FAST)
+    ada = env.client("Ada Lovelace")
+    env.fake.set_profile(serial(ada), "OK 0001")
+    with capture_logs() as logs:
+        await asyncio.gather(
+            *(env.get("/app/", ada, {"X-Identity-Trust": "lots"}) for _ in range(40))
+        )
+    assert env.metric("sidecar_trust_reports_total", outcome="invalid") == 40
+    logged = events(logs, outcome="invalid")
+    assert 20 <= len(logged) < 40
+    assert env.fake.reports == []
+    await asyncio.sleep(0.2)  # the log's bucket refills (10 a second)
+    with capture_logs() as logs:
+        await env.get("/app/", ada, {"X-Identity-Trust": "lots"})
+    [after] = events(logs, outcome="invalid")
+    assert after["suppressed"] == 40 - len(logged)

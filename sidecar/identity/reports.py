@@ -582,15 +582,14 @@ class Reporter:
         if self._metrics is not None:
             self._metrics.trust_reports.labels(kind, result.outcome).inc()
         outcome = result.outcome
-        log = _log()
         if outcome in DONE:
-            emit = log.info
+            level = "info"
         elif outcome == "duplicate":
-            emit = log.debug  # an application may say the same on every response
+            level = "debug"  # an application may say the same on every response
         elif origin.source == "response" and outcome != "failed" and not self._may_log():
             return
         else:
-            emit = log.warning
+            level = "warning"
         fields: dict[str, object] = {
             "type": kind,
             "outcome": outcome,
@@ -611,10 +610,10 @@ class Reporter:
             fields.update(target.describe())
         if request is not None:
             fields.update(request.fields())
-        if self._suppressed and emit is log.warning:
+        if self._suppressed and level == "warning":
             fields["suppressed"] = self._suppressed
             self._suppressed = 0
-        emit("trust_report", **fields)
+        getattr(_log(), level)("trust_report", **fields)
 
     def _may_log(self) -> bool:
         """A refusal's log event fits within ``_REFUSAL_LOGS``; else it is counted as
