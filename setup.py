@@ -48,6 +48,11 @@ COMPILED = [
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
     "sidecar/identity/intents.py",
+    # the status page's collectors, and trust reports (from a response's report headers)
+    "sidecar/observe.py",
+    "sidecar/identity/report_values.py",
+    "sidecar/identity/report_gate.py",
+    "sidecar/identity/reports.py",
 ]
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)
