@@ -17,6 +17,12 @@ and hands each module its own frozen section; ``app`` assembles the listener and
 upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
 ``build`` says whether the request path runs compiled (setup.py) or interpreted.
 Leaves (``certs``, ``policy``, ``headers``, ``responses``) do no I/O.
+
+Beside the path: the report headers an application sets on its responses (removed by
+``headers``) become Identity Plus calls after the response has gone (``identity.reports``),
+as do the admin listener's ``POST /identityplus/...`` (``admin_reports``); the admin
+listener's status page (``status``) reads what the path observes (``observe``: refusals,
+backend latency) and the metrics registry.
 """
 
 from .build import Build, choose

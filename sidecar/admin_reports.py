@@ -84,9 +84,6 @@ def report_view(
     for a worker's private socket, which only its supervisor reaches: it checks)."""
 
     async def view(request: web.Request) -> web.Response:
-        kind = request.match_info["kind"]
-        if kind not in KINDS:
-            return _json(404, {"error": f"no such report: {kind} (one of {', '.join(KINDS)})"})
         if allowed is not None and not peer_allowed(request.remote, allowed()):
             log.warning(
                 "admin_request_refused",
@@ -103,6 +100,9 @@ def report_view(
                     "from the networks listed in admin.reports_from"
                 },
             )
+        kind = request.match_info["kind"]
+        if kind not in KINDS:
+            return _json(404, {"error": f"no such report: {kind} (one of {', '.join(KINDS)})"})
         if request.content_type != "application/json":
             return _json(415, {"error": "send the report as Content-Type: application/json"})
         try:

@@ -196,6 +196,12 @@ def _health(backend: str, credential_problem: str | None, observations: Observat
 # ---- a supervisor's workers, as one ---------------------------------------------------------
 
 _HEALTH_ORDER = ("credentials refused", "failing", "ok", "no lookups yet")
+#: what the page shows of the backend when no worker answered
+_NO_IDENTITY: Document = {
+    "backend": "unknown",
+    "last_error": None,
+    "credentials": {"state": "unknown", "problem": None, "agent_expires": None},
+}
 
 
 def merge(workers: Sequence[Document | None], supervisor: Mapping[str, Any]) -> Document:
@@ -232,7 +238,7 @@ def merge(workers: Sequence[Document | None], supervisor: Mapping[str, Any]) -> 
     def total(section: str, key: str) -> int:
         return sum(int(doc[section].get(key, 0)) for _, doc in docs)
 
-    identity = dict(first.get("identity", {}))
+    identity = dict(first.get("identity") or _NO_IDENTITY)
     identity.update(
         {
             "health": min(healths, key=_HEALTH_ORDER.index) if healths else "no worker answered",
@@ -255,7 +261,7 @@ def merge(workers: Sequence[Document | None], supervisor: Mapping[str, Any]) -> 
             "successes": total("reload", "successes"),
             "failures": total("reload", "failures"),
         },
-        "listener": first.get("listener", {}),
+        "listener": first.get("listener") or {"error": "no worker answered"},
         "trust_anchors": first.get("trust_anchors", []),
         "identity": identity,
         "cache": {

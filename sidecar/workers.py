@@ -38,7 +38,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import log, status
+from . import BUILD, __version__, log, status
 from .admin import ADMIN_HEADER, guard
 from .admin_reports import peer_allowed
 from .config import Config
@@ -374,6 +374,8 @@ class Supervisor:
         docs = await asyncio.gather(*(ask(w) for w in self.workers))
         now = time.time()
         supervisor = {
+            "version": __version__,
+            "build": BUILD.describe(),
             "pid": os.getpid(),
             "started": self.started,
             "uptime_seconds": round(now - self.started, 1),

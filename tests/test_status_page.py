@@ -27,7 +27,7 @@ from sidecar.observe import (
     Observations,
     quantile,
 )
-from sidecar.status import merge, wants_json
+from sidecar.status import finish, merge, render, wants_json
 
 from .conftest import ConfigDir, Running, SidecarFactory, Upstream
 from .fake_identityplus import fake_identityplus
@@ -358,3 +358,10 @@ async def test_a_fresh_process_shows_no_lookups_yet(
         "window_seconds": WINDOW_SECONDS,
     }
     assert doc["refusals"] == [] and doc["cache"]["hit_ratio"] is None
+
+
+def test_a_supervisor_whose_workers_do_not_answer_still_shows_a_page() -> None:
+    doc = finish(merge([None, None], {"workers": 2, "version": "v", "build": "compiled"}))
+    html = render(doc)
+    assert doc["identity"]["health"] == "no worker answered"
+    assert "no worker answered" in html and doc["cache"]["hit_ratio"] is None

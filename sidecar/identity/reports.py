@@ -534,7 +534,10 @@ class Reporter:
         request, target = report.request, report.target
         self._gate.ended(report.key, done=result.outcome in DONE)
         if result.outcome in DONE and request.kind in _CHANGES_PROFILE:
-            self._forget(target)
+            try:
+                self._forget(target)
+            except Exception as exc:  # the report is done all the same; its chain goes on
+                _log().error("trust_report_forget_failed", report_id=report.id, exc_info=exc)
         elif result.outcome == "failed":
             self._failed.append(
                 {
