@@ -100,6 +100,7 @@ def _check(report: ReportRequest) -> None:
         name = report.local_user_name
         assert name is not None and len(name) <= 200
         assert not set(name) & set(';,"\\')
+        assert all(c == " " or unicodedata.category(c) != "Zs" for c in name)
     if report.kind == "trust":
         assert report.trust_type in TRUST_TYPES
         assert report.tokens is None or 1 <= report.tokens <= MAX_TOKENS
@@ -115,7 +116,13 @@ def _check(report: ReportRequest) -> None:
         ),
         min_size=1,
         max_size=200,
-    ).filter(lambda t: t.strip(" \t") == t and not set(t) & set(';,"\\'))
+    ).filter(
+        lambda t: (
+            t.strip() == t
+            and not set(t) & set(';,"\\')
+            and all(c == " " or unicodedata.category(c) != "Zs" for c in t)
+        )
+    )
 )
 def test_every_acceptable_user_name_comes_through_unchanged(name: str) -> None:
     assert from_header("bind", name.encode()).local_user_name == name

@@ -441,6 +441,7 @@ BAD_VALUES = [
     pytest.param(b"X-Identity-Bind: ada\tX-Evil: 1\r\n", "U+0009", id="tab-injection"),
     pytest.param(b"X-Identity-Bind: ada\xc2\x85x\r\n", "U+0085", id="next-line-character"),
     pytest.param(b"X-Identity-Bind: \xe2\x80\xaeada\r\n", "U+202E", id="bidi-override"),
+    pytest.param(b"X-Identity-Bind: ada\xc2\xa0lovelace\r\n", "U+00A0", id="look-alike-space"),
     pytest.param(b"X-Identity-Bind: \xff\xfe\r\n", "not UTF-8", id="not-utf8"),
     pytest.param(b"X-Identity-Bind: " + b"a" * 201 + b"\r\n", "longer than 200", id="too-long"),
     pytest.param(b"X-Identity-Trust: lots\r\n", "unknown trust type", id="unknown-trust-type"),

@@ -245,10 +245,11 @@ def _only(params: Mapping[str, str], allowed: set[str]) -> None:
 
 def user_name(value: object) -> str:
     """A site-local user name: 1..200 characters, none of them a control, format or separator
-    character, nor ``; , " \\``; surrounding blanks dropped."""
+    character, a space other than U+0020 (a look-alike of another name), nor ``; , " \\``;
+    surrounding white space dropped."""
     if not isinstance(value, str):
         raise InvalidReport("the local user name must be a string")
-    name = value.strip(" \t")
+    name = value.strip()
     if not name:
         raise InvalidReport("the local user name is empty")
     if len(name) > MAX_USER_NAME:
@@ -256,6 +257,8 @@ def user_name(value: object) -> str:
     for char in name:
         if char in _NAME_FORBIDDEN:
             raise InvalidReport(f"the local user name holds {char!r}")
+        if char != " " and unicodedata.category(char) == "Zs":
+            raise InvalidReport(f"the local user name holds the space U+{ord(char):04X}")
     _printable(name, "the local user name")
     return name
 
