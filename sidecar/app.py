@@ -70,11 +70,11 @@ def build_rules(config: Config) -> HeaderRules:
     )
 
 
-# Keys a running process cannot change: the sockets are bound, the listener's verify mode set.
+# Keys a running process cannot change: the sockets are bound. (All of tls applies to new
+# connections: each is accepted with the context current then.)
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listen", lambda c: c.listen),
     ("admin", lambda c: c.admin),
-    ("tls.client_certificate", lambda c: c.tls.client_certificate),
     ("log", lambda c: c.log),
 )
 
@@ -141,19 +141,19 @@ class Sidecar:
         await self._start_admin()
         self._listener = ListenerServer(
             self.handler,
+            tls=self.tls,
             limits=self.config.limits,
             peer_certs=self.peer_certs,
             metrics=self.metrics,
         )
         listen = self.config.listen
         kwargs: dict[str, Any] = {"reuse_port": True} if self.reuse_port else {}
+        # Plain TCP: the TLS layer is our own (tls_transport), one protocol per accepted socket.
         self._server = await loop.create_server(
             self._listener,
             host=listen.host,
             port=listen.port,
-            ssl=self.tls.listener,
             backlog=1024,
-            ssl_handshake_timeout=self.config.limits.handshake_timeout,
             family=socket.AF_UNSPEC,
             **kwargs,
         )
@@ -297,16 +297,7 @@ class Sidecar:
             if get(new) != get(old):
                 self.log.warning("reload_needs_restart", key=key, reason="kept the running value")
         # Keep what cannot change while running, so self.config says what really runs.
-        new = new.model_copy(
-            update={
-                "listen": old.listen,
-                "admin": old.admin,
-                "log": old.log,
-                "tls": new.tls.model_copy(
-                    update={"client_certificate": old.tls.client_certificate}
-                ),
-            }
-        )
+        new = new.model_copy(update={"listen": old.listen, "admin": old.admin, "log": old.log})
         previous = self.handler.plan
         self.tls.swap(context)
         self.handler.plan = plan

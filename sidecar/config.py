@@ -149,7 +149,7 @@ class LimitsConfig(Section):
     #: a client that takes none of a response for this long is disconnected (nginx's send_timeout)
     send_timeout: Duration = Field(60.0, gt=0)
     #: time a client has to complete the TLS handshake
-    handshake_timeout: Duration = 60.0
+    handshake_timeout: Duration = Field(60.0, gt=0)
     #: open client connections per worker; further ones are closed at once
     max_connections: int = Field(4096, ge=1)
     #: request bodies larger than this are refused with 413; null: no limit

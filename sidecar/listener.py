@@ -16,9 +16,13 @@ is served from event-loop callbacks, without a task: written upstream in ``_star
 back in ``_on_upstream``. Whatever must wait goes to the connection's task, which continues
 the same exchange with the handler's and upstream client's coroutines.
 
-Per connection: the peer certificate is parsed once; ``limits.max_connections`` is
-enforced; a request head must be complete within ``limits.header_timeout`` of its first
-byte (slowloris); an idle keep-alive connection is closed after ``limits.keepalive_timeout``.
+TLS is ``tls_transport``'s: ``ListenerServer`` makes a ``TLSProtocol`` for every accepted
+connection, counted against ``limits.max_connections`` from accept to close, and a
+``ClientConnection`` for each handshake that succeeds.
+
+Per connection: the peer certificate is parsed once; a request head must be complete within
+``limits.header_timeout`` of its first byte (slowloris); an idle keep-alive connection is
+closed after ``limits.keepalive_timeout``.
 Pipelined requests are answered in order. Graceful shutdown closes idle connections and lets
 in-flight requests finish (with ``Connection: close``) within the grace period.
 """
@@ -49,7 +53,8 @@ from .log import get_logger
 from .metrics import Metrics
 from .responses import SERVER
 from .server import Connection as FallbackConnection
-from .tls import PeerCertificates
+from .tls import PeerCertificates, TLSState
+from .tls_transport import TLSProtocol
 from .upstream import Forwarded, Sent, UpstreamClient
 
 _UNSET: Any = object()
@@ -65,14 +70,15 @@ log = get_logger("sidecar.listener")
 
 
 class ListenerServer(web.Server):
-    """Makes a ``ClientConnection`` per accepted connection; keeps the limits, counters and
-    the connections for shutdown. As an aiohttp ``Server`` it also manages the connections
-    handed over to aiohttp."""
+    """Makes a ``TLSProtocol`` per accepted connection and a ``ClientConnection`` per
+    handshake that succeeds; keeps the limits, counters and the connections for shutdown. As
+    an aiohttp ``Server`` it also manages the connections handed over to aiohttp."""
 
     def __init__(
         self,
         handler: Handler,
         *,
+        tls: TLSState,
         limits: LimitsConfig,
         peer_certs: PeerCertificates,
         metrics: Metrics,
@@ -91,10 +97,13 @@ class ListenerServer(web.Server):
             access_log=None,
         )
         self.handler = handler
+        self.tls = tls
         self.limits = limits
         self.peer_certs = peer_certs
         self.metrics = metrics
+        #: accepted connections, from accept (handshake included) to close
         self.open_connections = 0
+        self.accepted: set[TLSProtocol] = set()
         self.clients: set[ClientConnection] = set()
         # A head longer than this may break a line limit: it is measured line by line.
         self.short_head = min(limits.max_request_line, limits.max_header_line)
@@ -103,7 +112,26 @@ class ListenerServer(web.Server):
         self.max_head = limits.max_request_line + limits.max_header_block + 4
         self.closing = False
 
-    def __call__(self) -> ClientConnection:  # type: ignore[override]
+    def __call__(self) -> TLSProtocol:  # type: ignore[override]
+        return TLSProtocol(self, self._loop)
+
+    # ---- tls_transport.Listener ----------------------------------------------------------------
+
+    def admit(self, connection: TLSProtocol) -> bool:
+        """Count an accepted connection in; beyond ``limits.max_connections`` (or while
+        shutting down) it is refused at once, before any TLS work."""
+        if self.open_connections >= self.limits.max_connections or self.closing:
+            self.metrics.connections_refused.inc()
+            return False
+        self.open_connections += 1
+        self.accepted.add(connection)
+        return True
+
+    def release(self, connection: TLSProtocol) -> None:
+        self.open_connections -= 1
+        self.accepted.discard(connection)
+
+    def protocol(self) -> ClientConnection:
         return ClientConnection(self)
 
     def adopt(self) -> FallbackConnection:
@@ -114,6 +142,9 @@ class ListenerServer(web.Server):
         """No new requests; in-flight ones get ``timeout`` seconds, then their connections are
         aborted. Idle connections close now."""
         self.closing = True
+        for connection in list(self.accepted):
+            if connection.handshaking:
+                connection.abort()
         grace = 0.0 if timeout is None else timeout
         tasks = [task for client in list(self.clients) if (task := client.stop()) is not None]
         self.pre_shutdown()  # as aiohttp's runner does: idle handed-over connections close now
@@ -127,6 +158,8 @@ class ListenerServer(web.Server):
         await fallback
         for client in list(self.clients):
             client.abort()
+        for connection in list(self.accepted):
+            connection.abort()  # still closing (lingering)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -136,14 +169,12 @@ class ClientConnection(asyncio.Protocol):
         "_buffer",
         "_busy",
         "_complete",
-        "_counted",
         "_deadline",
         "_drain_waiter",
         "_head_started",
         "_hosts",
         "_in_task",
         "_keep_alive",
-        "_made",
         "_parser",
         "_peer",
         "_peer_ip",
@@ -169,8 +200,6 @@ class ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._parser = httptools.HttpRequestParser(self)
-        self._made = False
-        self._counted = False
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
         self._peer_ip: str | None = None
@@ -197,25 +226,15 @@ class ClientConnection(asyncio.Protocol):
         self._hosts = 0
         self._keep_alive = False
 
-    def __del__(self) -> None:
-        # asyncio makes this protocol at accept time but calls connection_made only after the
-        # TLS handshake: one that never got there failed (or was abandoned) during the handshake.
-        if not self._made:
-            self._server.metrics.tls_handshake_failures.inc()
-
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._made = True
+        # Made by the TLS layer after the handshake (counted there since accept).
         server = self._server
-        if server.open_connections >= server.limits.max_connections or server.closing:
-            server.metrics.connections_refused.inc()
+        if server.closing:  # a handshake that ended as the listener closed
             transport.abort()  # type: ignore[attr-defined]
             return
-        server.open_connections += 1
-        self._counted = True
         server.clients.add(self)
-        # uvloop's transports are not registered as asyncio.Transport, so no isinstance check.
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -566,9 +585,6 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._server.clients.discard(self)
-        if self._counted:
-            self._counted = False
-            self._server.open_connections -= 1
 
     def _hand_off(self) -> None:
         """Give the connection, with every byte not yet served, to aiohttp's server."""
@@ -579,13 +595,11 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         fallback = self._server.adopt()
-        # The connection stays counted; the fallback protocol gives the count back.
-        counted, self._counted = self._counted, False
         self._release()
         self._end_waiting()
         data, self._buffer = bytes(self._buffer), bytearray()
         transport.set_protocol(fallback)
-        fallback.adopt(counted=counted, peer=peer)
+        fallback.adopt(peer=peer)
         fallback.connection_made(transport)
         if self._read_paused:
             self._read_paused = False

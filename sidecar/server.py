@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class Connection(RequestHandler):
     """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
 
-    __slots__ = ("_counted", "_header_timeout", "_listener", "_metrics", "_peer")
+    __slots__ = ("_header_timeout", "_listener", "_metrics", "_peer")
 
     def __init__(
         self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
@@ -36,12 +36,10 @@ class Connection(RequestHandler):
         self._listener = manager
         self._header_timeout = manager.limits.header_timeout
         self._metrics = manager.metrics
-        self._counted = False
 
-    def adopt(self, *, counted: bool, peer: ClientCert | None) -> None:
-        """Take over a connection from the listener: its place in ``open_connections`` (given
-        back when it closes) and its peer certificate, already parsed (None: no identity)."""
-        self._counted = counted
+    def adopt(self, *, peer: ClientCert | None) -> None:
+        """Take over a connection from the listener, with its peer certificate, already parsed
+        (None: no identity). The TLS layer counts the connection until it closes."""
         self._peer = peer
 
     def peer_certificate(self) -> ClientCert | None:
@@ -53,21 +51,13 @@ class Connection(RequestHandler):
         """The listener is shutting down: a response prepared now is the connection's last."""
         return self._listener.closing
 
-    # -- connection limits -----------------------------------------------------------------
+    # -- the header deadline ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         # aiohttp arms the keep-alive timer for a connection that has sent nothing yet; the
         # request head must arrive within header_timeout instead.
         self._arm_header_deadline()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._counted:
-            self._counted = False
-            manager: ListenerServer | None = self._manager  # type: ignore[assignment]
-            if manager is not None:
-                manager.open_connections -= 1
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         # The first bytes of a new request on an idle connection start its header deadline.

@@ -3,9 +3,9 @@
 Chain, validity and extended key usage of a client certificate are verified by OpenSSL during
 the handshake (a server verifies with the ``sslclient`` purpose, which refuses a leaf whose EKU
 lacks clientAuth); ``PeerCertificates`` then parses what passed, once per connection.
-``TLSState`` hands the listener one context for its lifetime and swaps the context that
-connections really use on reload, so removing a trust anchor takes effect on the next handshake.
-"""
+``TLSState`` holds the context new connections are accepted with (``tls_transport``: one context
+for a connection's whole life); a reload swaps in a new one, with its own session cache and
+ticket keys, so no session from before can be resumed on it."""
 
 from __future__ import annotations
 
@@ -107,23 +107,22 @@ def load_chain(
 
 
 class TLSState:
-    """The listener's context, with the live one swapped in per handshake.
+    """The context new connections are accepted with.
 
-    OpenSSL calls the servername callback for every handshake (with or without SNI); it moves
-    the connection onto the current context, whose certificate and trust store then apply.
+    A connection keeps the context it was accepted with: its certificate, trust store,
+    verification mode, session cache and ticket keys. OpenSSL calls the servername callback,
+    ``_select``, for every handshake (with or without SNI) with the connection's ``SSLObject``.
     """
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        self.current = context
-        self.listener = context
         context.sni_callback = self._select
+        self.current = context
 
     def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        current = self.current
-        if ssl_obj.context is not current:
-            ssl_obj.context = current
+        return None
 
     def swap(self, context: ssl.SSLContext) -> None:
+        """New connections use ``context``."""
         context.sni_callback = self._select
         self.current = context
 
