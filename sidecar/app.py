@@ -99,7 +99,7 @@ class Sidecar:
         #: a worker under a supervisor serves its admin listener on this Unix socket instead
         self.admin_socket = admin_socket
         self.readiness = Readiness()
-        self.tls = TLSState(server_context(config.tls))
+        self.tls = TLSState(*server_context(config.tls))
         self.peer_certs = PeerCertificates()
         self.handler: Handler | None = None
         self._server: asyncio.Server | None = None
@@ -282,7 +282,7 @@ class Sidecar:
         old = self.config
         try:
             new = await asyncio.to_thread(load, self.config_path)
-            context = await asyncio.to_thread(server_context, new.tls)
+            context, fingerprint = await asyncio.to_thread(server_context, new.tls)
             plan = await self._build_plan(new, (self.handler.plan, old))
         except ConfigError as exc:
             for problem in exc.problems:
@@ -299,7 +299,9 @@ class Sidecar:
         # Keep what cannot change while running, so self.config says what really runs.
         new = new.model_copy(update={"listen": old.listen, "admin": old.admin, "log": old.log})
         previous = self.handler.plan
-        self.tls.swap(context)
+        trust_changed = self.tls.swap(context, fingerprint)
+        if trust_changed and self._listener is not None:
+            self._listener.retire()  # sessions from before the trust change serve no request
         self.handler.plan = plan
         self.config = new
         self._observe_certificates(new)
@@ -307,7 +309,11 @@ class Sidecar:
         self._watched = file_signature(watched_files(new, self.config_path))
         self.metrics.reloads.labels("success").inc()
         self.log.info(
-            "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
+            "reloaded",
+            cause=cause,
+            users=len(new.identity.static.users),
+            routes=len(new.routes),
+            tls_trust_changed=trust_changed,
         )
         return True
 

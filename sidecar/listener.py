@@ -134,6 +134,18 @@ class ListenerServer(web.Server):
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
 
+    def retire(self) -> None:
+        """What decides trust changed (a reload): no connection made before serves another
+        request. Handshakes under way end now; a request in flight finishes, with
+        ``Connection: close``; idle connections close now, handed-over ones after their
+        request (aiohttp's ``close``)."""
+        for connection in list(self.accepted):
+            if connection.handshaking:
+                connection.abort()
+        for client in list(self.clients):
+            client.stop()
+        self.pre_shutdown()
+
     def adopt(self) -> FallbackConnection:
         """An aiohttp connection protocol for a connection handed over."""
         return FallbackConnection(self, loop=self._loop, **self._kwargs)

@@ -1,7 +1,8 @@
-"""The TLS layer attacked from outside (issue #12 items 11 and 13).
+"""The TLS layer attacked from outside (issue #12 items 4, 11 and 13).
 
 Real clients against the real listener: ``openssl s_client`` and ``sslyze`` for the alerts,
-raw TCP sockets for the connection limit and the handshake deadline.
+Python's ``ssl`` for session resumption across a reload, raw TCP sockets for the connection
+limit and the handshake deadline.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import socket
 import ssl
@@ -26,7 +28,7 @@ from .conftest import ConfigDir, Running, SidecarFactory
 from .pki import PKI, Issued, make_ca, make_leaf
 from .test_config import problems_of
 from .test_limits import raw_exchange, request, status_of
-from .test_listener import App, eventually, open_connections, upstream
+from .test_listener import App, connect, eventually, open_connections, upstream
 from .test_operations import admin, metric
 
 __all__ = ["upstream"]  # conftest's echo upstream, with test_listener's endpoints
@@ -223,6 +225,102 @@ async def test_sslyze_sees_that_a_client_certificate_is_required(
     result = report["server_scan_results"][0]
     assert result["scan_status"] == "COMPLETED", out
     assert result["connectivity_result"]["client_auth_requirement"] == "REQUIRED", out
+
+
+# ---- 4. no session from before a trust change is served --------------------------------------
+
+
+def _other_ca(config_dir: ConfigDir) -> None:
+    """client-ca.pem trusts another CA only: the one that issued alice's certificate is gone."""
+    (config_dir.path / "client-ca.pem").write_bytes(make_ca("Another client CA").pem)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["TLS 1.3 ticket", "TLS 1.2 ticket", "TLS 1.2 session id"],
+)
+async def test_session_from_before_a_ca_was_removed_is_not_resumed(
+    running: Running, config_dir: ConfigDir, upstream: App, kind: str
+) -> None:
+    ctx = client_ctx(running, config_dir.certs.alice, tls12="1.2" in kind)
+    if "session id" in kind:
+        ctx.options |= ssl.OP_NO_TICKET  # the server's session cache, not a ticket
+    first = await fetch(running, ctx, "/app/first")
+    again = await fetch(running, ctx, "/app/again", first.session)
+    assert (first.status, again.status, again.reused) == (200, 200, True), "no resumption at all"
+    _other_ca(config_dir)
+    assert await running.sidecar.reload("test")
+    assert await refused(running, ctx, "/app/after", again.session)
+    assert upstream.paths() == ["/app/first", "/app/again"]
+
+
+async def test_session_from_before_a_certificate_was_unpinned_is_not_resumed(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: App
+) -> None:
+    device = make_leaf(None, "device-7")
+    device.write(config_dir.path, "device-7")
+    make_leaf(None, "device-8").write(config_dir.path, "device-8")
+    data = config_dir.base(upstream.port)
+    data["tls"]["client_ca"] = []
+    data["tls"]["pinned_certificates"] = ["device-7.pem"]
+    data["identity"]["static"]["users"].append(
+        {
+            "sub": "device-7",
+            "username": "device7",
+            "certificates": [{"sha256": hashlib.sha256(device.der).hexdigest()}],
+        }
+    )
+    running = await start_sidecar(data)
+    ctx = client_ctx(running, device)
+    first = await fetch(running, ctx, "/app/first")
+    again = await fetch(running, ctx, "/app/again", first.session)
+    assert (first.status, again.status, again.reused) == (200, 200, True)
+    data["tls"]["pinned_certificates"] = ["device-8.pem"]
+    config_dir.write(data)
+    assert await running.sidecar.reload("test")
+    assert await refused(running, ctx, "/app/after", again.session)
+    assert upstream.paths() == ["/app/first", "/app/again"]
+
+
+async def test_reload_that_changes_nothing_in_tls_keeps_sessions(
+    running: Running, config_dir: ConfigDir, upstream: App
+) -> None:
+    ctx = client_ctx(running, config_dir.certs.alice)
+    first = await fetch(running, ctx, "/app/first")
+    data = config_dir.base(upstream.port)
+    data["routes"].insert(0, {"path": "/extra/", "access": "public"})
+    config_dir.write(data)
+    assert await running.sidecar.reload("test")
+    again = await fetch(running, ctx, "/app/again", first.session)
+    assert (again.status, again.reused) == (200, True)
+
+
+async def test_keepalive_connection_from_before_a_ca_was_removed_serves_no_new_request(
+    running: Running, config_dir: ConfigDir, upstream: App
+) -> None:
+    async with connect(running, config_dir.certs.alice) as conn:
+        conn.send(request("/app/before"))
+        assert (await conn.response()).status == 200
+        _other_ca(config_dir)
+        assert await running.sidecar.reload("test")
+        conn.send(request("/app/after"))
+        assert await conn.ended() == b""
+    assert upstream.paths() == ["/app/before"]
+
+
+async def test_request_in_flight_at_a_trust_change_finishes_and_is_the_last(
+    running: Running, config_dir: ConfigDir, upstream: App
+) -> None:
+    async with connect(running, config_dir.certs.alice) as conn:
+        conn.send(request("/slow"))
+        await eventually(lambda: upstream.slow_waiting == 1, "the request to reach the upstream")
+        _other_ca(config_dir)
+        assert await running.sidecar.reload("test")
+        upstream.release.set()
+        response = await conn.response()
+        assert (response.status, response.body) == (200, b"late")
+        assert "close" in response.tokens("Connection")
+        assert await conn.ended() == b""
 
 
 # ---- 11. connections are counted from accept, handshakes included ------------------------------

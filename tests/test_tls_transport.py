@@ -274,7 +274,7 @@ def tls_files(tmp_path: Path, certs: Certs) -> TLSConfig:
 
 
 def state(config: TLSConfig, **changes: Any) -> TLSState:
-    return TLSState(server_context(config.model_copy(update=changes)))
+    return TLSState(*server_context(config.model_copy(update=changes)))
 
 
 def client_ctx(
@@ -336,7 +336,7 @@ def test_the_servername_callback_sees_the_connection_s_ssl_object(
         def _select(self, ssl_obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
             seen.append((ssl_obj, name))
 
-    listener = Listener(Recording(server_context(tls_files)))
+    listener = Listener(Recording(*server_context(tls_files)))
     conn = Conn(listener, client_ctx(certs, certs.alice, tmp=tmp_path))
     conn.handshake()
     assert conn.app.transport is not None
