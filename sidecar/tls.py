@@ -28,6 +28,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from .certs import ClientCert, read_certificates, read_private_key, to_pem
 from .config import TLSConfig
 from .errors import CertificateError
+from .log import get_logger
+from .tls_groups import GROUPS, restrict_groups
+
+log = get_logger("sidecar.tls")
 
 # Mozilla "intermediate" TLS 1.2 suites without DHE: forward secret AEAD only. TLS 1.3 suites
 # are OpenSSL's defaults, which are all modern.
@@ -63,6 +67,7 @@ def server_context(config: TLSConfig) -> tuple[ssl.SSLContext, Fingerprint]:
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
+    _restrict_groups(ctx)
     chain = _load_chain(ctx, config.certificate, config.key)
     trust = hashlib.sha256(f"{config.client_certificate} {config.min_version}".encode())
     anchors = []
@@ -85,6 +90,17 @@ def server_context(config: TLSConfig) -> tuple[ssl.SSLContext, Fingerprint]:
     )
     server = hashlib.sha256(b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain))
     return ctx, Fingerprint(server.digest(), trust.digest())
+
+
+_groups_reported = False
+
+
+def _restrict_groups(ctx: ssl.SSLContext) -> None:
+    global _groups_reported
+    problem = restrict_groups(ctx)
+    if problem is not None and not _groups_reported:
+        _groups_reported = True
+        log.warning("tls_groups_not_restricted", groups=GROUPS, reason=problem)
 
 
 def _load_chain(ctx: ssl.SSLContext, certificate: Path, key: Path) -> list[x509.Certificate]:

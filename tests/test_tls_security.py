@@ -1,8 +1,8 @@
-"""The TLS layer attacked from outside (issue #12 items 4, 11 and 13).
+"""The TLS layer attacked from outside (issue #12 items 4, 11, 13 and 14).
 
-Real clients against the real listener: ``openssl s_client`` and ``sslyze`` for the alerts,
-Python's ``ssl`` for session resumption across a reload, raw TCP sockets for the connection
-limit and the handshake deadline.
+Real clients against the real listener: ``openssl s_client`` and ``sslyze`` for the alerts and
+the key-exchange groups, Python's ``ssl`` for session resumption across a reload, raw TCP
+sockets for the connection limit and the handshake deadline.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -30,6 +32,7 @@ from .test_config import problems_of
 from .test_limits import raw_exchange, request, status_of
 from .test_listener import App, connect, eventually, open_connections, upstream
 from .test_operations import admin, metric
+from .test_signals import start as start_process
 
 __all__ = ["upstream"]  # conftest's echo upstream, with test_listener's endpoints
 
@@ -440,3 +443,59 @@ async def test_each_failed_handshake_is_counted_once(
     assert (await fetch(running, alice, "/app/ok")).status == 200
     assert await failures() == 5
     assert upstream.paths() == ["/app/ok", "/app/ok"]
+
+
+# ---- 14. Mozilla's intermediate profile: X25519, P-256 and P-384 only ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("group", "offered"),
+    [("X25519", True), ("P-256", True), ("P-384", True), ("P-521", False), ("X448", False)],
+)
+async def test_key_exchange_groups(
+    running: Running, config_dir: ConfigDir, group: str, offered: bool
+) -> None:
+    out = await s_client(running.sidecar.port, "-groups", group, folder=config_dir.path, wait=False)
+    assert ("TLSv1.3" in out and "Verify return code: 0 (ok)" in out) is offered, out
+
+
+@pytest.mark.parametrize(("group", "offered"), [("P-256", True), ("P-521", False)])
+async def test_key_exchange_groups_in_tls12(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: App, group: str, offered: bool
+) -> None:
+    # An RSA certificate: with an ECDSA one, a TLS 1.2 client's groups also bound the
+    # certificate's curve, and a P-521-only client would find no suite for that reason alone.
+    rsa_ca = make_ca("RSA server CA", key_kind="rsa")
+    make_leaf(rsa_ca, "localhost", server=True, key_kind="rsa").write(config_dir.path, "rsa")
+    (config_dir.path / "server-ca.pem").write_bytes(rsa_ca.pem)
+    data = config_dir.base(upstream.port)
+    data["tls"].update(certificate="rsa.pem", key="rsa.key")
+    running = await start_sidecar(data)
+    out = await s_client(
+        running.sidecar.port, "-tls1_2", "-groups", group, folder=config_dir.path, wait=False
+    )
+    assert ("ECDHE-RSA" in out and "Verify return code: 0 (ok)" in out) is offered, out
+
+
+@pytest.fixture
+async def process(config_dir: ConfigDir, upstream: App) -> AsyncIterator[int]:
+    """``sidecar run`` in a process of its own; its TLS port."""
+    data = config_dir.base(upstream.port)
+    proc, port, _ = await start_process(config_dir, data)
+    try:
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        await proc.communicate()
+
+
+@pytest.mark.slow
+async def test_sslyze_finds_the_listener_compliant_with_mozilla_intermediate(
+    sslyze: Path, process: int, config_dir: ConfigDir
+) -> None:
+    code, out, _ = await run_sslyze(
+        sslyze, process, "--mozilla_config=intermediate", folder=config_dir.path
+    )
+    assert f"localhost:{process}: OK - Compliant." in out, out
+    assert code == 0, out
