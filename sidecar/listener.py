@@ -139,12 +139,15 @@ class ListenerServer(web.Server):
         request. Handshakes under way end now; a request in flight finishes, with
         ``Connection: close``; idle connections close now, handed-over ones after their
         request (aiohttp's ``close``)."""
-        for connection in list(self.accepted):
-            if connection.handshaking:
-                connection.abort()
+        self._abort_handshakes()
         for client in list(self.clients):
             client.stop()
         self.pre_shutdown()
+
+    def _abort_handshakes(self) -> None:
+        for connection in list(self.accepted):
+            if connection.handshaking:
+                connection.abort()
 
     def adopt(self) -> FallbackConnection:
         """An aiohttp connection protocol for a connection handed over."""
@@ -154,9 +157,7 @@ class ListenerServer(web.Server):
         """No new requests; in-flight ones get ``timeout`` seconds, then their connections are
         aborted. Idle connections close now."""
         self.closing = True
-        for connection in list(self.accepted):
-            if connection.handshaking:
-                connection.abort()
+        self._abort_handshakes()
         grace = 0.0 if timeout is None else timeout
         tasks = [task for client in list(self.clients) if (task := client.stop()) is not None]
         self.pre_shutdown()  # as aiohttp's runner does: idle handed-over connections close now
