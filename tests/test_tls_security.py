@@ -18,7 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,6 +233,19 @@ async def test_sslyze_sees_that_a_client_certificate_is_required(
 # ---- 4. no session from before a trust change is served --------------------------------------
 
 
+async def refused_after_reload(
+    running: Running, ctx: ssl.SSLContext, change: Callable[[], object]
+) -> bool:
+    """Make a session and resume it once (so resumption is known to work here), ``change`` the
+    files and reload: True when resuming the session now is refused."""
+    first = await fetch(running, ctx, "/app/first")
+    again = await fetch(running, ctx, "/app/again", first.session)
+    assert (first.status, again.status, again.reused) == (200, 200, True), "no resumption at all"
+    change()
+    assert await running.sidecar.reload("test")
+    return await refused(running, ctx, "/app/after", again.session)
+
+
 def _other_ca(config_dir: ConfigDir) -> None:
     """client-ca.pem trusts another CA only: the one that issued alice's certificate is gone."""
     (config_dir.path / "client-ca.pem").write_bytes(make_ca("Another client CA").pem)
@@ -248,12 +261,7 @@ async def test_session_from_before_a_ca_was_removed_is_not_resumed(
     ctx = client_ctx(running, config_dir.certs.alice, tls12="1.2" in kind)
     if "session id" in kind:
         ctx.options |= ssl.OP_NO_TICKET  # the server's session cache, not a ticket
-    first = await fetch(running, ctx, "/app/first")
-    again = await fetch(running, ctx, "/app/again", first.session)
-    assert (first.status, again.status, again.reused) == (200, 200, True), "no resumption at all"
-    _other_ca(config_dir)
-    assert await running.sidecar.reload("test")
-    assert await refused(running, ctx, "/app/after", again.session)
+    assert await refused_after_reload(running, ctx, lambda: _other_ca(config_dir))
     assert upstream.paths() == ["/app/first", "/app/again"]
 
 
@@ -274,14 +282,10 @@ async def test_session_from_before_a_certificate_was_unpinned_is_not_resumed(
         }
     )
     running = await start_sidecar(data)
-    ctx = client_ctx(running, device)
-    first = await fetch(running, ctx, "/app/first")
-    again = await fetch(running, ctx, "/app/again", first.session)
-    assert (first.status, again.status, again.reused) == (200, 200, True)
     data["tls"]["pinned_certificates"] = ["device-8.pem"]
-    config_dir.write(data)
-    assert await running.sidecar.reload("test")
-    assert await refused(running, ctx, "/app/after", again.session)
+    assert await refused_after_reload(
+        running, client_ctx(running, device), lambda: config_dir.write(data)
+    )
     assert upstream.paths() == ["/app/first", "/app/again"]
 
 
