@@ -18,7 +18,8 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
   asyncio's transport interface over the TLS session. A write is encrypted and handed to the
   TCP transport at once, one TCP write per application write; the TCP transport's flow control
   is therefore the application's (``pause_writing`` above its high-water mark of encrypted bytes
-  the socket has not taken). ``pause_reading`` stops reading from the socket. Everything one
+  the socket has not taken: 512 KiB, and ``resume_writing`` below 128 KiB, as with asyncio's
+  TLS transport). ``pause_reading`` stops reading from the socket. Everything one
   read decrypts reaches the application in one ``data_received``. A close_notify from the peer
   is an end of file; renegotiation is refused by the context (``OP_NO_RENEGOTIATION``).
 - **Close.** ``close`` sends close_notify, then a FIN once everything before it is sent, and
@@ -48,6 +49,10 @@ _READ_SIZE = 16384
 _LINGER = 5.0
 #: how long a closing connection may take in all (asyncio's ssl_shutdown_timeout)
 _SHUTDOWN_TIMEOUT = 30.0
+#: the TCP transport's write-buffer water marks once the connection is open: asyncio's and
+#: uvloop's for their TLS transports, so the application sees the flow control it had with them
+_HIGH_WATER = 512 * 1024
+_LOW_WATER = _HIGH_WATER // 4
 
 _HANDSHAKE = 0  # accepted; the handshake runs
 _OPEN = 1  # the handshake succeeded; the application reads and writes
@@ -200,6 +205,9 @@ class TLSProtocol(asyncio.Protocol):
     def _established(self, sslobj: ssl.SSLObject) -> None:
         self._cancel_timer()
         self._flush()  # the last of the handshake and, in TLS 1.3, the session tickets
+        tcp = self._tcp
+        assert tcp is not None
+        tcp.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
         self._state = _OPEN
         app = self._listener.protocol()
         self._app = app

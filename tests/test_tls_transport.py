@@ -324,6 +324,7 @@ def test_handshake_hands_the_connection_to_the_http_protocol(opened: Conn, certs
     assert not transport.is_closing() and transport.is_reading()
     assert transport.get_protocol() is opened.app
     assert opened.clock.pending_timers == 0, "the handshake deadline is cancelled"
+    assert opened.tcp.limits == (512 * 1024, 128 * 1024), "asyncio's TLS water marks"
     assert opened.listener.failures == 0
 
 
