@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parent
 COMPILED = [
     "sidecar/listener.py",
     "sidecar/tls_transport.py",
+    "sidecar/flow.py",
     "sidecar/handler.py",
     "sidecar/headers.py",
+    "sidecar/hosts.py",
     "sidecar/upstream.py",
     "sidecar/upstream_http.py",
     "sidecar/upstream_pool.py",
@@ -46,6 +48,7 @@ COMPILED = [
     "sidecar/metrics.py",
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
+    "sidecar/identity/intents.py",
 ]
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)

@@ -12,8 +12,9 @@ records) and gives the HTTP protocol an asyncio transport over it. ``listener`` 
 listener's own HTTP/1.1 protocol: it serves requests without a body
 (nearly all a browser sends) and relays the upstream's answer as bytes; the first request it
 does not serve (a body, an upgrade, a malformed head) moves the connection to aiohttp's server
-(``server``). ``handler`` runs the path above as plain calls for every request, whichever
-protocol parsed it. ``config`` checks the YAML once
+(``server``). Both hold reading while a client is not taking its answers and cut it off
+after ``limits.send_timeout`` (``flow``). ``handler`` runs the path above as plain calls for
+every request, whichever protocol parsed it. ``config`` checks the YAML once
 and hands each module its own frozen section; ``app`` assembles the listener and the
 upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
 ``build`` says whether the request path runs compiled (setup.py) or interpreted.

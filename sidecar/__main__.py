@@ -23,6 +23,7 @@ from . import BUILD, __version__, log
 from .certs import read_certificates
 from .config import Config, load
 from .errors import CertificateError, ConfigError
+from .hosts import certificate_names
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -114,7 +115,17 @@ def check_config(path: str | None) -> int:
     if config is None:
         return EXIT_CONFIG
     print(summary(config))
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Risks a valid configuration leaves open, said by check-config and at start-up."""
+    from .identity.issuers import issuer_risk
+
+    risk = issuer_risk(config.tls, config.identity)
+    return [risk] if risk is not None else []
 
 
 def summary(config: Config) -> str:
@@ -122,12 +133,17 @@ def summary(config: Config) -> str:
     lines = [
         "configuration OK",
         f"  listen      https://{config.listen.host}:{config.listen.port}  workers={config.listen.workers}",
+        f"  names       {_names(config)}",
         f"  upstream    {config.upstream.url}  (connect {config.upstream.timeout.connect:g}s, read {config.upstream.timeout.read:g}s)",
         f"  tls         {config.tls.certificate}{_expiry(config.tls.certificate)}",
         f"  client cert {config.tls.client_certificate}; {len(config.tls.client_ca)} CA file(s), "
         f"{len(config.tls.pinned_certificates)} pinned certificate(s)",
         f"  identity    backend={config.identity.backend}, cache ttl {config.identity.cache.ttl:g}s",
     ]
+    identityplus = config.identity.identityplus
+    if config.identity.backend == "identityplus" and identityplus and identityplus.issuers:
+        names = ", ".join(c.subject.rfc4514_string() for c in identityplus.issuer_certificates())
+        lines.append(f"  issuers     {names}")
     if config.identity.backend == "static":
         users = config.identity.static.users
         bound = sum(len(u.certificates) for u in users)
@@ -142,6 +158,17 @@ def summary(config: Config) -> str:
         lines.append(f"    {route.path:<24} {rule}")
     lines.append(f"  admin       http://{config.admin.host}:{config.admin.port}")
     return "\n".join(lines)
+
+
+def _names(config: Config) -> str:
+    """The names requests may address, and where they come from."""
+    if config.listen.server_names is not None:
+        return f"{', '.join(config.listen.server_names)} (listen.server_names)"
+    try:
+        leaf = read_certificates(config.tls.certificate)[0]
+    except CertificateError:
+        return "(unreadable tls.certificate)"
+    return f"{', '.join(certificate_names(leaf))} (from tls.certificate)"
 
 
 def _expiry(path: Path) -> str:
@@ -162,6 +189,11 @@ def run(
     worker_socket: str | None = None,
     worker_index: int | None = None,
 ) -> int:
+    # SIGHUP's default action is to terminate. Hold it until the event loop's handler is in
+    # place (_serve, Supervisor.run): one that arrives meanwhile is delivered then and reloads,
+    # since the file may have changed after it was read here. A supervisor's workers start
+    # with it held already (workers.Child); it stays held from the drain to the exit.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     config = _load_or_report(path)
     if config is None or path is None:
         return EXIT_CONFIG
@@ -211,10 +243,18 @@ async def _serve(config: Config, path: Path | None, worker_socket: Path | None =
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # see run()
     await stop.wait()
+    # Draining: nothing is reloaded any more, and after the loop has removed its handler a
+    # SIGHUP would end the process with the wrong exit code.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     draining = asyncio.create_task(sidecar.shutdown())
     forced = asyncio.create_task(force.wait())
     await asyncio.wait({draining, forced}, return_when=asyncio.FIRST_COMPLETED)
+    # A reload still under way is abandoned; it closes what it had built.
+    for task in reloads:
+        task.cancel()
+    await asyncio.gather(*reloads, return_exceptions=True)
     if not draining.done():
         sidecar.log.warning("stopping_at_once", reason="second signal")
         draining.cancel()

@@ -28,8 +28,10 @@ from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .handler import Handler, Identity, Plan
 from .headers import HeaderRules
+from .hosts import ServerNames
 from .identity import Backend
 from .identity.cache import VerdictCache
+from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
 from .listener import ListenerServer
 from .metrics import Metrics
@@ -67,13 +69,23 @@ def build_rules(config: Config) -> HeaderRules:
         certificate_header=config.headers.certificate,
         userinfo_header=config.headers.userinfo,
         trusted_proxies=config.trusted_proxies,
+        strip=config.headers.strip,
     )
 
 
-# Keys a running process cannot change: the sockets are bound. (All of tls applies to new
-# connections: each is accepted with the context current then.)
+def build_server_names(config: Config) -> ServerNames:
+    """``listen.server_names``, or the server certificate's names (read again on reload)."""
+    names = config.listen.server_names
+    if names is not None:
+        return ServerNames(names)
+    return ServerNames.for_certificate(read_certificates(config.tls.certificate)[0])
+
+
+# Keys a running process cannot change: the sockets are bound. (All of tls, and
+# limits.handshake_timeout, apply to new connections: each is accepted with the context and
+# the limits current then. listen.server_names is not one either: it is part of the plan.)
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
-    ("listen", lambda c: c.listen),
+    ("listen", lambda c: c.listen.model_copy(update={"server_names": None})),
     ("admin", lambda c: c.admin),
     ("log", lambda c: c.log),
 )
@@ -158,7 +170,7 @@ class Sidecar:
             **kwargs,
         )
         self.readiness.started = True
-        if self.config_path is not None and self.config.reload.watch:
+        if self.config_path is not None:  # it obeys reload.watch as reloads change it
             self._watcher = asyncio.create_task(self._watch())
         self.log.info(
             "listening",
@@ -173,35 +185,48 @@ class Sidecar:
         )
         if BUILD.note is not None:
             self.log.warning("compiled_build_not_used", reason=BUILD.note)
+        self._warn(self.config)
 
     async def _build_plan(
         self, config: Config, previous: tuple[Plan, Config] | None = None
     ) -> Plan:
         """A plan for ``config``; the running upstream client and verdict cache are kept when
-        their configuration did not change (a reload must not empty a warm cache for nothing)."""
-        if previous is not None and _same_upstream(config, previous[1]):
-            upstream = previous[0].upstream
-        else:
-            upstream = UpstreamClient(
-                config.upstream,
-                max_body_size=config.limits.max_body_size,
-                send_timeout=config.limits.send_timeout,
+        their configuration did not change (a reload must not empty a warm cache for nothing).
+        If any step fails (or is cancelled), what this call started is closed again."""
+        built: list[Callable[[], Awaitable[None]]] = []
+        try:
+            if previous is not None and _same_upstream(config, previous[1]):
+                upstream = previous[0].upstream
+            else:
+                upstream = UpstreamClient(config.upstream, limits=config.limits)
+                built.append(upstream.close)
+                await upstream.start()
+            if previous is not None and config.identity == previous[1].identity:
+                identity: Identity = previous[0].identity
+            else:
+                cache = VerdictCache(build_backend(config.identity), config.identity.cache)
+                built.append(cache.close)
+                identity = cache
+            return Plan(
+                routes=build_routes(config),
+                identity=identity,
+                upstream=upstream,
+                rules=build_rules(config),
+                max_header_block=config.limits.max_header_block,
+                server_names=build_server_names(config),
             )
-            await upstream.start()
-        if previous is not None and config.identity == previous[1].identity:
-            identity: Identity = previous[0].identity
-        else:
-            identity = VerdictCache(build_backend(config.identity), config.identity.cache)
-        return Plan(
-            routes=build_routes(config),
-            identity=identity,
-            upstream=upstream,
-            rules=build_rules(config),
-            max_header_block=config.limits.max_header_block,
-        )
+        except BaseException:
+            for close in reversed(built):
+                await close()
+            raise
 
     async def _start_admin(self) -> None:
-        app = admin_app(metrics=self.metrics, readiness=self.readiness, purge=self._purge_fn)
+        app = admin_app(
+            metrics=self.metrics,
+            readiness=self.readiness,
+            purge=self._purge_fn,
+            config=self.config.admin,
+        )
         self.readiness.checks.append(self._identity_problem)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
@@ -275,34 +300,40 @@ class Sidecar:
             self.log.warning("reload_skipped", cause=cause, reason="no configuration file")
             return False
         async with self._reload_lock:
+            if self.readiness.draining:
+                self.log.warning("reload_skipped", cause=cause, reason="shutting down")
+                return False
             return await self._reload(cause)
 
     async def _reload(self, cause: str) -> bool:
         assert self.handler is not None and self.config_path is not None
         old = self.config
+        previous = self.handler.plan
         try:
             new = await asyncio.to_thread(load, self.config_path)
             context, fingerprint = await asyncio.to_thread(server_context, new.tls)
-            plan = await self._build_plan(new, (self.handler.plan, old))
+            plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
-            for problem in exc.problems:
-                self.log.error("reload_failed", cause=cause, problem=problem)
-            self.metrics.reloads.labels("failure").inc()
-            return False
+            return self._reload_failed(cause, exc.problems)
         except (CertificateError, ssl.SSLError, OSError) as exc:
-            self.log.error("reload_failed", cause=cause, problem=str(exc))
-            self.metrics.reloads.labels("failure").inc()
+            return self._reload_failed(cause, [str(exc)])
+        except Exception as exc:  # a bug rather than the file: keep the running state all the same
+            return self._reload_failed(cause, [f"unexpected error: {exc!r}"], exc=exc)
+        if self.readiness.draining:
+            # stop() began while this was building: it closes only the plan it knows of.
+            await _close_plan(plan, keep=previous)
+            self.log.warning("reload_skipped", cause=cause, reason="shutting down")
             return False
         for key, get in _RESTART_ONLY:
             if get(new) != get(old):
                 self.log.warning("reload_needs_restart", key=key, reason="kept the running value")
-        # Keep what cannot change while running, so self.config says what really runs.
-        new = new.model_copy(update={"listen": old.listen, "admin": old.admin, "log": old.log})
-        previous = self.handler.plan
+        new = _as_running(new, old)
         trust_changed = self.tls.swap(context, fingerprint)
         if trust_changed and self._listener is not None:
             self._listener.retire()  # sessions from before the trust change serve no request
         self.handler.plan = plan
+        if self._listener is not None:
+            self._listener.apply_limits(new.limits)
         self.config = new
         self._observe_certificates(new)
         self._retire(previous, plan, delay=new.shutdown.grace_period)
@@ -315,7 +346,25 @@ class Sidecar:
             routes=len(new.routes),
             tls_trust_changed=trust_changed,
         )
+        self._warn(new)
         return True
+
+    def _reload_failed(
+        self, cause: str, problems: list[str], *, exc: BaseException | None = None
+    ) -> bool:
+        for problem in problems:
+            self.log.error("reload_failed", cause=cause, problem=problem, exc_info=exc)
+        self.metrics.reloads.labels("failure").inc()
+        return False
+
+    def _warn(self, config: Config) -> None:
+        """Say the risks a valid configuration leaves open (as check-config does)."""
+        try:
+            risk = issuer_risk(config.tls, config.identity)
+        except CertificateError:  # a file gone since it was loaded: the next reload says so
+            return
+        if risk is not None:
+            self.log.warning("identityplus_issuers_missing", risk=risk)
 
     def _retire(self, old: Plan, new: Plan, *, delay: float) -> None:
         """Close what ``new`` does not reuse, once requests that started with ``old`` had time to end."""
@@ -332,6 +381,8 @@ class Sidecar:
         assert self.config_path is not None
         while True:
             await asyncio.sleep(self.config.reload.interval)
+            if not self.config.reload.watch:
+                continue
             current = file_signature(watched_files(self.config, self.config_path))
             if current != self._watched:
                 self._watched = current
@@ -384,12 +435,24 @@ class Sidecar:
             self.log.info("stopped")
 
 
-def _same_upstream(a: Config, b: Config) -> bool:
-    return (
-        a.upstream == b.upstream
-        and a.limits.max_body_size == b.limits.max_body_size
-        and a.limits.send_timeout == b.limits.send_timeout
+def _as_running(new: Config, old: Config) -> Config:
+    """``new`` with the restart-only keys as ``old`` runs them: what a reload really puts in
+    force (so that self.config says what runs, and a key kept is not a change next time)."""
+    return new.model_copy(
+        update={
+            "listen": old.listen.model_copy(update={"server_names": new.listen.server_names}),
+            "admin": old.admin,
+            "log": old.log,
+        }
     )
+
+
+def _same_upstream(a: Config, b: Config) -> bool:
+    # All of limits, not only the keys UpstreamClient takes today: a limit it is given later
+    # must not be kept silently by a reload (a new client costs a few new connections). Not
+    # handshake_timeout: the TLS layer's alone (a certificate renewal must not renew the pool).
+    same_limits = a.limits.model_copy(update={"handshake_timeout": b.limits.handshake_timeout})
+    return a.upstream == b.upstream and same_limits == b.limits
 
 
 async def _close_plan(plan: Plan, *, keep: Plan | None = None) -> None:
@@ -412,6 +475,8 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
     ]
     for user in config.identity.static.users:
         files += [b.file for b in user.certificates if b.file is not None]
+    if config.identity.identityplus is not None:
+        files += config.identity.identityplus.issuers
     return files
 
 

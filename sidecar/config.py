@@ -9,6 +9,7 @@ pydantic collects them together with the shape errors.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -16,19 +17,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import BasicConstraints, ExtensionNotFound
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from . import hosts
 from .certs import (
     key_matches_certificate,
     normalize_fingerprint,
@@ -102,9 +107,30 @@ def _key_file(path: Path) -> Path:
     return path
 
 
+def _ca_certificate_file(path: Path) -> Path:
+    try:
+        certificates = read_certificates(path)
+    except CertificateError as exc:
+        raise ValueError(str(exc)) from None
+    for certificate in certificates:
+        try:
+            constraints = certificate.extensions.get_extension_for_class(BasicConstraints).value
+            is_ca = constraints.ca
+        except (ExtensionNotFound, ValueError):
+            is_ca = False
+        if not is_ca:
+            raise ValueError(
+                f"{path}: {certificate.subject.rfc4514_string()} is not a CA certificate "
+                "(basicConstraints CA:TRUE): list the CA certificates that sign client "
+                "certificates"
+            )
+    return path
+
+
 FilePath = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_existing_file)]
 CertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_certificate_file)]
 KeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_key_file)]
+CACertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_ca_certificate_file)]
 
 
 class Section(BaseModel):
@@ -114,11 +140,27 @@ class Section(BaseModel):
 # ---- sections -----------------------------------------------------------------------------
 
 
+def _server_name(value: str) -> str:
+    return hosts.server_name(value)
+
+
 class ListenConfig(Section):
     host: str = "0.0.0.0"
     port: int = Field(8443, ge=0, le=65535)  # 0: any free port (tests)
     #: processes sharing the port with SO_REUSEPORT; "auto" is one per CPU
     workers: int | Literal["auto"] = 1
+    #: the names requests may address (Host, SNI); others get 421. None: the server
+    #: certificate's DNS and IP names (following it on reload)
+    server_names: tuple[Annotated[str, AfterValidator(_server_name)], ...] | None = None
+
+    @field_validator("server_names")
+    @classmethod
+    def _some_names(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is not None and not v:
+            raise ValueError(
+                "at least one name (or leave the key out to serve the server certificate's names)"
+            )
+        return None if v is None else tuple(dict.fromkeys(v))
 
     @field_validator("workers")
     @classmethod
@@ -148,6 +190,13 @@ class LimitsConfig(Section):
     keepalive_timeout: Duration = 75.0
     #: a client that takes none of a response for this long is disconnected (nginx's send_timeout)
     send_timeout: Duration = Field(60.0, gt=0)
+    #: the longest pause between two reads of a request body; then 408 (nginx's
+    #: client_body_timeout)
+    body_timeout: Duration = Field(60.0, gt=0)
+    #: a WebSocket on which no frame passed either way for this long is closed (1001)
+    websocket_idle_timeout: Duration = Field(300.0, gt=0)
+    #: the largest WebSocket message (bytes), either way; a larger one closes with 1009
+    websocket_max_message: int = Field(1 << 20, ge=1, le=1 << 30)
     #: time a client has to complete the TLS handshake
     handshake_timeout: Duration = Field(60.0, gt=0)
     #: open client connections per worker; further ones are closed at once
@@ -210,23 +259,97 @@ class UpstreamConfig(Section):
         return v.rstrip("/") if m.group(3) in (None, "/") else v
 
 
+#: RFC 9110 §5.6.2: a field name is a token
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: names the sidecar frames requests by, sets or strips itself (headers.HOP_BY_HOP,
+#: FORWARDING and REROUTING, Host, Content-Length, X-Request-ID; a test keeps the two modules
+#: in step), compared as header names are: lower case, "_" read as "-"
+SIDECAR_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+        "x-forwarded-prefix",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-request-id",
+    }
+)
+
+
+#: what the upstream needs to frame and route a request: never removed
+_NEEDED = frozenset({"host", "content-length"})
+
+
+def _header_name(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
 class HeadersConfig(Section):
-    """Names of the identity headers sent upstream (the contract's by default)."""
+    """Names of the identity headers sent upstream (the contract's by default).
+
+    Names are compared as the sidecar compares a client's header names: in any case, and with
+    underscores read as dashes, since CGI-style servers (PHP, WSGI, Rack) read ``X_USER`` and
+    ``X-User`` as the same ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and
+    strips every such spelling from clients."""
 
     certificate: str = "X-APP-CERTIFICATE"
     userinfo: str = "X-USERINFO"
+    #: more request headers to remove whoever sent them (trusted proxies included)
+    strip: tuple[str, ...] = ()
+
+    @field_validator("strip")
+    @classmethod
+    def _strippable(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        problems = []
+        for i, name in enumerate(names):
+            if not _TOKEN.match(name):
+                problems.append(f"@[{i}]: not a valid header name: {name!r}")
+            elif _header_name(name) in _NEEDED:
+                problems.append(
+                    f"@[{i}]: {name!r} cannot be stripped: requests are forwarded by it"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return names
 
     @model_validator(mode="after")
     def _distinct(self) -> HeadersConfig:
-        if self.certificate.lower() == self.userinfo.lower():
-            raise ValueError("@userinfo: must differ from headers.certificate")
+        if _header_name(self.certificate) == _header_name(self.userinfo):
+            raise ValueError(
+                "@userinfo: must differ from headers.certificate "
+                "(in any case, and with underscores read as dashes)"
+            )
         return self
 
     @field_validator("certificate", "userinfo")
     @classmethod
     def _token(cls, v: str) -> str:
-        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", v):
+        if not _TOKEN.match(v):
             raise ValueError(f"not a valid header name: {v!r}")
+        if _header_name(v) in SIDECAR_HEADERS:
+            raise ValueError(
+                f"{v!r} is a header the sidecar frames requests by, sets or strips itself: "
+                "choose another name"
+            )
         return v
 
 
@@ -317,6 +440,15 @@ class StaticConfig(Section):
         return self
 
 
+def _uri(value: str) -> str:
+    # Sign-on URLs become Location headers: a CR or LF would add lines to the visitor's answer.
+    if not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise ValueError(
+            f"a URL is visible ASCII characters only (percent-encode the rest): {value!r}"
+        )
+    return value
+
+
 class IdentityPlusConfig(Section):
     endpoint: str = "https://api.identity.plus/v1"
     #: this service's own API ("agent") certificate and key, PEM or DER ...
@@ -336,6 +468,28 @@ class IdentityPlusConfig(Section):
     service: str | None = None
     #: send the visitor's address as ip-address
     send_ip_address: bool = False
+    #: the Identity Plus CA certificates that sign client certificates: only certificates
+    #: they signed are asked about (serials are unique per issuer only); empty: any
+    issuers: tuple[CACertFile, ...] = ()
+    # The issuers' DER, read once: part of equality, so that a rewritten file under the same
+    # name is a changed configuration (a reload then builds a new backend).
+    _issuer_der: tuple[bytes, ...] = PrivateAttr(default=())
+
+    @field_validator("issuers", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _read_issuers(self) -> IdentityPlusConfig:
+        self._issuer_der = tuple(
+            c.public_bytes(Encoding.DER) for path in self.issuers for c in read_certificates(path)
+        )
+        return self
+
+    def issuer_certificates(self) -> list[x509.Certificate]:
+        """The certificates in ``issuers``, as read when the configuration was loaded."""
+        return [x509.load_der_x509_certificate(der) for der in self._issuer_der]
 
     @field_validator("server_pins")
     @classmethod
@@ -347,7 +501,7 @@ class IdentityPlusConfig(Section):
     def _https(cls, v: str) -> str:
         if not v.startswith("https://"):
             raise ValueError(f"must be an https:// URL: {v!r}")
-        return v.rstrip("/")
+        return _uri(v).rstrip("/")
 
     @model_validator(mode="after")
     def _credentials(self) -> IdentityPlusConfig:
@@ -405,7 +559,7 @@ class HttpBackendConfig(Section):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://[^/?#]+", v):
             raise ValueError(f"not an http:// or https:// URL: {v!r}")
-        return v
+        return v if v is None else _uri(v)
 
     @model_validator(mode="after")
     def _pair(self) -> HttpBackendConfig:
@@ -455,9 +609,28 @@ class RouteConfig(Section):
         return self
 
 
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$"
+)
+
+
+def _admin_name(value: str) -> str:
+    name = value.lower().rstrip(".")
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(name.strip("[]")))
+    if not _HOST_NAME.match(name):
+        raise ValueError(
+            f"not a host name: {value!r} (a DNS name, without scheme, port or wildcard)"
+        )
+    return name
+
+
 class AdminConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
+    #: names the admin listener answers to besides IP addresses, localhost and ``host`` (e.g.
+    #: a Service's DNS name); a request with any other Host is refused (DNS rebinding)
+    server_names: tuple[Annotated[str, AfterValidator(_admin_name)], ...] = ()
 
 
 class ShutdownConfig(Section):
@@ -523,18 +696,39 @@ class Config(Section):
                 raise ValueError(f"@[{i}]: not an IP address or CIDR: {item!r}") from None
         return out
 
+    @model_validator(mode="after")
+    def _names_served(self) -> Config:
+        if self.listen.server_names is None:
+            leaf = read_certificates(self.tls.certificate)[0]
+            if not hosts.certificate_names(leaf):
+                raise ValueError(
+                    f"@listen.server_names: the server certificate {self.tls.certificate} "
+                    "names no host (no DNS or IP subjectAltName, no host name as its common "
+                    "name): list the names clients use"
+                )
+        return self
+
     @field_validator("routes")
     @classmethod
     def _unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
         # A field validator, so it runs (and reports) even when other sections have errors.
         seen: dict[str, int] = {}
+        folded: dict[str, int] = {}
         problems = []
         for i, route in enumerate(routes):
             if route.path in seen:
                 problems.append(
                     f"@[{i}].path: duplicate of routes[{seen[route.path]}]: {route.path}"
                 )
+            elif route.path.lower() in folded:
+                # Applications that ignore case (Express, ASP.NET, IIS) serve both the same:
+                # every request under them would be refused as ambiguous.
+                problems.append(
+                    f"@[{i}].path: differs from routes[{folded[route.path.lower()]}] only in "
+                    f"letter case: {route.path}"
+                )
             seen.setdefault(route.path, i)
+            folded.setdefault(route.path.lower(), i)
         if problems:
             raise ValueError("\n".join(problems))
         return routes

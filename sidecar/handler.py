@@ -21,7 +21,9 @@ from . import responses
 from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
 from .headers import HeaderRules, lines_to_multidict, request_fields
+from .hosts import ServerNames
 from .identity import LookupContext, SignOnPurpose, Verdict
+from .identity.intents import SignOn, SignOnLimited
 from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
 from .policy import (
@@ -35,9 +37,11 @@ from .policy import (
     decide,
 )
 from .server import last_on_connection
-from .upstream import BodyTooLarge, Forwarded, UpstreamClient
+from .tls import requested_server_name
+from .upstream import BodyTimeout, BodyTooLarge, Forwarded, UpstreamClient
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# fullmatch: "$" alone would also match before a final newline
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
 # Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): an IP literal, or a reg-name of
 # unreserved characters, %-escapes and sub-delims (empty allowed), then digits for the port.
@@ -63,7 +67,9 @@ class Identity(Protocol):
 
     async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict: ...
 
-    async def sign_on(self, purpose: SignOnPurpose, return_url: str) -> str: ...
+    async def sign_on(
+        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+    ) -> SignOn: ...
 
 
 class Request(Protocol):
@@ -186,6 +192,8 @@ class Plan:
     upstream: UpstreamClient
     rules: HeaderRules
     max_header_block: int
+    #: the names requests may address (Host, SNI); any other is 421
+    server_names: ServerNames
 
 
 class Handler:
@@ -213,6 +221,7 @@ class Handler:
             request,
             _peer_certificate(request),
             _peer_ip(request),
+            _server_name(request),
             lambda upstream, block, _host, _rid: upstream.forward(
                 request, lines_to_multidict(block)
             ),
@@ -227,16 +236,24 @@ class Handler:
         request: Request,
         cert: ClientCert | None,
         peer_ip: str | None,
+        server_name: str | None,
         forward: Forward_,
     ) -> web.StreamResponse | None:
         """Handle one request: the response to send, or None when ``forward`` sent one."""
-        return await self.resume(self.begin(request, cert, peer_ip), forward)
+        return await self.resume(self.begin(request, cert, peer_ip, server_name), forward)
 
-    def begin(self, request: Request, cert: ClientCert | None, peer_ip: str | None) -> Ticket:
+    def begin(
+        self,
+        request: Request,
+        cert: ClientCert | None,
+        peer_ip: str | None,
+        server_name: str | None,
+    ) -> Ticket:
         """Everything about a request that needs no waiting. ``ticket.step`` then says what
         is left: ``DONE`` (``ticket.response`` is the answer), ``FORWARD`` (the request is to
         go upstream with ``ticket.block``), or a wait for the identity service. ``resume``
-        does whatever is left; a caller that does it itself (``forwarded``) calls ``end``."""
+        does whatever is left; a caller that does it itself (``forwarded``) calls ``end``.
+        ``server_name`` is the connection's TLS server name (SNI), None when it sent none."""
         plan = self.plan
         trusted = plan.rules.is_trusted_proxy(peer_ip)
         ticket = Ticket(
@@ -250,7 +267,7 @@ class Handler:
         )
         self.metrics.request_started()
         try:
-            self._start(ticket)
+            self._start(ticket, server_name)
         except Exception as exc:  # the last line of defence: answer 500, never a traceback
             self.fail(ticket, exc)
         return ticket
@@ -269,7 +286,7 @@ class Handler:
                     forwarded = await forward(
                         ticket.plan.upstream, ticket.block, ticket.has_host, ticket.request_id
                     )
-                except (UpstreamError, BodyTooLarge) as exc:
+                except (UpstreamError, BodyTooLarge, BodyTimeout) as exc:
                     self._forward_failed(ticket, exc)
                 else:
                     self.forwarded(ticket, forwarded)
@@ -313,9 +330,9 @@ class Handler:
 
     # ---- the steps ------------------------------------------------------------------------
 
-    def _start(self, ticket: Ticket) -> None:
+    def _start(self, ticket: Ticket, server_name: str | None) -> None:
         plan, request, cert = ticket.plan, ticket.request, ticket.cert
-        problem = _malformed(request, plan.max_header_block)
+        problem = _malformed(request, plan, server_name)
         if problem is not None:
             self._deny(ticket, Deny(*problem))
             return
@@ -403,9 +420,24 @@ class Handler:
         else:
             self._redirect(ticket, decision)
 
-    def _forward_failed(self, ticket: Ticket, exc: UpstreamError | BodyTooLarge) -> None:
+    def _forward_failed(
+        self, ticket: Ticket, exc: UpstreamError | BodyTooLarge | BodyTimeout
+    ) -> None:
         outcome = ticket.outcome
         assert outcome is not None
+        if isinstance(exc, BodyTimeout):
+            # nginx's client_body_timeout: 408, and the connection ends (what is left of the
+            # body would be read as the next request)
+            outcome.status, outcome.decision, outcome.reason = 408, "denied", "body_timeout"
+            response = self._error(
+                ticket.request,
+                408,
+                "The request body stopped arriving before it was complete.",
+                ticket.request_id,
+            )
+            response.force_close()
+            ticket.done(response, outcome)
+            return
         if isinstance(exc, BodyTooLarge):
             outcome.status, outcome.decision, outcome.reason = 413, "denied", "body_too_large"
             ticket.done(
@@ -440,23 +472,47 @@ class Handler:
         self._redirect_to(ticket, decision, decision.location)
 
     async def _sign_on(self, ticket: Ticket) -> None:
+        """The sign-on URL from the identity side (an intent, perhaps one made earlier for the
+        same URL): 429 when this address (or everyone) made too many, 503 when it fails."""
         assert ticket.redirect is not None
         decision, return_url = ticket.redirect
+        counter = self.metrics.signon_intents
         try:
-            location = await ticket.plan.identity.sign_on(decision.purpose, return_url)
-        except IdentityUnavailable as exc:
+            signed = await ticket.plan.identity.sign_on(
+                decision.purpose, return_url, ticket.peer_ip
+            )
+        # Two names: compiled, one name for both exceptions would be typed as the first.
+        except SignOnLimited as limited:
+            counter.labels("limited").inc()
+            self._too_many(ticket, limited.retry_after)
+            return
+        except IdentityUnavailable as failure:
+            counter.labels("failed").inc()
             self.log.warning(
                 "sign_on_unavailable",
                 request_id=ticket.request_id,
-                reason=exc.reason,
-                code=exc.code,
+                reason=failure.reason,
+                code=failure.code,
             )
             self._unavailable(ticket, "sign-on unavailable")
             return
-        self._redirect_to(ticket, decision, location)
+        counter.labels("coalesced" if signed.coalesced else "registered").inc()
+        self._redirect_to(ticket, decision, signed.location)
 
     def _redirect_to(self, ticket: Ticket, decision: Redirect, location: str) -> None:
         request, code = ticket.request, ticket.verdict_code
+        if not responses.is_location(location):
+            # A sign-on address from a backend (or its configuration) that is not a URI: a CR
+            # or LF in it would add header lines to the visitor's answer. Failing, like any
+            # reply not understood.
+            self.log.error(
+                "sign_on_unusable",
+                request_id=ticket.request_id,
+                purpose=decision.purpose,
+                reason="the sign-on address has characters a Location header cannot carry",
+            )
+            self._unavailable(ticket, "sign-on address unusable")
+            return
         if request.method in _SAFE_METHODS:
             outcome = Outcome(
                 302, "redirected", decision.purpose, ticket.route_label, verdict_code=code
@@ -490,6 +546,20 @@ class Handler:
             "The identity service cannot be reached right now. Please try again shortly.",
             ticket.request_id,
             headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+        ticket.done(response, outcome)
+
+    def _too_many(self, ticket: Ticket, retry_after: int) -> None:
+        """429 + Retry-After: too many sign-on intents asked for from this address."""
+        outcome = Outcome(
+            429, "denied", "sign_on_limited", ticket.route_label, verdict_code=ticket.verdict_code
+        )
+        response = self._error(
+            ticket.request,
+            429,
+            "Too many sign-on requests came from your network. Please try again shortly.",
+            ticket.request_id,
+            headers={"Retry-After": str(retry_after)},
         )
         ticket.done(response, outcome)
 
@@ -558,17 +628,23 @@ class Handler:
             self.log.info("request", **dict(zip(ACCESS_FIELDS, values, strict=True)))
 
 
-def _malformed(request: Request, max_header_block: int) -> tuple[int, str, str] | None:
-    """Requests refused before policy: ambiguous framing, oversized header block."""
+def _malformed(
+    request: Request, plan: Plan, server_name: str | None
+) -> tuple[int, str, str] | None:
+    """Requests refused before policy: ambiguous framing, an oversized header block, and a
+    Host (or target authority) that names no host this service serves, or another host than
+    the connection's SNI: 421, before any identity lookup or sign-on intent (``hosts``)."""
     size = 0
     lengths: set[bytes] = set()
     length_headers = 0
     chunked = False
     bad_host = False
+    host: bytes | None = None
     for name, value in request.raw_headers:
         size += len(name) + len(value) + 4
         if len(name) == 4 and name.lower() == b"host":
             bad_host = bad_host or _HOST_FIELD.fullmatch(value) is None
+            host = value
         elif len(name) == 14 and name.lower() == b"content-length":
             length_headers += 1
             lengths.add(value.strip())
@@ -582,8 +658,11 @@ def _malformed(request: Request, max_header_block: int) -> tuple[int, str, str] 
         return 400, "the request has conflicting Content-Length headers", "ambiguous_length"
     if length_headers and chunked:
         return 400, "the request has both Content-Length and Transfer-Encoding", "ambiguous_length"
-    if size > max_header_block:
+    if size > plan.max_header_block:
         return 431, "the request headers are too large", "headers_too_large"
+    misdirected = plan.server_names.misdirected(request.raw_path, host, server_name)
+    if misdirected is not None:
+        return 421, misdirected[0], misdirected[1]
     return None
 
 
@@ -591,6 +670,11 @@ def _peer_certificate(request: web.BaseRequest) -> ClientCert | None:
     protocol = request.protocol
     source: Callable[[], ClientCert | None] | None = getattr(protocol, "peer_certificate", None)
     return source() if source is not None else None
+
+
+def _server_name(request: web.BaseRequest) -> str | None:
+    transport = request.transport
+    return requested_server_name(transport.get_extra_info("ssl_object") if transport else None)
 
 
 def _peer_ip(request: web.BaseRequest) -> str | None:
@@ -606,7 +690,7 @@ def _peer_ip(request: web.BaseRequest) -> str | None:
 def _request_id(request: Request, trusted: bool) -> str:
     if trusted:
         incoming = request.headers.get("X-Request-ID")
-        if incoming and _REQUEST_ID.match(incoming):
+        if incoming and _REQUEST_ID.fullmatch(incoming):
             return incoming
     return responses.new_request_id()
 
@@ -627,8 +711,10 @@ def _certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None
 
 
 def _original_url(request: Request) -> str | None:
+    """The URL to come back to after sign-on: from the Host, which ``_malformed`` has
+    found to be served (and the connection's SNI), and an origin-form target."""
     host = request.headers.get("Host", "")
-    if not _HOST.match(host):
+    if not _HOST.match(host) or not request.raw_path.startswith("/"):
         return None
     return f"https://{host}{request.raw_path}"
 

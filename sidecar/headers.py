@@ -2,9 +2,11 @@
 
 ``HeaderRules`` is compiled once from configuration; ``request_fields`` runs per request, on
 the header bytes as received, and does no I/O (``upstream_headers`` is the same for decoded
-headers). Whatever a client sent under an identity header's name (any case, repeated) is
-removed before ours are added, as are hop-by-hop headers, every header named in
-``Connection``, and forwarding headers from peers that are not trusted proxies.
+headers). Whatever a client sent under an identity header's name (any case, repeated, with
+underscores for dashes) is removed before ours are added, as are hop-by-hop headers, every
+header named in ``Connection``, the headers that re-route a request inside applications
+(``X-Original-URL``) and the configured ``headers.strip``, and, from peers that are not
+trusted proxies, the headers that re-address it (``X-Forwarded-*``, ``True-Client-IP``...).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# Headers by which an application learns who the client is, how it came in and under which
+# path prefix it is served: only trusted proxies may send them. Every other X-Forwarded-*
+# (-Server, -Ssl, -Scheme, -Uri, ...) is one of them too (_FORWARDED_PREFIX).
 FORWARDING = frozenset(
     {
         "forwarded",
@@ -40,8 +45,26 @@ FORWARDING = frozenset(
         "x-forwarded-host",
         "x-forwarded-port",
         "x-real-ip",
+        # the path prefix the application is mounted under: Spring's ForwardedHeaderFilter,
+        # Symfony, Laravel and Traefik put it in front of the path and of the links they build
+        "x-forwarded-prefix",
+        # the client's address, in the spellings of CDNs and load balancers (Akamai and
+        # Cloudflare Enterprise, Cloudflare, Rackspace/Riverbed, and frameworks that read
+        # them first: Laravel, Django packages, ASP.NET helpers); rate limits, audit logs and
+        # address allow-lists believe them
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
     }
 )
+# Headers with which an application serves another path than the request line's: IIS URL
+# Rewrite and ASP.NET read X-Original-URL, Zend Framework 1 and old Symfony (before 2.8.44
+# and 3.4.14, CVE-2018-14773) X-Rewrite-URL and X-Original-URL. The sidecar's policy judged
+# the request line, and a path in a header would be judged by nobody: no peer may send
+# them, trusted proxy or not.
+REROUTING = frozenset({"x-original-url", "x-rewrite-url"})
+_FORWARDED_PREFIX = b"x-forwarded-"
 # Never removed because a client named them in Connection: we need them to route and frame.
 _PROTECTED = frozenset({"host", "content-length"})
 
@@ -53,6 +76,8 @@ class HeaderRules:
     certificate_header: str
     userinfo_header: str
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: more names to remove whoever sent them (``headers.strip``)
+    strip: tuple[str, ...] = ()
     #: removed whoever sent them; from untrusted peers the forwarding headers too
     always_strip: frozenset[str] = field(init=False, repr=False)
     untrusted_strip: frozenset[str] = field(init=False, repr=False)
@@ -65,8 +90,14 @@ class HeaderRules:
     _identity_blocks: dict[tuple[str, bytes], bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        names = {self.certificate_header.lower(), self.userinfo_header.lower(), "x-request-id"}
-        always = frozenset(names) | HOP_BY_HOP
+        # Normalised as client names are (see _normal): "X_USER" also strips "X-User".
+        names = {
+            normal_name(self.certificate_header),
+            normal_name(self.userinfo_header),
+            "x-request-id",
+        }
+        names.update(normal_name(name) for name in self.strip)
+        always = frozenset(names) | HOP_BY_HOP | REROUTING
         object.__setattr__(self, "always_strip", always)
         object.__setattr__(self, "untrusted_strip", always | FORWARDING)
         object.__setattr__(self, "always_strip_b", frozenset(n.encode() for n in always))
@@ -87,7 +118,7 @@ class HeaderRules:
         kind = _SPECIAL.get(name.lower(), 0)
         if norm in self.always_strip_b:
             kind |= _STRIP
-        elif norm in _FORWARDING_B:
+        elif norm in _FORWARDING_B or norm.startswith(_FORWARDED_PREFIX):
             kind |= _FORWARDING
         kinds = self.request_kinds
         if len(kinds) < _NAME_CACHE:
@@ -141,8 +172,9 @@ def _named(values: list[bytes], gone: frozenset[bytes]) -> frozenset[bytes]:
 
 @functools.lru_cache(maxsize=256)
 def _named_in(value: bytes, gone: frozenset[bytes]) -> frozenset[bytes]:
-    # Connection values repeat ("keep-alive", "close"): parsed once each.
-    tokens = {token.strip().lower() for token in value.split(b",")}
+    # Connection values repeat ("keep-alive", "close"): parsed once each. Names as the header
+    # names they are compared with (_normal): "Connection: X_Secret" also drops "X-Secret".
+    tokens = {_normal(token.strip()) for token in value.split(b",")}
     return frozenset(tokens - _PROTECTED_BYTES - gone - {b""})
 
 
@@ -166,6 +198,12 @@ def _normal(name: bytes) -> bytes:
     # CGI-style servers (PHP, WSGI, Rack) read "X_USERINFO" as "X-USERINFO": names are
     # compared with underscores read as dashes, so no spelling slips past.
     return name.lower().replace(b"_", b"-")
+
+
+def normal_name(name: str) -> str:
+    """A header name as the rules compare it: lower case, underscores read as dashes. Every
+    name the rules are given (configured, listed in Connection) goes through this too."""
+    return name.lower().replace("_", "-")
 
 
 def request_fields(

@@ -25,6 +25,12 @@ Per connection: the peer certificate is parsed once; a request head must be comp
 closed after ``limits.keepalive_timeout``.
 Pipelined requests are answered in order. Graceful shutdown closes idle connections and lets
 in-flight requests finish (with ``Connection: close``) within the grace period.
+
+Flow control (``flow``): while the connection's write buffer is above its high-water mark
+the client is not taking its answers, so no further request starts and nothing more is read;
+the next one starts when the buffer has drained (``resume_writing``). A client that takes too
+little for ``limits.send_timeout`` is cut off. Pipelined bytes beyond ``_PIPELINE_LIMIT``
+behind the request in flight also stop reading until they are served.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import contextlib
 import functools
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any, cast
 
@@ -47,13 +53,14 @@ from . import responses
 from .certs import ClientCert
 from .config import LimitsConfig
 from .errors import CertificateError
+from .flow import PIPELINE, FlowControl
 from .handler import DONE, FORWARD, Handler, Ticket
 from .headers import HAS_DATE, HAS_LENGTH, HAS_SERVER
 from .log import get_logger
 from .metrics import Metrics
 from .responses import SERVER
 from .server import Connection as FallbackConnection
-from .tls import PeerCertificates, TLSState
+from .tls import PeerCertificates, TLSState, requested_server_name
 from .tls_transport import TLSProtocol
 from .upstream import Forwarded, Sent, UpstreamClient
 
@@ -83,19 +90,7 @@ class ListenerServer(web.Server):
         peer_certs: PeerCertificates,
         metrics: Metrics,
     ) -> None:
-        # aiohttp reports which limit was hit, not which part: keep the two numbers distinct
-        # (one byte more for the request line) so that 414 and 431 can be told apart.
-        line_limit = limits.max_request_line
-        if line_limit == limits.max_header_line:
-            line_limit += 1
-        super().__init__(
-            handler,
-            keepalive_timeout=limits.keepalive_timeout,
-            max_line_size=line_limit,
-            max_field_size=limits.max_header_line,
-            max_headers=limits.max_headers,
-            access_log=None,
-        )
+        super().__init__(handler, access_log=None, **_parser_limits(limits))
         self.handler = handler
         self.tls = tls
         self.limits = limits
@@ -105,12 +100,23 @@ class ListenerServer(web.Server):
         self.open_connections = 0
         self.accepted: set[TLSProtocol] = set()
         self.clients: set[ClientConnection] = set()
+        self.short_head = 0
+        self.max_head = 0
+        self.apply_limits(limits)
+        self.closing = False
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """Use ``limits`` from now on (a reload): for every new connection, and for the next
+        request head on a connection this protocol serves. A connection already handed over
+        to aiohttp keeps the parser limits and header deadline it was given until it closes.
+        ``handshake_timeout`` and ``max_connections`` apply from the next accept."""
+        self.limits = limits
         # A head longer than this may break a line limit: it is measured line by line.
         self.short_head = min(limits.max_request_line, limits.max_header_line)
         # Bytes without a complete head beyond which the head cannot be acceptable: the
         # request line and the whole header block (limits.max_header_block), with their CRLFs.
         self.max_head = limits.max_request_line + limits.max_header_block + 4
-        self.closing = False
+        self._kwargs.update(_parser_limits(limits))  # for the connections adopt() makes
 
     def __call__(self) -> TLSProtocol:  # type: ignore[override]
         return TLSProtocol(self, self._loop)
@@ -175,6 +181,21 @@ class ListenerServer(web.Server):
             connection.abort()  # still closing (lingering)
 
 
+def _parser_limits(limits: LimitsConfig) -> dict[str, Any]:
+    """aiohttp's ``RequestHandler`` keyword arguments for ``limits``."""
+    # aiohttp reports which limit was hit, not which part: keep the two numbers distinct
+    # (one byte more for the request line) so that 414 and 431 can be told apart.
+    line_limit = limits.max_request_line
+    if line_limit == limits.max_header_line:
+        line_limit += 1
+    return {
+        "keepalive_timeout": limits.keepalive_timeout,
+        "max_line_size": line_limit,
+        "max_field_size": limits.max_header_line,
+        "max_headers": limits.max_headers,
+    }
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection on the fast path (see the module's docstring)."""
 
@@ -183,7 +204,8 @@ class ClientConnection(asyncio.Protocol):
         "_busy",
         "_complete",
         "_deadline",
-        "_drain_waiter",
+        "_flow",
+        "_gone",
         "_head_started",
         "_hosts",
         "_in_task",
@@ -192,9 +214,9 @@ class ClientConnection(asyncio.Protocol):
         "_peer",
         "_peer_ip",
         "_raw_headers",
-        "_read_paused",
         "_ready",
         "_server",
+        "_sni",
         "_stopped",
         "_stopping",
         "_task",
@@ -203,7 +225,6 @@ class ClientConnection(asyncio.Protocol):
         "_unusual",
         "_url",
         "_waiter",
-        "_write_paused",
         "loop",
     )
 
@@ -216,6 +237,7 @@ class ClientConnection(asyncio.Protocol):
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
         self._peer_ip: str | None = None
+        self._sni: str | None = None  # the TLS server name the client asked for
         # Requests that must wait for something (see _start) go to one task per connection,
         # made at the first such request; it waits on _waiter for the next one.
         self._task: asyncio.Task[None] | None = None
@@ -224,9 +246,9 @@ class ClientConnection(asyncio.Protocol):
         self._busy = False
         self._in_task = False  # the task is serving a request (else it waits, or is none)
         self._stopped: asyncio.Future[None] | None = None  # for stop(), while busy
-        self._read_paused = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._flow = FlowControl(self.loop, server.limits.send_timeout)
+        #: called if the connection ends while a response streams to it (``when_gone``)
+        self._gone: Callable[[], None] | None = None
         # one lazily re-armed timer: the header deadline, or the idle keep-alive limit
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -249,9 +271,11 @@ class ClientConnection(asyncio.Protocol):
             return
         server.clients.add(self)
         self._transport = cast(asyncio.Transport, transport)
+        self._flow.attach(self._transport, self._transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._peer_ip = str(peer[0])
+        self._sni = requested_server_name(transport.get_extra_info("ssl_object"))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -262,19 +286,22 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()
-        self._wake_drain()
+        self._flow.close()
         self._end_waiting()
         self._wake_stopped()
+        gone, self._gone = self._gone, None
+        if gone is not None:
+            gone()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self._busy:  # pipelined behind the request in flight
-            if len(self._buffer) > _PIPELINE_LIMIT and not self._read_paused:
-                self._read_paused = True
-                assert self._transport is not None
-                self._transport.pause_reading()
-            return
-        self._next()
+        flow = self._flow
+        # Else pipelined behind the request in flight, or the client is not taking its
+        # answers (reading is held then: these are bytes read before it was).
+        if not self._busy and not flow.write_paused:
+            self._next()
+        if len(self._buffer) > _PIPELINE_LIMIT and (self._busy or flow.write_paused):
+            flow.hold(PIPELINE)
 
     def eof_received(self) -> bool:
         # The client is done sending: nothing more to serve (over TLS the transport closes).
@@ -282,11 +309,14 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self._wake_drain()
+        self._flow.resume_writing()
+        # While busy, the request in flight is writing (this may come from inside one of its
+        # writes): it goes on by itself, and _answer continues once it is done.
+        if not self._busy:
+            self._continue()
 
     # ---- request heads ------------------------------------------------------------------------
 
@@ -409,7 +439,7 @@ class ClientConnection(asyncio.Protocol):
         an idle upstream connection): the response comes back through ``_on_upstream``.
         Anything else goes to the connection's task."""
         handler = self._server.handler
-        ticket = handler.begin(exchange, self.peer_certificate(), self._peer_ip)
+        ticket = handler.begin(exchange, self.peer_certificate(), self._peer_ip, self._sni)
         if ticket.step == FORWARD:
             try:
                 sent = ticket.plan.upstream.send_now(
@@ -498,17 +528,31 @@ class ClientConnection(asyncio.Protocol):
                 self.abort()
         self._busy = False
         self._wake_stopped()
+        if not exchange.keep_alive:
+            self._stopping = True
+        self._continue()
+
+    def _continue(self) -> None:
+        """On to the next request, unless the client must first take what it was sent
+        (``resume_writing`` comes back here then, or ``send_timeout`` cuts it off)."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if not exchange.keep_alive:
-            self._stopping = True
-        if self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
+        flow = self._flow
+        if flow.write_paused and not self._stopping:
+            return
         if not self._buffer and not self._stopping:
             self._set_deadline(self._server.limits.keepalive_timeout)  # idle now
         self._next()
+        # Read again once what is held is at most the limit, or while the rest of a head is due.
+        if self._open() and (not self._busy or len(self._buffer) <= _PIPELINE_LIMIT):
+            flow.release(PIPELINE)
+
+    def _open(self) -> bool:
+        # A call, not an inline test: _next may have closed or handed over the connection,
+        # and mypy (whose narrowing the compiled build trusts) would not see it.
+        transport = self._transport
+        return transport is not None and not transport.is_closing()
 
     def peer_certificate(self) -> ClientCert | None:
         peer = self._peer
@@ -532,27 +576,19 @@ class ClientConnection(asyncio.Protocol):
             transport.write(data)
 
     async def drain(self) -> None:
-        while True:
-            transport = self._transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the client closed the connection")
-            if not self._write_paused:
-                return
-            waiter = self._drain_waiter = self.loop.create_future()
-            try:
-                await asyncio.wait_for(waiter, self._server.limits.send_timeout)
-            except TimeoutError:
-                # The client stopped reading (limits.send_timeout): it must not hold this
-                # connection, nor the upstream connection behind it, any longer.
-                transport.abort()
-                raise ConnectionResetError("the client took nothing for send_timeout") from None
-            finally:
-                self._drain_waiter = None
+        """Wait while the client is not taking what it was sent (``flow``: cut off after
+        ``send_timeout``); ``ConnectionResetError`` once the connection is gone."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        await self._flow.drain()
 
-    def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called if the connection ends (None: no longer)."""
+        if callback is not None and self._transport is None:
+            callback()
+            return
+        self._gone = callback
 
     @property
     def stopping(self) -> bool:
@@ -614,9 +650,7 @@ class ClientConnection(asyncio.Protocol):
         transport.set_protocol(fallback)
         fallback.adopt(peer=peer)
         fallback.connection_made(transport)
-        if self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
+        self._flow.detach()  # reading resumes if held here: aiohttp's protocol holds its own
         if data:
             fallback.data_received(data)
 
@@ -760,6 +794,9 @@ class Exchange:
     async def drain(self) -> None:
         await self._conn.drain()
 
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        self._conn.when_gone(callback)
+
     def finish(self) -> None:
         if self._chunked:
             self._conn.write(b"0\r\n\r\n")
@@ -795,12 +832,47 @@ def _method(raw: bytes) -> str:
     return _METHODS.get(raw) or raw.decode("ascii")  # llhttp knows only ASCII methods
 
 
-@functools.lru_cache(maxsize=4096)
+#: targets longer than this are decoded every time: rare, and they would fill the cache
+_LONGEST_CACHED_TARGET = 1024
+#: what an entry costs beyond its two strings' characters (object headers, the dict's slot)
+_PATH_ENTRY = 120
+
+
+class PathCache:
+    """Decoded request paths by raw target, for the access log. Anonymous clients choose the
+    keys, so what is held is bounded in characters (keys and values, about bytes, plus an
+    estimate per entry), and the cache is emptied when it would pass that bound."""
+
+    __slots__ = ("budget", "entries", "size")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.size = 0
+        self.entries: dict[str, str] = {}
+
+    def get(self, raw: str) -> str:
+        value = self.entries.get(raw)
+        if value is not None:
+            return value
+        try:
+            value = URL(raw, encoded=True).path
+        except ValueError:
+            value = raw
+        if len(raw) <= _LONGEST_CACHED_TARGET:
+            cost = len(raw) + len(value) + _PATH_ENTRY
+            if self.size + cost > self.budget:
+                self.entries.clear()
+                self.size = 0
+            self.entries[raw] = value
+            self.size += cost
+        return value
+
+
+decoded_paths = PathCache(1 << 20)
+
+
 def _decoded_path(raw: str) -> str:
-    try:
-        return URL(raw, encoded=True).path
-    except ValueError:
-        return raw
+    return decoded_paths.get(raw)
 
 
 _SERVER_LINE = f"Server: {SERVER}\r\n".encode()

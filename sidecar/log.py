@@ -2,6 +2,13 @@
 
 Secrets never reach a log event: the request path logs certificate serial, fingerprint and
 subject, never the certificate, a key or the ``X-USERINFO`` value.
+
+Clients choose much of what is logged (a decoded path, a backend's reason), so no format
+lets them start a line or speak to a terminal: JSON escapes every control and non-ASCII
+character (``ensure_ascii``, in the access event's own writer too), and the console format
+and the standard library's loggers write them as escapes (``escape``): C0 and C1 controls,
+DEL, line and paragraph separators, bidirectional overrides, and the backslash itself. Only
+a traceback keeps its line breaks.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -98,6 +105,75 @@ def _stderr() -> TextIO:
     return io.TextIOWrapper(io.BufferedWriter(raw, 1 << 16), encoding="utf-8", errors="replace")
 
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def escape(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every character Python does not call printable (controls, DEL, C1,
+    U+2028/2029, bidi and other format characters, non-ASCII spaces) and the backslash
+    written as an escape (``\\n``, ``\\x1b``, ``\\u2028``), so it is one line that
+    shows what was there; ``keep_newlines`` leaves LF (a traceback's own lines)."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for char in text:
+        if (char.isprintable() and char != "\\") or (char == "\n" and keep_newlines):
+            out.append(char)
+        elif char in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[char])
+        else:
+            code = ord(char)
+            out.append(
+                f"\\x{code:02x}"
+                if code < 0x100
+                else f"\\u{code:04x}"
+                if code < 0x10000
+                else f"\\U{code:08x}"
+            )
+    return "".join(out)
+
+
+class _Quoted:
+    """A value the console shows as Python writes a string: quoted, controls escaped (as
+    structlog shows a value with spaces)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+def _escape_for_console(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Before the console renderer, which writes a string value as it is unless it holds a
+    space, a quote, "=" or CR/LF (structlog 25+; 24: always): no other control gets there
+    raw. Other values it writes with repr, which escapes them already."""
+    for key, value in event.items():
+        if isinstance(value, str) and not value.isprintable():
+            if key == "event":
+                event[key] = escape(value)
+            elif key == "exception":
+                event[key] = escape(value, keep_newlines=True)
+            else:
+                event[key] = _Quoted(value)
+    return event
+
+
+class EscapingFormatter(logging.Formatter):
+    """For the standard library's loggers (aiohttp's): the message escaped; a traceback keeps
+    its lines, not its other controls."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return escape(super().formatException(ei), keep_newlines=True)
+
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -111,25 +187,28 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     global _access_json, _line_logger
     _access_json = fmt == "json" and _LEVELS[level] <= logging.INFO
     _line_logger = None
-    renderer: Any
+    last: list[Any]
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        last = [_escape_for_console, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     else:
-        renderer = structlog.processors.JSONRenderer()
+        # ensure_ascii (json's default): every control and non-ASCII character escaped
+        last = [structlog.processors.JSONRenderer(ensure_ascii=True)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            renderer,
+            *last,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=_factory(),
         cache_logger_on_first_use=True,
     )
     # aiohttp logs through the stdlib: keep its noise at warning and route it to stderr.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.CRITICAL)
 
 

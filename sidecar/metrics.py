@@ -73,6 +73,14 @@ class Metrics:
             ["backend", "outcome"],
             registry=r,
         )
+        self.signon_intents = Counter(
+            "sidecar_signon_intents",
+            "Sign-on redirects by result: registered (the identity backend made a new one; with "
+            "Identity Plus an intent), coalesced (one made earlier for the same URL reused), "
+            "limited (429), failed (503).",
+            ["result"],
+            registry=r,
+        )
         self.connections_refused = Counter(
             "sidecar_connections_refused",
             "Client connections closed at once because limits.max_connections was reached.",

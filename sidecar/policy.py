@@ -2,10 +2,12 @@
 
 Pure functions, deny by default. ``RouteTable.match`` picks the route with the longest
 matching path prefix. Because the upstream application may read a path differently from us
-(``..`` segments, ``%2F``, ``//``, ``;params``), a path is matched under every reading an
+(``%2F``, ``//``, ``;params``, letter case), a path is matched under every reading an
 application server is known to apply; when the readings disagree on the route, the request is
-refused as ambiguous rather than guessed. ``decide`` turns the route and the verdict into one
-``Decision``: the only place where a status code for a policy outcome is chosen.
+refused as ambiguous rather than guessed. A target that no reading makes safe (a ``.`` or
+``..`` segment in any reading, a ``#``, an escape that decodes to another escape) is refused
+outright. ``decide`` turns the route and the verdict into one ``Decision``: the only place
+where a status code for a policy outcome is chosen.
 """
 
 from __future__ import annotations
@@ -33,62 +35,135 @@ class Route:
 
 
 class BadPath(ValueError):
-    """The request path cannot be matched safely; answered 400."""
+    """The request target cannot be matched safely; answered 400."""
 
 
 _PARAMS = re.compile(r";[^/]*")
 _SLASHES = re.compile(r"/{2,}")
 _ENCODED_SLASH = re.compile(r"%2f", re.IGNORECASE)
+# A "%" that does not start an escape: nginx answers 400, IIS reads "%u002e" as a dot.
+_NOT_AN_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Overlong UTF-8 (C0 and C1 lead bytes, E0 80-9F, F0 80-8F): never valid, and the way old
+# decoders were made to read "%c0%ae" as a dot.
+_OVERLONG = re.compile(r"%c[01]|%e0%[89]|%f0%8", re.IGNORECASE)
+# What is still an escape after one decoding, for a server that decodes twice: refused when it
+# names a dot, a slash, a backslash, a percent sign (a third round), ";", "?", "#" or a control.
+_TWICE = re.compile(r"%(?:2e|2f|5c|25|3b|3f|23|[01][0-9a-f]|7f)", re.IGNORECASE)
+# Windows (IIS, a file system) drops the dots and spaces that end a segment.
+_TRAILING_DOTS = re.compile(r"[. ]+(?=/|$)")
+# A "." or ".." segment; Windows also reads ".. " as "..": the spaces that end a segment go.
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.? *(?=/|$)")
 
 
-def _remove_dot_segments(path: str) -> str:
-    out: list[str] = []
-    segments = path.split("/")
-    for seg in segments[1:]:
-        if seg == ".":
-            continue
-        if seg == "..":
-            if not out:
-                raise BadPath("path climbs above the root")
-            out.pop()
-            continue
-        out.append(seg)
-    if segments[-1] in (".", "..") and (not out or out[-1] != ""):
-        out.append("")
-    return "/" + "/".join(out)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _control(text: str) -> bool:
+    # isprintable: a fast "no" for the usual all-ASCII path
+    return not text.isprintable() and _CONTROL.search(text) is not None
+
+
+def _decoded(path: str) -> str:
+    return unquote(path, errors="replace")
+
+
+def _decoded_but_slashes(path: str) -> str:
+    # %2F stays encoded: most servers do not read it as a separator. (Written as an escaped
+    # "%" first, it comes out of the one decoding as "%2F".) Without a %2F this is what
+    # _decoded reads: nothing new, and no second decoding of a long path.
+    if _ENCODED_SLASH.search(path) is None:
+        return path
+    return unquote(_ENCODED_SLASH.sub("%252F", path), errors="replace")
+
+
+def _without_params(path: str) -> str:
+    # Tomcat, Jetty, Spring: ";anything" up to the next slash is not part of the segment.
+    return _PARAMS.sub("", path)
+
+
+def _merged(path: str) -> str:
+    return _SLASHES.sub("/", path)
+
+
+def _cut(path: str) -> str:
+    # A server that decodes first and then looks for the query (or a fragment).
+    return path.split("?", 1)[0].split("#", 1)[0]
+
+
+def _without_trailing_dots(path: str) -> str:
+    return _TRAILING_DOTS.sub("", path)
+
+
+# How an application server may read a path. Applied in every order (see readings).
+_READINGS = (
+    _decoded,
+    _decoded_but_slashes,
+    _without_params,
+    _merged,
+    _cut,
+    _without_trailing_dots,
+)
+# More distinct readings than this: a path made to be read many ways, refused as such.
+_MAX_READINGS = 256
 
 
 def readings(raw_path: str) -> set[str]:
-    """The paths an upstream may understand for ``raw_path`` (query excluded).
+    """The paths an upstream may understand for the request target ``raw_path`` (query
+    excluded): as sent, and after any sequence of: %-decoding (with or without ``%2F``),
+    dropping ``;params``, merging slashes, cutting at a decoded ``?`` or ``#``, dropping the
+    dots and spaces that end a segment (Windows). Fails closed.
 
-    Raises ``BadPath`` for what no reading makes safe: no leading slash, control characters,
-    NUL, backslashes (raw or encoded), or ``..`` above the root.
+    Raises ``BadPath`` for what no reading makes safe: a target that is not an absolute path
+    (absolute-form, asterisk-form), a ``#``, a ``%`` that starts no escape, overlong UTF-8,
+    control characters, NUL, backslashes (raw or encoded), an escape that still names a dot,
+    a slash or another delimiter after one decoding (``%252e``, ``%252f``), and a ``.`` or
+    ``..`` segment in any reading: no application can then resolve it differently from us.
     """
-    path = raw_path.split("?", 1)[0].split("#", 1)[0]
+    if "#" in raw_path:
+        raise BadPath("the request target contains a '#'")
+    path = raw_path.split("?", 1)[0]
     if not path.startswith("/"):
         raise BadPath("request target is not an absolute path")
+    if _NOT_AN_ESCAPE.search(path):
+        raise BadPath("path contains a '%' that is not percent-encoding")
     lowered = path.lower()
-    if (
-        "\\" in path
-        or "%5c" in lowered
-        or "%00" in lowered
-        or any(ord(c) < 0x20 or c == "\x7f" for c in path)
-    ):
+    if "\\" in path or "%5c" in lowered or "%00" in lowered or _control(path):
         raise BadPath("path contains a backslash or a control character")
-    decoded_all = unquote(path, errors="replace")
-    # The same decoding but keeping %2F as a non-separator (what most servers do).
-    decoded_keep_slash = "%2F".join(
-        unquote(p, errors="replace") for p in _ENCODED_SLASH.split(path)
-    )
-    if any(ord(c) < 0x20 or c in "\\\x7f" for c in decoded_all):
+    if _OVERLONG.search(path):
+        raise BadPath("path contains overlong UTF-8")
+    once = _decoded(path)
+    if "\\" in once or _control(once):
         raise BadPath("path contains a backslash or a control character")
-    out: set[str] = set()
-    for candidate in (path, decoded_all, decoded_keep_slash):
-        for variant in (candidate, _PARAMS.sub("", candidate)):
-            merged = _SLASHES.sub("/", variant)
-            out.add(_remove_dot_segments(merged))
-            out.add(_remove_dot_segments(variant))
-    return out
+    if _TWICE.search(once):
+        raise BadPath("path is percent-encoded twice")
+    if not ("%" in path or ";" in path or "//" in path or "./" in path or path[-1] == "."):
+        return {path}  # nothing to decode, drop, merge or strip: one reading
+    # Every order of the readings above: a closure, small for real paths (one string when
+    # there is nothing to decode, drop or merge); decoding ends after two rounds (_TWICE).
+    seen = {path}
+    frontier = [path]
+    while frontier:
+        found: list[str] = []
+        for current in frontier:
+            for read in _READINGS:
+                reading = read(current)
+                if reading not in seen:
+                    seen.add(reading)
+                    found.append(reading)
+        if len(seen) > _MAX_READINGS:
+            raise BadPath("path is ambiguous: it could address different routes")
+        frontier = found
+    for reading in seen:
+        if "." in reading and _DOT_SEGMENT.search(reading):
+            raise BadPath("path contains a '.' or '..' segment")
+    return seen
+
+
+#: what the route cache may hold, in bytes of keys (an entry costs its key and about this much)
+ROUTE_CACHE_BYTES = 1 << 20
+_ENTRY_OVERHEAD = 100
+#: longer paths are matched every time (they are rare, and would fill the cache fastest)
+_CACHED_PATH = 512
 
 
 class RouteTable:
@@ -97,7 +172,11 @@ class RouteTable:
     def __init__(self, routes: Iterable[Route]) -> None:
         # Longest prefix first: the first hit is the longest match.
         self._routes = tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
+        # Case-insensitive servers (Express, ASP.NET, IIS) read /ADMIN/ as /admin/.
+        self._folded = tuple((r.path.lower(), r) for r in self._routes)
+        # Keys are chosen by anonymous clients: bounded in bytes, emptied when full.
         self._cache: dict[str, Route | None] = {}
+        self._cache_bytes = 0
 
     def match_one(self, path: str) -> Route | None:
         for route in self._routes:
@@ -105,22 +184,45 @@ class RouteTable:
                 return route
         return None
 
-    def match(self, raw_path: str) -> Route | None:
-        """The route for a raw request path, or None when none matches (denied).
+    def match_folded(self, path: str) -> Route | None:
+        """The route ``path`` falls under when letter case is ignored."""
+        folded = path.lower()
+        for prefix, route in self._folded:
+            if folded.startswith(prefix) or (
+                prefix.endswith("/") and len(prefix) > 1 and folded == prefix[:-1]
+            ):
+                return route
+        return None
 
-        Raises ``BadPath`` when the path is malformed or its readings fall under different
-        routes.
+    def match(self, raw_path: str) -> Route | None:
+        """The route for a raw request target, or None when none matches (denied).
+
+        Raises ``BadPath`` when the target is malformed or its readings (letter case
+        ignored or not) fall under different routes.
         """
         cached = self._cache.get(raw_path, _MISSING)
         if cached is not _MISSING:
             return cached  # type: ignore[return-value]
-        routes = {self.match_one(p) for p in readings(raw_path)}
+        routes: set[Route | None] = set()
+        for reading in readings(raw_path):
+            routes.add(self.match_one(reading))
+            routes.add(self.match_folded(reading))
         if len(routes) != 1:
             raise BadPath("path is ambiguous: it could address different routes")
         route = routes.pop()
-        if len(self._cache) < 10_000 and len(raw_path) <= 512:
+        if len(raw_path) <= _CACHED_PATH:
+            cost = len(raw_path) + _ENTRY_OVERHEAD
+            if self._cache_bytes + cost > ROUTE_CACHE_BYTES:
+                self._cache.clear()
+                self._cache_bytes = 0
             self._cache[raw_path] = route
+            self._cache_bytes += cost
         return route
+
+    @property
+    def cache_bytes(self) -> int:
+        """What the cache holds now, as it counts it (for tests and metrics)."""
+        return self._cache_bytes
 
 
 _MISSING = object()

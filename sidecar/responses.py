@@ -1,13 +1,18 @@
 """The sidecar's own answers: short HTML for browsers, RFC 9457 problem+json otherwise.
 
 Reasons are plain words chosen by the caller from a small set; nothing from an exception,
-a backend reply or the request itself is echoed, so no internals leak.
+a backend reply or the request itself is echoed, so no internals leak. Every header value
+is checked before an answer is made: one with a CR, an LF or another control character
+would add lines of someone else's choosing to the response (``Set-Cookie``), so it raises
+``UnsafeHeaderValue`` and nothing is written. A value from elsewhere (a backend's sign-on
+address) is checked by its caller first (``is_location``), to answer 503 instead.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import secrets
 from html import escape
 from http import HTTPStatus
@@ -26,6 +31,34 @@ def new_request_id() -> str:
 
 #: our own answers say who answered, without a version (aiohttp would announce Python's)
 SERVER = "sidecar"
+
+
+class UnsafeHeaderValue(ValueError):
+    """A header value that is not one clean header line; never written."""
+
+
+# What our header values may hold: visible ASCII, spaces and tabs (RFC 9110 §5.5 without
+# obs-text, which we never need).
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+# A URI is visible ASCII (RFC 3986: anything else is percent-encoded).
+_URI = re.compile(r"[\x21-\x7e]+")
+
+
+def is_location(value: str) -> bool:
+    """Whether ``value`` can be sent as a ``Location``: a URI, nothing a header line cannot
+    carry (CR, LF, controls, spaces, non-ASCII)."""
+    return _URI.fullmatch(value) is not None
+
+
+def _checked(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise UnsafeHeaderValue(f"{name}: a character a header line cannot carry")
+    location = headers.get("Location")
+    if location is not None and not is_location(location):
+        raise UnsafeHeaderValue("Location: not a URI")
+    return headers
+
 
 _TITLES = {
     400: "Bad request",
@@ -72,13 +105,15 @@ def error(
     headers: dict[str, str] | None = None,
     location: str | None = None,
 ) -> web.Response:
-    """An error response. ``location`` (a sign-on URL) is given as a link and a header."""
+    """An error response. ``location`` (a sign-on URL) is given as a link and a header.
+    Raises ``UnsafeHeaderValue`` for a header value that is not one clean line."""
     title = title_of(status)
     out_headers = {"X-Request-ID": request_id, "Cache-Control": "no-store", "Server": SERVER}
     if headers:
         out_headers.update(headers)
     if location:
         out_headers["Location"] = location
+    _checked(out_headers)
     if wants_html(accept):
         extra = ""
         if location:
@@ -111,15 +146,17 @@ def error(
 
 
 def redirect(location: str, *, request_id: str) -> web.Response:
-    """302 to the identity service; the body is a one-line link for clients that do not follow."""
+    """302 to the identity service; the body is a one-line link for clients that do not follow.
+    Raises ``UnsafeHeaderValue`` for a ``location`` that is not a URI."""
+    headers = {
+        "Location": location,
+        "X-Request-ID": request_id,
+        "Cache-Control": "no-store",
+        "Server": SERVER,
+    }
     return web.Response(
         status=302,
         text=f'<a href="{escape(location, quote=True)}">Continue</a>\n',
         content_type="text/html",
-        headers={
-            "Location": location,
-            "X-Request-ID": request_id,
-            "Cache-Control": "no-store",
-            "Server": SERVER,
-        },
+        headers=_checked(headers),
     )

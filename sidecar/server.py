@@ -5,12 +5,19 @@ does not serve (a body, an upgrade, a malformed or oversized head) and stays to 
 keeps the peer certificate parsed there, gives a client ``limits.header_timeout`` to send a
 complete request head (slowloris), closes idle keep-alive connections, and answers parse
 errors (oversized request line or headers, malformed framing) with our own error pages.
+
+Flow control as on the listener's own path (``flow``): while the write buffer is above its
+high-water mark nothing more is read (what arrives meanwhile waits here, unparsed) and
+aiohttp's writes wait; a client that takes too little for ``limits.send_timeout`` is cut
+off, which also ends a wait in ``write_eof`` or for ``100 Continue`` to go out. aiohttp
+itself stops parsing pipelined requests beyond 32 queued ones (aiohttp >= 3.14.1).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -18,6 +25,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import responses
 from .certs import ClientCert
+from .flow import FlowControl
 
 if TYPE_CHECKING:
     from .listener import ListenerServer
@@ -26,7 +34,15 @@ if TYPE_CHECKING:
 class Connection(RequestHandler):
     """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
 
-    __slots__ = ("_header_timeout", "_listener", "_metrics", "_peer")
+    __slots__ = (
+        "_flow",
+        "_gone",
+        "_header_timeout",
+        "_held",
+        "_listener",
+        "_metrics",
+        "_peer",
+    )
 
     def __init__(
         self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
@@ -36,6 +52,11 @@ class Connection(RequestHandler):
         self._listener = manager
         self._header_timeout = manager.limits.header_timeout
         self._metrics = manager.metrics
+        self._flow = FlowControl(loop, manager.limits.send_timeout)
+        #: bytes that arrived while the client was not taking its answers, not yet parsed
+        self._held = b""
+        #: called if the connection ends while a response streams to it (``when_gone``)
+        self._gone: Callable[[], None] | None = None
 
     def adopt(self, *, peer: ClientCert | None) -> None:
         """Take over a connection from the listener, with its peer certificate, already parsed
@@ -46,6 +67,13 @@ class Connection(RequestHandler):
         """The peer certificate the listener parsed before it handed the connection over."""
         return self._peer
 
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called if the connection ends (None: no longer)."""
+        if callback is not None and self.transport is None:
+            callback()
+            return
+        self._gone = callback
+
     @property
     def closing(self) -> bool:
         """The listener is shutting down: a response prepared now is the connection's last."""
@@ -54,16 +82,47 @@ class Connection(RequestHandler):
     # -- the header deadline ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Reading is held through aiohttp's own pause_reading and resume_reading, which keep
+        # count of its other reasons to hold it (a full request queue, a body not yet read).
+        self._flow.attach(cast(asyncio.Transport, transport), self)
         super().connection_made(transport)
         # aiohttp arms the keep-alive timer for a connection that has sent nothing yet; the
         # request head must arrive within header_timeout instead.
         self._arm_header_deadline()
 
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._flow.close()
+        self._held = b""
+        gone, self._gone = self._gone, None
+        if gone is not None:
+            gone()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._flow.resume_writing()
+        if self._held and not self._flow.write_paused:
+            self.data_received(b"")  # what was held, in order, before anything read from now
+
     def data_received(self, data: bytes) -> None:
+        if self._flow.write_paused:
+            # The client is not taking its answers: parse nothing more until it does. aiohttp
+            # may have resumed reading for a reason of its own (a body read): hold it again.
+            self._held += data
+            if not self._reading_paused and self.transport is not None:
+                self.pause_reading()
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
         # The first bytes of a new request on an idle connection start its header deadline.
         waiter = self._waiter
         if (
-            waiter is not None
+            data
+            and waiter is not None
             and not waiter.done()
             and self._payload_parser is None
             and not self._upgraded
@@ -98,7 +157,7 @@ class Connection(RequestHandler):
             self.log_exception("Error handling request", exc_info=exc)
             reason = "The sidecar could not handle this request."
         elif isinstance(exc, LineTooLong):
-            # aiohttp names the part only by the limit it hit (see ListenerServer.__init__).
+            # aiohttp names the part only by the limit it hit (see listener._parser_limits).
             if len(exc.args) > 1 and exc.args[1] == self.max_line_size:
                 status, reason = 414, "The request line is too long."
             else:
@@ -116,6 +175,14 @@ class Connection(RequestHandler):
         )
         response.force_close()
         return response
+
+
+def when_gone(request: web.BaseRequest, callback: Callable[[], None] | None) -> None:
+    """Have ``callback`` called if the request's connection ends (None: no longer), when it
+    is one of ours (aiohttp's own servers, in tests, have no such notice)."""
+    protocol = request.protocol
+    if isinstance(protocol, Connection):
+        protocol.when_gone(callback)
 
 
 def last_on_connection(request: web.BaseRequest, response: web.StreamResponse) -> None:

@@ -6,16 +6,19 @@ lacks clientAuth); ``PeerCertificates`` then parses what passed, once per connec
 ``TLSState`` holds the context new connections are accepted with (``tls_transport``: one context
 for a connection's whole life). A reload swaps in a new context only when what it is made of
 changed; a new context has its own session cache and ticket keys, so no session from before
-can be resumed on it, and ``swap`` says whether what decides trust changed.
+can be resumed on it, and ``swap`` says whether what decides trust changed. It also records
+the server name each connection asked for (``requested_server_name``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import ssl
 import tempfile
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,12 +147,29 @@ def load_chain(
         ctx.load_cert_chain(handle.name, password=once)
 
 
+# The server name (SNI) of each connection, by its SSLObject: the one the servername callback
+# gets is the one the transport gives as its "ssl_object". Weak, so it goes with the connection.
+_SERVER_NAMES: weakref.WeakKeyDictionary[object, str | None] = weakref.WeakKeyDictionary()
+
+
+def requested_server_name(ssl_obj: object | None) -> str | None:
+    """The server name a connection's client sent in its TLS handshake (SNI), or None when it
+    sent none (or the handshake was not made by a ``TLSState`` context)."""
+    if ssl_obj is None:
+        return None
+    try:
+        return _SERVER_NAMES.get(ssl_obj)
+    except TypeError:  # not weakly referenceable: nothing was recorded for it
+        return None
+
+
 class TLSState:
     """The context new connections are accepted with, and what it is made of.
 
     A connection keeps the context it was accepted with: its certificate, trust store,
     verification mode, session cache and ticket keys. OpenSSL calls the servername callback,
-    ``_select``, for every handshake (with or without SNI) with the connection's ``SSLObject``.
+    ``_select``, for every handshake (with or without SNI) with the connection's ``SSLObject``;
+    it records the name the client asked for (``requested_server_name``).
     """
 
     def __init__(self, context: ssl.SSLContext, fingerprint: Fingerprint) -> None:
@@ -158,7 +178,9 @@ class TLSState:
         self.fingerprint = fingerprint
 
     def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        return None
+        # Not weakly referenceable: not recorded, and the request is judged on its Host alone.
+        with contextlib.suppress(TypeError):
+            _SERVER_NAMES[ssl_obj] = server_name
 
     def swap(self, context: ssl.SSLContext, fingerprint: Fingerprint) -> bool:
         """New connections use ``context``, unless it is made of what the current one is made

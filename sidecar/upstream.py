@@ -2,10 +2,12 @@
 
 ``UpstreamClient.forward`` is the only hot-path call. Plain HTTP goes over pooled keep-alive
 connections (``upstream_pool``) with the request head written as given and the body streamed;
-WebSocket upgrades go through an aiohttp ``ClientSession`` and are relayed frame by frame. A
-failure before the response has started raises ``UpstreamError`` (the handler answers 502 or
-504); after it has started, the client connection is aborted so that a truncated response can
-never pass for a complete one. Everything aiohttp-client specific stays in this module.
+WebSocket upgrades go through an aiohttp ``ClientSession`` and are relayed frame by frame, with
+an idle timeout and a bound on message size. A failure before the response has started raises
+``UpstreamError`` (the handler answers 502 or 504); after it has started, the client
+connection is aborted so that a truncated response can never pass for a complete one. A
+request is sent a second time only when it is idempotent and met a reused connection that
+failed before any byte of answer. Everything aiohttp-client specific stays in this module.
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .config import UpstreamConfig
+from .config import LimitsConfig, UpstreamConfig
 from .errors import UpstreamError
 from .headers import connection_tokens, lines_to_multidict, response_fields
 from .responses import SERVER
-from .server import last_on_connection
+from .server import last_on_connection, when_gone
 from .upstream_http import (
+    BodyTimeout,
     BodyTooLarge,
     Connection,
     RequestBody,
@@ -42,8 +45,11 @@ from .upstream_pool import Pool
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # Every response carries the request's id; the one sent upstream is the one the client gets.
 _REQUEST_ID = "X-Request-ID"
-# WebSocket messages are buffered whole by aiohttp, so they need a bound (aiohttp's default).
-_WS_MAX_MESSAGE = 4 * 1024 * 1024
+# Methods that may be sent again when a reused connection fails before any byte of answer:
+# the application cannot have acted on them in a way that matters (RFC 9110 §9.2.2; nginx's
+# proxy_next_upstream never retries POST, LOCK or PATCH; PUT and DELETE are not retried here
+# either, since applications often implement them with side effects that are not idempotent).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Close codes that stand for a missing close frame or status; they may not be sent (RFC 6455).
 _NO_STATUS = frozenset({0, 1005})  # aiohttp reports an empty close frame as 0
 _ABNORMAL = frozenset({1006, 1015})
@@ -52,7 +58,7 @@ _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.versi
 
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
-__all__ = ["BodyTooLarge", "Downstream", "Forwarded", "Sent", "UpstreamClient"]
+__all__ = ["BodyTimeout", "BodyTooLarge", "Downstream", "Forwarded", "Sent", "UpstreamClient"]
 
 
 class Downstream(Protocol):
@@ -76,7 +82,12 @@ class Downstream(Protocol):
         ...
 
     async def drain(self) -> None:
-        """Wait while the client is not taking what we send; ConnectionError once it is gone."""
+        """Wait while the client is not taking what we send; ConnectionError once it is gone
+        (it is cut off when it takes nothing for ``limits.send_timeout``)."""
+        ...
+
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called if the client connection ends (None: no longer)."""
         ...
 
     def finish(self) -> None:
@@ -96,6 +107,8 @@ class Sent:
     head: bytes
     head_only: bool
     started: float
+    #: the method is idempotent: the request may be sent again (see ``_await_head``)
+    retry: bool
 
 
 @dataclass(slots=True)  # not frozen: made per request, and a frozen one costs 4x as much
@@ -110,13 +123,7 @@ class Forwarded:
 
 
 class UpstreamClient:
-    def __init__(
-        self,
-        config: UpstreamConfig,
-        *,
-        max_body_size: int | None = None,
-        send_timeout: float = 60.0,
-    ) -> None:
+    def __init__(self, config: UpstreamConfig, *, limits: LimitsConfig | None = None) -> None:
         base = URL(config.url)
         self._https = base.scheme == "https"
         self._host = base.raw_host or ""
@@ -130,9 +137,13 @@ class UpstreamClient:
             ("wss" if self._https else "ws") + str(base.origin())[len(base.scheme) :] + self._prefix
         )
         self._config = config
-        self._max_body_size = max_body_size
-        #: on aiohttp's path, a client that takes none of a response for this long is dropped
-        self._send_timeout = send_timeout
+        limits = limits if limits is not None else LimitsConfig()
+        self._max_body_size = limits.max_body_size
+        self._body_timeout = limits.body_timeout
+        self._ws_idle_timeout = limits.websocket_idle_timeout
+        # aiohttp refuses a message as large as its max_msg_size: one byte more lets the
+        # configured size itself through.
+        self._ws_max_msg_size = limits.websocket_max_message + 1
         self._pool: Pool | None = None
         # An open WebSocket holds its connection for its whole life: kept out of the pool, they
         # cannot starve plain requests. The listener's connection limit bounds them.
@@ -182,10 +193,13 @@ class UpstreamClient:
         The response is prepared here, so it gets the ``X-Request-ID`` of ``headers`` (replacing
         any the upstream sent) for the handler, which can no longer add headers.
 
-        Raises ``UpstreamError`` only before any byte of a response has gone to the client, and
-        ``BodyTooLarge`` when the body passes ``max_body_size`` before the upstream answered.
-        A request without a body that meets a closed keep-alive connection (no response byte
-        received) is sent once more on a new connection; nothing else is ever retried.
+        Raises ``UpstreamError`` only before any byte of a response has gone to the client,
+        ``BodyTooLarge`` when the body passes ``max_body_size`` before the upstream answered,
+        and ``BodyTimeout`` when the client paused its body longer than ``body_timeout``
+        before the upstream answered (the upstream connection is aborted then, never reused).
+        An idempotent request without a body that meets a closed keep-alive connection (no
+        response byte received) is sent once more on a new connection; nothing else is ever
+        retried.
         """
         pool, ws_session = self._pool, self._ws_session
         if pool is None or ws_session is None:
@@ -201,7 +215,11 @@ class UpstreamClient:
         if has_body:
             await _continue(request)
         chunked = has_body and length is None
-        body = RequestBody(request.content, chunked=chunked, limit=limit) if has_body else None
+        body = (
+            RequestBody(request.content, chunked=chunked, limit=limit, timeout=self._body_timeout)
+            if has_body
+            else None
+        )
         if "Expect" in headers:
             # Answered above, hop by hop; an upstream may rightly never send 100 Continue.
             headers = headers.copy()
@@ -215,12 +233,13 @@ class UpstreamClient:
             out += first
             rest = None if done else body
         conn, sender, upstream_seconds = await self._exchange(
-            out, rest, head_only=request.method == "HEAD", retry=body is None
+            out,
+            rest,
+            head_only=request.method == "HEAD",
+            retry=body is None and request.method in _IDEMPOTENT,
         )
         try:
-            return await _stream_response(
-                request, conn, upstream_seconds, headers.get(_REQUEST_ID), self._send_timeout
-            )
+            return await _stream_response(request, conn, upstream_seconds, headers.get(_REQUEST_ID))
         finally:
             _cancel(sender)  # the upstream answered before it took the whole body
             pool.release(conn, reuse=True)
@@ -242,7 +261,7 @@ class UpstreamClient:
         """
         head = self._relay_head(method, raw_target, block, has_host)
         conn, _, upstream_seconds = await self._exchange(
-            [head], None, head_only=method == "HEAD", retry=True
+            [head], None, head_only=method == "HEAD", retry=method in _IDEMPOTENT
         )
         return await self._relay_response(client, conn, request_id, upstream_seconds)
 
@@ -269,7 +288,7 @@ class UpstreamClient:
         conn.begin(head_only=head_only, sending=False)
         conn.writelines([head])
         conn.notify(notify)
-        return Sent(conn, head, head_only, time.perf_counter())
+        return Sent(conn, head, head_only, time.perf_counter(), method in _IDEMPOTENT)
 
     def relay_whole(self, client: Downstream, sent: Sent, request_id: str) -> Forwarded | None:
         """After ``send_now``'s notice: relay the response if all of it is here and nothing
@@ -286,9 +305,15 @@ class UpstreamClient:
 
     async def finish_relay(self, client: Downstream, sent: Sent, request_id: str) -> Forwarded:
         """The rest of ``relay`` for a request ``send_now`` sent: a failure (a stale
-        connection's request is sent again, as ``relay`` does), or a body still coming."""
+        connection's idempotent request is sent again, as ``relay`` does), or a body still
+        coming."""
         conn, upstream_seconds = await self._await_head(
-            sent.conn, None, [sent.head], head_only=sent.head_only, retry=True, started=sent.started
+            sent.conn,
+            None,
+            [sent.head],
+            head_only=sent.head_only,
+            retry=sent.retry,
+            started=sent.started,
         )
         return await self._relay_response(client, conn, request_id, upstream_seconds)
 
@@ -318,6 +343,9 @@ class UpstreamClient:
             fields, flags = response_fields(conn.raw_headers)
             fields += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
             client.respond(status, conn.reason, fields, flags, b"", False)
+            # A client that leaves (or is cut off for send_timeout) ends the exchange at once,
+            # not at the upstream's next byte.
+            client.when_gone(conn.abandon)
             while True:
                 try:
                     chunk = await conn.read()
@@ -334,6 +362,7 @@ class UpstreamClient:
                     break
             return Forwarded(None, status, upstream_seconds)
         finally:
+            client.when_gone(None)
             self._pool.release(conn, reuse=True)
 
     async def _exchange(
@@ -343,7 +372,8 @@ class UpstreamClient:
 
         Returns the connection and the task still sending the body (the caller releases and
         cancels them) and the seconds the head took. ``retry``: the request may be sent once
-        more if a reused connection turns out to be closed (only requests without a body).
+        more if a reused connection turns out to be closed (only idempotent requests without a
+        body: any other may have been acted on).
         """
         pool = self._pool
         if pool is None:
@@ -387,7 +417,7 @@ class UpstreamClient:
             _cancel(sender)
             pool.release(conn, reuse=False)
             raise _upstream_error(exc) from exc
-        except BaseException:  # BodyTooLarge, or we were cancelled
+        except BaseException:  # BodyTooLarge, BodyTimeout, or we were cancelled
             _cancel(sender)
             pool.release(conn, reuse=False)
             raise
@@ -417,7 +447,7 @@ class UpstreamClient:
                 autoclose=False,
                 autoping=False,
                 compress=0,
-                max_msg_size=_WS_MAX_MESSAGE,
+                max_msg_size=self._ws_max_msg_size,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
             )
         except aiohttp.WSServerHandshakeError as exc:
@@ -432,14 +462,14 @@ class UpstreamClient:
             autoclose=False,
             autoping=False,
             compress=False,
-            max_msg_size=_WS_MAX_MESSAGE,
+            max_msg_size=self._ws_max_msg_size,
         )
         if _REQUEST_ID in headers:
             client.headers[_REQUEST_ID] = headers[_REQUEST_ID]
         client.headers["Server"] = SERVER  # not aiohttp's banner, as on every other answer
         try:
             await client.prepare(request)
-            await _relay_websocket(client, upstream)
+            await _relay_websocket(client, upstream, self._ws_idle_timeout)
         finally:
             # Still open if the client vanished during the handshake, or we were cancelled.
             if not upstream.closed:
@@ -472,13 +502,14 @@ class _WholeResponse(web.StreamResponse):
 
 
 async def _stream_response(
-    request: web.BaseRequest,
-    conn: Connection,
-    upstream_seconds: float,
-    request_id: str | None,
-    send_timeout: float,
+    request: web.BaseRequest, conn: Connection, upstream_seconds: float, request_id: str | None
 ) -> Forwarded:
-    """Stream the upstream's response to the client; abort the client if the upstream fails."""
+    """Stream the upstream's response to the client; abort the client if the upstream fails.
+
+    Every write waits while the client is not taking the response; the listener's protocol
+    (``server.Connection``) cuts a client off that takes nothing for ``send_timeout``, which
+    ends the wait, and the exchange with it.
+    """
     headers = lines_to_multidict(response_fields(conn.raw_headers)[0])
     if request_id is not None:
         headers[_REQUEST_ID] = request_id
@@ -496,24 +527,24 @@ async def _stream_response(
             return forwarded
     except ConnectionError:  # the client is gone
         return forwarded
-    while True:
-        try:
-            chunk = await conn.read()
-        except Exception:  # timeout, reset, malformed body: the client must see it truncated
-            _abort(request)
-            return forwarded
-        if not chunk:
-            break
-        try:
-            async with asyncio.timeout(send_timeout):
+    when_gone(request, conn.abandon)  # not at the upstream's next byte
+    try:
+        while True:
+            try:
+                chunk = await conn.read()
+            except Exception:  # timeout, reset, malformed body: the client must see it truncated
+                _abort(request)
+                return forwarded
+            if not chunk:
+                break
+            try:
                 await response.write(chunk)
-        except ConnectionError:
-            return forwarded
-        except TimeoutError:  # the client stopped reading (limits.send_timeout)
-            _abort(request)
-            return forwarded
-    with contextlib.suppress(ConnectionError):  # the client left after the last byte
-        await response.write_eof()
+            except ConnectionError:
+                return forwarded
+        with contextlib.suppress(ConnectionError):  # the client left after the last byte
+            await response.write_eof()
+    finally:
+        when_gone(request, None)
     return forwarded
 
 
@@ -533,44 +564,99 @@ def _abort(request: web.BaseRequest) -> None:
         transport.abort()
 
 
-async def _relay_websocket(
-    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    """Copy frames both ways until one side closes; answer it, then close the other alike.
+class _Activity:
+    """When a frame last passed, either way: what keeps a relayed WebSocket from being idle."""
 
-    The side that closed first gets its own code echoed (RFC 6455 §5.5.1) and is released at
-    once; the other side then gets the same code and reason. A side that vanished without a
-    close frame makes the other one see 1014 (bad gateway) or 1001 (going away).
+    __slots__ = ("_loop", "last")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.last = loop.time()
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def idle_for(self) -> float:
+        return self._loop.time() - self.last
+
+
+@dataclass(slots=True)
+class _End:
+    """How a relayed WebSocket ended: the side whose doing it was (``culprit``), the close
+    code it sent (None when it vanished or failed), and whether its message was too large
+    (aiohttp has closed that side with 1009 then)."""
+
+    culprit: _Socket
+    code: int | None
+    reason: str
+    too_big: bool = False
+
+
+async def _relay_websocket(
+    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, idle_timeout: float
+) -> None:
+    """Copy frames both ways until one side ends it or no frame passed for ``idle_timeout``;
+    then close both sides.
+
+    A side that closed gets its own code echoed (RFC 6455 §5.5.1) and the other side the same
+    code and reason. A side whose message was over the size limit has been closed with 1009
+    (Message Too Big) and the other side gets 1001 (Going Away). A side that vanished without
+    a close frame makes the other one see 1014 (Bad Gateway: the upstream) or 1001 (the
+    client). An idle WebSocket is closed with 1001 on both sides: the proxy goes away from it,
+    neither peer ended it.
     """
-    to_upstream = asyncio.ensure_future(_pump(client, upstream))
-    to_client = asyncio.ensure_future(_pump(upstream, client))
+    loop = asyncio.get_running_loop()
+    activity = _Activity(loop)
+    to_upstream = asyncio.ensure_future(_pump(client, upstream, activity))
+    to_client = asyncio.ensure_future(_pump(upstream, client, activity))
     tasks = (to_upstream, to_client)
-    first: _Socket
-    second: _Socket
+    end: _End | None = None
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if to_client.done():
-            # Cancelling the server side's receive is harmless; the client side's would mark
-            # the connection as failed, so that one is left to close(), which interrupts it.
+        while True:
+            remaining = idle_timeout - activity.idle_for()
+            if remaining <= 0:
+                break  # idle
+            done, _ = await asyncio.wait(
+                tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                end = (to_client if to_client.done() else to_upstream).result()
+                break
+        # Cancelling the server side's receive is harmless; the client side's would mark
+        # the connection as failed, so that one is left to close(), which interrupts it.
+        if not to_upstream.done():
             to_upstream.cancel()
             await asyncio.wait((to_upstream,))
-            code, reason = to_client.result() or (WSCloseCode.BAD_GATEWAY, "")
-            first, second = upstream, client
+        if end is None:
+            await asyncio.gather(
+                client.close(code=WSCloseCode.GOING_AWAY, message=b"idle"),
+                upstream.close(code=WSCloseCode.GOING_AWAY, message=b"idle"),
+            )
+            return
+        culprit = end.culprit
+        other: _Socket = upstream if culprit is client else client
+        if end.too_big:
+            code, reason = int(WSCloseCode.GOING_AWAY), ""
+        elif end.code is not None:
+            code, reason = _sendable(end.code), end.reason
+        elif culprit is upstream:
+            code, reason = int(WSCloseCode.BAD_GATEWAY), ""
         else:
-            code, reason = to_upstream.result() or (WSCloseCode.GOING_AWAY, "")
-            first, second = client, upstream
-        await first.close(code=_sendable(code), message=reason.encode())
-        await second.close(code=_sendable(code), message=reason.encode())
+            code, reason = int(WSCloseCode.GOING_AWAY), ""
+        if not end.too_big:  # that side is closed already, with 1009
+            await culprit.close(code=code, message=reason.encode())
+        await other.close(code=code, message=reason.encode())
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str] | None:
-    """Copy frames until ``source`` closes: its close code and reason, or None if it failed."""
+async def _pump(source: _Socket, sink: _Socket, activity: _Activity) -> _End:
+    """Copy frames until ``source`` closes, fails, or ``sink`` cannot take one."""
     while True:
         msg = await source.receive()
+        activity.touch()
         try:
             if msg.type is WSMsgType.TEXT:
                 await sink.send_str(msg.data)
@@ -581,11 +667,17 @@ async def _pump(source: _Socket, sink: _Socket) -> tuple[int, str] | None:
             elif msg.type is WSMsgType.PONG:
                 await sink.pong(msg.data)
             elif msg.type is WSMsgType.CLOSE:
-                return int(msg.data), msg.extra or ""
-            else:  # CLOSING (we are closing it), CLOSED or ERROR
-                return None
+                return _End(source, int(msg.data), msg.extra or "")
+            elif msg.type is WSMsgType.ERROR:
+                error = msg.data
+                too_big = (
+                    isinstance(error, WebSocketError) and error.code == WSCloseCode.MESSAGE_TOO_BIG
+                )
+                return _End(source, None, "", too_big=too_big)
+            else:  # CLOSING (we are closing it) or CLOSED
+                return _End(source, None, "")
         except (ConnectionError, aiohttp.ClientError):
-            return None
+            return _End(sink, None, "")
 
 
 def _sendable(code: int) -> int:

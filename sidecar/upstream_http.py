@@ -4,8 +4,8 @@
 A ``Connection`` owns its transport, an httptools (llhttp) response parser and the state of
 the one exchange in progress: status, headers, body chunks (with read backpressure),
 completion, and one lazily re-armed read timer. Failures come out as ``TimeoutError``,
-``OSError`` (resets), ``UpstreamError`` (protocol) or ``BodyTooLarge``; the caller decides
-what they mean for the client.
+``OSError`` (resets), ``UpstreamError`` (protocol), ``BodyTooLarge`` or ``BodyTimeout``; the
+caller decides what they mean for the client.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ _HIGH_WATER = 256 * 1024
 
 class BodyTooLarge(Exception):
     """The request body exceeded ``max_body_size`` before the upstream answered."""
+
+
+class BodyTimeout(Exception):
+    """The client paused its request body for longer than ``limits.body_timeout``."""
 
 
 def request_head(
@@ -78,11 +82,15 @@ def head_from_lines(method: str, target: str, block: bytes, host: bytes | None) 
 
 
 class RequestBody:
-    """The client's request body, framed as the client framed it, refused past ``limit``."""
+    """The client's request body, framed as the client framed it, refused past ``limit``, and
+    given up when the client pauses it for longer than ``timeout``."""
 
-    def __init__(self, content: StreamReader, *, chunked: bool, limit: int | None) -> None:
+    def __init__(
+        self, content: StreamReader, *, chunked: bool, limit: int | None, timeout: float
+    ) -> None:
         self._content = content
         self._chunked = chunked
+        self._timeout = timeout
         # Content-Length bodies are framed by the server's parser; only chunked ones can grow.
         self._limit = limit if chunked else None
         self._seen = 0
@@ -97,20 +105,36 @@ class RequestBody:
         return self._frame(data, done), done
 
     async def send_rest(self, conn: Connection) -> None:
-        """Stream the rest to ``conn`` as it arrives; a failure becomes the exchange's error."""
+        """Stream the rest to ``conn`` as it arrives; a failure becomes the exchange's error
+        (``BodyTimeout`` when the client pauses longer than the timeout: the upstream
+        connection is then aborted, so that the upstream sees the request incomplete)."""
         try:
             while True:
-                data = await self._content.readany()
+                data = await self._read()
                 conn.writelines(self._frame(data, not data))
                 if not data:
                     conn.request_sent = True
                     return
                 conn.touch()
                 await conn.drain()
-        except (BodyTooLarge, OSError) as exc:
+        except (BodyTooLarge, BodyTimeout, OSError) as exc:
             conn.fail(exc)
         except Exception as exc:  # e.g. the client's chunked framing was broken
             conn.fail(ConnectionAbortedError(f"request body: {type(exc).__name__}: {exc}"))
+
+    async def _read(self) -> bytes:
+        """The body bytes that have arrived, waiting at most ``timeout`` for some; b"" at the
+        end. Only a wait for the client is timed (not one for the upstream to take the body),
+        and bytes already here need no timer."""
+        content = self._content
+        data = content.read_nowait()
+        if data or content.at_eof():
+            return data
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await content.readany()
+        except TimeoutError:
+            raise BodyTimeout(f"no request body byte for {self._timeout:g} s") from None
 
     def _frame(self, data: bytes, done: bool) -> list[bytes]:
         self._seen += len(data)
@@ -223,8 +247,9 @@ class Connection(asyncio.Protocol):
                 self._drain_waiter = None
 
     def touch(self) -> None:
-        """Push the read deadline back: the request body is still making progress (a client
-        that stalls its upload longer than the read timeout gets a 504 like a slow upstream)."""
+        """Push the read deadline back: the request body is still making progress, and the
+        upstream need not answer before it has all of it (as nginx arms proxy_read_timeout
+        once the body is sent). A client that pauses its body is bounded by body_timeout."""
         self._deadline = self._loop.time() + self._read_timeout
 
     def notify(self, callback: Callable[[], None]) -> None:
@@ -288,6 +313,12 @@ class Connection(asyncio.Protocol):
         self._wake()
         if self._transport is not None:
             self._transport.abort()
+
+    def abandon(self) -> None:
+        """The client this response goes to is gone: a response still arriving is dropped
+        with its connection (a complete one may still be reused)."""
+        if not self.complete:
+            self.fail(ConnectionAbortedError("the client connection is gone"))
 
     def close(self) -> None:
         if self._transport is not None:

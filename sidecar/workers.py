@@ -7,6 +7,11 @@ admin listener on a Unix socket; the supervisor's ``/metrics`` merges theirs (co
 worker that died are carried so totals never go backwards), ``/readyz`` is ready when every
 worker is, and ``/cache/purge`` reaches every worker. A worker that dies is logged and
 restarted.
+
+A worker starts with SIGHUP blocked (``Child``) and unblocks it once its handler is in place,
+so no SIGHUP can kill a worker while it starts. The supervisor relays SIGHUP only to workers
+that have started; one still starting gets it as soon as it has (it may have read the file
+before the change).
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +35,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import log
+from .admin import ADMIN_HEADER, guard
 from .config import Config
 
 _MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon")
@@ -35,11 +45,67 @@ _Key = tuple[str, str, tuple[tuple[str, str], ...]]
 _STARTUP_TIMEOUT = 30.0
 
 
+class Child:
+    """A worker process, started by ``subprocess.Popen`` while SIGHUP is blocked: the signal
+    mask survives fork and exec, so the worker starts with SIGHUP held (uvloop's spawn would
+    clear the mask). Its exit is watched through a pidfd on the event loop (a thread where
+    there is none)."""
+
+    def __init__(self, args: Sequence[str]) -> None:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self._popen = subprocess.Popen(args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        self.pid = self._popen.pid
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # not Linux 5.3 or newer
+            threading.Thread(target=self._wait_in_thread, args=(loop,), daemon=True).start()
+        else:
+            loop.add_reader(pidfd, self._on_exit, loop, pidfd)
+
+    def _on_exit(self, loop: asyncio.AbstractEventLoop, pidfd: int) -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._set_exited(self._popen.wait())  # reaps it; at once, it has exited
+
+    def _wait_in_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        code = self._popen.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(self._set_exited, code)
+
+    def _set_exited(self, code: int) -> None:
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the exit has been seen (negative: the signal that ended it)."""
+        return self._exited.result() if self._exited.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: int) -> None:
+        if not self._exited.done():
+            self._popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 @dataclass
 class Worker:
     index: int
     socket: Path
-    process: asyncio.subprocess.Process | None = None
+    process: Child | None = None
+    #: its SIGHUP handler is in place: it answered /readyz with anything but "starting"
+    started: bool = False
+    #: a SIGHUP came while it was starting: relayed once it has started
+    reload_pending: bool = False
     #: counter and histogram samples of earlier incarnations of this worker slot
     retired: dict[_Key, float] = field(default_factory=dict)
     last: dict[_Key, float] = field(default_factory=dict)
@@ -76,7 +142,9 @@ class Supervisor:
         ]
         if self.log_format:
             args += ["--log-format", self.log_format]
-        worker.process = await asyncio.create_subprocess_exec(*args)
+        # A new process reads the file anew: an earlier SIGHUP has nothing left to do.
+        worker.started = worker.reload_pending = False
+        worker.process = Child(args)
         self.log.info("worker_started", worker=worker.index, pid=worker.process.pid)
 
     async def _watch(self, worker: Worker) -> None:
@@ -102,6 +170,7 @@ class Supervisor:
             delay = min(delay * 2, 10.0)
             if not self.stopping:
                 await self._spawn(worker)
+                await self._until_started(worker)
 
     async def _wait_ready(self) -> bool:
         deadline = asyncio.get_running_loop().time() + _STARTUP_TIMEOUT
@@ -111,10 +180,60 @@ class Supervisor:
             ):
                 return False
             states = await asyncio.gather(*(self._ask(w, "GET", "/readyz") for w in self.workers))
+            for worker, state in zip(self.workers, states, strict=True):
+                self._note_readiness(worker, state)
             if all(s is not None and s[0] == 200 for s in states):
                 return True
             await asyncio.sleep(0.1)
         return False
+
+    async def _until_started(self, worker: Worker) -> None:
+        """Ask a restarted worker's /readyz until it has started (or exited, or the start-up
+        time is over: then the supervisor's own /readyz goes on asking)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _STARTUP_TIMEOUT
+        while not worker.started and not self.stopping and loop.time() < deadline:
+            process = worker.process
+            if process is None or process.returncode is not None:
+                return
+            self._note_readiness(worker, await self._ask(worker, "GET", "/readyz"))
+            await asyncio.sleep(0.1)
+
+    def _note_readiness(self, worker: Worker, answer: tuple[int, str] | None) -> None:
+        """A worker's /readyz answered: once it says anything but "starting", its SIGHUP
+        handler is in place (it is installed in the same step of the event loop that ends the
+        start), and a SIGHUP held for it goes now."""
+        if worker.started or answer is None:
+            return
+        status, body = answer
+        if status != 200:
+            try:
+                reason = json.loads(body).get("reason")
+            except (ValueError, AttributeError):
+                return
+            if reason == "starting":
+                return
+        worker.started = True
+        if worker.reload_pending and worker.process is not None:
+            worker.reload_pending = False
+            worker.process.send_signal(signal.SIGHUP)
+            self.log.info("reload_relayed", workers=[worker.index], late=True)
+
+    def _relay_reload(self) -> None:
+        """SIGHUP: every worker that has started reloads now, one still starting once it has."""
+        now: list[int] = []
+        later: list[int] = []
+        for worker in self.workers:
+            process = worker.process
+            if process is None or process.returncode is not None:
+                continue  # being restarted: the new process reads the file anew
+            if worker.started:
+                process.send_signal(signal.SIGHUP)
+                now.append(worker.index)
+            else:
+                worker.reload_pending = True
+                later.append(worker.index)
+        self.log.info("reload_relayed", workers=now, when_started=later)
 
     async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, str] | None:
         if not worker.socket.exists():
@@ -125,7 +244,8 @@ class Supervisor:
                 aiohttp.ClientSession(
                     connector=connector, timeout=aiohttp.ClientTimeout(total=5)
                 ) as s,
-                s.request(method, f"http://worker{path}") as resp,
+                # as any client of the admin listener: a name it is known by, and the header
+                s.request(method, f"http://localhost{path}", headers={ADMIN_HEADER: "1"}) as resp,
             ):
                 return resp.status, await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError):
@@ -153,6 +273,8 @@ class Supervisor:
             if self.stopping:
                 return web.json_response({"ready": False, "reason": "draining"}, status=503)
             answers = await asyncio.gather(*(self._ask(w, "GET", "/readyz") for w in self.workers))
+            for worker, answer in zip(self.workers, answers, strict=True):
+                self._note_readiness(worker, answer)
             for worker, answer in zip(self.workers, answers, strict=True):
                 if answer is None or answer[0] != 200:
                     reason = json.loads(answer[1]).get("reason") if answer else "not answering"
@@ -187,7 +309,7 @@ class Supervisor:
                 status=200 if reached == len(self.workers) else 207,
             )
 
-        app = web.Application()
+        app = web.Application(middlewares=[guard(self.config.admin)])
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
@@ -250,7 +372,8 @@ class Supervisor:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._signal_all(signal.SIGHUP))
+        loop.add_signal_handler(signal.SIGHUP, self._relay_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held since __main__.run
         try:
             for worker in self.workers:
                 await self._spawn(worker)
@@ -272,6 +395,9 @@ class Supervisor:
             )
             await stop.wait()
             self.stopping = True
+            # As in __main__._serve: draining workers reload nothing, and after the loop has
+            # removed its handler a SIGHUP would end the supervisor with the wrong exit code.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             self._signal_all(signal.SIGTERM)
             reaping = asyncio.create_task(self._reap(None))
             forced = asyncio.create_task(force.wait())
@@ -285,6 +411,7 @@ class Supervisor:
             await runner.cleanup()
             return 0
         finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             shutil.rmtree(self.runtime, ignore_errors=True)
 
     async def _reap(self, limit: float | None) -> None:

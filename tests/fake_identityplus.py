@@ -8,6 +8,8 @@ serial, then read what it saw::
     fake.set_profile(serial, "OK 0002", local_user_name="alice", service_roles=["member"])
     fake.set_simple(serial, "PB 0003")
     fake.set_fault(serial, "reset")            # or set_fault(None, ...) for every call
+    fake.set_fault(None, "redirect")           # 302 to fake.redirect_to
+    fake.set_fault(None, "huge")               # a 64 MiB reply, streamed (fake.huge_sent)
     fake.latency = 0.02                        # added to every call
     fake.calls[serial]                         # inquiries about that serial (int)
     fake.requests[-1].agent_sha256             # the agent certificate a call presented
@@ -38,7 +40,9 @@ from sidecar.config import IdentityPlusConfig
 from tests.pki import Issued, make_ca, make_leaf
 from tests.servers import serve_app
 
-Fault = Literal["slow", "500", "invalid-json", "reset", "unknown-envelope", "no-outcome"]
+Fault = Literal[
+    "slow", "500", "invalid-json", "reset", "unknown-envelope", "no-outcome", "redirect", "huge"
+]
 
 #: what the service says after the code; the client must classify on the code alone
 _WORDS = {
@@ -140,6 +144,10 @@ class FakeIdentityPlus:
         self.latency = 0.0
         #: how long the ``slow`` fault stalls (cut short when the fake closes)
         self.slow_delay = 30.0
+        #: where the ``redirect`` fault sends the caller
+        self.redirect_to = "http://127.0.0.1:9/v1"
+        #: bytes of its reply the ``huge`` fault handed to its socket before the caller left
+        self.huge_sent = 0
         #: answered for serials nobody programmed
         self.default_reply: dict[str, Any] = simple("PB 0001")
         self.calls: Counter[int] = Counter()
@@ -331,10 +339,34 @@ class FakeIdentityPlus:
             return web.json_response({"Identity-Summary": {"outcome": _spelled("OK 0001")}})
         if fault == "no-outcome":
             return web.json_response({"Identity-Profile": {"local-user-name": "mallory"}})
+        if fault == "redirect":
+            return web.Response(status=302, headers={"Location": self.redirect_to})
+        if fault == "huge":
+            return await self._huge(request)
         # reset: drop the connection without an answer
         assert request.transport is not None
         request.transport.abort()
         raise web.HTTPInternalServerError  # never sent: the connection is gone
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        """A well-formed allowing profile padded to 64 MiB, streamed without a length."""
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        head = b'{"Identity-Profile": {"outcome": "OK 0001 Certificate valid", "padding": "'
+        block = b"x" * (64 * 1024)
+        self.huge_sent = 0
+        for piece in (head, *[block] * 1024, b'"}}'):
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break  # the caller went away
+            try:
+                await response.write(piece)
+            except (ConnectionError, RuntimeError):
+                break
+            self.huge_sent += len(piece)
+            await asyncio.sleep(0)  # let a reset by the caller be noticed before the next write
+        return response
 
 
 def _peer_sha256(request: web.Request) -> str:

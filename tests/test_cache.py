@@ -403,7 +403,10 @@ async def test_delegates_name_enrolment_sign_on_and_close() -> None:
     cache, backend, _ = make()
     assert cache.name == "fake"
     assert cache.can_enrol
-    assert await cache.sign_on("enrol", "https://x/") == "https://signon.example/enrol?r=https://x/"
+    # sign-on goes through the intent gate (coalesced, rate limited: test_signon_security.py)
+    signed = await cache.sign_on("enrol", "https://x/", "192.0.2.1")
+    assert signed.location == "https://signon.example/enrol?r=https://x/"
+    assert not signed.coalesced
     c = cert(1)
     backend.gate(c)
     pending = asyncio.create_task(cache.lookup(c, CTX))

@@ -22,6 +22,7 @@ import helm_python as helm
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from multidict import CIMultiDict
 
 from sidecar.__main__ import main as sidecar_main
 from tests.pki import PKI, make_ca, make_leaf
@@ -75,9 +76,13 @@ EVERYTHING: Values = {
 
 #: Each case: values, and the kinds of objects it must make.
 CASES: dict[str, tuple[Values, set[str]]] = {
-    "sidecar": (SIDECAR, {"ConfigMap", "Deployment", "Service", "ServiceAccount"}),
+    "sidecar": (SIDECAR, {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}),
     "sidecar-classic": (
         merged(SIDECAR, {"nativeSidecar": False}),
+        {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"},
+    ),
+    "sidecar-no-policy": (
+        merged(SIDECAR, {"networkPolicy": {"enabled": False}}),
         {"ConfigMap", "Deployment", "Service", "ServiceAccount"},
     ),
     "sidecar-everything": (
@@ -123,7 +128,7 @@ CASES: dict[str, tuple[Values, set[str]]] = {
             "ServiceMonitor",
         },
     ),
-    "gateway": (GATEWAY, {"ConfigMap", "Deployment", "Service", "ServiceAccount"}),
+    "gateway": (GATEWAY, {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}),
     "gateway-everything": (
         merged(
             GATEWAY,
@@ -649,6 +654,89 @@ def test_notes_tell_how_to_check_it(chart: helm.Chart) -> None:
     assert "curl" in text and "/readyz" in text
     assert "config.identity.static.users is empty" in text  # a hint, since nobody could get in
     assert "listen on 127.0.0.1:8080" in text
+    assert "X-Sidecar-Admin" in text  # how to purge
+
+
+# ---- the network -----------------------------------------------------------------------------
+
+
+def opened(policy: Manifest) -> dict[int, list[Any] | None]:
+    """Port -> who may reach it (None: anyone), from a NetworkPolicy's ingress rules."""
+    out: dict[int, list[Any] | None] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] not in out, "a port in two rules"
+            out[port["port"]] = rule.get("from")
+    return out
+
+
+@pytest.mark.parametrize("values", [SIDECAR, GATEWAY], ids=["sidecar", "gateway"])
+def test_the_network_policy_is_on_by_default(chart: helm.Chart, values: Values) -> None:
+    """TLS from anywhere (ingress controllers, other namespaces, load balancers); the admin
+    port from the node only (the kubelet's probes; NetworkPolicies always admit the node);
+    the application's port, in mode sidecar, from nobody."""
+    objects = render(chart, values)
+    policy = one(objects, "NetworkPolicy")
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress only when asked for
+    assert opened(policy) == {8443: None}  # neither 9090 nor the application's 8080
+
+
+def test_the_network_policy_admits_who_it_is_told(chart: helm.Chart) -> None:
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}]
+    ingress = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}]
+    values = merged(SIDECAR, {"networkPolicy": {"adminFrom": monitoring, "httpsFrom": ingress}})
+    policy = one(render(chart, values), "NetworkPolicy")
+    assert opened(policy) == {8443: ingress, 9090: monitoring}
+
+
+def test_a_service_monitor_needs_admin_from(chart: helm.Chart) -> None:
+    """Or Prometheus could not scrape: the policy would admit only the node."""
+    values = merged(GATEWAY, {"serviceMonitor": {"enabled": True}})
+    with pytest.raises(
+        helm.HelmRenderError, match=r"serviceMonitor needs networkPolicy\.adminFrom"
+    ):
+        chart.render(values)
+    render(chart, merged(values, {"networkPolicy": {"enabled": False}}))  # your own choice
+
+
+def test_the_admin_listener_answers_to_the_metrics_service(chart: helm.Chart) -> None:
+    """Its Host check (DNS rebinding) knows the -metrics Service's names, and keeps yours."""
+    from sidecar.admin import known_names, refusal
+    from sidecar.config import AdminConfig
+
+    values = merged(
+        CASES["gateway-everything"][0], {"config": {"admin": {"server_names": ["m.internal"]}}}
+    )
+    objects = render(chart, values)
+    service = one(objects, "Service", "shop-sidecar-metrics")["metadata"]["name"]
+    names = known_names(AdminConfig(**sidecar_config(objects)["admin"]))
+    for host in (
+        service,
+        f"{service}.prod",
+        f"{service}.prod.svc",
+        f"{service}.prod.svc.cluster.local",
+        "m.internal",
+        "10.42.0.7",  # the pod's address: probes and Prometheus' endpoint discovery
+    ):
+        assert refusal("GET", CIMultiDict(Host=f"{host}:9090"), names) is None, host
+    assert refusal("GET", CIMultiDict(Host="evil.example:9090"), names) is not None
+    # without the -metrics Service there are no names to add
+    assert "server_names" not in sidecar_config(render(chart, GATEWAY))["admin"]
+
+
+def test_notes_say_who_reaches_what(chart: helm.Chart) -> None:
+    text = " ".join(notes(chart, SIDECAR).split())
+    assert "must listen on 127.0.0.1:8080 only" in text and "forged identity" in text
+    assert "the TLS port 8443 from anyone" in text
+    assert "the admin port 9090 from the node (probes) (networkPolicy.adminFrom is empty)" in text
+    text = " ".join(notes(chart, merged(SIDECAR, {"networkPolicy": {"enabled": False}})).split())
+    assert "must listen on 127.0.0.1:8080 only" in text
+    assert "every pod in the cluster can reach the admin port 9090" in text
+    assert "and the application's port 8080" in text
+    text = " ".join(notes(chart, GATEWAY).split())
+    assert "127.0.0.1" not in text.split("Network:")[1] and "forged" not in text
 
 
 # ---- values.yaml and values.schema.json -----------------------------------------------------

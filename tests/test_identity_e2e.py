@@ -78,7 +78,11 @@ async def fetch(
 
 async def admin(running: Running, method: str, path: str) -> tuple[int, Any]:
     url = f"http://127.0.0.1:{running.sidecar.admin_port}{path}"
-    async with aiohttp.ClientSession() as session, session.request(method, url) as resp:
+    headers = {"X-Sidecar-Admin": "1"}  # what a state-changing admin request needs
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers) as resp,
+    ):
         text = await resp.text()
         return resp.status, (json.loads(text) if path != "/metrics" else text)
 

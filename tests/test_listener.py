@@ -1320,10 +1320,25 @@ async def test_invalid_host_value_is_400(
     "host",
     ["localhost", "localhost:8443", "[::1]:8443", "my_app", "10.0.0.1:80", "xn--bcher-kva.ch"],
 )
-async def test_valid_host_values_pass_as_sent(running: Running, upstream: App, host: str) -> None:
-    async with connect(running) as conn:
+async def test_valid_host_values_pass_as_sent(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: App, host: str
+) -> None:
+    # A Host must name a host served (issue #12 item 7: otherwise 421) and, when the client
+    # sent a TLS server name, that one: these names are served, and no SNI is sent.
+    data = config_dir.base(upstream.port)
+    data["listen"]["server_names"] = ["localhost", "::1", "my_app", "10.0.0.1", "xn--bcher-kva.ch"]
+    running = await start_sidecar(data)
+    context = running.client_ssl()
+    context.check_hostname = False
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", running.sidecar.port, ssl=context, server_hostname=""
+    )
+    conn = Conn(reader, writer)
+    try:
         conn.send(req("GET", "/public/h", host=host))
         response = await conn.response()
+    finally:
+        await conn.close()
     assert response.status == 200
     assert upstream.seen[-1].header("Host") == [host]
     assert upstream.seen[-1].header("X-Forwarded-Host") == [host]

@@ -22,7 +22,12 @@ from .pki import make_ca, make_leaf
 
 async def admin(running: Running, method: str, path: str) -> tuple[int, str]:
     url = f"http://127.0.0.1:{running.sidecar.admin_port}{path}"
-    async with aiohttp.ClientSession() as session, session.request(method, url) as resp:
+    # the header a state-changing admin request needs (sidecar.admin); harmless on reads
+    headers = {"X-Sidecar-Admin": "1"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers) as resp,
+    ):
         return resp.status, await resp.text()
 
 

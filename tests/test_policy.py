@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from sidecar.config import parse
 from sidecar.identity import User, Verdict
 from sidecar.policy import (
     NO_CERTIFICATE,
@@ -76,15 +79,69 @@ def test_malformed_paths(raw: str) -> None:
         TABLE.match(raw)
 
 
-def test_dot_segments_resolve_like_the_upstream_would() -> None:
-    # Every reading resolves "/public/../admin/x" to /admin/x: the stricter route applies.
-    assert TABLE.match("/public/../admin/x") == ADMIN
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/public/../admin/x",  # resolved, it would be /admin/x
+        "/admin/../public/x",  # resolved, /public/x: an application routing on the raw path reads /admin/
+        "/docs/./x",  # harmless where it leads, refused all the same: nothing to guess
+        "/docs/x/..",
+        "/docs/..;x/y",
+        "/docs/.. /y".replace(" ", "%20"),  # Windows drops the space: ".."
+    ],
+)
+def test_dot_segments_are_refused_wherever_they_lead(raw: str) -> None:
+    with pytest.raises(BadPath, match="segment"):
+        TABLE.match(raw)
 
 
-def test_harmless_encodings_pass() -> None:
-    assert TABLE.match("/admin/a%20b?q=%2F") == ADMIN
-    assert TABLE.match("/docs/./x") == ROOT
-    assert "/admin/x" in readings("/admin;jsessionid=1/x")
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("/public/x#y", "#"),
+        ("http://h/public/x", "absolute"),
+        ("*", "absolute"),
+        ("/public/%zz", "not percent-encoding"),
+        ("/public/%c0%ae", "overlong"),
+        ("/public/%252e", "twice"),
+        ("/public/%2525", "twice"),
+    ],
+)
+def test_targets_no_reading_makes_safe(raw: str, problem: str) -> None:
+    with pytest.raises(BadPath, match=problem):
+        TABLE.match(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/ADMIN/users",  # Express, ASP.NET, IIS: /admin/users
+        "/Public/x",
+        "/admin./users",  # IIS: /admin/users
+        "/admin%20/users",
+        "/adm%2569n/x",  # decoded twice: /admin/x
+        "/public;x%3f/..",
+    ],
+)
+def test_readings_of_other_servers_that_reach_another_route_are_refused(raw: str) -> None:
+    with pytest.raises(BadPath):
+        TABLE.match(raw)
+
+
+def test_a_path_made_to_be_read_many_ways_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    nasty = "/a" + "%2F;x%3F%20.%3b//" * 12
+    assert len(readings(nasty)) <= 256  # every reading applies to the whole path: few
+    monkeypatch.setattr("sidecar.policy._MAX_READINGS", 4)
+    with pytest.raises(BadPath, match="ambiguous"):
+        readings(nasty)
+
+
+def test_the_route_cache_is_emptied_when_full() -> None:
+    table = RouteTable([ROOT, PUBLIC])
+    for i in range(20_000):
+        table.match(f"/x/{i:05d}")
+    assert table.cache_bytes <= 1 << 20
+    assert table.match("/public/a") == PUBLIC
 
 
 ALICE = User("a", "alice", roles=("administrator",))
@@ -145,4 +202,18 @@ def test_decide(
     assert (
         decide(route, verdict, has_certificate=has_cert, backend_failed=failed, enrol=enrol)
         == expected
+    )
+
+
+def test_routes_that_differ_only_in_case_are_refused_by_check_config(tmp_path: Path) -> None:
+    from sidecar.config import ConfigError, RouteConfig
+
+    RouteConfig(path="/Admin/")  # a route may have capitals
+    with pytest.raises(ConfigError) as caught:
+        parse(
+            {"tls": {}, "routes": [{"path": "/admin/"}, {"path": "/Admin/"}, {"path": "/"}]},
+            base_dir=tmp_path,
+        )
+    assert "routes[1].path: differs from routes[0] only in letter case: /Admin/" in (
+        caught.value.problems
     )

@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpRawServer
 from yarl import URL
 
-from sidecar.config import UpstreamConfig, UpstreamTimeouts
+from sidecar.config import LimitsConfig, UpstreamConfig, UpstreamTimeouts
 from sidecar.errors import UpstreamError
 from sidecar.headers import HeaderRules, upstream_headers
 from sidecar.upstream import BodyTooLarge, Forwarded, UpstreamClient
@@ -333,7 +333,7 @@ async def make_proxy() -> AsyncIterator[MakeProxy]:
     ) -> Proxy:
         timeouts = UpstreamTimeouts(connect=connect, read=read)
         config = UpstreamConfig(url=url, timeout=timeouts, max_connections=max_connections)
-        client = UpstreamClient(config, max_body_size=max_body_size)
+        client = UpstreamClient(config, limits=LimitsConfig(max_body_size=max_body_size))
         await client.start()
         clients.append(client)
         proxy = Proxy(client)

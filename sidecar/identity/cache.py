@@ -4,6 +4,7 @@ Entries are keyed by the certificate's SHA-256 fingerprint (never a serial's tex
 arrives in several spellings), bounded by LRU, and expire on a clock passed in, so the
 bookkeeping is testable without sleeping. Concurrent lookups for one certificate share one
 backend call (single-flight); lookups for different certificates never wait for each other.
+Sign-on URLs are remembered too, for a while (``intents``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..certs import ClientCert, normalize_fingerprint
 from ..config import CacheConfig
 from ..errors import IdentityUnavailable
 from . import Backend, LookupContext, SignOnPurpose, Verdict
+from .intents import IntentGate, SignOn
 
 
 @dataclass(slots=True)
@@ -99,6 +101,8 @@ class VerdictCache:
         #: bumped by every purge/forget; an answer fetched across one is not stored
         self._generation = 0
         self.stats = CacheStats(self._entries.__len__)
+        #: the backend's sign-on calls, coalesced and rate limited
+        self.intents = IntentGate(self._backend_sign_on)
 
     @property
     def name(self) -> str:
@@ -239,7 +243,16 @@ class VerdictCache:
             return 0
         return int(self._remove(key))
 
-    async def sign_on(self, purpose: SignOnPurpose, return_url: str) -> str:
+    async def sign_on(
+        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+    ) -> SignOn:
+        """The backend's sign-on URL, reused and rate limited by ``intents`` (raises
+        ``SignOnLimited`` beyond the limits, ``IdentityUnavailable`` when the backend fails)."""
+        return await self.intents.sign_on(purpose, return_url, client_ip)
+
+    async def _backend_sign_on(self, purpose: SignOnPurpose, return_url: str) -> str:
+        # The backend's method looked up at each call, not bound once: the same backend
+        # whatever is done to it (a test wraps it).
         return await self.backend.sign_on(purpose, return_url)
 
     async def close(self) -> None:

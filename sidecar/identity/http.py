@@ -34,7 +34,8 @@ over HTTPS with the configured ``ca`` (system store otherwise) and, when ``certi
         "roles": ["...", ...]                                        # optional, default []
       },
       "reason": "<plain words the visitor may see>",  # optional; deny and validate
-      "redirect": "<absolute http(s) URL>",           # validate: where the browser is sent
+      "redirect": "<absolute http(s) URL>",           # validate: where the browser is sent;
+                                                      #   visible ASCII only (percent-encoded)
       "ttl": <seconds>                                # optional: cache this answer at most so long
     }
 
@@ -48,15 +49,16 @@ without ``redirect`` is accepted only when ``signon_url`` is configured, in whic
 browser goes to ``<signon_url>?purpose=validate&return_url=<the original URL>``; with
 ``enrol_missing`` a request without any certificate goes to ``...?purpose=enrol&...``.
 
-Anything else (another status, a body that is not JSON or not that object, an ``allow``
-without a valid user, a timeout, a refused connection or TLS handshake) makes the sidecar
-answer 503 with ``Retry-After`` (fail closed), unless ``cache.stale_if_error`` lets it
-reuse a recently expired allowing verdict.
+Anything else (another status, a redirect, a body that is not JSON or not that object or
+larger than 1 MiB, an ``allow`` without a valid user, a timeout, a refused connection or TLS
+handshake) makes the sidecar answer 503 with ``Retry-After`` (fail closed), unless
+``cache.stale_if_error`` lets it reuse a recently expired allowing verdict.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from pathlib import Path
 from typing import Literal
@@ -71,8 +73,17 @@ from ..errors import CertificateError, IdentityUnavailable
 from ..tls import load_chain_files
 from . import LookupContext, SignOnPurpose, User, Verdict
 
-_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+# identity: a compressed reply would be inflated before its size could be bounded.
+_JSON_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "Accept-Encoding": "identity",
+}
 _MAX_REASON = 200
+#: a URI as it may be sent in a header: visible ASCII (RFC 3986)
+_URI = re.compile(r"[\x21-\x7e]+")
+#: the largest reply body read from an identity service; a verdict is a few hundred bytes
+MAX_REPLY_BYTES = 1024 * 1024
 
 
 # ---- shared by the HTTPS backends ---------------------------------------------------------
@@ -103,6 +114,8 @@ def new_session(context: ssl.SSLContext, timeout: float) -> aiohttp.ClientSessio
         timeout=aiohttp.ClientTimeout(total=timeout),
         raise_for_status=False,
         trust_env=False,
+        # Bodies are read as sent, so that their size is the size held (see exchange_json).
+        auto_decompress=False,
     )
 
 
@@ -113,12 +126,21 @@ async def exchange_json(
 
     Raises ``IdentityUnavailable`` (with a plain reason naming ``service``, and a short
     ``code`` fit for a metrics label) for any other status, a non-JSON body, a timeout, a
-    refused or reset connection, or a failed TLS handshake.
+    refused or reset connection, or a failed TLS handshake. Fails closed on two more: a
+    redirect is never followed (it could lead to plain HTTP, past the TLS verification and
+    ``server_pins`` of this call) but is a failing status, and a body larger than
+    ``MAX_REPLY_BYTES`` is read no further (``too-large``): the connection is dropped.
     """
     try:
-        async with session.request(method, url, json=body, headers=_JSON_HEADERS) as response:
-            raw = await response.read()
+        async with session.request(
+            method, url, json=body, headers=_JSON_HEADERS, allow_redirects=False
+        ) as response:
             status = response.status
+            if status == 200:
+                raw = await _read_bounded(response)
+            else:
+                raw = b""
+                _abandon(response)  # its body is of no use; nor is waiting for it
     except TimeoutError:
         limit = session.timeout.total
         within = f"within {limit:g} s" if limit else "in time"
@@ -141,14 +163,45 @@ async def exchange_json(
         raise IdentityUnavailable(
             f"the call to {service} failed ({type(exc).__name__})", code="protocol"
         ) from None
+    if raw is None:
+        raise IdentityUnavailable(
+            f"{service} answered with a body larger than {MAX_REPLY_BYTES} bytes",
+            code="too-large",
+        )
     if status != 200:
-        raise IdentityUnavailable(f"{service} answered HTTP {status}", code="http-status")
+        what = " (a redirect, not followed)" if 300 <= status < 400 else ""
+        raise IdentityUnavailable(f"{service} answered HTTP {status}{what}", code="http-status")
     try:
         return json.loads(raw)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
         raise IdentityUnavailable(
             f"{service} answered with a body that is not JSON", code="malformed"
         ) from None
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes | None:
+    """The whole body, or None (and the connection aborted) once it passes ``MAX_REPLY_BYTES``."""
+    length = response.content_length
+    if length is not None and length > MAX_REPLY_BYTES:
+        _abandon(response)
+        return None
+    body = bytearray()
+    while chunk := await response.content.readany():
+        body += chunk
+        if len(body) > MAX_REPLY_BYTES:
+            _abandon(response)
+            return None
+    return bytes(body)
+
+
+def _abandon(response: aiohttp.ClientResponse) -> None:
+    """Drop the connection at once. Closing it would wait for the TLS shutdown, reading (and
+    discarding) whatever the service still sends for as long as it sends."""
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    if transport is not None:
+        transport.abort()
+    response.close()
 
 
 # ---- the reply -----------------------------------------------------------------------------
@@ -179,6 +232,12 @@ class _Reply(BaseModel):
     def _absolute(cls, v: str | None) -> str | None:
         if v is not None and not (v.startswith(("https://", "http://")) and len(v) > 8):
             raise ValueError("must be an absolute http(s) URL")
+        # It becomes the Location header: a CR or LF would add lines to the visitor's answer.
+        if v is not None and _URI.fullmatch(v) is None:
+            raise ValueError(
+                "must be visible ASCII characters only (percent-encode spaces, controls and "
+                "other characters)"
+            )
         return v
 
 

@@ -32,6 +32,7 @@ from ..errors import CertificateError, IdentityUnavailable
 from ..tls import load_chain, load_chain_files
 from . import LookupContext, SignOnPurpose, User, Verdict
 from .http import client_ssl_context, exchange_json, new_session
+from .issuers import Issuers
 
 
 def _log() -> Any:
@@ -72,8 +73,10 @@ class IdentityPlusBackend:
     """Verdicts from the Identity Plus API; ``credential_problem`` for readiness.
 
     Fails closed: anything but a well-formed reply with a known outcome raises
-    ``IdentityUnavailable``. ``reload_interval`` bounds how often the agent certificate's
-    files are stat'ed (on a call, never in the background). The constructor raises
+    ``IdentityUnavailable``; with ``issuers`` configured, a certificate none of them signed is
+    refused without a call (Identity Plus would answer for the serial, whoever issued it).
+    ``reload_interval`` bounds how often the agent certificate's files are stat'ed (on a
+    call, never in the background). The constructor raises
     ``CertificateError`` when the agent certificate cannot be used; the session itself is
     made on the first call, inside the running event loop.
     """
@@ -89,6 +92,7 @@ class IdentityPlusBackend:
     ) -> None:
         self._config = config
         self.can_enrol = config.enrol_missing
+        self._issuers = Issuers(config.issuer_certificates()) if config.issuers else None
         #: set while Identity Plus refuses our own API certificate (ER 1100..ER 1106); the
         #: next well-formed non-ER answer clears it
         self.credential_problem: str | None = None
@@ -117,7 +121,10 @@ class IdentityPlusBackend:
     # ---- the calls ------------------------------------------------------------------------
 
     async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict:
-        """The ``Identity-Inquiry`` for ``cert``'s serial, classified by the outcome table."""
+        """The ``Identity-Inquiry`` for ``cert``'s serial, classified by the outcome table;
+        a certificate from another issuer than ``issuers`` is refused without asking."""
+        if self._issuers is not None and not self._issuers.issued(cert):
+            return Verdict.deny(f"the certificate was not issued by {SERVICE}", "foreign_issuer")
         inquiry: dict[str, str] = {"serial-number": self._serial_text(cert.serial)}
         if self._config.service:
             inquiry["service"] = self._config.service

@@ -37,7 +37,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: s4-driver\r\n\r\n"
+# Host is the name the TLS connection asks for (SNI localhost, see Conn.open): a Host naming
+# another host than the SNI is 421 Misdirected Request.
+REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: s4-driver\r\n\r\n"
 
 
 # ---- the verdict service ------------------------------------------------------------------

@@ -123,7 +123,27 @@ A key the chart owns that `config` sets to something else is an error, not silen
 {{- end }}
 {{- $defaults := dict "admin" (dict "host" "0.0.0.0") }}
 {{- $config := mustMergeOverwrite (dict) $defaults (deepCopy $user) $owned }}
+{{- if .Values.serviceMonitor.enabled }}
+{{- /* The admin listener refuses a Host it does not know (DNS rebinding): a scrape through
+the -metrics Service by name must be known, besides the names config gives. */}}
+{{- $admin := get $config "admin" }}
+{{- $given := get $admin "server_names" | default list }}
+{{- if kindIs "slice" $given }}
+{{- $_ := set $admin "server_names" (concat (include "sidecar.metricsNames" . | fromJsonArray) $given | uniq) }}
+{{- end }}
+{{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/* The Service of the admin port (serviceMonitor), and the DNS names it is reached by. */}}
+{{- define "sidecar.metricsService" -}}
+{{- printf "%s-metrics" (include "sidecar.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "sidecar.metricsNames" -}}
+{{- $svc := include "sidecar.metricsService" . }}
+{{- $ns := .Release.Namespace }}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) | toJson }}
 {{- end }}
 
 {{- define "sidecar.ownedBy" -}}
@@ -167,6 +187,9 @@ A key the chart owns that `config` sets to something else is an error, not silen
 {{- if not .Values.gateway.upstream }}
 {{- fail "gateway.upstream is required in mode gateway: the URL of the application, e.g. http://my-app.my-namespace.svc.cluster.local:8080" }}
 {{- end }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled .Values.networkPolicy.enabled (not .Values.networkPolicy.adminFrom) }}
+{{- fail "serviceMonitor needs networkPolicy.adminFrom: who may scrape the admin port, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}] (the NetworkPolicy admits only the node to it otherwise)" }}
 {{- end }}
 {{- $backend := dig "identity" "backend" "static" (.Values.config | default dict) }}
 {{- $ip := dig "identity" "identityplus" dict (.Values.config | default dict) }}

@@ -1,0 +1,195 @@
+"""Bounds on sign-on redirects: each one may cost an outbound call (an Identity Plus intent).
+
+``IntentGate`` stands between the handler and a backend's ``sign_on``. A sign-on URL made for
+a purpose and return URL is reused for ``REUSE_FOR`` seconds (an Identity Plus intent lives
+about 30 s: the margin leaves a browser sent there at the last moment time to arrive), and
+concurrent requests for it share one call. New calls are rate limited by token buckets, per
+client address (IPv6 by /64, which one subscriber usually holds whole) and for the whole
+worker; a request over either limit raises ``SignOnLimited`` (the handler answers 429 with
+``Retry-After``). Tables are bounded; the clock is passed in, so tests need no sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from . import SignOnPurpose
+
+#: seconds a sign-on URL is reused for the same purpose and return URL
+REUSE_FOR = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A token bucket: ``burst`` calls at once, then ``per_second``."""
+
+    burst: int
+    per_second: float
+
+
+#: per client address: a person signs on once, a page that fails a few more times; an office
+#: behind one address gets 20 at once and 20 a minute
+PER_ADDRESS = Rate(burst=20, per_second=1 / 3)
+#: per worker, whatever the addresses: bounds the calls any number of clients can cause
+OVERALL = Rate(burst=100, per_second=10.0)
+#: addresses whose bucket is remembered (the least recently seen are forgotten)
+MAX_ADDRESSES = 10_000
+#: sign-on URLs remembered for reuse, and the longest return URL remembered (bytes held)
+MAX_URLS = 2048
+MAX_URL_LENGTH = 2048
+
+Register = Callable[[SignOnPurpose, str], Awaitable[str]]
+_Key = tuple[SignOnPurpose, str]
+
+
+class SignOnLimited(Exception):
+    """Too many sign-on calls from this address (or in all): try again in ``retry_after`` s."""
+
+    def __init__(self, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"sign-on rate limited, retry after {retry_after} s")
+
+
+@dataclass(frozen=True, slots=True)
+class SignOn:
+    """Where to send the browser; ``coalesced`` when no new call was made for it."""
+
+    location: str
+    coalesced: bool
+
+
+class _Bucket:
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens = tokens
+        self.at = at
+
+    def refill(self, rate: Rate, now: float) -> float:
+        self.tokens = min(float(rate.burst), self.tokens + (now - self.at) * rate.per_second)
+        self.at = now
+        return self.tokens
+
+
+def address_key(client_ip: str | None) -> str:
+    """The bucket an address counts against: itself (IPv4, or the IPv4 in an IPv4-mapped
+    IPv6 address), its /64 (IPv6), or one shared bucket when unknown."""
+    if not client_ip:
+        return ""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class IntentGate:
+    """Coalesces and rate-limits calls to ``register`` (a backend's ``sign_on``)."""
+
+    def __init__(
+        self,
+        register: Register,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        reuse_for: float = REUSE_FOR,
+        per_address: Rate = PER_ADDRESS,
+        overall: Rate = OVERALL,
+        max_addresses: int = MAX_ADDRESSES,
+        max_urls: int = MAX_URLS,
+    ) -> None:
+        self._register = register
+        self._clock = clock
+        self._reuse_for = reuse_for
+        self._per_address = per_address
+        self._overall_rate = overall
+        self._max_addresses = max_addresses
+        self._max_urls = max_urls
+        self._overall = _Bucket(float(overall.burst), clock())
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        #: (purpose, return URL) -> (location, when it stops being reused), oldest first
+        self._recent: OrderedDict[_Key, tuple[str, float]] = OrderedDict()
+        self._inflight: dict[_Key, asyncio.Task[str]] = {}
+
+    @property
+    def remembered_addresses(self) -> int:
+        return len(self._buckets)
+
+    @property
+    def remembered_urls(self) -> int:
+        return len(self._recent)
+
+    async def sign_on(
+        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+    ) -> SignOn:
+        """The sign-on URL for ``return_url``: reused, shared, or from a new call.
+
+        Raises ``SignOnLimited`` when a new call is needed and a rate forbids it, and
+        whatever ``register`` raises (``IdentityUnavailable``) to every request sharing it.
+        """
+        key: _Key = (purpose, return_url)
+        now = self._clock()
+        recent = self._recent.get(key)
+        if recent is not None:
+            if recent[1] > now:
+                return SignOn(recent[0], True)
+            del self._recent[key]
+        task = self._inflight.get(key)
+        if task is not None:
+            return SignOn(await asyncio.shield(task), True)
+        self._take(address_key(client_ip), now)
+        task = asyncio.get_running_loop().create_task(self._call(key, now))
+        self._inflight[key] = task
+        task.add_done_callback(functools.partial(self._done, key))
+        return SignOn(await asyncio.shield(task), False)
+
+    def _take(self, address: str, now: float) -> None:
+        """One token from both buckets, or ``SignOnLimited`` (and none taken)."""
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            bucket = self._buckets[address] = _Bucket(float(self._per_address.burst), now)
+            while len(self._buckets) > self._max_addresses:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(address)
+        mine = bucket.refill(self._per_address, now)
+        everyone = self._overall.refill(self._overall_rate, now)
+        if mine < 1.0 or everyone < 1.0:
+            wait = max(
+                (1.0 - mine) / self._per_address.per_second if mine < 1.0 else 0.0,
+                (1.0 - everyone) / self._overall_rate.per_second if everyone < 1.0 else 0.0,
+            )
+            raise SignOnLimited(max(1, math.ceil(wait - 1e-9)))
+        bucket.tokens = mine - 1.0
+        self._overall.tokens = everyone - 1.0
+
+    async def _call(self, key: _Key, started: float) -> str:
+        location = await self._register(key[0], key[1])
+        if len(key[1]) <= MAX_URL_LENGTH:
+            self._remember(key, location, started + self._reuse_for)
+        return location
+
+    def _remember(self, key: _Key, location: str, until: float) -> None:
+        recent = self._recent
+        recent.pop(key, None)
+        now = self._clock()
+        # Oldest first: drop what has expired, and the oldest beyond the bound.
+        while recent and (len(recent) >= self._max_urls or next(iter(recent.values()))[1] <= now):
+            recent.popitem(last=False)
+        recent[key] = (location, until)
+
+    def _done(self, key: _Key, task: asyncio.Task[str]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have gone
