@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent
 #: the modules on a request's path (the rest starts, configures or reloads: interpreted)
 COMPILED = [
     "sidecar/listener.py",
+    "sidecar/tls_transport.py",
     "sidecar/flow.py",
     "sidecar/handler.py",
     "sidecar/headers.py",

@@ -7,7 +7,9 @@ A request flows one way::
                  ── decision (policy: pure)
                  ── forward (upstream) | answer (responses)
 
-``listener`` is the TLS listener's own HTTP/1.1 protocol: it serves requests without a body
+``tls_transport`` runs TLS on each accepted connection (the handshake, its alerts, the
+records) and gives the HTTP protocol an asyncio transport over it. ``listener`` is the TLS
+listener's own HTTP/1.1 protocol: it serves requests without a body
 (nearly all a browser sends) and relays the upstream's answer as bytes; the first request it
 does not serve (a body, an upgrade, a malformed head) moves the connection to aiohttp's server
 (``server``). Both hold reading while a client is not taking its answers and cut it off

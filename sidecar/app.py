@@ -81,14 +81,12 @@ def build_server_names(config: Config) -> ServerNames:
     return ServerNames.for_certificate(read_certificates(config.tls.certificate)[0])
 
 
-# Keys a running process cannot change: the sockets are bound, the listener's verify mode set,
-# the asyncio server's handshake timeout fixed when it started listening.
-# (listen.server_names is not one: it is part of the plan.)
+# Keys a running process cannot change: the sockets are bound. (All of tls, and
+# limits.handshake_timeout, apply to new connections: each is accepted with the context and
+# the limits current then. listen.server_names is not one either: it is part of the plan.)
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listen", lambda c: c.listen.model_copy(update={"server_names": None})),
     ("admin", lambda c: c.admin),
-    ("tls.client_certificate", lambda c: c.tls.client_certificate),
-    ("limits.handshake_timeout", lambda c: c.limits.handshake_timeout),
     ("log", lambda c: c.log),
 )
 
@@ -113,7 +111,7 @@ class Sidecar:
         #: a worker under a supervisor serves its admin listener on this Unix socket instead
         self.admin_socket = admin_socket
         self.readiness = Readiness()
-        self.tls = TLSState(server_context(config.tls))
+        self.tls = TLSState(*server_context(config.tls))
         self.peer_certs = PeerCertificates()
         self.handler: Handler | None = None
         self._server: asyncio.Server | None = None
@@ -155,19 +153,19 @@ class Sidecar:
         await self._start_admin()
         self._listener = ListenerServer(
             self.handler,
+            tls=self.tls,
             limits=self.config.limits,
             peer_certs=self.peer_certs,
             metrics=self.metrics,
         )
         listen = self.config.listen
         kwargs: dict[str, Any] = {"reuse_port": True} if self.reuse_port else {}
+        # Plain TCP: the TLS layer is our own (tls_transport), one protocol per accepted socket.
         self._server = await loop.create_server(
             self._listener,
             host=listen.host,
             port=listen.port,
-            ssl=self.tls.listener,
             backlog=1024,
-            ssl_handshake_timeout=self.config.limits.handshake_timeout,
             family=socket.AF_UNSPEC,
             **kwargs,
         )
@@ -313,7 +311,7 @@ class Sidecar:
         previous = self.handler.plan
         try:
             new = await asyncio.to_thread(load, self.config_path)
-            context = await asyncio.to_thread(server_context, new.tls)
+            context, fingerprint = await asyncio.to_thread(server_context, new.tls)
             plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
             return self._reload_failed(cause, exc.problems)
@@ -330,7 +328,9 @@ class Sidecar:
             if get(new) != get(old):
                 self.log.warning("reload_needs_restart", key=key, reason="kept the running value")
         new = _as_running(new, old)
-        self.tls.swap(context)
+        trust_changed = self.tls.swap(context, fingerprint)
+        if trust_changed and self._listener is not None:
+            self._listener.retire()  # sessions from before the trust change serve no request
         self.handler.plan = plan
         if self._listener is not None:
             self._listener.apply_limits(new.limits)
@@ -340,7 +340,11 @@ class Sidecar:
         self._watched = file_signature(watched_files(new, self.config_path))
         self.metrics.reloads.labels("success").inc()
         self.log.info(
-            "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
+            "reloaded",
+            cause=cause,
+            users=len(new.identity.static.users),
+            routes=len(new.routes),
+            tls_trust_changed=trust_changed,
         )
         self._warn(new)
         return True
@@ -439,18 +443,16 @@ def _as_running(new: Config, old: Config) -> Config:
             "listen": old.listen.model_copy(update={"server_names": new.listen.server_names}),
             "admin": old.admin,
             "log": old.log,
-            "tls": new.tls.model_copy(update={"client_certificate": old.tls.client_certificate}),
-            "limits": new.limits.model_copy(
-                update={"handshake_timeout": old.limits.handshake_timeout}
-            ),
         }
     )
 
 
 def _same_upstream(a: Config, b: Config) -> bool:
     # All of limits, not only the keys UpstreamClient takes today: a limit it is given later
-    # must not be kept silently by a reload (a new client costs a few new connections).
-    return a.upstream == b.upstream and a.limits == b.limits
+    # must not be kept silently by a reload (a new client costs a few new connections). Not
+    # handshake_timeout: the TLS layer's alone (a certificate renewal must not renew the pool).
+    same_limits = a.limits.model_copy(update={"handshake_timeout": b.limits.handshake_timeout})
+    return a.upstream == b.upstream and same_limits == b.limits
 
 
 async def _close_plan(plan: Plan, *, keep: Plan | None = None) -> None:

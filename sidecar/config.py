@@ -198,7 +198,7 @@ class LimitsConfig(Section):
     #: the largest WebSocket message (bytes), either way; a larger one closes with 1009
     websocket_max_message: int = Field(1 << 20, ge=1, le=1 << 30)
     #: time a client has to complete the TLS handshake
-    handshake_timeout: Duration = 60.0
+    handshake_timeout: Duration = Field(60.0, gt=0)
     #: open client connections per worker; further ones are closed at once
     max_connections: int = Field(4096, ge=1)
     #: request bodies larger than this are refused with 413; null: no limit

@@ -16,9 +16,13 @@ is served from event-loop callbacks, without a task: written upstream in ``_star
 back in ``_on_upstream``. Whatever must wait goes to the connection's task, which continues
 the same exchange with the handler's and upstream client's coroutines.
 
-Per connection: the peer certificate is parsed once; ``limits.max_connections`` is
-enforced; a request head must be complete within ``limits.header_timeout`` of its first
-byte (slowloris); an idle keep-alive connection is closed after ``limits.keepalive_timeout``.
+TLS is ``tls_transport``'s: ``ListenerServer`` makes a ``TLSProtocol`` for every accepted
+connection, counted against ``limits.max_connections`` from accept to close, and a
+``ClientConnection`` for each handshake that succeeds.
+
+Per connection: the peer certificate is parsed once; a request head must be complete within
+``limits.header_timeout`` of its first byte (slowloris); an idle keep-alive connection is
+closed after ``limits.keepalive_timeout``.
 Pipelined requests are answered in order. Graceful shutdown closes idle connections and lets
 in-flight requests finish (with ``Connection: close``) within the grace period.
 
@@ -56,7 +60,8 @@ from .log import get_logger
 from .metrics import Metrics
 from .responses import SERVER
 from .server import Connection as FallbackConnection
-from .tls import PeerCertificates, requested_server_name
+from .tls import PeerCertificates, TLSState, requested_server_name
+from .tls_transport import TLSProtocol
 from .upstream import Forwarded, Sent, UpstreamClient
 
 _UNSET: Any = object()
@@ -72,24 +77,28 @@ log = get_logger("sidecar.listener")
 
 
 class ListenerServer(web.Server):
-    """Makes a ``ClientConnection`` per accepted connection; keeps the limits, counters and
-    the connections for shutdown. As an aiohttp ``Server`` it also manages the connections
-    handed over to aiohttp."""
+    """Makes a ``TLSProtocol`` per accepted connection and a ``ClientConnection`` per
+    handshake that succeeds; keeps the limits, counters and the connections for shutdown. As
+    an aiohttp ``Server`` it also manages the connections handed over to aiohttp."""
 
     def __init__(
         self,
         handler: Handler,
         *,
+        tls: TLSState,
         limits: LimitsConfig,
         peer_certs: PeerCertificates,
         metrics: Metrics,
     ) -> None:
         super().__init__(handler, access_log=None, **_parser_limits(limits))
         self.handler = handler
+        self.tls = tls
         self.limits = limits
         self.peer_certs = peer_certs
         self.metrics = metrics
+        #: accepted connections, from accept (handshake included) to close
         self.open_connections = 0
+        self.accepted: set[TLSProtocol] = set()
         self.clients: set[ClientConnection] = set()
         self.short_head = 0
         self.max_head = 0
@@ -100,7 +109,7 @@ class ListenerServer(web.Server):
         """Use ``limits`` from now on (a reload): for every new connection, and for the next
         request head on a connection this protocol serves. A connection already handed over
         to aiohttp keeps the parser limits and header deadline it was given until it closes.
-        ``handshake_timeout`` is the asyncio server's, fixed when it started listening."""
+        ``handshake_timeout`` and ``max_connections`` apply from the next accept."""
         self.limits = limits
         # A head longer than this may break a line limit: it is measured line by line.
         self.short_head = min(limits.max_request_line, limits.max_header_line)
@@ -109,8 +118,42 @@ class ListenerServer(web.Server):
         self.max_head = limits.max_request_line + limits.max_header_block + 4
         self._kwargs.update(_parser_limits(limits))  # for the connections adopt() makes
 
-    def __call__(self) -> ClientConnection:  # type: ignore[override]
+    def __call__(self) -> TLSProtocol:  # type: ignore[override]
+        return TLSProtocol(self, self._loop)
+
+    # ---- tls_transport.Listener ----------------------------------------------------------------
+
+    def admit(self, connection: TLSProtocol) -> bool:
+        """Count an accepted connection in; beyond ``limits.max_connections`` (or while
+        shutting down) it is refused at once, before any TLS work."""
+        if self.open_connections >= self.limits.max_connections or self.closing:
+            self.metrics.connections_refused.inc()
+            return False
+        self.open_connections += 1
+        self.accepted.add(connection)
+        return True
+
+    def release(self, connection: TLSProtocol) -> None:
+        self.open_connections -= 1
+        self.accepted.discard(connection)
+
+    def protocol(self) -> ClientConnection:
         return ClientConnection(self)
+
+    def retire(self) -> None:
+        """What decides trust changed (a reload): no connection made before serves another
+        request. Handshakes under way end now; a request in flight finishes, with
+        ``Connection: close``; idle connections close now, handed-over ones after their
+        request (aiohttp's ``close``)."""
+        self._abort_handshakes()
+        for client in list(self.clients):
+            client.stop()
+        self.pre_shutdown()
+
+    def _abort_handshakes(self) -> None:
+        for connection in list(self.accepted):
+            if connection.handshaking:
+                connection.abort()
 
     def adopt(self) -> FallbackConnection:
         """An aiohttp connection protocol for a connection handed over."""
@@ -120,6 +163,7 @@ class ListenerServer(web.Server):
         """No new requests; in-flight ones get ``timeout`` seconds, then their connections are
         aborted. Idle connections close now."""
         self.closing = True
+        self._abort_handshakes()
         grace = 0.0 if timeout is None else timeout
         tasks = [task for client in list(self.clients) if (task := client.stop()) is not None]
         self.pre_shutdown()  # as aiohttp's runner does: idle handed-over connections close now
@@ -133,6 +177,8 @@ class ListenerServer(web.Server):
         await fallback
         for client in list(self.clients):
             client.abort()
+        for connection in list(self.accepted):
+            connection.abort()  # still closing (lingering)
 
 
 def _parser_limits(limits: LimitsConfig) -> dict[str, Any]:
@@ -157,7 +203,6 @@ class ClientConnection(asyncio.Protocol):
         "_buffer",
         "_busy",
         "_complete",
-        "_counted",
         "_deadline",
         "_flow",
         "_gone",
@@ -165,7 +210,6 @@ class ClientConnection(asyncio.Protocol):
         "_hosts",
         "_in_task",
         "_keep_alive",
-        "_made",
         "_parser",
         "_peer",
         "_peer_ip",
@@ -190,8 +234,6 @@ class ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._parser = httptools.HttpRequestParser(self)
-        self._made = False
-        self._counted = False
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
         self._peer_ip: str | None = None
@@ -219,25 +261,15 @@ class ClientConnection(asyncio.Protocol):
         self._hosts = 0
         self._keep_alive = False
 
-    def __del__(self) -> None:
-        # asyncio makes this protocol at accept time but calls connection_made only after the
-        # TLS handshake: one that never got there failed (or was abandoned) during the handshake.
-        if not self._made:
-            self._server.metrics.tls_handshake_failures.inc()
-
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._made = True
+        # Made by the TLS layer after the handshake (counted there since accept).
         server = self._server
-        if server.open_connections >= server.limits.max_connections or server.closing:
-            server.metrics.connections_refused.inc()
+        if server.closing:  # a handshake that ended as the listener closed
             transport.abort()  # type: ignore[attr-defined]
             return
-        server.open_connections += 1
-        self._counted = True
         server.clients.add(self)
-        # uvloop's transports are not registered as asyncio.Transport, so no isinstance check.
         self._transport = cast(asyncio.Transport, transport)
         self._flow.attach(self._transport, self._transport)
         peer = transport.get_extra_info("peername")
@@ -602,9 +634,6 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._server.clients.discard(self)
-        if self._counted:
-            self._counted = False
-            self._server.open_connections -= 1
 
     def _hand_off(self) -> None:
         """Give the connection, with every byte not yet served, to aiohttp's server."""
@@ -615,13 +644,11 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         fallback = self._server.adopt()
-        # The connection stays counted; the fallback protocol gives the count back.
-        counted, self._counted = self._counted, False
         self._release()
         self._end_waiting()
         data, self._buffer = bytes(self._buffer), bytearray()
         transport.set_protocol(fallback)
-        fallback.adopt(counted=counted, peer=peer)
+        fallback.adopt(peer=peer)
         fallback.connection_made(transport)
         self._flow.detach()  # reading resumes if held here: aiohttp's protocol holds its own
         if data:

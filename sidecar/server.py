@@ -35,7 +35,6 @@ class Connection(RequestHandler):
     """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
 
     __slots__ = (
-        "_counted",
         "_flow",
         "_gone",
         "_header_timeout",
@@ -53,17 +52,15 @@ class Connection(RequestHandler):
         self._listener = manager
         self._header_timeout = manager.limits.header_timeout
         self._metrics = manager.metrics
-        self._counted = False
         self._flow = FlowControl(loop, manager.limits.send_timeout)
         #: bytes that arrived while the client was not taking its answers, not yet parsed
         self._held = b""
         #: called if the connection ends while a response streams to it (``when_gone``)
         self._gone: Callable[[], None] | None = None
 
-    def adopt(self, *, counted: bool, peer: ClientCert | None) -> None:
-        """Take over a connection from the listener: its place in ``open_connections`` (given
-        back when it closes) and its peer certificate, already parsed (None: no identity)."""
-        self._counted = counted
+    def adopt(self, *, peer: ClientCert | None) -> None:
+        """Take over a connection from the listener, with its peer certificate, already parsed
+        (None: no identity). The TLS layer counts the connection until it closes."""
         self._peer = peer
 
     def peer_certificate(self) -> ClientCert | None:
@@ -82,7 +79,7 @@ class Connection(RequestHandler):
         """The listener is shutting down: a response prepared now is the connection's last."""
         return self._listener.closing
 
-    # -- connection limits -----------------------------------------------------------------
+    # -- the header deadline ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Reading is held through aiohttp's own pause_reading and resume_reading, which keep
@@ -99,11 +96,6 @@ class Connection(RequestHandler):
         gone, self._gone = self._gone, None
         if gone is not None:
             gone()
-        if self._counted:
-            self._counted = False
-            manager: ListenerServer | None = self._manager  # type: ignore[assignment]
-            if manager is not None:
-                manager.open_connections -= 1
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:

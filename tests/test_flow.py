@@ -295,7 +295,7 @@ async def running(
 def attach(running: Running, *, high: int, low: int) -> tuple[ClientConnection, FakeTransport]:
     listener = running.sidecar._listener
     assert listener is not None
-    conn = listener()
+    conn = listener.protocol()  # the HTTP protocol, as the TLS layer makes it after a handshake
     transport = FakeTransport(conn, high=high, low=low)
     conn.connection_made(transport)  # type: ignore[arg-type]
     return conn, transport

@@ -105,7 +105,11 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         plan = await sidecar._build_plan(config)
     handler = Handler(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
     listener = ListenerServer(
-        handler, limits=config.limits, peer_certs=sidecar.peer_certs, metrics=sidecar.metrics
+        handler,
+        tls=sidecar.tls,
+        limits=config.limits,
+        peer_certs=sidecar.peer_certs,
+        metrics=sidecar.metrics,
     )
 
     # The upstream side: one pooled keep-alive connection that answers every request at once.
