@@ -140,12 +140,14 @@ def _lines(fields: Fields, *names: str) -> dict[str, list[str]]:
 
 
 def _single(found: dict[str, list[str]], name: str) -> str | None:
+    """The one value of a header, or None when it is absent or empty (HAProxy-style setups
+    send an empty value for "no certificate": that is what it means)."""
     values = found[name]
     if len(values) > 1:
         raise CertificateHeaderError(
             f"{name}: sent {len(values)} times; the front proxy must replace it, not add to it"
         )
-    return values[0] if values else None
+    return values[0] or None if values else None
 
 
 def _read_client_cert(fields: Fields) -> PresentedChain | None:
@@ -202,7 +204,7 @@ def _read_traefik(fields: Fields) -> PresentedChain | None:
 
 def _read_xfcc(fields: Fields) -> PresentedChain | None:
     lines = _lines(fields, XFCC)[XFCC]
-    if not lines:
+    if not any(lines):
         return None
     try:
         elements = xfcc.elements(",".join(lines))
@@ -432,8 +434,9 @@ class CertificateHeaders:
     def lines(self, leaf: bytes, chain: Sequence[bytes] = ()) -> bytes:
         """The header lines (``Name: value\\r\\n`` each) for a validated chain.
 
-        Raises ``ValueError`` if a value held anything but visible ASCII (it cannot: every
-        value is escaped; this is the last check before bytes reach the upstream)."""
+        Raises ``ValueError`` if ``leaf`` is not a readable certificate, or if a value held
+        anything but visible ASCII (it cannot: every value is escaped; this is the last check
+        before bytes reach the upstream)."""
         key = (leaf, tuple(chain))
         made = self._made.get(key)
         if made is None:

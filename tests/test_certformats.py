@@ -74,9 +74,19 @@ def b64(der: bytes) -> str:
 # ---- reading: each format ------------------------------------------------------------------
 
 
-def test_absent_headers_are_no_certificate() -> None:
+def test_absent_or_empty_headers_are_no_certificate() -> None:
     for fmt in cf.INBOUND:
         assert cf.read(fmt, fields(("Host", "x"), ("Accept", "*/*"))) is None
+    # an empty value from the proxy says the same (HAProxy's %[ssl_c_der,base64] and the like)
+    named: list[tuple[cf.InboundFormat, str]] = [
+        ("client-cert", cf.CLIENT_CERT),
+        ("xfcc", cf.XFCC),
+        ("ssl-client-cert", cf.SSL_CLIENT_CERT),
+        ("traefik", cf.TRAEFIK),
+        ("amzn-mtls", cf.AMZN),
+    ]
+    for fmt, name in named:
+        assert cf.read(fmt, fields((name, " "))) is None, name
 
 
 def test_rfc9440(pki: PKI, alice: Issued) -> None:
@@ -223,7 +233,7 @@ def test_escaped_pem_refusals(alice: Issued) -> None:
     _refused("ssl-client-cert", fields((n, key)), "not PEM certificates")
     empty = quote("-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n", safe="")
     _refused("ssl-client-cert", fields((n, empty)), "not a DER certificate")
-    _refused("ssl-client-cert", fields((n, "")), "no certificate")
+    _refused("ssl-client-cert", fields((n, "%20")), "no certificate")
     raw = [(b"ssl-client-cert", good.encode().replace(b"%0A", b"\n", 1))]
     _refused("ssl-client-cert", raw, "not visible ASCII")
     _refused("amzn-mtls", [(b"X-Amzn-Mtls-Clientcert", b"\xc3\xa9")], "not visible ASCII")
