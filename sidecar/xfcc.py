@@ -19,6 +19,10 @@ from cryptography import x509
 
 _KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _BARE = re.compile(r'[^,;"]*')
+# Envoy's two escapes are backslash-quote and backslash-backslash; any other backslash is
+# itself (Envoy's own subjects carry RFC 2253 escapes such as "\,")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\["\\]|\\(?!["\\]))*+)"')
+_ESCAPED = re.compile(r'\\(["\\])')
 
 
 def elements(text: str) -> list[list[tuple[str, str]]]:
@@ -60,18 +64,10 @@ def elements(text: str) -> list[list[tuple[str, str]]]:
 
 
 def _quoted_string(text: str, i: int) -> tuple[str, int]:
-    out: list[str] = []
-    i += 1
-    while i < len(text):
-        c = text[i]
-        if c == '"':
-            return "".join(out), i + 1
-        if c == "\\" and text[i + 1 : i + 2] in ('"', "\\"):
-            i += 1  # Envoy's two escapes; any other backslash is itself
-            c = text[i]
-        out.append(c)
-        i += 1
-    raise ValueError("a quoted value is not closed")
+    m = _QUOTED.match(text, i)
+    if m is None:
+        raise ValueError("a quoted value is not closed")
+    return _ESCAPED.sub(r"\1", m.group(1)), m.end()
 
 
 def _skip_ows(text: str, i: int) -> int:

@@ -528,3 +528,25 @@ def test_xfcc_reader_agrees_with_the_documented_grammar(
     text, expected = case
     assert xfcc_parse(text) == expected
     assert xfcc.elements(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (r'k="x\"y"', 'x"y'),
+        (r'k="x\\"', "x\\"),
+        (r'k="CN=a\,b\22"', r"CN=a\,b\22"),  # RFC 2253 escapes, as Envoy's subjects carry
+        (r'k="\\\""', '\\"'),
+        ('k=" a;b,c=d "', " a;b,c=d "),
+    ],
+)
+def test_xfcc_quoted_values_unescape_as_envoy_reads_them(text: str, value: str) -> None:
+    """Backslash-quote and backslash-backslash are the escapes; any other backslash is
+    itself (Envoy's XFCC_VALUE reads them so)."""
+    assert xfcc.elements(text) == [[("k", value)]]
+
+
+@pytest.mark.parametrize("text", [r'k="x\"', 'k="open', 'k="a"b', "k", "=v", "k=v;", "k=v,,k=v"])
+def test_xfcc_values_off_the_grammar(text: str) -> None:
+    with pytest.raises(ValueError, match=r"expected|not closed"):
+        xfcc.elements(text)
