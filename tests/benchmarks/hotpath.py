@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import BUILD
-from sidecar.__main__ import _tune_gc
 from sidecar.app import Sidecar
 from sidecar.certs import ClientCert
 from sidecar.config import load
 from sidecar.handler import Handler
 from sidecar.listener import ClientConnection, ListenerServer
+from sidecar.runtime import tune_gc
 from sidecar.upstream_http import Connection as UpstreamConnection
 from tests.pki import make_ca, make_leaf
 
@@ -149,7 +149,7 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         return time.process_time() - started
 
     await run(1000)  # warm-up: caches, the route table, the pool
-    _tune_gc()  # as `sidecar run` does once started
+    tune_gc()  # as `sidecar run` does once started
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
