@@ -1,7 +1,7 @@
 """Forward one request to the upstream application and stream its answer back.
 
 ``UpstreamClient.forward`` is the only hot-path call. Plain HTTP goes over pooled keep-alive
-connections (``upstream_pool``) with the request head written as given and the body streamed;
+connections (``http1.pool``) with the request head written as given and the body streamed;
 WebSocket upgrades go through an aiohttp ``ClientSession`` and are relayed frame by frame, with
 an idle timeout and a bound on message size. A failure before the response has started raises
 ``UpstreamError`` (the handler answers 502 or 504); after it has started, the client
@@ -29,17 +29,17 @@ from yarl import URL
 from .config import LimitsConfig, UpstreamConfig
 from .errors import UpstreamError
 from .headers import connection_tokens, lines_to_multidict, response_fields
-from .responses import SERVER
-from .server import last_on_connection, when_gone
-from .upstream_http import (
+from .http1.pool import Pool
+from .http1.upstream import (
     BodyTimeout,
     BodyTooLarge,
-    Connection,
     RequestBody,
+    UpstreamConnection,
     head_from_lines,
     request_head,
 )
-from .upstream_pool import Pool
+from .responses import SERVER
+from .server import last_on_connection, when_gone
 
 # Headers aiohttp would invent; the upstream must see only what the client (and we) sent.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -103,7 +103,7 @@ class Downstream(Protocol):
 class Sent:
     """A request ``UpstreamClient.send_now`` wrote, its response still to come."""
 
-    conn: Connection
+    conn: UpstreamConnection
     head: bytes
     head_only: bool
     started: float
@@ -326,13 +326,13 @@ class UpstreamClient:
             None if has_host else self._host_bytes,
         )
 
-    def _respond_whole(self, client: Downstream, conn: Connection, request_id: str) -> None:
+    def _respond_whole(self, client: Downstream, conn: UpstreamConnection, request_id: str) -> None:
         fields, flags = response_fields(conn.raw_headers)
         fields += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
         client.respond(conn.status, conn.reason, fields, flags, conn.take(), True)
 
     async def _relay_response(
-        self, client: Downstream, conn: Connection, request_id: str, upstream_seconds: float
+        self, client: Downstream, conn: UpstreamConnection, request_id: str, upstream_seconds: float
     ) -> Forwarded:
         assert self._pool is not None
         status = conn.status
@@ -367,7 +367,7 @@ class UpstreamClient:
 
     async def _exchange(
         self, out: list[bytes], rest: RequestBody | None, *, head_only: bool, retry: bool
-    ) -> tuple[Connection, asyncio.Task[None] | None, float]:
+    ) -> tuple[UpstreamConnection, asyncio.Task[None] | None, float]:
         """Send a request on a pooled connection and wait for its response head.
 
         Returns the connection and the task still sending the body (the caller releases and
@@ -388,14 +388,14 @@ class UpstreamClient:
 
     async def _await_head(
         self,
-        conn: Connection,
+        conn: UpstreamConnection,
         sender: asyncio.Task[None] | None,
         out: list[bytes],
         *,
         head_only: bool,
         retry: bool,
         started: float,
-    ) -> tuple[Connection, float]:
+    ) -> tuple[UpstreamConnection, float]:
         """Wait for the response head of the request sent on ``conn``; the connection it came
         on (another one if the request was sent again) and the seconds since ``started``."""
         pool = self._pool
@@ -478,7 +478,7 @@ class UpstreamClient:
 
 
 def _send(
-    conn: Connection, out: list[bytes], rest: RequestBody | None, head_only: bool
+    conn: UpstreamConnection, out: list[bytes], rest: RequestBody | None, head_only: bool
 ) -> asyncio.Task[None] | None:
     """Start the exchange with the head and what is here of the body; a task sends the rest."""
     conn.begin(head_only=head_only, sending=rest is not None)
@@ -502,7 +502,10 @@ class _WholeResponse(web.StreamResponse):
 
 
 async def _stream_response(
-    request: web.BaseRequest, conn: Connection, upstream_seconds: float, request_id: str | None
+    request: web.BaseRequest,
+    conn: UpstreamConnection,
+    upstream_seconds: float,
+    request_id: str | None,
 ) -> Forwarded:
     """Stream the upstream's response to the client; abort the client if the upstream fails.
 

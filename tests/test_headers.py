@@ -18,8 +18,8 @@ from sidecar.headers import (
     response_headers,
     upstream_headers,
 )
+from sidecar.http1.upstream import head_from_lines
 from sidecar.identity import User
-from sidecar.upstream_http import head_from_lines
 
 RULES = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO", (ipaddress.ip_network("10.0.0.0/8"),))
 USER = User("sub-1", "alice", "Alice", None, "a@example.com", ("administrator",))

@@ -27,8 +27,8 @@ from yarl import URL
 from sidecar.config import LimitsConfig, UpstreamConfig, UpstreamTimeouts
 from sidecar.errors import UpstreamError
 from sidecar.headers import HeaderRules, upstream_headers
+from sidecar.http1.upstream import request_head
 from sidecar.upstream import BodyTooLarge, Forwarded, UpstreamClient
-from sidecar.upstream_http import request_head
 
 from .pki import make_ca, make_leaf
 from .servers import Scripted, StartScripted, answer_ok

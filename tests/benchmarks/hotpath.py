@@ -29,9 +29,9 @@ from sidecar.app import Sidecar
 from sidecar.certs import ClientCert
 from sidecar.config import load
 from sidecar.handler import Handler
+from sidecar.http1.upstream import UpstreamConnection
 from sidecar.listener import ClientConnection, ListenerServer
 from sidecar.runtime import tune_gc
-from sidecar.upstream_http import Connection as UpstreamConnection
 from tests.pki import make_ca, make_leaf
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"

@@ -12,8 +12,8 @@ import contextlib
 import ssl
 from collections import deque
 
-from .errors import UpstreamError
-from .upstream_http import Connection
+from ..errors import UpstreamError
+from .upstream import UpstreamConnection
 
 
 class Pool:
@@ -41,12 +41,12 @@ class Pool:
         self._read_timeout = read_timeout
         self._max = max_connections
         self._open = 0  # connections open or being opened: the slots in use
-        self._idle: deque[Connection] = deque()
-        # None is a slot to connect with; a Connection is handed over directly (FIFO).
-        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._idle: deque[UpstreamConnection] = deque()
+        # None is a slot to connect with; an UpstreamConnection is handed over directly (FIFO).
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._closed = False
 
-    async def acquire(self, *, fresh: bool = False) -> Connection:
+    async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
         """An idle connection (unless ``fresh``), a new one, or the next one given back."""
         if self._closed:
             raise RuntimeError("the upstream pool is closed")
@@ -64,7 +64,7 @@ class Pool:
             old.close()
             return await self._connect()
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Connection | None] = loop.create_future()
+        waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -84,7 +84,7 @@ class Pool:
         got.reused = True
         return got
 
-    def take_idle(self) -> Connection | None:
+    def take_idle(self) -> UpstreamConnection | None:
         """The newest idle connection, without waiting, or None."""
         idle = self._idle
         while idle:
@@ -94,11 +94,11 @@ class Pool:
                 return conn
         return None
 
-    def release(self, conn: Connection, *, reuse: bool) -> None:
+    def release(self, conn: UpstreamConnection, *, reuse: bool) -> None:
         """Take ``conn`` back: pooled if ``reuse`` and it is clean, closed otherwise."""
         if not reuse or self._closed or not conn.reusable:
             if conn.complete and conn.request_sent and not self._closed:
-                conn.close()  # a clean end, just not one to reuse (Connection: close)
+                conn.close()  # a clean end, just not one to reuse (UpstreamConnection: close)
             else:
                 conn.fail(ConnectionAbortedError("not reusable"))
             return
@@ -116,10 +116,10 @@ class Pool:
             if not waiter.done():
                 waiter.set_exception(UpstreamError("connect", "the upstream pool is closed"))
 
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> UpstreamConnection:
         """A new connection in a slot already counted in ``_open``; the slot is freed if it fails."""
         loop = asyncio.get_running_loop()
-        conn = Connection(loop, self._read_timeout)
+        conn = UpstreamConnection(loop, self._read_timeout)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await loop.create_connection(
@@ -139,7 +139,7 @@ class Pool:
             self._lost(conn)
         return conn
 
-    def _lost(self, conn: Connection) -> None:
+    def _lost(self, conn: UpstreamConnection) -> None:
         if conn.idle:
             conn.idle = False
             with contextlib.suppress(ValueError):
@@ -154,7 +154,7 @@ class Pool:
             if not self._hand_over(None):
                 self._open -= 1
 
-    def _hand_over(self, item: Connection | None) -> bool:
+    def _hand_over(self, item: UpstreamConnection | None) -> bool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -164,7 +164,7 @@ class Pool:
                 return True
         return False
 
-    def _give_back(self, item: Connection | None) -> None:
+    def _give_back(self, item: UpstreamConnection | None) -> None:
         if item is None:
             self._free_slot()
         else:

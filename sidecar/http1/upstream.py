@@ -1,7 +1,7 @@
 """HTTP/1.1 to the upstream on the wire: the request head, the request body, and the
-``Connection`` protocol that reads the response.
+``UpstreamConnection`` protocol that reads the response.
 
-A ``Connection`` owns its transport, an httptools (llhttp) response parser and the state of
+An ``UpstreamConnection`` owns its transport, an httptools (llhttp) response parser and the state of
 the one exchange in progress: status, headers, body chunks (with read backpressure),
 completion, and one lazily re-armed read timer. Failures come out as ``TimeoutError``,
 ``OSError`` (resets), ``UpstreamError`` (protocol), ``BodyTooLarge`` or ``BodyTimeout``; the
@@ -19,7 +19,7 @@ import httptools
 from aiohttp import StreamReader
 from multidict import CIMultiDict
 
-from .errors import UpstreamError
+from ..errors import UpstreamError
 
 # The response head (status line and headers, interim responses included) is held in memory
 # whole; nginx's largest default proxy buffers take 32 KiB, a cookie-heavy application more.
@@ -104,7 +104,7 @@ class RequestBody:
         done = self._content.at_eof()
         return self._frame(data, done), done
 
-    async def send_rest(self, conn: Connection) -> None:
+    async def send_rest(self, conn: UpstreamConnection) -> None:
         """Stream the rest to ``conn`` as it arrives; a failure becomes the exchange's error
         (``BodyTimeout`` when the client pauses longer than the timeout: the upstream
         connection is then aborted, so that the upstream sees the request incomplete)."""
@@ -160,7 +160,7 @@ def _until_eof(raw_headers: list[tuple[bytes, bytes]]) -> bool:
     return until_eof
 
 
-class Connection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream; ``begin`` starts an exchange, ``head`` and ``read``
     wait for its response. Errors are sticky: once failed, every wait raises the error."""
 
@@ -172,7 +172,7 @@ class Connection(asyncio.Protocol):
         self._stale_parser = False
         self.lost = False
         #: set by the pool once the connection is its own: called once when it closes
-        self.on_lost: Callable[[Connection], None] | None = None
+        self.on_lost: Callable[[UpstreamConnection], None] | None = None
         #: served an exchange before this one (a stale keep-alive connection may be retried)
         self.reused = False
         self.idle = False

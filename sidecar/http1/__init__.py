@@ -1,0 +1,2 @@
+"""HTTP/1.1 on the wire: ``upstream`` (a connection to the upstream application: the request
+head, the body, the response parser) and ``pool`` (its keep-alive connections)."""
