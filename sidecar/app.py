@@ -26,7 +26,8 @@ from .admin import Purge, Readiness, admin_app
 from .certs import file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
-from .handler import Handler, Identity, Plan
+from .fallback.forward import FallbackForwarder
+from .gateway import Gateway, Identity, Plan
 from .headers import HeaderRules
 from .hosts import ServerNames
 from .identity import Backend
@@ -37,7 +38,6 @@ from .listener import ListenerServer
 from .metrics import Metrics
 from .policy import Route, RouteTable
 from .tls import PeerCertificates, TLSState, server_context
-from .upstream import UpstreamClient
 
 #: while the identity backend reports its own credentials broken, readiness asks it this often
 _PING_EVERY = 2.0
@@ -113,7 +113,8 @@ class Sidecar:
         self.readiness = Readiness()
         self.tls = TLSState(*server_context(config.tls))
         self.peer_certs = PeerCertificates()
-        self.handler: Handler | None = None
+        #: the gateway every request goes through
+        self.handler: Gateway | None = None
         self._server: asyncio.Server | None = None
         self._listener: ListenerServer | None = None
         self._admin: web.AppRunner | None = None
@@ -138,7 +139,7 @@ class Sidecar:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         plan = await self._build_plan(self.config)
-        self.handler = Handler(
+        self.handler = Gateway(
             plan,
             metrics=self.metrics,
             logger=self.log,
@@ -198,7 +199,7 @@ class Sidecar:
             if previous is not None and _same_upstream(config, previous[1]):
                 upstream = previous[0].upstream
             else:
-                upstream = UpstreamClient(config.upstream, limits=config.limits)
+                upstream = FallbackForwarder(config.upstream, limits=config.limits)
                 built.append(upstream.close)
                 await upstream.start()
             if previous is not None and config.identity == previous[1].identity:
@@ -448,7 +449,7 @@ def _as_running(new: Config, old: Config) -> Config:
 
 
 def _same_upstream(a: Config, b: Config) -> bool:
-    # All of limits, not only the keys UpstreamClient takes today: a limit it is given later
+    # All of limits, not only the keys the forwarder takes today: a limit it is given later
     # must not be kept silently by a reload (a new client costs a few new connections). Not
     # handshake_timeout: the TLS layer's alone (a certificate renewal must not renew the pool).
     same_limits = a.limits.model_copy(update={"handshake_timeout": b.limits.handshake_timeout})

@@ -40,29 +40,28 @@ import contextlib
 import functools
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any, cast
 
 import httptools
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from . import responses
 from .certs import ClientCert
 from .config import LimitsConfig
 from .errors import CertificateError
+from .fallback.connection import FallbackConnection
+from .fallback.server import Serve
 from .flow import PIPELINE, FlowControl
-from .handler import DONE, FORWARD, Handler, Ticket
+from .forwarder import Forward
+from .gateway import ANSWER, FORWARD, Gateway, Request
 from .headers import HAS_DATE, HAS_LENGTH, HAS_SERVER
 from .log import get_logger
 from .metrics import Metrics
-from .responses import SERVER
-from .server import Connection as FallbackConnection
+from .responses import SERVER, Answer
 from .tls import PeerCertificates, TLSState, requested_server_name
 from .tls_transport import TLSProtocol
-from .upstream import Forwarded, Sent, UpstreamClient
 
 _UNSET: Any = object()
 _HEAD_END = b"\r\n\r\n"
@@ -83,15 +82,15 @@ class ListenerServer(web.Server):
 
     def __init__(
         self,
-        handler: Handler,
+        gateway: Gateway,
         *,
         tls: TLSState,
         limits: LimitsConfig,
         peer_certs: PeerCertificates,
         metrics: Metrics,
     ) -> None:
-        super().__init__(handler, access_log=None, **_parser_limits(limits))
-        self.handler = handler
+        super().__init__(Serve(gateway), access_log=None, **_parser_limits(limits))
+        self.gateway = gateway
         self.tls = tls
         self.limits = limits
         self.peer_certs = peer_certs
@@ -213,6 +212,7 @@ class ClientConnection(asyncio.Protocol):
         "_parser",
         "_peer",
         "_peer_ip",
+        "_pending",
         "_raw_headers",
         "_ready",
         "_server",
@@ -225,6 +225,7 @@ class ClientConnection(asyncio.Protocol):
         "_unusual",
         "_url",
         "_waiter",
+        "_writer",
         "loop",
     )
 
@@ -242,7 +243,10 @@ class ClientConnection(asyncio.Protocol):
         # made at the first such request; it waits on _waiter for the next one.
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._ready: tuple[Exchange, Ticket] | None = None
+        self._ready: Request | None = None
+        #: the request written upstream from the event loop (``_start``), its answer to come
+        self._pending: Forward | None = None
+        self._writer = ResponseWriter(self)
         self._busy = False
         self._in_task = False  # the task is serving a request (else it waits, or is none)
         self._stopped: asyncio.Future[None] | None = None  # for stop(), while busy
@@ -375,11 +379,13 @@ class ClientConnection(asyncio.Protocol):
             return
         del buffer[:size]
         self._head_started = False
-        exchange = Exchange(
-            self,
+        request = Request(
             _method(parser.get_method()),
             self._url.decode("utf-8", "surrogateescape"),
             self._raw_headers,
+            cert=self.peer_certificate(),
+            peer_ip=self._peer_ip,
+            server_name=self._sni,
             http10=version == "1.0",
             keep_alive=self._keep_alive,
         )
@@ -387,18 +393,21 @@ class ClientConnection(asyncio.Protocol):
         # From the loop, not from here: the upstream writes of the requests read in this
         # round then go out together (measured: writing each one between the TLS reads
         # served about 30 % fewer requests per second).
-        self.loop.call_soon(self._start, exchange)
+        self.loop.call_soon(self._start, request)
 
     def _refuse_head(self) -> None:
         """431 and close: the head grew past what it may be before it ended."""
-        exchange = Exchange(self, "GET", "*", [], http10=False, keep_alive=False)
-        exchange.answer(
+        request = Request(
+            "GET", "*", [], cert=None, peer_ip=None, server_name=None, keep_alive=False
+        )
+        self._writer.answer(
+            request,
             responses.error(
                 431,
                 "The request headers are too large.",
                 request_id=responses.new_request_id(),
                 accept=None,
-            )
+            ),
         )
         self._stopping = True
         self._buffer = bytearray()
@@ -434,54 +443,62 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- serving ------------------------------------------------------------------------------
 
-    def _start(self, exchange: Exchange) -> None:
+    def _start(self, request: Request) -> None:
         """Serve a request without a task when nothing in it waits (a verdict the cache has,
         an idle upstream connection): the response comes back through ``_on_upstream``.
         Anything else goes to the connection's task."""
-        handler = self._server.handler
-        ticket = handler.begin(exchange, self.peer_certificate(), self._peer_ip, self._sni)
-        if ticket.step == FORWARD:
+        gateway = self._server.gateway
+        gateway.begin(request)
+        if request.step is FORWARD:
+            upstream = request.upstream
+            assert upstream is not None
             try:
-                sent = ticket.plan.upstream.send_now(
-                    exchange.method,
-                    exchange.raw_path,
-                    ticket.block,
-                    ticket.has_host,
-                    functools.partial(self._on_upstream, exchange, ticket),
+                forward = upstream.send(
+                    request.method,
+                    request.target,
+                    request.block,
+                    request.has_host,
+                    notify=functools.partial(self._on_upstream, request),
                 )
-            except Exception as exc:  # as in Handler.resume: answered 500
-                handler.fail(ticket, exc)
+            except Exception as exc:  # as in Gateway.resume: answered 500
+                gateway.fail(request, exc)
             else:
-                if sent is not None:
-                    exchange.sent = sent
+                self._pending = forward
+                if forward.written:
                     return
-        if ticket.step == DONE:
-            handler.end(ticket)
-            self._answer(exchange, ticket.response)
+        if request.step is ANSWER:
+            gateway.end(request)
+            self._answer(request)
         else:
-            self._queue(exchange, ticket)
+            self._queue(request)
 
-    def _on_upstream(self, exchange: Exchange, ticket: Ticket) -> None:
+    def _on_upstream(self, request: Request) -> None:
         """The upstream's response head is here, or the exchange failed (see ``_start``)."""
-        sent = exchange.sent
-        assert sent is not None
-        handler = self._server.handler
+        forward = self._pending
+        assert forward is not None
+        if not forward.whole():  # a body still coming, or a failure: the task takes it on
+            self._queue(request)
+            return
+        self._pending = None
+        gateway = self._server.gateway
         try:
-            forwarded = ticket.plan.upstream.relay_whole(exchange, sent, ticket.request_id)
-        except Exception as exc:  # as in Handler.resume: answered 500
-            handler.fail(ticket, exc)
+            try:
+                fields, flags = forward.head(request.request_id)
+                self._writer.respond(
+                    request, forward.status, forward.reason, fields, flags, forward.take(), True
+                )
+            finally:
+                forward.release()
+        except Exception as exc:  # as in Gateway.resume: answered 500
+            gateway.fail(request, exc)
         else:
-            if forwarded is None:  # a body still coming, or a failure: the task takes it on
-                self._queue(exchange, ticket)
-                return
-            handler.forwarded(ticket, forwarded)
-        exchange.sent = None
-        handler.end(ticket)
-        self._answer(exchange, ticket.response)
+            gateway.forwarded(request, forward.status, forward.upstream_seconds)
+        gateway.end(request)
+        self._answer(request)
 
-    def _queue(self, exchange: Exchange, ticket: Ticket) -> None:
+    def _queue(self, request: Request) -> None:
         """Hand the request to the connection's task (made at the first such request)."""
-        self._ready = (exchange, ticket)
+        self._ready = request
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -492,8 +509,8 @@ class ClientConnection(asyncio.Protocol):
     async def _run(self) -> None:
         """Serve the requests queued for the task, until the connection closes."""
         while True:
-            ready = self._ready
-            if ready is None:
+            request = self._ready
+            if request is None:
                 transport = self._transport
                 if transport is None or transport.is_closing():
                     return
@@ -504,31 +521,55 @@ class ClientConnection(asyncio.Protocol):
                     return  # the connection closed or was handed over while idle
                 continue
             self._ready = None
-            exchange, ticket = ready
             self._in_task = True
             try:
-                response = await self._server.handler.resume(ticket, exchange.forward)
-            except Exception as exc:  # the handler answers errors itself: a broken write
+                await self._server.gateway.resume(request, self._forward)
+            except Exception as exc:  # the gateway answers errors itself: a broken write
                 log.error("response_failed", error=repr(exc), exc_info=exc)
-                exchange.keep_alive = False
+                request.keep_alive = False
+                request.answer = None
                 self.abort()
-                response = None
             finally:
                 self._in_task = False
-            self._answer(exchange, response)
+            self._answer(request)
 
-    def _answer(self, exchange: Exchange, response: web.StreamResponse | None) -> None:
+    async def _forward(self, request: Request) -> tuple[int, float]:
+        """``gateway.Forwarding`` for this connection: the request (written by ``_start``
+        already, or now) and its answer, relayed to the client."""
+        forward = self._pending
+        self._pending = None
+        if forward is None:
+            upstream = request.upstream
+            assert upstream is not None
+            forward = upstream.send(request.method, request.target, request.block, request.has_host)
+        try:
+            await forward.response()
+            writer = self._writer
+            fields, flags = forward.head(request.request_id)
+            if forward.complete:  # all of it arrived with the head: one write
+                writer.respond(
+                    request, forward.status, forward.reason, fields, flags, forward.take(), True
+                )
+            else:
+                writer.respond(request, forward.status, forward.reason, fields, flags, b"", False)
+                await forward.relay(writer)
+        finally:
+            forward.release()
+        return forward.status, forward.upstream_seconds
+
+    def _answer(self, request: Request) -> None:
         """Send our own answer, if there is one; then on to the next request."""
-        if response is not None:
+        answer = request.answer
+        if answer is not None:
             try:
-                exchange.answer(response)
+                self._writer.answer(request, answer)
             except Exception as exc:
                 log.error("response_failed", error=repr(exc), exc_info=exc)
-                exchange.keep_alive = False
+                request.keep_alive = False
                 self.abort()
         self._busy = False
         self._wake_stopped()
-        if not exchange.keep_alive:
+        if not request.keep_alive:
             self._stopping = True
         self._continue()
 
@@ -677,69 +718,21 @@ class ClientConnection(asyncio.Protocol):
         self._transport.close()
 
 
-class Exchange:
-    """One request on the fast path: what the handler reads (``handler.Request``) and where
-    the upstream's answer goes (``upstream.Downstream``)."""
+class ResponseWriter:
+    """Frames the answers of one client connection, one request at a time: our own
+    (``answer``) and the upstream's (``respond``, then for a body still arriving
+    ``forwarder.Client``: ``write``, ``finish``, ``abort``)."""
 
-    __slots__ = (
-        "_chunked",
-        "_conn",
-        "_headers",
-        "http10",
-        "keep_alive",
-        "method",
-        "raw_headers",
-        "raw_path",
-        "sent",
-    )
+    __slots__ = ("_chunked", "_conn", "_no_body")
 
-    def __init__(
-        self,
-        conn: ClientConnection,
-        method: str,
-        raw_path: str,
-        raw_headers: list[tuple[bytes, bytes]],
-        *,
-        http10: bool,
-        keep_alive: bool,
-    ) -> None:
+    def __init__(self, conn: ClientConnection) -> None:
         self._conn = conn
-        self.method = method
-        self.raw_path = raw_path
-        self.raw_headers = raw_headers
-        self.http10 = http10
-        self.keep_alive = keep_alive
-        self._headers: CIMultiDict[str] | None = None
         self._chunked = False
-        #: the request as written upstream by ``UpstreamClient.send_now``, its answer to come
-        self.sent: Sent | None = None
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        headers = self._headers
-        if headers is None:
-            headers = self._headers = CIMultiDict(
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-                for name, value in self.raw_headers
-            )
-        return headers
-
-    @property
-    def path(self) -> str:
-        return _decoded_path(self.raw_path)
-
-    def forward(
-        self, upstream: UpstreamClient, block: bytes, has_host: bool, request_id: str
-    ) -> Awaitable[Forwarded]:
-        """``handler.Forward_`` for this request (the rest of it, when it was sent already)."""
-        if self.sent is not None:
-            return upstream.finish_relay(self, self.sent, request_id)
-        return upstream.relay(self, self.method, self.raw_path, block, has_host, request_id)
-
-    # ---- upstream.Downstream ---------------------------------------------------------------------
+        self._no_body = False  # a HEAD request's: the head only
 
     def respond(
         self,
+        request: Request,
         status: int,
         reason: bytes,
         fields: bytes,
@@ -747,27 +740,32 @@ class Exchange:
         body: bytes,
         complete: bool,
     ) -> None:
+        """The response head (header lines ``fields`` as from ``headers.response_fields``,
+        with its ``flags``) and ``body``: all of it if ``complete``, else the rest follows."""
         framing = b""
+        head_request = request.method == "HEAD"
+        self._no_body = head_request
+        self._chunked = False
         if status in _NO_BODY_STATUS or status < 200:
             body = b""
         elif complete:
             # A HEAD response's length is the GET's: the upstream's, or none.
-            if not flags & HAS_LENGTH and self.method != "HEAD":
+            if not flags & HAS_LENGTH and not head_request:
                 framing = b"Content-Length: %d\r\n" % len(body)
         elif not flags & HAS_LENGTH:
-            if self.http10:
-                self.keep_alive = False  # the end of the connection ends the body
+            if request.http10:
+                request.keep_alive = False  # the end of the connection ends the body
             else:
                 framing = b"Transfer-Encoding: chunked\r\n"
                 self._chunked = True
-        if self.method == "HEAD":
+        if head_request:
             body = b""
         conn = self._conn
         if conn.stopping:
-            self.keep_alive = False
-        if not self.keep_alive:
+            request.keep_alive = False
+        if not request.keep_alive:
             framing += b"Connection: close\r\n"
-        elif self.http10:
+        elif request.http10:
             framing += b"Connection: keep-alive\r\n"
         if not flags & HAS_DATE:
             framing += _http_date()
@@ -776,7 +774,7 @@ class Exchange:
         conn.write(
             b"%b %d %b\r\n%b%b\r\n%b"
             % (
-                b"HTTP/1.0" if self.http10 else b"HTTP/1.1",
+                b"HTTP/1.0" if request.http10 else b"HTTP/1.1",
                 status,
                 reason,
                 fields,
@@ -785,44 +783,39 @@ class Exchange:
             )
         )
 
-    def send(self, data: bytes) -> None:
+    def answer(self, request: Request, answer: Answer) -> None:
+        """One of our own answers."""
+        if answer.close:
+            request.keep_alive = False
+        self.respond(
+            request,
+            answer.status,
+            answer.reason.encode("latin-1"),
+            answer.fields,
+            answer.flags,
+            answer.body,
+            True,
+        )
+
+    # ---- forwarder.Client ---------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        conn = self._conn
         if self._chunked:
-            self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-        elif self.method != "HEAD":
-            self._conn.write(data)
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        elif not self._no_body:
+            conn.write(data)
+        await conn.drain()
 
-    async def drain(self) -> None:
-        await self._conn.drain()
-
-    def when_gone(self, callback: Callable[[], None] | None) -> None:
-        self._conn.when_gone(callback)
-
-    def finish(self) -> None:
+    async def finish(self) -> None:
         if self._chunked:
             self._conn.write(b"0\r\n\r\n")
 
     def abort(self) -> None:
-        self.keep_alive = False
         self._conn.abort()
 
-    # ---- our own answers ---------------------------------------------------------------------
-
-    def answer(self, response: web.StreamResponse) -> None:
-        """Send one of the handler's own responses (a complete ``web.Response``)."""
-        assert isinstance(response, web.Response)
-        if response.keep_alive is False:
-            self.keep_alive = False
-        body = response.body
-        assert body is None or isinstance(body, bytes)
-        lines = []
-        flags = 0
-        for name, value in response.headers.items():
-            lines.append(f"{name}: {value}\r\n")
-            flags |= _FLAGS.get(name.lower(), 0)
-        fields = "".join(lines).encode("utf-8", "surrogateescape")
-        self.respond(
-            response.status, response.reason.encode("latin-1"), fields, flags, body or b"", True
-        )
+    def when_gone(self, callback: Callable[[], None] | None) -> None:
+        self._conn.when_gone(callback)
 
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT", "PATCH")}
@@ -832,51 +825,7 @@ def _method(raw: bytes) -> str:
     return _METHODS.get(raw) or raw.decode("ascii")  # llhttp knows only ASCII methods
 
 
-#: targets longer than this are decoded every time: rare, and they would fill the cache
-_LONGEST_CACHED_TARGET = 1024
-#: what an entry costs beyond its two strings' characters (object headers, the dict's slot)
-_PATH_ENTRY = 120
-
-
-class PathCache:
-    """Decoded request paths by raw target, for the access log. Anonymous clients choose the
-    keys, so what is held is bounded in characters (keys and values, about bytes, plus an
-    estimate per entry), and the cache is emptied when it would pass that bound."""
-
-    __slots__ = ("budget", "entries", "size")
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.size = 0
-        self.entries: dict[str, str] = {}
-
-    def get(self, raw: str) -> str:
-        value = self.entries.get(raw)
-        if value is not None:
-            return value
-        try:
-            value = URL(raw, encoded=True).path
-        except ValueError:
-            value = raw
-        if len(raw) <= _LONGEST_CACHED_TARGET:
-            cost = len(raw) + len(value) + _PATH_ENTRY
-            if self.size + cost > self.budget:
-                self.entries.clear()
-                self.size = 0
-            self.entries[raw] = value
-            self.size += cost
-        return value
-
-
-decoded_paths = PathCache(1 << 20)
-
-
-def _decoded_path(raw: str) -> str:
-    return decoded_paths.get(raw)
-
-
 _SERVER_LINE = f"Server: {SERVER}\r\n".encode()
-_FLAGS = {"content-length": HAS_LENGTH, "date": HAS_DATE, "server": HAS_SERVER}
 _date_cache: tuple[int, bytes] = (0, b"")
 
 

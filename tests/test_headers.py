@@ -18,7 +18,7 @@ from sidecar.headers import (
     response_headers,
     upstream_headers,
 )
-from sidecar.http1.upstream import head_from_lines
+from sidecar.http1.upstream import request_head as head_from_lines
 from sidecar.identity import User
 
 RULES = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO", (ipaddress.ip_network("10.0.0.0/8"),))

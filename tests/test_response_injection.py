@@ -224,7 +224,7 @@ def test_sign_on_urls_in_the_configuration_are_checked(
 def test_a_trusted_proxys_request_id_is_kept_only_when_clean(incoming: str) -> None:
     from multidict import CIMultiDict
 
-    from sidecar.handler import _request_id
+    from sidecar.gateway import _request_id
 
     class Proxied:
         headers = CIMultiDict({"X-Request-ID": incoming})

@@ -26,9 +26,10 @@ from yarl import URL
 
 from sidecar.config import LimitsConfig, UpstreamConfig, UpstreamTimeouts
 from sidecar.errors import UpstreamError
+from sidecar.fallback.forward import FallbackForwarder as UpstreamClient
+from sidecar.fallback.forward import Forwarded, header_lines
+from sidecar.forwarder import BodyTooLarge
 from sidecar.headers import HeaderRules, upstream_headers
-from sidecar.http1.upstream import request_head
-from sidecar.upstream import BodyTooLarge, Forwarded, UpstreamClient
 
 from .pki import make_ca, make_leaf
 from .servers import Scripted, StartScripted, answer_ok
@@ -1083,7 +1084,7 @@ async def test_request_without_host_gets_the_upstreams(proxy: Proxy, upstream: U
 def test_header_values_cannot_smuggle_a_request() -> None:
     headers = CIMultiDict([("X-Evil", "a\r\nContent-Length: 0\r\n\r\nGET /admin HTTP/1.1")])
     with pytest.raises(ValueError, match="CR or LF"):
-        request_head("GET", "/", headers, "upstream", False)
+        header_lines(headers)
 
 
 def test_on_uvloop(tmp_path: Path) -> None:

@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
-from aiohttp import StreamReader
-from multidict import CIMultiDict
 
 from ..errors import UpstreamError
 
@@ -37,36 +35,17 @@ class BodyTimeout(Exception):
 
 
 def request_head(
-    method: str, target: str, headers: CIMultiDict[str], host: str, chunked: bool
+    method: str, target: str, block: bytes, host: bytes | None, *, chunked: bool = False
 ) -> bytes:
-    """The request line and ``headers`` as given, with the framing of the client's body."""
-    lines = [f"{method} {target} HTTP/1.1"]
-    if "Host" not in headers:
-        lines.append(f"Host: {host}")
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    lines.append("\r\n")
-    head = "\r\n".join(lines)
-    # aiohttp's parser let no CR or LF into the client's values, and ours have none; one here
-    # would end the head early and start a request of the client's making.
-    if head.count("\n") != len(lines) or head.count("\r") != len(lines):
-        raise ValueError("CR or LF in a request header")
-    # aiohttp decoded the client's bytes this way: encoding them back gives the same bytes.
-    return head.encode("utf-8", "surrogateescape")
-
-
-def head_from_lines(method: str, target: str, block: bytes, host: bytes | None) -> bytes:
     """The request line and the header lines of ``block`` (from ``headers.request_fields``,
-    which checked them), with a Host line first when the client sent none. For requests
-    without a body."""
+    which checked them), with a Host line first when ``host`` is given (the client sent none),
+    and ``Transfer-Encoding: chunked`` last for a ``chunked`` body."""
     target_bytes = target.encode("utf-8", "surrogateescape")
     if b"\r" in target_bytes or b"\n" in target_bytes:  # parsers refuse them: defence in depth
         raise ValueError("CR or LF in the request target")
+    end = b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"\r\n"
     if host is None:
-        return b"".join(
-            (method.encode("ascii"), b" ", target_bytes, b" HTTP/1.1\r\n", block, b"\r\n")
-        )
+        return b"".join((method.encode("ascii"), b" ", target_bytes, b" HTTP/1.1\r\n", block, end))
     return b"".join(
         (
             method.encode("ascii"),
@@ -76,9 +55,20 @@ def head_from_lines(method: str, target: str, block: bytes, host: bytes | None) 
             host,
             b"\r\n",
             block,
-            b"\r\n",
+            end,
         )
     )
+
+
+class BodyStream(Protocol):
+    """Where a request body comes from: aiohttp's ``StreamReader`` for the requests its server
+    parsed."""
+
+    def read_nowait(self) -> bytes: ...
+
+    def at_eof(self) -> bool: ...
+
+    async def readany(self) -> bytes: ...
 
 
 class RequestBody:
@@ -86,10 +76,11 @@ class RequestBody:
     given up when the client pauses it for longer than ``timeout``."""
 
     def __init__(
-        self, content: StreamReader, *, chunked: bool, limit: int | None, timeout: float
+        self, content: BodyStream, *, chunked: bool, limit: int | None, timeout: float
     ) -> None:
         self._content = content
-        self._chunked = chunked
+        #: framed as chunks (the client sent no length)
+        self.chunked = chunked
         self._timeout = timeout
         # Content-Length bodies are framed by the server's parser; only chunked ones can grow.
         self._limit = limit if chunked else None
@@ -140,7 +131,7 @@ class RequestBody:
         self._seen += len(data)
         if self._limit is not None and self._seen > self._limit:
             raise BodyTooLarge(f"chunked body exceeds {self._limit}")
-        if not self._chunked:
+        if not self.chunked:
             return [data]
         framed = [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
         if done:

@@ -2,8 +2,8 @@
 
     .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile]
 
-Drives the real listener protocol (``ClientConnection``), handler, header rules, upstream
-client and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
+Drives the real listener protocol (``ClientConnection``), gateway, header rules, forwarder
+and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
 is cached, an upstream answer of 2 bytes with nginx's headers. What it reports is the CPU time
 the sidecar's own Python spends per request (microseconds, best of several rounds), the part a
 change to the request path can move; the full benchmark (``run.sh``) adds TLS, system calls and
@@ -28,7 +28,7 @@ from sidecar import BUILD
 from sidecar.app import Sidecar
 from sidecar.certs import ClientCert
 from sidecar.config import load
-from sidecar.handler import Handler
+from sidecar.gateway import Gateway
 from sidecar.http1.upstream import UpstreamConnection
 from sidecar.listener import ClientConnection, ListenerServer
 from sidecar.runtime import tune_gc
@@ -103,9 +103,9 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         config = load(path)
         sidecar = Sidecar(config, config_path=path)
         plan = await sidecar._build_plan(config)
-    handler = Handler(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
+    gateway = Gateway(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
     listener = ListenerServer(
-        handler,
+        gateway,
         tls=sidecar.tls,
         limits=config.limits,
         peer_certs=sidecar.peer_certs,

@@ -1,4 +1,4 @@
-"""The listener's fallback protocol: aiohttp's HTTP/1.1 server with the limits we promise.
+"""The fallback's protocol: aiohttp's HTTP/1.1 server with the limits we promise.
 
 A connection comes here from ``listener.ClientConnection`` at the first request the fast path
 does not serve (a body, an upgrade, a malformed or oversized head) and stays to its end. It
@@ -23,15 +23,17 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from . import responses
-from .certs import ClientCert
-from .flow import FlowControl
+from .. import responses
+from ..certs import ClientCert
+from ..flow import FlowControl
+from ..headers import lines_to_multidict
+from ..responses import Answer
 
 if TYPE_CHECKING:
-    from .listener import ListenerServer
+    from ..listener import ListenerServer
 
 
-class Connection(RequestHandler):
+class FallbackConnection(RequestHandler):
     """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
 
     __slots__ = (
@@ -170,18 +172,31 @@ class Connection(RequestHandler):
             accept = request.headers.get("Accept")
         except Exception:
             accept = None
-        response = responses.error(
+        answer = responses.error(
             status, reason, request_id=responses.new_request_id(), accept=accept
         )
+        answer.close = True
+        return to_response(answer)
+
+
+def to_response(answer: Answer) -> web.Response:
+    """One of our own answers, as aiohttp's response."""
+    response = web.Response(
+        status=answer.status,
+        reason=answer.reason,
+        body=answer.body,
+        headers=lines_to_multidict(answer.fields),
+    )
+    if answer.close:
         response.force_close()
-        return response
+    return response
 
 
 def when_gone(request: web.BaseRequest, callback: Callable[[], None] | None) -> None:
     """Have ``callback`` called if the request's connection ends (None: no longer), when it
     is one of ours (aiohttp's own servers, in tests, have no such notice)."""
     protocol = request.protocol
-    if isinstance(protocol, Connection):
+    if isinstance(protocol, FallbackConnection):
         protocol.when_gone(callback)
 
 
@@ -189,5 +204,5 @@ def last_on_connection(request: web.BaseRequest, response: web.StreamResponse) -
     """Before ``response`` is prepared: during shutdown it says ``Connection: close`` (aiohttp
     closes the connection after it anyway; the client should know), as on the listener's path."""
     protocol = request.protocol
-    if isinstance(protocol, Connection) and protocol.closing:
+    if isinstance(protocol, FallbackConnection) and protocol.closing:
         response.force_close()
