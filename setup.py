@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent
 #: the modules on a request's path (the rest starts, configures or reloads: interpreted)
 COMPILED = [
     "sidecar/listener.py",
+    "sidecar/listener_state.py",
+    "sidecar/http1/client.py",
+    "sidecar/http1/heads.py",
     "sidecar/tls_transport.py",
     "sidecar/flow.py",
     "sidecar/gateway.py",

@@ -34,7 +34,7 @@ from .identity import Backend
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
-from .listener import ListenerServer
+from .listener import Listener
 from .metrics import Metrics
 from .policy import Route, RouteTable
 from .tls import PeerCertificates, TLSState, server_context
@@ -116,7 +116,7 @@ class Sidecar:
         #: the gateway every request goes through
         self.handler: Gateway | None = None
         self._server: asyncio.Server | None = None
-        self._listener: ListenerServer | None = None
+        self._listener: Listener | None = None
         self._admin: web.AppRunner | None = None
         self._admin_site: web.BaseSite | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -152,7 +152,7 @@ class Sidecar:
         self.metrics.agent_cert_expiry.set_function(self._agent_expiry)
         self._observe_certificates(self.config)
         await self._start_admin()
-        self._listener = ListenerServer(
+        self._listener = Listener(
             self.handler,
             tls=self.tls,
             limits=self.config.limits,

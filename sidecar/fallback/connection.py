@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -27,43 +27,34 @@ from .. import responses
 from ..certs import ClientCert
 from ..flow import FlowControl
 from ..headers import lines_to_multidict
+from ..listener_state import ListenerState
 from ..responses import Answer
-
-if TYPE_CHECKING:
-    from ..listener import ListenerServer
 
 
 class FallbackConnection(RequestHandler):
-    """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
+    """aiohttp's protocol for a connection handed over, with the peer certificate the HTTP/1.1
+    protocol parsed (None: no identity). The TLS layer counts the connection until it closes."""
 
-    __slots__ = (
-        "_flow",
-        "_gone",
-        "_header_timeout",
-        "_held",
-        "_listener",
-        "_metrics",
-        "_peer",
-    )
+    __slots__ = ("_flow", "_gone", "_header_timeout", "_held", "_peer", "_state")
 
     def __init__(
-        self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
+        self,
+        server: web.Server,
+        state: ListenerState,
+        peer: ClientCert | None,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(manager, loop=loop, **kwargs)
-        self._peer: ClientCert | None = None
-        self._listener = manager
-        self._header_timeout = manager.limits.header_timeout
-        self._metrics = manager.metrics
-        self._flow = FlowControl(loop, manager.limits.send_timeout)
+        super().__init__(server, loop=loop, **kwargs)
+        self._peer = peer
+        self._state = state
+        self._header_timeout = state.limits.header_timeout
+        self._flow = FlowControl(loop, state.limits.send_timeout)
         #: bytes that arrived while the client was not taking its answers, not yet parsed
         self._held = b""
         #: called if the connection ends while a response streams to it (``when_gone``)
         self._gone: Callable[[], None] | None = None
-
-    def adopt(self, *, peer: ClientCert | None) -> None:
-        """Take over a connection from the listener, with its peer certificate, already parsed
-        (None: no identity). The TLS layer counts the connection until it closes."""
-        self._peer = peer
 
     def peer_certificate(self) -> ClientCert | None:
         """The peer certificate the listener parsed before it handed the connection over."""
@@ -79,7 +70,7 @@ class FallbackConnection(RequestHandler):
     @property
     def closing(self) -> bool:
         """The listener is shutting down: a response prepared now is the connection's last."""
-        return self._listener.closing
+        return self._state.closing
 
     # -- the header deadline ---------------------------------------------------------------
 
@@ -159,7 +150,7 @@ class FallbackConnection(RequestHandler):
             self.log_exception("Error handling request", exc_info=exc)
             reason = "The sidecar could not handle this request."
         elif isinstance(exc, LineTooLong):
-            # aiohttp names the part only by the limit it hit (see listener._parser_limits).
+            # aiohttp names the part only by the limit it hit (see server._parser_limits).
             if len(exc.args) > 1 and exc.args[1] == self.max_line_size:
                 status, reason = 414, "The request line is too long."
             else:

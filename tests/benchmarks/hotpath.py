@@ -30,7 +30,7 @@ from sidecar.certs import ClientCert
 from sidecar.config import load
 from sidecar.gateway import Gateway
 from sidecar.http1.upstream import UpstreamConnection
-from sidecar.listener import ClientConnection, ListenerServer
+from sidecar.listener import Listener
 from sidecar.runtime import tune_gc
 from tests.pki import make_ca, make_leaf
 
@@ -104,7 +104,7 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         sidecar = Sidecar(config, config_path=path)
         plan = await sidecar._build_plan(config)
     gateway = Gateway(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
-    listener = ListenerServer(
+    listener = Listener(
         gateway,
         tls=sidecar.tls,
         limits=config.limits,
@@ -135,7 +135,7 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         if done is not None and not done.done():
             done.set_result(None)
 
-    client = ClientConnection(listener)
+    client = listener.protocol()
     client.connection_made(_Transport(on_answer, {"peername": ("127.0.0.1", 50000)}))  # type: ignore[arg-type]
     client._peer = cert
 
