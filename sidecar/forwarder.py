@@ -31,7 +31,7 @@ from yarl import URL
 from .config import LimitsConfig, UpstreamConfig
 from .errors import UpstreamError
 from .headers import response_fields
-from .http1.pool import Pool
+from .http1.pool import Dial, Pool
 from .http1.upstream import (
     BodyTimeout,
     BodyTooLarge,
@@ -74,7 +74,13 @@ class Client(Protocol):
 class Forwarder:
     """The upstream application, over pooled keep-alive HTTP/1.1 connections."""
 
-    def __init__(self, config: UpstreamConfig, *, limits: LimitsConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        limits: LimitsConfig | None = None,
+        dial: Dial | None = None,
+    ) -> None:
         base = URL(config.url)
         self.https = base.scheme == "https"
         self.host = base.raw_host or ""
@@ -86,6 +92,7 @@ class Forwarder:
         self.config = config
         self.limits = limits if limits is not None else LimitsConfig()
         self.tls: ssl.SSLContext | None = None
+        self._dial = dial
         self._pool: Pool | None = None
 
     async def start(self) -> None:
@@ -98,6 +105,7 @@ class Forwarder:
             connect_timeout=config.timeout.connect,
             read_timeout=config.timeout.read,
             max_connections=config.max_connections,
+            dial=self._dial,
         )
 
     async def close(self) -> None:

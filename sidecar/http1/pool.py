@@ -11,9 +11,14 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 from ..errors import UpstreamError
 from .upstream import UpstreamConnection
+
+#: opens a connection to the upstream for the protocol the factory makes (by default asyncio's
+#: ``create_connection`` to the pool's address; a test gives a fake of its own)
+Dial = Callable[[Callable[[], asyncio.Protocol]], Awaitable[object]]
 
 
 class Pool:
@@ -33,8 +38,10 @@ class Pool:
         connect_timeout: float,
         read_timeout: float,
         max_connections: int,
+        dial: Dial | None = None,
     ) -> None:
         self._host = host
+        self._dial = dial
         self._port = port
         self._tls = tls
         self._connect_timeout = connect_timeout
@@ -122,13 +129,16 @@ class Pool:
         conn = UpstreamConnection(loop, self._read_timeout)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await loop.create_connection(
-                    lambda: conn,
-                    self._host,
-                    self._port,
-                    ssl=self._tls,
-                    server_hostname=self._host if self._tls is not None else None,
-                )
+                if self._dial is not None:
+                    await self._dial(lambda: conn)
+                else:
+                    await loop.create_connection(
+                        lambda: conn,
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
         except BaseException as exc:
             self._free_slot()
             if isinstance(exc, OSError | TimeoutError):  # ssl.SSLError is an OSError
