@@ -1,7 +1,7 @@
 """Assembly and lifecycle of one worker: build from a ``Config``, start, reload, drain, stop.
 
-``Sidecar.start`` builds everything that needs the event loop (upstream client, identity
-backend behind its verdict cache, the TLS listener, the admin listener). ``reload`` builds a
+``Sidecar.start`` builds everything that needs the event loop (the forwarder, the identity
+backend behind its verdict cache, the gateway, the TLS listener, the admin listener). ``reload`` builds a
 whole new ``Plan`` and TLS context from the file and swaps them in; a reload that fails keeps
 the running state and says why. ``shutdown`` drains: readiness fails at once, the listener
 closes after the drain delay, in-flight requests get the grace period. Nothing here is on
@@ -92,7 +92,8 @@ _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
 
 
 class Sidecar:
-    """The TLS listener, its handler, the admin listener and everything they call, for one process."""
+    """The TLS listener, the gateway (``handler``), the admin listener and everything they call,
+    for one process."""
 
     def __init__(
         self,

@@ -29,8 +29,9 @@ from sidecar.errors import UpstreamError
 from sidecar.fallback.forward import FallbackForwarder as UpstreamClient
 from sidecar.fallback.forward import Forwarded, header_lines
 from sidecar.forwarder import BodyTooLarge
-from sidecar.headers import HeaderRules, upstream_headers
+from sidecar.headers import HeaderRules
 
+from .header_views import upstream_headers
 from .pki import make_ca, make_leaf
 from .servers import Scripted, StartScripted, answer_ok
 

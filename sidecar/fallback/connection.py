@@ -1,7 +1,7 @@
 """The fallback's protocol: aiohttp's HTTP/1.1 server with the limits we promise.
 
-A connection comes here from ``listener.ClientConnection`` at the first request the fast path
-does not serve (a body, an upgrade, a malformed or oversized head) and stays to its end. It
+A connection comes here from ``http1.client.ClientConnection`` at the first request the fast
+path does not serve (a body, an upgrade, a malformed or oversized head) and stays to its end. It
 keeps the peer certificate parsed there, gives a client ``limits.header_timeout`` to send a
 complete request head (slowloris), closes idle keep-alive connections, and answers parse
 errors (oversized request line or headers, malformed framing) with our own error pages.

@@ -133,7 +133,6 @@ class ClientConnection(asyncio.Protocol):
         state = self._state
         if state.closing:  # a handshake that ended as the listener closed
             transport.abort()  # type: ignore[attr-defined]
-            self._forget(self)
             return
         self._transport = cast(asyncio.Transport, transport)
         self._flow.attach(self._transport, self._transport)

@@ -21,6 +21,7 @@ at once. Like h11 and nginx, nothing is buffered past what a head may be.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 import httptools
@@ -50,30 +51,19 @@ class HeadLimits:
         self.max_head = limits.max_request_line + limits.max_header_block + 4
 
 
+@dataclass(slots=True)  # not frozen: made per request, and a frozen one costs more
 class Head:
     """A request head without a body, as the client sent it."""
 
-    __slots__ = ("http10", "keep_alive", "method", "raw_headers", "size", "target")
-
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        raw_headers: list[tuple[bytes, bytes]],
-        *,
-        http10: bool,
-        keep_alive: bool,
-        size: int,
-    ) -> None:
-        self.method = method
-        self.target = target
-        #: names and values as sent, in order
-        self.raw_headers = raw_headers
-        self.http10 = http10
-        #: the client asked for the connection to stay open
-        self.keep_alive = keep_alive
-        #: the bytes of the buffer the head took
-        self.size = size
+    method: str
+    target: str
+    #: names and values as sent, in order
+    raw_headers: list[tuple[bytes, bytes]]
+    http10: bool
+    #: the client asked for the connection to stay open
+    keep_alive: bool
+    #: the bytes of the buffer the head took
+    size: int
 
 
 class HandOff:
@@ -178,9 +168,9 @@ class HeadReader:
             _method(parser.get_method()),
             self._url.decode("utf-8", "surrogateescape"),
             self._raw_headers,
-            http10=version == "1.0",
-            keep_alive=self._keep_alive,
-            size=size,
+            version == "1.0",
+            self._keep_alive,
+            size,
         )
 
     # ---- httptools callbacks (the whole head is fed at once) -----------------------------
