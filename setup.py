@@ -42,6 +42,8 @@ COMPILED = [
     "sidecar/tls_transport.py",
     "sidecar/flow.py",
     "sidecar/gateway.py",
+    "sidecar/request.py",
+    "sidecar/plan.py",
     "sidecar/headers.py",
     "sidecar/hosts.py",
     "sidecar/forwarder.py",

@@ -26,7 +26,7 @@ Glossary, one word per thing, in names and docstrings alike:
 - **connection**: a client's TLS connection, from accept to close (``TLSProtocol``, then
   ``ClientConnection`` or, once handed over, ``FallbackConnection``). A connection to the
   application is always an *upstream connection* (``UpstreamConnection``).
-- **request**: one HTTP request from its head to its access event, ``gateway.Request``: what
+- **request**: one HTTP request from its head to its access event, ``request.Request``: what
   the protocol read, what the gateway made of it (its ``Step``), and how it ended.
 - **verdict**: what the identity side says of a client certificate (``identity.Verdict``:
   allow, deny, validate, unknown); cached by ``identity.cache``.
@@ -38,7 +38,7 @@ Glossary, one word per thing, in names and docstrings alike:
 - **answer**: what the client gets: the upstream's, relayed by a forward, or our own
   (``responses.Answer``). *Response* is kept for the HTTP message as the wire and aiohttp
   call it (the upstream's response head, an aiohttp ``StreamResponse``).
-- **plan**: everything a reload can change, swapped in as one value (``gateway.Plan``); a
+- **plan**: everything a reload can change, swapped in as one value (``plan.Plan``); a
   request keeps the plan it began with.
 """
 

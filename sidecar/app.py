@@ -27,7 +27,7 @@ from .certs import file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .fallback.forward import FallbackForwarder
-from .gateway import Gateway, Identity, Plan
+from .gateway import Gateway
 from .headers import HeaderRules
 from .hosts import ServerNames
 from .identity import Backend
@@ -36,6 +36,7 @@ from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
 from .listener import Listener
 from .metrics import Metrics
+from .plan import Identity, Plan
 from .policy import Route, RouteTable
 from .tls import PeerCertificates, TLSState, server_context
 

@@ -1,8 +1,9 @@
 """The gateway: what happens to a request, whichever protocol read it.
 
 Certificate → verdict → decision → forward or answer, as plain calls in a fixed order; each
-step takes values and returns a value. A request's life is a small state machine, ``Step``,
-whose moves are all in ``_NEXT``:
+step takes values and returns a value. A request's life is a small state machine
+(``request.Step``, whose moves are all in ``request._NEXT``), on the plan it began with
+(``plan.Plan``):
 
 - ``begin`` does everything that needs no waiting, and leaves the request at LOOK_UP or
   SIGN_ON (a wait for the identity side), FORWARD (the protocol sends it upstream) or ANSWER
@@ -23,35 +24,32 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, Final, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from multidict import CIMultiDict
-from yarl import URL
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import responses
 from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
-from .forwarder import BodyTimeout, BodyTooLarge, Forwarder
-from .headers import HeaderRules, request_fields
-from .hosts import ServerNames
-from .identity import LookupContext, SignOnPurpose, User, Verdict
-from .identity.intents import SignOn, SignOnLimited
+from .forwarder import BodyTimeout, BodyTooLarge
+from .headers import request_fields
+from .identity import LookupContext, Verdict
+from .identity.intents import SignOnLimited
 from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
-from .policy import (
-    BadPath,
-    Deny,
-    Forward,
-    Redirect,
-    Route,
-    RouteTable,
-    Unavailable,
-    decide,
+from .plan import Plan
+from .policy import BadPath, Deny, Forward, Redirect, Unavailable, decide
+from .request import (
+    ANSWER,
+    ENDED,
+    FORWARD,
+    FORWARDED,
+    LOOK_UP,
+    SIGN_ON,
+    Request,
+    move,
 )
-from .responses import Answer
 
 # fullmatch: "$" alone would also match before a final newline
 _REQUEST_ID_VALUE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -63,180 +61,6 @@ _HOST_FIELD = re.compile(
 )
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
 RETRY_AFTER_SECONDS = "5"
-
-
-class Step(IntEnum):
-    """Where a request is (``Request.step``). It moves only as ``_NEXT`` allows."""
-
-    NEW = 0  #: read by a protocol; ``begin`` comes next
-    LOOK_UP = 1  #: waits for a verdict from the identity side
-    SIGN_ON = 2  #: waits for a sign-on address from the identity side
-    FORWARD = 3  #: to be sent upstream (``request.upstream``, ``request.block``)
-    ANSWER = 4  #: our own answer is ready (``request.answer``)
-    FORWARDED = 5  #: the upstream's answer went to the client
-    ENDED = 6  #: counted and logged
-
-
-NEW: Final = Step.NEW
-LOOK_UP: Final = Step.LOOK_UP
-SIGN_ON: Final = Step.SIGN_ON
-FORWARD: Final = Step.FORWARD
-ANSWER: Final = Step.ANSWER
-FORWARDED: Final = Step.FORWARDED
-ENDED: Final = Step.ENDED
-
-#: every move a request can make; an unexpected error moves any request still at work to
-#: ANSWER (500)
-_NEXT: Final[dict[Step, frozenset[Step]]] = {
-    NEW: frozenset({LOOK_UP, SIGN_ON, FORWARD, ANSWER}),
-    LOOK_UP: frozenset({SIGN_ON, FORWARD, ANSWER}),
-    SIGN_ON: frozenset({ANSWER}),
-    FORWARD: frozenset({FORWARDED, ANSWER}),
-    ANSWER: frozenset({ENDED}),
-    FORWARDED: frozenset({ENDED}),
-    ENDED: frozenset(),
-}
-
-
-class Identity(Protocol):
-    """What the gateway needs of the identity side (the verdict cache)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def can_enrol(self) -> bool: ...
-
-    def peek(self, cert: ClientCert) -> Verdict | None:
-        """A fresh cached verdict without awaiting, or None."""
-        ...
-
-    async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict: ...
-
-    async def sign_on(
-        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
-    ) -> SignOn: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Everything a reload can change, swapped in as one value: a request uses one plan."""
-
-    routes: RouteTable
-    identity: Identity
-    upstream: Forwarder
-    rules: HeaderRules
-    max_header_block: int
-    #: the names requests may address (Host, SNI); any other is 421
-    server_names: ServerNames
-
-
-class Request:
-    """One request from its head to its access event: what the protocol read, what the
-    gateway made of it, and how it ended (the access event's values)."""
-
-    __slots__ = (
-        "_headers",
-        "answer",
-        "block",
-        "cert",
-        "decision",
-        "has_host",
-        "http10",
-        "keep_alive",
-        "method",
-        "peer_ip",
-        "plan",
-        "raw_headers",
-        "reason",
-        "redirect",
-        "request_id",
-        "route",
-        "server_name",
-        "stale",
-        "started",
-        "status",
-        "step",
-        "target",
-        "trusted",
-        "upstream",
-        "upstream_seconds",
-        "user",
-        "verdict_code",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        raw_headers: Sequence[tuple[bytes, bytes]],
-        *,
-        cert: ClientCert | None,
-        peer_ip: str | None,
-        server_name: str | None,
-        http10: bool = False,
-        keep_alive: bool = True,
-    ) -> None:
-        # ---- what the protocol read
-        self.method = method
-        #: the request target as sent (origin-, absolute- or asterisk-form)
-        self.target = target
-        self.raw_headers = raw_headers
-        self._headers: CIMultiDict[str] | None = None
-        #: the connection's client certificate, parsed (None: no identity)
-        self.cert = cert
-        self.peer_ip = peer_ip
-        #: the TLS server name (SNI) the client asked for; None when it sent none
-        self.server_name = server_name
-        self.http10 = http10
-        #: the client asked for the connection to stay open (the protocol may still close it)
-        self.keep_alive = keep_alive
-        # ---- what the gateway made of it
-        self.step = NEW
-        self.plan: Plan | None = None
-        self.request_id = ""
-        self.trusted = False
-        self.started = 0.0
-        self.route: Route | None = None
-        #: FORWARD: where to, the header lines to send, and whether they have a Host
-        self.upstream: Forwarder | None = None
-        self.block = b""
-        self.has_host = False
-        #: SIGN_ON: the decision, and the URL to come back to
-        self.redirect: tuple[Redirect, str] | None = None
-        #: ANSWER: what to send
-        self.answer: Answer | None = None
-        # ---- how it ended
-        self.status = 0
-        #: forwarded, denied, redirected, unavailable, upstream_error, error
-        self.decision = ""
-        self.reason = ""
-        self.verdict_code: str | None = None
-        self.user: User | None = None
-        self.stale = False
-        self.upstream_seconds: float | None = None
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        """The headers decoded (as aiohttp decodes them), made when first asked for: the
-        usual forwarded request never needs them."""
-        headers = self._headers
-        if headers is None:
-            headers = self._headers = CIMultiDict(
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-                for name, value in self.raw_headers
-            )
-        return headers
-
-    @property
-    def path(self) -> str:
-        """The target's path, %-decoded (for the log only)."""
-        return decoded_paths.get(self.target)
-
-    @property
-    def route_label(self) -> str:
-        route = self.route
-        return route.path if route is not None else "-"
 
 
 #: how a protocol forwards a request (``request.upstream``, ``request.block``): it sends it
@@ -309,7 +133,7 @@ class Gateway:
         request.status = status
         request.upstream_seconds = upstream_seconds
         self.metrics.observe_upstream(upstream_seconds)
-        _to(request, FORWARDED)
+        move(request, FORWARDED)
 
     def fail(self, request: Request, exc: Exception) -> None:
         """An unexpected error: the answer is 500."""
@@ -331,7 +155,7 @@ class Gateway:
         """The request is over: one metrics update and one access event."""
         # status: the request's outcome (``request.status``, ``decision``, ``reason``) is
         # final here
-        _to(request, ENDED)
+        move(request, ENDED)
         self.metrics.request_finished()
         elapsed = time.perf_counter() - request.started
         label = request.route_label
@@ -388,7 +212,7 @@ class Gateway:
                 # revocation: a check of the certificate before a cached verdict is used
                 verdict = plan.identity.peek(cert)
                 if verdict is None:
-                    _to(request, LOOK_UP)
+                    move(request, LOOK_UP)
                     return
         self._decide(request, verdict, backend_failed=False)
 
@@ -444,7 +268,7 @@ class Gateway:
             request.decision, request.reason = "forwarded", "allowed"
             request.user = user
             request.stale = bool(verdict and verdict.stale)
-            _to(request, FORWARD)
+            move(request, FORWARD)
         elif isinstance(decision, Deny):
             self._deny(request, decision)
             request.verdict_code = code or decision.code
@@ -493,7 +317,7 @@ class Gateway:
             return
         if decision.location is None:  # the backend makes one: a wait
             request.redirect = (decision, return_url)
-            _to(request, SIGN_ON)
+            move(request, SIGN_ON)
             return
         self._redirect_to(request, decision, decision.location)
 
@@ -548,7 +372,7 @@ class Gateway:
         if request.method in _SAFE_METHODS:
             request.status, request.decision, request.reason = 302, "redirected", decision.purpose
             request.answer = responses.redirect(location, request_id=request.request_id)
-            _to(request, ANSWER)
+            move(request, ANSWER)
             return
         # Redirecting a POST would make the browser replay it as GET after sign-on: say 401.
         reason = (
@@ -600,14 +424,7 @@ class Gateway:
         answer.close = close
         request.answer = answer
         request.status, request.decision, request.reason = status, decision, reason
-        _to(request, ANSWER)
-
-
-def _to(request: Request, step: Step) -> None:
-    """Move ``request`` to ``step``, as ``_NEXT`` allows (anything else is a bug: an error)."""
-    if step not in _NEXT[request.step]:
-        raise RuntimeError(f"a request cannot go from {request.step.name} to {step.name}")
-    request.step = step
+        move(request, ANSWER)
 
 
 def _plan(request: Request) -> Plan:
@@ -652,7 +469,13 @@ def _malformed(request: Request, plan: Plan) -> tuple[int, str, str] | None:
     return None
 
 
-def _request_id(request: Request, trusted: bool) -> str:
+class _Headed(Protocol):
+    @property
+    def headers(self) -> CIMultiDict[str] | CIMultiDictProxy[str]: ...
+
+
+def _request_id(request: _Headed, trusted: bool) -> str:
+    """The request's id: the one a trusted proxy sent, if it is clean, else a new one."""
     if trusted:
         incoming = request.headers.get("X-Request-ID")
         if incoming and _REQUEST_ID_VALUE.fullmatch(incoming):
@@ -687,42 +510,3 @@ def _original_url(request: Request) -> str | None:
 def _sentence(reason: str) -> str:
     text = reason[:1].upper() + reason[1:]
     return text if text.endswith(".") else text + "."
-
-
-#: targets longer than this are decoded every time: rare, and they would fill the cache
-_LONGEST_CACHED_TARGET = 1024
-#: what an entry costs beyond its two strings' characters (object headers, the dict's slot)
-_PATH_ENTRY = 120
-
-
-class PathCache:
-    """Decoded request paths by raw target, for the access log. Anonymous clients choose the
-    keys, so what is held is bounded in characters (keys and values, about bytes, plus an
-    estimate per entry), and the cache is emptied when it would pass that bound."""
-
-    __slots__ = ("budget", "entries", "size")
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.size = 0
-        self.entries: dict[str, str] = {}
-
-    def get(self, raw: str) -> str:
-        value = self.entries.get(raw)
-        if value is not None:
-            return value
-        try:
-            value = URL(raw, encoded=True).path
-        except ValueError:
-            value = raw
-        if len(raw) <= _LONGEST_CACHED_TARGET:
-            cost = len(raw) + len(value) + _PATH_ENTRY
-            if self.size + cost > self.budget:
-                self.entries.clear()
-                self.size = 0
-            self.entries[raw] = value
-            self.size += cost
-        return value
-
-
-decoded_paths = PathCache(1 << 20)

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # what the protocols share
     ("listener_state",),
     # what happens to a request, and where a forwarded one goes
-    ("gateway", "forwarder"),
+    ("gateway", "request", "plan", "forwarder"),
     # the steps and the wire: pure leaves and small I/O pieces
     (
         "policy",

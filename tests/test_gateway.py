@@ -21,7 +21,15 @@ from sidecar.certs import ClientCert
 from sidecar.config import UpstreamConfig
 from sidecar.errors import IdentityUnavailable, UpstreamError
 from sidecar.forwarder import BodyTimeout, BodyTooLarge, Forwarder
-from sidecar.gateway import (
+from sidecar.gateway import Gateway
+from sidecar.headers import HeaderRules
+from sidecar.hosts import ServerNames
+from sidecar.identity import LookupContext, SignOnPurpose, User, Verdict
+from sidecar.identity.intents import SignOn, SignOnLimited
+from sidecar.metrics import Metrics
+from sidecar.plan import Plan
+from sidecar.policy import Route, RouteTable
+from sidecar.request import (
     _NEXT,
     ANSWER,
     ENDED,
@@ -30,18 +38,10 @@ from sidecar.gateway import (
     LOOK_UP,
     NEW,
     SIGN_ON,
-    Gateway,
-    Plan,
     Request,
     Step,
-    _to,
+    move,
 )
-from sidecar.headers import HeaderRules
-from sidecar.hosts import ServerNames
-from sidecar.identity import LookupContext, SignOnPurpose, User, Verdict
-from sidecar.identity.intents import SignOn, SignOnLimited
-from sidecar.metrics import Metrics
-from sidecar.policy import Route, RouteTable
 
 from .pki import Issued, make_ca, make_leaf
 
@@ -441,8 +441,8 @@ def test_every_step_is_reachable_and_ends() -> None:
 def test_a_move_the_table_does_not_allow_is_refused() -> None:
     request = Request("GET", "/", [], cert=None, peer_ip=None, server_name=None)
     with pytest.raises(RuntimeError, match="from NEW to FORWARDED"):
-        _to(request, FORWARDED)
-    _to(request, ANSWER)
-    _to(request, ENDED)
+        move(request, FORWARDED)
+    move(request, ANSWER)
+    move(request, ENDED)
     with pytest.raises(RuntimeError, match="from ENDED to ENDED"):
-        _to(request, ENDED)
+        move(request, ENDED)

@@ -23,7 +23,7 @@ import structlog
 from sidecar.certs import ClientCert
 from sidecar.config import LimitsConfig, UpstreamConfig
 from sidecar.forwarder import Forwarder
-from sidecar.gateway import Gateway, Plan
+from sidecar.gateway import Gateway
 from sidecar.headers import HeaderRules
 from sidecar.hosts import ServerNames
 from sidecar.http1.client import ClientConnection
@@ -31,6 +31,7 @@ from sidecar.identity import LookupContext, SignOnPurpose, Verdict
 from sidecar.identity.intents import SignOn
 from sidecar.listener_state import ListenerState
 from sidecar.metrics import Metrics
+from sidecar.plan import Plan
 from sidecar.policy import Route, RouteTable
 from sidecar.tls import PeerCertificates
 

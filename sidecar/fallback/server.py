@@ -1,5 +1,5 @@
 """aiohttp's server, for the connections the HTTP/1.1 protocol hands over (``Fallback``), and
-the gateway for the requests it parses (``Serve``): each one becomes a ``gateway.Request``, is
+the gateway for the requests it parses (``Serve``): each one becomes a ``request.Request``, is
 forwarded with its body (``forward``) or answered with our own answer as an aiohttp response.
 """
 
@@ -12,9 +12,10 @@ from aiohttp import web
 
 from ..certs import ClientCert
 from ..config import LimitsConfig
-from ..gateway import Gateway, Request
+from ..gateway import Gateway
 from ..headers import lines_to_multidict
 from ..listener_state import ListenerState
+from ..request import Request
 from ..tls import requested_server_name
 from .connection import FallbackConnection, last_on_connection, to_response
 from .forward import FallbackForwarder

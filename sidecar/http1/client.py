@@ -43,10 +43,10 @@ from ..certs import ClientCert
 from ..errors import CertificateError
 from ..flow import PIPELINE, FlowControl
 from ..forwarder import Forward
-from ..gateway import ANSWER, FORWARD, Request
 from ..headers import HAS_DATE, HAS_LENGTH, HAS_SERVER
 from ..listener_state import ListenerState
 from ..log import get_logger
+from ..request import ANSWER, FORWARD, Request
 from ..responses import SERVER, Answer
 from ..tls import requested_server_name
 from .heads import HandOff, HeadReader, Refusal
