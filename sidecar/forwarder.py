@@ -138,7 +138,7 @@ class Forwarder:
             raise RuntimeError("Forwarder.start() has not been awaited")
         head = request_head(
             method,
-            self.prefix + origin_form(target),
+            self.prefix + (target if target.startswith("/") else origin_form(target)),
             block,
             None if has_host else self._host_bytes,
             chunked=body is not None and body.chunked,
@@ -328,8 +328,10 @@ class Forward:
     def release(self) -> None:
         """Give the connection back (it is reused if the exchange ended cleanly on both
         sides) and stop sending the body; once."""
-        _cancel(self._sender)  # the upstream answered before it took the whole body
-        self._sender = None
+        sender = self._sender
+        if sender is not None:  # the upstream answered before it took the whole body
+            _cancel(sender)
+            self._sender = None
         conn, self.conn = self.conn, None
         if conn is not None:
             self._pool.release(conn, reuse=True)

@@ -214,7 +214,7 @@ class Gateway:
                 if verdict is None:
                     move(request, LOOK_UP)
                     return
-        self._decide(request, verdict, backend_failed=False)
+        self._decide(request, plan, verdict, backend_failed=False)
 
     async def _look_up(self, request: Request) -> None:
         """A verdict the cache could not give at once (timed and counted by outcome), then
@@ -240,10 +240,12 @@ class Gateway:
             self.metrics.identity_duration.labels(identity.name).observe(
                 time.perf_counter() - started
             )
-        self._decide(request, verdict, backend_failed=verdict is None)
+        self._decide(request, plan, verdict, backend_failed=verdict is None)
 
-    def _decide(self, request: Request, verdict: Verdict | None, *, backend_failed: bool) -> None:
-        plan, cert = _plan(request), request.cert
+    def _decide(
+        self, request: Request, plan: Plan, verdict: Verdict | None, *, backend_failed: bool
+    ) -> None:
+        cert = request.cert
         # policy: the one decision on a request, from the route, the verdict and the facts
         decision = decide(
             request.route,

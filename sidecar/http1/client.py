@@ -49,7 +49,7 @@ from ..log import get_logger
 from ..request import ANSWER, FORWARD, Request
 from ..responses import SERVER, Answer
 from ..tls import requested_server_name
-from .heads import HandOff, HeadReader, Refusal
+from .heads import HandOff, Head, HeadReader, Refusal
 
 _UNSET: Any = object()
 # Pipelined bytes held while a request is in flight before the client is told to wait.
@@ -199,14 +199,12 @@ class ClientConnection(asyncio.Protocol):
             self._head_started = True
             self._set_deadline(state.limits.header_timeout, sooner_only=True)
         head = self._heads.read(buffer, state.heads)
-        if head is None:
-            return
-        if isinstance(head, HandOff):
-            self._hand_off()
-            return
-        if isinstance(head, Refusal):
-            self._refuse(head)
-            return
+        if not isinstance(head, Head):
+            if isinstance(head, HandOff):
+                self._hand_off()
+            elif head is not None:
+                self._refuse(head)
+            return  # or wait for the rest of the head
         del buffer[: head.size]
         self._head_started = False
         request = Request(
