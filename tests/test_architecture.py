@@ -56,6 +56,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "runtime",
         "http1",
         "fallback",
+        # for running behind a front proxy (on main since #15; config reads two of them)
+        "certformats",
+        "sfv",
+        "xfcc",
+        "proxyproto",
+        "sessions",
     ),
 )
 
