@@ -42,6 +42,7 @@ from .certs import (
     sha256_fingerprint,
 )
 from .errors import CertificateError, ConfigError
+from .header_names import FRAMING, SIDECAR_HEADERS
 
 __all__ = ["Config", "ConfigError", "load", "parse", "parse_duration"]
 
@@ -261,42 +262,6 @@ class UpstreamConfig(Section):
 
 #: RFC 9110 §5.6.2: a field name is a token
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-#: names the sidecar frames requests by, sets or strips itself (headers.HOP_BY_HOP,
-#: FORWARDING and REROUTING, Host, Content-Length, X-Request-ID; a test keeps the two modules
-#: in step), compared as header names are: lower case, "_" read as "-"
-SIDECAR_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-port",
-        "x-real-ip",
-        "x-forwarded-prefix",
-        "true-client-ip",
-        "x-client-ip",
-        "cf-connecting-ip",
-        "x-cluster-client-ip",
-        "x-original-url",
-        "x-rewrite-url",
-        "x-request-id",
-    }
-)
-
-
-#: what the upstream needs to frame and route a request: never removed
-_NEEDED = frozenset({"host", "content-length"})
 
 
 def _header_name(name: str) -> str:
@@ -323,7 +288,7 @@ class HeadersConfig(Section):
         for i, name in enumerate(names):
             if not _TOKEN.match(name):
                 problems.append(f"@[{i}]: not a valid header name: {name!r}")
-            elif _header_name(name) in _NEEDED:
+            elif _header_name(name) in FRAMING:
                 problems.append(
                     f"@[{i}]: {name!r} cannot be stripped: requests are forwarded by it"
                 )
