@@ -1,7 +1,7 @@
 """Assembly and lifecycle of one worker: build from a ``Config``, start, reload, drain, stop.
 
-``Sidecar.start`` builds everything that needs the event loop (upstream client, identity
-backend behind its verdict cache, the TLS listener, the admin listener). ``reload`` builds a
+``Sidecar.start`` builds everything that needs the event loop (the forwarder, the identity
+backend behind its verdict cache, the gateway, the TLS listener, the admin listener). ``reload`` builds a
 whole new ``Plan`` and TLS context from the file and swaps them in; a reload that fails keeps
 the running state and says why. ``shutdown`` drains: readiness fails at once, the listener
 closes after the drain delay, in-flight requests get the grace period. The trust reporter
@@ -30,7 +30,8 @@ from .admin_reports import report_view
 from .certs import file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, ReportsConfig, load
 from .errors import CertificateError, IdentityUnavailable
-from .handler import Handler, Identity, Plan
+from .fallback.forward import FallbackForwarder
+from .gateway import Gateway
 from .headers import HeaderRules, ResponseRules
 from .hosts import ServerNames
 from .identity import Backend
@@ -38,12 +39,12 @@ from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
 from .identity.reports import Community, Reporter, Target
 from .identity.static import StaticBackend
-from .listener import ListenerServer
+from .listener import Listener
 from .metrics import Metrics
 from .observe import Observations
+from .plan import Identity, Plan
 from .policy import Route, RouteTable
 from .tls import PeerCertificates, TLSState, server_context
-from .upstream import UpstreamClient
 
 #: while the identity backend reports its own credentials broken, readiness asks it this often
 _PING_EVERY = 2.0
@@ -87,20 +88,19 @@ def build_server_names(config: Config) -> ServerNames:
     return ServerNames.for_certificate(read_certificates(config.tls.certificate)[0])
 
 
-# Keys a running process cannot change: the sockets are bound, the listener's verify mode set,
-# the asyncio server's handshake timeout fixed when it started listening.
-# (listen.server_names is not one: it is part of the plan.)
+# Keys a running process cannot change: the sockets are bound. (All of tls, and
+# limits.handshake_timeout, apply to new connections: each is accepted with the context and
+# the limits current then. listen.server_names is not one either: it is part of the plan.)
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listen", lambda c: c.listen.model_copy(update={"server_names": None})),
     ("admin", lambda c: c.admin),
-    ("tls.client_certificate", lambda c: c.tls.client_certificate),
-    ("limits.handshake_timeout", lambda c: c.limits.handshake_timeout),
     ("log", lambda c: c.log),
 )
 
 
 class Sidecar:
-    """The TLS listener, its handler, the admin listener and everything they call, for one process."""
+    """The TLS listener, the gateway (``handler``), the admin listener and everything they call,
+    for one process."""
 
     def __init__(
         self,
@@ -134,11 +134,12 @@ class Sidecar:
         self._told: set[asyncio.Task[None]] = set()
         self._certificates: dict[str, Any] = {}
         self.readiness = Readiness()
-        self.tls = TLSState(server_context(config.tls))
+        self.tls = TLSState(*server_context(config.tls))
         self.peer_certs = PeerCertificates()
-        self.handler: Handler | None = None
+        #: the gateway every request goes through
+        self.handler: Gateway | None = None
         self._server: asyncio.Server | None = None
-        self._listener: ListenerServer | None = None
+        self._listener: Listener | None = None
         self._admin: web.AppRunner | None = None
         self._admin_site: web.BaseSite | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -161,7 +162,7 @@ class Sidecar:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         plan = await self._build_plan(self.config)
-        self.handler = Handler(
+        self.handler = Gateway(
             plan,
             metrics=self.metrics,
             logger=self.log,
@@ -177,21 +178,21 @@ class Sidecar:
         self.metrics.agent_cert_expiry.set_function(self._agent_expiry)
         self._observe_certificates(self.config)
         await self._start_admin()
-        self._listener = ListenerServer(
+        self._listener = Listener(
             self.handler,
+            tls=self.tls,
             limits=self.config.limits,
             peer_certs=self.peer_certs,
             metrics=self.metrics,
         )
         listen = self.config.listen
         kwargs: dict[str, Any] = {"reuse_port": True} if self.reuse_port else {}
+        # Plain TCP: the TLS layer is our own (tls_transport), one protocol per accepted socket.
         self._server = await loop.create_server(
             self._listener,
             host=listen.host,
             port=listen.port,
-            ssl=self.tls.listener,
             backlog=1024,
-            ssl_handshake_timeout=self.config.limits.handshake_timeout,
             family=socket.AF_UNSPEC,
             **kwargs,
         )
@@ -224,7 +225,7 @@ class Sidecar:
             if previous is not None and _same_upstream(config, previous[1]):
                 upstream = previous[0].upstream
             else:
-                upstream = UpstreamClient(
+                upstream = FallbackForwarder(
                     config.upstream,
                     limits=config.limits,
                     responses=ResponseRules(config.headers.reports.names()),
@@ -420,7 +421,7 @@ class Sidecar:
         previous = self.handler.plan
         try:
             new = await asyncio.to_thread(load, self.config_path)
-            context = await asyncio.to_thread(server_context, new.tls)
+            context, fingerprint = await asyncio.to_thread(server_context, new.tls)
             plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
             return self._reload_failed(cause, exc.problems)
@@ -437,7 +438,9 @@ class Sidecar:
             if get(new) != get(old):
                 self.log.warning("reload_needs_restart", key=key, reason="kept the running value")
         new = _as_running(new, old)
-        self.tls.swap(context)
+        trust_changed = self.tls.swap(context, fingerprint)
+        if trust_changed and self._listener is not None:
+            self._listener.retire()  # sessions from before the trust change serve no request
         self.handler.plan = plan
         if self._listener is not None:
             self._listener.apply_limits(new.limits)
@@ -449,7 +452,11 @@ class Sidecar:
         self.metrics.reloads.labels("success").inc()
         self.last_reload = {"time": time.time(), "cause": cause, "result": "success"}
         self.log.info(
-            "reloaded", cause=cause, users=len(new.identity.static.users), routes=len(new.routes)
+            "reloaded",
+            cause=cause,
+            users=len(new.identity.static.users),
+            routes=len(new.routes),
+            tls_trust_changed=trust_changed,
         )
         self._warn(new)
         return True
@@ -568,20 +575,20 @@ def _as_running(new: Config, old: Config) -> Config:
             "listen": old.listen.model_copy(update={"server_names": new.listen.server_names}),
             "admin": old.admin,
             "log": old.log,
-            "tls": new.tls.model_copy(update={"client_certificate": old.tls.client_certificate}),
-            "limits": new.limits.model_copy(
-                update={"handshake_timeout": old.limits.handshake_timeout}
-            ),
         }
     )
 
 
 def _same_upstream(a: Config, b: Config) -> bool:
-    # All of limits, not only the keys UpstreamClient takes today: a limit it is given later
-    # must not be kept silently by a reload (a new client costs a few new connections). The
-    # report header names are removed from its responses: a new name needs a new client.
+    # All of limits, not only the keys the forwarder takes today: a limit it is given later
+    # must not be kept silently by a reload (a new client costs a few new connections). Not
+    # handshake_timeout: the TLS layer's alone (a certificate renewal must not renew the pool).
+    # The report header names are removed from its responses: a new name needs a new one.
+    same_limits = a.limits.model_copy(update={"handshake_timeout": b.limits.handshake_timeout})
     return (
-        a.upstream == b.upstream and a.limits == b.limits and a.headers.reports == b.headers.reports
+        a.upstream == b.upstream
+        and same_limits == b.limits
+        and a.headers.reports == b.headers.reports
     )
 
 

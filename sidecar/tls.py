@@ -3,14 +3,17 @@
 Chain, validity and extended key usage of a client certificate are verified by OpenSSL during
 the handshake (a server verifies with the ``sslclient`` purpose, which refuses a leaf whose EKU
 lacks clientAuth); ``PeerCertificates`` then parses what passed, once per connection.
-``TLSState`` hands the listener one context for its lifetime and swaps the context that
-connections really use on reload, so removing a trust anchor takes effect on the next handshake;
-it also records the server name each connection asked for (``requested_server_name``).
+``TLSState`` holds the context new connections are accepted with (``tls_transport``: one context
+for a connection's whole life). A reload swaps in a new context only when what it is made of
+changed; a new context has its own session cache and ticket keys, so no session from before
+can be resumed on it, and ``swap`` says whether what decides trust changed. It also records
+the server name each connection asked for (``requested_server_name``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 import ssl
 import tempfile
@@ -19,6 +22,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,6 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from .certs import ClientCert, read_certificates, read_private_key, to_pem
 from .config import TLSConfig
 from .errors import CertificateError
+from .log import get_logger
+from .tls_groups import GROUPS, restrict_groups
+
+log = get_logger("sidecar.tls")
 
 # Mozilla "intermediate" TLS 1.2 suites without DHE: forward secret AEAD only. TLS 1.3 suites
 # are OpenSSL's defaults, which are all modern.
@@ -42,8 +50,19 @@ TLS12_CIPHERS = ":".join(
 )
 
 
-def server_context(config: TLSConfig) -> ssl.SSLContext:
-    """A new server context for ``config``; raises ``CertificateError`` naming the file at fault."""
+class Fingerprint(NamedTuple):
+    """What a server context is made of, as two digests."""
+
+    #: the certificate chain the listener presents (its key goes with it)
+    server: bytes
+    #: everything that decides which clients are let in: the trust anchors (with what they
+    #: are: client_ca or pinned), client_certificate and min_version
+    trust: bytes
+
+
+def server_context(config: TLSConfig) -> tuple[ssl.SSLContext, Fingerprint]:
+    """A new server context for ``config``, and what it is made of; raises ``CertificateError``
+    naming the file at fault."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if config.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
@@ -51,10 +70,15 @@ def server_context(config: TLSConfig) -> ssl.SSLContext:
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
-    _load_chain(ctx, config.certificate, config.key)
+    _restrict_groups(ctx)
+    chain = _load_chain(ctx, config.certificate, config.key)
+    trust = hashlib.sha256(f"{config.client_certificate} {config.min_version}".encode())
     anchors = []
-    for path in (*config.client_ca, *config.pinned_certificates):
-        anchors.extend(read_certificates(path))
+    for kind, paths in (("ca", config.client_ca), ("pinned", config.pinned_certificates)):
+        for path in paths:
+            for cert in read_certificates(path):
+                anchors.append(cert)
+                trust.update(kind.encode() + cert.public_bytes(serialization.Encoding.DER))
     if not anchors:
         raise CertificateError("no client trust anchors (tls.client_ca, tls.pinned_certificates)")
     try:
@@ -67,16 +91,30 @@ def server_context(config: TLSConfig) -> ssl.SSLContext:
     ctx.verify_mode = (
         ssl.CERT_REQUIRED if config.client_certificate == "required" else ssl.CERT_OPTIONAL
     )
-    return ctx
+    server = hashlib.sha256(b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain))
+    return ctx, Fingerprint(server.digest(), trust.digest())
 
 
-def _load_chain(ctx: ssl.SSLContext, certificate: Path, key: Path) -> None:
+_groups_reported = False
+
+
+def _restrict_groups(ctx: ssl.SSLContext) -> None:
+    global _groups_reported
+    problem = restrict_groups(ctx)
+    if problem is not None and not _groups_reported:
+        _groups_reported = True
+        log.warning("tls_groups_not_restricted", groups=GROUPS, reason=problem)
+
+
+def _load_chain(ctx: ssl.SSLContext, certificate: Path, key: Path) -> list[x509.Certificate]:
+    chain = read_certificates(certificate)
     try:
-        load_chain_files(ctx, certificate, key)
+        load_chain(ctx, chain, read_private_key(key))
     except ssl.SSLError as exc:
         raise CertificateError(
             f"{certificate}: certificate and key rejected: {exc.reason or exc}"
         ) from None
+    return chain
 
 
 def load_chain_files(ctx: ssl.SSLContext, certificate: Path, key: Path) -> x509.Certificate:
@@ -126,29 +164,34 @@ def requested_server_name(ssl_obj: object | None) -> str | None:
 
 
 class TLSState:
-    """The listener's context, with the live one swapped in per handshake.
+    """The context new connections are accepted with, and what it is made of.
 
-    OpenSSL calls the servername callback for every handshake (with or without SNI); it moves
-    the connection onto the current context, whose certificate and trust store then apply,
-    and records the name the client asked for (``requested_server_name``).
+    A connection keeps the context it was accepted with: its certificate, trust store,
+    verification mode, session cache and ticket keys. OpenSSL calls the servername callback,
+    ``_select``, for every handshake (with or without SNI) with the connection's ``SSLObject``;
+    it records the name the client asked for (``requested_server_name``).
     """
 
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.current = context
-        self.listener = context
+    def __init__(self, context: ssl.SSLContext, fingerprint: Fingerprint) -> None:
         context.sni_callback = self._select
+        self.current = context
+        self.fingerprint = fingerprint
 
     def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
         # Not weakly referenceable: not recorded, and the request is judged on its Host alone.
         with contextlib.suppress(TypeError):
             _SERVER_NAMES[ssl_obj] = server_name
-        current = self.current
-        if ssl_obj.context is not current:
-            ssl_obj.context = current
 
-    def swap(self, context: ssl.SSLContext) -> None:
+    def swap(self, context: ssl.SSLContext, fingerprint: Fingerprint) -> bool:
+        """New connections use ``context``, unless it is made of what the current one is made
+        of (then sessions keep being resumed). True when what decides trust changed: then
+        connections made before must not be trusted with another request."""
+        if fingerprint == self.fingerprint:
+            return False
         context.sni_callback = self._select
-        self.current = context
+        trust_changed = fingerprint.trust != self.fingerprint.trust
+        self.current, self.fingerprint = context, fingerprint
+        return trust_changed
 
 
 class PeerCertificates:

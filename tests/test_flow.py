@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sidecar.flow import PIPELINE, WRITING, FlowControl
-from sidecar.listener import ClientConnection
+from sidecar.http1.client import ClientConnection
 
 from .conftest import ConfigDir, Running, SidecarFactory, Upstream
 from .test_limits import request
@@ -295,7 +295,7 @@ async def running(
 def attach(running: Running, *, high: int, low: int) -> tuple[ClientConnection, FakeTransport]:
     listener = running.sidecar._listener
     assert listener is not None
-    conn = listener()
+    conn = listener.protocol()  # the HTTP protocol, as the TLS layer makes it after a handshake
     transport = FakeTransport(conn, high=high, low=low)
     conn.connection_made(transport)  # type: ignore[arg-type]
     return conn, transport

@@ -2,8 +2,8 @@
 
     .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile]
 
-Drives the real listener protocol (``ClientConnection``), handler, header rules, upstream
-client and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
+Drives the real listener protocol (``ClientConnection``), gateway, header rules, forwarder
+and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
 is cached, an upstream answer of 2 bytes with nginx's headers. What it reports is the CPU time
 the sidecar's own Python spends per request (microseconds, best of several rounds), the part a
 change to the request path can move; the full benchmark (``run.sh``) adds TLS, system calls and
@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import BUILD
-from sidecar.__main__ import _tune_gc
 from sidecar.app import Sidecar
 from sidecar.certs import ClientCert
 from sidecar.config import load
-from sidecar.handler import Handler
-from sidecar.listener import ClientConnection, ListenerServer
-from sidecar.upstream_http import Connection as UpstreamConnection
+from sidecar.gateway import Gateway
+from sidecar.http1.upstream import UpstreamConnection
+from sidecar.listener import Listener
+from sidecar.runtime import tune_gc
 from tests.pki import make_ca, make_leaf
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"
@@ -103,9 +103,13 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         config = load(path)
         sidecar = Sidecar(config, config_path=path)
         plan = await sidecar._build_plan(config)
-    handler = Handler(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
-    listener = ListenerServer(
-        handler, limits=config.limits, peer_certs=sidecar.peer_certs, metrics=sidecar.metrics
+    gateway = Gateway(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
+    listener = Listener(
+        gateway,
+        tls=sidecar.tls,
+        limits=config.limits,
+        peer_certs=sidecar.peer_certs,
+        metrics=sidecar.metrics,
     )
 
     # The upstream side: one pooled keep-alive connection that answers every request at once.
@@ -131,7 +135,7 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         if done is not None and not done.done():
             done.set_result(None)
 
-    client = ClientConnection(listener)
+    client = listener.protocol()
     client.connection_made(_Transport(on_answer, {"peername": ("127.0.0.1", 50000)}))  # type: ignore[arg-type]
     client._peer = cert
 
@@ -145,7 +149,7 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         return time.process_time() - started
 
     await run(1000)  # warm-up: caches, the route table, the pool
-    _tune_gc()  # as `sidecar run` does once started
+    tune_gc()  # as `sidecar run` does once started
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()

@@ -1,0 +1,503 @@
+"""Server-side TLS over an accepted TCP connection: the handshake, the records, the alerts, and
+the transport the HTTP protocol above reads and writes through.
+
+The listening socket is a plain TCP server; ``TLSProtocol`` is made for each accepted
+connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as asyncio's
+``sslproto`` does, but smaller: the server side only, and no buffer of its own.
+
+- **Accept.** The listener admits the connection or refuses it at once (``Listener.admit``:
+  ``limits.max_connections`` counts connections still in their handshake). The connection is
+  wrapped with the context current at accept (``TLSState.current``) and keeps it for its whole
+  life, session cache and ticket keys included: a session made under an older context cannot
+  be resumed on a newer one.
+- **Handshake**, within ``limits.handshake_timeout``. A handshake OpenSSL refuses is answered
+  with the alert OpenSSL chose (certificate_required, unknown_ca, certificate_expired, ...),
+  flushed before the connection is closed, so that browsers and scanners can say why. Each
+  handshake that fails, times out or is abandoned is counted once, when it ends.
+- **Open.** The listener's HTTP protocol (``Listener.protocol``) gets a ``TLSTransport``:
+  asyncio's transport interface over the TLS session. A write is encrypted and handed to the
+  TCP transport at once, one TCP write per application write; the TCP transport's flow control
+  is therefore the application's (``pause_writing`` above its high-water mark of encrypted bytes
+  the socket has not taken: 512 KiB, and ``resume_writing`` below 128 KiB, as with asyncio's
+  TLS transport). ``pause_reading`` stops reading from the socket. Everything one
+  read decrypts reaches the application in one ``data_received``. A close_notify from the peer
+  is an end of file; renegotiation is refused by the context (``OP_NO_RENEGOTIATION``).
+- **Close.** ``close`` sends close_notify, then a FIN once everything before it is sent, and
+  lingers: what the peer still sends is read and dropped until it closes too, for at most
+  ``_LINGER`` after our last byte left, so that a client we stopped reading gets our last
+  answer rather than a reset (nginx's lingering close). Whatever happens, the connection is
+  gone ``_SHUTDOWN_TIMEOUT`` after ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import Any, Protocol, cast
+
+from .config import LimitsConfig
+from .log import get_logger
+from .metrics import Metrics
+from .tls import TLSState
+
+log = get_logger("sidecar.tls")
+
+# what one SSL_read returns at most: one record's plaintext (RFC 8446 §5.1)
+_READ_SIZE = 16384
+#: how long a closing connection waits for the peer to close once our last byte is sent
+_LINGER = 5.0
+#: how long a closing connection may take in all (asyncio's ssl_shutdown_timeout)
+_SHUTDOWN_TIMEOUT = 30.0
+#: the TCP transport's write-buffer water marks once the connection is open: asyncio's and
+#: uvloop's for their TLS transports, so the application sees the flow control it had with them
+_HIGH_WATER = 512 * 1024
+_LOW_WATER = _HIGH_WATER // 4
+
+_HANDSHAKE = 0  # accepted; the handshake runs
+_OPEN = 1  # the handshake succeeded; the application reads and writes
+_CLOSING = 2  # our close_notify or alert is out (or the connection was aborted): lingering
+_CLOSED = 3  # the TCP connection is gone
+
+
+class Listener(Protocol):
+    """What the accepted connections share (``listener.Listener``)."""
+
+    tls: TLSState
+
+    @property
+    def limits(self) -> LimitsConfig: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def admit(self, connection: TLSProtocol) -> bool:
+        """Count a new connection in, or refuse it (False: it is closed at once)."""
+
+    def release(self, connection: TLSProtocol) -> None:
+        """Count a connection that ``admit`` took out, once it is closed."""
+
+    def protocol(self) -> asyncio.Protocol:
+        """The HTTP protocol for a connection whose handshake succeeded."""
+
+
+class TLSProtocol(asyncio.Protocol):
+    """TLS on one accepted TCP connection (see the module's docstring)."""
+
+    __slots__ = (
+        "_admitted",
+        "_app",
+        "_app_writing_paused",
+        "_close_by",
+        "_error",
+        "_incoming",
+        "_listener",
+        "_loop",
+        "_outgoing",
+        "_reading_paused",
+        "_sslobj",
+        "_state",
+        "_tcp",
+        "_timer",
+        "_writing_paused",
+    )
+
+    def __init__(self, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
+        self._listener = listener
+        self._loop = loop
+        self._state = _HANDSHAKE
+        self._tcp: asyncio.Transport | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._sslobj: ssl.SSLObject | None = None
+        self._app: asyncio.Protocol | None = None
+        # the handshake deadline, then the lingering close's
+        self._timer: asyncio.TimerHandle | None = None
+        self._close_by = 0.0
+        self._admitted = False
+        self._reading_paused = False  # the application asked
+        self._writing_paused = False  # the TCP transport said so
+        self._app_writing_paused = False  # the application was told so
+        self._error: Exception | None = None  # why the connection failed, for the application
+
+    @property
+    def handshaking(self) -> bool:
+        return self._state == _HANDSHAKE
+
+    # ---- the TCP side (asyncio.Protocol) --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not registered as asyncio.Transport, so no isinstance check.
+        tcp = cast(asyncio.Transport, transport)
+        self._tcp = tcp
+        listener = self._listener
+        if not listener.admit(self):
+            self._state = _CLOSED
+            tcp.abort()
+            return
+        self._admitted = True
+        self._sslobj = listener.tls.current.wrap_bio(
+            self._incoming, self._outgoing, server_side=True
+        )
+        self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state == _OPEN:
+            self._incoming.write(data)
+            if not self._reading_paused:
+                self._read()
+        elif state == _HANDSHAKE:
+            self._incoming.write(data)
+            self._handshake()
+        # closing: what the peer still sends is dropped (see the module's docstring)
+
+    def eof_received(self) -> bool:
+        state = self._state
+        if state == _HANDSHAKE:
+            self._end_handshake("the client closed the connection during the handshake")
+        elif state == _OPEN:
+            # Without a close_notify first: an end of file all the same. HTTP's own framing
+            # says where a request ends, so a truncation cannot make a shorter request.
+            self._end_of_input()
+        return False  # the TCP transport closes once what it holds is sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == _HANDSHAKE:
+            self._end_handshake("the connection was lost during the handshake")
+        self._state = _CLOSED
+        self._cancel_timer()
+        if self._admitted:
+            self._admitted = False
+            self._listener.release(self)
+        app, self._app = self._app, None
+        if app is not None:
+            app.connection_lost(exc if exc is not None else self._error)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self._state == _OPEN:
+            self._pause_app_writing()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._app_writing_paused:
+            self._app_writing_paused = False
+            app = self._app
+            if app is not None:
+                app.resume_writing()
+
+    # ---- the handshake ------------------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        sslobj = self._sslobj
+        assert sslobj is not None
+        try:
+            sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()  # our part of the handshake
+            return
+        except ssl.SSLError as exc:
+            # OpenSSL refused (no certificate, an untrusted one, no common version...): its
+            # alert is in the outgoing BIO.
+            self._end_handshake(_reason(exc))
+            self._flush()
+            self._linger()
+            return
+        self._established(sslobj)
+
+    def _established(self, sslobj: ssl.SSLObject) -> None:
+        self._cancel_timer()
+        self._flush()  # the last of the handshake and, in TLS 1.3, the session tickets
+        tcp = self._tcp
+        assert tcp is not None
+        tcp.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
+        self._state = _OPEN
+        app = self._listener.protocol()
+        self._app = app
+        app.connection_made(TLSTransport(self))
+        if self._state != _OPEN:
+            return  # closed at once
+        if self._writing_paused:
+            self._pause_app_writing()
+        if not self._reading_paused and (self._incoming.pending or sslobj.pending()):
+            self._read()  # the request that came with the client's last handshake message
+
+    def _end_handshake(self, reason: str) -> None:
+        """The handshake failed, timed out or was abandoned: counted here, once."""
+        if self._state != _HANDSHAKE:
+            return
+        self._state = _CLOSING
+        self._cancel_timer()
+        self._listener.metrics.tls_handshake_failures.inc()
+        log.debug("tls_handshake_failed", client=self._client(), reason=reason)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        tcp = self._tcp
+        assert tcp is not None
+        state = self._state
+        if state == _HANDSHAKE:
+            self._end_handshake("not done within limits.handshake_timeout")
+            tcp.abort()
+        elif state == _CLOSING:
+            if tcp.get_write_buffer_size() == 0:
+                tcp.close()  # our last byte left _LINGER ago: lingered enough
+            elif self._loop.time() >= self._close_by:
+                tcp.abort()
+            else:
+                self._timer = self._loop.call_later(_LINGER, self._on_timer)
+
+    # ---- records --------------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """Decrypt what the incoming BIO holds and give it to the application in one call."""
+        sslobj = self._sslobj
+        assert sslobj is not None
+        incoming = self._incoming
+        first = b""
+        more: list[bytes] | None = None
+        eof = False
+        try:
+            while True:
+                chunk = sslobj.read(_READ_SIZE)
+                if not chunk:
+                    eof = True  # close_notify
+                    break
+                if not first:
+                    first = chunk
+                elif more is None:
+                    more = [first, chunk]
+                else:
+                    more.append(chunk)
+                if not incoming.pending and not sslobj.pending():
+                    break
+        except ssl.SSLWantReadError:
+            pass  # the rest of a record is still to come
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
+        if self._outgoing.pending:
+            self._flush()  # what reading made OpenSSL send (a KeyUpdate's answer, an alert)
+        app = self._app
+        if first and app is not None:
+            app.data_received(first if more is None else b"".join(more))
+        if eof and self._state == _OPEN:
+            self._end_of_input()
+
+    def _read_if_open(self) -> None:
+        if self._state == _OPEN and not self._reading_paused:
+            self._read()
+
+    def _end_of_input(self) -> None:
+        """The peer sends no more: the application is told, and the connection closes (over
+        TLS a half-closed connection is not kept, as in asyncio)."""
+        app = self._app
+        if app is not None:
+            app.eof_received()
+        self._close()
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._state != _OPEN or not data:
+            return  # closing: dropped, as asyncio's transports drop writes after close
+        sslobj = self._sslobj
+        tcp = self._tcp
+        assert sslobj is not None and tcp is not None
+        try:
+            sslobj.write(data)  # a memory BIO takes all of it
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
+        tcp.write(self._outgoing.read())
+
+    def _flush(self) -> None:
+        outgoing = self._outgoing
+        tcp = self._tcp
+        if outgoing.pending and tcp is not None:
+            tcp.write(outgoing.read())
+
+    def _fail(self, exc: ssl.SSLError) -> None:
+        """A TLS error on an open connection (a record that fails to decrypt, ...)."""
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        self._error = exc
+        log.debug("tls_connection_failed", client=self._client(), reason=_reason(exc))
+        self._flush()  # OpenSSL's alert
+        self._linger()
+
+    # ---- closing --------------------------------------------------------------------------------
+
+    def _close(self) -> None:
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        sslobj = self._sslobj
+        assert sslobj is not None
+        # unwrap puts our close_notify in the outgoing BIO, then raises SSLWantReadError: the
+        # peer's close_notify is not waited for.
+        with contextlib.suppress(ssl.SSLError):
+            sslobj.unwrap()
+        self._flush()
+        self._linger()
+
+    def _linger(self) -> None:
+        """FIN after what is buffered; then wait for the peer to close (``_on_timer``)."""
+        tcp = self._tcp
+        assert tcp is not None
+        self._cancel_timer()
+        if tcp.is_closing():
+            return
+        if not tcp.can_write_eof():
+            tcp.close()
+            return
+        tcp.write_eof()
+        loop = self._loop
+        self._close_by = loop.time() + _SHUTDOWN_TIMEOUT
+        self._timer = loop.call_later(_LINGER, self._on_timer)
+
+    def abort(self) -> None:
+        """Close at once, without a word (shutdown, a reload that changed trust)."""
+        if self._state == _CLOSED:
+            return
+        self._state = _CLOSING  # not a failed handshake: aborted by us
+        self._cancel_timer()
+        tcp = self._tcp
+        if tcp is not None:
+            tcp.abort()
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    # ---- for the application's transport ------------------------------------------------------
+
+    def _pause_app_writing(self) -> None:
+        app = self._app
+        if app is not None and not self._app_writing_paused:
+            self._app_writing_paused = True
+            app.pause_writing()
+
+    def _repause(self) -> None:
+        if self._writing_paused and self._state == _OPEN:
+            self._pause_app_writing()
+
+    def _set_protocol(self, protocol: asyncio.Protocol) -> None:
+        self._app = protocol
+        if self._app_writing_paused:
+            # The new protocol was not told; it is told once it is connected (the caller
+            # connects it right after this), so that resume_writing never comes first.
+            self._app_writing_paused = False
+            self._loop.call_soon(self._repause)
+
+    def _pause_reading(self) -> None:
+        if self._reading_paused:
+            return
+        self._reading_paused = True
+        tcp = self._tcp
+        if self._state == _OPEN and tcp is not None:
+            tcp.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        tcp = self._tcp
+        sslobj = self._sslobj
+        if self._state != _OPEN or tcp is None or sslobj is None:
+            return
+        tcp.resume_reading()
+        if self._incoming.pending or sslobj.pending():
+            self._loop.call_soon(self._read_if_open)
+
+    def _extra(self, name: str, default: Any) -> Any:
+        sslobj = self._sslobj
+        if sslobj is not None:
+            if name == "ssl_object":
+                return sslobj
+            if name == "sslcontext":
+                return sslobj.context
+            if name == "peercert":
+                return sslobj.getpeercert()
+            if name == "cipher":
+                return sslobj.cipher()
+            if name == "compression":
+                return sslobj.compression()
+        tcp = self._tcp
+        return tcp.get_extra_info(name, default) if tcp is not None else default
+
+    def _client(self) -> str | None:
+        tcp = self._tcp
+        peer = tcp.get_extra_info("peername") if tcp is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    verify = getattr(exc, "verify_message", None)
+    return str(verify or exc.reason or exc)
+
+
+class TLSTransport(asyncio.Transport):
+    """asyncio's transport interface over one TLS connection, for the HTTP protocol."""
+
+    __slots__ = ("_tls",)
+
+    def __init__(self, tls: TLSProtocol) -> None:
+        self._tls = tls
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._tls._write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._tls._write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("a TLS connection is not half-closed")
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """close_notify, then close (see the module's docstring)."""
+        self._tls._close()
+
+    def abort(self) -> None:
+        self._tls.abort()
+
+    def is_closing(self) -> bool:
+        return self._tls._state != _OPEN
+
+    def pause_reading(self) -> None:
+        self._tls._pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tls._resume_reading()
+
+    def is_reading(self) -> bool:
+        tls = self._tls
+        return tls._state == _OPEN and not tls._reading_paused
+
+    def get_write_buffer_size(self) -> int:
+        tcp = self._tls._tcp
+        return tcp.get_write_buffer_size() if tcp is not None else 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        tcp = self._tls._tcp
+        return tcp.get_write_buffer_limits() if tcp is not None else (0, 0)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        tcp = self._tls._tcp
+        if tcp is not None:
+            tcp.set_write_buffer_limits(high, low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._tls._extra(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._tls._set_protocol(cast(asyncio.Protocol, protocol))
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        app = self._tls._app
+        assert app is not None
+        return app

@@ -1,0 +1,607 @@
+"""``TLSProtocol`` and ``TLSTransport`` without sockets: a real TLS client over memory BIOs on
+one side, a fake TCP transport and a fake clock on the other, timers fired by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import LimitsConfig, TLSConfig
+from sidecar.metrics import Metrics
+from sidecar.tls import TLSState, server_context
+from sidecar.tls_transport import _LINGER, _SHUTDOWN_TIMEOUT, TLSProtocol, TLSTransport
+
+from .conftest import Certs
+from .pki import Issued, make_ca, make_leaf
+
+# ---- fakes ----------------------------------------------------------------------------------
+
+
+class Timer:
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Clock:
+    """Just the loop methods the protocol uses; ``advance`` fires the timers that are due."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._timers: list[Timer] = []
+        self._soon: list[Callable[[], object]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
+        timer = Timer(self.now + delay, callback)
+        self._timers.append(timer)
+        return timer
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        self._soon.append(callback)
+
+    def run_soon(self) -> None:
+        soon, self._soon = self._soon, []
+        for callback in soon:
+            callback()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        while due := sorted(
+            (t for t in self._timers if not t.cancelled and t.when <= self.now),
+            key=lambda t: t.when,
+        ):
+            timer = due[0]
+            self._timers.remove(timer)
+            timer.callback()
+
+    @property
+    def pending_timers(self) -> int:
+        return sum(1 for timer in self._timers if not timer.cancelled)
+
+
+@dataclass
+class TCP:
+    """The accepted TCP connection, as the protocol sees it."""
+
+    written: bytearray = field(default_factory=bytearray)
+    buffered: int = 0  # what the "socket" has not taken yet
+    reading: bool = True
+    eof_written: bool = False
+    closed: bool = False
+    aborted: bool = False
+    limits: tuple[int | None, int | None] = (None, None)
+
+    def write(self, data: bytes) -> None:
+        assert not self.eof_written, "write after write_eof"
+        self.written += data
+
+    def take(self) -> bytes:
+        data, self.written = bytes(self.written), bytearray()
+        return data
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = (high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (16384, 65536)
+
+    def end(self) -> str:
+        """How the protocol ended the connection so far ("" while open)."""
+        if self.aborted:
+            return "aborted"
+        if self.closed:
+            return "closed"
+        return "eof" if self.eof_written else ""
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("192.0.2.7", 50000), "socket": "the socket"}.get(name, default)
+
+
+@dataclass
+class App(asyncio.Protocol):
+    """The HTTP protocol above, recording what it is told."""
+
+    events: list[str] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
+    transport: TLSTransport | None = None
+    lost: list[BaseException | None] = field(default_factory=list)
+    on_made: Callable[[TLSTransport], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, TLSTransport)
+        self.transport = transport
+        self.events.append("made")
+        if self.on_made is not None:
+            self.on_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append(f"data {len(data)}")
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.events.append("eof")
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.events.append("lost")
+        self.lost.append(exc)
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+
+@dataclass
+class Listener:
+    """``tls_transport.Listener``: the shared state the protocol reports to."""
+
+    tls: TLSState
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: Metrics = field(default_factory=Metrics)
+    capacity: int = 10
+    admitted: int = 0
+    released: int = 0
+    apps: list[App] = field(default_factory=list)
+
+    def admit(self, connection: TLSProtocol) -> bool:
+        if self.admitted - self.released >= self.capacity:
+            return False
+        self.admitted += 1
+        return True
+
+    def release(self, connection: TLSProtocol) -> None:
+        self.released += 1
+
+    def protocol(self) -> App:
+        app = App()
+        self.apps.append(app)
+        return app
+
+    @property
+    def failures(self) -> float:
+        return float(self.metrics.tls_handshake_failures._value.get())
+
+
+# ---- a connection: the protocol, its TCP side, and a TLS client -------------------------------
+
+
+class Conn:
+    def __init__(self, listener: Listener, client_ctx: ssl.SSLContext) -> None:
+        self.clock = Clock()
+        self.tcp = TCP()
+        self.listener = listener
+        self.tls = TLSProtocol(listener, self.clock)  # type: ignore[arg-type]
+        self.tls.connection_made(self.tcp)  # type: ignore[arg-type]
+        self.c_in, self.c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = client_ctx.wrap_bio(self.c_in, self.c_out, server_hostname="localhost")
+
+    @property
+    def app(self) -> App:
+        return self.listener.apps[-1]
+
+    def to_server(self) -> None:
+        data = self.c_out.read()
+        if data:
+            self.tls.data_received(data)
+
+    def to_client(self) -> None:
+        self.c_in.write(self.tcp.take())
+
+    def handshake(self) -> None:
+        """Drive the handshake both ways until the client is done (or refused)."""
+        for _ in range(10):
+            try:
+                self.client.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            else:
+                self.to_server()
+                return
+            self.to_server()
+            self.to_client()
+        raise AssertionError("the handshake did not end")
+
+    def send(self, data: bytes) -> None:
+        self.client.write(data)
+        self.to_server()
+
+    def receive(self) -> bytes:
+        """Everything the server sent that decrypts now (the client's view)."""
+        self.to_client()
+        data = b""
+        while True:
+            try:
+                chunk = self.client.read(65536)
+            except ssl.SSLWantReadError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path, certs: Certs) -> TLSConfig:
+    certs.pki.server.write(tmp_path, "server")
+    pki = certs.pki
+    (tmp_path / "client-ca.pem").write_bytes(pki.client_root.pem + pki.client_intermediate.pem)
+    return TLSConfig(
+        certificate=tmp_path / "server.pem",
+        key=tmp_path / "server.key",
+        client_ca=(tmp_path / "client-ca.pem",),
+    )
+
+
+def state(config: TLSConfig, **changes: Any) -> TLSState:
+    return TLSState(*server_context(config.model_copy(update=changes)))
+
+
+def client_ctx(
+    certs: Certs, who: Issued | None = None, *, tmp: Path | None = None
+) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=certs.pki.server_ca.pem.decode())
+    if who is not None:
+        assert tmp is not None
+        cert, key = who.write(tmp, "client")
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+@pytest.fixture
+def listener(tls_files: TLSConfig) -> Listener:
+    return Listener(state(tls_files))
+
+
+@pytest.fixture
+def conn(listener: Listener, certs: Certs, tmp_path: Path) -> Conn:
+    return Conn(listener, client_ctx(certs, certs.alice, tmp=tmp_path))
+
+
+@pytest.fixture
+def opened(conn: Conn) -> Conn:
+    conn.handshake()
+    assert conn.app.events == ["made"]
+    return conn
+
+
+# ---- the handshake -------------------------------------------------------------------------
+
+
+def test_handshake_hands_the_connection_to_the_http_protocol(opened: Conn, certs: Certs) -> None:
+    transport = opened.app.transport
+    assert transport is not None
+    ssl_obj = transport.get_extra_info("ssl_object")
+    assert isinstance(ssl_obj, ssl.SSLObject)
+    assert ssl_obj.getpeercert(binary_form=True) == certs.alice.der
+    assert transport.get_extra_info("sslcontext") is opened.listener.tls.current
+    assert transport.get_extra_info("peercert")["subject"]
+    assert transport.get_extra_info("cipher")[1] == "TLSv1.3"
+    assert transport.get_extra_info("compression") is None
+    assert transport.get_extra_info("peername") == ("192.0.2.7", 50000)
+    assert transport.get_extra_info("socket") == "the socket"
+    assert transport.get_extra_info("nothing", 7) == 7
+    assert not transport.is_closing() and transport.is_reading()
+    assert transport.get_protocol() is opened.app
+    assert opened.clock.pending_timers == 0, "the handshake deadline is cancelled"
+    assert opened.tcp.limits == (512 * 1024, 128 * 1024), "asyncio's TLS water marks"
+    assert opened.listener.failures == 0
+
+
+def test_the_servername_callback_sees_the_connection_s_ssl_object(
+    tls_files: TLSConfig, certs: Certs, tmp_path: Path
+) -> None:
+    seen: list[tuple[ssl.SSLObject, str | None]] = []
+
+    class Recording(TLSState):
+        def _select(self, ssl_obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+            seen.append((ssl_obj, name))
+
+    listener = Listener(Recording(*server_context(tls_files)))
+    conn = Conn(listener, client_ctx(certs, certs.alice, tmp=tmp_path))
+    conn.handshake()
+    assert conn.app.transport is not None
+    assert seen == [(conn.app.transport.get_extra_info("ssl_object"), "localhost")]
+
+
+def test_session_tickets_are_sent_with_the_end_of_the_handshake(opened: Conn) -> None:
+    opened.receive()  # TLS 1.3: the tickets come after the handshake, with nothing asked
+    assert opened.client.session is not None and opened.client.session.has_ticket
+
+
+def test_request_sent_with_the_client_finished_reaches_the_application(conn: Conn) -> None:
+    for _ in range(10):
+        try:
+            conn.client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            conn.to_server()
+            conn.to_client()
+    conn.client.write(b"GET / HTTP/1.1\r\n\r\n")
+    conn.to_server()  # Finished and the request in one read
+    assert conn.app.events == ["made", "data 18"]
+    assert conn.app.data == b"GET / HTTP/1.1\r\n\r\n"
+
+
+def test_refused_handshake_ends_with_openssl_s_alert(tls_files: TLSConfig, certs: Certs) -> None:
+    listener = Listener(state(tls_files, client_certificate="required"))
+    conn = Conn(listener, client_ctx(certs))  # no certificate
+    conn.handshake()  # TLS 1.3: the client is done before the server judges it
+    with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+        conn.receive()
+    assert conn.tcp.eof_written and not conn.tcp.aborted
+    assert listener.apps == []
+    assert listener.failures == 1
+    conn.tls.connection_lost(None)
+    assert listener.failures == 1, "counted once"
+    assert listener.admitted == listener.released == 1
+
+
+def test_untrusted_certificate_gets_unknown_ca(
+    listener: Listener, certs: Certs, tmp_path: Path
+) -> None:
+    stranger = make_leaf(make_ca("Stranger CA"), "stranger")
+    conn = Conn(listener, client_ctx(certs, stranger, tmp=tmp_path))
+    conn.handshake()
+    with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):
+        conn.receive()
+    assert listener.failures == 1 and listener.apps == []
+
+
+def test_not_tls_at_all_is_refused_and_counted(listener: Listener, conn: Conn) -> None:
+    conn.tls.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert conn.tcp.eof_written
+    assert listener.failures == 1 and listener.apps == []
+
+
+def test_handshake_deadline(listener: Listener, conn: Conn) -> None:
+    conn.clock.advance(listener.limits.handshake_timeout - 1)
+    assert conn.tcp.end() == ""
+    conn.clock.advance(1)
+    assert conn.tcp.end() == "aborted"
+    assert listener.failures == 1
+    conn.tls.connection_lost(None)
+    assert listener.failures == 1
+    assert listener.released == 1
+
+
+@pytest.mark.parametrize("how", ["eof", "lost"])
+def test_abandoned_handshake_is_counted_once(listener: Listener, conn: Conn, how: str) -> None:
+    conn.tls.data_received(conn.c_out.read() or b"")  # nothing yet: the client has not started
+    if how == "eof":
+        assert conn.tls.eof_received() is False
+    conn.tls.connection_lost(None)
+    assert listener.failures == 1
+    assert conn.clock.pending_timers == 0
+
+
+def test_connection_refused_at_accept(listener: Listener) -> None:
+    listener.capacity = 0
+    tcp = TCP()
+    tls = TLSProtocol(listener, Clock())  # type: ignore[arg-type]
+    tls.connection_made(tcp)  # type: ignore[arg-type]
+    assert tcp.aborted
+    tls.data_received(b"\x16\x03\x01")
+    tls.connection_lost(None)
+    assert (listener.admitted, listener.released, listener.failures) == (0, 0, 0)
+
+
+def test_aborted_during_the_handshake_by_us_is_not_a_failure(
+    listener: Listener, conn: Conn
+) -> None:
+    assert conn.tls.handshaking
+    conn.tls.abort()
+    assert conn.tcp.aborted
+    conn.tls.connection_lost(None)
+    assert listener.failures == 0 and listener.released == 1
+
+
+# ---- reading and writing ----------------------------------------------------------------------
+
+
+def test_records_both_ways(opened: Conn) -> None:
+    opened.send(b"one")
+    opened.send(b"two")
+    assert opened.app.data == b"onetwo"
+    transport = opened.app.transport
+    assert transport is not None
+    transport.write(b"answer ")
+    transport.writelines([b"in ", b"parts"])
+    transport.write(b"")
+    assert opened.receive() == b"answer in parts"
+
+
+def test_all_that_one_read_decrypts_is_one_data_received(opened: Conn) -> None:
+    for piece in (b"a" * 20000, b"b" * 20000, b"c"):  # more than one record each
+        opened.client.write(piece)
+    opened.to_server()
+    assert opened.app.events[1:] == ["data 40001"]
+
+
+def test_record_split_across_reads(opened: Conn) -> None:
+    opened.client.write(b"split record")
+    data = opened.c_out.read()
+    opened.tls.data_received(data[:7])
+    assert opened.app.data == b""
+    opened.tls.data_received(data[7:])
+    assert opened.app.data == b"split record"
+
+
+def test_pause_reading_stops_the_socket_and_the_deliveries(opened: Conn) -> None:
+    transport = opened.app.transport
+    assert transport is not None
+    transport.pause_reading()
+    assert not opened.tcp.is_reading() and not transport.is_reading()
+    opened.send(b"arrived while paused")  # already on its way when reading stopped
+    assert opened.app.data == b""
+    transport.resume_reading()
+    assert opened.tcp.is_reading()
+    assert opened.app.data == b""  # not from inside resume_reading
+    opened.clock.run_soon()
+    assert opened.app.data == b"arrived while paused"
+
+
+def test_flow_control_follows_the_tcp_transport(opened: Conn) -> None:
+    transport = opened.app.transport
+    assert transport is not None
+    opened.tcp.buffered = 70000
+    assert transport.get_write_buffer_size() == 70000
+    opened.tls.pause_writing()
+    opened.tls.resume_writing()
+    assert opened.app.events == ["made", "pause", "resume"]
+    transport.set_write_buffer_limits(high=1000)
+    assert opened.tcp.limits == (1000, None)
+    assert transport.get_write_buffer_limits() == (16384, 65536)
+
+
+def test_paused_while_the_handshake_ran_is_told_once_connected(conn: Conn) -> None:
+    conn.tls.pause_writing()  # the client takes nothing of the server's flight
+    conn.handshake()
+    assert conn.app.events == ["made", "pause"]
+    conn.tls.resume_writing()
+    assert conn.app.events == ["made", "pause", "resume"]
+
+
+def test_hand_over_while_writing_is_paused(opened: Conn) -> None:
+    first = opened.app
+    transport = first.transport
+    assert transport is not None
+    opened.tls.pause_writing()
+    second = App()
+    transport.set_protocol(second)
+    second.connection_made(transport)  # as listener._hand_off does
+    assert transport.get_protocol() is second
+    opened.clock.run_soon()
+    assert second.events == ["made", "pause"], "told once connected, never resumed first"
+    opened.tls.resume_writing()
+    assert second.events == ["made", "pause", "resume"]
+    assert first.events == ["made", "pause"]
+    opened.send(b"to the new one")
+    assert second.data == b"to the new one"
+
+
+# ---- closing ------------------------------------------------------------------------------------
+
+
+def test_close_sends_close_notify_then_lingers(opened: Conn) -> None:
+    transport = opened.app.transport
+    assert transport is not None
+    transport.write(b"last answer")
+    transport.close()
+    assert transport.is_closing()
+    transport.write(b"dropped")
+    assert opened.receive() == b"last answer"  # then the close_notify: end of data
+    assert opened.tcp.end() == "eof"
+    opened.send(b"the client was still sending")
+    assert opened.app.data == b"", "dropped while closing"
+    opened.clock.advance(_LINGER)
+    assert opened.tcp.end() == "closed"
+    opened.tls.connection_lost(None)
+    assert opened.app.events == ["made", "lost"]
+    assert opened.app.lost == [None]
+    assert opened.listener.released == 1
+
+
+def test_a_client_that_takes_nothing_is_cut_off_after_the_shutdown_timeout(opened: Conn) -> None:
+    transport = opened.app.transport
+    assert transport is not None
+    opened.tcp.buffered = 1 << 20
+    transport.close()
+    opened.clock.advance(_SHUTDOWN_TIMEOUT - _LINGER)
+    assert opened.tcp.end() == "eof"
+    opened.clock.advance(_LINGER)
+    assert opened.tcp.end() == "aborted"
+
+
+def test_close_notify_from_the_client_is_an_end_of_file(opened: Conn) -> None:
+    opened.send(b"last request")
+    with pytest.raises(ssl.SSLWantReadError):
+        opened.client.unwrap()
+    opened.to_server()
+    assert opened.app.events == ["made", "data 12", "eof"]
+    opened.to_client()
+    opened.client.unwrap()  # completes: our close_notify came back
+    assert opened.tcp.eof_written
+
+
+def test_tcp_eof_without_close_notify_is_an_end_of_file(opened: Conn) -> None:
+    assert opened.tls.eof_received() is False
+    assert opened.app.events == ["made", "eof"]
+    assert opened.app.transport is not None and opened.app.transport.is_closing()
+
+
+def test_abort(opened: Conn) -> None:
+    transport = opened.app.transport
+    assert transport is not None
+    transport.abort()
+    assert opened.tcp.aborted and transport.is_closing()
+    opened.tls.connection_lost(None)
+    assert opened.app.lost == [None]
+
+
+def test_a_record_that_fails_to_decrypt_ends_the_connection(opened: Conn) -> None:
+    opened.client.write(b"tampered")
+    record = bytearray(opened.c_out.read())
+    record[-1] ^= 1
+    opened.tls.data_received(bytes(record))
+    assert opened.app.data == b""
+    assert opened.tcp.eof_written
+    with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
+        opened.receive()
+    opened.tls.connection_lost(None)
+    assert isinstance(opened.app.lost[0], ssl.SSLError)
+
+
+def test_closing_inside_connection_made(tls_files: TLSConfig, certs: Certs, tmp_path: Path) -> None:
+    listener = Listener(state(tls_files))
+
+    def protocol() -> App:
+        app = App(on_made=lambda transport: transport.close())
+        listener.apps.append(app)
+        return app
+
+    listener.protocol = protocol  # type: ignore[method-assign]
+    conn = Conn(listener, client_ctx(certs, certs.alice, tmp=tmp_path))
+    conn.handshake()
+    assert conn.tcp.eof_written
+    assert conn.app.events == ["made"]
