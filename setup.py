@@ -48,6 +48,8 @@ COMPILED = [
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
     "sidecar/identity/intents.py",
+    "sidecar/identity/shared/record.py",
+    "sidecar/identity/shared/store.py",
 ]
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)
