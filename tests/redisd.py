@@ -130,6 +130,9 @@ def running_cluster(folder: Path, nodes: int = 3) -> Iterator[list[RedisServer]]
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
+                # the bus port, by default the port + 10000: chosen here, free and in range
+                "--cluster-port",
+                str(free_port()),
             ),
         )
         for i in range(nodes)

@@ -90,10 +90,12 @@ def build_client(config: SharedCacheConfig, *, io_timeout: float) -> Redis | Red
     target = config.target()
     options = connection_options(config, io_timeout=io_timeout)
     if target.mode == "cluster":
+        # One retry: a MOVED after a resharding is followed (the call stays bounded by the
+        # cache's own timeout).
+        options["retry"] = Retry(NoBackoff(), 1)
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             max_connections=_POOL,
-            cluster_error_retry_attempts=1,
             **options,
         )
     if target.mode == "sentinel":
@@ -112,3 +114,15 @@ def build_client(config: SharedCacheConfig, *, io_timeout: float) -> Redis | Red
         return client
     host, port = target.nodes[0]
     return Redis(host=host, port=port, db=target.db, max_connections=_POOL, **options)
+
+
+async def close_client(client: Any) -> None:
+    """Close a client of ``build_client`` and every connection it opened: a Sentinel
+    master's client does not own its pool, and the sentinels have clients of their own."""
+    await client.aclose()
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        await pool.disconnect()
+        manager = getattr(pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()

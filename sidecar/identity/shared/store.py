@@ -39,7 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 from ...config import SharedCacheConfig
 from ...log import get_logger
 from .. import Verdict
-from .client import MAX_CONNECTIONS, build_client
+from .client import MAX_CONNECTIONS, build_client, close_client
 from .record import (
     Message,
     decode_message,
@@ -353,7 +353,7 @@ class SharedCache:
         client, self._client = self._client, None
         self._scripts = None
         if client is not None:
-            await _quietly(client.aclose(), self._connect_timeout)
+            await _quietly(close_client(client), self._connect_timeout)
 
     def _resync(self) -> None:
         """Purges may have been sent while this process was not listening: start over."""
