@@ -273,19 +273,26 @@ class SharedCache:
     async def _maintain(self) -> None:
         delay = _BACKOFF_START
         while not self.closing():
-            pubsub: Any = None
+            # No await inside except or finally blocks here: mypyc's compiled form of that
+            # (awaiting, then re-raising) corrupted memory (a segfault, seen while building
+            # this). Cleanup happens after the try, on every path but cancellation, where
+            # close() drops the client and with it the subscriber's connection.
+            client = build_client(self.config, io_timeout=self._connect_timeout)
+            self._client = client
+            pubsub = client.pubsub()
+            problem: str | None = None
             try:
-                pubsub = await self._connect()
+                await self._connect(client, pubsub)
                 delay = _BACKOFF_START
                 self._started()
                 await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # whatever the client raised: try again later
-                self._went_down(_describe(exc))
-            finally:
-                if pubsub is not None:
-                    await _quietly(pubsub.aclose(), self._connect_timeout)
+                problem = _describe(exc)
+            if problem is not None:
+                self._went_down(problem)
+            await _quietly(pubsub.aclose(), self._connect_timeout)
             self._started()
             await self._drop_client()
             if self.closing():
@@ -298,35 +305,27 @@ class SharedCache:
         if first is not None and not first.done():
             first.set_result(None)
 
-    async def _connect(self) -> Any:
-        """A client, its subscription and the epoch; then the local cache is emptied and
-        lookups use Redis."""
-        client = build_client(self.config, io_timeout=self._connect_timeout)
-        self._client = client
+    async def _connect(self, client: Any, pubsub: Any) -> None:
+        """Subscribe, read the epoch, open the connections; then the local cache is emptied
+        and lookups use Redis."""
         scripts = _Scripts(client)
-        pubsub = client.pubsub()
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await pubsub.subscribe(self.channel)
-                while True:
-                    message = await pubsub.get_message(timeout=self._connect_timeout)
-                    if isinstance(message, dict) and message.get("type") == "subscribe":
-                        break
-                epoch = await scripts.epoch(keys=[self._epoch_key], args=[self._epoch, 0])
-                # Open the connections now, not in the middle of the next burst of misses.
-                if self.target.mode != "cluster":
-                    await asyncio.gather(*(client.ping() for _ in range(MAX_CONNECTIONS)))
-            if not isinstance(epoch, int) or epoch < 0:
-                raise _Unavailable(f"the epoch script answered {epoch!r}")
-        except BaseException:
-            await _quietly(pubsub.aclose(), self._connect_timeout)
-            raise
+        async with asyncio.timeout(self._connect_timeout):
+            await pubsub.subscribe(self.channel)
+            while True:
+                message = await pubsub.get_message(timeout=self._connect_timeout)
+                if isinstance(message, dict) and message.get("type") == "subscribe":
+                    break
+            epoch = await scripts.epoch(keys=[self._epoch_key], args=[self._epoch, 0])
+            # Open the connections now, not in the middle of the next burst of misses.
+            if self.target.mode != "cluster":
+                await asyncio.gather(*(client.ping() for _ in range(MAX_CONNECTIONS)))
+        if not isinstance(epoch, int) or epoch < 0:
+            raise _Unavailable(f"the epoch script answered {epoch!r}")
         self._epoch = epoch
         self._scripts = scripts
         self.heard_from_redis()
         self._resync()
         self._went_up()
-        return pubsub
 
     async def _listen(self, pubsub: Any) -> None:
         """Handle the channel's messages until the connection is judged broken: an error, no
@@ -489,13 +488,20 @@ class SharedCache:
         loop = asyncio.get_running_loop()
         asked_at = loop.time()
         lock_ms = self._lock_ms
+        reply: object = None
+        unreadable = unavailable = False
         try:
             reply = await self._call(lambda s: s.lookup(keys=list(keys), args=[token, lock_ms]))
         except _Invalid as exc:
-            self._forget_waiter(sha256, waiter)
             self._invalid("the stored verdict", exc)
-            return await self._heal(keys, ask, ttl_for, still_wanted)
+            unreadable = True
         except _Unavailable:
+            unavailable = True
+        # (Awaited outside the except blocks: see _maintain.)
+        if unreadable:
+            self._forget_waiter(sha256, waiter)
+            return await self._heal(keys, ask, ttl_for, still_wanted)
+        if unavailable:
             self._forget_waiter(sha256, waiter)
             self.stats.skipped += 1
             return await ask(), None
@@ -554,15 +560,19 @@ class SharedCache:
         ready = encode_message(
             Message("ready", self.instance, sha256=sha256, namespace=self.namespace)
         )
+        failure: Exception | None = None
         try:
             verdict = await ask()
-        except Exception:
-            # Release, so that those waiting ask for themselves at once.
-            await self._settle(keys, token, b"", 0, ready)
-            raise
-        except BaseException:  # cancelled: release without waiting for it
+        except asyncio.CancelledError:  # release without waiting for it
             self._spawn(self._settle(keys, token, b"", 0, ready))
             raise
+        except Exception as exc:
+            failure = exc
+        if failure is not None:
+            # Release, so that those waiting ask for themselves at once. (Awaited outside
+            # the except block: see _maintain.)
+            await self._settle(keys, token, b"", 0, ready)
+            raise failure
         ttl = ttl_for(verdict)
         payload = b""
         if storable(verdict) and ttl > 0 and still_wanted():
