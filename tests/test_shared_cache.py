@@ -9,6 +9,7 @@ The backend is a fake of our own protocol that counts calls per certificate.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -267,6 +268,41 @@ async def test_many_caches_and_many_certificates_make_one_backend_call_each(
     hits = sum(shared_of(k).stats.hits for k in caches)
     assert waits + hits == 5 * len(certs)
     assert sum(shared_of(k).stats.lock_waits["value"] for k in caches) == waits
+
+
+async def test_a_waiting_replica_gets_the_verdict_in_the_holders_message(
+    redis_server: RedisServer, make_cache: Factory
+) -> None:
+    backend = FakeBackend()
+    c = cert(35)
+    gate = backend.gate(c)
+    backend.answers[c.sha256] = Verdict.allow(ALICE, ttl=60)
+    holder = await make_cache(redis_server.url, backend)
+    waiting = await make_cache(redis_server.url, backend)
+    r = redis_server.client()
+
+    def scripts_run() -> int:
+        stats = r.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    await holder.lookup(cert(36), CTX)  # loads the scripts (a first EVALSHA is NOSCRIPT)
+    before = scripts_run()
+    first = asyncio.ensure_future(holder.lookup(c, CTX))
+    await backend.started[c.sha256].wait()
+    second = asyncio.ensure_future(waiting.lookup(c, CTX))
+    await eventually(lambda: shared_of(waiting).stats.misses == 1)
+    gate.set()
+    got, told = await first, await second
+    assert told == dataclasses.replace(got, ttl=None)  # the ttl is Redis' own, on the key
+    assert backend.calls[c.sha256] == 1
+    assert shared_of(waiting).stats.lock_waits["value"] == 1
+    # two lookups and one settle: the waiting replica did not ask Redis again
+    assert scripts_run() - before == 3
+    # and it keeps the verdict no longer than the holder's ttl
+    await asyncio.sleep(0)
+    assert waiting.peek(c) is not None
+    entry = waiting._entries[c.sha256]
+    assert entry.expires - time.monotonic() <= 60
 
 
 async def test_waiting_replicas_ask_themselves_when_the_holder_fails(

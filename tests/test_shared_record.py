@@ -208,11 +208,48 @@ SHA = "ab" * 32
         Message("purge", "0123456789abcdef", epoch=7),
         Message("purge", "0123456789abcdef", serial=77, epoch=8),
         Message("purge", "0123456789abcdef", sha256=SHA, namespace="http.0011223344556677"),
-        Message("ready", "0123456789abcdef", sha256=SHA, namespace="http.0011223344556677"),
+        Message(
+            "ready", "0123456789abcdef", sha256=SHA, namespace="http.0011223344556677", epoch=3
+        ),
+        Message(
+            "ready",
+            "0123456789abcdef",
+            sha256=SHA,
+            namespace="http.0011223344556677",
+            epoch=0,
+            verdict=encode_verdict(Verdict.allow(ALICE)).decode(),
+            ttl_ms=300_000,
+        ),
     ],
 )
 def test_messages_round_trip(message: Message) -> None:
     assert decode_message(encode_message(message)) == message
+
+
+def _ready(**fields: object) -> bytes:
+    doc = {"v": 1, "op": "ready", "from": "0123456789abcdef", "ns": "a.b", "sha256": SHA}
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+DENY = encode_verdict(Verdict.deny("no", code="deny")).decode()
+VALIDATE = json.dumps({"v": 1, "kind": "validate", "code": "x", "reason": ""})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _ready(),  # no epoch
+        _ready(epoch=0, verdict=VALIDATE, ttl_ms=5),  # not a stored verdict
+        _ready(epoch=0, verdict=DENY),  # a verdict without its ttl
+        _ready(epoch=0, ttl_ms=5),  # a ttl without a verdict
+        _ready(epoch=0, verdict=DENY, ttl_ms=0),
+        _ready(epoch=0, verdict=DENY, ttl_ms=True),
+        _ready(epoch=0, verdict=json.loads(DENY), ttl_ms=5),  # an object, not the stored text
+    ],
+)
+def test_a_ready_message_carries_a_stored_verdict_or_none(raw: bytes) -> None:
+    assert decode_message(raw) is None
 
 
 @pytest.mark.parametrize(

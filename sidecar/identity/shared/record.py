@@ -127,8 +127,10 @@ class Message:
     ``purge``: drop every entry (neither ``sha256`` nor ``serial``), one certificate, or
     every certificate with a serial; ``epoch`` is the shared level's new epoch when the purge
     emptied it; ``namespace`` the sender's, when it deleted one certificate's keys there.
-    ``ready``: the verdict for ``sha256`` in ``namespace`` was written (or the
-    replica that asked gave up): those waiting for it can look.
+    ``ready``: the replica that held the lock for ``sha256`` in ``namespace`` and ``epoch``
+    is done. With ``verdict`` (what ``encode_verdict`` wrote, as text) and ``ttl_ms``, it
+    stored that, so those waiting need not ask Redis; without, it gave up (a failure, a
+    verdict that is not shared) and they ask the backend themselves.
     """
 
     op: Op
@@ -137,6 +139,8 @@ class Message:
     serial: int | None = None
     epoch: int | None = None
     namespace: str | None = None
+    verdict: str | None = None
+    ttl_ms: int | None = None
 
 
 def encode_message(message: Message) -> bytes:
@@ -149,12 +153,16 @@ def encode_message(message: Message) -> bytes:
         doc["epoch"] = message.epoch
     if message.namespace is not None:
         doc["ns"] = message.namespace
+    if message.verdict is not None:
+        doc["verdict"] = message.verdict
+    if message.ttl_ms is not None:
+        doc["ttl_ms"] = message.ttl_ms
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
 _MESSAGE_KEYS = {
     "purge": frozenset({"v", "op", "from", "sha256", "serial", "epoch", "ns"}),
-    "ready": frozenset({"v", "op", "from", "sha256", "ns"}),
+    "ready": frozenset({"v", "op", "from", "sha256", "ns", "epoch", "verdict", "ttl_ms"}),
 }
 
 
@@ -189,9 +197,27 @@ def decode_message(raw: object) -> Message | None:
         ):
             return None
         if op == "ready":
-            if sha256 is None or namespace is None:
+            verdict = doc.get("verdict")
+            ttl_ms = doc.get("ttl_ms")
+            if sha256 is None or namespace is None or epoch is None:
                 return None
-            return Message("ready", sender, sha256=sha256, namespace=namespace)
+            if (verdict is None) != (ttl_ms is None):
+                return None
+            if verdict is not None and (
+                not isinstance(verdict, str) or decode_verdict(verdict) is None
+            ):
+                return None
+            if ttl_ms is not None and (type(ttl_ms) is not int or not 0 < ttl_ms < 1 << 53):
+                return None
+            return Message(
+                "ready",
+                sender,
+                sha256=sha256,
+                namespace=namespace,
+                epoch=epoch,
+                verdict=verdict,
+                ttl_ms=ttl_ms,
+            )
         return Message(
             "purge",
             sender,

@@ -5,8 +5,10 @@ For a certificate the local cache does not hold, ``SharedCache.fetch`` makes one
 (a Lua script): the stored verdict with its remaining TTL, or the certificate's lock (``SET NX
 PX`` with a random token), or "another replica is asking". The holder of the lock asks the
 backend and settles (a second script: the value is written only while the lock is still its
-own, the lock is deleted, and those waiting are told on the fleet's channel). The others wait
-for that, at most the backend's own timeout, then ask the backend themselves rather than fail.
+own, the lock is deleted, and those waiting are told on the fleet's channel, with the
+verdict). The others wait for that, at most the backend's own timeout, then ask the backend
+themselves rather than fail. Calls that others wait for (a settle, a waiter's look) have
+connection slots of their own: a burst of first lookups cannot queue them.
 
 Keys, all under ``key_prefix`` (``P``), each certificate's in one Redis Cluster slot::
 
@@ -65,15 +67,26 @@ if v then return {1, v, redis.call('PTTL', KEYS[1])} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {3} end
 return {0}
 """
-# KEYS: value, lock, waiting; ARGV: token, value ('' for none), ttl ms, channel, message.
-# The value is written only while the lock is still ours (not expired, not purged).
+# KEYS: value, lock, waiting; ARGV: token, value ('' for none), ttl ms, channel, the "ready"
+# message carrying the value, the one without. The value is written only while the lock is
+# still ours (not expired, not purged); those waiting get it in the message.
 _SETTLE = """
 local mine = redis.call('GET', KEYS[2]) == ARGV[1]
+local stored = false
 if mine then
-  if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+  if ARGV[2] ~= '' then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    stored = true
+  end
   redis.call('DEL', KEYS[2])
 end
-if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if redis.call('DEL', KEYS[3]) == 1 then
+  if stored then
+    redis.call('PUBLISH', ARGV[4], ARGV[5])
+  else
+    redis.call('PUBLISH', ARGV[4], ARGV[6])
+  end
+end
 if mine then return 1 end
 return 0
 """
@@ -104,6 +117,8 @@ _TIMEOUTS_DOWN = 3
 _BACKOFF_START, _BACKOFF_MAX = 0.2, 5.0
 #: the subscriber pings this often, and gives the connection up after this long unheard
 _PING_EVERY, _SILENCE = 1.0, 3.5
+#: of the MAX_CONNECTIONS calls in flight, those kept for calls that others wait for
+_URGENT_SLOTS = 4
 #: a waiter looks again this often even without being told
 _RECHECK = 0.25
 #: warnings about invalid entries or messages at most this often
@@ -123,6 +138,21 @@ class _Unavailable(Exception):
 
 class _Invalid(Exception):
     """What Redis holds for this certificate is not ours to read (a wrong type, garbage)."""
+
+
+#: what a waiting lookup is told: the holder's verdict and its ttl (ms), or None (it gave up,
+#: or Redis went away)
+Told = tuple[Verdict, int] | None
+
+
+class _Waiter:
+    """A lookup waiting for another replica's verdict, in the epoch its keys are in."""
+
+    __slots__ = ("epoch", "future")
+
+    def __init__(self, future: asyncio.Future[Told], epoch: int) -> None:
+        self.future = future
+        self.epoch = epoch
 
 
 class SharedStats:
@@ -207,8 +237,12 @@ class SharedCache:
         self._up = False
         self._logged_down = False
         self._timeouts_in_a_row = 0
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
-        self._waiters: dict[str, asyncio.Future[None]] = {}
+        # First lookups (a burst of them) take at most these; a holder's settle, a waiter's
+        # look and purges have slots of their own, so that a verdict many replicas wait for
+        # is not queued behind a burst of new certificates.
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS - _URGENT_SLOTS)
+        self._urgent = asyncio.Semaphore(_URGENT_SLOTS)
+        self._waiters: dict[str, _Waiter] = {}
         self._local: LocalCache | None = None
         self._task: asyncio.Task[None] | None = None
         self._first: asyncio.Future[None] | None = None
@@ -392,7 +426,7 @@ class SharedCache:
 
     # ---- one bounded call -----------------------------------------------------------------
 
-    async def _call(self, op: Callable[[_Scripts], Awaitable[Any]]) -> Any:
+    async def _call(self, op: Callable[[_Scripts], Awaitable[Any]], *, urgent: bool = True) -> Any:
         """``op``'s answer within ``timeout``, or ``_Unavailable`` (``_Invalid`` for a key
         holding what we cannot read).
 
@@ -408,7 +442,7 @@ class SharedCache:
             raise _Unavailable("not connected")
         loop = asyncio.get_running_loop()
         queued = loop.time()
-        async with self._slots:
+        async with self._urgent if urgent else self._slots:
             if not self.up() or self.current_scripts() is not scripts:
                 raise _Unavailable("not connected")  # went down while this call queued
             task = asyncio.current_task()
@@ -481,17 +515,20 @@ class SharedCache:
         if not self.up():
             self.stats.skipped += 1
             return await ask(), None
+        epoch = self._epoch
         keys = self.keys(sha256)
         token = secrets.token_hex(16)
         # Expect the "ready" message before asking: it may be read before the answer is.
-        waiter = self._expect(sha256)
+        waiter = self._expect(sha256, epoch)
         loop = asyncio.get_running_loop()
         asked_at = loop.time()
         lock_ms = self._lock_ms
         reply: object = None
         unreadable = unavailable = False
         try:
-            reply = await self._call(lambda s: s.lookup(keys=list(keys), args=[token, lock_ms]))
+            reply = await self._call(
+                lambda s: s.lookup(keys=list(keys), args=[token, lock_ms]), urgent=False
+            )
         except _Invalid as exc:
             self._invalid("the stored verdict", exc)
             unreadable = True
@@ -513,10 +550,10 @@ class SharedCache:
         if state == _OWNER:
             self._forget_waiter(sha256, waiter)
             self.stats.misses += 1
-            return await self._own(sha256, keys, token, ask, ttl_for, still_wanted)
+            return await self._own(sha256, epoch, keys, token, ask, ttl_for, still_wanted)
         if state == _LOCKED:
             self.stats.misses += 1
-            return await self._wait(sha256, keys, waiter, ask, ttl_for, still_wanted)
+            return await self._wait(sha256, keys, waiter, asked_at, ask, ttl_for, still_wanted)
         self._forget_waiter(sha256, waiter)
         return await self._heal(keys, ask, ttl_for, still_wanted)
 
@@ -550,74 +587,105 @@ class SharedCache:
     async def _own(
         self,
         sha256: str,
+        epoch: int,
         keys: tuple[str, str, str],
         token: str,
         ask: Callable[[], Awaitable[Verdict]],
         ttl_for: Callable[[Verdict], float],
         still_wanted: Callable[[], bool],
     ) -> tuple[Verdict, float | None]:
-        """This replica holds the lock: ask the backend, store what may be shared, release."""
-        ready = encode_message(
-            Message("ready", self.instance, sha256=sha256, namespace=self.namespace)
+        """This replica holds the lock: ask the backend, store what may be shared, release,
+        and tell those waiting (with the verdict, when it was stored)."""
+        gave_up = encode_message(
+            Message("ready", self.instance, sha256=sha256, namespace=self.namespace, epoch=epoch)
         )
         failure: Exception | None = None
         try:
             verdict = await ask()
         except asyncio.CancelledError:  # release without waiting for it
-            self._spawn(self._settle(keys, token, b"", 0, ready))
+            self._spawn(self._settle(keys, token, b"", 0, gave_up, gave_up))
             raise
         except Exception as exc:
             failure = exc
         if failure is not None:
             # Release, so that those waiting ask for themselves at once. (Awaited outside
             # the except block: see _maintain.)
-            await self._settle(keys, token, b"", 0, ready)
+            await self._settle(keys, token, b"", 0, gave_up, gave_up)
             raise failure
         ttl = ttl_for(verdict)
+        ttl_ms = max(1, int(ttl * 1000))
         payload = b""
+        told = gave_up
         if storable(verdict) and ttl > 0 and still_wanted():
             payload = encode_verdict(verdict)
-        await self._settle(keys, token, payload, max(1, int(ttl * 1000)), ready)
+            told = encode_message(
+                Message(
+                    "ready",
+                    self.instance,
+                    sha256=sha256,
+                    namespace=self.namespace,
+                    epoch=epoch,
+                    verdict=payload.decode("utf-8"),
+                    ttl_ms=ttl_ms,
+                )
+            )
+        await self._settle(keys, token, payload, ttl_ms, told, gave_up)
         return verdict, None
 
     async def _settle(
-        self, keys: tuple[str, str, str], token: str, payload: bytes, ttl_ms: int, ready: bytes
+        self,
+        keys: tuple[str, str, str],
+        token: str,
+        payload: bytes,
+        ttl_ms: int,
+        told: bytes,
+        gave_up: bytes,
     ) -> None:
         channel = self.channel
+        args = [token, payload, ttl_ms, channel, told, gave_up]
         with contextlib.suppress(_Unavailable, _Invalid):
-            await self._call(
-                lambda s: s.settle(keys=list(keys), args=[token, payload, ttl_ms, channel, ready])
-            )
+            await self._call(lambda s: s.settle(keys=list(keys), args=args))
 
     async def _wait(
         self,
         sha256: str,
         keys: tuple[str, str, str],
-        waiter: asyncio.Future[None],
+        waiter: _Waiter,
+        asked_at: float,
         ask: Callable[[], Awaitable[Verdict]],
         ttl_for: Callable[[Verdict], float],
         still_wanted: Callable[[], bool],
     ) -> tuple[Verdict, float | None]:
-        """Another replica asks the backend: wait for its verdict, at most ``owner_wait``;
-        then (or when it gave up without one) ask the backend here."""
+        """Another replica asks the backend: wait for its verdict (it comes in the "ready"
+        message), at most ``owner_wait``; then, or when it gave up without one, ask the
+        backend here. Without a message, Redis is asked again every ``_RECHECK``."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.owner_wait
         outcome = "timeout"
         try:
             while (left := deadline - loop.time()) > 0:
-                await asyncio.wait({waiter}, timeout=min(left, _RECHECK))
+                await asyncio.wait({waiter.future}, timeout=min(left, _RECHECK))
                 if not self.up():
                     outcome = "unavailable"
                     break
-                waiter = self._expect(sha256)
-                asked_at = loop.time()
+                if waiter.future.done():
+                    told = waiter.future.result()
+                    if told is None:
+                        outcome = "released"
+                        break
+                    verdict, ttl_ms = told
+                    self._waited("value", started)
+                    # Counted from when this replica asked: never longer than Redis keeps it.
+                    return verdict, ttl_ms / 1000.0 - (loop.time() - asked_at)
+                waiter = self._expect(sha256, waiter.epoch)
+                peeked_at = loop.time()
                 try:
                     reply = await self._call(lambda s: s.peek(keys=list(keys[:2])))
                 except (_Unavailable, _Invalid):
                     outcome = "unavailable"
                     break
-                state, found = self._read(reply, asked_at)
+                state, found = self._read(reply, peeked_at)
                 if state == _FOUND and found is not None:
                     self._waited("value", started)
                     return found
@@ -671,20 +739,21 @@ class SharedCache:
                 await self._call(lambda s: s.client.set(value_key, payload, px=ttl_ms))
         return verdict, None
 
-    def _expect(self, sha256: str) -> asyncio.Future[None]:
+    def _expect(self, sha256: str, epoch: int) -> _Waiter:
         waiter = self._waiters.get(sha256)
-        if waiter is None or waiter.done():
-            waiter = self._waiters[sha256] = asyncio.get_running_loop().create_future()
+        if waiter is None or waiter.future.done() or waiter.epoch != epoch:
+            future: asyncio.Future[Told] = asyncio.get_running_loop().create_future()
+            waiter = self._waiters[sha256] = _Waiter(future, epoch)
         return waiter
 
-    def _forget_waiter(self, sha256: str, waiter: asyncio.Future[None]) -> None:
+    def _forget_waiter(self, sha256: str, waiter: _Waiter) -> None:
         if self._waiters.get(sha256) is waiter:
             del self._waiters[sha256]
 
     def _wake_all(self) -> None:
         for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_result(None)
+            if not waiter.future.done():
+                waiter.future.set_result(None)
 
     # ---- purges ---------------------------------------------------------------------------
 
@@ -729,10 +798,7 @@ class SharedCache:
         if message.sender == self.instance:
             return
         if message.op == "ready":
-            if message.namespace == self.namespace and message.sha256 is not None:
-                waiter = self._waiters.get(message.sha256)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+            self._told(message)
             return
         self.stats.purges["received"] += 1
         if message.epoch is not None:
@@ -744,6 +810,21 @@ class SharedCache:
             # Replicas of another configuration (a rollout) keep their own keys: drop ours.
             keys = self.keys(message.sha256)
             self._spawn(self._quiet_call(lambda s: s.client.delete(*keys)))
+
+    def _told(self, message: Message) -> None:
+        """A holder is done: wake the lookup waiting for it here, with its verdict if it sent
+        one (parsed as strictly as one read from a key)."""
+        if message.namespace != self.namespace or message.sha256 is None:
+            return
+        waiter = self._waiters.get(message.sha256)
+        if waiter is None or waiter.future.done() or waiter.epoch != message.epoch:
+            return
+        told: Told = None
+        if message.verdict is not None and message.ttl_ms is not None:
+            verdict = decode_verdict(message.verdict)
+            if verdict is not None:
+                told = (verdict, message.ttl_ms)
+        waiter.future.set_result(told)
 
     async def _quiet_call(self, op: Callable[[_Scripts], Awaitable[Any]]) -> None:
         with contextlib.suppress(_Unavailable, _Invalid):
