@@ -105,6 +105,32 @@ async def test_a_verdict_in_redis_is_used_without_asking_the_backend(
     assert (shared_of(a).stats.misses, shared_of(b).stats.hits) == (1, 1)
 
 
+def commands_run(server: RedisServer) -> int:
+    """Commands Redis ran for the caches, but the subscribers' pings and the test's own."""
+    stats = server.client().info("commandstats")
+    ignored = {
+        "cmdstat_ping",
+        "cmdstat_info",
+        "cmdstat_hello",
+        "cmdstat_client|setinfo",
+        "cmdstat_client|setname",
+    }
+    return sum(int(v["calls"]) for k, v in stats.items() if k not in ignored)
+
+
+async def test_a_local_hit_never_touches_redis(
+    redis_server: RedisServer, make_cache: Factory
+) -> None:
+    cache = await make_cache(redis_server.url)
+    c = cert(5)
+    await cache.lookup(c, CTX)
+    before = commands_run(redis_server)
+    for _ in range(500):
+        assert cache.peek(c) is not None
+        await cache.lookup(c, CTX)
+    assert commands_run(redis_server) == before
+
+
 async def test_keys_values_and_ttls_in_redis(
     redis_server: RedisServer, make_cache: Factory, tmp_path: Path
 ) -> None:

@@ -28,6 +28,7 @@ from .fleet import (
     verdicts,
 )
 from .redisd import RedisServer, redis_server
+from .test_shared_cache import commands_run
 
 __all__ = ["fleet", "redis_server", "verdicts"]  # fixtures
 
@@ -66,6 +67,12 @@ async def test_a_verdict_one_replica_got_is_a_hit_for_the_others(
     assert await get(b.port, client) == 200
     assert verdicts.calls == {client.sha256: 1}
     assert await b.metric("sidecar_cache_shared_hits_total") == 1
+    # from now on both answer from their own cache: Redis is not asked again
+    before = commands_run(redis_server)
+    for replica in (a, b):
+        for _ in range(10):
+            assert await get(replica.port, client) == 200
+    assert commands_run(redis_server) == before
     # both forwarded the same identity
     infos = [decode_userinfo(s.header("X-USERINFO")[0]) for s in upstream.seen]
     assert (
