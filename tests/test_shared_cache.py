@@ -658,3 +658,44 @@ async def test_metrics(redis_server: RedisServer, make_cache: Factory) -> None:
     # without a shared cache, none of these
     plain = Metrics()
     assert "sidecar_cache_shared" not in generate_latest(plain.registry).decode()
+
+
+async def test_a_process_that_never_closes_the_cache_still_exits(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """asyncio.run cancels what is left at its end: the cache's reconnecting task must end
+    even when the client takes that cancellation for its own read timeout (seen: a process
+    whose lookups failed hung at exit in asyncio.run's _cancel_all_tasks)."""
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from sidecar.config import SharedCacheConfig\n"
+        "from sidecar.identity.shared.store import SharedCache\n"
+        "async def main():\n"
+        f"    cache = SharedCache(SharedCacheConfig(url={redis_server.url!r}), namespace='a.b', owner_wait=1)\n"
+        "    await cache.start()\n"
+        "    assert cache.up()\n"
+        "    await asyncio.sleep(float(sys.argv[1]))\n"
+        "asyncio.run(main())\n"
+    )
+    waits = ["0", "0.3", "0.999", "1.0", "1.5"]  # around the subscriber's 1 s reads
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(script),
+            wait,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for wait in waits
+    ]
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 60)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+    for proc, (_, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err.decode()[-1000:]

@@ -260,7 +260,10 @@ class SharedCache:
         return self._up
 
     def closing(self) -> bool:
-        return self._closing
+        """Closing, or this task was asked to stop: some client calls take a cancellation
+        for their own timeout and return, and the loops must end all the same."""
+        task = asyncio.current_task()
+        return self._closing or (task is not None and task.cancelling() > 0)
 
     def current_scripts(self) -> _Scripts | None:
         return self._scripts
