@@ -338,7 +338,8 @@ _SHARED_COUNTERS: tuple[tuple[str, str, str, str | None], ...] = (
 
 class _SharedCacheCollector(Collector):
     """Exports the shared cache's counters (nothing while there is no shared cache); like
-    ``_CacheCollector``, totals carry over when a reload brings a new one."""
+    ``_CacheCollector``, totals carry over when a reload brings a new one (as of the last
+    scrape before it)."""
 
     def __init__(self) -> None:
         self.stats: Callable[[], Any] = lambda: None

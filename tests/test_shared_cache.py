@@ -699,3 +699,40 @@ async def test_a_process_that_never_closes_the_cache_still_exits(
                 proc.kill()
     for proc, (_, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err.decode()[-1000:]
+
+
+# ---- inside the sidecar -------------------------------------------------------------------
+
+
+async def test_a_reload_keeps_or_replaces_the_shared_cache_and_its_counters(
+    redis_server: RedisServer, start_sidecar: Any, config_dir: Any, upstream: Any
+) -> None:
+    """A reload that leaves identity.cache.shared alone keeps the running cache (and its
+    connections); one that changes it brings a new one, and the old one is closed after
+    the grace period; the metrics' counters carry over."""
+    from .test_operations import admin, metric, request
+
+    data = config_dir.base(upstream.port)
+    data["identity"]["cache"] = {"shared": {"url": redis_server.url}}
+    running = await start_sidecar(data)
+    sidecar = running.sidecar
+    first = sidecar.handler.plan.identity
+    assert isinstance(first, VerdictCache) and shared_of(first).up()
+    assert await request(running, "/app/", running.certs.bob) == 200
+    data["routes"].append({"path": "/more/"})
+    config_dir.write(data)
+    assert await sidecar.reload("test")
+    assert sidecar.handler.plan.identity is first  # kept: identity did not change
+    await admin(running, "GET", "/metrics")  # a scrape (Prometheus' every 30 s) before it
+    data["identity"]["cache"]["shared"]["key_prefix"] = "other:"
+    config_dir.write(data)
+    assert await sidecar.reload("test")
+    second = sidecar.handler.plan.identity
+    assert second is not first and shared_of(second).up()
+    assert await request(running, "/app/", running.certs.bob) == 200  # a miss: new prefix
+    _, text = await admin(running, "GET", "/metrics")
+    assert metric(text, "sidecar_cache_shared_misses_total") == 2  # one per cache, carried
+    assert metric(text, "sidecar_cache_shared_up") == 1
+    assert any(k.startswith("other:") for k in redis_server.key_names())
+    # the old one closes once the grace period (2 s here) is over
+    await eventually(lambda: not shared_of(first).up(), within=10)
