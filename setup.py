@@ -63,6 +63,8 @@ COMPILED = [
     "sidecar/xfcc.py",
     "sidecar/proxyproto.py",
     "sidecar/sessions.py",
+    "sidecar/identity/shared/record.py",
+    "sidecar/identity/shared/store.py",
 ]
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)

@@ -139,6 +139,13 @@ def summary(config: Config) -> str:
         f"{len(config.tls.pinned_certificates)} pinned certificate(s)",
         f"  identity    backend={config.identity.backend}, cache ttl {config.identity.cache.ttl:g}s",
     ]
+    shared = config.identity.cache.shared
+    if shared is not None:
+        lines.append(
+            f"  shared      {shared.target().describe()}  prefix {shared.key_prefix!r}, "
+            f"timeout {shared.timeout * 1000:g} ms"
+            + (", password from a file" if shared.password_file else "")
+        )
     identityplus = config.identity.identityplus
     if config.identity.backend == "identityplus" and identityplus and identityplus.issuers:
         names = ", ".join(c.subject.rfc4514_string() for c in identityplus.issuer_certificates())

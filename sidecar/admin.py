@@ -4,7 +4,8 @@
 starting, draining, or while the identity backend reports its own credentials broken);
 ``/metrics`` is the Prometheus text format; ``POST /cache/purge`` empties the verdict cache,
 or drops one certificate given by ``?serial=`` (decimal, ``0x`` hex or colon hex) or
-``?sha256=``. Keep this listener private: it has no authentication.
+``?sha256=``, here and, with a shared cache, on every replica (207 when they could not be
+told). Keep this listener private: it has no authentication.
 
 Browsers are kept out by one rule, ``refusal``, applied to every request by ``guard`` (the
 supervisor's listener uses it too): the ``Host`` must be a name this listener is known by
@@ -40,8 +41,9 @@ _OWN = frozenset({"same-origin", "none"})
 
 log = get_logger("sidecar.admin")
 
-#: purge(sha256=..., serial=...) -> entries removed; both None empties the cache
-Purge = Callable[..., int]
+#: purge(sha256=..., serial=...) -> entries removed here, and whether the other replicas were
+#: told through the shared cache (None without one); both None empties the cache
+Purge = Callable[..., Awaitable[tuple[int, bool | None]]]
 
 
 @dataclass
@@ -220,13 +222,20 @@ def admin_app(
         fn = purge()
         if fn is None:
             return _json(503, {"error": "no verdict cache is running"})
-        removed = fn(sha256=sha256, serial=serial)
+        removed, fleet = await fn(sha256=sha256, serial=serial)
         scope = (
             "all"
             if serial is None and sha256 is None
             else ("serial" if serial is not None else "sha256")
         )
-        return _json(200, {"purged": removed, "scope": scope})
+        doc: dict[str, object] = {"purged": removed, "scope": scope}
+        if fleet is None:
+            return _json(200, doc)
+        doc["fleet"] = fleet
+        if not fleet:
+            # Done here, not everywhere: say so (207, as the supervisor does for workers).
+            doc["error"] = "the shared cache is unavailable: the other replicas were not told"
+        return _json(200 if fleet else 207, doc)
 
     app = web.Application(middlewares=[guard(config)])
     app.router.add_get("/healthz", healthz)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import ssl
@@ -63,6 +64,44 @@ def build_backend(config: IdentityConfig) -> Backend:
         assert config.http is not None
         return HttpBackend(config.http)
     return StaticBackend(config.static)
+
+
+def build_cache(config: IdentityConfig) -> VerdictCache:
+    """The verdict cache in front of the configured backend, with its shared level in Redis
+    when ``identity.cache.shared`` is set (not yet started)."""
+    backend = build_backend(config)
+    shared = None
+    if config.cache.shared is not None:
+        from .identity.shared.store import SharedCache
+
+        shared = SharedCache(
+            config.cache.shared,
+            namespace=shared_namespace(config),
+            owner_wait=backend_timeout(config),
+        )
+    return VerdictCache(backend, config.cache, shared=shared)
+
+
+def shared_namespace(config: IdentityConfig) -> str:
+    """Where this configuration's verdicts live in the shared cache: the backend's name and a
+    digest of its section, so that replicas that would not give the same verdicts (another
+    backend, other static users, a rollout in progress) never read each other's."""
+    section = {
+        "static": config.static,
+        "identityplus": config.identityplus,
+        "http": config.http,
+    }[config.backend]
+    text = section.model_dump_json() if section is not None else ""
+    return f"{config.backend}.{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def backend_timeout(config: IdentityConfig) -> float:
+    """How long one backend call may take: what a replica waits for another's."""
+    if config.backend == "http" and config.http is not None:
+        return config.http.timeout
+    if config.backend == "identityplus" and config.identityplus is not None:
+        return config.identityplus.timeout
+    return 1.0  # static: no I/O
 
 
 def build_rules(config: Config) -> HeaderRules:
@@ -148,6 +187,7 @@ class Sidecar:
             access_log=self.config.log.level in ("debug", "info"),
         )
         self.metrics.bind_cache(self._cache_stats)
+        self.metrics.bind_shared_cache(self._shared_stats)
         self.metrics.client_certs_expiring.set_function(
             lambda: self.peer_certs.expiring_within(7 * 86400)
         )
@@ -207,8 +247,9 @@ class Sidecar:
             if previous is not None and config.identity == previous[1].identity:
                 identity: Identity = previous[0].identity
             else:
-                cache = VerdictCache(build_backend(config.identity), config.identity.cache)
+                cache = build_cache(config.identity)
                 built.append(cache.close)
+                await cache.start()
                 identity = cache
             return Plan(
                 routes=build_routes(config),
@@ -253,7 +294,12 @@ class Sidecar:
 
     def _purge_fn(self) -> Purge | None:
         cache = self._cache()
-        return cache.purge if cache is not None else None
+        return cache.purge_everywhere if cache is not None else None
+
+    def _shared_stats(self) -> object | None:
+        cache = self._cache()
+        shared = cache.shared if cache is not None else None
+        return getattr(shared, "stats", None)
 
     def _agent_expiry(self) -> float:
         cache = self._cache()
@@ -483,4 +529,4 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
     return files
 
 
-__all__ = ["Sidecar", "build_backend", "build_routes", "watched_files"]
+__all__ = ["Sidecar", "build_backend", "build_cache", "build_routes", "watched_files"]

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,6 +44,7 @@ from .certs import (
 )
 from .errors import CertificateError, ConfigError
 from .header_names import FRAMING, SIDECAR_HEADERS
+from .identity.shared.url import RedisTarget, parse_redis_url
 
 __all__ = ["Config", "ConfigError", "load", "parse", "parse_duration"]
 
@@ -318,11 +320,87 @@ class HeadersConfig(Section):
         return v
 
 
+#: key_prefix: no hash-tag braces (the cache puts each certificate's keys in one cluster slot
+#: with its own), no spaces or controls
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+
+
+class SharedCacheConfig(Section):
+    """``identity.cache.shared``: a second cache level in Redis or Valkey, shared by every
+    replica and worker (``identity.shared``). The password is read from a file; TLS
+    (``rediss``) always verifies the server."""
+
+    url: str
+    #: an ACL user (Redis 6+); the password is never in the YAML
+    username: str | None = None
+    password_file: FilePath | None = None
+    #: rediss: CA bundle for the server's certificate (the system store when null), and a
+    #: client certificate + key for mutual TLS
+    ca: CertFile | None = None
+    certificate: CertFile | None = None
+    key: KeyFile | None = None
+    #: every key and the channel start with this
+    key_prefix: str = "sidecar:"
+    #: a Redis call that takes longer is given up, and the lookup goes on without Redis
+    timeout: Duration = Field(0.05, gt=0, le=5)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parse_redis_url(v)
+        return v
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not _KEY_PREFIX.match(v):
+            raise ValueError(
+                f"not a key prefix: {v!r} (1 to 64 of A-Z a-z 0-9 _ . : / -; no braces: "
+                "Redis Cluster reads them as hash tags)"
+            )
+        return v
+
+    @field_validator("password_file")
+    @classmethod
+    def _password(cls, v: Path | None) -> Path | None:
+        if v is not None and not read_password(v):
+            raise ValueError(f"{v} is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> SharedCacheConfig:
+        if not parse_redis_url(self.url).tls:
+            for name in ("ca", "certificate", "key"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"@{name}: only with TLS: use a rediss:// URL")
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("@certificate: certificate and key go together (mTLS to Redis)")
+        if self.certificate is not None and self.key is not None:
+            try:  # the Redis client loads them itself, from the files: PEM only
+                ssl.create_default_context().load_cert_chain(self.certificate, self.key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"@certificate: {self.certificate} and {self.key} must be a PEM certificate "
+                    f"(chain) and its unencrypted PEM key: {exc}"
+                ) from None
+        return self
+
+    def target(self) -> RedisTarget:
+        return parse_redis_url(self.url)
+
+
+def read_password(path: Path) -> str:
+    """The password in ``path`` (one line; a trailing newline is ignored)."""
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
 class CacheConfig(Section):
     ttl: Duration = 300.0
     negative_ttl: Duration = 30.0
     max_entries: int = Field(default=100_000, ge=1)
     stale_if_error: Duration = 0.0
+    #: null: every worker caches alone
+    shared: SharedCacheConfig | None = None
 
 
 class CertificateBinding(Section):

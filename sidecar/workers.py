@@ -295,19 +295,24 @@ class Supervisor:
             path = "/cache/purge" + (f"?{request.query_string}" if request.query_string else "")
             answers = await asyncio.gather(*(self._ask(w, "POST", path) for w in self.workers))
             purged = 0
+            told: list[bool] = []  # with a shared cache: did each worker tell the fleet?
             for answer in answers:
                 if answer is None:
                     continue
-                if answer[0] != 200:
+                if answer[0] not in (200, 207):
                     return web.Response(
                         status=answer[0], text=answer[1], content_type="application/json"
                     )
-                purged += int(json.loads(answer[1]).get("purged", 0))
+                doc = json.loads(answer[1])
+                purged += int(doc.get("purged", 0))
+                if "fleet" in doc:
+                    told.append(bool(doc["fleet"]))
             reached = sum(1 for a in answers if a is not None)
-            return web.json_response(
-                {"purged": purged, "workers": reached},
-                status=200 if reached == len(self.workers) else 207,
-            )
+            body: dict[str, object] = {"purged": purged, "workers": reached}
+            if told:
+                body["fleet"] = any(told)  # one worker's message reaches every replica
+            complete = reached == len(self.workers) and (not told or any(told))
+            return web.json_response(body, status=200 if complete else 207)
 
         app = web.Application(middlewares=[guard(self.config.admin)])
         app.router.add_get("/healthz", healthz)

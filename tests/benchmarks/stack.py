@@ -324,8 +324,10 @@ def sidecar_conf(
     workers: int,
     log_level: str = "warning",
     http_backend: str | None = None,
+    shared_url: str | None = None,
 ) -> Path:
-    """The sidecar's configuration: defaults everywhere except ports, files and the backend."""
+    """The sidecar's configuration: defaults everywhere except ports, files and the backend
+    (and, with ``shared_url``, the verdict cache shared through that Redis)."""
     identity: dict[str, Any]
     if http_backend is None:
         identity = {
@@ -349,6 +351,11 @@ def sidecar_conf(
             "backend": "http",
             "cache": {"ttl": "5m", "max_entries": 100000},
             "http": {"url": http_backend, "timeout": "5s"},
+        }
+    if shared_url is not None:
+        identity.setdefault("cache", {})["shared"] = {
+            "url": shared_url,
+            "key_prefix": "bench:",
         }
     data = {
         "listen": {"host": "127.0.0.1", "port": port, "workers": workers},
@@ -433,6 +440,35 @@ def start(
     )
     out.close()
     return Proc(name, popen, log)
+
+
+def redis_binary() -> str:
+    found = shutil.which("valkey-server") or shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError(
+            "neither valkey-server nor redis-server is installed (run.sh installs it)"
+        )
+    return found
+
+
+def start_redis(folder: Path, port: int, cpus: Sequence[int] | None) -> Proc:
+    """A Redis (Valkey when installed) for the shared verdict cache: no persistence."""
+    data = folder / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data),
+    ]
+    return start("redis", argv, folder, cpus)
 
 
 def nginx_binary() -> str:
