@@ -44,7 +44,7 @@ from .certs import (
 )
 from .errors import CertificateError, ConfigError
 from .header_names import FRAMING, SIDECAR_HEADERS
-from .identity.shared.url import RedisTarget, parse_redis_url
+from .redis_url import RedisTarget, parse_redis_url
 
 __all__ = ["Config", "ConfigError", "load", "parse", "parse_duration"]
 

@@ -62,6 +62,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "xfcc",
         "proxyproto",
         "sessions",
+        # where the shared verdict cache lives (config reads it)
+        "redis_url",
     ),
 )
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sidecar.config import ConfigError, load
-from sidecar.identity.shared.url import RedisTarget, parse_redis_url
+from sidecar.redis_url import RedisTarget, parse_redis_url
 
 from .conftest import ConfigDir
 
