@@ -18,7 +18,10 @@ every request, whichever protocol parsed it. ``config`` checks the YAML once
 and hands each module its own frozen section; ``app`` assembles the listener and the
 upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
 ``build`` says whether the request path runs compiled (setup.py) or interpreted.
-Leaves (``certs``, ``policy``, ``headers``, ``responses``) do no I/O.
+``servers`` is the decision's entry: the site the connection's SNI chose (``sni`` reads it
+from the ClientHello when there are several), its names and its routes; ``rules`` is what a
+route asks of a client (certificate matchers, addresses, trust).
+Leaves (``certs``, ``policy``, ``rules``, ``sni``, ``headers``, ``responses``) do no I/O.
 """
 
 from .build import Build, choose

@@ -21,7 +21,7 @@ import structlog
 
 from . import BUILD, __version__, log
 from .certs import read_certificates
-from .config import Config, load
+from .config import Config, RouteConfig, load
 from .errors import CertificateError, ConfigError
 from .hosts import certificate_names
 
@@ -148,20 +148,57 @@ def summary(config: Config) -> str:
         users = config.identity.static.users
         bound = sum(len(u.certificates) for u in users)
         lines.append(f"  users       {len(users)} user(s), {bound} certificate(s) bound")
-    lines.append("  routes")
-    for route in sorted(config.routes, key=lambda r: len(r.path), reverse=True):
-        rule = (
-            "public"
-            if route.access == "public"
-            else (f"roles any of {', '.join(route.roles)}" if route.roles else "authenticated")
-        )
-        lines.append(f"    {route.path:<24} {rule}")
+    if config.servers is None:
+        lines.append("  routes")
+        lines += _route_lines(config.routes, "    ")
+    else:
+        for i, server in enumerate(config.servers):
+            mode = server.client_certificate or config.tls.client_certificate
+            lines.append(
+                f"  servers[{i}]  {', '.join(server.names)}  (client_certificate {mode}"
+                f"{'; also clients without SNI' if i == 0 else ''})"
+            )
+            lines += _route_lines(server.routes, "    ")
     lines.append(f"  admin       http://{config.admin.host}:{config.admin.port}")
     return "\n".join(lines)
 
 
+def _route_lines(routes: Sequence[RouteConfig], indent: str) -> list[str]:
+    """One line per route, longest path first (the order they are tried in)."""
+    lines = []
+    for route in sorted(routes, key=lambda r: len(r.path), reverse=True):
+        if route.access == "public":
+            rule = "public"
+        elif route.access == "certificate":
+            rule = "the certificate alone"
+        else:
+            rule = f"roles any of {', '.join(route.roles)}" if route.roles else "authenticated"
+        if route.methods is not None:
+            rule += f"; methods {', '.join(route.methods)}"
+        if route.allow is not None:
+            keys = [
+                k for k in type(route.allow).model_fields if getattr(route.allow, k) is not None
+            ]
+            rule += f"; allow {', '.join(keys)}"
+        if route.addresses is not None:
+            for key in ("allow", "exempt"):
+                networks = getattr(route.addresses, key)
+                if networks is not None:
+                    rule += f"; addresses {key} {', '.join(str(n) for n in networks)}"
+        if route.identityplus is not None:
+            trust = route.identityplus
+            if trust.min_trust_score is not None:
+                rule += f"; trust score >= {trust.min_trust_score}"
+            if trust.max_local_intrusions is not None:
+                rule += f"; local intrusions <= {trust.max_local_intrusions}"
+        lines.append(f"{indent}{route.path:<24} {rule}")
+    return lines
+
+
 def _names(config: Config) -> str:
     """The names requests may address, and where they come from."""
+    if config.servers is not None:
+        return "per server (servers[].names)"
     if config.listen.server_names is not None:
         return f"{', '.join(config.listen.server_names)} (listen.server_names)"
     try:

@@ -28,25 +28,24 @@ from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .handler import Handler, Identity, Plan
 from .headers import HeaderRules
-from .hosts import ServerNames
 from .identity import Backend
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
 from .listener import ListenerServer
 from .metrics import Metrics
-from .policy import Route, RouteTable
-from .tls import PeerCertificates, TLSState, server_context
+from .servers import Servers, build_servers
+from .tls import PeerCertificates, TLSState, listener_contexts
 from .upstream import UpstreamClient
 
 #: while the identity backend reports its own credentials broken, readiness asks it this often
 _PING_EVERY = 2.0
 
 
-def build_routes(config: Config) -> RouteTable:
-    return RouteTable(
-        Route(r.path, public=r.access == "public", roles=frozenset(r.roles)) for r in config.routes
-    )
+def build_policy(config: Config) -> Servers:
+    """The servers and their routes (``servers``); the short form is one server whose names
+    are ``listen.server_names`` or the server certificate's (read again on reload)."""
+    return build_servers(config)
 
 
 def build_backend(config: IdentityConfig) -> Backend:
@@ -71,14 +70,6 @@ def build_rules(config: Config) -> HeaderRules:
         trusted_proxies=config.trusted_proxies,
         strip=config.headers.strip,
     )
-
-
-def build_server_names(config: Config) -> ServerNames:
-    """``listen.server_names``, or the server certificate's names (read again on reload)."""
-    names = config.listen.server_names
-    if names is not None:
-        return ServerNames(names)
-    return ServerNames.for_certificate(read_certificates(config.tls.certificate)[0])
 
 
 # Keys a running process cannot change: the sockets are bound. (All of tls, and
@@ -111,7 +102,7 @@ class Sidecar:
         #: a worker under a supervisor serves its admin listener on this Unix socket instead
         self.admin_socket = admin_socket
         self.readiness = Readiness()
-        self.tls = TLSState(*server_context(config.tls))
+        self.tls = TLSState(*listener_contexts(config.tls, config.servers))
         self.peer_certs = PeerCertificates()
         self.handler: Handler | None = None
         self._server: asyncio.Server | None = None
@@ -208,12 +199,11 @@ class Sidecar:
                 built.append(cache.close)
                 identity = cache
             return Plan(
-                routes=build_routes(config),
+                policy=build_policy(config),
                 identity=identity,
                 upstream=upstream,
                 rules=build_rules(config),
                 max_header_block=config.limits.max_header_block,
-                server_names=build_server_names(config),
             )
         except BaseException:
             for close in reversed(built):
@@ -311,7 +301,7 @@ class Sidecar:
         previous = self.handler.plan
         try:
             new = await asyncio.to_thread(load, self.config_path)
-            context, fingerprint = await asyncio.to_thread(server_context, new.tls)
+            context, fingerprint = await asyncio.to_thread(listener_contexts, new.tls, new.servers)
             plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
             return self._reload_failed(cause, exc.problems)
@@ -477,7 +467,12 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
         files += [b.file for b in user.certificates if b.file is not None]
     if config.identity.identityplus is not None:
         files += config.identity.identityplus.issuers
+    for server in config.servers or ():
+        files += [server.certificate, server.key]
+    for route in (*config.routes, *(r for s in config.servers or () for r in s.routes)):
+        if route.allow is not None:
+            files += route.allow.issuer_files()
     return files
 
 
-__all__ = ["Sidecar", "build_backend", "build_routes", "watched_files"]
+__all__ = ["Sidecar", "build_backend", "build_policy", "watched_files"]

@@ -21,7 +21,6 @@ from . import responses
 from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
 from .headers import HeaderRules, lines_to_multidict, request_fields
-from .hosts import ServerNames
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .identity.intents import SignOn, SignOnLimited
 from .log import ACCESS_FIELDS, access_writer
@@ -31,12 +30,15 @@ from .policy import (
     Deny,
     Forward,
     Redirect,
+    Refused,
     Route,
-    RouteTable,
     Unavailable,
+    certificate_refusal,
     decide,
+    needs_verdict,
 )
 from .server import last_on_connection
+from .servers import Servers
 from .tls import requested_server_name
 from .upstream import BodyTimeout, BodyTooLarge, Forwarded, UpstreamClient
 
@@ -175,7 +177,7 @@ class Ticket:
 
     @property
     def route_label(self) -> str:
-        return self.route.path if self.route is not None else "-"
+        return self.route.name if self.route is not None else "-"  # policy: unique labels
 
     def done(self, response: web.StreamResponse, outcome: Outcome) -> None:
         self.response = response
@@ -187,13 +189,12 @@ class Ticket:
 class Plan:
     """Everything a reload can change, swapped in as one value: a request uses one plan."""
 
-    routes: RouteTable
+    #: the servers, their names (Host, SNI; any other is 421) and their routes
+    policy: Servers
     identity: Identity
     upstream: UpstreamClient
     rules: HeaderRules
     max_header_block: int
-    #: the names requests may address (Host, SNI); any other is 421
-    server_names: ServerNames
 
 
 class Handler:
@@ -337,18 +338,23 @@ class Handler:
             self._deny(ticket, Deny(*problem))
             return
         try:
-            route = plan.routes.match(request.raw_path)
+            route = plan.policy.route(  # policy: the server, then the route and its methods
+                request.method, request.raw_path, request.raw_headers, server_name
+            )
         except BadPath as exc:
             self._deny(ticket, Deny(400, str(exc), "bad_path"))
+            return
+        except Refused as refused:  # policy: a method the path's routes do not cover
+            self._deny(ticket, refused.deny)
             return
         ticket.route = route
         verdict: Verdict | None = None
         if cert is not None:
-            refusal = _certificate_refusal(cert, self.clock())
+            refusal = certificate_refusal(cert, self.clock())  # policy: moved from here
             if refusal is not None:
                 self._deny(ticket, Deny(403, refusal[0], refusal[1]))
                 return
-            if route is not None:
+            if route is not None and needs_verdict(route, cert, ticket.peer_ip):  # policy:
                 verdict = plan.identity.peek(cert)
                 if verdict is None:
                     ticket.step = LOOKUP
@@ -388,6 +394,8 @@ class Handler:
             has_certificate=cert is not None,
             backend_failed=backend_failed,
             enrol=plan.identity.can_enrol,
+            cert=cert,  # policy: matchers
+            address=ticket.peer_ip,  # policy: addresses
         )
         code = ticket.verdict_code = verdict.code if verdict is not None else None
         if isinstance(decision, Forward):
@@ -660,7 +668,7 @@ def _malformed(
         return 400, "the request has both Content-Length and Transfer-Encoding", "ambiguous_length"
     if size > plan.max_header_block:
         return 431, "the request headers are too large", "headers_too_large"
-    misdirected = plan.server_names.misdirected(request.raw_path, host, server_name)
+    misdirected = plan.policy.misdirected(request.raw_path, host, server_name)  # policy:
     if misdirected is not None:
         return 421, misdirected[0], misdirected[1]
     return None
@@ -693,21 +701,6 @@ def _request_id(request: Request, trusted: bool) -> str:
         if incoming and _REQUEST_ID.fullmatch(incoming):
             return incoming
     return responses.new_request_id()
-
-
-def _certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None:
-    """Checks OpenSSL made at the handshake, made again per request: a connection can outlive
-    its certificate, and defence in depth costs two comparisons."""
-    if now > cert.not_after_ts:
-        return "your client certificate has expired", "cert_expired"
-    if now < cert.not_before_ts:
-        return "your client certificate is not valid yet", "cert_not_yet_valid"
-    if not cert.allows_client_auth():
-        return (
-            "your client certificate is not meant for client authentication",
-            "cert_no_client_auth",
-        )
-    return None
 
 
 def _original_url(request: Request) -> str | None:
