@@ -476,6 +476,10 @@ class IdentityPlusConfig(Section):
     #: the Identity Plus CA certificates that sign client certificates: only certificates
     #: they signed are asked about (serials are unique per issuer only); empty: any
     issuers: tuple[CACertFile, ...] = ()
+    #: role translation: an Identity Plus role (any case) -> the local name(s) it stands for
+    roles: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    #: read "org. administrator" as "administrator" (before translation)
+    remove_org_prefix: bool = False
     # The issuers' DER, read once: part of equality, so that a rewritten file under the same
     # name is a changed configuration (a reload then builds a new backend).
     _issuer_der: tuple[bytes, ...] = PrivateAttr(default=())
@@ -500,6 +504,36 @@ class IdentityPlusConfig(Section):
     @classmethod
     def _pins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(normalize_fingerprint(p) for p in v)
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _role_names(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        return {k: [n] if isinstance(n, str) else n for k, n in v.items()}
+
+    @field_validator("roles")
+    @classmethod
+    def _translation(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        problems = []
+        seen: dict[str, str] = {}
+        for canonical, local in v.items():
+            folded = canonical.strip().lower()
+            if not folded:
+                problems.append("an Identity Plus role name is empty")
+                continue
+            if folded in seen:
+                problems.append(
+                    f"@{canonical}: the same role as {seen[folded]!r} (roles compare in any case)"
+                )
+            seen.setdefault(folded, canonical)
+            if not local or any(not name.strip() for name in local):
+                problems.append(
+                    f"@{canonical}: give the local role name(s) it stands for, none empty"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return {k.strip(): tuple(n.strip() for n in names) for k, names in v.items()}
 
     @field_validator("endpoint", "signon_url")
     @classmethod

@@ -263,6 +263,33 @@ def test_trust_scores_are_decimals(config_dir: ConfigDir) -> None:
     assert trust is not None and trust.min_trust_score == Decimal("3.7")
 
 
+def test_role_translation_keys(config_dir: ConfigDir) -> None:
+    data = config_dir.base()
+    data["identity"] = {
+        "backend": "identityplus",
+        "identityplus": {
+            "certificate": "alice.pem",
+            "key": "alice.key",
+            "roles": {"Administrator": "admin", "administrator": ["x"], "member": [], "": "y"},
+            "remove_org_prefix": "sometimes",
+        },
+    }
+    problems = problems_of(config_dir, data)
+    assert any(
+        p.startswith("identity.identityplus.roles.administrator: the same role as 'Administrator'")
+        for p in problems
+    ), problems
+    assert any(
+        p.startswith("identity.identityplus.roles.member: give the local role name")
+        for p in problems
+    ), problems
+    assert any(
+        p.startswith("identity.identityplus.roles: an Identity Plus role name is empty")
+        for p in problems
+    ), problems
+    assert any(p.startswith("identity.identityplus.remove_org_prefix:") for p in problems), problems
+
+
 # ---- servers ---------------------------------------------------------------------------------
 
 
