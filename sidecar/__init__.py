@@ -20,7 +20,8 @@ upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``
 ``build`` says whether the request path runs compiled (setup.py) or interpreted.
 ``servers`` is the decision's entry: the site the connection's SNI chose (``sni`` reads it
 from the ClientHello when there are several), its names and its routes; ``rules`` is what a
-route asks of a client (certificate matchers, addresses, trust).
+route asks of a client (certificate matchers, addresses, trust); ``explain`` shows a decision
+step by step (``sidecar explain``, the admin's ``/explain``) with the same functions.
 Leaves (``certs``, ``policy``, ``rules``, ``sni``, ``headers``, ``responses``) do no I/O.
 """
 

@@ -15,6 +15,7 @@ import contextlib
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,13 @@ from aiohttp import web
 
 from . import BUILD, log
 from .admin import Purge, Readiness, admin_app
-from .certs import file_signature, read_certificates
+from .certs import ClientCert, file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
+from .explain import Assumption, Question, explain
 from .handler import Handler, Identity, Plan
 from .headers import HeaderRules
-from .identity import Backend
+from .identity import Backend, Verdict
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
@@ -216,6 +218,7 @@ class Sidecar:
             readiness=self.readiness,
             purge=self._purge_fn,
             config=self.config.admin,
+            explain=self._explain,
         )
         self.readiness.checks.append(self._identity_problem)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -241,6 +244,44 @@ class Sidecar:
     def _purge_fn(self) -> Purge | None:
         cache = self._cache()
         return cache.purge if cache is not None else None
+
+    def _explain(
+        self, question: Question, sha256: str | None, assumption: Assumption
+    ) -> tuple[int, dict[str, object]]:
+        """``GET /explain``: the running policy's answer, for a certificate that connected to
+        this worker recently (by fingerprint), with the verdict the backend gives it now
+        (static) or has cached for it."""
+        if self.handler is None:
+            return 503, {"error": "starting"}
+        plan = self.handler.plan
+        if sha256 is not None:
+            cert = self.peer_certs.by_sha256(sha256)
+            if cert is None:
+                return 404, {
+                    "error": "no client certificate with this SHA-256 connected to this worker "
+                    "recently: ask sidecar explain --cert FILE"
+                }
+            question.cert = cert
+        identity = plan.identity
+        backend = getattr(identity, "backend", None)
+
+        def verdict_of(cert: ClientCert) -> tuple[Verdict | None, str]:
+            if isinstance(backend, StaticBackend):
+                return backend.lookup_now(cert), "the static backend"
+            cached = identity.peek(cert)
+            if cached is not None:
+                return cached, "the verdict cached for it"
+            return None, "no verdict is cached for it now (the identity backend would be asked)"
+
+        answer = explain(
+            plan.policy,
+            question,
+            verdict_of=verdict_of,
+            enrol=identity.can_enrol,
+            now=time.time(),
+            assumption=assumption,
+        )
+        return 200, answer.as_dict()
 
     def _agent_expiry(self) -> float:
         cache = self._cache()

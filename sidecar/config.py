@@ -1147,6 +1147,10 @@ class AdminConfig(Section):
     #: names the admin listener answers to besides IP addresses, localhost and ``host`` (e.g.
     #: a Service's DNS name); a request with any other Host is refused (DNS rebinding)
     server_names: tuple[Annotated[str, AfterValidator(_admin_name)], ...] = ()
+    #: networks besides loopback from which GET /explain is answered (it shows the rules)
+    explain_from: Annotated[
+        tuple[IPNetwork, ...], BeforeValidator(_networks), BeforeValidator(_listed)
+    ] = ()
 
 
 class ShutdownConfig(Section):
