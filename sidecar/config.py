@@ -1233,6 +1233,14 @@ class Config(Section):
             first = servers[0]
             tls = {**tls, "certificate": first.get("certificate"), "key": first.get("key")}
             data = {**data, "tls": tls}
+        # tls.client_certificate is the mode of servers that name none: when every server
+        # names "none", nothing asks for a certificate and no trust anchor is needed.
+        if (
+            isinstance(tls, dict)
+            and "client_certificate" not in tls
+            and all(isinstance(s, dict) and s.get("client_certificate") == "none" for s in servers)
+        ):
+            data = {**data, "tls": {**tls, "client_certificate": "none"}}
         return data
 
     @field_validator("servers")

@@ -269,6 +269,7 @@ class ServerChoice:
                     found = self._wildcards.get(parent)
             if found is not None:
                 chosen = found
-        if len(memo) < _CHOSEN:
+        # A name OpenSSL passes is at most 255 bytes; one read from a ClientHello may not be.
+        if len(memo) < _CHOSEN and (server_name is None or len(server_name) <= 255):
             memo[server_name] = chosen
         return chosen

@@ -133,3 +133,13 @@ def test_the_servername_callback_refuses_another_servers_connection(certs: Certs
     other = contexts.contexts[1].wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
     assert contexts._check(other, "WWW.example.", other.context) is None
     assert contexts._check(other, None, other.context) == ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+
+
+def test_names_read_from_a_client_hello_are_remembered_only_when_short() -> None:
+    from sidecar.hosts import ServerChoice
+
+    choice = ServerChoice([ServerNames(["app.example"]), ServerNames(["*.www.example"])])
+    long_name = "a" * 60 + "." + "b" * 70_000 + ".www.example"
+    assert choice.index(long_name) == 0  # no such host name: the first server
+    assert choice.index("x.www.example") == 1 and choice.index(None) == 0
+    assert long_name not in choice._memo and "x.www.example" in choice._memo
