@@ -7,6 +7,12 @@ A request flows one way::
                  ── decision (policy: pure)
                  ── forward (upstream) | answer (responses)
 
+The decision's entry is ``servers``: the site the connection's SNI chose (``sni`` reads it
+from the ClientHello when there are several), its names and its routes; ``rules`` is what a
+route asks of a client (certificate matchers, addresses, trust); both are leaves, like
+``policy``. ``explain`` shows a decision step by step (``sidecar explain``, the admin's
+``/explain``) with the same functions.
+
 ``tls_transport`` runs TLS on each accepted connection (the handshake, its alerts, the
 records) and gives the HTTP protocol an asyncio transport over it. ``listener`` is the TLS
 listener's own HTTP/1.1 protocol: it serves requests without a body
@@ -18,11 +24,7 @@ every request, whichever protocol parsed it. ``config`` checks the YAML once
 and hands each module its own frozen section; ``app`` assembles the listener and the
 upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
 ``build`` says whether the request path runs compiled (setup.py) or interpreted.
-``servers`` is the decision's entry: the site the connection's SNI chose (``sni`` reads it
-from the ClientHello when there are several), its names and its routes; ``rules`` is what a
-route asks of a client (certificate matchers, addresses, trust); ``explain`` shows a decision
-step by step (``sidecar explain``, the admin's ``/explain``) with the same functions.
-Leaves (``certs``, ``policy``, ``rules``, ``sni``, ``headers``, ``responses``) do no I/O.
+Leaves (``certs``, ``policy``, ``headers``, ``responses``) do no I/O.
 """
 
 from .build import Build, choose
