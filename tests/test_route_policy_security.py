@@ -216,6 +216,9 @@ async def test_each_matcher_through_the_listener(
     )
     assert (await ask(running, upstream, "/x", who=passing)).status == 200
     refused(await ask(running, upstream, "/x", who=failing), 403, f"allow.{key}")
+    # a body moves the request to aiohttp's protocol: the matcher holds there too
+    posted = await ask(running, upstream, "/x", who=failing, method="POST", body=b"{}")
+    refused(posted, 403, f"allow.{key}")
 
 
 async def test_a_san_that_could_break_a_header_never_does(
@@ -325,6 +328,11 @@ async def test_addresses_allow_and_exempt_ipv4(
     assert exempt.status == 200 and exempt.seen is not None
     assert not exempt.seen.header("X-USERINFO") and not exempt.seen.header("X-APP-CERTIFICATE")
     assert not exempt.seen.header("X_APP_CERTIFICATE")
+    # the exemption is the route's, whatever the query says (oauth2-proxy GHSA-7rh7-c77v-6434)
+    refused(
+        await ask(running, upstream, "/ops/x?/healthz", address="127.0.0.3"), 403, "addresses.allow"
+    )
+    refused(await ask(running, upstream, "/x?/healthz", address="127.0.0.2"), 401, "certificate")
     # an identified client on an exempt address is still identified
     named = await ask(running, upstream, "/healthz", who=alice, address="127.0.0.2")
     assert named.status == 200 and userinfo(named)["sub"] == ALICE_SUB
