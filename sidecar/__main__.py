@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
 
 import structlog
 from cryptography import x509
@@ -29,6 +27,7 @@ from .config import Config, RouteConfig, load
 from .errors import CertificateError, ConfigError
 from .hosts import certificate_names
 from .identity import Verdict
+from .runtime import run_loop, tune_gc
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -399,7 +398,7 @@ async def _serve(config: Config, path: Path | None, worker_socket: Path | None =
         config, config_path=path, reuse_port=worker_socket is not None, admin_socket=worker_socket
     )
     await sidecar.start()
-    _tune_gc()
+    tune_gc()
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
 
@@ -435,23 +434,6 @@ async def _serve(config: Config, path: Path | None, worker_socket: Path | None =
     forced.cancel()
     draining.result()
     return EXIT_OK
-
-
-def _tune_gc() -> None:
-    """Move what start-up built (modules, configuration, contexts) out of the collector's way,
-    and collect the youngest generation less often: a request allocates many short-lived
-    objects, almost none of them in cycles."""
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
-
-
-def run_loop(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when it is installed (it is a dependency on Linux), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 if __name__ == "__main__":

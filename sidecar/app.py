@@ -1,7 +1,7 @@
 """Assembly and lifecycle of one worker: build from a ``Config``, start, reload, drain, stop.
 
-``Sidecar.start`` builds everything that needs the event loop (upstream client, identity
-backend behind its verdict cache, the TLS listener, the admin listener). ``reload`` builds a
+``Sidecar.start`` builds everything that needs the event loop (the forwarder, the identity
+backend behind its verdict cache, the gateway, the TLS listener, the admin listener). ``reload`` builds a
 whole new ``Plan`` and TLS context from the file and swaps them in; a reload that fails keeps
 the running state and says why. ``shutdown`` drains: readiness fails at once, the listener
 closes after the drain delay, in-flight requests get the grace period. Nothing here is on
@@ -28,17 +28,18 @@ from .certs import ClientCert, file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .explain import Assumption, Question, explain
-from .handler import Handler, Identity, Plan
+from .fallback.forward import FallbackForwarder
+from .gateway import Gateway
 from .headers import HeaderRules
 from .identity import Backend, Verdict
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
-from .listener import ListenerServer
+from .listener import Listener
 from .metrics import Metrics
+from .plan import Identity, Plan
 from .servers import Servers, build_servers
 from .tls import PeerCertificates, TLSState, listener_contexts
-from .upstream import UpstreamClient
 
 #: while the identity backend reports its own credentials broken, readiness asks it this often
 _PING_EVERY = 2.0
@@ -85,7 +86,8 @@ _RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
 
 
 class Sidecar:
-    """The TLS listener, its handler, the admin listener and everything they call, for one process."""
+    """The TLS listener, the gateway (``handler``), the admin listener and everything they call,
+    for one process."""
 
     def __init__(
         self,
@@ -106,9 +108,10 @@ class Sidecar:
         self.readiness = Readiness()
         self.tls = TLSState(*listener_contexts(config.tls, config.servers))
         self.peer_certs = PeerCertificates()
-        self.handler: Handler | None = None
+        #: the gateway every request goes through
+        self.handler: Gateway | None = None
         self._server: asyncio.Server | None = None
-        self._listener: ListenerServer | None = None
+        self._listener: Listener | None = None
         self._admin: web.AppRunner | None = None
         self._admin_site: web.BaseSite | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -131,7 +134,7 @@ class Sidecar:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         plan = await self._build_plan(self.config)
-        self.handler = Handler(
+        self.handler = Gateway(
             plan,
             metrics=self.metrics,
             logger=self.log,
@@ -144,7 +147,7 @@ class Sidecar:
         self.metrics.agent_cert_expiry.set_function(self._agent_expiry)
         self._observe_certificates(self.config)
         await self._start_admin()
-        self._listener = ListenerServer(
+        self._listener = Listener(
             self.handler,
             tls=self.tls,
             limits=self.config.limits,
@@ -191,7 +194,7 @@ class Sidecar:
             if previous is not None and _same_upstream(config, previous[1]):
                 upstream = previous[0].upstream
             else:
-                upstream = UpstreamClient(config.upstream, limits=config.limits)
+                upstream = FallbackForwarder(config.upstream, limits=config.limits)
                 built.append(upstream.close)
                 await upstream.start()
             if previous is not None and config.identity == previous[1].identity:
@@ -479,7 +482,7 @@ def _as_running(new: Config, old: Config) -> Config:
 
 
 def _same_upstream(a: Config, b: Config) -> bool:
-    # All of limits, not only the keys UpstreamClient takes today: a limit it is given later
+    # All of limits, not only the keys the forwarder takes today: a limit it is given later
     # must not be kept silently by a reload (a new client costs a few new connections). Not
     # handshake_timeout: the TLS layer's alone (a certificate renewal must not renew the pool).
     same_limits = a.limits.model_copy(update={"handshake_timeout": b.limits.handshake_timeout})

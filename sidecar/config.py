@@ -34,16 +34,18 @@ from pydantic import (
     model_validator,
 )
 
-from . import hosts
+from . import certformats, hosts, sessions
 from .certs import (
     key_matches_certificate,
     normalize_fingerprint,
     read_certificates,
     read_private_key,
     sha256_fingerprint,
+    spki_sha256,
 )
 from .errors import CertificateError, ConfigError
-from .rules import email_address, spiffe_id, spki_sha256
+from .header_names import FRAMING, SIDECAR_HEADERS
+from .identifiers import email_address, spiffe_id
 
 __all__ = ["Config", "ConfigError", "load", "parse", "parse_duration"]
 
@@ -266,42 +268,6 @@ class UpstreamConfig(Section):
 
 #: RFC 9110 §5.6.2: a field name is a token
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-#: names the sidecar frames requests by, sets or strips itself (headers.HOP_BY_HOP,
-#: FORWARDING and REROUTING, Host, Content-Length, X-Request-ID; a test keeps the two modules
-#: in step), compared as header names are: lower case, "_" read as "-"
-SIDECAR_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-port",
-        "x-real-ip",
-        "x-forwarded-prefix",
-        "true-client-ip",
-        "x-client-ip",
-        "cf-connecting-ip",
-        "x-cluster-client-ip",
-        "x-original-url",
-        "x-rewrite-url",
-        "x-request-id",
-    }
-)
-
-
-#: what the upstream needs to frame and route a request: never removed
-_NEEDED = frozenset({"host", "content-length"})
 
 
 def _header_name(name: str) -> str:
@@ -328,7 +294,7 @@ class HeadersConfig(Section):
         for i, name in enumerate(names):
             if not _TOKEN.match(name):
                 problems.append(f"@[{i}]: not a valid header name: {name!r}")
-            elif _header_name(name) in _NEEDED:
+            elif _header_name(name) in FRAMING:
                 problems.append(
                     f"@[{i}]: {name!r} cannot be stripped: requests are forwarded by it"
                 )
@@ -1279,6 +1245,218 @@ class Config(Section):
         return routes
 
 
+# ---- behind a front proxy (issue #15) -----------------------------------------------------
+# These keys are checked here but not yet accepted: ``Config`` refuses them as unknown until
+# the listener and the request path make them work. ``ConfigWithFrontProxy`` is the shape
+# ``Config`` takes then: each field below moves into the section it extends, ``front_proxy``
+# joins the top level, and its rules join ``Config``'s. ``parse(..., model=...)`` checks a
+# file against it meanwhile (tests).
+
+
+def _trusted_peers(v: Any) -> Any:
+    """CIDRs (normalised) and SHA-256 fingerprints (lowercase hex), each item checked."""
+    if not isinstance(v, list | tuple):
+        return v
+    out: list[str] = []
+    problems = []
+    for i, item in enumerate(v):
+        text = str(item).strip() if isinstance(item, str | int) else ""
+        network = None
+        with contextlib.suppress(ValueError):
+            network = ipaddress.ip_network(text, strict=False)
+        if network is not None:
+            if network.prefixlen == 0:
+                problems.append(
+                    f"@[{i}]: {text} trusts every address: list the proxies' own addresses"
+                )
+                continue
+            out.append(str(network))
+            continue
+        try:
+            out.append("sha256:" + normalize_fingerprint(text))
+        except ValueError:
+            problems.append(f"@[{i}]: not a CIDR or a SHA-256 certificate fingerprint: {item!r}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return list(dict.fromkeys(out))
+
+
+class FrontProxyConfig(Section):
+    """Proxies in front of the sidecar: who they are, and where they put the certificate."""
+
+    #: the proxies whose certificate header, X-Forwarded-* and PROXY protocol header are
+    #: believed: CIDRs (their connection's address) and/or SHA-256 fingerprints of the client
+    #: certificate a proxy presents when it connects with mTLS
+    trusted: Annotated[tuple[str, ...], BeforeValidator(_trusted_peers)] = ()
+    #: where a trusted proxy puts the client certificate; none: it passes none
+    certificate_header: certformats.InboundFormat | None = None
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(t) for t in self.trusted if not t.startswith("sha256:"))
+
+    def fingerprints(self) -> frozenset[str]:
+        """Lowercase hex SHA-256 of the proxies' certificates' DER."""
+        return frozenset(t[7:] for t in self.trusted if t.startswith("sha256:"))
+
+
+class ProxiedListenConfig(ListenConfig):
+    """``listen`` with the front-proxy keys (they move into ``ListenConfig``)."""
+
+    #: false: plain HTTP, for a front proxy that terminated TLS itself
+    tls: bool = True
+    #: every connection starts with a PROXY protocol header (version 1 or 2) from a trusted
+    #: load balancer
+    proxy_protocol: bool = False
+
+
+class HeadersWithFormats(HeadersConfig):
+    """``headers`` with ``certificate_formats`` (it moves into ``HeadersConfig``)."""
+
+    #: the certificate headers sent upstream; app-certificate is ``certificate`` above
+    certificate_formats: tuple[certformats.OutboundFormat, ...] = ("app-certificate",)
+
+    @field_validator("certificate_formats")
+    @classmethod
+    def _once_each(
+        cls, v: tuple[certformats.OutboundFormat, ...]
+    ) -> tuple[certformats.OutboundFormat, ...]:
+        problems = [f"@[{i}]: {fmt} is listed twice" for i, fmt in enumerate(v) if fmt in v[:i]]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return v
+
+    @model_validator(mode="after")
+    def _not_a_format_header(self) -> HeadersWithFormats:
+        problems = []
+        for key in ("certificate", "userinfo"):
+            name: str = getattr(self, key)
+            if _header_name(name) in certformats.HEADER_NAMES:
+                problems.append(
+                    f"@{key}: {name!r} is a certificate header of another format (stripped "
+                    "from every request): choose another name"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def _session_key_file(path: Path) -> Path:
+    sessions.read_key(path)  # its ValueError names the file and the problem
+    return path
+
+
+SessionKeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_session_key_file)]
+
+
+class LegacyIdentityPlusConfig(IdentityPlusConfig):
+    """``identity.identityplus`` with HTTP legacy (the keys move into ``IdentityPlusConfig``)."""
+
+    #: no certificate at all (a load balancer terminated TLS): browsers sign on at Identity
+    #: Plus, and the identity it resolves is kept in a sealed cookie
+    legacy: bool = False
+    #: files of 32 random bytes (raw or base64); the first seals session cookies, all open
+    #: them (rotation: add the new key second, then move it first, then drop the old one)
+    session_keys: tuple[SessionKeyFile, ...] = ()
+    # The keys, read once: part of equality, so a rewritten key file is a changed
+    # configuration.
+    _session_keys: tuple[bytes, ...] = PrivateAttr(default=())
+
+    @field_validator("session_keys", mode="before")
+    @classmethod
+    def _one_or_many_keys(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _legacy_keys(self) -> LegacyIdentityPlusConfig:
+        if self.legacy and not self.session_keys:
+            raise ValueError(
+                "@session_keys: required with legacy: a file of 32 random bytes that seals "
+                "the session cookie (openssl rand -base64 32 > session.key)"
+            )
+        if self.session_keys and not self.legacy:
+            raise ValueError("@session_keys: only used with legacy: true")
+        keys = tuple(sessions.read_key(path) for path in self.session_keys)
+        problems = [
+            f"@session_keys[{i}]: the same key as session_keys[{keys.index(key)}]"
+            for i, key in enumerate(keys)
+            if key in keys[:i]
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        self._session_keys = keys
+        return self
+
+    def session_key_bytes(self) -> tuple[bytes, ...]:
+        """The session keys as read when the configuration was loaded (first seals)."""
+        return self._session_keys
+
+
+class LegacyIdentityConfig(IdentityConfig):
+    """``identity`` whose ``identityplus`` may use HTTP legacy."""
+
+    identityplus: LegacyIdentityPlusConfig | None = None
+
+    @model_validator(mode="after")
+    def _legacy_backend(self) -> LegacyIdentityConfig:
+        if self.identityplus is None or not self.identityplus.legacy:
+            return self
+        if self.backend != "identityplus":
+            raise ValueError(
+                "@identityplus.legacy: needs identity.backend: identityplus (Identity Plus "
+                "resolves the sign-on)"
+            )
+        if not self.cache.ttl > 0:
+            raise ValueError(
+                "@cache.ttl: must be above 0 with identityplus.legacy: it is the session "
+                "cookie's lifetime"
+            )
+        return self
+
+
+class ConfigWithFrontProxy(Config):
+    """``Config`` with the keys above and the rules that tie them together."""
+
+    listen: ProxiedListenConfig = ProxiedListenConfig()
+    headers: HeadersWithFormats = HeadersWithFormats()
+    identity: LegacyIdentityConfig = LegacyIdentityConfig()
+    front_proxy: FrontProxyConfig = FrontProxyConfig()
+
+    @model_validator(mode="after")
+    def _front_proxy_rules(self) -> ConfigWithFrontProxy:
+        listen, front = self.listen, self.front_proxy
+        problems = []
+        if not front.trusted and (not listen.tls or front.certificate_header is not None):
+            why = (
+                "listen.tls is false" if not listen.tls else "front_proxy.certificate_header is set"
+            )
+            problems.append(
+                f"@front_proxy.trusted: empty, but {why}: list the front proxies (CIDRs, or "
+                "their client certificates' SHA-256 fingerprints); from any other peer "
+                "certificate headers are stripped and X-Forwarded-* ignored"
+            )
+        if listen.proxy_protocol and not front.networks():
+            problems.append(
+                "@listen.proxy_protocol: needs the load balancers' addresses (CIDRs) in "
+                "front_proxy.trusted: the PROXY header comes before TLS, so only the "
+                "connection's address can vouch for it"
+            )
+        if not listen.tls:
+            for i, peer in enumerate(front.trusted):
+                if peer.startswith("sha256:"):
+                    problems.append(
+                        f"@front_proxy.trusted[{i}]: a certificate fingerprint needs "
+                        "listen.tls: true (over plain HTTP no proxy presents a certificate)"
+                    )
+            if listen.server_names is None:
+                problems.append(
+                    "@listen.server_names: required with listen.tls: false (no server "
+                    "certificate is served to take the names from): list the names clients use"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
 # ---- loading ------------------------------------------------------------------------------
 
 
@@ -1366,8 +1544,15 @@ def _problems_from(exc: ValidationError) -> list[str]:
     return problems
 
 
-def parse(data: Any, *, base_dir: Path, env: dict[str, str] | None = None) -> Config:
-    """Validate an already-parsed YAML document; raises ``ConfigError`` with every problem."""
+def parse(
+    data: Any,
+    *,
+    base_dir: Path,
+    env: dict[str, str] | None = None,
+    model: type[Config] = Config,
+) -> Config:
+    """Validate an already-parsed YAML document (against ``model``, a ``Config`` or one of its
+    extensions); raises ``ConfigError`` with every problem."""
     problems: list[str] = []
     if data is None:
         data = {}
@@ -1375,7 +1560,7 @@ def parse(data: Any, *, base_dir: Path, env: dict[str, str] | None = None) -> Co
         raise ConfigError(["<root>: the configuration must be a YAML mapping"])
     data = _interpolate(data, "", dict(os.environ) if env is None else env, problems)
     try:
-        config = Config.model_validate(data, context={"base_dir": base_dir})
+        config = model.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         problems.extend(_problems_from(exc))
         raise ConfigError(problems) from None

@@ -11,7 +11,6 @@ network. ``policy`` decides with these; ``explain`` shows each of them, the same
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -20,11 +19,11 @@ from urllib.parse import unquote_plus
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from .certs import ClientCert
+from .certs import ClientCert, spki_sha256
 from .hosts import dns_name
+from .identifiers import email_address, spiffe_id
 from .identity import Trust, User
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -34,32 +33,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _REMEMBERED = 4096
 #: how far up the trust anchors an issuer is looked for (leaf, intermediates, root)
 _DEPTH = 8
-
-# SPIFFE ID (spiffe.io, SPIFFE-ID.md §2): lower-case trust domain; path segments of letters,
-# digits, ".", "-", "_", none empty, "." or ".."; no trailing "/", query, fragment, port, user.
-_SPIFFE = re.compile(r"spiffe://([a-z0-9._-]{1,255})((?:/[A-Za-z0-9._-]+)*)")
-_SPIFFE_MAX = 2048
-_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
-
-
-def spiffe_id(text: str) -> bool:
-    """A valid SPIFFE ID (``spiffe://trust-domain/path``, the path optional)."""
-    if len(text) > _SPIFFE_MAX:
-        return False
-    match = _SPIFFE.fullmatch(text)
-    if match is None:
-        return False
-    return all(segment not in (".", "..") for segment in match.group(2).split("/")[1:])
-
-
-def email_address(text: str) -> str | None:
-    """``local@domain`` with the domain in lower case (the local part is compared as
-    written, RFC 5321 §2.4); None when it is not one."""
-    local, at, domain = text.rpartition("@")
-    if not at or not local or not domain or _CONTROL_OR_SPACE.search(text):
-        return None
-    name = dns_name(domain)
-    return f"{local}@{name}" if name is not None else None
 
 
 def client_address(text: str | None) -> IPAddress | None:
@@ -78,14 +51,6 @@ def client_address(text: str | None) -> IPAddress | None:
 
 def within(address: IPAddress, networks: Iterable[IPNetwork]) -> bool:
     return any(address.version == net.version and address in net for net in networks)
-
-
-def spki_sha256(cert: x509.Certificate) -> str:
-    """The SHA-256 of a certificate's public key (SubjectPublicKeyInfo, DER), lower-case hex."""
-    der = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
 
 
 # ---- what a certificate says ------------------------------------------------------------------

@@ -64,11 +64,15 @@ _CLOSED = 3  # the TCP connection is gone
 
 
 class Listener(Protocol):
-    """What the accepted connections share (``listener.ListenerServer``)."""
+    """What the accepted connections share (``listener.Listener``)."""
 
     tls: TLSState
-    limits: LimitsConfig
-    metrics: Metrics
+
+    @property
+    def limits(self) -> LimitsConfig: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
 
     def admit(self, connection: TLSProtocol) -> bool:
         """Count a new connection in, or refuse it (False: it is closed at once)."""

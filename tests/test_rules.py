@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.certs import ClientCert
+from sidecar.identifiers import spiffe_id
 from sidecar.identity import Trust
 from sidecar.rules import (
     AddressRule,
@@ -30,7 +31,6 @@ from sidecar.rules import (
     client_address,
     facts,
     method_overrides,
-    spiffe_id,
 )
 
 from .conftest import Certs

@@ -2,8 +2,8 @@
 
     .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile] [--routes N]
 
-Drives the real listener protocol (``ClientConnection``), handler, header rules, upstream
-client and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
+Drives the real listener protocol (``ClientConnection``), gateway, header rules, forwarder
+and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
 is cached, an upstream answer of 2 bytes with nginx's headers. What it reports is the CPU time
 the sidecar's own Python spends per request (microseconds, best of several rounds), the part a
 change to the request path can move; the full benchmark (``run.sh``) adds TLS, system calls and
@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import BUILD
-from sidecar.__main__ import _tune_gc
 from sidecar.app import Sidecar
 from sidecar.certs import ClientCert
 from sidecar.config import load
-from sidecar.handler import Handler
-from sidecar.listener import ClientConnection, ListenerServer
-from sidecar.upstream_http import Connection as UpstreamConnection
+from sidecar.gateway import Gateway
+from sidecar.http1.upstream import UpstreamConnection
+from sidecar.listener import Listener
+from sidecar.runtime import tune_gc
 from tests.benchmarks.stack import matcher_routes
 from tests.pki import make_ca, make_leaf
 
@@ -107,9 +107,9 @@ async def measure(requests: int, rounds: int, profile: bool, routes: int = 0) ->
         config = load(path)
         sidecar = Sidecar(config, config_path=path)
         plan = await sidecar._build_plan(config)
-    handler = Handler(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
-    listener = ListenerServer(
-        handler,
+    gateway = Gateway(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
+    listener = Listener(
+        gateway,
         tls=sidecar.tls,
         limits=config.limits,
         peer_certs=sidecar.peer_certs,
@@ -139,7 +139,7 @@ async def measure(requests: int, rounds: int, profile: bool, routes: int = 0) ->
         if done is not None and not done.done():
             done.set_result(None)
 
-    client = ClientConnection(listener)
+    client = listener.protocol()
     client.connection_made(_Transport(on_answer, {"peername": ("127.0.0.1", 50000)}))  # type: ignore[arg-type]
     client._peer = cert
 
@@ -153,7 +153,7 @@ async def measure(requests: int, rounds: int, profile: bool, routes: int = 0) ->
         return time.process_time() - started
 
     await run(1000)  # warm-up: caches, the route table, the pool
-    _tune_gc()  # as `sidecar run` does once started
+    tune_gc()  # as `sidecar run` does once started
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
