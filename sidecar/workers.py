@@ -35,7 +35,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import log
-from .admin import ADMIN_HEADER, guard
+from .admin import ADMIN_HEADER, explain_refusal, guard
 from .config import Config
 
 _MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon")
@@ -314,11 +314,28 @@ class Supervisor:
             complete = reached == len(self.workers) and (not told or any(told))
             return web.json_response(body, status=200 if complete else 207)
 
+        async def explain(request: web.Request) -> web.Response:
+            refused = explain_refusal(request, self.config.admin.explain_from)
+            if refused is not None:
+                return refused
+            path = "/explain" + (f"?{request.query_string}" if request.query_string else "")
+            answers = [
+                a
+                for a in await asyncio.gather(*(self._ask(w, "GET", path) for w in self.workers))
+                if a is not None
+            ]
+            if not answers:
+                return web.json_response({"error": "no worker answered"}, status=503)
+            # The worker that saw the certificate knows it (each remembers its own clients).
+            status, text = next((a for a in answers if a[0] == 200), answers[0])
+            return web.Response(status=status, text=text, content_type="application/json")
+
         app = web.Application(middlewares=[guard(self.config.admin)])
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
         app.router.add_post("/cache/purge", purge)
+        app.router.add_get("/explain", explain)
         return app
 
     async def merged_metrics(self) -> str:

@@ -42,6 +42,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "tls",
         "log",
         "metrics",
+        # route policy (#16): the sites by SNI and their routes, what a route asks of a
+        # client, the ClientHello reader, and the decision explained for people
+        "servers",
+        "rules",
+        "sni",
+        "explain",
     ),
     # the ground everything stands on
     (
@@ -64,6 +70,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "sessions",
         # where the shared verdict cache lives (config reads it)
         "redis_url",
+        # SPIFFE IDs and email addresses, as the configuration and the matchers read them
+        "identifiers",
     ),
 )
 

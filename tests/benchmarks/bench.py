@@ -57,6 +57,10 @@ class Scenario:
     #: S3: report RSS growth per in-flight request, and probe it with 4 MiB bodies at this path
     streaming: bool = False
     probe_path: str | None = None
+    #: route policy (issue #16): two sidecars, with this many routes each with matchers
+    #: (few, many), the first in place of "sidecar"; checked: req/s few / many <= max_cost_ratio
+    routes: tuple[int, int] | None = None
+    max_cost_ratio: float | None = None
 
 
 SCENARIOS = [
@@ -79,6 +83,13 @@ SCENARIOS = [
         "S1-c32 with per-request logging (sidecar log.level info, nginx access_log)",
         connections=32,
         logging=True,
+    ),
+    Scenario(
+        "S1-routes",
+        "S1-c32 with 50 routes each with matchers (last column) against 3 such routes (sidecar)",
+        connections=32,
+        routes=(3, 50),
+        max_cost_ratio=1.1,
     ),
     Scenario(
         "S2-new",
@@ -178,6 +189,10 @@ class Bench:
             "admin_fleet_b",
             "sidecar_shared",
             "admin_shared",
+            "sidecar_few_routes",
+            "admin_few_routes",
+            "sidecar_many_routes",
+            "admin_many_routes",
         ):
             p[name] = stack.free_port()
         up = stack.start_nginx(
@@ -213,6 +228,7 @@ class Bench:
         env: dict[str, str] | None = None,
         shared_url: str | None = None,
         workers: int | None = None,
+        routes: list[dict[str, Any]] | None = None,
     ) -> Proc:
         conf = stack.sidecar_conf(
             self.folder,
@@ -225,6 +241,7 @@ class Bench:
             log_level=log_level,
             http_backend=http_backend,
             shared_url=shared_url,
+            routes=routes,
         )
         proc = stack.start_sidecar(
             name, conf, self.folder, self.placement.proxy, src=src or self.src, env=env
@@ -415,6 +432,33 @@ class Bench:
         }
 
     # ---- S3: does the sidecar's memory grow with the body size? ------------------------
+
+    def route_scenario(self, scenario: Scenario, reference: Target) -> dict[str, Any]:
+        """S1-routes: the same load on two sidecars whose configurations differ only in how
+        many routes (each with certificate matchers, an address rule, methods) they have."""
+        assert scenario.routes is not None
+        targets = [reference]
+        started = []
+        try:
+            for count, kind in zip(scenario.routes, ("few", "many"), strict=True):
+                name = f"sidecar-{count}-routes"
+                proc = self.start_sidecar(
+                    name,
+                    f"sidecar_{kind}_routes",
+                    f"admin_{kind}_routes",
+                    routes=stack.matcher_routes(count, self.pki.client_der, self.pki.issuer.cert),
+                )
+                started.append(proc)
+                port = self.ports[f"sidecar_{kind}_routes"]
+                context = stack.client_context(self.pki, self.pki.client_cert, self.pki.client_key)
+                status = stack.https_get(port, "/", context)[0]
+                if status != 200:  # measuring refusals would say nothing
+                    raise RuntimeError(f"{name}: GET / with the load's certificate got {status}")
+                targets.append(Target(name, port, proc))
+            return self.scenario(scenario, targets)
+        finally:
+            for proc in started:
+                self.stop(proc)
 
     def body_probe(self, scenario: Scenario) -> dict[str, Any]:
         """RSS growth per in-flight request of a fresh sidecar, with 1 MiB and 4 MiB bodies.
@@ -929,6 +973,13 @@ def compare(
         checks["no errors"] = not (
             sc["errors"] or ref["errors"] or sc["failed_runs"] or ref["failed_runs"]
         )
+    if scenario.max_cost_ratio is not None and len(names) == 3:
+        # S1-routes: what the many routes cost per request, against the few
+        many = summary[names[2]]["rps"]
+        out["cost_ratio"] = round(sc["rps"] / many, 3) if many else None
+        checks["cost"] = (
+            out["cost_ratio"] is not None and out["cost_ratio"] <= scenario.max_cost_ratio
+        )
     if len(names) == 3:  # --versus: the other build against the one under test
         other = summary[names[2]]
         out["versus"] = {
@@ -953,6 +1004,10 @@ def _target_text(s: Scenario) -> str:
     if s.streaming:
         parts.append(
             "no whole-body buffering (RSS per in-flight request flat from 1 to 4 MiB bodies)"
+        )
+    if s.max_cost_ratio is not None and s.routes is not None:
+        parts.append(
+            f"req/s with {s.routes[0]} routes <= {s.max_cost_ratio:g}x req/s with {s.routes[1]}"
         )
     return ", ".join(parts) or "(reported only)"
 
@@ -1427,6 +1482,8 @@ def main(argv: list[str] | None = None) -> int:
                     results["scenarios"].append(bench.scenario(scenario, targets))
                 finally:
                     bench.stop(logger)
+            elif scenario.routes is not None:
+                results["scenarios"].append(bench.route_scenario(scenario, ref_t))
             else:
                 if scenario.probe_path is not None:
                     bench.probes[scenario.key] = bench.body_probe(scenario)
