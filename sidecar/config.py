@@ -46,8 +46,8 @@ from .certs import (
 )
 from .errors import CertificateError, ConfigError
 from .header_names import FRAMING, SIDECAR_HEADERS
-from .redis_url import RedisTarget, parse_redis_url
 from .identifiers import email_address, spiffe_id
+from .redis_url import RedisTarget, parse_redis_url
 
 __all__ = ["Config", "ConfigError", "load", "parse", "parse_duration"]
 
