@@ -377,16 +377,40 @@ class Sidecar:
         backend = cache.backend if cache is not None else None
         return backend if isinstance(backend, IdentityPlusBackend) else None
 
-    def _forget(self, target: Target) -> None:
-        """Drop a certificate's verdict after a report changed its profile: here, and (under
-        a supervisor) in every other worker, so that its next request asks again."""
+    async def _forget(self, target: Target) -> None:
+        """Drop a certificate's verdict after a report changed its profile: here; in Redis and
+        every replica through the shared cache, if there is one; and, under a supervisor,
+        in this host's other workers when the shared cache did not take it (none, or Redis
+        unreachable), so that its next request asks Identity Plus again."""
         cache = self._cache()
+        fleet: bool | None = None
         if cache is not None:
             if target.sha256 is not None:
-                cache.forget(target.sha256)
+                _, fleet = await cache.purge_everywhere(sha256=target.sha256)
             else:
-                cache.purge(serial=target.serial)
-        if self.supervisor_socket is not None:
+                # Named by serial alone (a certificate this worker has not seen): Redis cannot
+                # find it by serial, so the shared level starts over (as POST /cache/purge).
+                _, fleet = await cache.purge_everywhere(serial=target.serial)
+            # Once more here: a lookup that began after the first drop may have read the old
+            # verdict from Redis before the shared purge deleted it (this replica does not
+            # hear its own purge message).
+            current = self._cache()
+            if current is not None:
+                if target.sha256 is not None:
+                    current.forget(target.sha256)
+                else:
+                    current.purge(serial=target.serial)
+            if fleet is False:
+                self.log.warning(
+                    "verdict_drop_not_shared",
+                    cert_sha256=target.sha256,
+                    cert_serial=f"{target.serial:X}",
+                    reason="the shared cache is unavailable",
+                    hint="other replicas, and Redis, keep this certificate's verdict until its ttl",
+                )
+        if self.supervisor_socket is not None and not fleet:
+            # with the shared cache's purge the other workers heard it already (each is a
+            # replica of its own there)
             task = asyncio.get_running_loop().create_task(self._tell_supervisor(target))
             self._told.add(task)
             task.add_done_callback(self._told.discard)

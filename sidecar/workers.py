@@ -487,7 +487,8 @@ class Supervisor:
             answers = await asyncio.gather(
                 *(self._ask(w, "POST", f"/cache/purge?{query}") for w in self.workers)
             )
-            reached = sum(1 for a in answers if a is not None and a[0] == 200)
+            # 207: dropped in that worker, but the shared cache could not be told
+            reached = sum(1 for a in answers if a is not None and a[0] in (200, 207))
             return web.json_response({"workers": reached})
 
         app = web.Application()

@@ -142,13 +142,14 @@ def start(
 ) -> Start:
     """A sidecar with the identityplus backend aimed at the fake, in front of ``app``;
     ``reports`` is identity.identityplus.reports (None: left out), ``headers`` the headers
-    section's report names."""
+    section's report names, ``cache`` identity.cache."""
 
     async def run(
         *,
         reports: dict[str, Any] | bool | None = None,
         backend: str = "identityplus",
         report_headers: dict[str, str] | None = None,
+        cache: dict[str, Any] | None = None,
     ) -> Env:
         data = config_dir.base(app.port)
         if backend == "identityplus":
@@ -163,6 +164,8 @@ def start(
             if reports is not None:
                 identityplus["reports"] = reports
             data["identity"] = {"backend": "identityplus", "identityplus": identityplus}
+            if cache is not None:
+                data["identity"]["cache"] = cache
         if report_headers is not None:
             data["headers"] = {"reports": report_headers}
         running = await start_sidecar(data)

@@ -15,7 +15,9 @@ again after a backoff (doubled each time, with jitter), at most ``retries`` time
 Identity Plus refuses for good (another ``ER``, a ``PB``) is not. ``ER 0007`` (an intrusion
 already reported), ``ER 0003`` (a bind already made) and ``ER 0005`` (an unbind of a user
 never bound) count as done. After a bind, an unbind or an intrusion report, the certificate's
-verdict is dropped from the cache (``forget``), so that its next request sees the new profile.
+verdict is dropped from every cache that holds it (``forget``: here, the other workers, and
+the shared cache with every replica behind it), so that its next request sees the new
+profile; the report ends (its ``result``, the pending count) only once that is done.
 
 Every report ends in one ``trust_report`` log event (its outcome, Identity Plus's code and
 reference number) and one count in ``sidecar_trust_reports_total{type, outcome}``.
@@ -30,7 +32,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -218,7 +220,7 @@ class Reporter:
 
     ``backend`` returns the current Identity Plus backend, or None when the identity backend
     is another one (it is asked at each attempt: a reload may swap it); ``forget`` drops a
-    certificate's cached verdict everywhere it is cached.
+    certificate's cached verdict everywhere it is cached (awaited before the report ends).
     """
 
     def __init__(
@@ -226,7 +228,7 @@ class Reporter:
         config: ReportsConfig,
         *,
         backend: Callable[[], Community | None],
-        forget: Callable[[Target], None],
+        forget: Callable[[Target], Awaitable[None]],
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -413,8 +415,12 @@ class Reporter:
             while chain:
                 report = chain[0]
                 result = await self._deliver(report)
-                chain.popleft()
-                self._finish(report, result)
+                try:
+                    await self._drop_verdict(report, result)
+                finally:
+                    # still in the chain (pending) until its verdict is gone everywhere
+                    chain.popleft()
+                    self._finish(report, result)
         except asyncio.CancelledError:
             for report in chain:
                 self._finish(
@@ -530,15 +536,19 @@ class Reporter:
 
     # ---- ending -----------------------------------------------------------------------------
 
+    async def _drop_verdict(self, report: Report, result: Result) -> None:
+        """After a report that changed the certificate's profile: its verdict, everywhere."""
+        if result.outcome not in DONE or report.request.kind not in _CHANGES_PROFILE:
+            return
+        try:
+            await self._forget(report.target)
+        except Exception as exc:  # the report is done all the same; its chain goes on
+            _log().error("trust_report_forget_failed", report_id=report.id, exc_info=exc)
+
     def _finish(self, report: Report, result: Result) -> None:
         request, target = report.request, report.target
         self._gate.ended(report.key, done=result.outcome in DONE)
-        if result.outcome in DONE and request.kind in _CHANGES_PROFILE:
-            try:
-                self._forget(target)
-            except Exception as exc:  # the report is done all the same; its chain goes on
-                _log().error("trust_report_forget_failed", report_id=report.id, exc_info=exc)
-        elif result.outcome == "failed":
+        if result.outcome == "failed":
             self._failed.append(
                 {
                     "time": self._wall(),
