@@ -453,17 +453,15 @@ class Sidecar:
             config_file=str(self.config_path) if self.config_path is not None else None,
             reload=self.last_reload,
             certs=self._certificates,
-            server_names=(
-                [name for server in handler.plan.policy.servers for name in server.names.names]
-                if handler is not None
-                else ()
-            ),
+            # the default server's (the first of servers[]): its certificate is the listener's
+            server_names=handler.plan.policy.servers[0].names.names if handler is not None else (),
             backend=self.config.identity.backend,
             credential_problem=getattr(backend, "credential_problem", None),
             agent_expiry=float(expiry) if isinstance(expiry, float) else None,
             observations=self.observations,
             reports=self.reporter.snapshot(),
             registry=self.metrics.registry,
+            shared_cache=cache is not None and cache.shared is not None,
         )
 
     def _agent_expiry(self) -> float:
@@ -618,7 +616,18 @@ class Sidecar:
             pass
         # status: the certificates in force, as they were loaded
         self._certificates = status.certificates(
-            config.tls.certificate, config.tls.client_ca, config.tls.pinned_certificates
+            config.tls.certificate,
+            config.tls.client_ca,
+            config.tls.pinned_certificates,
+            [
+                (
+                    f"servers[{i}]",
+                    server.names,
+                    server.certificate,
+                    server.client_certificate or config.tls.client_certificate,
+                )
+                for i, server in enumerate(config.servers or ())
+            ],
         )
 
     # ---- stop -----------------------------------------------------------------------------

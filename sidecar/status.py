@@ -63,16 +63,16 @@ def certificate_info(cert: x509.Certificate, now: float | None = None) -> dict[s
 
 
 def certificates(
-    server_certificate: Path, client_ca: Iterable[Path], pinned: Iterable[Path]
+    server_certificate: Path,
+    client_ca: Iterable[Path],
+    pinned: Iterable[Path],
+    sites: Iterable[tuple[str, Sequence[str], Path, str]] = (),
 ) -> dict[str, Any]:
     """The listener's certificate and the trust anchors, as loaded (at start and each reload:
-    what is in force, not what the files hold since)."""
-    listener: dict[str, Any] | None
-    try:
-        leaf = read_certificates(server_certificate)[0]
-        listener = {**certificate_info(leaf), "names": certificate_names(leaf)}
-    except CertificateError as exc:
-        listener = {"error": str(exc)}
+    what is in force, not what the files hold since). With ``servers[]``, ``sites`` gives each
+    one (where configured, its names, its certificate, its client certificate mode): the
+    listener's certificate is then the first server's, the one clients without SNI get."""
+    listener = _leaf(server_certificate)
     anchors: list[dict[str, Any]] = []
     for kind, paths in (("ca", client_ca), ("pinned", pinned)):
         for path in paths:
@@ -81,7 +81,24 @@ def certificates(
                     anchors.append({**certificate_info(cert), "file": str(path), "kind": kind})
             except CertificateError as exc:
                 anchors.append({"file": str(path), "kind": kind, "error": str(exc)})
-    return {"listener": listener, "trust_anchors": anchors}
+    servers = [
+        {
+            "origin": origin,
+            "server_names": list(names),
+            "client_certificate": mode,
+            **_leaf(certificate),
+        }
+        for origin, names, certificate, mode in sites
+    ]
+    return {"listener": listener, "trust_anchors": anchors, "servers": servers}
+
+
+def _leaf(path: Path) -> dict[str, Any]:
+    try:
+        leaf = read_certificates(path)[0]
+    except CertificateError as exc:
+        return {"error": str(exc)}
+    return {**certificate_info(leaf), "names": certificate_names(leaf)}
 
 
 def counters(registry: CollectorRegistry, name: str) -> list[tuple[dict[str, str], float]]:
@@ -116,6 +133,7 @@ def document(
     observations: Observations,
     reports: Mapping[str, Any],
     registry: CollectorRegistry,
+    shared_cache: bool = False,
 ) -> Document:
     """One worker's status (see the module's docstring)."""
     now = time.time()
@@ -147,6 +165,7 @@ def document(
         },
         "listener": {**certs.get("listener", {}), "server_names": list(server_names)},
         "trust_anchors": list(certs.get("trust_anchors", [])),
+        "servers": list(certs.get("servers", [])),
         "identity": {
             "backend": backend,
             "health": _health(backend, credential_problem, observations),
@@ -177,9 +196,28 @@ def document(
             "misses": int(misses),
             "stale_served": int(_total(registry, "sidecar_cache_stale_served")),
             "evictions": int(_total(registry, "sidecar_cache_evictions")),
+            "shared": _shared(registry) if shared_cache else None,
         },
         "refusals": list(reversed(observations.refusals)),
         "reports": {**reports, "outcomes": {k: int(v) for k, v in sorted(outcomes.items())}},
+    }
+
+
+def _shared(registry: CollectorRegistry) -> dict[str, Any]:
+    """The shared cache (identity.cache.shared), from the metrics ``/metrics`` exports."""
+    purges = {
+        labels.get("direction", ""): int(value)
+        for labels, value in counters(registry, "sidecar_cache_shared_purges")
+    }
+    return {
+        "up": _total(registry, "sidecar_cache_shared_up") == 1,
+        "hits": int(_total(registry, "sidecar_cache_shared_hits")),
+        "misses": int(_total(registry, "sidecar_cache_shared_misses")),
+        "skipped": int(_total(registry, "sidecar_cache_shared_skipped")),
+        "errors": int(_total(registry, "sidecar_cache_shared_errors")),
+        "fallback_seconds": round(_total(registry, "sidecar_cache_shared_fallback_seconds"), 1),
+        "purges_sent": purges.get("sent", 0),
+        "purges_received": purges.get("received", 0),
     }
 
 
@@ -263,10 +301,14 @@ def merge(workers: Sequence[Document | None], supervisor: Mapping[str, Any]) -> 
         },
         "listener": first.get("listener") or {"error": "no worker answered"},
         "trust_anchors": first.get("trust_anchors", []),
+        "servers": first.get("servers", []),
         "identity": identity,
         "cache": {
-            key: total("cache", key)
-            for key in ("entries", "hits", "misses", "stale_served", "evictions")
+            **{
+                key: total("cache", key)
+                for key in ("entries", "hits", "misses", "stale_served", "evictions")
+            },
+            "shared": _merge_shared([doc["cache"].get("shared") for _, doc in docs]),
         },
         "refusals": refusals[:SHOW_REFUSALS],
         "reports": {
@@ -278,6 +320,18 @@ def merge(workers: Sequence[Document | None], supervisor: Mapping[str, Any]) -> 
             "outcomes": dict(sorted(outcomes.items())),
         },
     }
+
+
+def _merge_shared(workers: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """The workers' shared-cache numbers added up: up only while every worker has Redis."""
+    answers = [w for w in workers if w is not None]
+    if not answers:
+        return None
+    merged: dict[str, Any] = {"up": all(bool(w.get("up")) for w in answers)}
+    for key in ("hits", "misses", "skipped", "errors", "purges_sent", "purges_received"):
+        merged[key] = sum(int(w.get(key, 0)) for w in answers)
+    merged["fallback_seconds"] = round(sum(float(w.get("fallback_seconds", 0)) for w in answers), 1)
+    return merged
 
 
 # ---- answering --------------------------------------------------------------------------------
@@ -384,6 +438,29 @@ def _expiry(cert: Mapping[str, Any]) -> str:
     return f'{_e(when)} UTC <span class="{css}">({_e(days)} days left)</span>'
 
 
+def _shared_rows(shared: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    if shared is None:
+        return [("shared cache", '<span class="muted">none (each worker caches alone)</span>')]
+    state = (
+        '<span class="ok">up</span>'
+        if shared.get("up")
+        else '<span class="bad">unreachable: each worker caches alone</span>'
+    )
+    return [
+        ("shared cache", state),
+        (
+            "shared hits",
+            f"{_e(shared.get('hits'))} hits, {_e(shared.get('misses'))} misses, "
+            f"{_e(shared.get('skipped'))} lookups without it, {_e(shared.get('errors'))} errors",
+        ),
+        ("without it", f"{_e(shared.get('fallback_seconds'))} s in all"),
+        (
+            "purges",
+            f"{_e(shared.get('purges_sent'))} sent, {_e(shared.get('purges_received'))} received",
+        ),
+    ]
+
+
 def render(doc: Document) -> str:
     """The HTML page for a (finished) status document."""
     s, identity, cache, reports = doc["sidecar"], doc["identity"], doc["cache"], doc["reports"]
@@ -458,6 +535,21 @@ def render(doc: Document) -> str:
             ]
         )
     )
+    sites = doc.get("servers") or []
+    if sites:
+        parts.append("<h2>Sites (servers[], chosen by SNI)</h2>")
+        parts.append(
+            "<table><tr><th>where</th><th>names</th><th>client certificate</th>"
+            "<th>certificate subject</th><th>expires</th></tr>"
+            + "".join(
+                f"<tr><td>{_e(site.get('origin'))}</td>"
+                f"<td>{_e(', '.join(site.get('server_names', [])))}</td>"
+                f"<td>{_e(site.get('client_certificate'))}</td>"
+                f"<td>{_e(site.get('subject', ''))}</td><td>{_expiry(site)}</td></tr>"
+                for site in sites
+            )
+            + "</table>"
+        )
     parts.append("<h2>Trust anchors</h2>")
     anchors = doc["trust_anchors"]
     parts.append(
@@ -518,6 +610,7 @@ def render(doc: Document) -> str:
                 ),
                 ("stale serves", _e(cache["stale_served"])),
                 ("evictions", _e(cache["evictions"])),
+                *_shared_rows(cache.get("shared")),
             ]
         )
     )
