@@ -142,7 +142,7 @@ def start(
 ) -> Start:
     """A sidecar with the identityplus backend aimed at the fake, in front of ``app``;
     ``reports`` is identity.identityplus.reports (None: left out), ``headers`` the headers
-    section's report names, ``cache`` identity.cache."""
+    section's report names, ``cache`` identity.cache, ``routes`` the routes."""
 
     async def run(
         *,
@@ -150,8 +150,11 @@ def start(
         backend: str = "identityplus",
         report_headers: dict[str, str] | None = None,
         cache: dict[str, Any] | None = None,
+        routes: list[dict[str, Any]] | None = None,
     ) -> Env:
         data = config_dir.base(app.port)
+        if routes is not None:
+            data["routes"] = routes
         if backend == "identityplus":
             identityplus: dict[str, Any] = {
                 "endpoint": fake_identityplus.url,

@@ -296,8 +296,12 @@ class Reporter:
     ) -> None:
         """The report headers of a response that has gone to the client (see ``submit``).
 
-        Only a request whose certificate was identified (its user announced upstream) can be
-        reported on: the application knows who it is answering then, and no one else.
+        Only a request whose certificate Identity Plus identified (its verdict, ``verdict_code``,
+        let the user be announced upstream) can be reported on: the application knows who it
+        is answering then, and no one else. A user without a verdict (a route where the
+        certificate alone decides) is not enough: Identity Plus knows certificates by serial
+        alone, and that certificate may be another issuer's, whose serial an Identity Plus
+        certificate of someone else may have.
         """
         origin = Origin("response", request_id, client_ip, path)
         if not self._config.enabled:
@@ -305,14 +309,16 @@ class Reporter:
                 self._refused(_kind(index), None, origin, "ignored", _OFF)
             return
         requests, refused = from_headers(captured)
-        if cert is None or user is None:
+        if cert is None or user is None or verdict_code is None:
             for request in requests:
                 self._refused(
                     request.kind,
                     None,
                     origin,
                     "ignored",
-                    "the request that produced this response had no identified certificate",
+                    "the request that produced this response had no identified certificate: "
+                    "Identity Plus did not identify it (no certificate, or a route where the "
+                    "certificate alone decides)",
                 )
             requests = []
         target = (
