@@ -846,6 +846,21 @@ def test_trust_reports_are_written_into_the_config(
     chart.validate_schema(TRUST_REPORTS)
 
 
+def test_trust_reports_and_the_shared_cache_are_both_written_into_the_config(
+    chart: helm.Chart, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # both write under identity (identityplus.reports and cache.shared): neither loses the other
+    values = merged(TRUST_REPORTS, {"sharedCache": {"url": "redis://valkey:6379/1"}})
+    objects = render(chart, values)
+    config = sidecar_config(objects)
+    assert config["identity"]["identityplus"]["reports"]["enabled"] is True
+    assert config["identity"]["cache"]["shared"] == {"url": "redis://valkey:6379/1"}
+    assert config["identity"]["backend"] == "identityplus"
+    config_path = lay_out_pod(objects, fake_cluster(tmp_path), tmp_path / "pod")
+    assert sidecar_main(["check-config", str(config_path)]) == 0, capsys.readouterr().err
+    chart.validate_schema(values)
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
