@@ -162,7 +162,6 @@ class Sidecar:
             forget=self._forget,
             metrics=self.metrics,
         )
-        self._told: set[asyncio.Task[None]] = set()
         self._certificates: dict[str, Any] = {}
         self.readiness = Readiness()
         self.tls = TLSState(*listener_contexts(config.tls, config.servers))
@@ -409,11 +408,9 @@ class Sidecar:
                     hint="other replicas, and Redis, keep this certificate's verdict until its ttl",
                 )
         if self.supervisor_socket is not None and not fleet:
-            # with the shared cache's purge the other workers heard it already (each is a
-            # replica of its own there)
-            task = asyncio.get_running_loop().create_task(self._tell_supervisor(target))
-            self._told.add(task)
-            task.add_done_callback(self._told.discard)
+            # With the shared cache's purge the other workers heard it already (each is a
+            # replica of its own there). Awaited: the report ends once every worker dropped it.
+            await self._tell_supervisor(target)
 
     async def _tell_supervisor(self, target: Target) -> None:
         assert self.supervisor_socket is not None
@@ -660,9 +657,6 @@ class Sidecar:
                 await self._ping
         # Reports being sent get a moment; the rest are logged as failed (their backend closes).
         await self.reporter.close(min(grace, 5.0))
-        for task in list(self._told):
-            task.cancel()
-        await asyncio.gather(*self._told, return_exceptions=True)
         for task, (old, new) in list(self._retired.items()):
             task.cancel()
             await _close_plan(old, keep=new)

@@ -536,4 +536,8 @@ async def test_a_flood_of_bad_headers_is_counted_in_full_and_logged_in_part(star
     with capture_logs() as logs:
         await env.get("/app/", ada, {"X-Identity-Trust": "lots"})
     [after] = events(logs, outcome="invalid")
-    assert after["suppressed"] == 40 - len(logged)
+    # Every one left out is counted by the next event logged: by this one, or (when the
+    # bucket refilled during the flood, on a slow machine) by one logged in between.
+    told = sum(int(e.get("suppressed", 0)) for e in [*logged, after])
+    assert len(logged) + told == 40
+    assert after.get("suppressed", 0) > 0 or any("suppressed" in e for e in logged)
