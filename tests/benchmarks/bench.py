@@ -1841,7 +1841,7 @@ def report(results: dict[str, Any]) -> str:
         f"{' (' + info['sidecar_build'] + ')' if 'sidecar_build' in info else ''}; "
         f"{info['nginx']}"
         f"{' (' + info['nginx_openssl'] + ')' if info.get('nginx_openssl') else ''}, "
-        f"{info.get('envoy', 'no Envoy')}, {info['wrk']}, "
+        f"{'no Envoy' if params.get('no_envoy') else info.get('envoy', 'no Envoy')}, {info['wrk']}, "
         f"Python {info['python']} ({info.get('python_openssl', '?')}), "
         f"aiohttp {info['aiohttp']}, uvloop {info['uvloop']}; "
         f"{params.get('placement', '')}; workers {workers_text}; "
