@@ -445,7 +445,7 @@ class Bench:
         res = loadgen.run_wrk(
             f"https://127.0.0.1:{target.port}{scenario.path}",
             connections=scenario.connections,
-            threads=self.placement.client_threads,
+            threads=self.args.wrk_threads or self.placement.client_threads,
             seconds=seconds,
             script=self.script(scenario),
             shim=self.shim,
@@ -1643,6 +1643,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-envoy", action="store_true", help="leave Envoy out (nginx and the sidecar only)"
     )
     p.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=None,
+        help="wrk's threads (default: one per CPU of the load generator, or half the CPUs "
+        "when nothing is pinned)",
+    )
+    p.add_argument(
         "--scenarios",
         default="all",
         help="comma-separated scenario keys (S1-c32, S2-new, ..., S4-fleet), groups (S1, S2, "
@@ -1692,6 +1699,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--workers: comma-separated numbers, not {args.workers!r}")
     if not args.workers or min(args.workers) < 1 or len(set(args.workers)) != len(args.workers):
         p.error("--workers: one or more distinct counts, each at least 1")
+    if args.wrk_threads is not None and args.wrk_threads < 1:
+        p.error("--wrk-threads must be at least 1")
     return args
 
 
@@ -1746,7 +1755,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"sidecar: {info['sidecar_source']}")
     print(
-        f"placement: {placement.describe()}; {args.reps} reps x {args.duration:g} s (+{args.warmup:g} s warm-up), workers {','.join(map(str, args.workers))}"
+        f"placement: {placement.describe()}; wrk threads {args.wrk_threads or placement.client_threads}; "
+        f"{args.reps} reps x {args.duration:g} s (+{args.warmup:g} s warm-up), workers {','.join(map(str, args.workers))}"
     )
     results: dict[str, Any] = {
         "machine": info,
@@ -1844,7 +1854,9 @@ def report(results: dict[str, Any]) -> str:
         f"{'no Envoy' if params.get('no_envoy') else info.get('envoy', 'no Envoy')}, {info['wrk']}, "
         f"Python {info['python']} ({info.get('python_openssl', '?')}), "
         f"aiohttp {info['aiohttp']}, uvloop {info['uvloop']}; "
-        f"{params.get('placement', '')}; workers {workers_text}; "
+        f"{params.get('placement', '')}"
+        f"{'; wrk threads ' + str(params['wrk_threads']) if params.get('wrk_threads') else ''}; "
+        f"workers {workers_text}; "
         f"{params.get('reps')} reps x {params.get('duration')} s\n\n"
     )
     arms = any(s.get("arms") for s in results["scenarios"])
