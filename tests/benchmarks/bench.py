@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -428,6 +429,39 @@ class Bench:
         if bare.requests == 0 or bare.errors["status"] != bare.requests:
             problems.append(f"nginx answered wrk without a client certificate: {bare.as_dict()}")
         out["problems"] = problems
+        return out
+
+    # ---- memory per idle connection ------------------------------------------------------
+
+    def idle_probe(self, targets: list[Target]) -> dict[str, Any]:
+        """RSS per idle keep-alive connection of each proxy: ``--idle-connections`` TLS
+        connections, each after one request, held open while the proxy's processes' RSS is
+        read. Run first, on processes that have served only the checks (a process keeps the
+        memory it once used, so later the growth would undercount)."""
+        count = self.args.idle_connections
+        self.say(f"\n== idle connections: RSS per open keep-alive connection ({count} connections)")
+        ctx = stack.client_context(self.pki, self.pki.client_cert, self.pki.client_key)
+        out: dict[str, Any] = {"connections": count, "arms": []}
+        for t in targets:
+            pids = stack.tree(t.proc.pid)
+            before = stack.rss_kib(pids)
+            opened, during = loadgen.hold_idle(t.port, count, ctx, partial(stack.rss_kib, pids))
+            per = round((during - before) / opened, 1) if opened else None
+            out["arms"].append(
+                {
+                    "target": t.name,
+                    "arm": t.arm,
+                    "workers": t.workers,
+                    "opened": opened,
+                    "rss_before_kib": before,
+                    "rss_with_connections_kib": during,
+                    "kib_per_connection": per,
+                }
+            )
+            self.say(
+                f"   {t.name:<11} {opened} open: RSS {before} -> {during} KiB, "
+                f"{per if per is not None else '-'} KiB per connection"
+            )
         return out
 
     # ---- one measurement ----------------------------------------------------------------
@@ -1458,6 +1492,22 @@ def arms_table(results: dict[str, Any]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def idle_text(idle: dict[str, Any]) -> str:
+    """Memory per idle keep-alive connection, each arm (fresh processes)."""
+    rows = [
+        f"| {r['workers']} | {_ARM_NAMES.get(r['arm'], r['arm'])} | {r['opened']} "
+        f"| {_kib(r['rss_before_kib'])} | "
+        f"{'-' if r['kib_per_connection'] is None else format(r['kib_per_connection'], '.0f')} |"
+        for r in idle["arms"]
+    ]
+    return (
+        f"\nMemory per idle connection: {idle['connections']} TLS keep-alive connections, one "
+        "request each, held open (RSS of the proxy's processes; fresh processes):\n\n"
+        "| workers | proxy | open | RSS before | KiB per connection |\n"
+        "| ---: | --- | ---: | ---: | ---: |\n" + "\n".join(rows) + "\n"
+    )
+
+
 def single_worker_table(results: dict[str, Any]) -> str:
     """The sidecar with one worker against nginx and Envoy with the most workers of the run:
     what one sidecar process gets beside a full-size reference (issue #19's first table)."""
@@ -1643,6 +1693,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-envoy", action="store_true", help="leave Envoy out (nginx and the sidecar only)"
     )
     p.add_argument(
+        "--idle-connections",
+        type=int,
+        default=500,
+        help="open this many keep-alive connections to each proxy before the scenarios and "
+        "report its RSS per connection (default 500; 0 skips it)",
+    )
+    p.add_argument(
         "--wrk-threads",
         type=int,
         default=None,
@@ -1780,6 +1837,9 @@ def main(argv: list[str] | None = None) -> int:
         if checks["problems"]:
             print("checks failed:\n  " + "\n  ".join(checks["problems"]), file=sys.stderr)
             return 1
+        if args.idle_connections > 0:
+            results["idle_connections"] = bench.idle_probe(bench.arms)
+            _write(out_path, results)
         versus: list[Target] = []
         if versus_src is not None:
             other = bench.start_sidecar(
@@ -1863,6 +1923,7 @@ def report(results: dict[str, Any]) -> str:
     return (
         head
         + (arms_table(results) + "\n" + single_worker_table(results) if arms else "")
+        + (idle_text(results["idle_connections"]) if "idle_connections" in results else "")
         + (
             (
                 "\nThe sidecar against nginx at "
