@@ -138,10 +138,6 @@ BUFFERING_KIB = 1024
 OTHER_LOAD_LIMIT = 0.3
 
 
-#: the proxies compared at equal workers, in the order each repetition runs them
-ARMS = ("nginx", "envoy", "sidecar")
-
-
 @dataclass
 class Target:
     """One proxy under test: how to reach it and which process tree is it."""
