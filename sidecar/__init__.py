@@ -3,6 +3,7 @@
 A request flows one way::
 
     TLS listener ── client certificate (tls, certs)
+                 ── revoked? (revocation: deny-list, CRLs, OCSP)
                  ── verdict (identity: cache → backend)
                  ── decision (policy: pure)
                  ── forward (upstream) | answer (responses)
@@ -14,7 +15,8 @@ listener's own HTTP/1.1 protocol: it serves requests without a body
 does not serve (a body, an upgrade, a malformed head) moves the connection to aiohttp's server
 (``server``). Both hold reading while a client is not taking its answers and cut it off
 after ``limits.send_timeout`` (``flow``). ``handler`` runs the path above as plain calls for
-every request, whichever protocol parsed it. ``config`` checks the YAML once
+every request, whichever protocol parsed it; before any cached verdict is used it asks
+``revocation`` whether the certificate is refused now. ``config`` checks the YAML once
 and hands each module its own frozen section; ``app`` assembles the listener and the
 upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
 ``build`` says whether the request path runs compiled (setup.py) or interpreted.

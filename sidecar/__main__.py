@@ -24,6 +24,7 @@ from .certs import read_certificates
 from .config import Config, load
 from .errors import CertificateError, ConfigError
 from .hosts import certificate_names
+from .revocation.report import summary as revocation_summary
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -123,9 +124,10 @@ def check_config(path: str | None) -> int:
 def config_warnings(config: Config) -> list[str]:
     """Risks a valid configuration leaves open, said by check-config and at start-up."""
     from .identity.issuers import issuer_risk
+    from .revocation.report import warnings
 
     risk = issuer_risk(config.tls, config.identity)
-    return [risk] if risk is not None else []
+    return ([risk] if risk is not None else []) + warnings(config.tls)
 
 
 def summary(config: Config) -> str:
@@ -139,6 +141,7 @@ def summary(config: Config) -> str:
         f"  client cert {config.tls.client_certificate}; {len(config.tls.client_ca)} CA file(s), "
         f"{len(config.tls.pinned_certificates)} pinned certificate(s)",
         f"  identity    backend={config.identity.backend}, cache ttl {config.identity.cache.ttl:g}s",
+        *revocation_summary(config.tls),
     ]
     identityplus = config.identity.identityplus
     if config.identity.backend == "identityplus" and identityplus and identityplus.issuers:

@@ -4,7 +4,8 @@
 starting, draining, or while the identity backend reports its own credentials broken);
 ``/metrics`` is the Prometheus text format; ``POST /cache/purge`` empties the verdict cache,
 or drops one certificate given by ``?serial=`` (decimal, ``0x`` hex or colon hex) or
-``?sha256=``. Keep this listener private: it has no authentication.
+``?sha256=``; ``/deny`` (``revocation.admin``) manages the run-time deny-list. Keep this
+listener private: it has no authentication.
 
 Browsers are kept out by one rule, ``refusal``, applied to every request by ``guard`` (the
 supervisor's listener uses it too): the ``Host`` must be a name this listener is known by

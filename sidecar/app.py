@@ -36,6 +36,10 @@ from .identity.static import StaticBackend
 from .listener import ListenerServer
 from .metrics import Metrics
 from .policy import Route, RouteTable
+from .revocation import report as revocation_report
+from .revocation.admin import deny_routes, read_runtime
+from .revocation.gate import Revocation, prepare
+from .revocation.watch import WatchedBackend
 from .tls import PeerCertificates, TLSState, server_context
 from .upstream import UpstreamClient
 
@@ -113,6 +117,12 @@ class Sidecar:
         self.readiness = Readiness()
         self.tls = TLSState(*server_context(config.tls))
         self.peer_certs = PeerCertificates()
+        #: long-lived: a reload applies a new configuration to it, run-time state stays
+        self.revocation = Revocation(
+            prepare(config.tls), lifetime=self.metrics.client_cert_lifetime.observe
+        )
+        self.revocation.forget = self._forget
+        self._client_cert_expiry = float("nan")
         self.handler: Handler | None = None
         self._server: asyncio.Server | None = None
         self._listener: ListenerServer | None = None
@@ -149,7 +159,13 @@ class Sidecar:
             lambda: self.peer_certs.expiring_within(7 * 86400)
         )
         self.metrics.agent_cert_expiry.set_function(self._agent_expiry)
+        self.metrics.bind_revocation(self.revocation)
         self._observe_certificates(self.config)
+        if self.admin_socket is not None:
+            # a worker the supervisor (re)started: the run-time deny entries it keeps
+            for sha256 in read_runtime(self.admin_socket.parent):
+                self.revocation.deny(sha256)
+        self.revocation.start()
         await self._start_admin()
         self._listener = ListenerServer(
             self.handler,
@@ -204,7 +220,8 @@ class Sidecar:
             if previous is not None and config.identity == previous[1].identity:
                 identity: Identity = previous[0].identity
             else:
-                cache = VerdictCache(build_backend(config.identity), config.identity.cache)
+                backend = WatchedBackend(build_backend(config.identity), self.revocation)
+                cache = VerdictCache(backend, config.identity.cache)
                 built.append(cache.close)
                 identity = cache
             return Plan(
@@ -214,6 +231,7 @@ class Sidecar:
                 rules=build_rules(config),
                 max_header_block=config.limits.max_header_block,
                 server_names=build_server_names(config),
+                revocation=self.revocation,
             )
         except BaseException:
             for close in reversed(built):
@@ -228,6 +246,8 @@ class Sidecar:
             config=self.config.admin,
         )
         self.readiness.checks.append(self._identity_problem)
+        self.readiness.checks.append(self.revocation.problem)
+        deny_routes(app, self.revocation)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         if self.admin_socket is not None:
@@ -255,7 +275,16 @@ class Sidecar:
     def _agent_expiry(self) -> float:
         cache = self._cache()
         expiry = getattr(cache.backend, "agent_expiry", None) if cache is not None else None
-        return float(expiry) if isinstance(expiry, float) else float("nan")
+        # the Identity Plus agent's (reloaded as its files change), else the http backend's
+        # client certificate (identity.http.certificate)
+        return float(expiry) if isinstance(expiry, float) else self._client_cert_expiry
+
+    def _forget(self, sha256: str | None, serial: int | None) -> None:
+        """Drop the cached verdicts of a certificate revocation found revoked."""
+        cache = self._cache()
+        if cache is None or (sha256 is None and serial is None):
+            return
+        cache.purge(sha256=sha256, serial=serial)
 
     def _identity_problem(self) -> str | None:
         cache = self._cache()
@@ -312,6 +341,7 @@ class Sidecar:
         try:
             new = await asyncio.to_thread(load, self.config_path)
             context, fingerprint = await asyncio.to_thread(server_context, new.tls)
+            revocation = await asyncio.to_thread(prepare, new.tls)
             plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
             return self._reload_failed(cause, exc.problems)
@@ -331,6 +361,7 @@ class Sidecar:
         trust_changed = self.tls.swap(context, fingerprint)
         if trust_changed and self._listener is not None:
             self._listener.retire()  # sessions from before the trust change serve no request
+        self.revocation.apply(revocation)
         self.handler.plan = plan
         if self._listener is not None:
             self._listener.apply_limits(new.limits)
@@ -365,6 +396,11 @@ class Sidecar:
             return
         if risk is not None:
             self.log.warning("identityplus_issuers_missing", risk=risk)
+        try:
+            for problem in revocation_report.warnings(config.tls):
+                self.log.warning("revocation_configuration", problem=problem)
+        except CertificateError:
+            return
 
     def _retire(self, old: Plan, new: Plan, *, delay: float) -> None:
         """Close what ``new`` does not reuse, once requests that started with ``old`` had time to end."""
@@ -389,11 +425,25 @@ class Sidecar:
                 await self.reload("file changed")
 
     def _observe_certificates(self, config: Config) -> None:
+        """The expiry gauges: the server certificate, every trust anchor, and the identity
+        backend's client certificate (the Identity Plus agent's is read from the backend)."""
         try:
             leaf = read_certificates(config.tls.certificate)[0]
             self.metrics.server_cert_expiry.set(leaf.not_valid_after_utc.timestamp())
         except CertificateError:
             pass
+        anchors = self.metrics.trust_anchor_expiry
+        anchors.clear()
+        for subject, sha256, expiry in revocation_report.anchor_expiries(config.tls):
+            anchors.labels(subject, sha256).set(expiry)
+        self._client_cert_expiry = float("nan")
+        http = config.identity.http
+        if config.identity.backend == "http" and http is not None and http.certificate:
+            try:
+                own = read_certificates(http.certificate)[0]
+                self._client_cert_expiry = own.not_valid_after_utc.timestamp()
+            except CertificateError:
+                pass
 
     # ---- stop -----------------------------------------------------------------------------
 
@@ -428,6 +478,7 @@ class Sidecar:
             await _close_plan(old, keep=new)
         if self.handler is not None:
             await _close_plan(self.handler.plan)
+        await self.revocation.close()
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
@@ -473,6 +524,11 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
         *config.tls.client_ca,
         *config.tls.pinned_certificates,
     ]
+    for path in config.tls.crl:
+        files.append(path)  # a folder's own change: a file added, removed, or ..data swapped
+        with contextlib.suppress(OSError):  # gone: the missing folder is the change seen
+            if path.is_dir():
+                files += sorted(p for p in path.iterdir() if not p.name.startswith("."))
     for user in config.identity.static.users:
         files += [b.file for b in user.certificates if b.file is not None]
     if config.identity.identityplus is not None:

@@ -36,6 +36,7 @@ from .policy import (
     Unavailable,
     decide,
 )
+from .revocation.gate import PENDING, Refusal, Revocation
 from .server import last_on_connection
 from .tls import requested_server_name
 from .upstream import BodyTimeout, BodyTooLarge, Forwarded, UpstreamClient
@@ -194,6 +195,8 @@ class Plan:
     max_header_block: int
     #: the names requests may address (Host, SNI); any other is 421
     server_names: ServerNames
+    #: whether a certificate is refused now (long-lived: the same object in every plan)
+    revocation: Revocation
 
 
 class Handler:
@@ -344,12 +347,19 @@ class Handler:
         ticket.route = route
         verdict: Verdict | None = None
         if cert is not None:
-            refusal = _certificate_refusal(cert, self.clock())
+            now = self.clock()
+            refusal = _certificate_refusal(cert, now)
             if refusal is not None:
                 self._deny(ticket, Deny(403, refusal[0], refusal[1]))
                 return
+            # revocation: refused before any cached verdict is used (deny-list, CRLs, OCSP);
+            # an answer still being fetched is waited for in _look_up (PENDING)
+            revoked = plan.revocation.check(cert, now)
+            if revoked is not None and revoked is not PENDING:
+                self._revoked(ticket, revoked)
+                return
             if route is not None:
-                verdict = plan.identity.peek(cert)
+                verdict = plan.identity.peek(cert) if revoked is None else None
                 if verdict is None:
                     ticket.step = LOOKUP
                     return
@@ -378,6 +388,12 @@ class Handler:
             self.metrics.identity_duration.labels(identity.name).observe(
                 time.perf_counter() - started
             )
+        # revocation: the last word before the verdict is used: the answer check() was
+        # waiting for, and whatever was loaded while the identity service answered
+        revoked = await ticket.plan.revocation.settle(cert)
+        if revoked is not None:
+            self._revoked(ticket, revoked)
+            return
         self._decide(ticket, verdict, backend_failed=verdict is None)
 
     def _decide(self, ticket: Ticket, verdict: Verdict | None, *, backend_failed: bool) -> None:
@@ -561,6 +577,34 @@ class Handler:
             ticket.request_id,
             headers={"Retry-After": str(retry_after)},
         )
+        ticket.done(response, outcome)
+
+    def _revoked(self, ticket: Ticket, refusal: Refusal) -> None:
+        """403 ``revoked`` (the connection is not kept), or 503 + Retry-After when the
+        certificate's revocation status cannot be told now (fail closed)."""
+        if refusal.status == 503:
+            outcome = Outcome(
+                503, "unavailable", refusal.code, ticket.route_label, verdict_code=refusal.code
+            )
+            response = self._error(
+                ticket.request,
+                503,
+                _sentence(refusal.reason),
+                ticket.request_id,
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        else:
+            outcome = Outcome(
+                refusal.status,
+                "denied",
+                refusal.code,
+                ticket.route_label,
+                verdict_code=refusal.code,
+            )
+            response = self._error(
+                ticket.request, refusal.status, _sentence(refusal.reason), ticket.request_id
+            )
+            response.force_close()
         ticket.done(response, outcome)
 
     def _deny(self, ticket: Ticket, deny: Deny) -> None:

@@ -283,6 +283,15 @@ class ClientConnection(asyncio.Protocol):
         # The first request head must arrive within header_timeout of the handshake.
         self._head_started = True
         self._set_deadline(server.limits.header_timeout)
+        # revocation: looked into as the connection starts, resumed sessions too: what its
+        # first request will need (a CRL, an OCSP answer) is fetched from now
+        try:
+            peer = server.peer_certs.from_ssl_object(transport.get_extra_info("ssl_object"))
+        except CertificateError:
+            peer = None  # unreadable: its first request says so (peer_certificate)
+        if peer is not None:
+            self._peer = peer
+            server.handler.plan.revocation.connection_started(peer)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()
