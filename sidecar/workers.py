@@ -39,7 +39,8 @@ from .admin import ADMIN_HEADER, guard
 from .config import Config
 from .revocation.admin import fingerprint_of, write_runtime
 
-_MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon")
+#: merged by the largest value: the same everywhere (a date, a list every worker holds)
+_MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon", "_deny_list_entries")
 #: merged by the smallest value: the worker whose CRL goes stale first is the one to alert on
 _MIN_GAUGES = ("_next_update_timestamp_seconds",)
 _MONOTONIC = frozenset({"counter", "histogram", "summary"})

@@ -18,6 +18,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -416,7 +417,12 @@ async def test_an_expired_crl_refuses_its_certificates_and_makes_the_process_unr
         running = await start_sidecar(with_crl(config_dir, upstream, expired))
         assert unavailable_reply(await fetch(running, "/public/x", certs.bob))
         assert unavailable_reply(await fetch(running, "/admin/x", certs.alice))
-        await asyncio.sleep(0.3)
+        await eventually(
+            lambda: any(e["event"] == "crl_expired" for e in events), "the loud log line"
+        )
+        await asyncio.sleep(0.3)  # several more ticks: still one line (once a minute)
+    status, body = await curl(running, certs.bob, "/public/y")
+    assert (status, json.loads(body)["detail"]) == (503, UNAVAILABLE_DETAIL)
     assert upstream.seen == []
     status, ready = await admin(running, "GET", "/readyz")
     assert status == 503 and ready["reason"].startswith(
@@ -430,7 +436,7 @@ async def test_an_expired_crl_refuses_its_certificates_and_makes_the_process_unr
     next_update = metric(text, "sidecar_crl_next_update_timestamp_seconds", issuer=issuer)
     assert expired.next_update_utc is not None
     assert abs(next_update - expired.next_update_utc.timestamp()) < 1
-    assert metric(text, "sidecar_revocation_checks_total", outcome="unavailable") == 2
+    assert metric(text, "sidecar_revocation_checks_total", outcome="unavailable") == 3
 
 
 async def test_crl_grace_keeps_an_expired_crl_in_use(
@@ -452,6 +458,7 @@ async def test_crl_grace_keeps_an_expired_crl_in_use(
         assert (await fetch(running, "/public/x", certs.bob)).status == 200
         # a certificate listed in it stays refused, however old the CRL
         assert revoked_reply(await fetch(running, "/public/x", certs.alice))
+        await eventually(lambda: any(e["event"] == "crl_stale" for e in events), "the warning")
         await asyncio.sleep(0.3)
     assert (await admin(running, "GET", "/readyz"))[0] == 200
     [warning] = [e for e in events if e["event"] == "crl_stale"]
@@ -461,12 +468,18 @@ async def test_crl_grace_keeps_an_expired_crl_in_use(
 async def test_the_grace_ends_while_the_process_runs(
     start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
 ) -> None:
-    """The answer computed for a certificate holds only until its CRL passes its grace."""
+    """The answer remembered for a certificate holds only until its CRL passes its grace (the
+    request path's clock moved on by two hours rather than waited for)."""
     certs = config_dir.certs
-    ending = make_crl(certs.pki.client_intermediate, [], next_update=dt.timedelta(seconds=2))
-    running = await start_sidecar(with_crl(config_dir, upstream, ending))
+    ending = make_crl(certs.pki.client_intermediate, [], next_update=dt.timedelta(hours=1))
+    running = await start_sidecar(with_crl(config_dir, upstream, ending, crl_grace="30m"))
+    assert running.sidecar.handler is not None
+    shift = 0.0
+    running.sidecar.handler.clock = lambda: time.time() + shift
     assert (await fetch(running, "/public/x", certs.bob)).status == 200
-    await asyncio.sleep(2.5)
+    shift = 4500.0  # past nextUpdate (1 h), within the grace (30 min)
+    assert (await fetch(running, "/public/x", certs.bob)).status == 200
+    shift = 7200.0
     assert unavailable_reply(await fetch(running, "/public/x", certs.bob))
 
 
@@ -588,21 +601,23 @@ async def test_a_distribution_point_that_fails_fails_closed(
     config_dir: ConfigDir,
     upstream: Upstream,
     distribution_point: DistributionPoint,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     intermediate = config_dir.certs.pki.client_intermediate
     url = distribution_point.url("/int.crl")
     who = client_with(intermediate, "Traveller", crl_urls=[url])
+    monkeypatch.setattr(fetch_module, "_BACKOFF_FIRST", 4.0)
     running = await start_sidecar(fetching(config_dir, upstream))
     distribution_point.status = 500
     distribution_point.files["/int.crl"] = der(make_crl(intermediate, []))
     assert unavailable_reply(await fetch(running, "/public/x", who))
     # within the backoff the point is not asked again, whatever the traffic
-    for _ in range(5):
+    for _ in range(3):
         assert unavailable_reply(await fetch(running, "/public/x", who))
     assert distribution_point.hits == {"/int.crl": 1}
     assert upstream.seen == []
     distribution_point.status = 200
-    await asyncio.sleep(2.1)  # the first backoff
+    await asyncio.sleep(4.1)  # the first backoff
     assert (await fetch(running, "/public/x", who)).status == 200
 
 
@@ -624,12 +639,13 @@ async def test_a_crl_that_cannot_be_had_in_time_or_trusted_is_no_crl(
         crl = make_crl(intermediate, [], signer=make_ca("Test Client Intermediate"))
     distribution_point.files["/int.crl"] = der(crl)
     if fault == "slow":
-        distribution_point.delay = 3
+        distribution_point.delay = 10
     limits = {"max_size": 65536} if fault == "too-large" else {}
     running = await start_sidecar(fetching(config_dir, upstream, **limits))
     started = asyncio.get_running_loop().time()
     assert unavailable_reply(await fetch(running, "/public/x", who))
-    assert asyncio.get_running_loop().time() - started < 2.5  # bounded by the 1 s timeout
+    # bounded by the 1 s timeout, not by the 10 s the slow point takes
+    assert asyncio.get_running_loop().time() - started < 8
     kind = {"slow": "timeout", "too-large": "too-large", "forged": "bad-crl", "down": "connect"}
     _, text = await admin(running, "GET", "/metrics")
     assert metric(text, "sidecar_crl_fetches_total", result=kind[fault]) == 1
@@ -648,12 +664,13 @@ async def test_a_fetched_crl_is_fetched_again_before_its_next_update(
     intermediate = config_dir.certs.pki.client_intermediate
     url = distribution_point.url("/int.crl")
     who = client_with(intermediate, "Traveller", crl_urls=[url])
+    # valid for another minute, and due to be fetched again at once (80 % of its life passed)
     distribution_point.files["/int.crl"] = der(
         make_crl(
             intermediate,
             [],
-            this_update=dt.timedelta(seconds=-8),
-            next_update=dt.timedelta(seconds=2),
+            this_update=dt.timedelta(minutes=-10),
+            next_update=dt.timedelta(minutes=1),
         )
     )
     running = await start_sidecar(fetching(config_dir, upstream))
@@ -685,6 +702,10 @@ async def test_denied_certificates_are_refused_whatever_the_ca_and_backend_say(
         assert revoked_reply(await fetch(running, "/admin/x", who))
         assert revoked_reply(await fetch(running, "/public/x", who))
     assert (await fetch(running, "/public/x", certs.stranger)).status == 200
+    assert [s.raw_path for s in upstream.seen] == ["/public/x"]
+    for who in (certs.alice, certs.bob):  # curl too
+        status, body = await curl(running, who, "/public/y")
+        assert (status, json.loads(body)["detail"]) == (403, REVOKED_DETAIL)
     assert [s.raw_path for s in upstream.seen] == ["/public/x"]
 
 
@@ -823,6 +844,8 @@ async def test_deny_reaches_every_worker_and_a_restarted_one(
             assert set(await statuses(session)) == {403}  # the new worker denies it too
             async with session.get(f"{base}/deny") as resp:
                 assert (await resp.json())["runtime"] == [alice]
+            async with session.get(f"{base}/metrics") as resp:  # every worker holds the one entry
+                assert metric(await resp.text(), "sidecar_deny_list_entries", source="runtime") == 1
             async with session.delete(f"{base}/deny?sha256={alice}", headers=header) as resp:
                 assert resp.status == 200
             assert set(await statuses(session)) == {200}
