@@ -38,6 +38,7 @@ from .metrics import Metrics
 from .policy import Route, RouteTable
 from .revocation import report as revocation_report
 from .revocation.admin import deny_routes, read_runtime
+from .revocation.client import HttpTransport
 from .revocation.gate import Revocation, prepare
 from .revocation.watch import WatchedBackend
 from .tls import PeerCertificates, TLSState, server_context
@@ -119,7 +120,9 @@ class Sidecar:
         self.peer_certs = PeerCertificates()
         #: long-lived: a reload applies a new configuration to it, run-time state stays
         self.revocation = Revocation(
-            prepare(config.tls), lifetime=self.metrics.client_cert_lifetime.observe
+            prepare(config.tls),
+            transports=HttpTransport,
+            lifetime=self.metrics.client_cert_lifetime.observe,
         )
         self.revocation.forget = self._forget
         self._client_cert_expiry = float("nan")

@@ -26,9 +26,10 @@ from sidecar.certs import ClientCert
 from sidecar.config import CRLFetchConfig, TLSConfig
 from sidecar.revocation import crl as crls
 from sidecar.revocation.chain import Anchors, crl_urls
+from sidecar.revocation.client import HttpTransport
 from sidecar.revocation.deny import issuer_key
-from sidecar.revocation.fetch import CRLFetcher
-from sidecar.revocation.gate import Revocation, prepare
+from sidecar.revocation.fetch import CRLFetcher, FetchError
+from sidecar.revocation.gate import PENDING, Revocation, prepare
 from sidecar.revocation.ocsp import OCSPError, read_answer
 
 from .pki import Issued, make_ca, make_leaf
@@ -48,6 +49,28 @@ def _now() -> dt.datetime:
 
 def client(who: Issued) -> ClientCert:
     return ClientCert.from_der(who.der)
+
+
+class Offline:
+    """A transport with no network behind it: every exchange fails (as a cut cable would)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        limit: int,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        accept: str,
+    ) -> bytes:
+        raise FetchError("connect", "offline")
+
+    async def close(self) -> None:
+        pass
 
 
 def tls_config(folder: Path, **keys: Any) -> TLSConfig:
@@ -264,7 +287,9 @@ class DenyMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.folder = Path(tempfile.mkdtemp(prefix="deny-machine-"))
-        self.revocation = Revocation(prepare(tls_config(self.folder, deny=[{"sha256": "ab" * 32}])))
+        self.revocation = Revocation(
+            prepare(tls_config(self.folder, deny=[{"sha256": "ab" * 32}])), transports=Offline
+        )
         self.denied: set[int] = set()
         self.certs = [client(who) for who in LEAVES]
 
@@ -311,7 +336,7 @@ def test_a_remembered_answer_ends_when_the_crl_passes_its_grace(
     (folder / "ca.crl").write_bytes(der(make_crl(CA, [99])))
     config = tls_config(folder, crl=["ca.crl"], crl_grace=grace)
     next_update = config.crls()[0].next_update
-    revocation = Revocation(prepare(config))
+    revocation = Revocation(prepare(config), transports=Offline)
     cert = client(LEAVES[0])
     for offset in sorted(probes):
         now = next_update + offset
@@ -326,7 +351,7 @@ def test_a_certificate_listed_in_any_crl_is_revoked_even_an_expired_one(tmp_path
     (tmp_path / "ca.crl").write_bytes(
         der(make_crl(CA, [LEAVES[1].cert.serial_number], next_update=dt.timedelta(seconds=-1)))
     )
-    revocation = Revocation(prepare(tls_config(tmp_path, crl=["ca.crl"])))
+    revocation = Revocation(prepare(tls_config(tmp_path, crl=["ca.crl"])), transports=Offline)
     refused = revocation.check(client(LEAVES[1]), dt.datetime.now(dt.UTC).timestamp())
     assert refused is not None and (refused.status, refused.code) == (403, "revoked")
 
@@ -336,7 +361,7 @@ def test_pinned_and_self_signed_certificates_are_trusted_as_themselves(tmp_path:
     device.write(tmp_path, "device")
     (tmp_path / "ca.crl").write_bytes(der(make_crl(CA, [])))
     config = tls_config(tmp_path, crl=["ca.crl"], pinned_certificates=["device.pem"])
-    revocation = Revocation(prepare(config))
+    revocation = Revocation(prepare(config), transports=Offline)
     assert revocation.check(client(device), 0.0) is None  # no CA can revoke it
     facts = Anchors([CA.cert], [device.cert]).facts(client(device))
     assert facts.self_trusted and facts.links == ()
@@ -486,6 +511,7 @@ async def test_fetched_crls_are_bounded_in_entries_and_bytes(
         CRLFetchConfig(enabled=True, max_entries=2, max_bytes=200_000, max_size=100_000),
         lambda data, url: crls.verify(data, anchors, url),
         lambda new, old: kept.append(new.source),
+        HttpTransport,
     )
     try:
         for i in range(4):
@@ -533,5 +559,84 @@ def test_revocation_keys_as_operators_write_them(tmp_path: Path) -> None:
     )
     [entry] = loaded.deny
     assert (entry.issuer_key, entry.serial_number) == ("cn=unit issuing ca", 42)
-    refused = Revocation(prepare(loaded)).check(client(make_leaf(CA, "x", serial=42)), 0.0)
+    refused = Revocation(prepare(loaded), transports=Offline).check(
+        client(make_leaf(CA, "x", serial=42)), 0.0
+    )
     assert refused is not None and (refused.status, refused.detail) == (403, "on tls.deny")
+
+
+# ---- OCSP through the gate, with a scripted responder -------------------------------------------
+
+
+class Scripted:
+    """A transport whose OCSP responder is a function (status → response DER), counting calls;
+    it is its own factory (``transports=``)."""
+
+    def __init__(self, status: ocsp.OCSPCertStatus | None) -> None:
+        self.status = status
+        self.calls = 0
+
+    def __call__(self, timeout: float) -> Scripted:
+        return self
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        limit: int,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        accept: str,
+    ) -> bytes:
+        self.calls += 1
+        assert (method, content_type, accept) == (
+            "POST",
+            "application/ocsp-request",
+            "application/ocsp-response",
+        )
+        asked = ocsp.load_der_ocsp_request(body or b"")
+        assert asked.serial_number == LEAVES[0].cert.serial_number
+        await asyncio.sleep(0.01)  # an answer takes a moment: concurrent checks wait for one
+        if self.status is None:
+            raise FetchError("timeout", "no answer within 1 s")
+        return response(LEAVES[0], status=self.status, nonce=None)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("answer", "mode", "status"),
+    [
+        (ocsp.OCSPCertStatus.GOOD, "hard", None),
+        (ocsp.OCSPCertStatus.REVOKED, "soft", 403),
+        (ocsp.OCSPCertStatus.UNKNOWN, "soft", None),
+        (ocsp.OCSPCertStatus.UNKNOWN, "hard", 503),
+        (None, "soft", None),
+        (None, "hard", 503),
+    ],
+)
+async def test_ocsp_is_asked_once_waited_for_and_remembered(
+    tmp_path: Path, answer: ocsp.OCSPCertStatus | None, mode: str, status: int | None
+) -> None:
+    responder = Scripted(answer)
+    config = tls_config(tmp_path, ocsp=mode, ocsp_responder="http://ocsp.invalid/")
+    revocation = Revocation(prepare(config), transports=responder)
+    cert = client(LEAVES[0])
+    now = dt.datetime.now(dt.UTC).timestamp()
+    try:
+        assert revocation.check(cert, now) is PENDING
+        assert revocation.check(cert, now) is PENDING  # the same question, not a second
+        settled = await asyncio.gather(revocation.settle(cert), revocation.settle(cert))
+        for refused in settled:
+            assert (refused.status if refused is not None else None) == status
+        assert responder.calls == 1
+        # remembered: the answer, or the failure for FAILURE_HOLD
+        again = revocation.check(cert, now)
+        assert (again.status if again is not None else None) == status
+        assert responder.calls == 1
+        counts = revocation.outcome_counts()
+        assert sum(counts.values()) == 3  # two settled requests and one more check
+    finally:
+        await revocation.close()

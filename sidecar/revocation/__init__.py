@@ -16,7 +16,11 @@ this package says whether it has been withdrawn since. Four sources, any of whic
 the chain the client sent). ``gate.Revocation`` puts it together for the request path: one
 synchronous ``check`` per request (a dict lookup, keyed by the certificate's fingerprint and
 valid for the current generation of revocation data), ``settle`` to wait for an answer still
-on its way, and ``connection_started`` as a connection's handshake completes. Nothing here is
-imported by the package itself: ``config`` reads and verifies CRL files with ``crl``, and
+on its way, and ``connection_started`` as a connection's handshake completes. ``client`` is
+the one module that talks to the network (aiohttp): the application hands its
+``HttpTransport`` to ``gate``, so nothing the request path imports needs aiohttp.
+``watch`` passes the identity backend's word on (Identity Plus ``PB 0004``/``PB 0005``);
+``report`` is check-config's. Nothing here is imported by the package itself: ``config``
+reads and verifies CRL files with ``crl`` and ``deny``, which import nothing else of it, and
 ``gate`` imports ``config``.
 """

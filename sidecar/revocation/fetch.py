@@ -1,9 +1,7 @@
-"""Revocation data over HTTP: one bounded exchange, and the cache of CRLs fetched from the
-distribution points that certificates name (``tls.crl_fetch``).
-
-``exchange`` makes one GET or POST bounded in time and size and turns every aiohttp failure
-into ``FetchError`` with a short ``kind`` fit for a metrics label. Redirects are not followed
-(RFC 5280 and RFC 6960 practice: the URL a CA put in its certificates is the address).
+"""The cache of CRLs fetched from the distribution points that certificates name
+(``tls.crl_fetch``), and the ``Transport`` it fetches through (``client.HttpTransport``, given
+by the application, so that nothing the request path imports needs aiohttp), which raises
+``FetchError`` with a short ``kind`` fit for a metrics label.
 
 ``CRLFetcher`` keeps one slot per URL: the CRL last fetched from it (verified against the
 trust anchors before it is kept), when to fetch it again, and the fetch in flight. It is
@@ -21,8 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-import aiohttp
+from typing import Protocol
 
 from ..config import CRLFetchConfig
 from ..log import get_logger
@@ -48,70 +45,27 @@ class FetchError(Exception):
         super().__init__(f"{kind}: {reason}")
 
 
-def new_session(timeout: float) -> aiohttp.ClientSession:
-    """A session for revocation data: ``timeout`` bounds a whole exchange; bodies are read as
-    sent (``auto_decompress`` off), so their size is what is held."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=32, keepalive_timeout=30.0),
-        timeout=aiohttp.ClientTimeout(total=timeout),
-        raise_for_status=False,
-        trust_env=False,
-        auto_decompress=False,
-    )
+class Transport(Protocol):
+    """One HTTP exchange for revocation data (``client.HttpTransport``; a fake in tests)."""
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        limit: int,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        accept: str,
+    ) -> bytes:
+        """The body of an HTTP 200 answer, at most ``limit`` bytes; raises ``FetchError``."""
+        ...
+
+    async def close(self) -> None: ...
 
 
-async def exchange(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    *,
-    limit: int,
-    body: bytes | None = None,
-    content_type: str | None = None,
-    accept: str,
-) -> bytes:
-    """The body of an HTTP 200 answer, at most ``limit`` bytes; raises ``FetchError``."""
-    headers = {"Accept": accept, "Accept-Encoding": "identity"}
-    if content_type is not None:
-        headers["Content-Type"] = content_type
-    try:
-        async with session.request(
-            method, url, data=body, headers=headers, allow_redirects=False
-        ) as response:
-            if response.status != 200:
-                _abandon(response)
-                what = " (a redirect, not followed)" if 300 <= response.status < 400 else ""
-                raise FetchError("http-status", f"HTTP {response.status}{what}")
-            length = response.content_length
-            if length is not None and length > limit:
-                _abandon(response)
-                raise FetchError("too-large", f"announced {length} bytes, more than {limit}")
-            data = bytearray()
-            while chunk := await response.content.readany():
-                data += chunk
-                if len(data) > limit:
-                    _abandon(response)
-                    raise FetchError("too-large", f"more than {limit} bytes")
-            return bytes(data)
-    except TimeoutError:
-        limit_s = session.timeout.total
-        raise FetchError("timeout", f"no answer within {limit_s:g} s") from None
-    except aiohttp.ClientConnectorError as exc:
-        raise FetchError("connect", f"cannot connect: {exc.strerror or exc}") from None
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError):
-        raise FetchError("reset", "the connection was reset") from None
-    except aiohttp.ClientError as exc:
-        raise FetchError("protocol", f"the exchange failed ({type(exc).__name__})") from None
-    except ValueError as exc:  # a URL aiohttp cannot use
-        raise FetchError("protocol", f"unusable URL: {exc}") from None
-
-
-def _abandon(response: aiohttp.ClientResponse) -> None:
-    """Drop the connection at once rather than read a body of no use."""
-    connection = response.connection
-    if connection is not None and connection.transport is not None:
-        connection.transport.abort()
-    response.release()
+#: a new ``Transport`` whose exchanges are each bounded by this many seconds
+Transports = Callable[[float], Transport]
 
 
 @dataclass(slots=True)
@@ -138,24 +92,26 @@ class CRLFetcher:
         config: CRLFetchConfig,
         verify: Callable[[bytes, str], CRL],
         loaded: Callable[[CRL, CRL | None], None],
+        transports: Transports,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self._verify = verify
         self._loaded = loaded
+        self._transports = transports
         self._clock = clock
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._bytes = 0
-        self._session: aiohttp.ClientSession | None = None
+        self._http: Transport | None = None
         #: fetch results by kind (``ok``, ``timeout``, ``bad-crl``, ...), for the metrics
         self.results: dict[str, int] = {}
 
     def configure(self, config: CRLFetchConfig) -> None:
-        """New limits (a reload): the session is made again with the new timeout."""
-        if config.timeout != self.config.timeout and self._session is not None:
-            session, self._session = self._session, None
-            asyncio.get_running_loop().create_task(session.close())
+        """New limits (a reload): the transport is made again with the new timeout."""
+        if config.timeout != self.config.timeout and self._http is not None:
+            http, self._http = self._http, None
+            asyncio.get_running_loop().create_task(http.close())
         self.config = config
         self._evict()
 
@@ -225,10 +181,10 @@ class CRLFetcher:
 
     async def _fetch(self, url: str, slot: _Slot) -> None:
         try:
-            if self._session is None:
-                self._session = new_session(self.config.timeout)
-            der = await exchange(
-                self._session, "GET", url, limit=self.config.max_size, accept="application/pkix-crl"
+            if self._http is None:
+                self._http = self._transports(self.config.timeout)
+            der = await self._http.exchange(
+                "GET", url, limit=self.config.max_size, accept="application/pkix-crl"
             )
             try:
                 crl = self._verify(der, url)
@@ -308,7 +264,7 @@ class CRLFetcher:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
+        if self._http is not None:
             with contextlib.suppress(Exception):
-                await self._session.close()
-            self._session = None
+                await self._http.close()
+            self._http = None

@@ -41,7 +41,7 @@ from ..log import get_logger
 from .chain import Anchors, Facts
 from .crl import CRL, newest, verify
 from .deny import DenyList
-from .fetch import CRLFetcher
+from .fetch import CRLFetcher, Transports
 from .ocsp import Answer, OCSPClient
 
 log = get_logger("sidecar.revocation")
@@ -132,10 +132,13 @@ class Revocation:
         self,
         prepared: Prepared,
         *,
+        transports: Transports,
         lifetime: Callable[[float], object] = lambda seconds: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        #: how CRLs and OCSP answers are fetched (``client.HttpTransport``, from the application)
+        self._transports = transports
         self._lifetime = lifetime
         self._generation = 0
         self._memo: dict[str, _Memo] = {}
@@ -151,7 +154,10 @@ class Revocation:
         self._by_ca: dict[str, list[CRL]] = {}
         self._fetcher: CRLFetcher | None = None
         self._ocsp = OCSPClient(
-            timeout=prepared.config.ocsp_timeout, max_age=prepared.config.ocsp_max_age, clock=clock
+            timeout=prepared.config.ocsp_timeout,
+            max_age=prepared.config.ocsp_max_age,
+            transports=transports,
+            clock=clock,
         )
         self._ocsp.answered = self._answered
         self._logged: dict[tuple[str, bool, bool, frozenset[str] | None], float] = {}
@@ -185,7 +191,11 @@ class Revocation:
         if config.crl_fetch.enabled:
             if self._fetcher is None:
                 self._fetcher = CRLFetcher(
-                    config.crl_fetch, self._verify_fetched, self._fetched, clock=self._clock
+                    config.crl_fetch,
+                    self._verify_fetched,
+                    self._fetched,
+                    self._transports,
+                    clock=self._clock,
                 )
             else:
                 self._fetcher.configure(config.crl_fetch)

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-import aiohttp
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,7 +40,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 
 from ..log import get_logger
-from .fetch import FetchError, exchange, new_session
+from .fetch import FetchError, Transport, Transports
 
 log = get_logger("sidecar.revocation")
 
@@ -265,7 +264,12 @@ class OCSPClient:
     """Answers by certificate fingerprint (see the module's docstring)."""
 
     def __init__(
-        self, *, timeout: float, max_age: float, clock: Callable[[], float] = time.time
+        self,
+        *,
+        timeout: float,
+        max_age: float,
+        transports: Transports,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.timeout = timeout
         self.max_age = max_age
@@ -273,16 +277,17 @@ class OCSPClient:
         self._answers: OrderedDict[str, Answer] = OrderedDict()
         self._failures: dict[str, Failure] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._transports = transports
+        self._http: Transport | None = None
         #: exchanges by result: good, revoked, unknown, or the failure's kind
         self.results: dict[str, int] = {}
         #: told of each answer kept: (fingerprint, answer)
         self.answered: Callable[[str, Answer], None] = lambda sha256, answer: None
 
     def configure(self, *, timeout: float, max_age: float) -> None:
-        if timeout != self.timeout and self._session is not None:
-            session, self._session = self._session, None
-            asyncio.get_running_loop().create_task(session.close())
+        if timeout != self.timeout and self._http is not None:
+            http, self._http = self._http, None
+            asyncio.get_running_loop().create_task(http.close())
         self.timeout, self.max_age = timeout, max_age
 
     def clear(self) -> None:
@@ -339,10 +344,9 @@ class OCSPClient:
     ) -> None:
         try:
             nonce = os.urandom(16)
-            if self._session is None:
-                self._session = new_session(self.timeout)
-            der = await exchange(
-                self._session,
+            if self._http is None:
+                self._http = self._transports(self.timeout)
+            der = await self._http.exchange(
                 "POST",
                 url,
                 limit=MAX_RESPONSE,
@@ -376,7 +380,7 @@ class OCSPClient:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
+        if self._http is not None:
             with contextlib.suppress(Exception):
-                await self._session.close()
-            self._session = None
+                await self._http.close()
+            self._http = None
