@@ -167,7 +167,7 @@ class Sidecar:
         if self.admin_socket is not None:
             # a worker the supervisor (re)started: the run-time deny entries it keeps
             for sha256 in read_runtime(self.admin_socket.parent):
-                self.revocation.deny(sha256)
+                self.revocation.deny(sha256, announce=False)
         self.revocation.start()
         await self._start_admin()
         self._listener = ListenerServer(

@@ -640,3 +640,15 @@ async def test_ocsp_is_asked_once_waited_for_and_remembered(
         assert sum(counts.values()) == 3  # two settled requests and one more check
     finally:
         await revocation.close()
+
+
+def test_only_entries_made_here_are_announced(tmp_path: Path) -> None:
+    """on_revoked is the hook a fleet-wide channel publishes from: an entry that came from
+    that channel (announce=False) must not be published back."""
+    revocation = Revocation(prepare(tls_config(tmp_path)), transports=Offline)
+    told: list[tuple[str, str]] = []
+    revocation.on_revoked.append(lambda sha256, why: told.append((sha256, why)))
+    assert revocation.deny("aa" * 32)
+    assert revocation.deny("bb" * 32, announce=False)
+    assert told == [("aa" * 32, "the deny-list (run time)")]
+    assert revocation.denied()["runtime"] == ["aa" * 32, "bb" * 32]

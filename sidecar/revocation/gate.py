@@ -453,15 +453,18 @@ class Revocation:
 
     # ---- the deny-list at run time (admin listener) -----------------------------------------
 
-    def deny(self, sha256: str) -> bool:
+    def deny(self, sha256: str, *, announce: bool = True) -> bool:
         """Refuse a certificate from now on (every request, open connections included); drops
-        its cached verdict. False when it was denied at run time already."""
+        its cached verdict. False when it was denied at run time already. ``announce=False``
+        for an entry that came from elsewhere (a supervisor's list, a fleet-wide channel):
+        ``on_revoked`` is not told, so that it is not sent back where it came from."""
         if sha256 in self._deny.runtime:
             return False
         self._deny.runtime.add(sha256)
         self._update()
         self._drop(sha256, None)
-        self._tell(sha256, "the deny-list (run time)")
+        if announce:
+            self._tell(sha256, "the deny-list (run time)")
         log.warning("deny_added", cert_sha256=sha256)
         return True
 
