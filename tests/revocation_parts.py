@@ -26,6 +26,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
+from sidecar.config import TLSConfig
+from sidecar.revocation.chain import Anchors
+from sidecar.revocation.fetch import Transport
+from sidecar.revocation.gate import Prepared, Revocation
+
 from .pki import Issued, new_key
 from .servers import serve_app
 
@@ -338,3 +343,19 @@ class Relay:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
+
+
+def no_revocation() -> Revocation:
+    """Revocation with nothing configured, which refuses nothing: for a plan built by hand."""
+
+    def no_network(timeout: float) -> Transport:
+        raise AssertionError("revocation with nothing configured asked the network")
+
+    return Revocation(
+        Prepared(
+            TLSConfig.model_construct(certificate=Path(), key=Path()),
+            Anchors([], []),
+            frozenset(),
+        ),
+        transports=no_network,
+    )

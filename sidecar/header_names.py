@@ -1,0 +1,57 @@
+"""The header names the sidecar itself frames, routes or strips requests by.
+
+``headers`` applies them to every request; ``config`` keeps them out of what may be configured
+as an identity header (``SIDECAR_HEADERS``) or stripped (``FRAMING``). Lower case; header names
+are compared with underscores read as dashes (``headers.normal_name``).
+"""
+
+from __future__ import annotations
+
+# RFC 9110 §7.6.1 plus the de-facto ones proxies drop.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Headers by which an application learns who the client is, how it came in and under which
+# path prefix it is served: only trusted proxies may send them. Every other X-Forwarded-*
+# (-Server, -Ssl, -Scheme, -Uri, ...) is one of them too: ``headers`` strips them by prefix.
+FORWARDING = frozenset(
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+        # the path prefix the application is mounted under: Spring's ForwardedHeaderFilter,
+        # Symfony, Laravel and Traefik put it in front of the path and of the links they build
+        "x-forwarded-prefix",
+        # the client's address, in the spellings of CDNs and load balancers (Akamai and
+        # Cloudflare Enterprise, Cloudflare, Rackspace/Riverbed, and frameworks that read
+        # them first: Laravel, Django packages, ASP.NET helpers); rate limits, audit logs and
+        # address allow-lists believe them
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+    }
+)
+# Headers with which an application serves another path than the request line's: IIS URL
+# Rewrite and ASP.NET read X-Original-URL, Zend Framework 1 and old Symfony (before 2.8.44
+# and 3.4.14, CVE-2018-14773) X-Rewrite-URL and X-Original-URL. The sidecar's policy judged
+# the request line, and a path in a header would be judged by nobody: no peer may send
+# them, trusted proxy or not.
+REROUTING = frozenset({"x-original-url", "x-rewrite-url"})
+#: what the upstream needs to frame and route a request: never removed
+FRAMING = frozenset({"host", "content-length"})
+#: every name above, and our X-Request-ID: no configured header may take one of them
+SIDECAR_HEADERS = HOP_BY_HOP | FORWARDING | REROUTING | FRAMING | {"x-request-id"}
