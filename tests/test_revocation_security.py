@@ -360,6 +360,37 @@ async def test_a_resumed_session_is_checked_too(
     assert [s.raw_path for s in upstream.seen] == ["/public/first"]
 
 
+@pytest.mark.parametrize("how", ["denied at run time", "listed in a reloaded CRL"])
+async def test_a_revoked_certificate_is_refused_through_a_resumed_session_and_a_cached_verdict(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream, how: str
+) -> None:
+    """Revocation is checked before a cached verdict is used, whatever becomes of that verdict:
+    here nothing drops it (the purge hook is taken away), the client resumes its TLS session
+    (so no handshake sees the certificate again), and the cache still says allow."""
+    certs = config_dir.certs
+    intermediate = certs.pki.client_intermediate
+    running = await start_sidecar(with_crl(config_dir, upstream, make_crl(intermediate, [])))
+    ctx = client_ctx(running, certs.alice)
+    first = await fetch_resumable(running, ctx, "/admin/first")
+    assert first.status == 200
+    cache = running.sidecar._cache()
+    alice = running.sidecar.peer_certs._parsed[certs.alice.der]
+    assert cache is not None and cache.peek(alice) is not None
+    running.sidecar.revocation.forget = None  # the cached verdict stays whatever happens
+    if how == "denied at run time":
+        assert (await admin(running, "POST", f"/deny?sha256={sha256_of(certs.alice)}"))[0] == 200
+    else:
+        (config_dir.path / "crl-0.pem").write_bytes(
+            pem(make_crl(intermediate, [serial(certs.alice)], number=2))
+        )
+        assert await running.sidecar.reload("test")
+    again = await fetch_resumable(running, ctx, "/admin/again", first.session)
+    assert (again.reused, again.status) == (True, 403)
+    verdict = cache.peek(alice)
+    assert verdict is not None and verdict.kind == "allow"  # still cached, and not used
+    assert [s.raw_path for s in upstream.seen] == ["/admin/first"]
+
+
 async def test_a_reload_with_an_untrusted_crl_keeps_the_old_one(
     start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
 ) -> None:
