@@ -652,3 +652,23 @@ def test_only_entries_made_here_are_announced(tmp_path: Path) -> None:
     assert revocation.deny("bb" * 32, announce=False)
     assert told == [("aa" * 32, "the deny-list (run time)")]
     assert revocation.denied()["runtime"] == ["aa" * 32, "bb" * 32]
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_check_config_warns_when_ocsp_can_ask_about_no_certificate(
+    tmp_path: Path, mode: str
+) -> None:
+    """An OCSP question names the issuer's key, and a pinned certificate is trusted as itself:
+    with no CA in tls.client_ca, tls.ocsp checks nothing. check-config says so, with the key
+    path, rather than let an operator believe certificates are checked."""
+    from sidecar.revocation.report import warnings
+
+    pinned = make_leaf(CA, "pinned")
+    (tmp_path / "pinned.pem").write_bytes(pinned.pem)
+    config = tls_config(tmp_path, client_ca=[], pinned_certificates=["pinned.pem"], ocsp=mode)
+    assert warnings(config) == [
+        f"tls.ocsp: {mode}, and tls.client_ca holds no CA: no certificate is checked (pinned "
+        "certificates are trusted as themselves, and a question names the issuer's key); "
+        "tls.deny can refuse them"
+    ]
+    assert warnings(tls_config(tmp_path, ocsp=mode)) == []  # with CAs: nothing to say

@@ -40,7 +40,20 @@ def warnings(tls: TLSConfig, now: float | None = None) -> list[str]:
             )
     if tls.crl and not tls.crl_fetch.enabled and tls.crl_mode[1] == "require":
         out.extend(_missing(tls, {crl.ca for crl in held}))
+    if tls.ocsp != "off" and not _has_ca(tls):
+        out.append(
+            f"tls.ocsp: {tls.ocsp}, and tls.client_ca holds no CA: no certificate is checked "
+            "(pinned certificates are trusted as themselves, and a question names the "
+            "issuer's key); tls.deny can refuse them"
+        )
     return out
+
+
+def _has_ca(tls: TLSConfig) -> bool:
+    try:
+        return any(True for path in tls.client_ca for _ in read_certificates(path))
+    except CertificateError:
+        return True  # unreadable now: the load that follows says so
 
 
 def _missing(tls: TLSConfig, covered: set[str]) -> list[str]:
