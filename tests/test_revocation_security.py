@@ -151,6 +151,30 @@ async def test_a_revoked_certificate_is_refused_on_a_request_with_a_body_too(
     assert upstream.seen == []
 
 
+async def test_a_revoked_certificate_is_refused_where_the_certificate_alone_decides(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """Route policy (#16): a route with ``access: certificate`` and matchers asks no identity
+    backend; revocation is checked before its decision all the same, and an address-exempt
+    health path forwards nothing for a revoked certificate either."""
+    certs = config_dir.certs
+    crl = make_crl(certs.pki.client_intermediate, [serial(certs.alice)])
+    data = with_crl(config_dir, upstream, crl)
+    both = [sha256_of(certs.alice), sha256_of(certs.bob)]
+    data["routes"] = [
+        {"path": "/svc/", "access": "certificate", "allow": {"fingerprint": both}},
+        {"path": "/healthz", "addresses": {"exempt": ["127.0.0.0/8"]}},
+        {"path": "/"},
+    ]
+    running = await start_sidecar(data)
+    for path in ("/svc/orders", "/healthz"):
+        assert revoked_reply(await fetch(running, path, certs.alice)), path
+        assert (await fetch(running, path, certs.bob)).status == 200
+        status, body = await curl(running, certs.alice, path)
+        assert (status, json.loads(body)["detail"]) == (403, REVOKED_DETAIL)
+    assert [s.raw_path for s in upstream.seen] == ["/svc/orders", "/healthz"]
+
+
 async def test_the_connection_of_a_revoked_certificate_is_not_kept(
     start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
 ) -> None:
