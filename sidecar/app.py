@@ -360,6 +360,7 @@ class Sidecar:
             enrol=identity.can_enrol,
             now=time.time(),
             assumption=assumption,
+            revocation=self.revocation.status,
         )
         return 200, answer.as_dict()
 

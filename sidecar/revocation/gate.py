@@ -285,6 +285,13 @@ class Revocation:
             self.counts[memo.outcome] += 1
         return memo.result
 
+    def status(self, cert: ClientCert, now: float | None = None) -> Refusal | None:
+        """What ``check`` would answer for ``cert`` now (``PENDING`` included), without
+        counting a request: for ``explain``."""
+        if not self._active:
+            return None
+        return self._current(cert, self._clock() if now is None else now).result
+
     def connection_started(self, cert: ClientCert) -> None:
         """A connection with ``cert`` completed its handshake (resumed sessions too): what the
         first request will need (a CRL, an OCSP answer) is fetched from now. Also notes the
