@@ -11,6 +11,7 @@ from .forwarder import Forwarder
 from .headers import HeaderRules
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .identity.intents import SignOn
+from .revocation.gate import Revocation
 from .servers import Servers
 
 
@@ -44,3 +45,5 @@ class Plan:
     upstream: Forwarder
     rules: HeaderRules
     max_header_block: int
+    #: whether a certificate is refused now (long-lived: the same object in every plan)
+    revocation: Revocation
