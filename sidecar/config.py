@@ -1188,9 +1188,15 @@ def _policy_problems(config: Config) -> list[str]:
                 f"@{where}client_certificate: {mode} needs trust anchors "
                 "(tls.client_ca and/or tls.pinned_certificates)"
             )
+        # Identity Plus HTTP legacy: with no certificate asked for, a session cookie identifies
+        legacy = config.identity.identityplus is not None and config.identity.identityplus.legacy
         for i, route in enumerate(routes):
             at = f"{where}routes[{i}]"
-            if mode == "none" and route.access != "public":
+            if (
+                mode == "none"
+                and route.access != "public"
+                and not (legacy and route.access == "authenticated")
+            ):
                 problems.append(
                     f"@{at}.access: the server asks for no client certificate "
                     "(client_certificate: none): its routes are public"

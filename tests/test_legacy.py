@@ -203,3 +203,33 @@ def test_check_config_names_every_problem_with_its_path(
     config_dir.write(data)
     assert sidecar_main(["check-config", str(path)]) == 2
     assert "identity.cache.ttl: must be above 0 with identityplus.legacy" in capsys.readouterr().err
+
+
+def test_with_legacy_a_server_that_asks_for_no_certificate_may_have_authenticated_routes(
+    config_dir: ConfigDir,
+) -> None:
+    from sidecar import config as config_mod
+
+    (config_dir.path / "session.key").write_text(base64.b64encode(os.urandom(32)).decode())
+    data = config_dir.base()
+    data["tls"]["client_certificate"] = "none"
+    data["routes"] = [{"path": "/public/", "access": "public"}, {"path": "/"}]
+    data["identity"] = {
+        "backend": "identityplus",
+        "identityplus": {"certificate": "alice.pem", "key": "alice.key"},
+    }
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.parse(data, base_dir=config_dir.path, env={})
+    assert info.value.problems == [
+        "routes[1].access: the server asks for no client certificate (client_certificate: "
+        "none): its routes are public"
+    ]
+    data["identity"]["identityplus"].update(legacy=True, session_keys=["session.key"])
+    config_mod.parse(data, base_dir=config_dir.path, env={})
+    # a route the certificate itself decides still cannot be reached without one
+    data["routes"].append(
+        {"path": "/svc/", "access": "certificate", "allow": {"san_dns": ["*.svc.example"]}}
+    )
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.parse(data, base_dir=config_dir.path, env={})
+    assert [p.partition(":")[0] for p in info.value.problems] == ["routes[2].access"]
