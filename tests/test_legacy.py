@@ -47,6 +47,11 @@ HOST = "shop.example"
         ("/a?identity-plus-intent=R&identity-plus-intent=R", (None, "/a")),
         ("/a?identity-plus-intent=a%2Fb", ("a/b", "/a")),
         ("/a?identity-plus-intentx=R", None),
+        ("/a?x=1?identity-plus-intent=R", ("R", "/a?x=1")),
+        ("/a?identity-plus-intent=R?x=1&y=2", ("R", "/a?x=1&y=2")),
+        ("/a?q=what?&y=2", None),
+        ("/a?q=what?&identity-plus-intent=R", ("R", "/a?q=what?")),
+        ("/a?&identity-plus-intent=R", ("R", "/a")),
     ],
 )
 def test_reference(target: str, expected: tuple[str | None, str] | None) -> None:

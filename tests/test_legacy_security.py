@@ -492,3 +492,22 @@ def test_the_sealed_session_holds_no_more_than_the_serial(tmp_path: Path) -> Non
     value = sealer.seal({"k": "session", "s": "12345"}, host="localhost")
     assert b"12345" not in base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
     assert len(value) < 200
+
+
+async def test_a_reference_appended_with_a_second_question_mark_is_read(
+    legacy: Running, fake_identityplus: FakeIdentityPlus, upstream: Upstream
+) -> None:
+    # The spec says Identity Plus "appends ?identity-plus-intent=": to a URL that has a query
+    # already, that may be a second "?". Missed, it would be a loop back to sign-on.
+    serial = legacy.certs.alice.cert.serial_number
+    fake_identityplus.set_profile(serial, local_user_name="alice")
+    reference, intent_cookie = await sign_on(legacy, "/app/page?x=1")
+    fake_identityplus.sign_on(reference, serial)
+    back = await get(
+        legacy,
+        f"/app/page?x=1?identity-plus-intent={reference}",
+        cookies={INTENT_COOKIE: intent_cookie},
+    )
+    assert back.status == 302 and back.location == f"{legacy.url}/app/page?x=1"
+    assert back.cookie(COOKIE_NAME)
+    assert upstream.seen == []

@@ -26,6 +26,7 @@ is no identity.
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +49,7 @@ INTENT_LIFETIME = 30.0
 MAX_REMEMBERED = 10_000
 
 _INTENT = "intent"
+_SEPARATORS = re.compile(r"([&?])")
 _SESSION = "session"
 
 #: resolved: a session cookie was made; forged: no intent cookie from this service, or one
@@ -178,17 +180,24 @@ def reference(target: str) -> tuple[str | None, str] | None:
     path, mark, query = target.partition("?")
     if not mark or ("intent" not in query.lower() and "%" not in query):
         return None
+    # "?" separates too: a client that appends "?identity-plus-intent=" to a URL that has a
+    # query already makes "/p?x=1?identity-plus-intent=R" (else a loop back to sign-on)
+    tokens = _SEPARATORS.split(query)
     kept: list[str] = []
     values: list[str] = []
-    for pair in query.split("&"):
-        name, _, value = pair.partition("=")
+    for i in range(0, len(tokens), 2):
+        piece = tokens[i]
+        name, _, value = piece.partition("=")
         if unquote(name.replace("+", " ")).lower() == PARAMETER:
             values.append(unquote(value.replace("+", " ")))
         else:
-            kept.append(pair)
+            kept.append((tokens[i - 1] if i else "") + piece)
     if not values:
         return None
-    clean = path + ("?" + "&".join(kept) if kept else "")
+    rest = "".join(kept)
+    if rest[:1] in ("&", "?"):
+        rest = rest[1:]  # the first piece kept was not the first: its separator goes
+    clean = path + ("?" + rest if rest else "")
     found = values[0] if len(values) == 1 and values[0] else None
     return found, clean
 
