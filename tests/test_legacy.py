@@ -208,6 +208,14 @@ def test_check_config_names_every_problem_with_its_path(
     config_dir.write(data)
     assert sidecar_main(["check-config", str(path)]) == 2
     assert "identity.cache.ttl: must be above 0 with identityplus.legacy" in capsys.readouterr().err
+    # and when it is right, the summary says what it will do
+    data["identity"]["cache"] = {"ttl": "5m"}
+    config_dir.write(data)
+    assert sidecar_main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "configuration OK" in out
+    assert "HTTP legacy: browsers without a certificate sign on" in out
+    assert "sessions last 300s, 1 session key(s)" in out
 
 
 def test_with_legacy_a_server_that_asks_for_no_certificate_may_have_authenticated_routes(
