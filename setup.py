@@ -61,6 +61,7 @@ COMPILED = [
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
     "sidecar/identity/intents.py",
+    "sidecar/identity/legacy.py",
     # issue #15's leaves, on the request path once the listener uses them
     "sidecar/certformats.py",
     "sidecar/sfv.py",

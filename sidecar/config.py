@@ -681,6 +681,14 @@ def _uri(value: str) -> str:
     return value
 
 
+def _session_key_file(path: Path) -> Path:
+    sessions.read_key(path)  # its ValueError names the file and the problem
+    return path
+
+
+SessionKeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_session_key_file)]
+
+
 class IdentityPlusConfig(Section):
     endpoint: str = "https://api.identity.plus/v1"
     #: this service's own API ("agent") certificate and key, PEM or DER ...
@@ -707,6 +715,15 @@ class IdentityPlusConfig(Section):
     roles: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     #: read "org. administrator" as "administrator" (before translation)
     remove_org_prefix: bool = False
+    #: HTTP legacy: no certificate at all (a load balancer terminated TLS): browsers sign on
+    #: at Identity Plus, and the identity it resolves is kept in a sealed cookie
+    legacy: bool = False
+    #: files of 32 random bytes (raw, hex or base64); the first seals session cookies, all
+    #: open them (rotation: add the new key second, then move it first, then drop the old one)
+    session_keys: tuple[SessionKeyFile, ...] = ()
+    # The keys, read once: part of equality, so a rewritten key file is a changed
+    # configuration.
+    _session_keys: tuple[bytes, ...] = PrivateAttr(default=())
     # The issuers' DER, read once: part of equality, so that a rewritten file under the same
     # name is a changed configuration (a reload then builds a new backend).
     _issuer_der: tuple[bytes, ...] = PrivateAttr(default=())
@@ -722,6 +739,35 @@ class IdentityPlusConfig(Section):
             c.public_bytes(Encoding.DER) for path in self.issuers for c in read_certificates(path)
         )
         return self
+
+    @field_validator("session_keys", mode="before")
+    @classmethod
+    def _one_or_many_keys(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _legacy_keys(self) -> IdentityPlusConfig:
+        if self.legacy and not self.session_keys:
+            raise ValueError(
+                "@session_keys: required with legacy: a file of 32 random bytes that seals "
+                "the session cookie (openssl rand -base64 32 > session.key)"
+            )
+        if self.session_keys and not self.legacy:
+            raise ValueError("@session_keys: only used with legacy: true")
+        keys = tuple(sessions.read_key(path) for path in self.session_keys)
+        problems = [
+            f"@session_keys[{i}]: the same key as session_keys[{keys.index(key)}]"
+            for i, key in enumerate(keys)
+            if key in keys[:i]
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        self._session_keys = keys
+        return self
+
+    def session_key_bytes(self) -> tuple[bytes, ...]:
+        """The session keys as read when the configuration was loaded (first seals)."""
+        return self._session_keys
 
     def issuer_certificates(self) -> list[x509.Certificate]:
         """The certificates in ``issuers``, as read when the configuration was loaded."""
@@ -849,6 +895,22 @@ class IdentityConfig(Section):
             raise ValueError("@identityplus: required when identity.backend is identityplus")
         if self.backend == "http" and self.http is None:
             raise ValueError("@http: required when identity.backend is http")
+        return self
+
+    @model_validator(mode="after")
+    def _legacy_backend(self) -> IdentityConfig:
+        if self.identityplus is None or not self.identityplus.legacy:
+            return self
+        if self.backend != "identityplus":
+            raise ValueError(
+                "@identityplus.legacy: needs identity.backend: identityplus (Identity Plus "
+                "resolves the sign-on)"
+            )
+        if not self.cache.ttl > 0:
+            raise ValueError(
+                "@cache.ttl: must be above 0 with identityplus.legacy: it is the session "
+                "cookie's lifetime"
+            )
         return self
 
 
@@ -1309,9 +1371,15 @@ def _policy_problems(config: Config) -> list[str]:
                 f"@{where}client_certificate: {mode} needs trust anchors "
                 "(tls.client_ca and/or tls.pinned_certificates)"
             )
+        # Identity Plus HTTP legacy: with no certificate asked for, a session cookie identifies
+        legacy = config.identity.identityplus is not None and config.identity.identityplus.legacy
         for i, route in enumerate(routes):
             at = f"{where}routes[{i}]"
-            if mode == "none" and route.access != "public":
+            if (
+                mode == "none"
+                and route.access != "public"
+                and not (legacy and route.access == "authenticated")
+            ):
                 problems.append(
                     f"@{at}.access: the server asks for no client certificate "
                     "(client_certificate: none): its routes are public"
@@ -1601,85 +1669,11 @@ class HeadersWithFormats(HeadersConfig):
         return self
 
 
-def _session_key_file(path: Path) -> Path:
-    sessions.read_key(path)  # its ValueError names the file and the problem
-    return path
-
-
-SessionKeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_session_key_file)]
-
-
-class LegacyIdentityPlusConfig(IdentityPlusConfig):
-    """``identity.identityplus`` with HTTP legacy (the keys move into ``IdentityPlusConfig``)."""
-
-    #: no certificate at all (a load balancer terminated TLS): browsers sign on at Identity
-    #: Plus, and the identity it resolves is kept in a sealed cookie
-    legacy: bool = False
-    #: files of 32 random bytes (raw or base64); the first seals session cookies, all open
-    #: them (rotation: add the new key second, then move it first, then drop the old one)
-    session_keys: tuple[SessionKeyFile, ...] = ()
-    # The keys, read once: part of equality, so a rewritten key file is a changed
-    # configuration.
-    _session_keys: tuple[bytes, ...] = PrivateAttr(default=())
-
-    @field_validator("session_keys", mode="before")
-    @classmethod
-    def _one_or_many_keys(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @model_validator(mode="after")
-    def _legacy_keys(self) -> LegacyIdentityPlusConfig:
-        if self.legacy and not self.session_keys:
-            raise ValueError(
-                "@session_keys: required with legacy: a file of 32 random bytes that seals "
-                "the session cookie (openssl rand -base64 32 > session.key)"
-            )
-        if self.session_keys and not self.legacy:
-            raise ValueError("@session_keys: only used with legacy: true")
-        keys = tuple(sessions.read_key(path) for path in self.session_keys)
-        problems = [
-            f"@session_keys[{i}]: the same key as session_keys[{keys.index(key)}]"
-            for i, key in enumerate(keys)
-            if key in keys[:i]
-        ]
-        if problems:
-            raise ValueError("\n".join(problems))
-        self._session_keys = keys
-        return self
-
-    def session_key_bytes(self) -> tuple[bytes, ...]:
-        """The session keys as read when the configuration was loaded (first seals)."""
-        return self._session_keys
-
-
-class LegacyIdentityConfig(IdentityConfig):
-    """``identity`` whose ``identityplus`` may use HTTP legacy."""
-
-    identityplus: LegacyIdentityPlusConfig | None = None
-
-    @model_validator(mode="after")
-    def _legacy_backend(self) -> LegacyIdentityConfig:
-        if self.identityplus is None or not self.identityplus.legacy:
-            return self
-        if self.backend != "identityplus":
-            raise ValueError(
-                "@identityplus.legacy: needs identity.backend: identityplus (Identity Plus "
-                "resolves the sign-on)"
-            )
-        if not self.cache.ttl > 0:
-            raise ValueError(
-                "@cache.ttl: must be above 0 with identityplus.legacy: it is the session "
-                "cookie's lifetime"
-            )
-        return self
-
-
 class ConfigWithFrontProxy(Config):
     """``Config`` with the keys above and the rules that tie them together."""
 
     listen: ProxiedListenConfig = ProxiedListenConfig()
     headers: HeadersWithFormats = HeadersWithFormats()
-    identity: LegacyIdentityConfig = LegacyIdentityConfig()
     front_proxy: FrontProxyConfig = FrontProxyConfig()
 
     @model_validator(mode="after")

@@ -93,8 +93,11 @@ class HeaderRules:
             value = certificate_b64.encode("ascii")
             lines = b"".join(
                 (certificate, b": ", value, b"\r\n", userinfo, b": ", user.header_bytes, b"\r\n")
+                if value  # "": a user known without a certificate seen (Identity Plus legacy)
+                else (userinfo, b": ", user.header_bytes, b"\r\n")
             )
-            if lines.count(b"\n") != 2 or lines.count(b"\r") != 2:
+            count = 2 if value else 1
+            if lines.count(b"\n") != count or lines.count(b"\r") != count:
                 raise ValueError("CR or LF in an identity header")
             if len(self._identity_blocks) >= _NAME_CACHE:
                 self._identity_blocks.clear()  # bounded: a new certificate costs one join

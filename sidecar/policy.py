@@ -401,6 +401,14 @@ def admit(route: Route, cert: ClientCert | None, address: str | None) -> Decisio
     return None
 
 
+def accepts_session(route: Route) -> bool:
+    """Whether an Identity Plus HTTP-legacy session may stand for a certificate on ``route``:
+    not where the certificate itself is judged (``allow`` matchers, ``certificate_only``),
+    since the sidecar never saw one. Fails closed: such a route treats the session as no
+    certificate."""
+    return route.plain or (route.allow is None and not route.certificate_only)
+
+
 def needs_verdict(route: Route, cert: ClientCert | None, address: str | None) -> bool:
     """Whether the identity backend is to be asked about ``cert`` for ``route``."""
     return cert is not None and (route.plain or admit(route, cert, address) is None)

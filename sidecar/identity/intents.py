@@ -130,15 +130,27 @@ class IntentGate:
         return len(self._recent)
 
     async def sign_on(
-        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+        self,
+        purpose: SignOnPurpose,
+        return_url: str,
+        client_ip: str | None,
+        *,
+        shared: bool = True,
     ) -> SignOn:
         """The sign-on URL for ``return_url``: reused, shared, or from a new call.
+
+        ``shared=False`` always makes a new call (rate limited all the same) and remembers
+        nothing: for a sign-on whose reference comes back as the proof of who signed on
+        (HTTP legacy), where a visitor handed another's sign-on URL could take their identity.
 
         Raises ``SignOnLimited`` when a new call is needed and a rate forbids it, and
         whatever ``register`` raises (``IdentityUnavailable``) to every request sharing it.
         """
         key: _Key = (purpose, return_url)
         now = self._clock()
+        if not shared:
+            self._take(address_key(client_ip), now)
+            return SignOn(await self._register(purpose, return_url), False)
         recent = self._recent.get(key)
         if recent is not None:
             if recent[1] > now:
