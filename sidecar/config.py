@@ -263,7 +263,8 @@ class UpstreamConfig(Section):
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 #: names the sidecar frames requests by, sets or strips itself (headers.HOP_BY_HOP,
 #: FORWARDING and REROUTING, Host, Content-Length, X-Request-ID; a test keeps the two modules
-#: in step), compared as header names are: lower case, "_" read as "-"
+#: in step), compared as header names are: lower case, any other character than a letter or
+#: digit read as "-"
 SIDECAR_HEADERS = frozenset(
     {
         "host",
@@ -300,16 +301,18 @@ _NEEDED = frozenset({"host", "content-length"})
 
 
 def _header_name(name: str) -> str:
-    return name.lower().replace("_", "-")
+    # As headers.normal_name: what PHP, lighttpd and CGI read ("X.USER", "X_USER", "X-User").
+    return re.sub(r"[^a-z0-9]", "-", name.lower())
 
 
 class HeadersConfig(Section):
     """Names of the identity headers sent upstream (the contract's by default).
 
     Names are compared as the sidecar compares a client's header names: in any case, and with
-    underscores read as dashes, since CGI-style servers (PHP, WSGI, Rack) read ``X_USER`` and
-    ``X-User`` as the same ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and
-    strips every such spelling from clients."""
+    every character that is not a letter or digit read as a dash, since CGI-style servers
+    (PHP, lighttpd, WSGI, Rack) read ``X_USER``, ``X.USER`` and ``X-User`` as the same
+    ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and strips every such
+    spelling from clients."""
 
     certificate: str = "X-APP-CERTIFICATE"
     userinfo: str = "X-USERINFO"
@@ -335,8 +338,8 @@ class HeadersConfig(Section):
     def _distinct(self) -> HeadersConfig:
         if _header_name(self.certificate) == _header_name(self.userinfo):
             raise ValueError(
-                "@userinfo: must differ from headers.certificate "
-                "(in any case, and with underscores read as dashes)"
+                "@userinfo: must differ from headers.certificate (in any case, and with "
+                "every character that is not a letter or digit read as a dash)"
             )
         return self
 
