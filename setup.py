@@ -45,6 +45,7 @@ COMPILED = [
     "sidecar/upstream_http.py",
     "sidecar/upstream_pool.py",
     "sidecar/policy.py",
+    "sidecar/readings.py",
     "sidecar/metrics.py",
     "sidecar/responses.py",
     "sidecar/identity/cache.py",

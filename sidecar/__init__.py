@@ -18,10 +18,11 @@ every request, whichever protocol parsed it. ``config`` checks the YAML once
 and hands each module its own frozen section; ``app`` assembles the listener and the
 upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
 ``build`` says whether the request path runs compiled (setup.py) or interpreted.
-Leaves (``certs``, ``policy``, ``headers``, ``responses``) do no I/O; so do the pieces for
-running behind a front proxy: ``certformats`` (client certificates in headers, read and
-written, with ``sfv`` and ``xfcc`` for their syntaxes), ``proxyproto`` (the PROXY protocol)
-and ``sessions`` (the sealed identity cookie of Identity Plus "HTTP legacy").
+Leaves (``certs``, ``policy`` with ``readings``, how applications may read a request path,
+``headers``, ``responses``) do no I/O; so do the pieces for running behind a front proxy:
+``certformats`` (client certificates in headers, read and written, with ``sfv`` and ``xfcc``
+for their syntaxes), ``proxyproto`` (the PROXY protocol) and ``sessions`` (the sealed
+identity cookie of Identity Plus "HTTP legacy").
 """
 
 from .build import Build, choose

@@ -740,19 +740,21 @@ class Config(Section):
         folded: dict[str, int] = {}
         problems = []
         for i, route in enumerate(routes):
+            # As case-insensitive servers compare: "ß" is "ss", the dotless i is "i"
+            key = route.path.casefold().upper().lower()
             if route.path in seen:
                 problems.append(
                     f"@[{i}].path: duplicate of routes[{seen[route.path]}]: {route.path}"
                 )
-            elif route.path.lower() in folded:
+            elif key in folded:
                 # Applications that ignore case (Express, ASP.NET, IIS) serve both the same:
                 # every request under them would be refused as ambiguous.
                 problems.append(
-                    f"@[{i}].path: differs from routes[{folded[route.path.lower()]}] only in "
+                    f"@[{i}].path: differs from routes[{folded[key]}] only in "
                     f"letter case: {route.path}"
                 )
             seen.setdefault(route.path, i)
-            folded.setdefault(route.path.lower(), i)
+            folded.setdefault(key, i)
         if problems:
             raise ValueError("\n".join(problems))
         return routes
