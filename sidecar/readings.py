@@ -194,25 +194,41 @@ def _raw_letter(char: str) -> str:
     return f"(?:{re.escape(char)}|%(?:25)?(?:{'|'.join(f'{c:02x}' for c in codes)}))"
 
 
+_EXTENSION = r"\.(?=[a-z])" + _alternatives(SCRIPT_EXTENSIONS, re.escape)
 # In a decoded piece: a script's extension, then only what a reading drops (trailing dots and
-# spaces; ";params"; a cut at "?" or "#") before the piece ends.
-_SCRIPT = re.compile(
-    r"\.(?=[a-z])" + _alternatives(SCRIPT_EXTENSIONS, re.escape) + r"(?=[. ]*(?:[;?#]|\Z))",
-    re.IGNORECASE | re.ASCII,
-)
-# The same in a decoded segment, where a piece ends at a slash too.
-_SCRIPT_IN = re.compile(
-    r"\.(?=[a-z])" + _alternatives(SCRIPT_EXTENSIONS, re.escape) + r"(?=[. ]*(?:[;?#/]|\Z))",
-    re.IGNORECASE | re.ASCII,
-)
-# The same in the raw path, each character literal or percent-encoded once or twice: where
-# a script may be in some decoding, so that the walk does not stop before it.
-_RAW_SCRIPT = re.compile(
+# spaces; ";params"; a cut at "?" or "#") before the piece ends: a script whose own segment
+# may be dropped.
+_SCRIPT = re.compile(_EXTENSION + r"(?=[. ]*(?:[;?#]|\Z))", re.IGNORECASE | re.ASCII)
+# The same without a cut: a script whose PATH_INFO (what follows) may be read from the top...
+_RESTARTS = re.compile(_EXTENSION + r"(?=[. ]*(?:;[^/]*)?\Z)", re.IGNORECASE | re.ASCII)
+# ...in a decoded segment, where a piece also ends at a slash...
+_RESTARTS_IN = re.compile(_EXTENSION + r"(?=[. ]*(?:;[^/]*)?(?:/|\Z))", re.IGNORECASE | re.ASCII)
+# ...with more path after it, in the path decoded as far as it goes (only then does the
+# restart matter once every reading is decided)...
+_RESTARTS_THEN = re.compile(_EXTENSION + r"(?=[. ]*([;/]))", re.IGNORECASE | re.ASCII)
+# ...and in the raw path, each character literal or percent-encoded once or twice, so that
+# the walk does not stop before it.
+_RAW_RESTARTS_THEN = re.compile(
     r"(?:\.|%2e)(?=[a-z%])"
     + _alternatives(SCRIPT_EXTENSIONS, _raw_letter)
-    + r"(?=(?:[. ]|%2e|%20|%2520)*(?:[/;?#]|%2f|%3b|%3f|%23|\Z))",
+    + r"(?=(?:[. ]|%2e|%20|%2520)*(;|%3b|/|%2f))",
     re.IGNORECASE | re.ASCII,
 )
+_SLASH_OR_ENCODED = re.compile(r"/|%2f", re.IGNORECASE)
+
+
+def _restart_then(pattern: re.Pattern[str], text: str, start: int) -> re.Match[str] | None:
+    """The first script in ``text`` from ``start`` (``_RESTARTS_THEN`` or
+    ``_RAW_RESTARTS_THEN``) followed by a slash, either at once or after its ``;params``.
+    (In one pattern, ``;[^/]*/`` scans to the end of the target from every script with
+    params and no slash after them: quadratic, 30 ms on 8 KB of ``x.php;``.) Params end at
+    the next slash, so they are followed by one exactly when any slash follows: when none
+    does, no later script is followed by one either."""
+    found = pattern.search(text, start)
+    if found is None or found.group(1) not in (";", "%3b", "%3B"):
+        return found
+    return found if _SLASH_OR_ENCODED.search(text, found.end(1)) is not None else None
+
 
 # ---- letter case ----------------------------------------------------------------------------
 
@@ -259,8 +275,9 @@ State = tuple[int, str, bool]
 _START: frozenset[State] = frozenset((mode, "", False) for mode in _MODES)
 #: a script's PATH_INFO read from the top: nothing read yet (dropped if nothing follows)
 _RESTART = _START
-#: segments and decoded pieces walked while some reading is still undecided (scripts restart
-#: readings, so this counts over the whole path); beyond, refused
+#: segments and decoded pieces walked while some reading is still undecided, counted once for
+#: each way a segment decodes and over the whole path (scripts restart readings); beyond,
+#: refused. A real path's route is decided within a few segments
 MAX_OPEN_PIECES = 64
 #: remembered outcomes (bounded: the strings are partly the client's)
 _MEMO = 4096
@@ -297,7 +314,7 @@ class PathReader:
         if "//" not in path and _PLAIN.fullmatch(path):
             return frozenset({self._end(_EXACT, path), self._end(_FOLDED, path.lower())})
         # A script in any reading is one in the path decoded as far as it goes.
-        scripts = "." in decoded and _SCRIPT_IN.search(decoded) is not None
+        scripts = "." in decoded and _restart_then(_RESTARTS_THEN, decoded, 0) is not None
         return self._walk(path, scripts)
 
     # -- outcomes --
@@ -353,25 +370,25 @@ class PathReader:
         opened = 0
         position, size = 1, len(path)
         while True:
+            segment_start = position
             if not states:
-                # Every reading is decided: only a script further on starts one again.
-                found = _RAW_SCRIPT.search(path, position) if scripts else None
+                # Every reading is decided: only a script with more path after it starts one
+                # again, from the end of its piece. What comes before it in its segment can
+                # be skipped (no escape spans the dot it starts with).
+                found = _restart_then(_RAW_RESTARTS_THEN, path, position) if scripts else None
                 if found is None:
                     break
                 position = path.rfind("/", 0, found.start()) + 1
+                segment_start = found.start()
             end = path.find("/", position)
             if end < 0:
                 end = size
-            segment = path[position:end]
+            segment = path[segment_start:end]
             following: set[State] = set()
-            walked = 0
             for variant in _decodings(segment):
-                after, pieces = self._variant(states, variant, outcomes)
+                after, walked = self._variant(states, variant, outcomes, MAX_OPEN_PIECES - opened)
                 following |= after
-                walked = max(walked, pieces)
-            opened += walked
-            if opened > MAX_OPEN_PIECES:
-                raise BadPath("path is ambiguous: its route is not settled by its beginning")
+                opened += walked
             states = following
             if end >= size:
                 break
@@ -382,11 +399,12 @@ class PathReader:
         return frozenset(outcomes)
 
     def _variant(
-        self, states: set[State], variant: str, outcomes: set[frozenset[str]]
+        self, states: set[State], variant: str, outcomes: set[frozenset[str]], allowance: int
     ) -> tuple[set[State], int]:
         """A raw segment, read as ``variant``, after ``states``: its pieces between (decoded)
-        slashes, each after a slash. Also how many pieces were walked with a reading open
-        (bounded: a segment of a thousand ``%2F`` is refused, not walked)."""
+        slashes, each after a slash. Also how many pieces were walked with a reading open:
+        more than ``allowance`` is refused (a path of a thousand ``;x/`` or ``%2F`` is not
+        walked)."""
         ended: set[State] = set()  # ";params" dropped up to the end of the raw segment
         current = states
         walked = 0
@@ -394,11 +412,11 @@ class PathReader:
         while start <= size:
             if current:
                 walked += 1
-                if walked > MAX_OPEN_PIECES:
+                if walked > allowance:
                     raise BadPath("path is ambiguous: its route is not settled by its beginning")
             else:
                 # Every reading is decided: only a script further on starts one again.
-                found = _SCRIPT_IN.search(variant, start) if "." in variant else None
+                found = _RESTARTS_IN.search(variant, start) if "." in variant else None
                 if found is None:
                     break
                 start = variant.rfind("/", 0, found.start()) + 1
@@ -407,8 +425,9 @@ class PathReader:
                 end = size
             piece = variant[start:end]
             script = "." in piece and _SCRIPT.search(piece) is not None
+            restart = script and _RESTARTS.search(piece) is not None
             current = self._slash(current, outcomes)
-            current = self._piece(current, piece, script, outcomes, ended)
+            current = self._piece(current, piece, script, restart, outcomes, ended)
             start = end + 1
         return current | ended, walked
 
@@ -428,6 +447,7 @@ class PathReader:
         states: set[State],
         piece: str,
         script: bool,
+        restart: bool,
         outcomes: set[frozenset[str]],
         segment_ended: set[State],
     ) -> set[State]:
@@ -479,6 +499,7 @@ class PathReader:
         out = current | stopped | run
         if script:
             out |= states  # the script's own segment dropped, its folder kept
+        if restart:
             out |= _RESTART  # everything up to the script dropped: PATH_INFO from the top
         return out
 
