@@ -1,28 +1,57 @@
 """mTLS identity sidecar.
 
-A request flows one way::
+A request flows one way, down this picture::
 
-    TLS listener ── client certificate (tls, certs)
-                 ── verdict (identity: cache → backend)
-                 ── decision (policy: pure)
-                 ── forward (upstream) | answer (responses)
+    listener          accepts, counts, retires and shuts down the client connections
+    ├ tls_transport   TLS on each connection: the handshake, its alerts, the records
+    ├ http1.client    our HTTP/1.1: request heads (http1.heads), deadlines, pipelining,
+    │                 flow control (flow), the answers' framing
+    └ fallback        aiohttp's server, for the connections http1.client hands over
+        both protocols share a listener_state and put every request through:
+    gateway           certificate (certs) → verdict (identity: cache → backend)
+                      → decision (policy) → our answer (responses) or a forward
+    forwarder         the forward: http1.upstream connections in an http1.pool
 
-``tls_transport`` runs TLS on each accepted connection (the handshake, its alerts, the
-records) and gives the HTTP protocol an asyncio transport over it. ``listener`` is the TLS
-listener's own HTTP/1.1 protocol: it serves requests without a body
-(nearly all a browser sends) and relays the upstream's answer as bytes; the first request it
-does not serve (a body, an upgrade, a malformed head) moves the connection to aiohttp's server
-(``server``). Both hold reading while a client is not taking its answers and cut it off
-after ``limits.send_timeout`` (``flow``). ``handler`` runs the path above as plain calls for
-every request, whichever protocol parsed it. ``config`` checks the YAML once
-and hands each module its own frozen section; ``app`` assembles the listener and the
-upstream client; ``__main__`` is the command line (``run``, ``check-config``, ``demo``).
-``build`` says whether the request path runs compiled (setup.py) or interpreted.
-Leaves (``certs``, ``policy`` with ``readings``, how applications may read a request path,
-``headers``, ``responses``) do no I/O; so do the pieces for running behind a front proxy:
-``certformats`` (client certificates in headers, read and written, with ``sfv`` and ``xfcc``
-for their syntaxes), ``proxyproto`` (the PROXY protocol) and ``sessions`` (the sealed
-identity cookie of Identity Plus "HTTP legacy").
+``http1.client`` serves nearly all a browser sends; the first request it does not serve (a
+body, an upgrade, a head it does not read itself) goes to ``fallback`` with its connection.
+The ``gateway`` runs a request's steps as plain calls, each taking values and returning one;
+the leaves (``certs``, ``policy`` with ``readings``, how applications may read a request
+path, ``headers``, ``responses``, ``http1.heads``) do no I/O.
+``config`` checks the YAML once and hands each module its own frozen section; ``app``
+assembles one process; ``__main__`` is the command line (``run``, ``check-config``,
+``explain``, ``demo``) and ``runtime`` its event loop; ``build`` says whether the request
+path runs compiled. Imports point down the picture, never up and never in a circle
+(``tests/test_architecture.py``).
+The pieces for running behind a front proxy are leaves too: ``certformats`` (client
+certificates in headers, read and written, with ``sfv`` and ``xfcc`` for their syntaxes),
+``proxyproto`` (the PROXY protocol) and ``sessions`` (the sealed identity cookie of Identity
+Plus "HTTP legacy").
+
+The decision's entry is ``servers``: the site the connection's SNI chose (``sni`` reads it
+from the ClientHello for ``tls_transport`` when there are several), its names and its
+routes; ``rules`` is what a route asks of a client (certificate matchers, addresses, trust);
+both are leaves, like ``policy``. ``explain`` shows a decision step by step (``sidecar
+explain``, the admin's ``/explain``) with the same functions.
+
+Glossary, one word per thing, in names and docstrings alike:
+
+- **connection**: a client's TLS connection, from accept to close (``TLSProtocol``, then
+  ``ClientConnection`` or, once handed over, ``FallbackConnection``). A connection to the
+  application is always an *upstream connection* (``UpstreamConnection``).
+- **request**: one HTTP request from its head to its access event, ``request.Request``: what
+  the protocol read, what the gateway made of it (its ``Step``), and how it ended.
+- **verdict**: what the identity side says of a client certificate (``identity.Verdict``:
+  allow, deny, validate, unknown); cached by ``identity.cache``.
+- **decision**: what policy makes of a route and a verdict (``policy.Decision``: ``Forward``,
+  ``Deny``, ``Redirect``, ``Unavailable``). ``policy.Forward`` is the decision to forward;
+  the forward itself is ``forwarder.Forward``.
+- **forward**: a request on its way to the upstream application and its answer on the way
+  back (``forwarder.Forward``, from ``Forwarder.send``, the forwarder's one way in).
+- **answer**: what the client gets: the upstream's, relayed by a forward, or our own
+  (``responses.Answer``). *Response* is kept for the HTTP message as the wire and aiohttp
+  call it (the upstream's response head, an aiohttp ``StreamResponse``).
+- **plan**: everything a reload can change, swapped in as one value (``plan.Plan``); a
+  request keeps the plan it began with.
 """
 
 from .build import Build, choose

@@ -25,6 +25,7 @@ from . import log
 from .config import load
 from .demo_echo import echo_app
 from .errors import ConfigError
+from .runtime import run_loop
 
 _USERS = (
     # file name, CN, sub, username, given, family, email, roles
@@ -240,8 +241,6 @@ Press Ctrl-C to stop.
 
 
 def run_demo(folder: Path, *, port: int, upstream_port: int, admin_port: int) -> int:
-    from .__main__ import run_loop
-
     if not (folder / "client-ca.pem").exists():
         make_pki(folder)
     config_path = write_config(

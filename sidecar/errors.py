@@ -32,7 +32,7 @@ class UpstreamError(Exception):
     """The upstream application could not be reached or did not answer in time.
 
     ``kind`` is one of ``connect``, ``timeout``, ``reset``, ``protocol``: a bounded label for
-    metrics and the one place that maps it to a status (502, or 504 for ``timeout``).
+    metrics, and what the gateway answers by (504 for ``timeout``, else 502).
     """
 
     def __init__(self, kind: str, detail: str) -> None:

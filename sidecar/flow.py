@@ -6,7 +6,7 @@ While it is above, the client is not taking what it was sent: the connection the
 nothing more (so a client that sends and never reads cannot make the sidecar buffer answers
 without bound), and if it stays above for ``send_timeout`` the connection is aborted, as
 nginx's ``send_timeout`` does. That holds for every byte the sidecar writes, its own answers
-included, on both of the listener's protocols (``listener``, ``server``).
+included, on both of the listener's protocols (``http1.client``, ``fallback.connection``).
 
 Reading can be held for other reasons too (``hold``, ``release``): it resumes when none is
 left. ``FlowControl`` does no I/O of its own beyond ``pause_reading``, ``resume_reading`` and

@@ -1,10 +1,10 @@
 """Headers sent upstream: strip what the client may not set, then add ours.
 
 ``HeaderRules`` is compiled once from configuration; ``request_fields`` runs per request, on
-the header bytes as received, and does no I/O (``upstream_headers`` is the same for decoded
-headers). Names are compared as application servers read them: letter case ignored and
-every character that is not a letter or digit read as ``-`` (``X_USERINFO``, ``X.USERINFO``
-and ``X-UserInfo`` are one name to PHP, lighttpd and CGI), and a client header whose name
+the header bytes as received, and does no I/O; ``response_fields`` does the same for the
+upstream's answer. Names are compared as application servers read them: letter case ignored
+and every character that is not a letter or digit read as ``-`` (``X_USERINFO``,
+``X.USERINFO`` and ``X-UserInfo`` are one name to PHP, lighttpd and CGI), and a client header whose name
 holds any character but letters, digits, ``-`` and ``_`` is dropped, as nginx does. Whatever a
 client sent under an identity header's name is removed before ours are added, as are
 hop-by-hop headers, every header named in ``Connection``, the headers that re-route a request
@@ -23,80 +23,13 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .header_names import FORWARDING as FORWARDING
+from .header_names import FRAMING
+from .header_names import HOP_BY_HOP as HOP_BY_HOP
+from .header_names import REROUTING as REROUTING
 from .identity import User
 
-# RFC 9110 §7.6.1 plus the de-facto ones proxies drop.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# Headers by which an application learns who the client is, how it came in and under which
-# path prefix it is served: only trusted proxies may send them. Every other X-Forwarded-*
-# (-Server, -Ssl, -Scheme, -Uri, ...) is one of them too (_FORWARDED_PREFIX).
-FORWARDING = frozenset(
-    {
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-port",
-        "x-real-ip",
-        # the path prefix the application is mounted under: Spring's ForwardedHeaderFilter,
-        # Symfony, Laravel and Traefik put it in front of the path and of the links they build
-        "x-forwarded-prefix",
-        # the client's address, in the spellings of CDNs and load balancers (Akamai and
-        # Cloudflare Enterprise, Cloudflare, Rackspace/Riverbed, and frameworks that read
-        # them first: Laravel, Django packages, ASP.NET helpers); rate limits, audit logs and
-        # address allow-lists believe them
-        "true-client-ip",
-        "x-client-ip",
-        "cf-connecting-ip",
-        "x-cluster-client-ip",
-        # more of them, from the lists applications search for an address (Rails' RemoteIp
-        # and the PHP "real IP" idiom: Client-IP; django-ipware and python-ipware: the rest),
-        # the CDNs and platforms that set them, and Envoy's "the client is internal"
-        "client-ip",
-        "x-forwarded",
-        "forwarded-for",
-        "x-original-forwarded-for",
-        "x-originating-ip",
-        "x-remote-ip",
-        "x-remote-addr",
-        "x-proxyuser-ip",
-        "fastly-client-ip",
-        "fly-client-ip",
-        "x-appengine-user-ip",
-        "x-azure-clientip",
-        "x-azure-socketip",
-        "do-connecting-ip",
-        "cf-connecting-ipv6",
-        "cf-pseudo-ipv4",
-        "x-envoy-external-address",
-        "x-envoy-internal",
-        "via",
-        # the host the client asked for, in the spellings link and redirect builders read
-        "x-host",
-        "x-original-host",
-    }
-)
-# Headers with which an application serves another path than the request line's: IIS URL
-# Rewrite and ASP.NET read X-Original-URL, Zend Framework 1 and old Symfony (before 2.8.44
-# and 3.4.14, CVE-2018-14773) X-Rewrite-URL and X-Original-URL. The sidecar's policy judged
-# the request line, and a path in a header would be judged by nobody: no peer may send
-# them, trusted proxy or not.
-REROUTING = frozenset({"x-original-url", "x-rewrite-url"})
 _FORWARDED_PREFIX = b"x-forwarded-"
-# Never removed because a client named them in Connection: we need them to route and frame.
-_PROTECTED = frozenset({"host", "content-length"})
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -342,7 +275,7 @@ def _request_pass(
 HAS_LENGTH, HAS_DATE, HAS_SERVER = 1, 2, 4
 _R_STRIP, _R_CONNECTION = 8, 16
 _RESPONSE_STRIP = frozenset(name.encode() for name in HOP_BY_HOP) | {b"x-request-id"}
-_PROTECTED_BYTES = frozenset(name.encode() for name in _PROTECTED)
+_PROTECTED_BYTES = frozenset(name.encode() for name in FRAMING)  # never dropped for Connection
 _RESPONSE_KINDS: dict[bytes, int] = {}
 
 
@@ -403,39 +336,3 @@ def lines_to_multidict(block: bytes) -> CIMultiDict[str]:
         name, _, value = line.partition(b": ")
         out.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
     return out
-
-
-def _encoded(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
-    return [
-        (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
-        for name, value in headers.items()
-    ]
-
-
-def upstream_headers(
-    rules: HeaderRules,
-    incoming: CIMultiDictProxy[str] | CIMultiDict[str],
-    *,
-    client_ip: str | None,
-    trusted: bool,
-    request_id: str,
-    user: User | None,
-    certificate_b64: str | None,
-) -> CIMultiDict[str]:
-    """``request_fields`` for decoded headers, as a multidict."""
-    block, _ = request_fields(
-        rules,
-        _encoded(incoming),
-        client_ip=client_ip,
-        trusted=trusted,
-        request_id=request_id,
-        user=user,
-        certificate_b64=certificate_b64,
-    )
-    return lines_to_multidict(block)
-
-
-def response_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """Upstream response headers minus hop-by-hop ones (framing is ours to decide)."""
-    block, _ = response_fields(_encoded(incoming))
-    return lines_to_multidict(block)

@@ -1,6 +1,7 @@
 """The sidecar's own answers: short HTML for browsers, RFC 9457 problem+json otherwise.
 
-Reasons are plain words chosen by the caller from a small set; nothing from an exception,
+An ``Answer`` is neutral: a status, checked header lines and a body, which either protocol
+writes (``http1.client`` as it is, ``fallback`` as an aiohttp response). Reasons are plain words chosen by the caller from a small set; nothing from an exception,
 a backend reply or the request itself is echoed, so no internals leak. Every header value
 is checked before an answer is made: one with a CR, an LF or another control character
 would add lines of someone else's choosing to the response (``Set-Cookie``), so it raises
@@ -17,7 +18,7 @@ import secrets
 from html import escape
 from http import HTTPStatus
 
-from aiohttp import web
+from .headers import HAS_SERVER
 
 # Request ids: a random prefix per process and a counter; unique, 32 hex digits like a
 # UUID's, and a fraction of uuid4's cost on every request. Not secrets.
@@ -50,14 +51,35 @@ def is_location(value: str) -> bool:
     return _URI.fullmatch(value) is not None
 
 
-def _checked(headers: dict[str, str]) -> dict[str, str]:
+class Answer:
+    """One of our own answers, as any protocol writes it."""
+
+    __slots__ = ("body", "close", "fields", "flags", "reason", "status")
+
+    def __init__(self, status: int, fields: bytes, body: bytes, *, close: bool = False) -> None:
+        self.status = status
+        #: the status line's phrase (aiohttp's: the standard one)
+        self.reason = _reason(status)
+        #: header lines (``Name: value\r\n`` each): checked, with Server, without framing
+        self.fields = fields
+        #: which of ``headers.HAS_LENGTH``, ``HAS_DATE``, ``HAS_SERVER`` ``fields`` has
+        self.flags = HAS_SERVER
+        self.body = body
+        #: the connection ends after it
+        self.close = close
+
+
+def _answer(status: int, headers: dict[str, str], content_type: str, body: bytes) -> Answer:
+    """An answer with ``headers`` (checked here), then its Content-Type."""
     for name, value in headers.items():
         if _FIELD_VALUE.fullmatch(value) is None:
             raise UnsafeHeaderValue(f"{name}: a character a header line cannot carry")
     location = headers.get("Location")
     if location is not None and not is_location(location):
         raise UnsafeHeaderValue("Location: not a URI")
-    return headers
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    fields = f"{lines}Content-Type: {content_type}\r\n".encode("ascii")
+    return Answer(status, fields, body)
 
 
 _TITLES = {
@@ -87,13 +109,22 @@ def wants_html(accept: str | None) -> bool:
     return bool(accept) and "text/html" in accept.lower()  # type: ignore[union-attr]
 
 
+_REASONS: dict[int, str] = {}
+
+
+def _reason(status: int) -> str:
+    reason = _REASONS.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+        _REASONS[status] = reason
+    return reason
+
+
 def title_of(status: int) -> str:
-    if status in _TITLES:
-        return _TITLES[status]
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
+    return _TITLES.get(status) or _reason(status) or "Error"
 
 
 def error(
@@ -104,8 +135,8 @@ def error(
     accept: str | None,
     headers: dict[str, str] | None = None,
     location: str | None = None,
-) -> web.Response:
-    """An error response. ``location`` (a sign-on URL) is given as a link and a header.
+) -> Answer:
+    """An error answer. ``location`` (a sign-on URL) is given as a link and a header.
     Raises ``UnsafeHeaderValue`` for a header value that is not one clean line."""
     title = title_of(status)
     out_headers = {"X-Request-ID": request_id, "Cache-Control": "no-store", "Server": SERVER}
@@ -113,7 +144,6 @@ def error(
         out_headers.update(headers)
     if location:
         out_headers["Location"] = location
-    _checked(out_headers)
     if wants_html(accept):
         extra = ""
         if location:
@@ -125,9 +155,7 @@ def error(
             extra=extra,
             request_id=escape(request_id),
         )
-        return web.Response(
-            status=status, text=body, content_type="text/html", charset="utf-8", headers=out_headers
-        )
+        return _answer(status, out_headers, "text/html; charset=utf-8", body.encode("utf-8"))
     doc: dict[str, object] = {
         "type": "about:blank",
         "title": title,
@@ -137,15 +165,10 @@ def error(
     if location:
         doc["sign_on_url"] = location
     doc["request_id"] = request_id
-    return web.Response(
-        status=status,
-        body=json.dumps(doc).encode("utf-8"),
-        content_type="application/problem+json",
-        headers=out_headers,
-    )
+    return _answer(status, out_headers, "application/problem+json", json.dumps(doc).encode("utf-8"))
 
 
-def redirect(location: str, *, request_id: str) -> web.Response:
+def redirect(location: str, *, request_id: str) -> Answer:
     """302 to the identity service; the body is a one-line link for clients that do not follow.
     Raises ``UnsafeHeaderValue`` for a ``location`` that is not a URI."""
     headers = {
@@ -154,9 +177,5 @@ def redirect(location: str, *, request_id: str) -> web.Response:
         "Cache-Control": "no-store",
         "Server": SERVER,
     }
-    return web.Response(
-        status=302,
-        text=f'<a href="{escape(location, quote=True)}">Continue</a>\n',
-        content_type="text/html",
-        headers=_checked(headers),
-    )
+    body = f'<a href="{escape(location, quote=True)}">Continue</a>\n'
+    return _answer(302, headers, "text/html; charset=utf-8", body.encode("utf-8"))

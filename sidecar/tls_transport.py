@@ -9,7 +9,9 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
   ``limits.max_connections`` counts connections still in their handshake). The connection is
   wrapped with the context current at accept (``TLSState.current``) and keeps it for its whole
   life, session cache and ticket keys included: a session made under an older context cannot
-  be resumed on a newer one.
+  be resumed on a newer one. With several servers, the first bytes are held until the
+  ClientHello says which server it asks for (``sni``), and the connection is wrapped with
+  that server's context.
 - **Handshake**, within ``limits.handshake_timeout``. A handshake OpenSSL refuses is answered
   with the alert OpenSSL chose (certificate_required, unknown_ca, certificate_expired, ...),
   flushed before the connection is closed, so that browsers and scanners can say why. Each
@@ -39,6 +41,7 @@ from typing import Any, Protocol, cast
 from .config import LimitsConfig
 from .log import get_logger
 from .metrics import Metrics
+from .sni import ClientHelloReader
 from .tls import TLSState
 
 log = get_logger("sidecar.tls")
@@ -61,11 +64,15 @@ _CLOSED = 3  # the TCP connection is gone
 
 
 class Listener(Protocol):
-    """What the accepted connections share (``listener.ListenerServer``)."""
+    """What the accepted connections share (``listener.Listener``)."""
 
     tls: TLSState
-    limits: LimitsConfig
-    metrics: Metrics
+
+    @property
+    def limits(self) -> LimitsConfig: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
 
     def admit(self, connection: TLSProtocol) -> bool:
         """Count a new connection in, or refuse it (False: it is closed at once)."""
@@ -86,6 +93,7 @@ class TLSProtocol(asyncio.Protocol):
         "_app_writing_paused",
         "_close_by",
         "_error",
+        "_hello",
         "_incoming",
         "_listener",
         "_loop",
@@ -115,6 +123,8 @@ class TLSProtocol(asyncio.Protocol):
         self._writing_paused = False  # the TCP transport said so
         self._app_writing_paused = False  # the application was told so
         self._error: Exception | None = None  # why the connection failed, for the application
+        #: with several servers, the first bytes until they hold the ClientHello
+        self._hello: ClientHelloReader | None = None
 
     @property
     def handshaking(self) -> bool:
@@ -132,9 +142,11 @@ class TLSProtocol(asyncio.Protocol):
             tcp.abort()
             return
         self._admitted = True
-        self._sslobj = listener.tls.current.wrap_bio(
-            self._incoming, self._outgoing, server_side=True
-        )
+        tls = listener.tls
+        if tls.servers is None:  # policy: one server: its context now; else see _choose
+            self._sslobj = tls.current.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        else:
+            self._hello = ClientHelloReader()
         self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
@@ -144,7 +156,10 @@ class TLSProtocol(asyncio.Protocol):
             if not self._reading_paused:
                 self._read()
         elif state == _HANDSHAKE:
-            self._incoming.write(data)
+            if self._sslobj is not None:
+                self._incoming.write(data)
+            elif not self._choose(data):  # policy: several servers
+                return
             self._handshake()
         # closing: what the peer still sends is dropped (see the module's docstring)
 
@@ -201,6 +216,21 @@ class TLSProtocol(asyncio.Protocol):
             self._linger()
             return
         self._established(sslobj)
+
+    def _choose(self, data: bytes) -> bool:
+        """With several servers: hold the first bytes until they hold the ClientHello, then
+        make the connection with the context of the server it names (``sni``; the first
+        server without SNI). False while more bytes are needed."""
+        hello = self._hello
+        assert hello is not None
+        done, name = hello.feed(data)
+        if not done:
+            return False
+        self._hello = None
+        context = self._listener.tls.context_for(name)
+        self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._incoming.write(hello.data)
+        return True
 
     def _established(self, sslobj: ssl.SSLObject) -> None:
         self._cancel_timer()

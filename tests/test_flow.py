@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sidecar.flow import PIPELINE, WRITING, FlowControl
-from sidecar.listener import ClientConnection
+from sidecar.http1.client import ClientConnection
 
 from .conftest import ConfigDir, Running, SidecarFactory, Upstream
 from .test_limits import request

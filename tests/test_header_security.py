@@ -214,7 +214,7 @@ def test_header_names_are_checked(
 
 
 def test_reserved_names_cover_what_the_headers_module_sets() -> None:
-    from sidecar.config import SIDECAR_HEADERS
+    from sidecar.header_names import SIDECAR_HEADERS
 
     ours = headers.HOP_BY_HOP | headers.FORWARDING | headers.REROUTING
     ours |= {"host", "content-length", "x-request-id"}

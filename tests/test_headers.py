@@ -15,11 +15,11 @@ from sidecar.headers import (
     HeaderRules,
     request_fields,
     response_fields,
-    response_headers,
-    upstream_headers,
 )
+from sidecar.http1.upstream import request_head as head_from_lines
 from sidecar.identity import User
-from sidecar.upstream_http import head_from_lines
+
+from .header_views import response_headers, upstream_headers
 
 RULES = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO", (ipaddress.ip_network("10.0.0.0/8"),))
 USER = User("sub-1", "alice", "Alice", None, "a@example.com", ("administrator",))

@@ -31,7 +31,7 @@ from yarl import URL
 from sidecar import config as config_mod
 from sidecar.app import Sidecar
 from sidecar.errors import CertificateError
-from sidecar.listener import ClientConnection
+from sidecar.http1.client import ClientConnection
 from sidecar.metrics import Metrics
 
 from .conftest import BOB_SUB, ConfigDir, Running, Seen, SidecarFactory, Upstream, decode_userinfo

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from sidecar import listener
+from sidecar import request as listener
 from sidecar.policy import BadPath, Route, RouteTable
 
 from . import path_oracle as oracle

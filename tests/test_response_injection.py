@@ -224,11 +224,11 @@ def test_sign_on_urls_in_the_configuration_are_checked(
 def test_a_trusted_proxys_request_id_is_kept_only_when_clean(incoming: str) -> None:
     from multidict import CIMultiDict
 
-    from sidecar.handler import _request_id
+    from sidecar.gateway import _request_id
 
     class Proxied:
         headers = CIMultiDict({"X-Request-ID": incoming})
 
-    assert _request_id(Proxied(), trusted=True) != incoming  # type: ignore[arg-type]
+    assert _request_id(Proxied(), trusted=True) != incoming
     Proxied.headers = CIMultiDict({"X-Request-ID": "req-1:a/b+c="})
-    assert _request_id(Proxied(), trusted=True) == "req-1:a/b+c="  # type: ignore[arg-type]
+    assert _request_id(Proxied(), trusted=True) == "req-1:a/b+c="

@@ -26,10 +26,12 @@ from yarl import URL
 
 from sidecar.config import LimitsConfig, UpstreamConfig, UpstreamTimeouts
 from sidecar.errors import UpstreamError
-from sidecar.headers import HeaderRules, upstream_headers
-from sidecar.upstream import BodyTooLarge, Forwarded, UpstreamClient
-from sidecar.upstream_http import request_head
+from sidecar.fallback.forward import FallbackForwarder as UpstreamClient
+from sidecar.fallback.forward import Forwarded, header_lines
+from sidecar.forwarder import BodyTooLarge
+from sidecar.headers import HeaderRules
 
+from .header_views import upstream_headers
 from .pki import make_ca, make_leaf
 from .servers import Scripted, StartScripted, answer_ok
 
@@ -1083,7 +1085,7 @@ async def test_request_without_host_gets_the_upstreams(proxy: Proxy, upstream: U
 def test_header_values_cannot_smuggle_a_request() -> None:
     headers = CIMultiDict([("X-Evil", "a\r\nContent-Length: 0\r\n\r\nGET /admin HTTP/1.1")])
     with pytest.raises(ValueError, match="CR or LF"):
-        request_head("GET", "/", headers, "upstream", False)
+        header_lines(headers)
 
 
 def test_on_uvloop(tmp_path: Path) -> None:

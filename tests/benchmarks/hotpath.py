@@ -1,9 +1,9 @@
 """The Python cost of one forwarded request, without sockets, TLS or other processes.
 
-    .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile]
+    .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile] [--routes N]
 
-Drives the real listener protocol (``ClientConnection``), handler, header rules, upstream
-client and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
+Drives the real listener protocol (``ClientConnection``), gateway, header rules, forwarder
+and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
 is cached, an upstream answer of 2 bytes with nginx's headers. What it reports is the CPU time
 the sidecar's own Python spends per request (microseconds, best of several rounds), the part a
 change to the request path can move; the full benchmark (``run.sh``) adds TLS, system calls and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
 import pstats
 import sys
 import tempfile
@@ -25,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import BUILD
-from sidecar.__main__ import _tune_gc
 from sidecar.app import Sidecar
 from sidecar.certs import ClientCert
 from sidecar.config import load
-from sidecar.handler import Handler
-from sidecar.listener import ClientConnection, ListenerServer
-from sidecar.upstream_http import Connection as UpstreamConnection
+from sidecar.gateway import Gateway
+from sidecar.http1.upstream import UpstreamConnection
+from sidecar.listener import Listener
+from sidecar.runtime import tune_gc
+from tests.benchmarks.stack import matcher_routes
 from tests.pki import make_ca, make_leaf
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"
@@ -73,7 +75,7 @@ class _Transport:
         raise AssertionError("a connection of the harness was aborted")
 
 
-def _config(folder: Path) -> tuple[Path, ClientCert]:
+def _config(folder: Path, routes: int = 0) -> tuple[Path, ClientCert]:
     ca = make_ca("Hot path CA")
     server = make_leaf(ca, "localhost", server=True)
     client = make_leaf(ca, "bench")
@@ -84,28 +86,30 @@ def _config(folder: Path) -> tuple[Path, ClientCert]:
         "client.pem": client.pem,
     }.items():
         (folder / name).write_bytes(data)
+    # --routes N: N routes each with matchers (issue #16), the one asked for among them
+    table = matcher_routes(routes, client.der, ca.cert) if routes else [{"path": "/"}]
     (folder / "sidecar.yaml").write_text(
         "listen: {host: 127.0.0.1, port: 8443}\n"
         "tls: {certificate: server.pem, key: server.key, client_ca: [ca.pem]}\n"
         "upstream: {url: 'http://127.0.0.1:9'}\n"
         "identity:\n  backend: static\n  static:\n    users:\n"
         "    - {sub: s-1, username: bench, certificates: [{file: client.pem}]}\n"
-        "routes:\n- path: /\n"
+        f"routes: {json.dumps(table)}\n"
         "log: {level: warning}\n"
     )
     return folder / "sidecar.yaml", ClientCert.from_der(client.der)
 
 
-async def measure(requests: int, rounds: int, profile: bool) -> None:
+async def measure(requests: int, rounds: int, profile: bool, routes: int = 0) -> None:
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
-        path, cert = _config(Path(tmp))
+        path, cert = _config(Path(tmp), routes)
         config = load(path)
         sidecar = Sidecar(config, config_path=path)
         plan = await sidecar._build_plan(config)
-    handler = Handler(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
-    listener = ListenerServer(
-        handler,
+    gateway = Gateway(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
+    listener = Listener(
+        gateway,
         tls=sidecar.tls,
         limits=config.limits,
         peer_certs=sidecar.peer_certs,
@@ -135,7 +139,7 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         if done is not None and not done.done():
             done.set_result(None)
 
-    client = ClientConnection(listener)
+    client = listener.protocol()
     client.connection_made(_Transport(on_answer, {"peername": ("127.0.0.1", 50000)}))  # type: ignore[arg-type]
     client._peer = cert
 
@@ -149,7 +153,7 @@ async def measure(requests: int, rounds: int, profile: bool) -> None:
         return time.process_time() - started
 
     await run(1000)  # warm-up: caches, the route table, the pool
-    _tune_gc()  # as `sidecar run` does once started
+    tune_gc()  # as `sidecar run` does once started
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -171,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--routes", type=int, default=0, help="that many routes, each with certificate matchers"
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(measure(args.requests, args.rounds, args.profile))
+        asyncio.run(measure(args.requests, args.rounds, args.profile, args.routes))
     else:
-        uvloop.run(measure(args.requests, args.rounds, args.profile))
+        uvloop.run(measure(args.requests, args.rounds, args.profile, args.routes))
     return 0
 
 

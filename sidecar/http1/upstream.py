@@ -1,7 +1,7 @@
 """HTTP/1.1 to the upstream on the wire: the request head, the request body, and the
-``Connection`` protocol that reads the response.
+``UpstreamConnection`` protocol that reads the response.
 
-A ``Connection`` owns its transport, an httptools (llhttp) response parser and the state of
+An ``UpstreamConnection`` owns its transport, an httptools (llhttp) response parser and the state of
 the one exchange in progress: status, headers, body chunks (with read backpressure),
 completion, and one lazily re-armed read timer. Failures come out as ``TimeoutError``,
 ``OSError`` (resets), ``UpstreamError`` (protocol), ``BodyTooLarge`` or ``BodyTimeout``; the
@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
-from aiohttp import StreamReader
-from multidict import CIMultiDict
 
-from .errors import UpstreamError
+from ..errors import UpstreamError
 
 # The response head (status line and headers, interim responses included) is held in memory
 # whole; nginx's largest default proxy buffers take 32 KiB, a cookie-heavy application more.
@@ -37,36 +35,17 @@ class BodyTimeout(Exception):
 
 
 def request_head(
-    method: str, target: str, headers: CIMultiDict[str], host: str, chunked: bool
+    method: str, target: str, block: bytes, host: bytes | None, *, chunked: bool = False
 ) -> bytes:
-    """The request line and ``headers`` as given, with the framing of the client's body."""
-    lines = [f"{method} {target} HTTP/1.1"]
-    if "Host" not in headers:
-        lines.append(f"Host: {host}")
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    lines.append("\r\n")
-    head = "\r\n".join(lines)
-    # aiohttp's parser let no CR or LF into the client's values, and ours have none; one here
-    # would end the head early and start a request of the client's making.
-    if head.count("\n") != len(lines) or head.count("\r") != len(lines):
-        raise ValueError("CR or LF in a request header")
-    # aiohttp decoded the client's bytes this way: encoding them back gives the same bytes.
-    return head.encode("utf-8", "surrogateescape")
-
-
-def head_from_lines(method: str, target: str, block: bytes, host: bytes | None) -> bytes:
     """The request line and the header lines of ``block`` (from ``headers.request_fields``,
-    which checked them), with a Host line first when the client sent none. For requests
-    without a body."""
+    which checked them), with a Host line first when ``host`` is given (the client sent none),
+    and ``Transfer-Encoding: chunked`` last for a ``chunked`` body."""
     target_bytes = target.encode("utf-8", "surrogateescape")
     if b"\r" in target_bytes or b"\n" in target_bytes:  # parsers refuse them: defence in depth
         raise ValueError("CR or LF in the request target")
+    end = b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"\r\n"
     if host is None:
-        return b"".join(
-            (method.encode("ascii"), b" ", target_bytes, b" HTTP/1.1\r\n", block, b"\r\n")
-        )
+        return b"".join((method.encode("ascii"), b" ", target_bytes, b" HTTP/1.1\r\n", block, end))
     return b"".join(
         (
             method.encode("ascii"),
@@ -76,9 +55,20 @@ def head_from_lines(method: str, target: str, block: bytes, host: bytes | None) 
             host,
             b"\r\n",
             block,
-            b"\r\n",
+            end,
         )
     )
+
+
+class BodyStream(Protocol):
+    """Where a request body comes from: aiohttp's ``StreamReader`` for the requests its server
+    parsed."""
+
+    def read_nowait(self) -> bytes: ...
+
+    def at_eof(self) -> bool: ...
+
+    async def readany(self) -> bytes: ...
 
 
 class RequestBody:
@@ -86,10 +76,11 @@ class RequestBody:
     given up when the client pauses it for longer than ``timeout``."""
 
     def __init__(
-        self, content: StreamReader, *, chunked: bool, limit: int | None, timeout: float
+        self, content: BodyStream, *, chunked: bool, limit: int | None, timeout: float
     ) -> None:
         self._content = content
-        self._chunked = chunked
+        #: framed as chunks (the client sent no length)
+        self.chunked = chunked
         self._timeout = timeout
         # Content-Length bodies are framed by the server's parser; only chunked ones can grow.
         self._limit = limit if chunked else None
@@ -104,7 +95,7 @@ class RequestBody:
         done = self._content.at_eof()
         return self._frame(data, done), done
 
-    async def send_rest(self, conn: Connection) -> None:
+    async def send_rest(self, conn: UpstreamConnection) -> None:
         """Stream the rest to ``conn`` as it arrives; a failure becomes the exchange's error
         (``BodyTimeout`` when the client pauses longer than the timeout: the upstream
         connection is then aborted, so that the upstream sees the request incomplete)."""
@@ -140,7 +131,7 @@ class RequestBody:
         self._seen += len(data)
         if self._limit is not None and self._seen > self._limit:
             raise BodyTooLarge(f"chunked body exceeds {self._limit}")
-        if not self._chunked:
+        if not self.chunked:
             return [data]
         framed = [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
         if done:
@@ -160,7 +151,7 @@ def _until_eof(raw_headers: list[tuple[bytes, bytes]]) -> bool:
     return until_eof
 
 
-class Connection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream; ``begin`` starts an exchange, ``head`` and ``read``
     wait for its response. Errors are sticky: once failed, every wait raises the error."""
 
@@ -172,7 +163,7 @@ class Connection(asyncio.Protocol):
         self._stale_parser = False
         self.lost = False
         #: set by the pool once the connection is its own: called once when it closes
-        self.on_lost: Callable[[Connection], None] | None = None
+        self.on_lost: Callable[[UpstreamConnection], None] | None = None
         #: served an exchange before this one (a stale keep-alive connection may be retried)
         self.reused = False
         self.idle = False

@@ -11,9 +11,14 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 
-from .errors import UpstreamError
-from .upstream_http import Connection
+from ..errors import UpstreamError
+from .upstream import UpstreamConnection
+
+#: opens a connection to the upstream for the protocol the factory makes (by default asyncio's
+#: ``create_connection`` to the pool's address; a test gives a fake of its own)
+Dial = Callable[[Callable[[], asyncio.Protocol]], Awaitable[object]]
 
 
 class Pool:
@@ -33,20 +38,22 @@ class Pool:
         connect_timeout: float,
         read_timeout: float,
         max_connections: int,
+        dial: Dial | None = None,
     ) -> None:
         self._host = host
+        self._dial = dial
         self._port = port
         self._tls = tls
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max = max_connections
         self._open = 0  # connections open or being opened: the slots in use
-        self._idle: deque[Connection] = deque()
-        # None is a slot to connect with; a Connection is handed over directly (FIFO).
-        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._idle: deque[UpstreamConnection] = deque()
+        # None is a slot to connect with; an UpstreamConnection is handed over directly (FIFO).
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._closed = False
 
-    async def acquire(self, *, fresh: bool = False) -> Connection:
+    async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
         """An idle connection (unless ``fresh``), a new one, or the next one given back."""
         if self._closed:
             raise RuntimeError("the upstream pool is closed")
@@ -64,7 +71,7 @@ class Pool:
             old.close()
             return await self._connect()
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Connection | None] = loop.create_future()
+        waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -84,7 +91,7 @@ class Pool:
         got.reused = True
         return got
 
-    def take_idle(self) -> Connection | None:
+    def take_idle(self) -> UpstreamConnection | None:
         """The newest idle connection, without waiting, or None."""
         idle = self._idle
         while idle:
@@ -94,11 +101,11 @@ class Pool:
                 return conn
         return None
 
-    def release(self, conn: Connection, *, reuse: bool) -> None:
+    def release(self, conn: UpstreamConnection, *, reuse: bool) -> None:
         """Take ``conn`` back: pooled if ``reuse`` and it is clean, closed otherwise."""
         if not reuse or self._closed or not conn.reusable:
             if conn.complete and conn.request_sent and not self._closed:
-                conn.close()  # a clean end, just not one to reuse (Connection: close)
+                conn.close()  # a clean end, just not one to reuse (UpstreamConnection: close)
             else:
                 conn.fail(ConnectionAbortedError("not reusable"))
             return
@@ -116,19 +123,22 @@ class Pool:
             if not waiter.done():
                 waiter.set_exception(UpstreamError("connect", "the upstream pool is closed"))
 
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> UpstreamConnection:
         """A new connection in a slot already counted in ``_open``; the slot is freed if it fails."""
         loop = asyncio.get_running_loop()
-        conn = Connection(loop, self._read_timeout)
+        conn = UpstreamConnection(loop, self._read_timeout)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await loop.create_connection(
-                    lambda: conn,
-                    self._host,
-                    self._port,
-                    ssl=self._tls,
-                    server_hostname=self._host if self._tls is not None else None,
-                )
+                if self._dial is not None:
+                    await self._dial(lambda: conn)
+                else:
+                    await loop.create_connection(
+                        lambda: conn,
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
         except BaseException as exc:
             self._free_slot()
             if isinstance(exc, OSError | TimeoutError):  # ssl.SSLError is an OSError
@@ -139,7 +149,7 @@ class Pool:
             self._lost(conn)
         return conn
 
-    def _lost(self, conn: Connection) -> None:
+    def _lost(self, conn: UpstreamConnection) -> None:
         if conn.idle:
             conn.idle = False
             with contextlib.suppress(ValueError):
@@ -154,7 +164,7 @@ class Pool:
             if not self._hand_over(None):
                 self._open -= 1
 
-    def _hand_over(self, item: Connection | None) -> bool:
+    def _hand_over(self, item: UpstreamConnection | None) -> bool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -164,7 +174,7 @@ class Pool:
                 return True
         return False
 
-    def _give_back(self, item: Connection | None) -> None:
+    def _give_back(self, item: UpstreamConnection | None) -> None:
         if item is None:
             self._free_slot()
         else:

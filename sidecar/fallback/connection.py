@@ -1,7 +1,7 @@
-"""The listener's fallback protocol: aiohttp's HTTP/1.1 server with the limits we promise.
+"""The fallback's protocol: aiohttp's HTTP/1.1 server with the limits we promise.
 
-A connection comes here from ``listener.ClientConnection`` at the first request the fast path
-does not serve (a body, an upgrade, a malformed or oversized head) and stays to its end. It
+A connection comes here from ``http1.client.ClientConnection`` at the first request the fast
+path does not serve (a body, an upgrade, a malformed or oversized head) and stays to its end. It
 keeps the peer certificate parsed there, gives a client ``limits.header_timeout`` to send a
 complete request head (slowloris), closes idle keep-alive connections, and answers parse
 errors (oversized request line or headers, malformed framing) with our own error pages.
@@ -17,51 +17,44 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from . import responses
-from .certs import ClientCert
-from .flow import FlowControl
+from .. import responses
+from ..certs import ClientCert
+from ..flow import FlowControl
+from ..headers import lines_to_multidict
+from ..listener_state import ListenerState
+from ..responses import Answer
 
-if TYPE_CHECKING:
-    from .listener import ListenerServer
 
+class FallbackConnection(RequestHandler):
+    """aiohttp's protocol for a connection handed over, with the peer certificate the HTTP/1.1
+    protocol parsed (None: no identity). The TLS layer counts the connection until it closes."""
 
-class Connection(RequestHandler):
-    """aiohttp's protocol for a connection the listener handed over (``adopt`` first)."""
-
-    __slots__ = (
-        "_flow",
-        "_gone",
-        "_header_timeout",
-        "_held",
-        "_listener",
-        "_metrics",
-        "_peer",
-    )
+    __slots__ = ("_flow", "_gone", "_header_timeout", "_held", "_peer", "_state")
 
     def __init__(
-        self, manager: ListenerServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
+        self,
+        server: web.Server,
+        state: ListenerState,
+        peer: ClientCert | None,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(manager, loop=loop, **kwargs)
-        self._peer: ClientCert | None = None
-        self._listener = manager
-        self._header_timeout = manager.limits.header_timeout
-        self._metrics = manager.metrics
-        self._flow = FlowControl(loop, manager.limits.send_timeout)
+        super().__init__(server, loop=loop, **kwargs)
+        self._peer = peer
+        self._state = state
+        self._header_timeout = state.limits.header_timeout
+        self._flow = FlowControl(loop, state.limits.send_timeout)
         #: bytes that arrived while the client was not taking its answers, not yet parsed
         self._held = b""
         #: called if the connection ends while a response streams to it (``when_gone``)
         self._gone: Callable[[], None] | None = None
-
-    def adopt(self, *, peer: ClientCert | None) -> None:
-        """Take over a connection from the listener, with its peer certificate, already parsed
-        (None: no identity). The TLS layer counts the connection until it closes."""
-        self._peer = peer
 
     def peer_certificate(self) -> ClientCert | None:
         """The peer certificate the listener parsed before it handed the connection over."""
@@ -77,7 +70,7 @@ class Connection(RequestHandler):
     @property
     def closing(self) -> bool:
         """The listener is shutting down: a response prepared now is the connection's last."""
-        return self._listener.closing
+        return self._state.closing
 
     # -- the header deadline ---------------------------------------------------------------
 
@@ -157,7 +150,7 @@ class Connection(RequestHandler):
             self.log_exception("Error handling request", exc_info=exc)
             reason = "The sidecar could not handle this request."
         elif isinstance(exc, LineTooLong):
-            # aiohttp names the part only by the limit it hit (see listener._parser_limits).
+            # aiohttp names the part only by the limit it hit (see server._parser_limits).
             if len(exc.args) > 1 and exc.args[1] == self.max_line_size:
                 status, reason = 414, "The request line is too long."
             else:
@@ -170,18 +163,31 @@ class Connection(RequestHandler):
             accept = request.headers.get("Accept")
         except Exception:
             accept = None
-        response = responses.error(
+        answer = responses.error(
             status, reason, request_id=responses.new_request_id(), accept=accept
         )
+        answer.close = True
+        return to_response(answer)
+
+
+def to_response(answer: Answer) -> web.Response:
+    """One of our own answers, as aiohttp's response."""
+    response = web.Response(
+        status=answer.status,
+        reason=answer.reason,
+        body=answer.body,
+        headers=lines_to_multidict(answer.fields),
+    )
+    if answer.close:
         response.force_close()
-        return response
+    return response
 
 
 def when_gone(request: web.BaseRequest, callback: Callable[[], None] | None) -> None:
     """Have ``callback`` called if the request's connection ends (None: no longer), when it
     is one of ours (aiohttp's own servers, in tests, have no such notice)."""
     protocol = request.protocol
-    if isinstance(protocol, Connection):
+    if isinstance(protocol, FallbackConnection):
         protocol.when_gone(callback)
 
 
@@ -189,5 +195,5 @@ def last_on_connection(request: web.BaseRequest, response: web.StreamResponse) -
     """Before ``response`` is prepared: during shutdown it says ``Connection: close`` (aiohttp
     closes the connection after it anyway; the client should know), as on the listener's path."""
     protocol = request.protocol
-    if isinstance(protocol, Connection) and protocol.closing:
+    if isinstance(protocol, FallbackConnection) and protocol.closing:
         response.force_close()

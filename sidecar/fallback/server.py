@@ -1,0 +1,133 @@
+"""aiohttp's server, for the connections the HTTP/1.1 protocol hands over (``Fallback``), and
+the gateway for the requests it parses (``Serve``): each one becomes a ``request.Request``, is
+forwarded with its body (``forward``) or answered with our own answer as an aiohttp response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from ..certs import ClientCert
+from ..config import LimitsConfig
+from ..gateway import Gateway
+from ..headers import lines_to_multidict
+from ..listener_state import ListenerState
+from ..request import Request
+from ..tls import requested_server_name
+from .connection import FallbackConnection, last_on_connection, to_response
+from .forward import FallbackForwarder
+
+
+class Fallback:
+    """aiohttp's low-level server, held for the connections handed over to it: ``adopt``
+    makes its protocol for one, ``close_idle`` and ``shutdown`` end them."""
+
+    __slots__ = ("_loop", "_server", "_state")
+
+    def __init__(self, state: ListenerState, loop: asyncio.AbstractEventLoop) -> None:
+        self._state = state
+        self._loop = loop
+        self._server = web.Server(
+            Serve(state.gateway), access_log=None, loop=loop, **_parser_limits(state.limits)
+        )
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """For the connections handed over from now on: a connection handed over already
+        keeps the parser limits and header deadline it was given until it closes."""
+        self._server._kwargs.update(_parser_limits(limits))
+
+    def adopt(self, transport: asyncio.Transport, peer: ClientCert | None) -> asyncio.Protocol:
+        """Take ``transport`` over: the listener's ``ListenerState.hand_off``."""
+        server = self._server
+        connection = FallbackConnection(
+            server, self._state, peer, loop=self._loop, **server._kwargs
+        )
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
+        return connection
+
+    def close_idle(self) -> None:
+        """Shutdown or a trust change: idle connections close now, busy ones after their
+        request (aiohttp's ``close``)."""
+        self._server.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        """In-flight requests get ``timeout`` seconds, then their connections are closed."""
+        await self._server.shutdown(timeout)
+
+
+def _parser_limits(limits: LimitsConfig) -> dict[str, Any]:
+    """aiohttp's ``RequestHandler`` keyword arguments for ``limits``."""
+    # aiohttp reports which limit was hit, not which part: keep the two numbers distinct
+    # (one byte more for the request line) so that 414 and 431 can be told apart.
+    line_limit = limits.max_request_line
+    if line_limit == limits.max_header_line:
+        line_limit += 1
+    return {
+        "keepalive_timeout": limits.keepalive_timeout,
+        "max_line_size": line_limit,
+        "max_field_size": limits.max_header_line,
+        "max_headers": limits.max_headers,
+    }
+
+
+class Serve:
+    """aiohttp's request handler: ``gateway`` for each request."""
+
+    __slots__ = ("gateway",)
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, web_request: web.BaseRequest) -> web.StreamResponse:
+        request = Request(
+            web_request.method,
+            web_request.raw_path,
+            web_request.raw_headers,
+            cert=_peer_certificate(web_request),
+            peer_ip=_peer_ip(web_request),
+            server_name=_server_name(web_request),
+        )
+        forwarded: web.StreamResponse | None = None
+
+        async def forward(request: Request) -> tuple[int, float]:
+            nonlocal forwarded
+            upstream = request.upstream
+            assert isinstance(upstream, FallbackForwarder)
+            result = await upstream.forward(web_request, lines_to_multidict(request.block))
+            forwarded = result.response
+            return result.status, result.upstream_seconds
+
+        gateway = self.gateway
+        gateway.begin(request)
+        await gateway.resume(request, forward)
+        if forwarded is not None:
+            return forwarded
+        answer = request.answer
+        assert answer is not None
+        response = to_response(answer)
+        last_on_connection(web_request, response)
+        return response
+
+
+def _peer_certificate(request: web.BaseRequest) -> ClientCert | None:
+    protocol = request.protocol
+    return protocol.peer_certificate() if isinstance(protocol, FallbackConnection) else None
+
+
+def _server_name(request: web.BaseRequest) -> str | None:
+    transport = request.transport
+    return requested_server_name(transport.get_extra_info("ssl_object") if transport else None)
+
+
+def _peer_ip(request: web.BaseRequest) -> str | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None

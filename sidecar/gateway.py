@@ -1,0 +1,516 @@
+"""The gateway: what happens to a request, whichever protocol read it.
+
+Certificate → verdict → decision → forward or answer, as plain calls in a fixed order; each
+step takes values and returns a value. A request's life is a small state machine
+(``request.Step``, whose moves are all in ``request._NEXT``), on the plan it began with
+(``plan.Plan``):
+
+- ``begin`` does everything that needs no waiting, and leaves the request at LOOK_UP or
+  SIGN_ON (a wait for the identity side), FORWARD (the protocol sends it upstream) or ANSWER
+  (our own answer, ``request.answer``);
+- ``resume`` does the waiting and, with the protocol's ``Forwarding``, the forward: the
+  request is then FORWARDED (the upstream's answer went to the client) or at ANSWER (502,
+  504, 413, 408);
+- ``end`` makes the request's one metrics update and one access event (ENDED).
+
+A protocol that forwards without waiting (``http1.client``) calls ``forwarded`` (or
+``fail``) and ``end`` itself. Status codes for our own answers are chosen here (policy
+outcomes come from ``policy.decide``) and the answers made by ``responses``; the protocols
+(``http1.client``, ``fallback``) read requests and write answers, and this module knows
+neither of them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from . import responses
+from .errors import IdentityUnavailable, UpstreamError
+from .forwarder import BodyTimeout, BodyTooLarge
+from .headers import request_fields
+from .identity import LookupContext, Verdict
+from .identity.intents import SignOnLimited
+from .log import ACCESS_FIELDS, access_writer
+from .metrics import Metrics
+from .plan import Plan
+from .policy import (
+    BadPath,
+    Deny,
+    Forward,
+    Redirect,
+    Refused,
+    Unavailable,
+    certificate_refusal,
+    decide,
+    needs_verdict,
+)
+from .request import (
+    ANSWER,
+    ENDED,
+    FORWARD,
+    FORWARDED,
+    LOOK_UP,
+    SIGN_ON,
+    Request,
+    move,
+)
+
+# fullmatch: "$" alone would also match before a final newline
+_REQUEST_ID_VALUE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
+# Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): an IP literal, or a reg-name of
+# unreserved characters, %-escapes and sub-delims (empty allowed), then digits for the port.
+_HOST_FIELD = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+RETRY_AFTER_SECONDS = "5"
+
+
+#: how a protocol forwards a request (``request.upstream``, ``request.block``): it sends it
+#: and writes the answer to its client, then gives the status the client got and the seconds
+#: the upstream took to its response head. ``UpstreamError``, ``BodyTooLarge`` and
+#: ``BodyTimeout`` are answered by the gateway (they come before any byte of an answer).
+Forwarding = Callable[[Request], Awaitable[tuple[int, float]]]
+
+
+class Gateway:
+    """Runs each request's steps (see the module's docstring) on the current ``plan``."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        metrics: Metrics,
+        logger: Any,
+        access_log: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.plan = plan
+        self.metrics = metrics
+        self.log = logger
+        #: False when the log level is above info: skip building an event nobody will see
+        self.access_log = access_log
+        #: the access event's own JSON writer, when the logs are JSON (else through structlog)
+        self._access = access_writer() if access_log else None
+        self.clock = clock
+
+    def begin(self, request: Request) -> None:
+        """Everything about ``request`` that needs no waiting: ``request.step`` then says
+        what is left (see the module's docstring)."""
+        plan = self.plan
+        request.plan = plan
+        trusted = request.trusted = plan.rules.is_trusted_proxy(request.peer_ip)
+        request.request_id = _request_id(request, trusted)
+        request.started = time.perf_counter()
+        self.metrics.request_started()
+        try:
+            self._start(request, plan)
+        except Exception as exc:  # the last line of defence: answer 500, never a traceback
+            self.fail(request, exc)
+
+    async def resume(self, request: Request, forward: Forwarding) -> None:
+        """Do what ``begin`` left (the verdict, the sign-on address, the forward through
+        ``forward``), then ``end``. The request is then ENDED, with ``request.answer`` still
+        to send unless it was FORWARDED."""
+        try:
+            if request.step is LOOK_UP:
+                await self._look_up(request)
+            if request.step is SIGN_ON:
+                await self._sign_on(request)
+            if request.step is FORWARD:
+                try:
+                    status, upstream_seconds = await forward(request)
+                except (UpstreamError, BodyTooLarge, BodyTimeout) as exc:
+                    self._forward_failed(request, exc)
+                else:
+                    self.forwarded(request, status, upstream_seconds)
+        except Exception as exc:  # the last line of defence: answer 500, never a traceback
+            self.fail(request, exc)
+        except BaseException:  # cancelled: no answer, and no access event
+            self.metrics.request_finished()
+            raise
+        self.end(request)
+
+    def forwarded(self, request: Request, status: int, upstream_seconds: float) -> None:
+        """The upstream's answer went to the client with ``status``."""
+        request.status = status
+        request.upstream_seconds = upstream_seconds
+        self.metrics.observe_upstream(upstream_seconds)
+        move(request, FORWARDED)
+
+    def fail(self, request: Request, exc: Exception) -> None:
+        """An unexpected error: the answer is 500."""
+        self.log.error(
+            "request_failed", request_id=request.request_id, error=repr(exc), exc_info=exc
+        )
+        request.route = None
+        request.verdict_code = request.user = None
+        request.stale = False
+        self._answer(
+            request,
+            500,
+            "error",
+            "internal error",
+            "The sidecar could not handle this request.",
+        )
+
+    def end(self, request: Request) -> None:
+        """The request is over: one metrics update and one access event."""
+        # status: the request's outcome (``request.status``, ``decision``, ``reason``) is
+        # final here
+        move(request, ENDED)
+        self.metrics.request_finished()
+        elapsed = time.perf_counter() - request.started
+        label = request.route_label
+        self.metrics.observe_request(
+            label, request.method, request.decision, request.status, elapsed
+        )
+        if not self.access_log:
+            return
+        cert, user, upstream = request.cert, request.user, request.upstream_seconds
+        values = (
+            request.request_id,
+            request.peer_ip,
+            request.method,
+            request.path,
+            request.status,
+            round(elapsed * 1000, 3),
+            label,
+            request.decision,
+            request.reason,
+            request.verdict_code,
+            request.stale or None,
+            cert.serial_hex if cert else None,
+            cert.sha256 if cert else None,
+            cert.subject if cert else None,
+            user.sub if user else None,
+            round(upstream * 1000, 3) if upstream is not None else None,
+        )
+        if self._access is not None:
+            self._access(values)
+        else:
+            self.log.info("request", **dict(zip(ACCESS_FIELDS, values, strict=True)))
+
+    # ---- the steps ------------------------------------------------------------------------
+
+    def _start(self, request: Request, plan: Plan) -> None:
+        problem = _malformed(request, plan)
+        if problem is not None:
+            self._deny(request, Deny(*problem))
+            return
+        try:
+            route = plan.policy.route(  # policy: the server, then the route and its methods
+                request.method, request.target, request.raw_headers, request.server_name
+            )
+        except BadPath as exc:
+            self._deny(request, Deny(400, str(exc), "bad_path"))
+            return
+        except Refused as refused:  # policy: a method the path's routes do not cover
+            self._deny(request, refused.deny)
+            return
+        request.route = route
+        cert = request.cert
+        verdict: Verdict | None = None
+        if cert is not None:
+            refusal = certificate_refusal(cert, self.clock())  # policy: moved from here
+            if refusal is not None:
+                self._deny(request, Deny(403, refusal[0], refusal[1]))
+                return
+            # revocation: a check of the certificate before a cached verdict is used (or, on
+            # a route where the certificate alone decides, before policy.decide)
+            if route is not None and needs_verdict(route, cert, request.peer_ip):  # policy:
+                verdict = plan.identity.peek(cert)
+                if verdict is None:
+                    move(request, LOOK_UP)
+                    return
+        self._decide(request, plan, verdict, backend_failed=False)
+
+    async def _look_up(self, request: Request) -> None:
+        """A verdict the cache could not give at once (timed and counted by outcome), then
+        the decision on it."""
+        plan, cert = _plan(request), request.cert
+        identity = plan.identity
+        assert cert is not None
+        verdict: Verdict | None = None
+        started = time.perf_counter()
+        try:
+            verdict = await identity.lookup(cert, LookupContext(client_ip=request.peer_ip))
+        except IdentityUnavailable as exc:
+            self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
+            self.log.warning(
+                "identity_unavailable",
+                request_id=request.request_id,
+                reason=exc.reason,
+                code=exc.code,
+            )
+        else:
+            self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
+        finally:
+            self.metrics.identity_duration.labels(identity.name).observe(
+                time.perf_counter() - started
+            )
+        self._decide(request, plan, verdict, backend_failed=verdict is None)
+
+    def _decide(
+        self, request: Request, plan: Plan, verdict: Verdict | None, *, backend_failed: bool
+    ) -> None:
+        cert = request.cert
+        # policy: the one decision on a request, from the route, the verdict and the facts
+        decision = decide(
+            request.route,
+            verdict,
+            has_certificate=cert is not None,
+            backend_failed=backend_failed,
+            enrol=plan.identity.can_enrol,
+            cert=cert,  # policy: matchers
+            address=request.peer_ip,  # policy: addresses
+        )
+        code = request.verdict_code = verdict.code if verdict is not None else None
+        if isinstance(decision, Forward):
+            user = decision.user
+            request.block, request.has_host = request_fields(
+                plan.rules,
+                request.raw_headers,
+                client_ip=request.peer_ip,
+                trusted=request.trusted,
+                request_id=request.request_id,
+                user=user,
+                certificate_b64=cert.b64 if (cert is not None and user is not None) else None,
+            )
+            request.upstream = plan.upstream
+            request.decision, request.reason = "forwarded", "allowed"
+            request.user = user
+            request.stale = bool(verdict and verdict.stale)
+            move(request, FORWARD)
+        elif isinstance(decision, Deny):
+            self._deny(request, decision)
+            request.verdict_code = code or decision.code
+        elif isinstance(decision, Unavailable):
+            self._unavailable(request, decision.reason)
+        else:
+            self._redirect(request, decision)
+
+    def _forward_failed(
+        self, request: Request, exc: UpstreamError | BodyTooLarge | BodyTimeout
+    ) -> None:
+        if isinstance(exc, BodyTimeout):
+            # nginx's client_body_timeout: 408, and the connection ends (what is left of the
+            # body would be read as the next request)
+            self._answer(
+                request,
+                408,
+                "denied",
+                "body_timeout",
+                "The request body stopped arriving before it was complete.",
+                close=True,
+            )
+            return
+        if isinstance(exc, BodyTooLarge):
+            self._answer(
+                request,
+                413,
+                "denied",
+                "body_too_large",
+                "The request body is larger than this service accepts.",
+            )
+            return
+        self.metrics.upstream_errors.labels(exc.kind).inc()
+        status = 504 if exc.kind == "timeout" else 502
+        reason = (
+            "The application did not answer in time."
+            if status == 504
+            else "The application could not be reached."
+        )
+        self._answer(request, status, "upstream_error", exc.kind, reason)
+
+    def _redirect(self, request: Request, decision: Redirect) -> None:
+        return_url = _original_url(request)
+        if return_url is None:
+            self._deny(request, Deny(400, "the request's Host header is not valid", "bad_host"))
+            return
+        if decision.location is None:  # the backend makes one: a wait
+            request.redirect = (decision, return_url)
+            move(request, SIGN_ON)
+            return
+        self._redirect_to(request, decision, decision.location)
+
+    async def _sign_on(self, request: Request) -> None:
+        """The sign-on URL from the identity side (an intent, perhaps one made earlier for the
+        same URL): 429 when this address (or everyone) made too many, 503 when it fails."""
+        assert request.redirect is not None
+        decision, return_url = request.redirect
+        counter = self.metrics.signon_intents
+        try:
+            signed = await _plan(request).identity.sign_on(
+                decision.purpose, return_url, request.peer_ip
+            )
+        # Two names: compiled, one name for both exceptions would be typed as the first.
+        except SignOnLimited as limited:
+            counter.labels("limited").inc()
+            self._answer(
+                request,
+                429,
+                "denied",
+                "sign_on_limited",
+                "Too many sign-on requests came from your network. Please try again shortly.",
+                headers={"Retry-After": str(limited.retry_after)},
+            )
+            return
+        except IdentityUnavailable as failure:
+            counter.labels("failed").inc()
+            self.log.warning(
+                "sign_on_unavailable",
+                request_id=request.request_id,
+                reason=failure.reason,
+                code=failure.code,
+            )
+            self._unavailable(request, "sign-on unavailable")
+            return
+        counter.labels("coalesced" if signed.coalesced else "registered").inc()
+        self._redirect_to(request, decision, signed.location)
+
+    def _redirect_to(self, request: Request, decision: Redirect, location: str) -> None:
+        if not responses.is_location(location):
+            # A sign-on address from a backend (or its configuration) that is not a URI: a CR
+            # or LF in it would add header lines to the visitor's answer. Failing, like any
+            # reply not understood.
+            self.log.error(
+                "sign_on_unusable",
+                request_id=request.request_id,
+                purpose=decision.purpose,
+                reason="the sign-on address has characters a Location header cannot carry",
+            )
+            self._unavailable(request, "sign-on address unusable")
+            return
+        if request.method in _SAFE_METHODS:
+            request.status, request.decision, request.reason = 302, "redirected", decision.purpose
+            request.answer = responses.redirect(location, request_id=request.request_id)
+            move(request, ANSWER)
+            return
+        # Redirecting a POST would make the browser replay it as GET after sign-on: say 401.
+        reason = (
+            "Your client certificate must be validated with the identity service first."
+            if decision.purpose == "validate"
+            else "A client certificate is required: get one from the identity service."
+        )
+        self._answer(request, 401, "redirected", decision.purpose, reason, location=location)
+
+    # ---- answers of our own ---------------------------------------------------------------
+
+    def _unavailable(self, request: Request, reason: str) -> None:
+        """503 + Retry-After: the identity service failed and nothing cached can serve."""
+        self._answer(
+            request,
+            503,
+            "unavailable",
+            reason,
+            "The identity service cannot be reached right now. Please try again shortly.",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+
+    def _deny(self, request: Request, deny: Deny) -> None:
+        request.verdict_code = deny.code
+        self._answer(request, deny.status, "denied", deny.code, _sentence(deny.reason))
+
+    def _answer(
+        self,
+        request: Request,
+        status: int,
+        decision: str,
+        reason: str,
+        text: str,
+        *,
+        headers: dict[str, str] | None = None,
+        location: str | None = None,
+        close: bool = False,
+    ) -> None:
+        """Our own answer: ``status`` with the sentence ``text``, and the outcome
+        (``decision``, ``reason``) for the log and the metrics."""
+        answer = responses.error(
+            status,
+            text,
+            request_id=request.request_id,
+            accept=request.headers.get("Accept"),
+            headers=headers,
+            location=location,
+        )
+        answer.close = close
+        request.answer = answer
+        request.status, request.decision, request.reason = status, decision, reason
+        move(request, ANSWER)
+
+
+def _plan(request: Request) -> Plan:
+    plan = request.plan
+    assert plan is not None  # begun
+    return plan
+
+
+def _malformed(request: Request, plan: Plan) -> tuple[int, str, str] | None:
+    """Requests refused before policy: ambiguous framing, an oversized header block, and a
+    Host (or target authority) that names no host this service serves, or another host than
+    the connection's SNI: 421, before any identity lookup or sign-on intent (``hosts``)."""
+    size = 0
+    lengths: set[bytes] = set()
+    length_headers = 0
+    chunked = False
+    bad_host = False
+    host: bytes | None = None
+    for name, value in request.raw_headers:
+        size += len(name) + len(value) + 4
+        if len(name) == 4 and name.lower() == b"host":
+            bad_host = bad_host or _HOST_FIELD.fullmatch(value) is None
+            host = value
+        elif len(name) == 14 and name.lower() == b"content-length":
+            length_headers += 1
+            lengths.add(value.strip())
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            chunked = True
+    if bad_host:
+        # RFC 9112 3.2: 400. An application reading it as a host name, a URL or a cache key
+        # must not be handed spaces, slashes or an '@' it may split on.
+        return 400, "the request's Host header is not valid", "bad_host"
+    if len(lengths) > 1:
+        return 400, "the request has conflicting Content-Length headers", "ambiguous_length"
+    if length_headers and chunked:
+        return 400, "the request has both Content-Length and Transfer-Encoding", "ambiguous_length"
+    if size > plan.max_header_block:
+        return 431, "the request headers are too large", "headers_too_large"
+    misdirected = plan.policy.misdirected(request.target, host, request.server_name)  # policy:
+    if misdirected is not None:
+        return 421, misdirected[0], misdirected[1]
+    return None
+
+
+class _Headed(Protocol):
+    @property
+    def headers(self) -> CIMultiDict[str] | CIMultiDictProxy[str]: ...
+
+
+def _request_id(request: _Headed, trusted: bool) -> str:
+    """The request's id: the one a trusted proxy sent, if it is clean, else a new one."""
+    if trusted:
+        incoming = request.headers.get("X-Request-ID")
+        if incoming and _REQUEST_ID_VALUE.fullmatch(incoming):
+            return incoming
+    return responses.new_request_id()
+
+
+def _original_url(request: Request) -> str | None:
+    """The URL to come back to after sign-on: from the Host, which ``_malformed`` has
+    found to be served (and the connection's SNI), and an origin-form target."""
+    host = request.headers.get("Host", "")
+    if not _HOST.match(host) or not request.target.startswith("/"):
+        return None
+    return f"https://{host}{request.target}"
+
+
+def _sentence(reason: str) -> str:
+    text = reason[:1].upper() + reason[1:]
+    return text if text.endswith(".") else text + "."

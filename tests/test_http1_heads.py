@@ -1,0 +1,179 @@
+"""The request head reader (``sidecar.http1.heads``), the way h11 tests its readers: byte
+strings in, one result out, no connection and no event loop."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.config import LimitsConfig
+from sidecar.http1.heads import (
+    BARE_LF,
+    BODY,
+    HOST,
+    LONG_LINE,
+    MALFORMED,
+    TOO_LARGE,
+    TOO_MANY_HEADERS,
+    UPGRADE,
+    VERSION,
+    HandOff,
+    Head,
+    HeadLimits,
+    HeadReader,
+    Refusal,
+)
+
+LIMITS = HeadLimits(LimitsConfig())
+SMALL = HeadLimits(
+    LimitsConfig(max_request_line=256, max_header_line=256, max_headers=8, max_header_block=1024)
+)
+
+
+def read(data: bytes, limits: HeadLimits = LIMITS) -> Head | HandOff | Refusal | None:
+    return HeadReader().read(bytearray(data), limits)
+
+
+def head(data: bytes, limits: HeadLimits = LIMITS) -> Head:
+    result = read(data, limits)
+    assert isinstance(result, Head), result
+    return result
+
+
+def test_a_get_is_read_whole() -> None:
+    got = head(b"GET /a?b=c HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n")
+    assert (got.method, got.target, got.http10, got.keep_alive) == ("GET", "/a?b=c", False, True)
+    assert got.raw_headers == [(b"Host", b"example"), (b"Accept", b"*/*")]
+    assert got.size == len(b"GET /a?b=c HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n")
+
+
+def test_names_and_values_stay_as_sent() -> None:
+    got = head(b"GET / HTTP/1.1\r\nhOsT: h\r\nX_Odd-Name: \xe9t\xe9\r\n\r\n")
+    assert got.raw_headers == [(b"hOsT", b"h"), (b"X_Odd-Name", b"\xe9t\xe9")]
+
+
+def test_only_the_first_of_pipelined_heads_is_read() -> None:
+    first = b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n"
+    second = b"HEAD /2 HTTP/1.1\r\nHost: h\r\n\r\n"
+    reader = HeadReader()
+    buffer = bytearray(first + second)
+    got = reader.read(buffer, LIMITS)
+    assert isinstance(got, Head) and got.size == len(first)
+    assert len(buffer) == len(first + second)  # not consumed: the caller does
+    del buffer[: got.size]
+    again = reader.read(buffer, LIMITS)  # the same reader, for the next one
+    assert isinstance(again, Head) and (again.method, again.target) == ("HEAD", "/2")
+
+
+@pytest.mark.parametrize(
+    ("data", "keep_alive"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+    ],
+)
+def test_keep_alive_as_the_client_asked(data: bytes, keep_alive: bool) -> None:
+    got = head(data)
+    assert got.keep_alive is keep_alive
+    assert got.http10 is data.startswith(b"GET / HTTP/1.0")
+
+
+def test_any_method_llhttp_knows() -> None:
+    assert head(b"PROPFIND / HTTP/1.1\r\nHost: h\r\n\r\n").method == "PROPFIND"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"G",
+        b"GET / HTTP/1.1\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\n\r",
+    ],
+)
+def test_an_unfinished_head_needs_more(data: bytes) -> None:
+    assert read(data) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"GET / HTTP/1.1\nHost: h\n\n", BARE_LF),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n", BODY),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n", BODY),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            UPGRADE,
+        ),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n", UPGRADE),
+        (b"GET / HTTP/1.1\r\n\r\n", HOST),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HOST),
+        (b"GET / HTTP/1.1\r\nHost h\r\n\r\n", MALFORMED),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: x\r\n\r\n", MALFORMED),
+        (b"GET / HTTP/0.9\r\nHost: h\r\n\r\n", VERSION),
+    ],
+)
+def test_what_this_protocol_does_not_serve_goes_to_aiohttp(data: bytes, why: HandOff) -> None:
+    assert read(data) is why
+
+
+def test_lines_past_their_limits_go_to_aiohttp_which_says_414_or_431() -> None:
+    assert read(b"GET /" + b"a" * 300, SMALL) is LONG_LINE  # no line end yet
+    assert read(b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: h\r\n\r\n", SMALL) is LONG_LINE
+    assert read(b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 300 + b"\r\n\r\n", SMALL) is LONG_LINE
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(8))
+    assert read(b"GET / HTTP/1.1\r\nHost: h\r\n" + fields + b"\r\n", SMALL) is TOO_MANY_HEADERS
+
+
+def test_a_head_that_cannot_end_in_time_is_refused_at_once() -> None:
+    lines = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 50) for i in range(30))  # past 256 + 1024 + 4
+    refused = read(b"GET / HTTP/1.1\r\nHost: h\r\n" + lines, SMALL)
+    assert refused is TOO_LARGE
+    assert isinstance(refused, Refusal) and refused.status == 431
+
+
+_TOKEN = st.text(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=20
+)
+_VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40)
+_HEADERS = st.lists(
+    st.tuples(_TOKEN, _VALUE).filter(
+        lambda nv: (
+            nv[0].lower()
+            not in (
+                "host",
+                "transfer-encoding",
+                "upgrade",
+                "expect",
+                "content-length",
+                "connection",
+            )
+        )
+    ),
+    max_size=10,
+)
+
+
+@settings(max_examples=200, derandomize=True)
+@given(
+    path=st.text("abcdefghijklmnopqrstuvwxyz0123456789/-._~%?=&", max_size=60),
+    headers=_HEADERS,
+    cut=st.integers(min_value=0),
+)
+def test_every_prefix_needs_more_and_the_whole_reads_back(
+    path: str, headers: list[tuple[str, str]], cut: int
+) -> None:
+    fields = [("Host", "h"), *headers]
+    data = f"GET /{path} HTTP/1.1\r\n".encode() + b"".join(
+        f"{name}: {value}\r\n".encode() for name, value in fields
+    )
+    data += b"\r\n"
+    assert read(data[: cut % len(data)]) is None
+    got = head(data)
+    assert got.target == f"/{path}"
+    assert got.raw_headers == [(n.encode(), v.encode()) for n, v in fields]
+    assert got.size == len(data)
