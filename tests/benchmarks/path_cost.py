@@ -2,6 +2,7 @@
 round, finding 6). Not part of ``pytest``; run it on a quiet machine:
 
     .venv/bin/python -m tests.benchmarks.path_cost [EXAMPLES] [SEED]
+    .venv/bin/python -m tests.benchmarks.path_cost climb [SECONDS] [SEED]
 
 Hypothesis generates a unit (pieces from the property tests' alphabet, the attacker's unit,
 and what keeps readings open: ``;``, ``%2F``, scripts, dots, folded letters), a start, and a
@@ -9,11 +10,17 @@ route table (the tests' four routes, or fifty with shared prefixes), repeats the
 the request-line limit (8190 bytes), and steers towards the slowest (``hypothesis.target``
 on the least CPU time of three matches, without the route cache). It prints the worst
 targets found and their cost, and the cost of the attacker's own target for comparison.
+
+``climb`` is a targeted generator instead: from random units of the same alphabet, it
+mutates the unit (a piece added, removed or replaced; two units spliced) and keeps a mutant
+whenever the repeated target costs more, restarting from a fresh unit when ten mutants in a
+row are no slower, until SECONDS have passed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import sys
 import time
 
@@ -83,7 +90,60 @@ def cost(table_routes: list[Route], path: str) -> float:
 worst: list[tuple[float, str, int]] = []
 
 
+def repeated(start: str, unit: list[str]) -> str:
+    text = "".join(unit)
+    return (start + text * (LIMIT // max(1, len(text)) + 1))[:LIMIT]
+
+
+def climb(seconds: float, chosen: int) -> None:
+    rng = random.Random(chosen)
+    alphabet = PIECES + EXTRA
+    starts = [*STARTS[:9], "/index.php/", "/admin", "/api/v1"]
+    found: list[tuple[float, str, int]] = []
+    deadline = time.monotonic() + seconds
+    climbs = 0
+    while time.monotonic() < deadline:
+        climbs += 1
+        start = rng.choice(starts)
+        unit = [rng.choice(alphabet) for _ in range(rng.randint(1, 8))]
+        routes = rng.choice((FOUR, FIFTY))
+        best = cost(routes, repeated(start, unit))
+        stale = 0
+        while stale < 10 and time.monotonic() < deadline:
+            mutant = list(unit)
+            move = rng.randrange(4)
+            if move == 0 or len(mutant) < 2:
+                mutant.insert(rng.randrange(len(mutant) + 1), rng.choice(alphabet))
+            elif move == 1:
+                del mutant[rng.randrange(len(mutant))]
+            elif move == 2:
+                mutant[rng.randrange(len(mutant))] = rng.choice(alphabet)
+            else:
+                cut = rng.randrange(len(mutant))
+                mutant = mutant[:cut] + [rng.choice(alphabet) for _ in range(3)] + mutant[cut:]
+            spent = cost(routes, repeated(start, mutant))
+            if spent > best:
+                unit, best, stale = mutant, spent, 0
+            else:
+                stale += 1
+        found.append((best, repeated(start, unit), len(routes)))
+        found.sort(reverse=True)
+        del found[5:]
+    print(f"build: {BUILD.describe()}, climb: {climbs} climbs in {seconds:.0f} s")
+    print(f"the attacker's target: {cost(FOUR, ATTACKER) * 1000:.3f} ms")
+    for spent, path, routes_count in found:
+        print(
+            f"{spent * 1000:.3f} ms ({routes_count} routes): {path[:120]!r}... ({len(path)} bytes)"
+        )
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "climb":
+        climb(
+            float(sys.argv[2]) if len(sys.argv) > 2 else 60.0,
+            int(sys.argv[3]) if len(sys.argv) > 3 else 0,
+        )
+        return
     examples = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     chosen = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 
