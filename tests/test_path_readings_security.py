@@ -151,6 +151,14 @@ TABLE = RouteTable(
         Route("/"),
     ]
 )
+
+
+def _filled(start: str, unit: str) -> str:
+    """``unit`` repeated after ``start`` up to the request-line limit (8190 bytes)."""
+    room = 8190 - len("GET  HTTP/1.1")
+    return (start + unit * (room // len(unit) + 1))[:room]
+
+
 #: the attacker's unit (06-path-readings-cpu.py), and targets made to keep readings open
 UNIT = "%2f;%2fxx.%20//%C3%A9%3b%2FaC3%A9%2f%C3EA9xx."
 CRAFTED = [
@@ -163,6 +171,17 @@ CRAFTED = [
     "/" + "%2F.;%3F%20" * 700,
     "/a" + "." * 8100,
     "/" + "%C4%B1" * 1300,
+    # what tests/benchmarks/path_cost.py found since: scripts with params and no slash after
+    # them (quadratic in a draft of the restart rule: 30 ms), scripts cut by an encoded "#"
+    # or "?", and single 8 KB segments with %2F, %2520 and scripts (six decodings, each one
+    # piece)
+    "/" + "x.php;" * 1360,
+    "/" + "x.php;a" * 1160,
+    _filled("/app/", ".php/%23.phppublic%2f;%2fxx.%20//%C3%A9%3b%2FaC3%A9%2f%C3EA9xx."),
+    _filled("/Admin/", "x.php2fpublic%3b.aspx.jx.php%2520%2FPUBLIC"),
+    _filled("/admin", ".php.aspxx.PHPx.php25%25202e;a%2fa%2E.aspxx.PHP"),
+    _filled("/public/", ".aspx.php%3F%2520%2F.aspx.php"),
+    _filled("/", "%25%2f%2F.japp.cgi.php%2520"),
 ]
 
 
