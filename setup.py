@@ -53,6 +53,7 @@ COMPILED = [
     "sidecar/http1/upstream.py",
     "sidecar/http1/pool.py",
     "sidecar/policy.py",
+    "sidecar/readings.py",
     "sidecar/rules.py",
     "sidecar/identifiers.py",
     "sidecar/servers.py",

@@ -16,7 +16,8 @@ A request flows one way, down this picture::
 ``http1.client`` serves nearly all a browser sends; the first request it does not serve (a
 body, an upgrade, a head it does not read itself) goes to ``fallback`` with its connection.
 The ``gateway`` runs a request's steps as plain calls, each taking values and returning one;
-the leaves (``certs``, ``policy``, ``headers``, ``responses``, ``http1.heads``) do no I/O.
+the leaves (``certs``, ``policy`` with ``readings``, how applications may read a request
+path, ``headers``, ``responses``, ``http1.heads``) do no I/O.
 ``config`` checks the YAML once and hands each module its own frozen section; ``app``
 assembles one process; ``__main__`` is the command line (``run``, ``check-config``,
 ``explain``, ``demo``) and ``runtime`` its event loop; ``build`` says whether the request

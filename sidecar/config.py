@@ -456,16 +456,18 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def _header_name(name: str) -> str:
-    return name.lower().replace("_", "-")
+    # As headers.normal_name: what PHP, lighttpd and CGI read ("X.USER", "X_USER", "X-User").
+    return re.sub(r"[^a-z0-9]", "-", name.lower())
 
 
 class HeadersConfig(Section):
     """Names of the identity headers sent upstream (the contract's by default).
 
     Names are compared as the sidecar compares a client's header names: in any case, and with
-    underscores read as dashes, since CGI-style servers (PHP, WSGI, Rack) read ``X_USER`` and
-    ``X-User`` as the same ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and
-    strips every such spelling from clients."""
+    every character that is not a letter or digit read as a dash, since CGI-style servers
+    (PHP, lighttpd, WSGI, Rack) read ``X_USER``, ``X.USER`` and ``X-User`` as the same
+    ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and strips every such
+    spelling from clients."""
 
     certificate: str = "X-APP-CERTIFICATE"
     userinfo: str = "X-USERINFO"
@@ -491,8 +493,8 @@ class HeadersConfig(Section):
     def _distinct(self) -> HeadersConfig:
         if _header_name(self.certificate) == _header_name(self.userinfo):
             raise ValueError(
-                "@userinfo: must differ from headers.certificate "
-                "(in any case, and with underscores read as dashes)"
+                "@userinfo: must differ from headers.certificate (in any case, and with "
+                "every character that is not a letter or digit read as a dash)"
             )
         return self
 
@@ -1260,7 +1262,8 @@ class RouteConfig(Section):
 
 def route_problems(routes: tuple[RouteConfig, ...]) -> list[str]:
     """Routes that can never apply, as ``@[i].key: message`` lines: the same path twice
-    (unless each covers other methods), or paths that differ only in letter case."""
+    (unless each covers other methods), or paths that differ only in letter case (as
+    Unicode folds it: see ``readings``)."""
     problems: list[str] = []
     by_path: dict[str, list[tuple[int, frozenset[str] | None]]] = {}
     folded: dict[str, tuple[int, str]] = {}
@@ -1279,7 +1282,8 @@ def route_problems(routes: tuple[RouteConfig, ...]) -> list[str]:
                 )
                 break
         earlier.append((i, covered))
-        fold = route.path.lower()
+        # As case-insensitive servers compare: "ß" is "ss", the dotless i is "i"
+        fold = route.path.casefold().upper().lower()
         first = folded.setdefault(fold, (i, route.path))
         if first[1] != route.path:
             # Applications that ignore case (Express, ASP.NET, IIS) serve both the same:
