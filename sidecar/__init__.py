@@ -8,14 +8,16 @@ A request flows one way, down this picture::
     │                 flow control (flow), the answers' framing
     └ fallback        aiohttp's server, for the connections http1.client hands over
         both protocols share a listener_state and put every request through:
-    gateway           certificate (certs) → verdict (identity: cache → backend)
-                      → decision (policy) → our answer (responses) or a forward
+    gateway           certificate (certs) → revoked? (revocation) → verdict (identity:
+                      cache → backend) → decision (policy) → our answer (responses)
+                      or a forward
     forwarder         the forward: http1.upstream connections in an http1.pool
 
 ``http1.client`` serves nearly all a browser sends; the first request it does not serve (a
 body, an upgrade, a head it does not read itself) goes to ``fallback`` with its connection.
 The ``gateway`` runs a request's steps as plain calls, each taking values and returning one;
-the leaves (``certs``, ``policy``, ``headers``, ``responses``, ``http1.heads``) do no I/O.
+the leaves (``certs``, ``policy`` with ``readings``, how applications may read a request
+path, ``headers``, ``responses``, ``http1.heads``) do no I/O.
 ``config`` checks the YAML once and hands each module its own frozen section; ``app``
 assembles one process; ``__main__`` is the command line (``run``, ``check-config``,
 ``explain``, ``demo``) and ``runtime`` its event loop; ``build`` says whether the request
@@ -24,7 +26,8 @@ path runs compiled. Imports point down the picture, never up and never in a circ
 The pieces for running behind a front proxy are leaves too: ``certformats`` (client
 certificates in headers, read and written, with ``sfv`` and ``xfcc`` for their syntaxes),
 ``proxyproto`` (the PROXY protocol) and ``sessions`` (the sealed identity cookie of Identity
-Plus "HTTP legacy").
+Plus "HTTP legacy", whose flow ``identity.legacy`` owns and the ``gateway`` calls first when
+it is on: the return from sign-on, and the certificate a session cookie stands for).
 
 The decision's entry is ``servers``: the site the connection's SNI chose (``sni`` reads it
 from the ClientHello for ``tls_transport`` when there are several), its names and its
@@ -37,6 +40,10 @@ Beside the path: the report headers an application sets on its responses (remove
 gone (``gateway`` hands them to ``identity.reports``), as do the admin listener's ``POST
 /identityplus/...`` (``admin_reports``); the admin listener's status page (``status``) reads
 what the gateway observes (``observe``: refusals, backend latency) and the metrics registry.
+``revocation`` says whether a client certificate is refused now (a deny-list, CRLs from files
+and distribution points, OCSP): the gateway asks its ``gate`` before any cached verdict is
+used, and the listener tells it of each connection as its handshake completes (resumed ones
+too); its network side (``revocation.client``, aiohttp) is handed to it by ``app``.
 
 Glossary, one word per thing, in names and docstrings alike:
 

@@ -28,7 +28,7 @@ from aiohttp import web
 from . import BUILD, __version__, log, status
 from .admin import ADMIN_HEADER, Purge, Readiness, admin_app
 from .admin_reports import report_view
-from .certs import ClientCert, file_signature, read_certificates
+from .certs import ClientCert, file_signature, normalize_fingerprint, read_certificates
 from .config import Config, ConfigError, IdentityConfig, ReportsConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .explain import Assumption, Question, explain
@@ -38,12 +38,18 @@ from .headers import HeaderRules, ResponseRules
 from .identity import Backend, Verdict
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
+from .identity.legacy import Legacy
 from .identity.reports import Community, Reporter, Target
 from .identity.static import StaticBackend
 from .listener import Listener
 from .metrics import Metrics
 from .observe import Observations
 from .plan import Identity, Plan
+from .revocation import report as revocation_report
+from .revocation.admin import deny_routes, read_runtime
+from .revocation.client import HttpTransport
+from .revocation.gate import Revocation, prepare
+from .revocation.watch import WatchedBackend
 from .servers import Servers, build_servers
 from .tls import PeerCertificates, TLSState, listener_contexts
 
@@ -72,10 +78,14 @@ def build_backend(config: IdentityConfig) -> Backend:
     return StaticBackend(config.static)
 
 
-def build_cache(config: IdentityConfig) -> VerdictCache:
-    """The verdict cache in front of the configured backend, with its shared level in Redis
-    when ``identity.cache.shared`` is set (not yet started)."""
+def build_cache(
+    config: IdentityConfig, *, wrap: Callable[[Backend], Backend] | None = None
+) -> VerdictCache:
+    """The verdict cache in front of the configured backend (``wrap``ped, when given), with
+    its shared level in Redis when ``identity.cache.shared`` is set (not yet started)."""
     backend = build_backend(config)
+    if wrap is not None:
+        backend = wrap(backend)
     shared = None
     if config.cache.shared is not None:
         from .identity.shared.store import SharedCache
@@ -86,6 +96,20 @@ def build_cache(config: IdentityConfig) -> VerdictCache:
             owner_wait=backend_timeout(config),
         )
     return VerdictCache(backend, config.cache, shared=shared)
+
+
+def build_legacy(config: IdentityConfig, cache: VerdictCache) -> Legacy | None:
+    """Identity Plus HTTP legacy for ``cache``'s backend, when ``identityplus.legacy`` is on."""
+    section = config.identityplus
+    if section is None or not section.legacy:
+        return None
+    from .identity.identityplus import IdentityPlusBackend
+
+    backend = cache.backend
+    if isinstance(backend, WatchedBackend):  # revocation watches the backend's verdicts
+        backend = backend.backend
+    assert isinstance(backend, IdentityPlusBackend)  # config: legacy needs identityplus
+    return Legacy(backend, section.session_key_bytes(), lifetime=config.cache.ttl)
 
 
 def shared_namespace(config: IdentityConfig) -> str:
@@ -159,13 +183,26 @@ class Sidecar:
         self.reporter = Reporter(
             _reports_config(config),
             backend=self._community,
-            forget=self._forget,
+            forget=lambda target: self._forget_everywhere(
+                target.sha256, target.serial, here=True, why="a trust report"
+            ),
             metrics=self.metrics,
         )
         self._certificates: dict[str, Any] = {}
         self.readiness = Readiness()
         self.tls = TLSState(*listener_contexts(config.tls, config.servers))
         self.peer_certs = PeerCertificates()
+        #: long-lived: a reload applies a new configuration to it, run-time state stays
+        self.revocation = Revocation(
+            prepare(config.tls),
+            transports=HttpTransport,
+            lifetime=self.metrics.client_cert_lifetime.observe,
+        )
+        self.revocation.forget = self._drop_here
+        self.revocation.on_revoked.append(self._revoked_elsewhere)
+        self._client_cert_expiry = float("nan")
+        #: purges on their way to the other replicas (``_forget_everywhere``)
+        self._fleet: set[asyncio.Task[None]] = set()
         #: the gateway every request goes through
         self.handler: Gateway | None = None
         self._server: asyncio.Server | None = None
@@ -207,7 +244,13 @@ class Sidecar:
             lambda: self.peer_certs.expiring_within(7 * 86400)
         )
         self.metrics.agent_cert_expiry.set_function(self._agent_expiry)
+        self.metrics.bind_revocation(self.revocation)
         self._observe_certificates(self.config)
+        if self.admin_socket is not None:
+            # a worker the supervisor (re)started: the run-time deny entries it keeps
+            for sha256 in read_runtime(self.admin_socket.parent):
+                self.revocation.deny(sha256, announce=False)
+        self.revocation.start()
         await self._start_admin()
         self._listener = Listener(
             self.handler,
@@ -265,17 +308,24 @@ class Sidecar:
                 await upstream.start()
             if previous is not None and config.identity == previous[1].identity:
                 identity: Identity = previous[0].identity
+                # the same flow: references used before the reload stay used
+                legacy = previous[0].legacy
             else:
-                cache = build_cache(config.identity)
+                cache = build_cache(
+                    config.identity, wrap=lambda b: WatchedBackend(b, self.revocation)
+                )
                 built.append(cache.close)
                 await cache.start()
                 identity = cache
+                legacy = build_legacy(config.identity, cache)
             return Plan(
                 policy=build_policy(config),
                 identity=identity,
                 upstream=upstream,
                 rules=build_rules(config),
                 max_header_block=config.limits.max_header_block,
+                revocation=self.revocation,
+                legacy=legacy,
             )
         except BaseException:
             for close in reversed(built):
@@ -298,6 +348,8 @@ class Sidecar:
             ),
         )
         self.readiness.checks.append(self._identity_problem)
+        self.readiness.checks.append(self.revocation.problem)
+        deny_routes(app, self.revocation)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         if self.admin_socket is not None:
@@ -362,6 +414,7 @@ class Sidecar:
             enrol=identity.can_enrol,
             now=time.time(),
             assumption=assumption,
+            revocation=self.revocation.status,
         )
         return 200, answer.as_dict()
 
@@ -374,43 +427,55 @@ class Sidecar:
 
         cache = self._cache()
         backend = cache.backend if cache is not None else None
+        if isinstance(backend, WatchedBackend):  # revocation watches the backend's verdicts
+            backend = backend.backend
         return backend if isinstance(backend, IdentityPlusBackend) else None
 
-    async def _forget(self, target: Target) -> None:
-        """Drop a certificate's verdict after a report changed its profile: here; in Redis and
-        every replica through the shared cache, if there is one; and, under a supervisor,
-        in this host's other workers when the shared cache did not take it (none, or Redis
-        unreachable), so that its next request asks Identity Plus again."""
+    async def _forget_everywhere(
+        self, sha256: str | None, serial: int | None, *, here: bool, why: str
+    ) -> None:
+        """The one way a certificate's verdict is dropped beyond a single cache: after a trust
+        report changed its profile (``here``), and after revocation found it revoked (not
+        ``here``: revocation dropped it here already through ``_drop_here``, or the cache is
+        storing the backend's refusal itself, which must stay). Here, if asked; in Redis and
+        every replica through the shared cache, if there is one; here once more; and, for a
+        report under a supervisor, in this host's other workers when the shared cache did not
+        take it (none, or Redis unreachable), so that its next request asks again."""
         cache = self._cache()
         fleet: bool | None = None
+        # by fingerprint when there is one (one entry), else every entry of the serial
+        by_serial = None if sha256 is not None else serial
         if cache is not None:
-            if target.sha256 is not None:
-                _, fleet = await cache.purge_everywhere(sha256=target.sha256)
-            else:
+            if here:
+                cache.purge(sha256=sha256, serial=by_serial)
+            shared = cache.shared
+            if shared is not None:
                 # Named by serial alone (a certificate this worker has not seen): Redis cannot
                 # find it by serial, so the shared level starts over (as POST /cache/purge).
-                _, fleet = await cache.purge_everywhere(serial=target.serial)
+                key = normalize_fingerprint(sha256) if sha256 is not None else None
+                fleet = await shared.publish_purge(sha256=key, serial=by_serial)
             # Once more here: a lookup that began after the first drop may have read the old
             # verdict from Redis before the shared purge deleted it (this replica does not
             # hear its own purge message).
             current = self._cache()
-            if current is not None:
-                if target.sha256 is not None:
-                    current.forget(target.sha256)
-                else:
-                    current.purge(serial=target.serial)
+            if here and current is not None:
+                current.purge(sha256=sha256, serial=by_serial)
             if fleet is False:
                 self.log.warning(
                     "verdict_drop_not_shared",
-                    cert_sha256=target.sha256,
-                    cert_serial=f"{target.serial:X}",
+                    cert_sha256=sha256,
+                    cert_serial=f"{serial:X}" if serial is not None else None,
+                    why=why,
                     reason="the shared cache is unavailable",
                     hint="other replicas, and Redis, keep this certificate's verdict until its ttl",
                 )
-        if self.supervisor_socket is not None and not fleet:
+        if here and serial is not None and self.supervisor_socket is not None and not fleet:
             # With the shared cache's purge the other workers heard it already (each is a
             # replica of its own there). Awaited: the report ends once every worker dropped it.
-            await self._tell_supervisor(target)
+            # Not for revocation: the supervisor relays deny entries itself, every worker
+            # checks CRLs and OCSP before any cached verdict, and a relay would also drop the
+            # refusal this worker's cache is storing (PB 0004/0005).
+            await self._tell_supervisor(Target(serial=serial, sha256=sha256))
 
     async def _tell_supervisor(self, target: Target) -> None:
         assert self.supervisor_socket is not None
@@ -464,7 +529,30 @@ class Sidecar:
     def _agent_expiry(self) -> float:
         cache = self._cache()
         expiry = getattr(cache.backend, "agent_expiry", None) if cache is not None else None
-        return float(expiry) if isinstance(expiry, float) else float("nan")
+        # the Identity Plus agent's (reloaded as its files change), else the http backend's
+        # client certificate (identity.http.certificate)
+        return float(expiry) if isinstance(expiry, float) else self._client_cert_expiry
+
+    def _drop_here(self, sha256: str | None, serial: int | None) -> None:
+        """Drop, in this process, the cached verdicts of a certificate revocation found
+        revoked (synchronously: before the next request is looked at)."""
+        cache = self._cache()
+        if cache is None or (sha256 is None and serial is None):
+            return
+        cache.purge(sha256=sha256, serial=serial)
+
+    def _revoked_elsewhere(self, sha256: str, why: str) -> None:
+        """Revocation found ``sha256`` revoked (a deny entry, an OCSP answer, an Identity Plus
+        ``PB 0004``/``PB 0005``): every other replica drops its cached verdict too, through
+        ``_forget_everywhere``. Without a shared cache, others notice at their next lookup."""
+        cache = self._cache()
+        if cache is None or cache.shared is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._forget_everywhere(sha256, None, here=False, why=why)
+        )
+        self._fleet.add(task)
+        task.add_done_callback(self._fleet.discard)
 
     def _identity_problem(self) -> str | None:
         cache = self._cache()
@@ -521,6 +609,7 @@ class Sidecar:
         try:
             new = await asyncio.to_thread(load, self.config_path)
             context, fingerprint = await asyncio.to_thread(listener_contexts, new.tls, new.servers)
+            revocation = await asyncio.to_thread(prepare, new.tls)
             plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
             return self._reload_failed(cause, exc.problems)
@@ -540,6 +629,7 @@ class Sidecar:
         trust_changed = self.tls.swap(context, fingerprint)
         if trust_changed and self._listener is not None:
             self._listener.retire()  # sessions from before the trust change serve no request
+        self.revocation.apply(revocation)
         self.handler.plan = plan
         if self._listener is not None:
             self._listener.apply_limits(new.limits)
@@ -582,6 +672,11 @@ class Sidecar:
             return
         if risk is not None:
             self.log.warning("identityplus_issuers_missing", risk=risk)
+        try:
+            for problem in revocation_report.warnings(config.tls):
+                self.log.warning("revocation_configuration", problem=problem)
+        except CertificateError:
+            return
 
     def _retire(self, old: Plan, new: Plan, *, delay: float) -> None:
         """Close what ``new`` does not reuse, once requests that started with ``old`` had time to end."""
@@ -606,6 +701,8 @@ class Sidecar:
                 await self.reload("file changed")
 
     def _observe_certificates(self, config: Config) -> None:
+        """The expiry gauges: the server certificate, every trust anchor, and the identity
+        backend's client certificate (the Identity Plus agent's is read from the backend)."""
         try:
             leaf = read_certificates(config.tls.certificate)[0]
             self.metrics.server_cert_expiry.set(leaf.not_valid_after_utc.timestamp())
@@ -626,6 +723,18 @@ class Sidecar:
                 for i, server in enumerate(config.servers or ())
             ],
         )
+        anchors = self.metrics.trust_anchor_expiry
+        anchors.clear()
+        for subject, sha256, expiry in revocation_report.anchor_expiries(config.tls):
+            anchors.labels(subject, sha256).set(expiry)
+        self._client_cert_expiry = float("nan")
+        http = config.identity.http
+        if config.identity.backend == "http" and http is not None and http.certificate:
+            try:
+                own = read_certificates(http.certificate)[0]
+                self._client_cert_expiry = own.not_valid_after_utc.timestamp()
+            except CertificateError:
+                pass
 
     # ---- stop -----------------------------------------------------------------------------
 
@@ -657,11 +766,14 @@ class Sidecar:
                 await self._ping
         # Reports being sent get a moment; the rest are logged as failed (their backend closes).
         await self.reporter.close(min(grace, 5.0))
+        if self._fleet:  # each is bounded by the shared cache's timeout
+            await asyncio.gather(*self._fleet, return_exceptions=True)
         for task, (old, new) in list(self._retired.items()):
             task.cancel()
             await _close_plan(old, keep=new)
         if self.handler is not None:
             await _close_plan(self.handler.plan)
+        await self.revocation.close()
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
@@ -717,6 +829,11 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
         *config.tls.client_ca,
         *config.tls.pinned_certificates,
     ]
+    for path in config.tls.crl:
+        files.append(path)  # a folder's own change: a file added, removed, or ..data swapped
+        with contextlib.suppress(OSError):  # gone: the missing folder is the change seen
+            if path.is_dir():
+                files += sorted(p for p in path.iterdir() if not p.name.startswith("."))
     for user in config.identity.static.users:
         files += [b.file for b in user.certificates if b.file is not None]
     if config.identity.identityplus is not None:

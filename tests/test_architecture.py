@@ -20,7 +20,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sidecar"
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the entry points: the command line, assembly, the admin listener (with its status page
     # and trust reports, #18), the demo
-    ("__main__", "app", "workers", "demo", "demo_echo", "admin", "admin_reports", "status"),
+    (
+        "__main__",
+        "app",
+        "workers",
+        "demo",
+        "demo_echo",
+        "admin",
+        "admin_reports",
+        "status",
+        "revocation.admin",
+    ),
     # the listener: accepts, counts and ends connections; holds both protocols
     ("listener",),
     # the protocols: TLS, our HTTP/1.1, aiohttp's (the fallback)
@@ -51,6 +61,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "explain",
         # what the gateway observes for the status page (#18)
         "observe",
+        # revocation (#14): the request path's question (gate) and what answers it: the
+        # chain above a certificate, CRLs fetched, OCSP, the network (client, given to gate
+        # by app), the identity backend's word (watch), check-config's report
+        "revocation.gate",
+        "revocation.chain",
+        "revocation.fetch",
+        "revocation.ocsp",
+        "revocation.client",
+        "revocation.watch",
+        "revocation.report",
     ),
     # the ground everything stands on
     (
@@ -75,6 +95,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "redis_url",
         # SPIFFE IDs and email addresses, as the configuration and the matchers read them
         "identifiers",
+        # CRL files and deny entries, as the configuration reads and verifies them (#14)
+        "revocation",
+        "revocation.crl",
+        "revocation.deny",
+        # how applications may read a request path (#12): policy's route readings
+        "readings",
     ),
 )
 
@@ -85,6 +111,8 @@ AIOHTTP_ALLOWED = (
     "fallback.*",
     "identity.http",
     "identity.identityplus",
+    "revocation.client",
+    "revocation.admin",
     "admin",
     "admin_reports",
     "status",

@@ -60,13 +60,11 @@ def test_the_running_configuration_refuses_them_still(config_dir: ConfigDir) -> 
         front_proxy={"trusted": ["10.0.0.0/8"], "certificate_header": "xfcc"},
         headers={"certificate_formats": ["client-cert"]},
     )
-    data["identity"]["identityplus"] = identityplus(config_dir, legacy=True)
     with pytest.raises(ConfigError) as info:
         config_mod.parse(data, base_dir=config_dir.path, env={})
     assert sorted(info.value.problems) == [
         "front_proxy: unknown key",
         "headers.certificate_formats: unknown key",
-        "identity.identityplus.legacy: unknown key",
         "listen.proxy_protocol: unknown key",
         "listen.tls: unknown key",
     ]

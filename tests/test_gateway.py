@@ -45,6 +45,7 @@ from sidecar.request import (
 from sidecar.servers import Server, Servers
 
 from .pki import Issued, make_ca, make_leaf
+from .revocation_parts import no_revocation
 
 ALICE = User("s-alice", "alice", roles=("administrator",))
 BOB = User("s-bob", "bob", roles=("member",))
@@ -77,7 +78,12 @@ class FakeIdentity:
         return answer
 
     async def sign_on(
-        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+        self,
+        purpose: SignOnPurpose,
+        return_url: str,
+        client_ip: str | None,
+        *,
+        shared: bool = True,
     ) -> SignOn:
         self.sign_ons.append((purpose, return_url))
         if isinstance(self.signing_on, Exception):
@@ -142,6 +148,7 @@ def gateway(identity: FakeIdentity, *, trusted: bool = False) -> Gateway:
             (ipaddress.ip_network("10.0.0.0/8"),) if trusted else (),
         ),
         max_header_block=32 * 1024,
+        revocation=no_revocation(),
     )
     return Gateway(plan, metrics=Metrics(), logger=structlog.get_logger("test"), clock=time.time)
 

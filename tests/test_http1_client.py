@@ -36,6 +36,8 @@ from sidecar.policy import Route, RouteTable
 from sidecar.servers import Server, Servers
 from sidecar.tls import PeerCertificates
 
+from .revocation_parts import no_revocation
+
 LIMITS = LimitsConfig(header_timeout=10, keepalive_timeout=30, send_timeout=20)
 
 
@@ -265,7 +267,12 @@ class NoIdentity:
         raise AssertionError("no certificate here")
 
     async def sign_on(
-        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+        self,
+        purpose: SignOnPurpose,
+        return_url: str,
+        client_ip: str | None,
+        *,
+        shared: bool = True,
     ) -> SignOn:
         raise AssertionError("no sign-on here")
 
@@ -331,6 +338,7 @@ async def harness() -> Iterator[Harness]:  # type: ignore[misc]
         upstream=forwarder,
         rules=HeaderRules("X-APP-CERTIFICATE", "X-USERINFO"),
         max_header_block=LIMITS.max_header_block,
+        revocation=no_revocation(),
     )
     gateway = Gateway(
         plan, metrics=Metrics(), logger=structlog.get_logger("test"), access_log=False

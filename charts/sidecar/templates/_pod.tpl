@@ -62,9 +62,19 @@
       mountPath: {{ $paths.trust }}
       readOnly: true
     {{- end }}
+    {{- if or .Values.crl.secretName .Values.crl.configMapName }}
+    - name: crl
+      mountPath: {{ $paths.crl }}
+      readOnly: true
+    {{- end }}
     {{- if .Values.identityPlus.agentSecretName }}
     - name: agent
       mountPath: {{ $paths.agent }}
+      readOnly: true
+    {{- end }}
+    {{- if .Values.identityPlus.sessionKeys.secretName }}
+    - name: session-keys
+      mountPath: {{ $paths.session }}
       readOnly: true
     {{- end }}
     {{- if and .Values.sharedCache.url .Values.sharedCache.passwordSecret.name }}
@@ -153,11 +163,32 @@
   configMap:
     name: {{ .Values.clientCA.configMapName }}
 {{- end }}
+{{- if .Values.crl.secretName }}
+- name: crl
+  secret:
+    secretName: {{ .Values.crl.secretName }}
+    defaultMode: 0440
+{{- else if .Values.crl.configMapName }}
+- name: crl
+  configMap:
+    name: {{ .Values.crl.configMapName }}
+{{- end }}
 {{- if .Values.identityPlus.agentSecretName }}
 - name: agent
   secret:
     secretName: {{ .Values.identityPlus.agentSecretName }}
     defaultMode: 0440
+{{- end }}
+{{- if .Values.identityPlus.sessionKeys.secretName }}
+- name: session-keys
+  secret:
+    secretName: {{ .Values.identityPlus.sessionKeys.secretName }}
+    defaultMode: 0440
+    items:
+      {{- range .Values.identityPlus.sessionKeys.keys }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
 {{- end }}
 {{- if and .Values.sharedCache.url .Values.sharedCache.passwordSecret.name }}
 - name: redis-password
