@@ -188,7 +188,10 @@ class Gateway:
     def _report(self, request: Request, reports: Reports, captured: Captured) -> None:
         try:
             reports.from_response(
-                request.cert,
+                # HTTP legacy: a session stands for the certificate Identity Plus resolved at
+                # sign-on (its serial is an Identity Plus certificate's), and its verdict is
+                # Identity Plus's: reported on like the certificate itself
+                request.cert or request.session,
                 request.user,
                 request.verdict_code,
                 captured,

@@ -301,7 +301,10 @@ class Reporter:
         is answering then, and no one else. A user without a verdict (a route where the
         certificate alone decides) is not enough: Identity Plus knows certificates by serial
         alone, and that certificate may be another issuer's, whose serial an Identity Plus
-        certificate of someone else may have.
+        certificate of someone else may have. An HTTP-legacy session's stand-in
+        (``ClientCert.known_by_serial``) counts as identified: its serial is the one Identity
+        Plus resolved at sign-on, and its verdict is Identity Plus's; its ``sha256`` is the
+        key its verdict is cached under, which is what is dropped after the report.
         """
         origin = Origin("response", request_id, client_ip, path)
         if not self._config.enabled:
