@@ -204,6 +204,11 @@ class LimitsConfig(Section):
     max_connections: int = Field(4096, ge=1)
     #: request bodies larger than this are refused with 413; null: no limit
     max_body_size: int | None = Field(None, ge=0)
+    #: open client connections from one address (an IPv6 /64) per worker; more are closed
+    #: at once. Trusted proxies are not bound by it
+    max_connections_per_address: int = Field(1024, ge=1)
+    #: time a connection has to send its TLS ClientHello (then handshake_timeout applies)
+    client_hello_timeout: Duration = Field(10.0, gt=0)
 
 
 class TLSConfig(Section):

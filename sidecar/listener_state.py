@@ -51,6 +51,11 @@ class ListenerState:
         self.limits = limits
         self.heads = HeadLimits(limits)
 
+    def is_trusted(self, address: str | None) -> bool:
+        """Whether ``address`` is a trusted proxy's: many clients, bound per address by none
+        of the bounds of ``addresses``."""
+        return self.gateway.plan.rules.is_trusted_proxy(address)
+
     def apply_limits(self, limits: LimitsConfig) -> None:
         """Use ``limits`` from now on: for every new connection, and for the next request head
         on a connection the HTTP/1.1 protocol serves."""

@@ -50,6 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "config",
         "certs",
         "hosts",
+        "addresses",
         "header_names",
         "errors",
         "tls_groups",
