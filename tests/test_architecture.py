@@ -36,6 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "identity",
         "identity.*",
         "http1.heads",
+        "http1.bodies",
         "http1.upstream",
         "http1.pool",
         "flow",
