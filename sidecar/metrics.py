@@ -89,7 +89,8 @@ class Metrics:
         self.limit_refusals = Counter(
             "sidecar_limit_refusals",
             "Connections and requests refused by a bound on what one client address (or the "
-            "worker) may hold, by limits key: max_connections_per_address (closed at accept).",
+            "worker) may hold, by limits key: max_connections_per_address (closed at accept), "
+            "max_body_streams_per_address (429).",
             ["limit"],
             registry=r,
         )

@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "identity.*",
         "http1.heads",
         "http1.bodies",
+        "http1.inbound",
         "http1.upstream",
         "http1.pool",
         "flow",
