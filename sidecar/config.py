@@ -217,6 +217,10 @@ class LimitsConfig(Section):
     max_connections_per_address: int = Field(1024, ge=1)
     #: time a connection has to send its TLS ClientHello (then handshake_timeout applies)
     client_hello_timeout: Duration = Field(10.0, gt=0)
+    #: open WebSockets per worker; more: 503
+    max_websockets: int = Field(1024, ge=1)
+    #: open WebSockets from one client address (an IPv6 /64) per worker; more: 429
+    max_websockets_per_address: int = Field(64, ge=1)
 
 
 class TLSConfig(Section):

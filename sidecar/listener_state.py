@@ -31,8 +31,8 @@ def _no_fallback(transport: asyncio.Transport, peer: ClientCert | None) -> async
 class ListenerState:
     """The gateway, the limits in force, the certificate parser, the metrics, whether the
     listener is closing, where a connection goes that HTTP/1.1 does not serve, and what each
-    client address holds beyond its connections: request bodies streaming upstream
-    (``addresses``)."""
+    client address holds beyond its connections: request bodies streaming upstream, and
+    WebSockets (``addresses``)."""
 
     __slots__ = (
         "body_streams",
@@ -43,6 +43,8 @@ class ListenerState:
         "limits",
         "metrics",
         "peer_certs",
+        "websockets",
+        "websockets_per_address",
     )
 
     def __init__(
@@ -64,6 +66,9 @@ class ListenerState:
         self.heads = HeadLimits(limits)
         #: request bodies streaming upstream, by client address (``limits.body_buffer``)
         self.body_streams = PerAddress()
+        #: open WebSockets, in all and by client address
+        self.websockets = 0
+        self.websockets_per_address = PerAddress()
 
     def is_trusted(self, address: str | None) -> bool:
         """Whether ``address`` is a trusted proxy's: many clients, bound per address by none

@@ -90,7 +90,8 @@ class Metrics:
             "sidecar_limit_refusals",
             "Connections and requests refused by a bound on what one client address (or the "
             "worker) may hold, by limits key: max_connections_per_address (closed at accept), "
-            "max_body_streams_per_address (429).",
+            "max_body_streams_per_address and max_websockets_per_address (429), max_websockets "
+            "(503).",
             ["limit"],
             registry=r,
         )

@@ -240,6 +240,26 @@ async def test_an_answer_to_a_post_gets_no_content_type_added(
     assert response.get("Content-Type") == []
 
 
+@pytest.mark.parametrize("length", [b"bare", b"b" * 200_000])  # whole, and streamed
+async def test_an_answer_through_aiohttps_path_gets_no_content_type_added(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, scripted: StartScripted, length: bytes
+) -> None:
+    """An upgrade that is not a WebSocket is still aiohttp's to serve (as a plain request):
+    the application's answer passes as it sent it there too."""
+
+    async def bare(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer_ok(length))  # no Content-Type
+        return True
+
+    upstream = await scripted(bare)
+    running = await start(start_sidecar, config_dir, upstream)
+    async with connect(running) as conn:
+        conn.send(req("GET", "/public/x", "Connection: Upgrade", "Upgrade: example/1"))
+        response = await conn.response(timeout=10)
+    assert (response.status, response.body) == (200, length)
+    assert response.get("Content-Type") == []
+
+
 @pytest.mark.parametrize(
     ("framing", "body"),
     [

@@ -1,4 +1,5 @@
-"""What one client address can hold (issue #12 round 2, finding 4), over real sockets.
+"""What one client address can hold (issue #12 round 2, finding 4; round 2's fidelity note on
+WebSockets), over real sockets.
 
 - ``limits.max_connections_per_address``: one address (an IPv6 /64) cannot take every
   connection slot; connections over its bound are closed at accept and counted
@@ -6,6 +7,8 @@
   are not bound by it.
 - ``limits.client_hello_timeout``: a connection that has not sent its ClientHello is closed
   sooner than a handshake in progress.
+- ``limits.max_websockets_per_address`` and ``limits.max_websockets``: WebSockets hold an
+  upstream connection each, outside the pool: 429 past the first bound, 503 past the second.
 
 The sources are other loopback addresses (all of 127.0.0.0/8 is this machine's).
 """
@@ -19,8 +22,9 @@ from collections.abc import AsyncIterator
 
 from .conftest import ConfigDir, Running, SidecarFactory, Upstream
 from .test_config import problems_of
-from .test_listener import Conn, eventually, open_connections, req
+from .test_listener import Conn, connect, eventually, open_connections, req
 from .test_operations import admin, metric
+from .test_websocket_security import WSUpstream, upgrade, ws_upstream  # noqa: F401
 
 Plain = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -125,9 +129,85 @@ async def test_a_connection_without_its_client_hello_is_closed_sooner(
     assert await alice_served(running)  # a prompt client is not affected
 
 
+# ---- configuration ------------------------------------------------------------------------
+
+
 def test_bad_bounds_are_refused_with_their_path(config_dir: ConfigDir) -> None:
     data = config_dir.base()
-    data["limits"] = {"max_connections_per_address": 0, "client_hello_timeout": "soon"}
+    data["limits"] = {
+        "max_connections_per_address": 0,
+        "client_hello_timeout": "soon",
+        "max_websockets": 0,
+        "max_websockets_per_address": -1,
+        "body_buffer": -1,
+        "body_min_rate": -1,
+        "max_body_streams_per_address": 0,
+    }
     problems = problems_of(config_dir.write(data))
+    for key in (
+        "max_websockets",
+        "max_websockets_per_address",
+        "body_buffer",
+        "body_min_rate",
+        "max_body_streams_per_address",
+    ):
+        assert any(p.startswith(f"limits.{key}") for p in problems), problems
     assert any(p.startswith("limits.max_connections_per_address") for p in problems), problems
     assert any(p.startswith("limits.client_hello_timeout") for p in problems), problems
+
+
+# ---- WebSockets --------------------------------------------------------------------------
+
+
+async def test_websockets_per_address_are_bounded(
+    start_sidecar: SidecarFactory,
+    config_dir: ConfigDir,
+    ws_upstream: WSUpstream,  # noqa: F811
+) -> None:
+    data = config_dir.base(ws_upstream.port)
+    data["limits"] = {"max_websockets_per_address": 2}
+    running = await start_sidecar(data)
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(2):
+            await upgrade(await stack.enter_async_context(connect(running)))
+        async with connect(running) as third:
+            third.send(ws_request())
+            refused = await third.response(timeout=10)
+            assert refused.status == 429, refused
+            assert refused.get("Retry-After")
+        async with tls_from(running, "127.0.0.2") as other:  # another address
+            await upgrade(other)
+        _, text = await admin(running, "GET", "/metrics")
+        assert metric(text, "sidecar_limit_refusals_total", limit="max_websockets_per_address") == 1
+    # closed WebSockets give their place back
+    await eventually(lambda: open_connections(running) == 0, "the WebSockets closed")
+    async with connect(running) as again:
+        await upgrade(again)
+
+
+async def test_websockets_per_worker_are_bounded(
+    start_sidecar: SidecarFactory,
+    config_dir: ConfigDir,
+    ws_upstream: WSUpstream,  # noqa: F811
+) -> None:
+    data = config_dir.base(ws_upstream.port)
+    data["limits"] = {"max_websockets": 2}
+    running = await start_sidecar(data)
+    async with contextlib.AsyncExitStack() as stack:
+        await upgrade(await stack.enter_async_context(connect(running)))
+        await upgrade(await stack.enter_async_context(tls_from(running, "127.0.0.2")))
+        async with tls_from(running, "127.0.0.3") as third:
+            third.send(ws_request())
+            refused = await third.response(timeout=10)
+            assert refused.status == 503, refused
+
+
+def ws_request() -> bytes:
+    return req(
+        "GET",
+        "/public/ws",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    )
