@@ -56,6 +56,10 @@ COMPILED = [
     "sidecar/http1/upstream.py",
     "sidecar/http1/pool.py",
     "sidecar/policy.py",
+    "sidecar/rules.py",
+    "sidecar/identifiers.py",
+    "sidecar/servers.py",
+    "sidecar/sni.py",
     "sidecar/metrics.py",
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
@@ -66,6 +70,8 @@ COMPILED = [
     "sidecar/xfcc.py",
     "sidecar/proxyproto.py",
     "sidecar/sessions.py",
+    "sidecar/identity/shared/record.py",
+    "sidecar/identity/shared/store.py",
 ]
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)

@@ -19,13 +19,20 @@ bounds on what one client may hold.
 The ``gateway`` runs a request's steps as plain calls, each taking values and returning one;
 the leaves (``certs``, ``policy``, ``headers``, ``responses``, ``http1.heads``) do no I/O.
 ``config`` checks the YAML once and hands each module its own frozen section; ``app``
-assembles one process; ``__main__`` is the command line (``run``, ``check-config``, ``demo``)
-and ``runtime`` its event loop; ``build`` says whether the request path runs compiled. Imports
-point down the picture, never up and never in a circle (``tests/test_architecture.py``).
+assembles one process; ``__main__`` is the command line (``run``, ``check-config``,
+``explain``, ``demo``) and ``runtime`` its event loop; ``build`` says whether the request
+path runs compiled. Imports point down the picture, never up and never in a circle
+(``tests/test_architecture.py``).
 The pieces for running behind a front proxy are leaves too: ``certformats`` (client
 certificates in headers, read and written, with ``sfv`` and ``xfcc`` for their syntaxes),
 ``proxyproto`` (the PROXY protocol) and ``sessions`` (the sealed identity cookie of Identity
 Plus "HTTP legacy").
+
+The decision's entry is ``servers``: the site the connection's SNI chose (``sni`` reads it
+from the ClientHello for ``tls_transport`` when there are several), its names and its
+routes; ``rules`` is what a route asks of a client (certificate matchers, addresses, trust);
+both are leaves, like ``policy``. ``explain`` shows a decision step by step (``sidecar
+explain``, the admin's ``/explain``) with the same functions.
 
 Glossary, one word per thing, in names and docstrings alike:
 

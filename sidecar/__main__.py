@@ -1,4 +1,4 @@
-"""Command line: ``sidecar run``, ``sidecar check-config``, ``sidecar demo``.
+"""Command line: ``sidecar run``, ``sidecar check-config``, ``sidecar explain``, ``sidecar demo``.
 
 Exit codes: 0 clean stop, 2 bad configuration or usage, 1 anything else. Start-up errors are
 one readable line each on stderr, never a traceback.
@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import structlog
+from cryptography import x509
 
 from . import BUILD, __version__, log
-from .certs import read_certificates
-from .config import Config, load
+from .certs import ClientCert, read_certificates
+from .config import Config, RouteConfig, load
 from .errors import CertificateError, ConfigError
 from .hosts import certificate_names
+from .identity import Verdict
 from .runtime import run_loop, tune_gc
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -50,6 +55,45 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "config", nargs="?", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file"
     )
+    explain = sub.add_parser(
+        "explain",
+        help="say which server and route a request gets, every rule checked, and the decision",
+        description="Explain what the policy of a configuration does with one request, without "
+        "starting anything. With the static backend the verdict is the configuration's; other "
+        "backends are not asked: the answer then assumes they allow the certificate (with "
+        "--roles, --trust-score, --local-intrusions).",
+    )
+    explain.add_argument(
+        "--config", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file"
+    )
+    explain.add_argument("--path", required=True, help="the request target, e.g. /admin/users?x=1")
+    explain.add_argument("--method", default="GET")
+    explain.add_argument(
+        "--cert",
+        help="the client certificate, PEM or DER (certificates after the first one are the "
+        "chain the client sends with it); none: a request without a certificate",
+    )
+    explain.add_argument("--host", help="the Host header (default: the server's first name)")
+    explain.add_argument(
+        "--sni", help="the TLS server name the client sends (default: --host's name)"
+    )
+    explain.add_argument("--no-sni", action="store_true", help="the client sends no server name")
+    explain.add_argument("--address", help="the client's IP address (for addresses rules)")
+    explain.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header (e.g. X-HTTP-Method-Override); may be repeated",
+    )
+    explain.add_argument(
+        "--roles", default="", help="comma-separated roles an unasked backend is assumed to give"
+    )
+    explain.add_argument("--trust-score", help="the Identity Plus trust score to assume")
+    explain.add_argument(
+        "--local-intrusions", type=int, help="the Identity Plus local intrusions to assume"
+    )
+    explain.add_argument("--json", action="store_true", help="answer in JSON")
     demo = sub.add_parser(
         "demo", help="run a self-contained demo with a throwaway PKI and an echo upstream"
     )
@@ -73,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.config)
+        if args.command == "explain":
+            return explain_request(args)
         if args.command == "run":
             return run(
                 args.config,
@@ -119,6 +165,96 @@ def check_config(path: str | None) -> int:
     return EXIT_OK
 
 
+def explain_request(args: argparse.Namespace) -> int:
+    """``sidecar explain``: the policy's answer for one request, step by step."""
+    from .explain import Assumption, Question, default_server_name, explain
+    from .identity.static import StaticBackend
+    from .servers import build_servers
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    problems: list[str] = []
+    cert: ClientCert | None = None
+    chain: list[x509.Certificate] = []
+    if args.cert:
+        try:
+            first, *chain = read_certificates(Path(args.cert))
+            cert = ClientCert.from_x509(first)
+        except CertificateError as exc:
+            problems.append(f"--cert: {exc}")
+    headers: list[tuple[str, str]] = []
+    for line in args.header:
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            problems.append(f"--header: not 'Name: value': {line!r}")
+        headers.append((name.strip(), value.strip()))
+    score: Decimal | None = None
+    if args.trust_score is not None:
+        try:
+            score = Decimal(args.trust_score)
+        except InvalidOperation:
+            problems.append(f"--trust-score: not a number: {args.trust_score!r}")
+    try:
+        servers = build_servers(config)
+        anchors = [
+            c
+            for path in (*config.tls.client_ca, *config.tls.pinned_certificates)
+            for c in read_certificates(path)
+        ]
+    except CertificateError as exc:
+        problems.append(str(exc))
+    for problem in problems:
+        print(f"sidecar explain: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
+    server_name = None if args.no_sni else args.sni or default_server_name(args.host)
+    if args.host is None and server_name is None and not args.no_sni:
+        # as a browser would ask for the first server's first name
+        names = servers.servers[0].names.names
+        server_name = default_server_name(names[0]) if names else None
+    static = StaticBackend(config.identity.static) if config.identity.backend == "static" else None
+
+    def verdict_of(certificate: ClientCert) -> tuple[Verdict | None, str]:
+        if static is not None:
+            return static.lookup_now(certificate), "the static backend"
+        return None, f"identity.backend is {config.identity.backend}: explain does not ask it"
+
+    answer = explain(
+        servers,
+        Question(
+            path=args.path,
+            method=args.method,
+            host=args.host,
+            server_name=server_name,
+            address=args.address,
+            cert=cert,
+            headers=headers,
+        ),
+        verdict_of=verdict_of,
+        enrol=_can_enrol(config),
+        now=time.time(),
+        anchors=anchors,
+        chain=chain,
+        assumption=Assumption(
+            roles=tuple(r.strip() for r in args.roles.split(",") if r.strip()),
+            trust_score=score,
+            local_intrusions=args.local_intrusions,
+        ),
+    )
+    print(json.dumps(answer.as_dict(), indent=1) if args.json else answer.text())
+    return EXIT_OK
+
+
+def _can_enrol(config: Config) -> bool:
+    identity = config.identity
+    if identity.backend == "identityplus" and identity.identityplus is not None:
+        return identity.identityplus.enrol_missing
+    if identity.backend == "http" and identity.http is not None:
+        return identity.http.enrol_missing
+    return False
+
+
 def config_warnings(config: Config) -> list[str]:
     """Risks a valid configuration leaves open, said by check-config and at start-up."""
     from .identity.issuers import issuer_risk
@@ -139,6 +275,13 @@ def summary(config: Config) -> str:
         f"{len(config.tls.pinned_certificates)} pinned certificate(s)",
         f"  identity    backend={config.identity.backend}, cache ttl {config.identity.cache.ttl:g}s",
     ]
+    shared = config.identity.cache.shared
+    if shared is not None:
+        lines.append(
+            f"  shared      {shared.target().describe()}  prefix {shared.key_prefix!r}, "
+            f"timeout {shared.timeout * 1000:g} ms"
+            + (", password from a file" if shared.password_file else "")
+        )
     identityplus = config.identity.identityplus
     if config.identity.backend == "identityplus" and identityplus and identityplus.issuers:
         names = ", ".join(c.subject.rfc4514_string() for c in identityplus.issuer_certificates())
@@ -147,20 +290,57 @@ def summary(config: Config) -> str:
         users = config.identity.static.users
         bound = sum(len(u.certificates) for u in users)
         lines.append(f"  users       {len(users)} user(s), {bound} certificate(s) bound")
-    lines.append("  routes")
-    for route in sorted(config.routes, key=lambda r: len(r.path), reverse=True):
-        rule = (
-            "public"
-            if route.access == "public"
-            else (f"roles any of {', '.join(route.roles)}" if route.roles else "authenticated")
-        )
-        lines.append(f"    {route.path:<24} {rule}")
+    if config.servers is None:
+        lines.append("  routes")
+        lines += _route_lines(config.routes, "    ")
+    else:
+        for i, server in enumerate(config.servers):
+            mode = server.client_certificate or config.tls.client_certificate
+            lines.append(
+                f"  servers[{i}]  {', '.join(server.names)}  (client_certificate {mode}"
+                f"{'; also clients without SNI' if i == 0 else ''})"
+            )
+            lines += _route_lines(server.routes, "    ")
     lines.append(f"  admin       http://{config.admin.host}:{config.admin.port}")
     return "\n".join(lines)
 
 
+def _route_lines(routes: Sequence[RouteConfig], indent: str) -> list[str]:
+    """One line per route, longest path first (the order they are tried in)."""
+    lines = []
+    for route in sorted(routes, key=lambda r: len(r.path), reverse=True):
+        if route.access == "public":
+            rule = "public"
+        elif route.access == "certificate":
+            rule = "the certificate alone"
+        else:
+            rule = f"roles any of {', '.join(route.roles)}" if route.roles else "authenticated"
+        if route.methods is not None:
+            rule += f"; methods {', '.join(route.methods)}"
+        if route.allow is not None:
+            keys = [
+                k for k in type(route.allow).model_fields if getattr(route.allow, k) is not None
+            ]
+            rule += f"; allow {', '.join(keys)}"
+        if route.addresses is not None:
+            for key in ("allow", "exempt"):
+                networks = getattr(route.addresses, key)
+                if networks is not None:
+                    rule += f"; addresses {key} {', '.join(str(n) for n in networks)}"
+        if route.identityplus is not None:
+            trust = route.identityplus
+            if trust.min_trust_score is not None:
+                rule += f"; trust score >= {trust.min_trust_score}"
+            if trust.max_local_intrusions is not None:
+                rule += f"; local intrusions <= {trust.max_local_intrusions}"
+        lines.append(f"{indent}{route.path:<24} {rule}")
+    return lines
+
+
 def _names(config: Config) -> str:
     """The names requests may address, and where they come from."""
+    if config.servers is not None:
+        return "per server (servers[].names)"
     if config.listen.server_names is not None:
         return f"{', '.join(config.listen.server_names)} (listen.server_names)"
     try:

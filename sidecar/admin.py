@@ -4,7 +4,10 @@
 starting, draining, or while the identity backend reports its own credentials broken);
 ``/metrics`` is the Prometheus text format; ``POST /cache/purge`` empties the verdict cache,
 or drops one certificate given by ``?serial=`` (decimal, ``0x`` hex or colon hex) or
-``?sha256=``. Keep this listener private: it has no authentication.
+``?sha256=``, here and, with a shared cache, on every replica (207 when they could not be
+told); ``GET /explain`` says what the policy does with a request (``explain``), to
+local peers only (loopback, or ``admin.explain_from``): it shows the configuration's rules.
+Keep this listener private: it has no authentication.
 
 Browsers are kept out by one rule, ``refusal``, applied to every request by ``guard`` (the
 supervisor's listener uses it too): the ``Host`` must be a name this listener is known by
@@ -16,10 +19,11 @@ An endpoint that changes state is therefore never a GET.
 
 from __future__ import annotations
 
-import ipaddress
 import json
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 
 from aiohttp import web
 from multidict import MultiMapping
@@ -27,8 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .certs import normalize_fingerprint, parse_serial
 from .config import AdminConfig
+from .explain import Assumption, Question, default_server_name
+from .hosts import is_address
 from .log import get_logger
 from .metrics import Metrics
+from .rules import IPNetwork, client_address, within
 
 #: the header that makes a state-changing admin request one a web page cannot send cross-site
 #: without a CORS preflight (which this listener never grants); its value does not matter
@@ -40,8 +47,11 @@ _OWN = frozenset({"same-origin", "none"})
 
 log = get_logger("sidecar.admin")
 
-#: purge(sha256=..., serial=...) -> entries removed; both None empties the cache
-Purge = Callable[..., int]
+#: purge(sha256=..., serial=...) -> entries removed here, and whether the other replicas were
+#: told through the shared cache (None without one); both None empties the cache
+Purge = Callable[..., Awaitable[tuple[int, bool | None]]]
+#: explain(question, certificate SHA-256 or None, assumption) -> (status, JSON document)
+Explain = Callable[[Question, str | None, Assumption], tuple[int, dict[str, object]]]
 
 
 @dataclass
@@ -82,7 +92,7 @@ def known_names(config: AdminConfig) -> frozenset[str]:
     """The host names the admin listener answers to, besides any IP address."""
     names = {"localhost", *config.server_names}
     host = config.host.lower().rstrip(".")
-    if host and not _is_address(host):
+    if host and not is_address(host):
         names.add(host)
     return frozenset(names)
 
@@ -103,7 +113,7 @@ def refusal(method: str, headers: MultiMapping[str], names: frozenset[str]) -> R
     host = hosts[0] if hosts else None
     if host is not None:
         name = _host_name(host)
-        if name not in names and not _is_address(name):
+        if name not in names and not is_address(name):
             return Refusal(
                 421,
                 f"this admin listener is not known as {name[:100]!r}: use its address, localhost, "
@@ -166,17 +176,82 @@ def _host_name(host: str) -> str:
     return value.lower().rstrip(".")
 
 
-def _is_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_json(headers: MultiMapping[str]) -> bool:
     media_type = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     return media_type == "application/json"
+
+
+# ---- /explain ------------------------------------------------------------------------------
+
+_EXPLAIN_PARAMETERS = frozenset(
+    {
+        "path",
+        "method",
+        "sha256",
+        "host",
+        "sni",
+        "address",
+        "header",
+        "roles",
+        "trust_score",
+        "local_intrusions",
+    }
+)
+
+
+def explain_refusal(request: web.BaseRequest, allowed: Sequence[IPNetwork]) -> web.Response | None:
+    """403 unless the peer is local: loopback, a Unix socket (a worker's, reached by its
+    supervisor only), or a network in ``admin.explain_from``. The answer shows the rules."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        return None
+    address = client_address(request.remote)
+    if address is not None and (address.is_loopback or within(address, allowed)):
+        return None
+    log.warning("admin_request_refused", path="/explain", client=request.remote, status=403)
+    return _json(
+        403,
+        {
+            "error": "explain answers local peers only (loopback, or admin.explain_from): it "
+            "shows the configuration's rules"
+        },
+    )
+
+
+def explain_question(
+    query: Mapping[str, str], headers: Sequence[str]
+) -> tuple[Question, str | None, Assumption] | str:
+    """``GET /explain``'s parameters, or what is wrong with them."""
+    unknown = set(query) - _EXPLAIN_PARAMETERS
+    if unknown:
+        return f"unknown parameter(s): {', '.join(sorted(unknown))}"
+    path = query.get("path")
+    if not path:
+        return "path is required (the request target, e.g. /admin/users)"
+    try:
+        sha256 = normalize_fingerprint(query["sha256"]) if "sha256" in query else None
+        score = Decimal(query["trust_score"]) if "trust_score" in query else None
+        intrusions = int(query["local_intrusions"]) if "local_intrusions" in query else None
+    except (ValueError, InvalidOperation) as exc:
+        return str(exc) if str(exc) else "a parameter is not a number"
+    lines = []
+    for header in headers:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            return f"header: not 'Name: value': {header[:100]!r}"
+        lines.append((name.strip(), value.strip()))
+    host = query.get("host")
+    question = Question(
+        path=path,
+        method=query.get("method", "GET"),
+        host=host,
+        server_name=query["sni"] or None if "sni" in query else default_server_name(host),
+        address=query.get("address"),
+        headers=lines,
+    )
+    roles = tuple(r.strip() for r in query.get("roles", "").split(",") if r.strip())
+    return question, sha256, Assumption(roles, score, intrusions)
 
 
 # ---- the application ----------------------------------------------------------------------
@@ -188,8 +263,10 @@ def admin_app(
     readiness: Readiness,
     purge: Callable[[], Purge | None],
     config: AdminConfig,
+    explain: Explain | None = None,
 ) -> web.Application:
-    """The admin application. ``purge`` returns the current cache's purge function (reloads swap it)."""
+    """The admin application. ``purge`` returns the current cache's purge function (reloads
+    swap it); ``explain`` answers ``GET /explain`` for the running configuration."""
 
     async def healthz(request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
@@ -220,17 +297,37 @@ def admin_app(
         fn = purge()
         if fn is None:
             return _json(503, {"error": "no verdict cache is running"})
-        removed = fn(sha256=sha256, serial=serial)
+        removed, fleet = await fn(sha256=sha256, serial=serial)
         scope = (
             "all"
             if serial is None and sha256 is None
             else ("serial" if serial is not None else "sha256")
         )
-        return _json(200, {"purged": removed, "scope": scope})
+        doc: dict[str, object] = {"purged": removed, "scope": scope}
+        if fleet is None:
+            return _json(200, doc)
+        doc["fleet"] = fleet
+        if not fleet:
+            # Done here, not everywhere: say so (207, as the supervisor does for workers).
+            doc["error"] = "the shared cache is unavailable: the other replicas were not told"
+        return _json(200 if fleet else 207, doc)
+
+    async def explain_view(request: web.Request) -> web.Response:
+        refused = explain_refusal(request, config.explain_from)
+        if refused is not None:
+            return refused
+        asked = explain_question(request.query, request.query.getall("header", []))
+        if isinstance(asked, str):
+            return _json(400, {"error": asked})
+        if explain is None:
+            return _json(503, {"error": "no policy is running"})
+        status, document = explain(*asked)
+        return _json(status, document)
 
     app = web.Application(middlewares=[guard(config)])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_post("/cache/purge", purge_view)
+    app.router.add_get("/explain", explain_view)
     return app

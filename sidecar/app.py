@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,31 +25,31 @@ from aiohttp import web
 
 from . import BUILD, log
 from .admin import Purge, Readiness, admin_app
-from .certs import file_signature, read_certificates
+from .certs import ClientCert, file_signature, read_certificates
 from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
+from .explain import Assumption, Question, explain
 from .fallback.forward import FallbackForwarder
 from .gateway import Gateway
 from .headers import HeaderRules
-from .hosts import ServerNames
-from .identity import Backend
+from .identity import Backend, Verdict
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
 from .identity.static import StaticBackend
 from .listener import Listener
 from .metrics import Metrics
 from .plan import Identity, Plan
-from .policy import Route, RouteTable
-from .tls import PeerCertificates, TLSState, server_context
+from .servers import Servers, build_servers
+from .tls import PeerCertificates, TLSState, listener_contexts
 
 #: while the identity backend reports its own credentials broken, readiness asks it this often
 _PING_EVERY = 2.0
 
 
-def build_routes(config: Config) -> RouteTable:
-    return RouteTable(
-        Route(r.path, public=r.access == "public", roles=frozenset(r.roles)) for r in config.routes
-    )
+def build_policy(config: Config) -> Servers:
+    """The servers and their routes (``servers``); the short form is one server whose names
+    are ``listen.server_names`` or the server certificate's (read again on reload)."""
+    return build_servers(config)
 
 
 def build_backend(config: IdentityConfig) -> Backend:
@@ -65,6 +67,44 @@ def build_backend(config: IdentityConfig) -> Backend:
     return StaticBackend(config.static)
 
 
+def build_cache(config: IdentityConfig) -> VerdictCache:
+    """The verdict cache in front of the configured backend, with its shared level in Redis
+    when ``identity.cache.shared`` is set (not yet started)."""
+    backend = build_backend(config)
+    shared = None
+    if config.cache.shared is not None:
+        from .identity.shared.store import SharedCache
+
+        shared = SharedCache(
+            config.cache.shared,
+            namespace=shared_namespace(config),
+            owner_wait=backend_timeout(config),
+        )
+    return VerdictCache(backend, config.cache, shared=shared)
+
+
+def shared_namespace(config: IdentityConfig) -> str:
+    """Where this configuration's verdicts live in the shared cache: the backend's name and a
+    digest of its section, so that replicas that would not give the same verdicts (another
+    backend, other static users, a rollout in progress) never read each other's."""
+    section = {
+        "static": config.static,
+        "identityplus": config.identityplus,
+        "http": config.http,
+    }[config.backend]
+    text = section.model_dump_json() if section is not None else ""
+    return f"{config.backend}.{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def backend_timeout(config: IdentityConfig) -> float:
+    """How long one backend call may take: what a replica waits for another's."""
+    if config.backend == "http" and config.http is not None:
+        return config.http.timeout
+    if config.backend == "identityplus" and config.identityplus is not None:
+        return config.identityplus.timeout
+    return 1.0  # static: no I/O
+
+
 def build_rules(config: Config) -> HeaderRules:
     return HeaderRules(
         certificate_header=config.headers.certificate,
@@ -72,14 +112,6 @@ def build_rules(config: Config) -> HeaderRules:
         trusted_proxies=config.trusted_proxies,
         strip=config.headers.strip,
     )
-
-
-def build_server_names(config: Config) -> ServerNames:
-    """``listen.server_names``, or the server certificate's names (read again on reload)."""
-    names = config.listen.server_names
-    if names is not None:
-        return ServerNames(names)
-    return ServerNames.for_certificate(read_certificates(config.tls.certificate)[0])
 
 
 # Keys a running process cannot change: the sockets are bound. (All of tls, and
@@ -113,7 +145,7 @@ class Sidecar:
         #: a worker under a supervisor serves its admin listener on this Unix socket instead
         self.admin_socket = admin_socket
         self.readiness = Readiness()
-        self.tls = TLSState(*server_context(config.tls))
+        self.tls = TLSState(*listener_contexts(config.tls, config.servers))
         self.peer_certs = PeerCertificates()
         #: the gateway every request goes through
         self.handler: Gateway | None = None
@@ -148,6 +180,7 @@ class Sidecar:
             access_log=self.config.log.level in ("debug", "info"),
         )
         self.metrics.bind_cache(self._cache_stats)
+        self.metrics.bind_shared_cache(self._shared_stats)
         self.metrics.client_certs_expiring.set_function(
             lambda: self.peer_certs.expiring_within(7 * 86400)
         )
@@ -207,16 +240,16 @@ class Sidecar:
             if previous is not None and config.identity == previous[1].identity:
                 identity: Identity = previous[0].identity
             else:
-                cache = VerdictCache(build_backend(config.identity), config.identity.cache)
+                cache = build_cache(config.identity)
                 built.append(cache.close)
+                await cache.start()
                 identity = cache
             return Plan(
-                routes=build_routes(config),
+                policy=build_policy(config),
                 identity=identity,
                 upstream=upstream,
                 rules=build_rules(config),
                 max_header_block=config.limits.max_header_block,
-                server_names=build_server_names(config),
             )
         except BaseException:
             for close in reversed(built):
@@ -229,6 +262,7 @@ class Sidecar:
             readiness=self.readiness,
             purge=self._purge_fn,
             config=self.config.admin,
+            explain=self._explain,
         )
         self.readiness.checks.append(self._identity_problem)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -253,7 +287,50 @@ class Sidecar:
 
     def _purge_fn(self) -> Purge | None:
         cache = self._cache()
-        return cache.purge if cache is not None else None
+        return cache.purge_everywhere if cache is not None else None
+
+    def _shared_stats(self) -> object | None:
+        cache = self._cache()
+        shared = cache.shared if cache is not None else None
+        return getattr(shared, "stats", None)
+
+    def _explain(
+        self, question: Question, sha256: str | None, assumption: Assumption
+    ) -> tuple[int, dict[str, object]]:
+        """``GET /explain``: the running policy's answer, for a certificate that connected to
+        this worker recently (by fingerprint), with the verdict the backend gives it now
+        (static) or has cached for it."""
+        if self.handler is None:
+            return 503, {"error": "starting"}
+        plan = self.handler.plan
+        if sha256 is not None:
+            cert = self.peer_certs.by_sha256(sha256)
+            if cert is None:
+                return 404, {
+                    "error": "no client certificate with this SHA-256 connected to this worker "
+                    "recently: ask sidecar explain --cert FILE"
+                }
+            question.cert = cert
+        identity = plan.identity
+        backend = getattr(identity, "backend", None)
+
+        def verdict_of(cert: ClientCert) -> tuple[Verdict | None, str]:
+            if isinstance(backend, StaticBackend):
+                return backend.lookup_now(cert), "the static backend"
+            cached = identity.peek(cert)
+            if cached is not None:
+                return cached, "the verdict cached for it"
+            return None, "no verdict is cached for it now (the identity backend would be asked)"
+
+        answer = explain(
+            plan.policy,
+            question,
+            verdict_of=verdict_of,
+            enrol=identity.can_enrol,
+            now=time.time(),
+            assumption=assumption,
+        )
+        return 200, answer.as_dict()
 
     def _agent_expiry(self) -> float:
         cache = self._cache()
@@ -314,7 +391,7 @@ class Sidecar:
         previous = self.handler.plan
         try:
             new = await asyncio.to_thread(load, self.config_path)
-            context, fingerprint = await asyncio.to_thread(server_context, new.tls)
+            context, fingerprint = await asyncio.to_thread(listener_contexts, new.tls, new.servers)
             plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
             return self._reload_failed(cause, exc.problems)
@@ -480,7 +557,12 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
         files += [b.file for b in user.certificates if b.file is not None]
     if config.identity.identityplus is not None:
         files += config.identity.identityplus.issuers
+    for server in config.servers or ():
+        files += [server.certificate, server.key]
+    for route in (*config.routes, *(r for s in config.servers or () for r in s.routes)):
+        if route.allow is not None:
+            files += route.allow.issuer_files()
     return files
 
 
-__all__ = ["Sidecar", "build_backend", "build_routes", "watched_files"]
+__all__ = ["Sidecar", "build_backend", "build_cache", "build_policy", "watched_files"]

@@ -45,6 +45,14 @@ def sha256_fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def spki_sha256(cert: x509.Certificate) -> str:
+    """The SHA-256 of a certificate's public key (SubjectPublicKeyInfo, DER), lower-case hex."""
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
 def normalize_fingerprint(text: str) -> str:
     """Accept ``AB:CD:..``, ``abcd..``, with or without colons/spaces; return lowercase hex.
 

@@ -13,6 +13,8 @@ import contextlib
 import ipaddress
 import os
 import re
+import ssl
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,9 +42,12 @@ from .certs import (
     read_certificates,
     read_private_key,
     sha256_fingerprint,
+    spki_sha256,
 )
 from .errors import CertificateError, ConfigError
 from .header_names import FRAMING, SIDECAR_HEADERS
+from .identifiers import email_address, spiffe_id
+from .redis_url import RedisTarget, parse_redis_url
 
 __all__ = ["Config", "ConfigError", "load", "parse", "parse_duration"]
 
@@ -228,7 +233,9 @@ class TLSConfig(Section):
     key: KeyFile
     client_ca: tuple[CertFile, ...] = ()
     pinned_certificates: tuple[CertFile, ...] = ()
-    client_certificate: Literal["optional", "required"] = "optional"
+    #: required | optional | none (no certificate asked for: every route public); with
+    #: ``servers``, the mode of a server that names none
+    client_certificate: Literal["optional", "required", "none"] = "optional"
     min_version: Literal["1.2", "1.3"] = "1.2"
 
     @field_validator("client_ca", "pinned_certificates", mode="before")
@@ -245,7 +252,8 @@ class TLSConfig(Section):
                 f"@key: the private key {self.key} does not match the certificate "
                 f"{self.certificate} (the first certificate in the file must be the server's)"
             )
-        if not self.client_ca and not self.pinned_certificates:
+        anchors = self.client_ca or self.pinned_certificates
+        if not anchors and self.client_certificate != "none":
             raise ValueError(
                 "@client_ca: no trust anchors: set client_ca and/or pinned_certificates"
             )
@@ -335,11 +343,87 @@ class HeadersConfig(Section):
         return v
 
 
+#: key_prefix: no hash-tag braces (the cache puts each certificate's keys in one cluster slot
+#: with its own), no spaces or controls
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+
+
+class SharedCacheConfig(Section):
+    """``identity.cache.shared``: a second cache level in Redis or Valkey, shared by every
+    replica and worker (``identity.shared``). The password is read from a file; TLS
+    (``rediss``) always verifies the server."""
+
+    url: str
+    #: an ACL user (Redis 6+); the password is never in the YAML
+    username: str | None = None
+    password_file: FilePath | None = None
+    #: rediss: CA bundle for the server's certificate (the system store when null), and a
+    #: client certificate + key for mutual TLS
+    ca: CertFile | None = None
+    certificate: CertFile | None = None
+    key: KeyFile | None = None
+    #: every key and the channel start with this
+    key_prefix: str = "sidecar:"
+    #: a Redis call that takes longer is given up, and the lookup goes on without Redis
+    timeout: Duration = Field(0.05, gt=0, le=5)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parse_redis_url(v)
+        return v
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not _KEY_PREFIX.match(v):
+            raise ValueError(
+                f"not a key prefix: {v!r} (1 to 64 of A-Z a-z 0-9 _ . : / -; no braces: "
+                "Redis Cluster reads them as hash tags)"
+            )
+        return v
+
+    @field_validator("password_file")
+    @classmethod
+    def _password(cls, v: Path | None) -> Path | None:
+        if v is not None and not read_password(v):
+            raise ValueError(f"{v} is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> SharedCacheConfig:
+        if not parse_redis_url(self.url).tls:
+            for name in ("ca", "certificate", "key"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"@{name}: only with TLS: use a rediss:// URL")
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("@certificate: certificate and key go together (mTLS to Redis)")
+        if self.certificate is not None and self.key is not None:
+            try:  # the Redis client loads them itself, from the files: PEM only
+                ssl.create_default_context().load_cert_chain(self.certificate, self.key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"@certificate: {self.certificate} and {self.key} must be a PEM certificate "
+                    f"(chain) and its unencrypted PEM key: {exc}"
+                ) from None
+        return self
+
+    def target(self) -> RedisTarget:
+        return parse_redis_url(self.url)
+
+
+def read_password(path: Path) -> str:
+    """The password in ``path`` (one line; a trailing newline is ignored)."""
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
 class CacheConfig(Section):
     ttl: Duration = 300.0
     negative_ttl: Duration = 30.0
     max_entries: int = Field(default=100_000, ge=1)
     stale_if_error: Duration = 0.0
+    #: null: every worker caches alone
+    shared: SharedCacheConfig | None = None
 
 
 class CertificateBinding(Section):
@@ -453,6 +537,10 @@ class IdentityPlusConfig(Section):
     #: the Identity Plus CA certificates that sign client certificates: only certificates
     #: they signed are asked about (serials are unique per issuer only); empty: any
     issuers: tuple[CACertFile, ...] = ()
+    #: role translation: an Identity Plus role (any case) -> the local name(s) it stands for
+    roles: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    #: read "org. administrator" as "administrator" (before translation)
+    remove_org_prefix: bool = False
     # The issuers' DER, read once: part of equality, so that a rewritten file under the same
     # name is a changed configuration (a reload then builds a new backend).
     _issuer_der: tuple[bytes, ...] = PrivateAttr(default=())
@@ -477,6 +565,36 @@ class IdentityPlusConfig(Section):
     @classmethod
     def _pins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(normalize_fingerprint(p) for p in v)
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _role_names(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        return {k: [n] if isinstance(n, str) else n for k, n in v.items()}
+
+    @field_validator("roles")
+    @classmethod
+    def _translation(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        problems = []
+        seen: dict[str, str] = {}
+        for canonical, local in v.items():
+            folded = canonical.strip().lower()
+            if not folded:
+                problems.append("an Identity Plus role name is empty")
+                continue
+            if folded in seen:
+                problems.append(
+                    f"@{canonical}: the same role as {seen[folded]!r} (roles compare in any case)"
+                )
+            seen.setdefault(folded, canonical)
+            if not local or any(not name.strip() for name in local):
+                problems.append(
+                    f"@{canonical}: give the local role name(s) it stands for, none empty"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return {k.strip(): tuple(n.strip() for n in names) for k, names in v.items()}
 
     @field_validator("endpoint", "signon_url")
     @classmethod
@@ -568,10 +686,296 @@ class IdentityConfig(Section):
         return self
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _listed(value: Any) -> Any:
+    """One value where a list is expected: a list of one."""
+    return (
+        [value] if isinstance(value, str | int | float) and not isinstance(value, bool) else value
+    )
+
+
+def _not_empty(values: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    if values is not None and not values:
+        raise ValueError(
+            "an empty list matches nothing: give at least one value, or leave the key out"
+        )
+    return values
+
+
+def _each(values: tuple[str, ...], check: Any) -> tuple[str, ...]:
+    """``check`` applied to every value; every problem reported with its index."""
+    out, problems = [], []
+    for i, value in enumerate(values):
+        try:
+            out.append(check(value))
+        except ValueError as exc:
+            problems.append(f"@[{i}]: {exc}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return tuple(dict.fromkeys(out))
+
+
+def _networks(values: Any) -> Any:
+    if not isinstance(values, list | tuple):
+        return values
+    out, problems = [], []
+    for i, item in enumerate(values):
+        try:
+            network = ipaddress.ip_network(str(item).strip(), strict=False)
+        except ValueError:
+            problems.append(f"@[{i}]: not an IP address or CIDR: {item!r}")
+            continue
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(
+            ipaddress.IPv6Network("::ffff:0:0/96")
+        ):
+            problems.append(
+                f"@[{i}]: write IPv4 networks as IPv4 ({item!r}): clients on IPv4-mapped "
+                "addresses are compared as IPv4"
+            )
+            continue
+        out.append(network)
+    if problems:
+        raise ValueError("\n".join(problems))
+    return out
+
+
+Values = Annotated[tuple[str, ...] | None, BeforeValidator(_listed), AfterValidator(_not_empty)]
+Networks = Annotated[
+    tuple[IPNetwork, ...] | None, BeforeValidator(_networks), BeforeValidator(_listed)
+]
+
+
+def _san_dns(value: str) -> str:
+    name = hosts.server_name(value)
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    raise ValueError(f"an IP address is matched by san_ip, not san_dns: {value!r}")
+
+
+def _san_uri(value: str) -> str:
+    text = value.strip()
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:[\x21-\x7e]+", text):
+        raise ValueError(f"not a URI (scheme:..., visible ASCII only): {value!r}")
+    # exact: a SPIFFE ID; prefix: a SPIFFE ID and "/" (a trust domain, or a path under it)
+    if text.lower().startswith("spiffe:") and not spiffe_id(
+        text[:-1] if text.endswith("/") else text
+    ):
+        raise ValueError(
+            f"not a SPIFFE ID (spiffe://trust-domain/path: a lower-case trust domain, "
+            f"path segments of letters, digits, '.', '-', '_'), nor one followed by '/' "
+            f"to match every ID below it: {value!r}"
+        )
+    return text
+
+
+def _san_email(value: str) -> str:
+    email = email_address(value.strip())
+    if email is None:
+        raise ValueError(f"not an email address (local@domain): {value!r}")
+    return email
+
+
+def _fingerprint(value: str) -> str:
+    return normalize_fingerprint(value)
+
+
+class SubjectMatch(Section):
+    """``allow.subject``: each attribute given must match (AND), any of its values (OR)."""
+
+    common_name: Values = Field(None, alias="CN")
+    organizational_unit: Values = Field(None, alias="OU")
+    organization: Values = Field(None, alias="O")
+
+    @model_validator(mode="after")
+    def _some(self) -> SubjectMatch:
+        if (
+            self.common_name is None
+            and self.organizational_unit is None
+            and self.organization is None
+        ):
+            raise ValueError("give at least one of CN, OU, O (an empty subject matches nothing)")
+        return self
+
+    def attributes(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(attribute, values) for each attribute given, in the order CN, OU, O."""
+        given = (
+            ("CN", self.common_name),
+            ("OU", self.organizational_unit),
+            ("O", self.organization),
+        )
+        return [(name, values) for name, values in given if values is not None]
+
+
+class AllowConfig(Section):
+    """``routes[].allow``: certificate matchers. Every key given must pass (AND); within a
+    key, any value (OR)."""
+
+    san_dns: Values = None
+    san_uri: Values = None
+    san_email: Values = None
+    san_ip: Networks = None
+    subject: SubjectMatch | None = None
+    #: CA certificate files (PEM or DER), or the SHA-256 of a CA's public key
+    issuer: Values = None
+    fingerprint: Values = None
+
+    @field_validator("san_dns")
+    @classmethod
+    def _dns(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else _each(v, _san_dns)
+
+    @field_validator("san_uri")
+    @classmethod
+    def _uri(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else _each(v, _san_uri)
+
+    @field_validator("san_email")
+    @classmethod
+    def _email(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else _each(v, _san_email)
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _fingerprints(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else _each(v, _fingerprint)
+
+    @field_validator("san_ip")
+    @classmethod
+    def _ips(cls, v: tuple[IPNetwork, ...] | None) -> tuple[IPNetwork, ...] | None:
+        return _not_empty(v)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuers(cls, v: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        if v is None:
+            return None
+
+        def one(entry: str) -> str:
+            with contextlib.suppress(ValueError):
+                return f"sha256:{normalize_fingerprint(entry)}"
+            return str(_ca_certificate_file(_existing_file(_resolve_path(entry, info))))
+
+        return _each(v, one)
+
+    @model_validator(mode="after")
+    def _some(self) -> AllowConfig:
+        if all(getattr(self, key) is None for key in type(self).model_fields):
+            raise ValueError(
+                "give at least one of san_dns, san_uri, san_email, san_ip, subject, issuer, "
+                "fingerprint (an empty allow matches nothing)"
+            )
+        return self
+
+    def issuer_keys(self) -> dict[str, frozenset[str]]:
+        """Each ``issuer`` entry and the public-key SHA-256 it stands for (a file: of every
+        certificate in it). Raises ``CertificateError`` for a file gone since loading."""
+        keys: dict[str, frozenset[str]] = {}
+        for entry in self.issuer or ():
+            if entry.startswith("sha256:"):
+                keys[entry] = frozenset({entry[len("sha256:") :]})
+            else:
+                keys[entry] = frozenset(spki_sha256(c) for c in read_certificates(Path(entry)))
+        return keys
+
+    def issuer_files(self) -> list[Path]:
+        return [Path(e) for e in self.issuer or () if not e.startswith("sha256:")]
+
+
+class AddressesConfig(Section):
+    """``routes[].addresses``: ``allow``, the networks that may reach the route at all;
+    ``exempt``, those that need no certificate there (anonymous unless identified)."""
+
+    allow: Networks = None
+    exempt: Networks = None
+
+    @field_validator("allow", "exempt")
+    @classmethod
+    def _listed_networks(cls, v: tuple[IPNetwork, ...] | None) -> tuple[IPNetwork, ...] | None:
+        return _not_empty(v)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> AddressesConfig:
+        if self.allow is None and self.exempt is None:
+            raise ValueError("give allow and/or exempt (empty addresses say nothing)")
+        if self.allow is not None and self.exempt is not None:
+            problems = []
+            for i, network in enumerate(self.exempt):
+                if not any(
+                    network.version == a.version and network.subnet_of(a)  # type: ignore[arg-type]
+                    for a in self.allow
+                ):
+                    problems.append(
+                        f"@exempt[{i}]: {network} is not within addresses.allow: it could never "
+                        "be exempt (it cannot reach the route)"
+                    )
+            if problems:
+                raise ValueError("\n".join(problems))
+        return self
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a number, not true or false")
+    return value
+
+
+class RouteTrustConfig(Section):
+    """``routes[].identityplus``: what the Identity Plus profile must say of the device."""
+
+    #: the profile's trust-score, a decimal from 0 to 5, at least this
+    min_trust_score: Annotated[Decimal | None, BeforeValidator(_no_bool)] = Field(None, ge=0, le=5)
+    #: the profile's local-intrusions (reported on this service), at most this
+    max_local_intrusions: Annotated[int | None, BeforeValidator(_no_bool)] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> RouteTrustConfig:
+        if self.min_trust_score is None and self.max_local_intrusions is None:
+            raise ValueError("give min_trust_score and/or max_local_intrusions")
+        return self
+
+
+def _methods(values: tuple[str, ...]) -> tuple[str, ...]:
+    problems, seen = [], set()
+    for i, method in enumerate(values):
+        if not _TOKEN.match(method):
+            problems.append(f"@[{i}]: not a method name: {method!r}")
+        elif method != method.upper():
+            problems.append(
+                f"@[{i}]: methods are case-sensitive (RFC 9110 §9.1): write {method.upper()!r}"
+            )
+        elif method in seen:
+            problems.append(f"@[{i}]: {method} is listed twice")
+        seen.add(method)
+    if problems:
+        raise ValueError("\n".join(problems))
+    return values
+
+
+def covered_methods(methods: tuple[str, ...] | None) -> frozenset[str] | None:
+    """The methods a route covers: as listed, and HEAD with GET (as nginx's limit_except)."""
+    if methods is None:
+        return None
+    covered = set(methods)
+    if "GET" in covered:
+        covered.add("HEAD")
+    return frozenset(covered)
+
+
 class RouteConfig(Section):
     path: str
-    access: Literal["public", "authenticated"] = "authenticated"
+    #: public | authenticated (the identity backend decides) | certificate (the certificate
+    #: alone decides, through allow)
+    access: Literal["public", "authenticated", "certificate"] = "authenticated"
     roles: tuple[str, ...] = ()
+    #: the methods the route covers; others fall through to the next route that matches
+    methods: Annotated[tuple[str, ...] | None, BeforeValidator(_listed)] = None
+    allow: AllowConfig | None = None
+    addresses: AddressesConfig | None = None
+    identityplus: RouteTrustConfig | None = None
 
     @field_validator("path")
     @classmethod
@@ -584,11 +988,202 @@ class RouteConfig(Section):
             )
         return v
 
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("an empty list covers no method: list methods, or leave the key out")
+        return _methods(v)
+
     @model_validator(mode="after")
-    def _roles_need_auth(self) -> RouteConfig:
-        if self.access == "public" and self.roles:
-            raise ValueError("@roles: a public route cannot require roles")
+    def _coherent(self) -> RouteConfig:
+        problems = []
+        if self.access == "public":
+            if self.roles:
+                problems.append("@roles: a public route cannot require roles")
+            if self.allow is not None:
+                problems.append("@allow: a public route asks for no certificate to match")
+            if self.identityplus is not None:
+                problems.append("@identityplus: a public route asks for no identity to judge")
+            if self.addresses is not None and self.addresses.exempt is not None:
+                problems.append("@addresses.exempt: a public route needs no certificate anyway")
+        elif self.access == "certificate":
+            if self.allow is None:
+                problems.append(
+                    "@allow: required with access: certificate (the certificate alone decides: "
+                    "say what it must hold, e.g. san_uri for SPIFFE IDs)"
+                )
+            if self.roles:
+                problems.append(
+                    "@roles: with access: certificate the identity backend is not asked, so "
+                    "there are no roles (use access: authenticated)"
+                )
+            if self.identityplus is not None:
+                problems.append(
+                    "@identityplus: with access: certificate the identity backend is not asked "
+                    "(use access: authenticated)"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+
+def route_problems(routes: tuple[RouteConfig, ...]) -> list[str]:
+    """Routes that can never apply, as ``@[i].key: message`` lines: the same path twice
+    (unless each covers other methods), or paths that differ only in letter case."""
+    problems: list[str] = []
+    by_path: dict[str, list[tuple[int, frozenset[str] | None]]] = {}
+    folded: dict[str, tuple[int, str]] = {}
+    for i, route in enumerate(routes):
+        covered = covered_methods(route.methods)
+        earlier = by_path.setdefault(route.path, [])
+        for j, other in earlier:
+            if other is None:
+                problems.append(f"@[{i}].path: duplicate of routes[{j}]: {route.path}")
+                break
+            overlap = other & covered if covered is not None else frozenset()
+            if overlap:
+                problems.append(
+                    f"@[{i}].methods: {', '.join(sorted(overlap))} already covered by "
+                    f"routes[{j}], which has the same path: it could never apply to them"
+                )
+                break
+        earlier.append((i, covered))
+        fold = route.path.lower()
+        first = folded.setdefault(fold, (i, route.path))
+        if first[1] != route.path:
+            # Applications that ignore case (Express, ASP.NET, IIS) serve both the same:
+            # every request under them would be refused as ambiguous.
+            problems.append(
+                f"@[{i}].path: differs from routes[{first[0]}] only in letter case: {route.path}"
+            )
+    return problems
+
+
+class ServerConfig(Section):
+    """One site on the listener's port, chosen by the server name a client asks for (SNI)."""
+
+    #: the names it serves (SNI and Host): host names, *.wildcards (one label), addresses
+    names: tuple[Annotated[str, AfterValidator(_server_name)], ...]
+    certificate: CertFile
+    key: KeyFile
+    #: required | optional | none; default: tls.client_certificate
+    client_certificate: Literal["required", "optional", "none"] | None = None
+    routes: tuple[RouteConfig, ...]
+
+    @field_validator("names")
+    @classmethod
+    def _some_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("an empty list names nothing: list the names this server serves")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        if not routes:
+            raise ValueError("an empty list allows nothing: list this server's routes")
+        problems = route_problems(routes)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return routes
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> ServerConfig:
+        if not key_matches_certificate(
+            read_private_key(self.key), read_certificates(self.certificate)[0]
+        ):
+            raise ValueError(
+                f"@key: the private key {self.key} does not match the certificate "
+                f"{self.certificate} (the first certificate in the file must be the server's)"
+            )
+        return self
+
+
+def _policy_problems(config: Config) -> list[str]:
+    """What only the whole configuration shows, as ``@dotted.path: message`` lines: keys that
+    the servers list replaces, a name served twice, and rules that can never apply."""
+    problems: list[str] = []
+    servers = config.servers
+    if servers is not None:
+        if "routes" in config.model_fields_set:
+            problems.append(
+                "@routes: with servers, each server lists its routes (servers[].routes)"
+            )
+        if config.listen.server_names is not None:
+            problems.append(
+                "@listen.server_names: with servers, each server lists its names (servers[].names)"
+            )
+        if config.tls.certificate != servers[0].certificate or config.tls.key != servers[0].key:
+            problems.append(
+                "@tls.certificate: with servers, each server has its certificate and key "
+                "(servers[].certificate, servers[].key): leave tls.certificate and tls.key out"
+            )
+        owner: dict[str, int] = {}
+        for i, server in enumerate(servers):
+            for k, name in enumerate(server.names):
+                first = owner.setdefault(name, i)
+                if first != i:
+                    problems.append(
+                        f"@servers[{i}].names[{k}]: {name} is served by servers[{first}] already"
+                    )
+    try:
+        anchors = {
+            spki
+            for path in (*config.tls.client_ca, *config.tls.pinned_certificates)
+            for spki in _spki_keys(path)
+        }
+    except CertificateError:
+        anchors = set()  # reported by tls already
+    for where, mode, routes in _route_sets(config):
+        if mode != "none" and not anchors and not config.tls.client_ca:
+            problems.append(
+                f"@{where}client_certificate: {mode} needs trust anchors "
+                "(tls.client_ca and/or tls.pinned_certificates)"
+            )
+        for i, route in enumerate(routes):
+            at = f"{where}routes[{i}]"
+            if mode == "none" and route.access != "public":
+                problems.append(
+                    f"@{at}.access: the server asks for no client certificate "
+                    "(client_certificate: none): its routes are public"
+                )
+            if route.identityplus is not None and config.identity.backend != "identityplus":
+                problems.append(
+                    f"@{at}.identityplus: only the identityplus backend reports trust scores "
+                    f"and intrusions (identity.backend is {config.identity.backend}): no "
+                    "request could pass"
+                )
+            if route.allow is not None and route.allow.issuer is not None:
+                try:
+                    keys = route.allow.issuer_keys()
+                except CertificateError as exc:
+                    problems.append(f"@{at}.allow.issuer: {exc}")
+                    continue
+                for k, (entry, entry_keys) in enumerate(keys.items()):
+                    if entry_keys.isdisjoint(anchors):
+                        problems.append(
+                            f"@{at}.allow.issuer[{k}]: {entry.removeprefix('sha256:')} is not "
+                            "one of the CAs the listener trusts (tls.client_ca, "
+                            "tls.pinned_certificates): no client certificate could match"
+                        )
+    return problems
+
+
+def _route_sets(config: Config) -> list[tuple[str, str, tuple[RouteConfig, ...]]]:
+    """(where, client_certificate mode, routes) per server: one for the short form."""
+    if config.servers is None:
+        return [("", config.tls.client_certificate, config.routes)]
+    return [
+        (f"servers[{i}].", s.client_certificate or config.tls.client_certificate, s.routes)
+        for i, s in enumerate(config.servers)
+    ]
+
+
+def _spki_keys(path: Path) -> list[str]:
+    return [spki_sha256(c) for c in read_certificates(path)]
 
 
 _HOST_NAME = re.compile(
@@ -613,6 +1208,10 @@ class AdminConfig(Section):
     #: names the admin listener answers to besides IP addresses, localhost and ``host`` (e.g.
     #: a Service's DNS name); a request with any other Host is refused (DNS rebinding)
     server_names: tuple[Annotated[str, AfterValidator(_admin_name)], ...] = ()
+    #: networks besides loopback from which GET /explain is answered (it shows the rules)
+    explain_from: Annotated[
+        tuple[IPNetwork, ...], BeforeValidator(_networks), BeforeValidator(_listed)
+    ] = ()
 
 
 class ShutdownConfig(Section):
@@ -660,6 +1259,8 @@ class Config(Section):
     limits: LimitsConfig = LimitsConfig()
     identity: IdentityConfig = IdentityConfig()
     routes: tuple[RouteConfig, ...] = Field(default_factory=_default_routes)
+    #: several sites on one port, chosen by SNI; None: one, the short form (tls, routes)
+    servers: tuple[ServerConfig, ...] | None = None
     admin: AdminConfig = AdminConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     reload: ReloadConfig = ReloadConfig()
@@ -678,9 +1279,48 @@ class Config(Section):
                 raise ValueError(f"@[{i}]: not an IP address or CIDR: {item!r}") from None
         return out
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_server(cls, data: Any) -> Any:
+        # With servers, the first one is the default (clients without SNI): its certificate
+        # stands for tls.certificate wherever one certificate is meant (expiry metric,
+        # summary, the names of the short form), so tls needs no certificate of its own.
+        if not isinstance(data, dict):
+            return data
+        servers, tls = data.get("servers"), data.get("tls")
+        if not (isinstance(servers, list) and servers and isinstance(servers[0], dict)):
+            return data
+        if isinstance(tls, dict) and "certificate" not in tls and "key" not in tls:
+            first = servers[0]
+            tls = {**tls, "certificate": first.get("certificate"), "key": first.get("key")}
+            data = {**data, "tls": tls}
+        # tls.client_certificate is the mode of servers that name none: when every server
+        # names "none", nothing asks for a certificate and no trust anchor is needed.
+        if (
+            isinstance(tls, dict)
+            and "client_certificate" not in tls
+            and all(isinstance(s, dict) and s.get("client_certificate") == "none" for s in servers)
+        ):
+            data = {**data, "tls": {**tls, "client_certificate": "none"}}
+        return data
+
+    @field_validator("servers")
+    @classmethod
+    def _some_servers(cls, v: tuple[ServerConfig, ...] | None) -> tuple[ServerConfig, ...] | None:
+        if v is not None and not v:
+            raise ValueError("an empty list serves nothing: list servers, or leave the key out")
+        return v
+
+    @model_validator(mode="after")
+    def _policy(self) -> Config:
+        problems = _policy_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
     @model_validator(mode="after")
     def _names_served(self) -> Config:
-        if self.listen.server_names is None:
+        if self.listen.server_names is None and self.servers is None:
             leaf = read_certificates(self.tls.certificate)[0]
             if not hosts.certificate_names(leaf):
                 raise ValueError(
@@ -694,23 +1334,7 @@ class Config(Section):
     @classmethod
     def _unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
         # A field validator, so it runs (and reports) even when other sections have errors.
-        seen: dict[str, int] = {}
-        folded: dict[str, int] = {}
-        problems = []
-        for i, route in enumerate(routes):
-            if route.path in seen:
-                problems.append(
-                    f"@[{i}].path: duplicate of routes[{seen[route.path]}]: {route.path}"
-                )
-            elif route.path.lower() in folded:
-                # Applications that ignore case (Express, ASP.NET, IIS) serve both the same:
-                # every request under them would be refused as ambiguous.
-                problems.append(
-                    f"@[{i}].path: differs from routes[{folded[route.path.lower()]}] only in "
-                    f"letter case: {route.path}"
-                )
-            seen.setdefault(route.path, i)
-            folded.setdefault(route.path.lower(), i)
+        problems = route_problems(routes)
         if problems:
             raise ValueError("\n".join(problems))
         return routes

@@ -30,7 +30,6 @@ from typing import Any, Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import responses
-from .certs import ClientCert
 from .errors import IdentityUnavailable, LimitReached, UpstreamError
 from .forwarder import BodyInvalid, BodyTimeout, BodyTooLarge
 from .headers import request_fields
@@ -39,7 +38,17 @@ from .identity.intents import SignOnLimited
 from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
 from .plan import Plan
-from .policy import BadPath, Deny, Forward, Redirect, Unavailable, decide
+from .policy import (
+    BadPath,
+    Deny,
+    Forward,
+    Redirect,
+    Refused,
+    Unavailable,
+    certificate_refusal,
+    decide,
+    needs_verdict,
+)
 from .request import (
     ANSWER,
     ENDED,
@@ -202,20 +211,26 @@ class Gateway:
             self._deny(request, Deny(*problem))
             return
         try:
-            route = plan.routes.match(request.target)
+            route = plan.policy.route(  # policy: the server, then the route and its methods
+                request.method, request.target, request.raw_headers, request.server_name
+            )
         except BadPath as exc:
             self._deny(request, Deny(400, str(exc), "bad_path"))
+            return
+        except Refused as refused:  # policy: a method the path's routes do not cover
+            self._deny(request, refused.deny)
             return
         request.route = route
         cert = request.cert
         verdict: Verdict | None = None
         if cert is not None:
-            refusal = _certificate_refusal(cert, self.clock())
+            refusal = certificate_refusal(cert, self.clock())  # policy: moved from here
             if refusal is not None:
                 self._deny(request, Deny(403, refusal[0], refusal[1]))
                 return
-            if route is not None:
-                # revocation: a check of the certificate before a cached verdict is used
+            # revocation: a check of the certificate before a cached verdict is used (or, on
+            # a route where the certificate alone decides, before policy.decide)
+            if route is not None and needs_verdict(route, cert, request.peer_ip):  # policy:
                 verdict = plan.identity.peek(cert)
                 if verdict is None:
                     move(request, LOOK_UP)
@@ -259,6 +274,8 @@ class Gateway:
             has_certificate=cert is not None,
             backend_failed=backend_failed,
             enrol=plan.identity.can_enrol,
+            cert=cert,  # policy: matchers
+            address=request.peer_ip,  # policy: addresses
         )
         code = request.verdict_code = verdict.code if verdict is not None else None
         if isinstance(decision, Forward):
@@ -495,7 +512,7 @@ def _malformed(request: Request, plan: Plan) -> tuple[int, str, str] | None:
         return 400, "the request has both Content-Length and Transfer-Encoding", "ambiguous_length"
     if size > plan.max_header_block:
         return 431, "the request headers are too large", "headers_too_large"
-    misdirected = plan.server_names.misdirected(request.target, host, request.server_name)
+    misdirected = plan.policy.misdirected(request.target, host, request.server_name)  # policy:
     if misdirected is not None:
         return 421, misdirected[0], misdirected[1]
     return None
@@ -513,21 +530,6 @@ def _request_id(request: _Headed, trusted: bool) -> str:
         if incoming and _REQUEST_ID_VALUE.fullmatch(incoming):
             return incoming
     return responses.new_request_id()
-
-
-def _certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None:
-    """Checks OpenSSL made at the handshake, made again per request: a connection can outlive
-    its certificate, and defence in depth costs two comparisons."""
-    if now > cert.not_after_ts:
-        return "your client certificate has expired", "cert_expired"
-    if now < cert.not_before_ts:
-        return "your client certificate is not valid yet", "cert_not_yet_valid"
-    if not cert.allows_client_auth():
-        return (
-            "your client certificate is not meant for client authentication",
-            "cert_no_client_auth",
-        )
-    return None
 
 
 def _original_url(request: Request) -> str | None:

@@ -52,7 +52,9 @@ HOST_NOT_TARGET: Misdirection = (
 )
 
 
-def _dns_name(text: str) -> str | None:
+def dns_name(text: str) -> str | None:
+    """A DNS host name, normalised (lower case, no final dot); None when it is not one (a
+    wildcard, an empty label, spaces, non-ASCII: write internationalised names as A-labels)."""
     name = text.lower()
     if name.endswith("."):
         name = name[:-1]
@@ -75,7 +77,7 @@ def _name(host: str) -> str | None:
             return str(ipaddress.IPv4Address(host))
         except ValueError:
             pass  # digits and dots that are no address (127.1, 010.0.0.1): a name, then
-    return _dns_name(host)
+    return dns_name(host)
 
 
 def host_name(authority: str) -> str | None:
@@ -91,6 +93,15 @@ def host_name(authority: str) -> str | None:
     if colon and not _PORT.fullmatch(authority, len(host)):
         return None
     return _name(host)
+
+
+def is_address(name: str) -> bool:
+    """Whether a host name (without brackets or port) is an IP address literal."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def sni_name(server_name: str | None) -> str | None:
@@ -116,13 +127,13 @@ def server_name(spec: str) -> str:
     except ValueError:
         pass
     if text.startswith("*."):
-        parent = _dns_name(text[2:])
+        parent = dns_name(text[2:])
         if parent is None or _IPV4_LIKE.fullmatch(parent):
             raise ValueError(f"a wildcard is '*.' followed by a host name: {spec!r}")
         return f"*.{parent}"
     if "*" in text:
         raise ValueError(f"a wildcard is '*.' followed by a host name (one label): {spec!r}")
-    name = _dns_name(text)
+    name = dns_name(text)
     if name is None:
         raise ValueError(
             f"not a host name or IP address (labels of letters, digits, '-' and '_', "
@@ -227,3 +238,47 @@ class ServerNames:
         if sni is not None and sni != name:
             return NOT_THE_SNI
         return None
+
+
+#: server names (SNI) whose server is remembered: enough for every name a real client uses
+_CHOSEN = 4096
+
+
+class ServerChoice:
+    """Which of several servers a TLS server name (SNI) asks for: the one that lists it
+    exactly, else the one whose ``*.`` wildcard covers it, else the first (a client without
+    SNI, or with a name no server lists, as nginx's default server). Configurations list each
+    name once (``check-config``), so the choice never depends on the order of the others."""
+
+    __slots__ = ("_exact", "_memo", "_wildcards")
+
+    def __init__(self, servers: Iterable[ServerNames]) -> None:
+        self._exact: dict[str, int] = {}
+        self._wildcards: dict[str, int] = {}
+        for index, names in enumerate(servers):
+            for name in names.exact:
+                self._exact.setdefault(name, index)
+            for parent in names.wildcards:
+                self._wildcards.setdefault(parent, index)
+        self._memo: dict[str | None, int] = {}
+
+    def index(self, server_name: str | None) -> int:
+        """The position of the server chosen for ``server_name`` (None: no SNI)."""
+        memo = self._memo
+        known = memo.get(server_name)
+        if known is not None:
+            return known
+        chosen = 0
+        name = sni_name(server_name)
+        if name:
+            found = self._exact.get(name)
+            if found is None:
+                label, dot, parent = name.partition(".")
+                if dot and label:
+                    found = self._wildcards.get(parent)
+            if found is not None:
+                chosen = found
+        # A name OpenSSL passes is at most 255 bytes; one read from a ClientHello may not be.
+        if len(memo) < _CHOSEN and (server_name is None or len(server_name) <= 255):
+            memo[server_name] = chosen
+        return chosen

@@ -130,6 +130,8 @@ class Metrics:
         )
         self._cache = _CacheCollector()
         r.register(self._cache)
+        self._shared = _SharedCacheCollector()
+        r.register(self._shared)
         # The per-request metrics: plain numbers on the hot path, exported at scrape time.
         self._hot = _RequestCollector()
         r.register(self._hot)
@@ -163,6 +165,11 @@ class Metrics:
     def bind_cache(self, stats: Callable[[], Any]) -> None:
         """Read the verdict cache's counters at scrape time (the cache may be swapped on reload)."""
         self._cache.stats = stats
+
+    def bind_shared_cache(self, stats: Callable[[], Any]) -> None:
+        """Read the shared cache's counters at scrape time (``shared.store.SharedStats``; None
+        when there is none)."""
+        self._shared.stats = stats
 
 
 #: the ``le`` labels, as prometheus_client writes them
@@ -276,6 +283,117 @@ class _CacheCollector(Collector):
         for key, (name, doc) in names.items():
             yield CounterMetricFamily(name, doc, value=values[key] + self._base.get(key, 0))
         yield GaugeMetricFamily("sidecar_cache_entries", "Verdicts in the cache now.", value=size)
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+
+#: the shared cache's counters: name, help, the stats attribute, its label (for a dict)
+_SHARED_COUNTERS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("sidecar_cache_shared_hits", "Verdicts found in the shared cache (Redis).", "hits", None),
+    (
+        "sidecar_cache_shared_misses",
+        "Lookups the shared cache could not answer: this replica asked the backend, or "
+        "waited for the replica that did.",
+        "misses",
+        None,
+    ),
+    (
+        "sidecar_cache_shared_skipped",
+        "Lookups made without the shared cache, because Redis was unusable.",
+        "skipped",
+        None,
+    ),
+    (
+        "sidecar_cache_shared_errors",
+        "Shared cache problems by kind: timeout, unavailable (connection or server error), "
+        "invalid_entry (a stored value or answer that is not ours: a miss), invalid_message.",
+        "errors",
+        "kind",
+    ),
+    (
+        "sidecar_cache_shared_lock_waits",
+        "Waits for another replica's backend call, by how they ended: value, released "
+        "(it gave up without one), timeout (the backend's timeout), unavailable.",
+        "lock_waits",
+        "result",
+    ),
+    (
+        "sidecar_cache_shared_lock_wait_seconds",
+        "Time spent waiting for other replicas' backend calls.",
+        "lock_wait_seconds",
+        None,
+    ),
+    (
+        "sidecar_cache_shared_fallback_seconds",
+        "Time spent without the shared cache (each worker caching alone).",
+        "fallback_seconds",
+        None,
+    ),
+    (
+        "sidecar_cache_shared_purges",
+        "Purges sent to the other replicas, and received from them.",
+        "purges",
+        "direction",
+    ),
+    (
+        "sidecar_cache_shared_resyncs",
+        "Times the local cache was emptied on connecting to Redis (purges may have been missed).",
+        "resyncs",
+        None,
+    ),
+)
+
+
+class _SharedCacheCollector(Collector):
+    """Exports the shared cache's counters (nothing while there is no shared cache); like
+    ``_CacheCollector``, totals carry over when a reload brings a new one (as of the last
+    scrape before it)."""
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], Any] = lambda: None
+        self._base: dict[tuple[str, str], float] = {}
+        self._last: Any = None
+        self._last_values: dict[tuple[str, str], float] = {}
+
+    def _values(self, stats: Any) -> dict[tuple[str, str], float]:
+        values: dict[tuple[str, str], float] = {}
+        for name, _, attribute, label in _SHARED_COUNTERS:
+            value = getattr(stats, attribute)
+            if label is None:
+                values[(name, "")] = float(value)
+            else:
+                for key, count in value.items():
+                    values[(name, key)] = float(count)
+        return values
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self.stats()
+        if stats is None and not self._base and self._last is None:
+            return
+        values: dict[tuple[str, str], float] = {}
+        if stats is not None:
+            if self._last is not None and stats is not self._last:
+                for sample, value in self._last_values.items():
+                    self._base[sample] = self._base.get(sample, 0.0) + value
+            self._last = stats
+            values = self._values(stats)
+            self._last_values = dict(values)
+        else:
+            values = dict.fromkeys(self._last_values, 0.0)
+        for name, doc, _, label in _SHARED_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=[label] if label else None)
+            for (metric, key), value in values.items():
+                if metric == name:
+                    family.add_metric(
+                        [key] if label else [], value + self._base.get((metric, key), 0.0)
+                    )
+            yield family
+        yield GaugeMetricFamily(
+            "sidecar_cache_shared_up",
+            "1 while the shared cache (Redis) is in use, 0 while each worker caches alone.",
+            value=1.0 if stats is not None and stats.up else 0.0,
+        )
 
     def describe(self) -> Iterator[Any]:
         return iter(())

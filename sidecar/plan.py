@@ -9,10 +9,9 @@ from typing import Protocol
 from .certs import ClientCert
 from .forwarder import Forwarder
 from .headers import HeaderRules
-from .hosts import ServerNames
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .identity.intents import SignOn
-from .policy import RouteTable
+from .servers import Servers
 
 
 class Identity(Protocol):
@@ -39,10 +38,9 @@ class Identity(Protocol):
 class Plan:
     """Everything a reload can change, swapped in as one value: a request uses one plan."""
 
-    routes: RouteTable
+    #: the servers, their names (Host, SNI; any other is 421) and their routes
+    policy: Servers
     identity: Identity
     upstream: Forwarder
     rules: HeaderRules
     max_header_block: int
-    #: the names requests may address (Host, SNI); any other is 421
-    server_names: ServerNames

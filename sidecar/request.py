@@ -168,7 +168,7 @@ class Request:
     @property
     def route_label(self) -> str:
         route = self.route
-        return route.path if route is not None else "-"
+        return route.name if route is not None else "-"  # policy: unique labels
 
 
 #: targets longer than this are decoded every time: rare, and they would fill the cache

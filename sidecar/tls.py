@@ -4,10 +4,15 @@ Chain, validity and extended key usage of a client certificate are verified by O
 the handshake (a server verifies with the ``sslclient`` purpose, which refuses a leaf whose EKU
 lacks clientAuth); ``PeerCertificates`` then parses what passed, once per connection.
 ``TLSState`` holds the context new connections are accepted with (``tls_transport``: one context
-for a connection's whole life). A reload swaps in a new context only when what it is made of
-changed; a new context has its own session cache and ticket keys, so no session from before
-can be resumed on it, and ``swap`` says whether what decides trust changed. It also records
-the server name each connection asked for (``requested_server_name``).
+for a connection's whole life). With several servers (``servers[]``) it holds one context per
+server, each with its certificate and its ``client_certificate`` mode (OpenSSL decides from the
+context a connection was made with whether the handshake asks for a certificate: switching
+contexts in the servername callback switches the certificate only), and ``tls_transport``
+reads the server name from the ClientHello (``sni``) before choosing one; the servername
+callback checks OpenSSL read the same. A reload swaps in new contexts only when what they are
+made of changed; a new context has its own session cache and ticket keys, so no session from
+before can be resumed on it, and ``swap`` says whether what decides trust changed. It also
+records the server name each connection asked for (``requested_server_name``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .certs import ClientCert, read_certificates, read_private_key, to_pem
-from .config import TLSConfig
+from .config import ServerConfig, TLSConfig
 from .errors import CertificateError
+from .hosts import ServerChoice, ServerNames
 from .log import get_logger
 from .tls_groups import GROUPS, restrict_groups
 
@@ -63,6 +69,38 @@ class Fingerprint(NamedTuple):
 def server_context(config: TLSConfig) -> tuple[ssl.SSLContext, Fingerprint]:
     """A new server context for ``config``, and what it is made of; raises ``CertificateError``
     naming the file at fault."""
+    return _context(config, config.certificate, config.key, config.client_certificate)
+
+
+def listener_contexts(
+    config: TLSConfig, servers: Sequence[ServerConfig] | None
+) -> tuple[ssl.SSLContext | ServerContexts, Fingerprint]:
+    """The listener's context (the short form, or one server), or one per server, chosen by
+    SNI; and what they are made of. Raises ``CertificateError`` naming the file at fault."""
+    if servers is None:
+        return server_context(config)
+    built = [
+        _context(config, s.certificate, s.key, s.client_certificate or config.client_certificate)
+        for s in servers
+    ]
+    if len(built) == 1:
+        return built[0]
+    server, trust = hashlib.sha256(), hashlib.sha256()
+    for entry, (_, fingerprint) in zip(servers, built, strict=True):
+        names = " ".join(entry.names).encode()
+        server.update(names + b"\0" + fingerprint.server)
+        # Which names reach which server's mode is part of trust: a name moved to another
+        # server must not keep connections that server would have refused.
+        trust.update(names + b"\0" + fingerprint.trust)
+    contexts = ServerContexts(
+        [context for context, _ in built], [ServerNames(s.names) for s in servers]
+    )
+    return contexts, Fingerprint(server.digest(), trust.digest())
+
+
+def _context(
+    config: TLSConfig, certificate: Path, key: Path, mode: str
+) -> tuple[ssl.SSLContext, Fingerprint]:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if config.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
@@ -71,26 +109,32 @@ def server_context(config: TLSConfig) -> tuple[ssl.SSLContext, Fingerprint]:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
     _restrict_groups(ctx)
-    chain = _load_chain(ctx, config.certificate, config.key)
-    trust = hashlib.sha256(f"{config.client_certificate} {config.min_version}".encode())
+    chain = _load_chain(ctx, certificate, key)
+    trust = hashlib.sha256(f"{mode} {config.min_version}".encode())
     anchors = []
     for kind, paths in (("ca", config.client_ca), ("pinned", config.pinned_certificates)):
         for path in paths:
             for cert in read_certificates(path):
                 anchors.append(cert)
                 trust.update(kind.encode() + cert.public_bytes(serialization.Encoding.DER))
-    if not anchors:
-        raise CertificateError("no client trust anchors (tls.client_ca, tls.pinned_certificates)")
-    try:
-        ctx.load_verify_locations(cadata=to_pem(anchors))
-    except ssl.SSLError as exc:
-        raise CertificateError(f"trust anchors rejected by OpenSSL: {exc.reason or exc}") from None
-    if config.pinned_certificates:
-        # PKI-less mode: a pinned certificate is a trust anchor of its own, no chain needed.
-        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.verify_mode = (
-        ssl.CERT_REQUIRED if config.client_certificate == "required" else ssl.CERT_OPTIONAL
-    )
+    if mode == "none":
+        # A public site: the handshake asks for no certificate, so a browser shows no prompt.
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        if not anchors:
+            raise CertificateError(
+                "no client trust anchors (tls.client_ca, tls.pinned_certificates)"
+            )
+        try:
+            ctx.load_verify_locations(cadata=to_pem(anchors))
+        except ssl.SSLError as exc:
+            raise CertificateError(
+                f"trust anchors rejected by OpenSSL: {exc.reason or exc}"
+            ) from None
+        if config.pinned_certificates:
+            # PKI-less mode: a pinned certificate is a trust anchor of its own, no chain needed.
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        ctx.verify_mode = ssl.CERT_REQUIRED if mode == "required" else ssl.CERT_OPTIONAL
     server = hashlib.sha256(b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain))
     return ctx, Fingerprint(server.digest(), trust.digest())
 
@@ -163,34 +207,81 @@ def requested_server_name(ssl_obj: object | None) -> str | None:
         return None
 
 
+def _record(ssl_obj: ssl.SSLObject, server_name: str | None) -> None:
+    # Not weakly referenceable: not recorded, and the request is judged on its Host alone.
+    with contextlib.suppress(TypeError):
+        _SERVER_NAMES[ssl_obj] = server_name
+
+
+class ServerContexts:
+    """One context per server (``servers[]``), chosen by the server name a client asks for:
+    its exact name, else a ``*.`` wildcard covering it, else the first server."""
+
+    def __init__(self, contexts: Sequence[ssl.SSLContext], names: Sequence[ServerNames]) -> None:
+        self.contexts = tuple(contexts)
+        self._choice = ServerChoice(names)
+        for context in self.contexts:
+            context.sni_callback = self._check
+
+    @property
+    def default(self) -> ssl.SSLContext:
+        return self.contexts[0]
+
+    def for_name(self, server_name: str | None) -> ssl.SSLContext:
+        return self.contexts[self._choice.index(server_name)]
+
+    def _check(
+        self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+    ) -> int | None:
+        """Fails closed: the handshake goes on only when the server name OpenSSL read chooses
+        the context the connection was made with (``sni`` read the same ClientHello)."""
+        _record(ssl_obj, server_name)
+        if ssl_obj.context is not self.for_name(server_name):
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        return None
+
+
 class TLSState:
-    """The context new connections are accepted with, and what it is made of.
+    """The context new connections are accepted with (one per server with ``servers[]``),
+    and what it is made of.
 
     A connection keeps the context it was accepted with: its certificate, trust store,
-    verification mode, session cache and ticket keys. OpenSSL calls the servername callback,
-    ``_select``, for every handshake (with or without SNI) with the connection's ``SSLObject``;
-    it records the name the client asked for (``requested_server_name``).
+    verification mode, session cache and ticket keys. OpenSSL calls the servername callback
+    for every handshake (with or without SNI) with the connection's ``SSLObject``; it records
+    the name the client asked for (``requested_server_name``).
     """
 
-    def __init__(self, context: ssl.SSLContext, fingerprint: Fingerprint) -> None:
-        context.sni_callback = self._select
-        self.current = context
+    def __init__(self, context: ssl.SSLContext | ServerContexts, fingerprint: Fingerprint) -> None:
+        self.current: ssl.SSLContext
+        #: one context per server, or None when there is one context (``current``)
+        self.servers: ServerContexts | None = None
+        self._install(context)
         self.fingerprint = fingerprint
 
-    def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        # Not weakly referenceable: not recorded, and the request is judged on its Host alone.
-        with contextlib.suppress(TypeError):
-            _SERVER_NAMES[ssl_obj] = server_name
+    def _install(self, context: ssl.SSLContext | ServerContexts) -> None:
+        if isinstance(context, ServerContexts):
+            self.current, self.servers = context.default, context
+        else:
+            context.sni_callback = self._select
+            self.current, self.servers = context, None
 
-    def swap(self, context: ssl.SSLContext, fingerprint: Fingerprint) -> bool:
+    def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        _record(ssl_obj, server_name)
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext:
+        """The context for a connection whose ClientHello asked for ``server_name``."""
+        servers = self.servers
+        return self.current if servers is None else servers.for_name(server_name)
+
+    def swap(self, context: ssl.SSLContext | ServerContexts, fingerprint: Fingerprint) -> bool:
         """New connections use ``context``, unless it is made of what the current one is made
         of (then sessions keep being resumed). True when what decides trust changed: then
         connections made before must not be trusted with another request."""
         if fingerprint == self.fingerprint:
             return False
-        context.sni_callback = self._select
         trust_changed = fingerprint.trust != self.fingerprint.trust
-        self.current, self.fingerprint = context, fingerprint
+        self._install(context)
+        self.fingerprint = fingerprint
         return trust_changed
 
 
@@ -217,6 +308,13 @@ class PeerCertificates:
         if len(self._parsed) > self._max:
             self._parsed.popitem(last=False)
         return parsed
+
+    def by_sha256(self, sha256: str) -> ClientCert | None:
+        """A client certificate seen recently, by its fingerprint (for ``explain``)."""
+        for cert in list(self._parsed.values()):
+            if cert.sha256 == sha256:
+                return cert
+        return None
 
     def expiring_within(self, seconds: float, now: float | None = None) -> int:
         """How many recently seen client certificates expire within ``seconds`` (for a gauge)."""

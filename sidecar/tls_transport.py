@@ -10,7 +10,9 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
   their handshake). The connection is
   wrapped with the context current at accept (``TLSState.current``) and keeps it for its whole
   life, session cache and ticket keys included: a session made under an older context cannot
-  be resumed on a newer one.
+  be resumed on a newer one. With several servers, the first bytes are held until the
+  ClientHello says which server it asks for (``sni``), and the connection is wrapped with
+  that server's context.
 - **Handshake**, within ``limits.handshake_timeout``, and its first message, the ClientHello,
   within the shorter ``limits.client_hello_timeout``: a connection that sends nothing costs
   a slot for seconds, not a minute (a client that means it sends its ClientHello at once).
@@ -43,6 +45,7 @@ from typing import Any, Protocol, cast
 from .config import LimitsConfig
 from .log import get_logger
 from .metrics import Metrics
+from .sni import ClientHelloReader
 from .tls import TLSState
 
 log = get_logger("sidecar.tls")
@@ -96,6 +99,7 @@ class TLSProtocol(asyncio.Protocol):
         "_close_by",
         "_error",
         "_handshake_due",
+        "_hello",
         "_incoming",
         "_listener",
         "_loop",
@@ -128,6 +132,8 @@ class TLSProtocol(asyncio.Protocol):
         self._writing_paused = False  # the TCP transport said so
         self._app_writing_paused = False  # the application was told so
         self._error: Exception | None = None  # why the connection failed, for the application
+        #: with several servers, the first bytes until they hold the ClientHello
+        self._hello: ClientHelloReader | None = None
 
     @property
     def handshaking(self) -> bool:
@@ -145,9 +151,11 @@ class TLSProtocol(asyncio.Protocol):
             tcp.abort()
             return
         self._admitted = True
-        self._sslobj = listener.tls.current.wrap_bio(
-            self._incoming, self._outgoing, server_side=True
-        )
+        tls = listener.tls
+        if tls.servers is None:  # policy: one server: its context now; else see _choose
+            self._sslobj = tls.current.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        else:
+            self._hello = ClientHelloReader()
         limits = listener.limits
         loop = self._loop
         self._handshake_due = loop.time() + limits.handshake_timeout
@@ -170,7 +178,10 @@ class TLSProtocol(asyncio.Protocol):
             if not self._reading_paused:
                 self._read()
         elif state == _HANDSHAKE:
-            self._incoming.write(data)
+            if self._sslobj is not None:
+                self._incoming.write(data)
+            elif not self._choose(data):  # policy: several servers
+                return
             self._handshake()
         # closing: what the peer still sends is dropped (see the module's docstring)
 
@@ -229,6 +240,21 @@ class TLSProtocol(asyncio.Protocol):
             self._linger()
             return
         self._established(sslobj)
+
+    def _choose(self, data: bytes) -> bool:
+        """With several servers: hold the first bytes until they hold the ClientHello, then
+        make the connection with the context of the server it names (``sni``; the first
+        server without SNI). False while more bytes are needed."""
+        hello = self._hello
+        assert hello is not None
+        done, name = hello.feed(data)
+        if not done:
+            return False
+        self._hello = None
+        context = self._listener.tls.context_for(name)
+        self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._incoming.write(hello.data)
+        return True
 
     def _established(self, sslobj: ssl.SSLObject) -> None:
         self._cancel_timer()

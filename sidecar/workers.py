@@ -35,7 +35,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import log
-from .admin import ADMIN_HEADER, guard
+from .admin import ADMIN_HEADER, explain_refusal, guard
 from .config import Config
 
 _MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon")
@@ -295,25 +295,47 @@ class Supervisor:
             path = "/cache/purge" + (f"?{request.query_string}" if request.query_string else "")
             answers = await asyncio.gather(*(self._ask(w, "POST", path) for w in self.workers))
             purged = 0
+            told: list[bool] = []  # with a shared cache: did each worker tell the fleet?
             for answer in answers:
                 if answer is None:
                     continue
-                if answer[0] != 200:
+                if answer[0] not in (200, 207):
                     return web.Response(
                         status=answer[0], text=answer[1], content_type="application/json"
                     )
-                purged += int(json.loads(answer[1]).get("purged", 0))
+                doc = json.loads(answer[1])
+                purged += int(doc.get("purged", 0))
+                if "fleet" in doc:
+                    told.append(bool(doc["fleet"]))
             reached = sum(1 for a in answers if a is not None)
-            return web.json_response(
-                {"purged": purged, "workers": reached},
-                status=200 if reached == len(self.workers) else 207,
-            )
+            body: dict[str, object] = {"purged": purged, "workers": reached}
+            if told:
+                body["fleet"] = any(told)  # one worker's message reaches every replica
+            complete = reached == len(self.workers) and (not told or any(told))
+            return web.json_response(body, status=200 if complete else 207)
+
+        async def explain(request: web.Request) -> web.Response:
+            refused = explain_refusal(request, self.config.admin.explain_from)
+            if refused is not None:
+                return refused
+            path = "/explain" + (f"?{request.query_string}" if request.query_string else "")
+            answers = [
+                a
+                for a in await asyncio.gather(*(self._ask(w, "GET", path) for w in self.workers))
+                if a is not None
+            ]
+            if not answers:
+                return web.json_response({"error": "no worker answered"}, status=503)
+            # The worker that saw the certificate knows it (each remembers its own clients).
+            status, text = next((a for a in answers if a[0] == 200), answers[0])
+            return web.Response(status=status, text=text, content_type="application/json")
 
         app = web.Application(middlewares=[guard(self.config.admin)])
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
         app.router.add_post("/cache/purge", purge)
+        app.router.add_get("/explain", explain)
         return app
 
     async def merged_metrics(self) -> str:

@@ -44,6 +44,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "tls",
         "log",
         "metrics",
+        # route policy (#16): the sites by SNI and their routes, what a route asks of a
+        # client, the ClientHello reader, and the decision explained for people
+        "servers",
+        "rules",
+        "sni",
+        "explain",
     ),
     # the ground everything stands on
     (
@@ -65,6 +71,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "xfcc",
         "proxyproto",
         "sessions",
+        # where the shared verdict cache lives (config reads it)
+        "redis_url",
+        # SPIFFE IDs and email addresses, as the configuration and the matchers read them
+        "identifiers",
     ),
 )
 

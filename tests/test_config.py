@@ -216,7 +216,7 @@ def test_example_config_loads(tmp_path: Path, config_dir: ConfigDir) -> None:
     cfg = load(tmp_path / "sidecar.yaml", env={})
     assert cfg.listen.port == 8443
     assert cfg.identity.static.users[0].username == "alice"
-    assert [r.path for r in cfg.routes] == ["/public/", "/admin/", "/"]
+    assert [r.path for r in cfg.routes] == ["/healthz", "/public/", "/admin/", "/api/orders/", "/"]
     assert cfg.limits.header_timeout == 60.0
 
 

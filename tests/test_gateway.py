@@ -42,6 +42,7 @@ from sidecar.request import (
     Step,
     move,
 )
+from sidecar.servers import Server, Servers
 
 from .pki import Issued, make_ca, make_leaf
 
@@ -118,11 +119,19 @@ def gateway(identity: FakeIdentity, *, trusted: bool = False) -> Gateway:
     import ipaddress
 
     plan = Plan(
-        routes=RouteTable(
+        policy=Servers(
             [
-                Route("/public/", public=True),
-                Route("/admin/", roles=frozenset({"administrator"})),
-                Route("/"),
+                Server(
+                    ServerNames(["localhost"]),
+                    RouteTable(
+                        [
+                            Route("/public/", public=True),
+                            Route("/admin/", roles=frozenset({"administrator"})),
+                            Route("/"),
+                        ]
+                    ),
+                    client_certificate="required",
+                )
             ]
         ),
         identity=identity,
@@ -133,7 +142,6 @@ def gateway(identity: FakeIdentity, *, trusted: bool = False) -> Gateway:
             (ipaddress.ip_network("10.0.0.0/8"),) if trusted else (),
         ),
         max_header_block=32 * 1024,
-        server_names=ServerNames(["localhost"]),
     )
     return Gateway(plan, metrics=Metrics(), logger=structlog.get_logger("test"), clock=time.time)
 

@@ -33,6 +33,7 @@ from sidecar.listener_state import ListenerState
 from sidecar.metrics import Metrics
 from sidecar.plan import Plan
 from sidecar.policy import Route, RouteTable
+from sidecar.servers import Server, Servers
 from sidecar.tls import PeerCertificates
 
 LIMITS = LimitsConfig(header_timeout=10, keepalive_timeout=30, send_timeout=20)
@@ -317,12 +318,19 @@ async def harness() -> Iterator[Harness]:  # type: ignore[misc]
     forwarder = Forwarder(UpstreamConfig(url="http://upstream.test"), dial=upstream.dial)
     await forwarder.start()
     plan = Plan(
-        routes=RouteTable([Route("/public/", public=True), Route("/")]),
+        policy=Servers(
+            [
+                Server(
+                    ServerNames(["localhost"]),
+                    RouteTable([Route("/public/", public=True), Route("/")]),
+                    client_certificate="required",
+                )
+            ]
+        ),
         identity=NoIdentity(),
         upstream=forwarder,
         rules=HeaderRules("X-APP-CERTIFICATE", "X-USERINFO"),
         max_header_block=LIMITS.max_header_block,
-        server_names=ServerNames(["localhost"]),
     )
     gateway = Gateway(
         plan, metrics=Metrics(), logger=structlog.get_logger("test"), access_log=False

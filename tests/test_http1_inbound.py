@@ -34,6 +34,7 @@ from sidecar.listener_state import ListenerState
 from sidecar.metrics import Metrics
 from sidecar.plan import Plan
 from sidecar.policy import Route, RouteTable
+from sidecar.servers import Server, Servers
 from sidecar.tls import PeerCertificates
 
 from .test_http1_client import Clock, NoIdentity, Transport, settle
@@ -194,12 +195,19 @@ async def harness() -> Iterator[Harness]:  # type: ignore[misc]
     forwarder = Forwarder(UpstreamConfig(url="http://upstream.test"), dial=upstream.dial)
     await forwarder.start()
     plan = Plan(
-        routes=RouteTable([Route("/public/", public=True), Route("/")]),
+        policy=Servers(
+            [
+                Server(
+                    ServerNames(["localhost"]),
+                    RouteTable([Route("/public/", public=True), Route("/")]),
+                    client_certificate="optional",
+                )
+            ]
+        ),
         identity=NoIdentity(),
         upstream=forwarder,
         rules=HeaderRules("X-APP-CERTIFICATE", "X-USERINFO"),
         max_header_block=LIMITS.max_header_block,
-        server_names=ServerNames(["localhost"]),
     )
     gateway = Gateway(
         plan, metrics=Metrics(), logger=structlog.get_logger("test"), access_log=False

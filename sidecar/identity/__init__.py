@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal, Protocol
 
 from ..certs import ClientCert
@@ -57,6 +58,18 @@ def _userinfo_b64(user: User) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Trust:
+    """What Identity Plus says of the device behind a certificate, for route policy only
+    (``routes[].identityplus``): never part of ``X-USERINFO``. None where the profile did not
+    say, or said something that is not a number of the right kind."""
+
+    #: ``trust-score``: a decimal from 0 to 5
+    score: Decimal | None = None
+    #: ``local-intrusions``: intrusions reported on this service
+    local_intrusions: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """A backend's answer for one certificate.
 
@@ -74,10 +87,14 @@ class Verdict:
     redirect: str | None = None
     #: served from cache past its ttl because the backend failed (stale-if-error)
     stale: bool = False
+    #: the identity service's view of the device (Identity Plus), for route policy
+    trust: Trust | None = None
 
     @classmethod
-    def allow(cls, user: User, code: str = "allow", ttl: float | None = None) -> Verdict:
-        return cls("allow", "identified", code, user=user, ttl=ttl)
+    def allow(
+        cls, user: User, code: str = "allow", ttl: float | None = None, trust: Trust | None = None
+    ) -> Verdict:
+        return cls("allow", "identified", code, user=user, ttl=ttl, trust=trust)
 
     @classmethod
     def deny(cls, reason: str, code: str = "deny", ttl: float | None = None) -> Verdict:

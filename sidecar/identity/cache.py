@@ -4,7 +4,8 @@ Entries are keyed by the certificate's SHA-256 fingerprint (never a serial's tex
 arrives in several spellings), bounded by LRU, and expire on a clock passed in, so the
 bookkeeping is testable without sleeping. Concurrent lookups for one certificate share one
 backend call (single-flight); lookups for different certificates never wait for each other.
-Sign-on URLs are remembered too, for a while (``intents``).
+With ``identity.cache.shared``, a miss here asks the shared level (``shared``) before the
+backend; a hit here never does. Sign-on URLs are remembered too, for a while (``intents``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import dataclasses
 import functools
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..certs import ClientCert, normalize_fingerprint
 from ..config import CacheConfig
@@ -30,6 +32,28 @@ class _Entry:
     #: clock time after which the verdict is no longer fresh
     expires: float
     serial: int
+
+
+class SharedLevel(Protocol):
+    """The cache shared by every replica (``shared.store.SharedCache``), as this one uses it."""
+
+    def attach(self, local: VerdictCache) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def fetch(
+        self,
+        sha256: str,
+        ask: Callable[[], Awaitable[Verdict]],
+        ttl_for: Callable[[Verdict], float],
+        still_wanted: Callable[[], bool],
+    ) -> tuple[Verdict, float | None]: ...
+
+    async def publish_purge(
+        self, *, sha256: str | None = None, serial: int | None = None
+    ) -> bool: ...
+
+    async def close(self) -> None: ...
 
 
 class CacheStats:
@@ -79,6 +103,9 @@ class VerdictCache:
     - The shared backend call is shielded: a waiter that is cancelled (its client went away)
       does not cancel the call for the others, and its answer is still stored.
     - A backend call that started before a ``purge``/``forget`` does not store its answer.
+    - With a ``shared`` level, a miss asks it first: a verdict found there is kept for what
+      remains of its ttl there (never longer), and the backend is asked by one replica of the
+      fleet at a time (``SharedCache.fetch``). Purges from other replicas arrive through it.
     """
 
     def __init__(
@@ -87,8 +114,10 @@ class VerdictCache:
         config: CacheConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedLevel | None = None,
     ) -> None:
         self.backend = backend
+        self.shared = shared
         self._ttl = config.ttl
         self._negative_ttl = config.negative_ttl
         self._stale_if_error = config.stale_if_error
@@ -103,6 +132,13 @@ class VerdictCache:
         self.stats = CacheStats(self._entries.__len__)
         #: the backend's sign-on calls, coalesced and rate limited
         self.intents = IntentGate(self._backend_sign_on)
+        if shared is not None:
+            shared.attach(self)
+
+    async def start(self) -> None:
+        """Connect the shared level, if any (the sidecar starts with or without it)."""
+        if self.shared is not None:
+            await self.shared.start()
 
     @property
     def name(self) -> str:
@@ -150,8 +186,26 @@ class VerdictCache:
 
     async def _fetch(self, cert: ClientCert, context: LookupContext) -> Verdict:
         generation = self._generation
+        shared = self.shared
+        remaining: float | None = None
+        if shared is None:
+            verdict = await self._ask(cert, context)
+        else:
+            verdict, remaining = await shared.fetch(
+                cert.sha256,
+                functools.partial(self._ask, cert, context),
+                self.ttl_for,
+                functools.partial(self._unchanged_since, generation),
+            )
+        if generation == self._generation and not verdict.stale:
+            self._store(cert, verdict, remaining)
+        return verdict
+
+    async def _ask(self, cert: ClientCert, context: LookupContext) -> Verdict:
+        """The backend's verdict; or, when it fails, a stale one if ``stale_if_error`` allows
+        (``stale=True``: never stored again); otherwise its error."""
         try:
-            verdict = await self.backend.lookup(cert, context)
+            return await self.backend.lookup(cert, context)
         except IdentityUnavailable:
             self.stats.failures += 1
             stale = self._stale(cert.sha256)
@@ -162,9 +216,17 @@ class VerdictCache:
         except Exception:
             self.stats.failures += 1
             raise
-        if generation == self._generation:
-            self._store(cert, verdict)
-        return verdict
+
+    def _unchanged_since(self, generation: int) -> bool:
+        return generation == self._generation
+
+    def ttl_for(self, verdict: Verdict) -> float:
+        """How long ``verdict`` may be kept: the configured ttl for its kind, shortened (never
+        lengthened) by the backend's own ``ttl``."""
+        ttl = self._ttl if verdict.kind == "allow" else self._negative_ttl
+        if verdict.ttl is not None:
+            ttl = max(0.0, min(ttl, verdict.ttl))
+        return ttl
 
     def _fetch_done(self, key: str, task: asyncio.Task[Verdict]) -> None:
         if self._inflight.get(key) is task:
@@ -182,14 +244,14 @@ class VerdictCache:
             return None
         return dataclasses.replace(entry.verdict, stale=True)
 
-    def _store(self, cert: ClientCert, verdict: Verdict) -> None:
+    def _store(self, cert: ClientCert, verdict: Verdict, remaining: float | None = None) -> None:
         key = cert.sha256
         if verdict.kind == "validate":
             self._remove(key)
             return
-        ttl = self._ttl if verdict.kind == "allow" else self._negative_ttl
-        if verdict.ttl is not None:
-            ttl = max(0.0, min(ttl, verdict.ttl))
+        ttl = self.ttl_for(verdict)
+        if remaining is not None:
+            ttl = min(ttl, remaining)
         keep_for_stale = verdict.kind == "allow" and self._stale_if_error > 0
         if ttl <= 0 and not keep_for_stale:
             self._remove(key)
@@ -243,6 +305,18 @@ class VerdictCache:
             return 0
         return int(self._remove(key))
 
+    async def purge_everywhere(
+        self, *, sha256: str | None = None, serial: int | None = None
+    ) -> tuple[int, bool | None]:
+        """``purge`` here, then tell the other replicas through the shared level. Returns the
+        entries removed here, and whether the shared level took the purge (None without one)."""
+        removed = self.purge(sha256=sha256, serial=serial)
+        shared = self.shared
+        if shared is None:
+            return removed, None
+        key = normalize_fingerprint(sha256) if sha256 is not None else None
+        return removed, await shared.publish_purge(sha256=key, serial=serial)
+
     async def sign_on(
         self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
     ) -> SignOn:
@@ -256,10 +330,12 @@ class VerdictCache:
         return await self.backend.sign_on(purpose, return_url)
 
     async def close(self) -> None:
-        """Cancel backend calls still in flight, then close the backend."""
+        """Cancel backend calls still in flight, then close the backend and the shared level."""
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.backend.close()
+        if self.shared is not None:
+            await self.shared.close()

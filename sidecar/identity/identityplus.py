@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,7 +32,7 @@ from ..certs import ClientCert, file_signature, sha256_fingerprint
 from ..config import IdentityPlusConfig
 from ..errors import CertificateError, IdentityUnavailable
 from ..tls import load_chain, load_chain_files
-from . import LookupContext, SignOnPurpose, User, Verdict
+from . import LookupContext, SignOnPurpose, Trust, User, Verdict
 from .http import client_ssl_context, exchange_json, new_session
 from .issuers import Issuers
 
@@ -92,6 +94,7 @@ class IdentityPlusBackend:
     ) -> None:
         self._config = config
         self.can_enrol = config.enrol_missing
+        self._roles = RoleTranslation(config.roles, remove_org_prefix=config.remove_org_prefix)
         self._issuers = Issuers(config.issuer_certificates()) if config.issuers else None
         #: set while Identity Plus refuses our own API certificate (ER 1100..ER 1106); the
         #: next well-formed non-ER answer clears it
@@ -132,7 +135,7 @@ class IdentityPlusBackend:
             inquiry["ip-address"] = context.client_ip
         reply = await self._call("GET", {"Identity-Inquiry": inquiry})
         envelope, code = self._outcome(reply)
-        return _classify(envelope, code, cert)
+        return _classify(envelope, code, cert, self._roles)
 
     async def sign_on(self, purpose: SignOnPurpose, return_url: str) -> str:
         """Register an intent and return the sign-on URL (``<signon_url>/<reference>``).
@@ -328,10 +331,15 @@ class _Channel:
     retired: bool = False
 
 
-def _classify(envelope: Mapping[str, Any], code: str, cert: ClientCert) -> Verdict:
+def _classify(
+    envelope: Mapping[str, Any],
+    code: str,
+    cert: ClientCert,
+    roles: RoleTranslation | None = None,
+) -> Verdict:
     """The outcome table (ER outcomes never get here: they raise)."""
     if code in ("OK 0001", "OK 0002"):
-        return Verdict.allow(_user(envelope, cert), code=code)
+        return Verdict.allow(_user(envelope, cert, roles), code=code, trust=_trust(envelope))
     if code in NO_CERTIFICATE_CODES:
         return Verdict("unknown", "the identity service does not know this certificate", code)
     if code in _VALIDATE_REASONS:
@@ -346,8 +354,11 @@ def _classify(envelope: Mapping[str, Any], code: str, cert: ClientCert) -> Verdi
     )
 
 
-def _user(profile: Mapping[str, Any], cert: ClientCert) -> User:
-    """Identity-Profile fields → ``User``, with the certificate's serial and CN as fallbacks."""
+def _user(
+    profile: Mapping[str, Any], cert: ClientCert, translation: RoleTranslation | None = None
+) -> User:
+    """Identity-Profile fields → ``User``, with the certificate's serial and CN as fallbacks;
+    the roles translated to local names (``identity.identityplus.roles``)."""
     reference = _text(profile.get("organizational-reference"))
     local_name = _text(profile.get("local-user-name"))
     serial = str(cert.serial)
@@ -359,14 +370,87 @@ def _user(profile: Mapping[str, Any], cert: ClientCert) -> User:
     roles = profile.get("service-roles")
     if isinstance(roles, str):
         roles = [roles]
+    names = tuple(r for r in (_text(x) for x in roles) if r) if isinstance(roles, list) else ()
     return User(
         sub=reference or local_name or serial,
         username=local_name or reference or cert.common_name or serial,
         given_name=given,
         family_name=family,
         email=_text(profile.get("organizational-email")),
-        roles=tuple(r for r in (_text(x) for x in roles) if r) if isinstance(roles, list) else (),
+        roles=translation.translate(names) if translation is not None else names,
     )
+
+
+class RoleTranslation:
+    """``identity.identityplus.roles`` and ``remove_org_prefix``, as the Identity Plus
+    gateway's role translator: a role named in the table (in any case) becomes its local
+    name(s); with ``remove_org_prefix``, an organisation role (``org. administrator``) that
+    the table does not name is read without its prefix and then translated; any other role
+    is kept as it is. The result has no duplicates, in the profile's order."""
+
+    def __init__(self, table: Mapping[str, tuple[str, ...]], *, remove_org_prefix: bool) -> None:
+        self._table = {canonical.lower(): local for canonical, local in table.items()}
+        self._remove_org_prefix = remove_org_prefix
+
+    def translate(self, roles: tuple[str, ...]) -> tuple[str, ...]:
+        if not self._table and not self._remove_org_prefix:
+            return roles
+        out: list[str] = []
+        for role in roles:
+            local = self._table.get(role.lower())
+            if local is None and self._remove_org_prefix:
+                match = _ORG_PREFIX.match(role)
+                if match is not None and match.end() < len(role):
+                    role = role[match.end() :]
+                    local = self._table.get(role.lower())
+            out.extend(local if local is not None else (role,))
+        return tuple(dict.fromkeys(out))
+
+
+_ORG_PREFIX = re.compile(r"org\.\s*", re.IGNORECASE)
+#: the trust-score scale (spec/identityplus.md: a decimal up to 5)
+_MAX_SCORE = Decimal(5)
+
+
+def _trust(profile: Mapping[str, Any]) -> Trust:
+    """``trust-score`` and ``local-intrusions`` for route policy. A score is a decimal from 0
+    to 5 (not an integer, as the Go gateway reads it): a JSON number or a numeric string,
+    read as written (3.7 stays 3.7, no binary fraction). Anything else (true, NaN, out of
+    range, not a number) is unknown, and a route that asks for a score refuses it."""
+    return Trust(score=_score(profile.get("trust-score")), local_intrusions=_count(profile))
+
+
+def _score(value: object) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        text = repr(value)
+    elif isinstance(value, int | str):
+        text = str(value).strip()
+    else:
+        return None
+    try:
+        score = Decimal(text)
+    except InvalidOperation:
+        return None
+    if not score.is_finite() or score < 0 or score > _MAX_SCORE:
+        return None
+    return score
+
+
+def _count(profile: Mapping[str, Any]) -> int | None:
+    value = profile.get("local-intrusions")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value.strip())
+    return None
 
 
 def _text(value: object) -> str | None:

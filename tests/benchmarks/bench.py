@@ -57,6 +57,10 @@ class Scenario:
     #: S3: report RSS growth per in-flight request, and probe it with 4 MiB bodies at this path
     streaming: bool = False
     probe_path: str | None = None
+    #: route policy (issue #16): two sidecars, with this many routes each with matchers
+    #: (few, many), the first in place of "sidecar"; checked: req/s few / many <= max_cost_ratio
+    routes: tuple[int, int] | None = None
+    max_cost_ratio: float | None = None
 
 
 SCENARIOS = [
@@ -79,6 +83,13 @@ SCENARIOS = [
         "S1-c32 with per-request logging (sidecar log.level info, nginx access_log)",
         connections=32,
         logging=True,
+    ),
+    Scenario(
+        "S1-routes",
+        "S1-c32 with 50 routes each with matchers (last column) against 3 such routes (sidecar)",
+        connections=32,
+        routes=(3, 50),
+        max_cost_ratio=1.1,
     ),
     Scenario(
         "S2-new",
@@ -171,6 +182,17 @@ class Bench:
             "admin_probe",
             "sidecar_b",
             "admin_b",
+            "redis",
+            "sidecar_fleet_a",
+            "admin_fleet_a",
+            "sidecar_fleet_b",
+            "admin_fleet_b",
+            "sidecar_shared",
+            "admin_shared",
+            "sidecar_few_routes",
+            "admin_few_routes",
+            "sidecar_many_routes",
+            "admin_many_routes",
         ):
             p[name] = stack.free_port()
         up = stack.start_nginx(
@@ -204,6 +226,9 @@ class Bench:
         http_backend: str | None = None,
         src: Path | None = None,
         env: dict[str, str] | None = None,
+        shared_url: str | None = None,
+        workers: int | None = None,
+        routes: list[dict[str, Any]] | None = None,
     ) -> Proc:
         conf = stack.sidecar_conf(
             self.folder,
@@ -212,9 +237,11 @@ class Bench:
             port=self.ports[port_key],
             admin_port=self.ports[admin_key],
             upstream_port=self.ports["upstream"],
-            workers=self.args.workers,
+            workers=self.args.workers if workers is None else workers,
             log_level=log_level,
             http_backend=http_backend,
+            shared_url=shared_url,
+            routes=routes,
         )
         proc = stack.start_sidecar(
             name, conf, self.folder, self.placement.proxy, src=src or self.src, env=env
@@ -406,6 +433,33 @@ class Bench:
 
     # ---- S3: does the sidecar's memory grow with the body size? ------------------------
 
+    def route_scenario(self, scenario: Scenario, reference: Target) -> dict[str, Any]:
+        """S1-routes: the same load on two sidecars whose configurations differ only in how
+        many routes (each with certificate matchers, an address rule, methods) they have."""
+        assert scenario.routes is not None
+        targets = [reference]
+        started = []
+        try:
+            for count, kind in zip(scenario.routes, ("few", "many"), strict=True):
+                name = f"sidecar-{count}-routes"
+                proc = self.start_sidecar(
+                    name,
+                    f"sidecar_{kind}_routes",
+                    f"admin_{kind}_routes",
+                    routes=stack.matcher_routes(count, self.pki.client_der, self.pki.issuer.cert),
+                )
+                started.append(proc)
+                port = self.ports[f"sidecar_{kind}_routes"]
+                context = stack.client_context(self.pki, self.pki.client_cert, self.pki.client_key)
+                status = stack.https_get(port, "/", context)[0]
+                if status != 200:  # measuring refusals would say nothing
+                    raise RuntimeError(f"{name}: GET / with the load's certificate got {status}")
+                targets.append(Target(name, port, proc))
+            return self.scenario(scenario, targets)
+        finally:
+            for proc in started:
+                self.stop(proc)
+
     def body_probe(self, scenario: Scenario) -> dict[str, Any]:
         """RSS growth per in-flight request of a fresh sidecar, with 1 MiB and 4 MiB bodies.
 
@@ -471,24 +525,7 @@ class Bench:
         hot = self.folder / "hot.pem"
         hot.write_bytes(self.pki.client_cert.read_bytes() + self.pki.client_key.read_bytes())
         py = sys.executable
-        verdicts = stack.start(
-            "verdicts",
-            [
-                py,
-                "-m",
-                "tests.benchmarks.s4",
-                "verdicts",
-                "--port",
-                str(self.ports["verdicts"]),
-                "--latency",
-                str(self.args.s4_latency),
-            ],
-            self.folder,
-            self.placement.rest,
-            env={"PYTHONPATH": str(ROOT)},
-        )
-        self.procs.append(verdicts)
-        stack.wait_port(verdicts, self.ports["verdicts"])
+        verdicts = self._start_verdicts()
         url = f"http://127.0.0.1:{self.ports['verdicts']}"
         result: dict[str, Any] = {
             "certificates": self.args.s4_certs,
@@ -570,6 +607,156 @@ class Bench:
         )
         result["status"] = "measured"
         return result
+
+    # ---- S4-fleet and S1 with the shared cache ----------------------------------------------
+
+    def redis(self) -> str:
+        """A Redis for the shared verdict cache (started once), as a URL."""
+        if not any(p.name == "redis" for p in self.procs):
+            proc = stack.start_redis(self.folder, self.ports["redis"], self.placement.rest)
+            self.procs.append(proc)
+            stack.wait_port(proc, self.ports["redis"])
+        return f"redis://127.0.0.1:{self.ports['redis']}"
+
+    def flush_redis(self) -> None:
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=self.ports["redis"]) as client:
+            client.flushall()
+
+    def s4_fleet(self) -> dict[str, Any]:
+        """S4 across a fleet: two replicas of two workers each (four sidecar processes) share
+        one Redis; every one of 1,000 new certificates reaches both replicas at the same
+        moment. The identity calls (target: exactly 1,000), the latency of those first
+        requests, and the same burst without the shared cache for comparison."""
+        count = self.args.s4_certs
+        self.say(
+            f"\n== S4-fleet: {count} new certificates at once on 2 replicas x 2 workers sharing "
+            f"one Redis, identity backend with {self.args.s4_latency * 1000:g} ms latency"
+        )
+        certs_dir = self.folder / "s4-certs"
+        if not certs_dir.exists() or len(list(certs_dir.glob("client-*.pem"))) < count:
+            if certs_dir.exists():
+                shutil.rmtree(certs_dir)
+            self.pki.many_clients(count, certs_dir)
+        hot = self.folder / "hot.pem"
+        hot.write_bytes(self.pki.client_cert.read_bytes() + self.pki.client_key.read_bytes())
+        verdicts = self._start_verdicts()
+        url = f"http://127.0.0.1:{self.ports['verdicts']}"
+        redis_url = self.redis()
+        result: dict[str, Any] = {
+            "certificates": count,
+            "replicas": 2,
+            "workers_per_replica": 2,
+            "backend_latency_ms": self.args.s4_latency * 1000,
+        }
+        runs = [("shared", "preconnected"), ("shared", "arrival"), ("local", "preconnected")]
+        try:
+            for cache, mode in runs:
+                _post(url + "/reset")
+                self.flush_redis()
+                fleet = [
+                    self.start_sidecar(
+                        f"sidecar-fleet-{r}",
+                        f"sidecar_fleet_{r}",
+                        f"admin_fleet_{r}",
+                        http_backend=url + "/verdict",
+                        shared_url=redis_url if cache == "shared" else None,
+                        workers=2,
+                    )
+                    for r in ("a", "b")
+                ]
+                try:
+                    pids = [pid for proc in fleet for pid in stack.tree(proc.pid)]
+                    loadgen.wait_quiet(self.args.quiet_wait)
+                    sampler = CpuSampler(pids)
+                    drive = subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "tests.benchmarks.s4",
+                            "drive",
+                            "--port",
+                            str(self.ports["sidecar_fleet_a"]),
+                            "--port",
+                            str(self.ports["sidecar_fleet_b"]),
+                            "--certs",
+                            str(certs_dir),
+                            "--hot",
+                            str(hot),
+                            "--count",
+                            str(count),
+                            "--duplicates",
+                            "0",
+                            "--mode",
+                            mode,
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                        check=False,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)},
+                        preexec_fn=_pin(self.placement.rest),
+                    )
+                    sampler.stop()
+                    if drive.returncode != 0:
+                        raise RuntimeError(f"s4 driver failed: {drive.stderr[-2000:]}")
+                    doc = json.loads(drive.stdout)
+                    doc["sidecar_cores_during_burst"] = sampler.cores(*doc["burst_window"])
+                finally:
+                    for proc in fleet:
+                        self.stop(proc)
+                doc["identity"] = self.s4_calls(url, certs_dir)
+                result[f"{cache}-{mode}"] = doc
+                self.say(f"   {cache:<6} " + _s4_line(mode, doc).strip())
+        finally:
+            self.stop(verdicts)
+        result["pass_exactly_one_call_each"] = all(
+            result[f"shared-{mode}"]["identity"]["one_call_each"]
+            for mode in ("preconnected", "arrival")
+        )
+        result["status"] = "measured"
+        return result
+
+    def _start_verdicts(self) -> Proc:
+        verdicts = stack.start(
+            "verdicts",
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.s4",
+                "verdicts",
+                "--port",
+                str(self.ports["verdicts"]),
+                "--latency",
+                str(self.args.s4_latency),
+            ],
+            self.folder,
+            self.placement.rest,
+            env={"PYTHONPATH": str(ROOT)},
+        )
+        self.procs.append(verdicts)
+        stack.wait_port(verdicts, self.ports["verdicts"])
+        return verdicts
+
+    def s1_shared(self, plain: Target) -> dict[str, Any]:
+        """S1-c32 on the sidecar with the shared cache on, against the same build with it off,
+        interleaved: a hit in the local cache must not touch Redis (target >= 0.95x)."""
+        shared = self.start_sidecar(
+            "sidecar-shared", "sidecar_shared", "admin_shared", shared_url=self.redis()
+        )
+        try:
+            scenario = Scenario(
+                "S1-c32-shared",
+                "S1-c32, identity.cache.shared on (a Redis) / off",
+                connections=32,
+                min_rps_ratio=0.95,
+            )
+            return self.scenario(
+                scenario, [plain, Target("sidecar-shared", self.ports["sidecar_shared"], shared)]
+            )
+        finally:
+            self.stop(shared)
 
     def s4_calls(self, url: str, certs_dir: Path) -> dict[str, Any]:
         import hashlib
@@ -786,6 +973,13 @@ def compare(
         checks["no errors"] = not (
             sc["errors"] or ref["errors"] or sc["failed_runs"] or ref["failed_runs"]
         )
+    if scenario.max_cost_ratio is not None and len(names) == 3:
+        # S1-routes: what the many routes cost per request, against the few
+        many = summary[names[2]]["rps"]
+        out["cost_ratio"] = round(sc["rps"] / many, 3) if many else None
+        checks["cost"] = (
+            out["cost_ratio"] is not None and out["cost_ratio"] <= scenario.max_cost_ratio
+        )
     if len(names) == 3:  # --versus: the other build against the one under test
         other = summary[names[2]]
         out["versus"] = {
@@ -810,6 +1004,10 @@ def _target_text(s: Scenario) -> str:
     if s.streaming:
         parts.append(
             "no whole-body buffering (RSS per in-flight request flat from 1 to 4 MiB bodies)"
+        )
+    if s.max_cost_ratio is not None and s.routes is not None:
+        parts.append(
+            f"req/s with {s.routes[0]} routes <= {s.max_cost_ratio:g}x req/s with {s.routes[1]}"
         )
     return ", ".join(parts) or "(reported only)"
 
@@ -1024,6 +1222,46 @@ def s4_text(s4: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def fleet_text(results: dict[str, Any]) -> str:
+    out = []
+    s1 = results.get("s1_shared")
+    if s1 is not None:
+        off, on = (s1["summary"][n] for n in list(s1["targets"])[:2])
+        c = compare(s1["summary"], Scenario(**s1["scenario"]), None, s1.get("runs"))
+        out.append(
+            f"S1-c32, shared cache on / off: {on['rps']:.0f} / {off['rps']:.0f} req/s, ratio "
+            f"**{_floor2(c['rps_ratio'])}**{_pairs(c.get('rps_ratio_pairs'), floor=True)} "
+            f"(target >= 0.95: {'met' if c['meets_target'] else 'NOT met'}); requests per "
+            f"CPU-second of the proxy {on['requests_per_proxy_cpu_second']:.0f} / "
+            f"{off['requests_per_proxy_cpu_second']:.0f} (ratio {c['cpu_efficiency_ratio']:.2f}); "
+            f"p99 {on['p99_ms']:.2f} / {off['p99_ms']:.2f} ms; other load up to "
+            f"{max(on['other_load_cores_max'], off['other_load_cores_max']):.2f} cores"
+        )
+    fleet = results.get("s4_fleet")
+    if fleet is not None and fleet.get("status") == "measured":
+        for key in ("shared-preconnected", "shared-arrival", "local-preconnected"):
+            d = fleet.get(key)
+            if d is None:
+                continue
+            i = d["identity"]
+            out.append(
+                f"S4-fleet {key} ({fleet['replicas']} replicas x {fleet['workers_per_replica']} "
+                f"workers, each of {d['certificates']} certificates to every replica): identity "
+                f"calls {i['calls_for_burst_certificates']} (per certificate: "
+                f"{i['certificates_by_call_count']}); statuses {d['burst_statuses']}; first "
+                f"requests p50/p99 {d['burst_latency'].get('p50_ms')}/"
+                f"{d['burst_latency'].get('p99_ms')} ms, all answered in {d['burst_seconds']:.2f} s; "
+                f"cache hits during the burst p50/p99 {d['hot_during_burst'].get('p50_ms')}/"
+                f"{d['hot_during_burst'].get('p99_ms')} ms; sidecars' CPU "
+                f"{d.get('sidecar_cores_during_burst')} cores"
+            )
+        out.append(
+            "S4-fleet exactly one identity call per certificate with the shared cache: "
+            + ("yes" if fleet["pass_exactly_one_call_each"] else "NO")
+        )
+    return "\n".join(out) + "\n" if out else ""
+
+
 def profile_text(profile: dict[str, Any], top: int = 12) -> str:
     out = []
     for kind in ("python", "native"):
@@ -1102,7 +1340,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--scenarios",
         default="all",
-        help="comma-separated scenario keys (S1-c32, S2-new, ...), groups (S1, S2, S3, S4) or all",
+        help="comma-separated scenario keys (S1-c32, S2-new, ..., S4-fleet), groups (S1, S2, "
+        "S3, S4: S4 and S4-fleet) or all",
     )
     p.add_argument(
         "--no-pin",
@@ -1145,16 +1384,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def selected(spec: str) -> tuple[list[Scenario], bool]:
+@dataclass(frozen=True)
+class Extras:
+    """The runs besides SCENARIOS: S4 (one sidecar), S4-fleet (with S1-c32-shared)."""
+
+    s4: bool = False
+    fleet: bool = False
+
+
+def selected(spec: str) -> tuple[list[Scenario], Extras]:
     if spec == "all":
-        return SCENARIOS, True
+        return SCENARIOS, Extras(s4=True, fleet=True)
     keys = [k.strip() for k in spec.split(",") if k.strip()]
     chosen = [
         s
         for s in SCENARIOS
         if any(s.key == k or ("-" not in k and s.key.startswith(k + "-")) for k in keys)
     ]
-    return chosen, any(k in ("S4",) for k in keys)
+    fleet = any(k in ("S4", "S4-fleet", "S1-c32-shared") for k in keys)
+    return chosen, Extras(s4="S4" in keys, fleet=fleet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1166,7 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     folder: Path = args.dir.resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    scenarios, with_s4 = selected(args.scenarios)
+    scenarios, extras = selected(args.scenarios)
     placement = Placement.choose(not args.no_pin, args.workers)
     pki = BenchPKI.create(folder / "pki")
     bench = Bench(args, folder, pki, placement, args.shim.resolve())
@@ -1234,6 +1482,8 @@ def main(argv: list[str] | None = None) -> int:
                     results["scenarios"].append(bench.scenario(scenario, targets))
                 finally:
                     bench.stop(logger)
+            elif scenario.routes is not None:
+                results["scenarios"].append(bench.route_scenario(scenario, ref_t))
             else:
                 if scenario.probe_path is not None:
                     bench.probes[scenario.key] = bench.body_probe(scenario)
@@ -1244,8 +1494,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile_seconds > 0:
             results["profile"] = bench.profile(sc_t)
             _write(out_path, results)
-        if with_s4:
+        if extras.s4:
             results["s4"] = bench.s4()
+            _write(out_path, results)
+        if extras.fleet:
+            results["s1_shared"] = bench.s1_shared(sc_t)
+            _write(out_path, results)
+            results["s4_fleet"] = bench.s4_fleet()
             _write(out_path, results)
     finally:
         for proc in reversed(bench.procs):
@@ -1278,6 +1533,7 @@ def report(results: dict[str, Any]) -> str:
         + versus_text(results)
         + "\n"
         + (s4_text(results["s4"]) if "s4" in results else "")
+        + (fleet_text(results) if "s4_fleet" in results or "s1_shared" in results else "")
         + "\n"
         + (profile_text(results["profile"]) if "profile" in results else "")
     )

@@ -1,6 +1,6 @@
 """The Python cost of one forwarded request, without sockets, TLS or other processes.
 
-    .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile]
+    .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile] [--routes N]
 
 Drives the real listener protocol (``ClientConnection``), gateway, header rules, forwarder
 and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
 import pstats
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from sidecar.gateway import Gateway
 from sidecar.http1.upstream import UpstreamConnection
 from sidecar.listener import Listener
 from sidecar.runtime import tune_gc
+from tests.benchmarks.stack import matcher_routes
 from tests.pki import make_ca, make_leaf
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"
@@ -73,7 +75,7 @@ class _Transport:
         raise AssertionError("a connection of the harness was aborted")
 
 
-def _config(folder: Path) -> tuple[Path, ClientCert]:
+def _config(folder: Path, routes: int = 0) -> tuple[Path, ClientCert]:
     ca = make_ca("Hot path CA")
     server = make_leaf(ca, "localhost", server=True)
     client = make_leaf(ca, "bench")
@@ -84,22 +86,24 @@ def _config(folder: Path) -> tuple[Path, ClientCert]:
         "client.pem": client.pem,
     }.items():
         (folder / name).write_bytes(data)
+    # --routes N: N routes each with matchers (issue #16), the one asked for among them
+    table = matcher_routes(routes, client.der, ca.cert) if routes else [{"path": "/"}]
     (folder / "sidecar.yaml").write_text(
         "listen: {host: 127.0.0.1, port: 8443}\n"
         "tls: {certificate: server.pem, key: server.key, client_ca: [ca.pem]}\n"
         "upstream: {url: 'http://127.0.0.1:9'}\n"
         "identity:\n  backend: static\n  static:\n    users:\n"
         "    - {sub: s-1, username: bench, certificates: [{file: client.pem}]}\n"
-        "routes:\n- path: /\n"
+        f"routes: {json.dumps(table)}\n"
         "log: {level: warning}\n"
     )
     return folder / "sidecar.yaml", ClientCert.from_der(client.der)
 
 
-async def measure(requests: int, rounds: int, profile: bool) -> None:
+async def measure(requests: int, rounds: int, profile: bool, routes: int = 0) -> None:
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
-        path, cert = _config(Path(tmp))
+        path, cert = _config(Path(tmp), routes)
         config = load(path)
         sidecar = Sidecar(config, config_path=path)
         plan = await sidecar._build_plan(config)
@@ -171,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--routes", type=int, default=0, help="that many routes, each with certificate matchers"
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(measure(args.requests, args.rounds, args.profile))
+        asyncio.run(measure(args.requests, args.rounds, args.profile, args.routes))
     else:
-        uvloop.run(measure(args.requests, args.rounds, args.profile))
+        uvloop.run(measure(args.requests, args.rounds, args.profile, args.routes))
     return 0
 
 

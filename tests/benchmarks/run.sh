@@ -21,6 +21,8 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 [ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+# S4-fleet and S1-c32-shared: the shared verdict cache's Redis (Valkey when installed)
+command -v valkey-server >/dev/null 2>&1 || command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # Python's headers: the sidecar is benchmarked compiled (setup.py)
 python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || need+=(python3-dev)

@@ -8,8 +8,9 @@ Two programs, each run as its own process by ``bench.py``:
     ``GET /stats`` returns how many calls each certificate (SHA-256) got; ``POST /reset``
     forgets them.
 
-``python -m tests.benchmarks.s4 drive --port P --certs DIR ... [--mode preconnected|arrival]``
-    The load. A "hot" certificate is looked up once (its verdict is then cached) and probed
+``python -m tests.benchmarks.s4 drive --port P [--port Q ...] --certs DIR ... [--mode preconnected|arrival]``
+    The load. With several ``--port`` (S4-fleet: the replicas of a fleet), every certificate
+    of the burst goes to each of them at the same moment; the hot certificate probes the first. A "hot" certificate is looked up once (its verdict is then cached) and probed
     with sequential requests on a few keep-alive connections (``--hot-connections``): first
     alone (baseline), then all the time while the burst is in flight. The burst is one request for each of ``--count``
     certificates, plus ``--duplicates`` extra connections that reuse the first certificates
@@ -187,8 +188,11 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"only {len(certs)} certificates in {args.certs}")
     contexts = [_context(p) for p in certs]
     burst_contexts = contexts + contexts[: args.duplicates]
+    ports: list[int] = args.port
+    # each certificate to every port (the replicas of a fleet), interleaved
+    burst = [(ctx, port) for ctx in burst_contexts for port in ports]
     hot_ctx = _context(Path(args.hot))
-    hots = [await Conn.open(args.port, hot_ctx) for _ in range(args.hot_connections)]
+    hots = [await Conn.open(ports[0], hot_ctx) for _ in range(args.hot_connections)]
     first_status, first_latency = await hots[0].get()  # a miss: the hot verdict is now cached
     alone: list[tuple[float, float, int]] = []
     stop_alone = asyncio.Event()
@@ -202,6 +206,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "mode": args.mode,
+        "ports": len(ports),
         "certificates": len(certs),
         "duplicate_connections": args.duplicates,
         "hot_connections": len(hots),
@@ -222,12 +227,12 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "preconnected":
         gate = asyncio.Semaphore(128)
 
-        async def connect(ctx: ssl.SSLContext) -> Conn:
+        async def connect(ctx: ssl.SSLContext, port: int) -> Conn:
             async with gate:
-                return await Conn.open(args.port, ctx)
+                return await Conn.open(port, ctx)
 
         c0 = time.perf_counter()
-        conns = list(await asyncio.gather(*(connect(ctx) for ctx in burst_contexts)))
+        conns = list(await asyncio.gather(*(connect(ctx, port) for ctx, port in burst)))
         result["connect_seconds"] = round(time.perf_counter() - c0, 3)
         probe_tasks = [asyncio.ensure_future(_probe(h, stop, probe)) for h in hots]
         await asyncio.sleep(0.2)
@@ -240,9 +245,9 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.2)
         t0 = time.perf_counter()
 
-        async def arrive(ctx: ssl.SSLContext) -> None:
+        async def arrive(ctx: ssl.SSLContext, port: int) -> None:
             try:
-                conn = await Conn.open(args.port, ctx)
+                conn = await Conn.open(port, ctx)
             except (OSError, ssl.SSLError):
                 statuses[0] += 1
                 return
@@ -250,7 +255,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
             conn.send()
             await one(conn)
 
-        await asyncio.gather(*(arrive(ctx) for ctx in burst_contexts))
+        await asyncio.gather(*(arrive(ctx, port) for ctx, port in burst))
     t1 = time.perf_counter()
     wall1 = time.time()
     stop.set()
@@ -288,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--port", type=int, required=True)
     v.add_argument("--latency", type=float, default=0.02)
     d = sub.add_parser("drive")
-    d.add_argument("--port", type=int, required=True)
+    d.add_argument(
+        "--port", type=int, action="append", required=True, help="a sidecar's port (repeatable)"
+    )
     d.add_argument("--certs", required=True)
     d.add_argument("--hot", required=True, help="PEM with certificate and key of the hot client")
     d.add_argument("--count", type=int, default=1000)

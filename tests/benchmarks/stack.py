@@ -16,6 +16,7 @@ the others, so both proxies get the same core and the same neighbours.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -32,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 from sidecar.identity import User
 from sidecar.tls import TLS12_CIPHERS
@@ -324,8 +327,12 @@ def sidecar_conf(
     workers: int,
     log_level: str = "warning",
     http_backend: str | None = None,
+    shared_url: str | None = None,
+    routes: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """The sidecar's configuration: defaults everywhere except ports, files and the backend."""
+    """The sidecar's configuration: defaults everywhere except ports, files and the backend
+    (with ``shared_url``, the verdict cache shared through that Redis; ``routes``, by default
+    one: ``/``)."""
     identity: dict[str, Any]
     if http_backend is None:
         identity = {
@@ -350,6 +357,11 @@ def sidecar_conf(
             "cache": {"ttl": "5m", "max_entries": 100000},
             "http": {"url": http_backend, "timeout": "5s"},
         }
+    if shared_url is not None:
+        identity.setdefault("cache", {})["shared"] = {
+            "url": shared_url,
+            "key_prefix": "bench:",
+        }
     data = {
         "listen": {"host": "127.0.0.1", "port": port, "workers": workers},
         "tls": {
@@ -359,13 +371,43 @@ def sidecar_conf(
         },
         "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
         "identity": identity,
-        "routes": [{"path": "/"}],
+        "routes": routes or [{"path": "/"}],
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "log": {"format": "json", "level": log_level},
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def matcher_routes(count: int, client_der: bytes, issuer: x509.Certificate) -> list[dict[str, Any]]:
+    """``count`` routes, each with certificate matchers, an address rule and methods (issue
+    #16's benchmark row): ``count - 1`` under ``/rNN/`` that the load never asks for, and
+    ``/``, which the load's client certificate passes (subject CN, issuer, fingerprint, and
+    the loopback address)."""
+    client = x509.load_der_x509_certificate(client_der)
+    issuer_key = hashlib.sha256(
+        issuer.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    ).hexdigest()
+    common_name = client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    matchers: dict[str, Any] = {
+        "subject": {"CN": [common_name]},
+        "issuer": [issuer_key],
+        "fingerprint": [hashlib.sha256(client_der).hexdigest()],
+    }
+    routes: list[dict[str, Any]] = [
+        {
+            "path": f"/r{i:02d}/",
+            "methods": ["GET", "POST"],
+            "allow": {**matchers, "san_dns": [f"svc{i}.bench.example", "*.jobs.bench.example"]},
+            "addresses": {"allow": ["127.0.0.0/8", "::1"]},
+        }
+        for i in range(1, count)
+    ]
+    routes.append({"path": "/", "allow": matchers, "addresses": {"allow": ["127.0.0.0/8", "::1"]}})
+    return routes
 
 
 # ---- processes ----------------------------------------------------------------------------
@@ -433,6 +475,35 @@ def start(
     )
     out.close()
     return Proc(name, popen, log)
+
+
+def redis_binary() -> str:
+    found = shutil.which("valkey-server") or shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError(
+            "neither valkey-server nor redis-server is installed (run.sh installs it)"
+        )
+    return found
+
+
+def start_redis(folder: Path, port: int, cpus: Sequence[int] | None) -> Proc:
+    """A Redis (Valkey when installed) for the shared verdict cache: no persistence."""
+    data = folder / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data),
+    ]
+    return start("redis", argv, folder, cpus)
 
 
 def nginx_binary() -> str:

@@ -65,7 +65,7 @@ app.kubernetes.io/component: {{ .Values.mode }}
 
 {{/* Where the mounted files are; the rendered configuration names these paths. */}}
 {{- define "sidecar.paths" -}}
-{{- dict "config" "/etc/sidecar/config" "tls" "/etc/sidecar/tls" "trust" "/etc/sidecar/trust" "agent" "/etc/sidecar/agent" | toJson }}
+{{- dict "config" "/etc/sidecar/config" "tls" "/etc/sidecar/tls" "trust" "/etc/sidecar/trust" "agent" "/etc/sidecar/agent" "redis" "/etc/sidecar/redis" "redisTLS" "/etc/sidecar/redis-tls" | toJson }}
 {{- end }}
 
 {{- define "sidecar.upstream" -}}
@@ -123,6 +123,21 @@ A key the chart owns that `config` sets to something else is an error, not silen
 {{- end }}
 {{- $defaults := dict "admin" (dict "host" "0.0.0.0") }}
 {{- $config := mustMergeOverwrite (dict) $defaults (deepCopy $user) $owned }}
+{{- with (include "sidecar.sharedCache" . | fromJson) }}
+{{- /* identity.cache.shared: the URL and the mounted files, one level deeper than $owned
+reaches; the other keys (key_prefix, timeout) stay config's. */}}
+{{- $identity := get $config "identity" | default dict }}
+{{- $cache := get $identity "cache" | default dict }}
+{{- $given := get $cache "shared" | default dict }}
+{{- range $k, $v := . }}
+{{- if and (hasKey $given $k) (ne (toJson (get $given $k)) (toJson $v)) }}
+{{- fail (printf "config.identity.cache.shared.%s is set by the chart to %s (from sharedCache); leave it out of config" $k (toJson $v)) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $cache "shared" (mustMergeOverwrite (deepCopy $given) .) }}
+{{- $_ := set $identity "cache" $cache }}
+{{- $_ := set $config "identity" $identity }}
+{{- end }}
 {{- if .Values.serviceMonitor.enabled }}
 {{- /* The admin listener refuses a Host it does not know (DNS rebinding): a scrape through
 the -metrics Service by name must be known, besides the names config gives. */}}
@@ -133,6 +148,32 @@ the -metrics Service by name must be known, besides the names config gives. */}}
 {{- end }}
 {{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/* identity.cache.shared as sharedCache sets it (JSON; {} when sharedCache.url is empty). */}}
+{{- define "sidecar.sharedCache" -}}
+{{- $paths := include "sidecar.paths" . | fromJson }}
+{{- $v := .Values.sharedCache }}
+{{- $shared := dict }}
+{{- if $v.url }}
+{{- $_ := set $shared "url" $v.url }}
+{{- if $v.username }}
+{{- $_ := set $shared "username" $v.username }}
+{{- end }}
+{{- if $v.passwordSecret.name }}
+{{- $_ := set $shared "password_file" (printf "%s/%s" $paths.redis $v.passwordSecret.key) }}
+{{- end }}
+{{- if $v.tls.secretName }}
+{{- if $v.tls.caKey }}
+{{- $_ := set $shared "ca" (printf "%s/%s" $paths.redisTLS $v.tls.caKey) }}
+{{- end }}
+{{- if $v.tls.certificateKey }}
+{{- $_ := set $shared "certificate" (printf "%s/%s" $paths.redisTLS $v.tls.certificateKey) }}
+{{- $_ := set $shared "key" (printf "%s/%s" $paths.redisTLS $v.tls.keyKey) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $shared | toJson }}
 {{- end }}
 
 {{/* The Service of the admin port (serviceMonitor), and the DNS names it is reached by. */}}
@@ -190,6 +231,19 @@ the -metrics Service by name must be known, besides the names config gives. */}}
 {{- end }}
 {{- if and .Values.serviceMonitor.enabled .Values.networkPolicy.enabled (not .Values.networkPolicy.adminFrom) }}
 {{- fail "serviceMonitor needs networkPolicy.adminFrom: who may scrape the admin port, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}] (the NetworkPolicy admits only the node to it otherwise)" }}
+{{- end }}
+{{- $redis := .Values.sharedCache }}
+{{- if and (not $redis.url) (or $redis.passwordSecret.name $redis.tls.secretName $redis.username) }}
+{{- fail "sharedCache.url is required with sharedCache.passwordSecret, .tls or .username: the Redis or Valkey to share the verdict cache through" }}
+{{- end }}
+{{- if and $redis.tls.secretName (not (hasPrefix "rediss" $redis.url)) }}
+{{- fail "sharedCache.tls needs a rediss:// URL (TLS) in sharedCache.url" }}
+{{- end }}
+{{- if ne (not $redis.tls.certificateKey) (not $redis.tls.keyKey) }}
+{{- fail "sharedCache.tls.certificateKey and .keyKey go together (a client certificate and its key)" }}
+{{- end }}
+{{- if and $redis.tls.certificateKey (not $redis.tls.secretName) }}
+{{- fail "sharedCache.tls.certificateKey needs sharedCache.tls.secretName: the Secret that holds it" }}
 {{- end }}
 {{- $backend := dig "identity" "backend" "static" (.Values.config | default dict) }}
 {{- $ip := dig "identity" "identityplus" dict (.Values.config | default dict) }}

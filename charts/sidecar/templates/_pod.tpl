@@ -67,6 +67,16 @@
       mountPath: {{ $paths.agent }}
       readOnly: true
     {{- end }}
+    {{- if and .Values.sharedCache.url .Values.sharedCache.passwordSecret.name }}
+    - name: redis-password
+      mountPath: {{ $paths.redis }}
+      readOnly: true
+    {{- end }}
+    {{- if and .Values.sharedCache.url .Values.sharedCache.tls.secretName }}
+    - name: redis-tls
+      mountPath: {{ $paths.redisTLS }}
+      readOnly: true
+    {{- end }}
     - name: tmp
       mountPath: /tmp
     {{- with .Values.extraVolumeMounts }}
@@ -147,6 +157,21 @@
 - name: agent
   secret:
     secretName: {{ .Values.identityPlus.agentSecretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if and .Values.sharedCache.url .Values.sharedCache.passwordSecret.name }}
+- name: redis-password
+  secret:
+    secretName: {{ .Values.sharedCache.passwordSecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.sharedCache.passwordSecret.key }}
+        path: {{ .Values.sharedCache.passwordSecret.key }}
+{{- end }}
+{{- if and .Values.sharedCache.url .Values.sharedCache.tls.secretName }}
+- name: redis-tls
+  secret:
+    secretName: {{ .Values.sharedCache.tls.secretName }}
     defaultMode: 0440
 {{- end }}
 # The only writable place: the TLS key is loaded through a private temporary file.
