@@ -224,6 +224,23 @@ class LimitsConfig(Section):
     max_connections: int = Field(4096, ge=1)
     #: request bodies larger than this are refused with 413; null: no limit
     max_body_size: int | None = Field(None, ge=0)
+    #: a request body up to this size is read whole before an upstream connection is taken
+    #: (nginx's client_body_buffer_size); a longer one is streamed
+    body_buffer: int = Field(16384, ge=0, le=1 << 24)
+    #: once body_timeout has passed, a request body must arrive at this many bytes per
+    #: second on average (Apache mod_reqtimeout's MinRate), else 408; 0: no minimum
+    body_min_rate: int = Field(1024, ge=0)
+    #: request bodies one client address (an IPv6 /64) streams upstream at once; more: 429
+    max_body_streams_per_address: int = Field(32, ge=1)
+    #: open client connections from one address (an IPv6 /64) per worker; more are closed
+    #: at once. Trusted proxies are not bound by it
+    max_connections_per_address: int = Field(1024, ge=1)
+    #: time a connection has to send its TLS ClientHello (then handshake_timeout applies)
+    client_hello_timeout: Duration = Field(10.0, gt=0)
+    #: open WebSockets per worker; more: 503
+    max_websockets: int = Field(1024, ge=1)
+    #: open WebSockets from one client address (an IPv6 /64) per worker; more: 429
+    max_websockets_per_address: int = Field(64, ge=1)
 
 
 class CRLFetchConfig(Section):

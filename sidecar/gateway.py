@@ -31,8 +31,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import responses
 from .certs import ClientCert
-from .errors import IdentityUnavailable, UpstreamError
-from .forwarder import BodyTimeout, BodyTooLarge
+from .errors import IdentityUnavailable, LimitReached, UpstreamError
+from .forwarder import BodyInvalid, BodyTimeout, BodyTooLarge
 from .headers import request_fields
 from .hosts import host_name
 from .identity import LookupContext, Verdict
@@ -135,7 +135,13 @@ class Gateway:
             if request.step is FORWARD:
                 try:
                     status, upstream_seconds = await forward(request)
-                except (UpstreamError, BodyTooLarge, BodyTimeout) as exc:
+                except (
+                    UpstreamError,
+                    BodyTooLarge,
+                    BodyTimeout,
+                    BodyInvalid,
+                    LimitReached,
+                ) as exc:
                     self._forward_failed(request, exc)
                 else:
                     self.forwarded(request, status, upstream_seconds)
@@ -417,7 +423,9 @@ class Gateway:
             self._redirect(request, decision)
 
     def _forward_failed(
-        self, request: Request, exc: UpstreamError | BodyTooLarge | BodyTimeout
+        self,
+        request: Request,
+        exc: UpstreamError | BodyTooLarge | BodyTimeout | BodyInvalid | LimitReached,
     ) -> None:
         if isinstance(exc, BodyTimeout):
             # nginx's client_body_timeout: 408, and the connection ends (what is left of the
@@ -428,6 +436,28 @@ class Gateway:
                 "denied",
                 "body_timeout",
                 "The request body stopped arriving before it was complete.",
+                close=True,
+            )
+            return
+        if isinstance(exc, BodyInvalid):
+            # A chunk that cannot be framed: nothing after it can be read either.
+            reason = "trailers_too_large" if exc.status == 431 else "bad_body"
+            self._answer(request, exc.status, "denied", reason, exc.text, close=True)
+            return
+        if isinstance(exc, LimitReached):
+            self.metrics.limit_refusals.labels(exc.limit).inc()
+            text = (
+                "Too many requests from your network are in progress. Please try again shortly."
+                if exc.status == 429
+                else "This service is busy. Please try again shortly."
+            )
+            self._answer(
+                request,
+                exc.status,
+                "denied" if exc.status == 429 else "unavailable",
+                exc.limit,
+                text,
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
                 close=True,
             )
             return

@@ -105,6 +105,15 @@ class Metrics:
             "Client connections closed at once because limits.max_connections was reached.",
             registry=r,
         )
+        self.limit_refusals = Counter(
+            "sidecar_limit_refusals",
+            "Connections and requests refused by a bound on what one client address (or the "
+            "worker) may hold, by limits key: max_connections_per_address (closed at accept), "
+            "max_body_streams_per_address and max_websockets_per_address (429), max_websockets "
+            "(503).",
+            ["limit"],
+            registry=r,
+        )
         self.identity_duration = Histogram(
             "sidecar_identity_lookup_duration_seconds",
             "Time the identity backend took to answer (cache misses only), by backend.",

@@ -6,13 +6,17 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
 ``sslproto`` does, but smaller: the server side only, and no buffer of its own.
 
 - **Accept.** The listener admits the connection or refuses it at once (``Listener.admit``:
-  ``limits.max_connections`` counts connections still in their handshake). The connection is
+  ``limits.max_connections`` and ``max_connections_per_address`` count connections still in
+  their handshake). The connection is
   wrapped with the context current at accept (``TLSState.current``) and keeps it for its whole
   life, session cache and ticket keys included: a session made under an older context cannot
   be resumed on a newer one. With several servers, the first bytes are held until the
   ClientHello says which server it asks for (``sni``), and the connection is wrapped with
   that server's context.
-- **Handshake**, within ``limits.handshake_timeout``. A handshake OpenSSL refuses is answered
+- **Handshake**, within ``limits.handshake_timeout``, and its first message, the ClientHello,
+  within the shorter ``limits.client_hello_timeout``: a connection that sends nothing costs
+  a slot for seconds, not a minute (a client that means it sends its ClientHello at once).
+  A handshake OpenSSL refuses is answered
   with the alert OpenSSL chose (certificate_required, unknown_ca, certificate_expired, ...),
   flushed before the connection is closed, so that browsers and scanners can say why. Each
   handshake that fails, times out or is abandoned is counted once, when it ends.
@@ -91,8 +95,10 @@ class TLSProtocol(asyncio.Protocol):
         "_admitted",
         "_app",
         "_app_writing_paused",
+        "_awaiting_hello",
         "_close_by",
         "_error",
+        "_handshake_due",
         "_hello",
         "_incoming",
         "_listener",
@@ -118,6 +124,9 @@ class TLSProtocol(asyncio.Protocol):
         # the handshake deadline, then the lingering close's
         self._timer: asyncio.TimerHandle | None = None
         self._close_by = 0.0
+        self._handshake_due = 0.0
+        #: the ClientHello has not arrived whole yet (OpenSSL has not answered it)
+        self._awaiting_hello = False
         self._admitted = False
         self._reading_paused = False  # the application asked
         self._writing_paused = False  # the TCP transport said so
@@ -147,7 +156,20 @@ class TLSProtocol(asyncio.Protocol):
             self._sslobj = tls.current.wrap_bio(self._incoming, self._outgoing, server_side=True)
         else:
             self._hello = ClientHelloReader()
-        self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
+        limits = listener.limits
+        loop = self._loop
+        self._handshake_due = loop.time() + limits.handshake_timeout
+        hello = limits.client_hello_timeout
+        self._awaiting_hello = hello < limits.handshake_timeout
+        self._timer = loop.call_later(
+            hello if self._awaiting_hello else limits.handshake_timeout, self._on_timer
+        )
+
+    def client_address(self) -> str | None:
+        """The peer's IP address (None when the socket has none)."""
+        tcp = self._tcp
+        peer = tcp.get_extra_info("peername") if tcp is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -206,6 +228,8 @@ class TLSProtocol(asyncio.Protocol):
         try:
             sslobj.do_handshake()
         except ssl.SSLWantReadError:
+            if self._awaiting_hello and self._outgoing.pending:
+                self._hello_answered()
             self._flush()  # our part of the handshake
             return
         except ssl.SSLError as exc:
@@ -249,6 +273,14 @@ class TLSProtocol(asyncio.Protocol):
         if not self._reading_paused and (self._incoming.pending or sslobj.pending()):
             self._read()  # the request that came with the client's last handshake message
 
+    def _hello_answered(self) -> None:
+        """OpenSSL answered the ClientHello: the rest of the handshake is due within
+        ``handshake_timeout`` of the accept."""
+        self._awaiting_hello = False
+        self._cancel_timer()
+        loop = self._loop
+        self._timer = loop.call_later(max(0.0, self._handshake_due - loop.time()), self._on_timer)
+
     def _end_handshake(self, reason: str) -> None:
         """The handshake failed, timed out or was abandoned: counted here, once."""
         if self._state != _HANDSHAKE:
@@ -264,7 +296,10 @@ class TLSProtocol(asyncio.Protocol):
         assert tcp is not None
         state = self._state
         if state == _HANDSHAKE:
-            self._end_handshake("not done within limits.handshake_timeout")
+            if self._awaiting_hello:
+                self._end_handshake("no ClientHello within limits.client_hello_timeout")
+            else:
+                self._end_handshake("not done within limits.handshake_timeout")
             tcp.abort()
         elif state == _CLOSING:
             if tcp.get_write_buffer_size() == 0:
@@ -454,9 +489,7 @@ class TLSProtocol(asyncio.Protocol):
         return tcp.get_extra_info(name, default) if tcp is not None else default
 
     def _client(self) -> str | None:
-        tcp = self._tcp
-        peer = tcp.get_extra_info("peername") if tcp is not None else None
-        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+        return self.client_address()
 
 
 def _reason(exc: ssl.SSLError) -> str:
