@@ -5,7 +5,8 @@ the header bytes as received, and does no I/O; ``response_fields`` does the same
 upstream's answer. Whatever a client sent under an identity header's name (any case, repeated, with
 underscores for dashes) is removed before ours are added, as are hop-by-hop headers, every
 header named in ``Connection``, the headers that re-route a request inside applications
-(``X-Original-URL``) and the configured ``headers.strip``, and, from peers that are not
+(``X-Original-URL``), every certificate header of every format (``certformats.HEADER_NAMES``,
+from anyone) and the configured ``headers.strip``, and, from peers that are not
 trusted proxies, the headers that re-address it (``X-Forwarded-*``, ``True-Client-IP``...).
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .certformats import HEADER_NAMES as CERTIFICATE_HEADERS
 from .header_names import FORWARDING as FORWARDING
 from .header_names import FRAMING
 from .header_names import HOP_BY_HOP as HOP_BY_HOP
@@ -55,7 +57,10 @@ class HeaderRules:
             "x-request-id",
         }
         names.update(normal_name(name) for name in self.strip)
-        always = frozenset(names) | HOP_BY_HOP | REROUTING
+        # Every certificate header of every format, whatever the configuration: an
+        # application (or a framework) that reads one would believe the client that sent it.
+        # A trusted proxy's is read (``front_proxy.certificate_header``), never passed on.
+        always = frozenset(names) | HOP_BY_HOP | REROUTING | CERTIFICATE_HEADERS
         object.__setattr__(self, "always_strip", always)
         object.__setattr__(self, "untrusted_strip", always | FORWARDING)
         object.__setattr__(self, "always_strip_b", frozenset(n.encode() for n in always))
