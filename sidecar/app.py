@@ -111,6 +111,7 @@ def build_rules(config: Config) -> HeaderRules:
         userinfo_header=config.headers.userinfo,
         trusted_proxies=config.trusted_proxies,
         strip=config.headers.strip,
+        certificate_formats=config.headers.certificate_formats,
     )
 
 

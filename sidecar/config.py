@@ -288,6 +288,33 @@ class HeadersConfig(Section):
     userinfo: str = "X-USERINFO"
     #: more request headers to remove whoever sent them (trusted proxies included)
     strip: tuple[str, ...] = ()
+    #: the certificate headers sent upstream, built from the validated chain;
+    #: app-certificate is ``certificate`` above
+    certificate_formats: tuple[certformats.OutboundFormat, ...] = ("app-certificate",)
+
+    @field_validator("certificate_formats")
+    @classmethod
+    def _once_each(
+        cls, v: tuple[certformats.OutboundFormat, ...]
+    ) -> tuple[certformats.OutboundFormat, ...]:
+        problems = [f"@[{i}]: {fmt} is listed twice" for i, fmt in enumerate(v) if fmt in v[:i]]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return v
+
+    @model_validator(mode="after")
+    def _not_a_format_header(self) -> HeadersConfig:
+        problems = []
+        for key in ("certificate", "userinfo"):
+            name: str = getattr(self, key)
+            if _header_name(name) in certformats.HEADER_NAMES:
+                problems.append(
+                    f"@{key}: {name!r} is a certificate header of another format (stripped "
+                    "from every request): choose another name"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @field_validator("strip")
     @classmethod
@@ -1387,35 +1414,8 @@ class ProxiedListenConfig(ListenConfig):
     proxy_protocol: bool = False
 
 
-class HeadersWithFormats(HeadersConfig):
-    """``headers`` with ``certificate_formats`` (it moves into ``HeadersConfig``)."""
-
-    #: the certificate headers sent upstream; app-certificate is ``certificate`` above
-    certificate_formats: tuple[certformats.OutboundFormat, ...] = ("app-certificate",)
-
-    @field_validator("certificate_formats")
-    @classmethod
-    def _once_each(
-        cls, v: tuple[certformats.OutboundFormat, ...]
-    ) -> tuple[certformats.OutboundFormat, ...]:
-        problems = [f"@[{i}]: {fmt} is listed twice" for i, fmt in enumerate(v) if fmt in v[:i]]
-        if problems:
-            raise ValueError("\n".join(problems))
-        return v
-
-    @model_validator(mode="after")
-    def _not_a_format_header(self) -> HeadersWithFormats:
-        problems = []
-        for key in ("certificate", "userinfo"):
-            name: str = getattr(self, key)
-            if _header_name(name) in certformats.HEADER_NAMES:
-                problems.append(
-                    f"@{key}: {name!r} is a certificate header of another format (stripped "
-                    "from every request): choose another name"
-                )
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+#: ``headers.certificate_formats`` is accepted by ``HeadersConfig`` itself now
+HeadersWithFormats = HeadersConfig
 
 
 def _session_key_file(path: Path) -> Path:

@@ -282,6 +282,8 @@ class Gateway:
                 request_id=request.request_id,
                 user=user,
                 certificate_b64=cert.b64 if (cert is not None and user is not None) else None,
+                certificate=cert.der if cert is not None else b"",
+                chain=request.chain,
             )
             request.upstream = plan.upstream
             request.decision, request.reason = "forwarded", "allowed"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .certformats import HEADER_NAMES as CERTIFICATE_HEADERS
+from .certformats import CertificateHeaders, OutboundFormat
 from .header_names import FORWARDING as FORWARDING
 from .header_names import FRAMING
 from .header_names import HOP_BY_HOP as HOP_BY_HOP
@@ -38,6 +39,8 @@ class HeaderRules:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     #: more names to remove whoever sent them (``headers.strip``)
     strip: tuple[str, ...] = ()
+    #: the certificate headers sent upstream (``headers.certificate_formats``)
+    certificate_formats: tuple[OutboundFormat, ...] = ("app-certificate",)
     #: removed whoever sent them; from untrusted peers the forwarding headers too
     always_strip: frozenset[str] = field(init=False, repr=False)
     untrusted_strip: frozenset[str] = field(init=False, repr=False)
@@ -48,6 +51,8 @@ class HeaderRules:
     request_kinds: dict[bytes, int] = field(init=False, repr=False, compare=False)
     #: (certificate base64, X-USERINFO value) -> our two identity header lines, checked
     _identity_blocks: dict[tuple[str, bytes], bytes] = field(init=False, repr=False, compare=False)
+    #: the configured formats' lines, when they are not just ``app-certificate``
+    _formats: CertificateHeaders | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Normalised as client names are (see _normal): "X_USER" also strips "X-User".
@@ -69,6 +74,14 @@ class HeaderRules:
         )
         object.__setattr__(self, "request_kinds", {})
         object.__setattr__(self, "_identity_blocks", {})
+        formats = self.certificate_formats
+        object.__setattr__(
+            self,
+            "_formats",
+            None
+            if formats == ("app-certificate",)
+            else CertificateHeaders(formats, self.certificate_header),
+        )
         object.__setattr__(
             self,
             "_identity_names",
@@ -88,9 +101,25 @@ class HeaderRules:
             kinds[name] = kind
         return kind
 
-    def identity_lines(self, certificate_b64: str, user: User) -> bytes:
-        """Our two identity headers, as header lines (made and checked once per certificate
-        and user: a few KiB of base64 need not be copied and scanned on every request)."""
+    def identity_lines(
+        self,
+        certificate_b64: str,
+        user: User,
+        certificate: bytes = b"",
+        chain: tuple[bytes, ...] = (),
+    ) -> bytes:
+        """Our identity headers, as header lines (made and checked once per certificate
+        and user: a few KiB of base64 need not be copied and scanned on every request):
+        ``X-USERINFO`` after the certificate headers of ``certificate_formats``, built from
+        ``certificate`` (the leaf's DER) and ``chain`` (the validated certificates after it)."""
+        formats = self._formats
+        if formats is not None and certificate:
+            userinfo = self._identity_names[1]
+            value = user.header_bytes
+            if b"\r" in value or b"\n" in value:
+                raise ValueError("CR or LF in an identity header")
+            # CertificateHeaders checks its own lines and keeps them per chain
+            return b"%b%b: %b\r\n" % (formats.lines(certificate, chain), userinfo, value)
         key = (certificate_b64, user.header_bytes)
         lines = self._identity_blocks.get(key)
         if lines is None:
@@ -178,6 +207,8 @@ def request_fields(
     request_id: str,
     user: User | None,
     certificate_b64: str | None,
+    certificate: bytes = b"",
+    chain: tuple[bytes, ...] = (),
 ) -> tuple[bytes, bool]:
     """The header lines (``Name: value\r\n`` each) to send upstream, in the client's order
     with ours appended, and whether the client sent a Host. Identity headers only with ``user``.
@@ -214,7 +245,8 @@ def request_fields(
     if out.count(b"\n") != lines or out.count(b"\r") != lines:
         raise ValueError("CR or LF in a request header")
     if user is not None and certificate_b64 is not None:
-        out += rules.identity_lines(certificate_b64, user)  # checked where they are made
+        # checked where they are made
+        out += rules.identity_lines(certificate_b64, user, certificate, chain)
     return out, host is not None
 
 

@@ -65,7 +65,6 @@ def test_the_running_configuration_refuses_them_still(config_dir: ConfigDir) -> 
         config_mod.parse(data, base_dir=config_dir.path, env={})
     assert sorted(info.value.problems) == [
         "front_proxy: unknown key",
-        "headers.certificate_formats: unknown key",
         "identity.identityplus.legacy: unknown key",
         "listen.proxy_protocol: unknown key",
         "listen.tls: unknown key",
