@@ -45,6 +45,7 @@ COMPILED = [
     "sidecar/request.py",
     "sidecar/plan.py",
     "sidecar/headers.py",
+    "sidecar/frontproxy.py",
     "sidecar/hosts.py",
     "sidecar/forwarder.py",
     "sidecar/fallback/forward.py",

@@ -30,6 +30,7 @@ from .config import Config, ConfigError, IdentityConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .explain import Assumption, Question, explain
 from .fallback.forward import FallbackForwarder
+from .frontproxy import FrontProxy
 from .gateway import Gateway
 from .headers import HeaderRules
 from .identity import Backend, Verdict
@@ -109,7 +110,10 @@ def build_rules(config: Config) -> HeaderRules:
     return HeaderRules(
         certificate_header=config.headers.certificate,
         userinfo_header=config.headers.userinfo,
-        trusted_proxies=config.trusted_proxies,
+        # a front proxy's X-Forwarded-* are believed as a trusted proxy's are
+        trusted_proxies=tuple(
+            dict.fromkeys((*config.trusted_proxies, *config.front_proxy.networks()))
+        ),
         strip=config.headers.strip,
         certificate_formats=config.headers.certificate_formats,
     )
@@ -194,6 +198,7 @@ class Sidecar:
             limits=self.config.limits,
             peer_certs=self.peer_certs,
             metrics=self.metrics,
+            plain=not self.config.listen.tls,
         )
         listen = self.config.listen
         kwargs: dict[str, Any] = {"reuse_port": True} if self.reuse_port else {}
@@ -211,7 +216,7 @@ class Sidecar:
             self._watcher = asyncio.create_task(self._watch())
         self.log.info(
             "listening",
-            address=f"https://{listen.host}:{self.port}",
+            address=f"{'https' if listen.tls else 'http'}://{listen.host}:{self.port}",
             admin=str(self.admin_socket)
             if self.admin_socket
             else f"http://{self.config.admin.host}:{self.admin_port}",
@@ -251,6 +256,9 @@ class Sidecar:
                 upstream=upstream,
                 rules=build_rules(config),
                 max_header_block=config.limits.max_header_block,
+                front=FrontProxy(config.front_proxy, config.tls)
+                if config.front_proxy.trusted
+                else None,
             )
         except BaseException:
             for close in reversed(built):

@@ -158,6 +158,8 @@ class ListenConfig(Section):
     #: the names requests may address (Host, SNI); others get 421. None: the server
     #: certificate's DNS and IP names (following it on reload)
     server_names: tuple[Annotated[str, AfterValidator(_server_name)], ...] | None = None
+    #: false: plain HTTP, for a front proxy that terminated TLS itself (``front_proxy``)
+    tls: bool = True
 
     @field_validator("server_names")
     @classmethod
@@ -1256,6 +1258,52 @@ class LogConfig(Section):
         return v.lower() if isinstance(v, str) else v
 
 
+def _trusted_peers(v: Any) -> Any:
+    """CIDRs (normalised) and SHA-256 fingerprints (lowercase hex), each item checked."""
+    if not isinstance(v, list | tuple):
+        return v
+    out: list[str] = []
+    problems = []
+    for i, item in enumerate(v):
+        text = str(item).strip() if isinstance(item, str | int) else ""
+        network = None
+        with contextlib.suppress(ValueError):
+            network = ipaddress.ip_network(text, strict=False)
+        if network is not None:
+            if network.prefixlen == 0:
+                problems.append(
+                    f"@[{i}]: {text} trusts every address: list the proxies' own addresses"
+                )
+                continue
+            out.append(str(network))
+            continue
+        try:
+            out.append("sha256:" + normalize_fingerprint(text))
+        except ValueError:
+            problems.append(f"@[{i}]: not a CIDR or a SHA-256 certificate fingerprint: {item!r}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return list(dict.fromkeys(out))
+
+
+class FrontProxyConfig(Section):
+    """Proxies in front of the sidecar: who they are, and where they put the certificate."""
+
+    #: the proxies whose certificate header, X-Forwarded-* and PROXY protocol header are
+    #: believed: CIDRs (their connection's address) and/or SHA-256 fingerprints of the client
+    #: certificate a proxy presents when it connects with mTLS
+    trusted: Annotated[tuple[str, ...], BeforeValidator(_trusted_peers)] = ()
+    #: where a trusted proxy puts the client certificate; none: it passes none
+    certificate_header: certformats.InboundFormat | None = None
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(t) for t in self.trusted if not t.startswith("sha256:"))
+
+    def fingerprints(self) -> frozenset[str]:
+        """Lowercase hex SHA-256 of the proxies' certificates' DER."""
+        return frozenset(t[7:] for t in self.trusted if t.startswith("sha256:"))
+
+
 def _default_routes() -> tuple[RouteConfig, ...]:
     return (RouteConfig(path="/"),)
 
@@ -1265,6 +1313,8 @@ class Config(Section):
     tls: TLSConfig
     upstream: UpstreamConfig = UpstreamConfig()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: proxies in front that terminated TLS: their certificate header, X-Forwarded-For
+    front_proxy: FrontProxyConfig = FrontProxyConfig()
     headers: HeadersConfig = HeadersConfig()
     limits: LimitsConfig = LimitsConfig()
     identity: IdentityConfig = IdentityConfig()
@@ -1329,6 +1379,39 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _front_proxy_rules(self) -> Config:
+        listen, front = self.listen, self.front_proxy
+        problems = []
+        if not front.trusted and (not listen.tls or front.certificate_header is not None):
+            why = (
+                "listen.tls is false" if not listen.tls else "front_proxy.certificate_header is set"
+            )
+            problems.append(
+                f"@front_proxy.trusted: empty, but {why}: list the front proxies (CIDRs, or "
+                "their client certificates' SHA-256 fingerprints); from any other peer "
+                "certificate headers are stripped and X-Forwarded-* ignored"
+            )
+        if not listen.tls:
+            for i, peer in enumerate(front.trusted):
+                if peer.startswith("sha256:"):
+                    problems.append(
+                        f"@front_proxy.trusted[{i}]: a certificate fingerprint needs "
+                        "listen.tls: true (over plain HTTP no proxy presents a certificate)"
+                    )
+            if listen.server_names is None:
+                problems.append(
+                    "@listen.server_names: required with listen.tls: false (no server "
+                    "certificate is served to take the names from): list the names clients use"
+                )
+            if self.servers is not None:
+                problems.append(
+                    "@servers: several sites are chosen by SNI, which needs listen.tls: true"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _names_served(self) -> Config:
         if self.listen.server_names is None and self.servers is None:
             leaf = read_certificates(self.tls.certificate)[0]
@@ -1351,64 +1434,17 @@ class Config(Section):
 
 
 # ---- behind a front proxy (issue #15) -----------------------------------------------------
-# These keys are checked here but not yet accepted: ``Config`` refuses them as unknown until
-# the listener and the request path make them work. ``ConfigWithFrontProxy`` is the shape
-# ``Config`` takes then: each field below moves into the section it extends, ``front_proxy``
-# joins the top level, and its rules join ``Config``'s. ``parse(..., model=...)`` checks a
+# ``front_proxy``, ``listen.tls`` and ``headers.certificate_formats`` are accepted by
+# ``Config`` (above). The keys below are checked here but not yet accepted: ``Config``
+# refuses them as unknown until the listener and the request path make them work.
+# ``ConfigWithFrontProxy`` is the shape ``Config`` takes then: each field moves into the
+# section it extends, and its rules join ``Config``'s. ``parse(..., model=...)`` checks a
 # file against it meanwhile (tests).
 
 
-def _trusted_peers(v: Any) -> Any:
-    """CIDRs (normalised) and SHA-256 fingerprints (lowercase hex), each item checked."""
-    if not isinstance(v, list | tuple):
-        return v
-    out: list[str] = []
-    problems = []
-    for i, item in enumerate(v):
-        text = str(item).strip() if isinstance(item, str | int) else ""
-        network = None
-        with contextlib.suppress(ValueError):
-            network = ipaddress.ip_network(text, strict=False)
-        if network is not None:
-            if network.prefixlen == 0:
-                problems.append(
-                    f"@[{i}]: {text} trusts every address: list the proxies' own addresses"
-                )
-                continue
-            out.append(str(network))
-            continue
-        try:
-            out.append("sha256:" + normalize_fingerprint(text))
-        except ValueError:
-            problems.append(f"@[{i}]: not a CIDR or a SHA-256 certificate fingerprint: {item!r}")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return list(dict.fromkeys(out))
-
-
-class FrontProxyConfig(Section):
-    """Proxies in front of the sidecar: who they are, and where they put the certificate."""
-
-    #: the proxies whose certificate header, X-Forwarded-* and PROXY protocol header are
-    #: believed: CIDRs (their connection's address) and/or SHA-256 fingerprints of the client
-    #: certificate a proxy presents when it connects with mTLS
-    trusted: Annotated[tuple[str, ...], BeforeValidator(_trusted_peers)] = ()
-    #: where a trusted proxy puts the client certificate; none: it passes none
-    certificate_header: certformats.InboundFormat | None = None
-
-    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        return tuple(ipaddress.ip_network(t) for t in self.trusted if not t.startswith("sha256:"))
-
-    def fingerprints(self) -> frozenset[str]:
-        """Lowercase hex SHA-256 of the proxies' certificates' DER."""
-        return frozenset(t[7:] for t in self.trusted if t.startswith("sha256:"))
-
-
 class ProxiedListenConfig(ListenConfig):
-    """``listen`` with the front-proxy keys (they move into ``ListenConfig``)."""
+    """``listen`` with ``proxy_protocol`` (it moves into ``ListenConfig``)."""
 
-    #: false: plain HTTP, for a front proxy that terminated TLS itself
-    tls: bool = True
     #: every connection starts with a PROXY protocol header (version 1 or 2) from a trusted
     #: load balancer
     proxy_protocol: bool = False
@@ -1497,41 +1533,15 @@ class ConfigWithFrontProxy(Config):
     listen: ProxiedListenConfig = ProxiedListenConfig()
     headers: HeadersWithFormats = HeadersWithFormats()
     identity: LegacyIdentityConfig = LegacyIdentityConfig()
-    front_proxy: FrontProxyConfig = FrontProxyConfig()
 
     @model_validator(mode="after")
-    def _front_proxy_rules(self) -> ConfigWithFrontProxy:
-        listen, front = self.listen, self.front_proxy
-        problems = []
-        if not front.trusted and (not listen.tls or front.certificate_header is not None):
-            why = (
-                "listen.tls is false" if not listen.tls else "front_proxy.certificate_header is set"
-            )
-            problems.append(
-                f"@front_proxy.trusted: empty, but {why}: list the front proxies (CIDRs, or "
-                "their client certificates' SHA-256 fingerprints); from any other peer "
-                "certificate headers are stripped and X-Forwarded-* ignored"
-            )
-        if listen.proxy_protocol and not front.networks():
-            problems.append(
+    def _proxy_protocol_rules(self) -> ConfigWithFrontProxy:
+        if self.listen.proxy_protocol and not self.front_proxy.networks():
+            raise ValueError(
                 "@listen.proxy_protocol: needs the load balancers' addresses (CIDRs) in "
                 "front_proxy.trusted: the PROXY header comes before TLS, so only the "
                 "connection's address can vouch for it"
             )
-        if not listen.tls:
-            for i, peer in enumerate(front.trusted):
-                if peer.startswith("sha256:"):
-                    problems.append(
-                        f"@front_proxy.trusted[{i}]: a certificate fingerprint needs "
-                        "listen.tls: true (over plain HTTP no proxy presents a certificate)"
-                    )
-            if listen.server_names is None:
-                problems.append(
-                    "@listen.server_names: required with listen.tls: false (no server "
-                    "certificate is served to take the names from): list the names clients use"
-                )
-        if problems:
-            raise ValueError("\n".join(problems))
         return self
 
 

@@ -32,6 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from . import responses
 from .errors import IdentityUnavailable, UpstreamError
 from .forwarder import BodyTimeout, BodyTooLarge
+from .frontproxy import FrontProxy, Refusal
 from .headers import request_fields
 from .identity import LookupContext, Verdict
 from .identity.intents import SignOnLimited
@@ -105,12 +106,14 @@ class Gateway:
         what is left (see the module's docstring)."""
         plan = self.plan
         request.plan = plan
-        trusted = request.trusted = plan.rules.is_trusted_proxy(request.peer_ip)
+        front = plan.front
+        from_front = front is not None and front.trusts(request.peer_ip, request.cert)
+        trusted = request.trusted = from_front or plan.rules.is_trusted_proxy(request.peer_ip)
         request.request_id = _request_id(request, trusted)
         request.started = time.perf_counter()
         self.metrics.request_started()
         try:
-            self._start(request, plan)
+            self._start(request, plan, from_front)
         except Exception as exc:  # the last line of defence: answer 500, never a traceback
             self.fail(request, exc)
 
@@ -176,7 +179,7 @@ class Gateway:
         cert, user, upstream = request.cert, request.user, request.upstream_seconds
         values = (
             request.request_id,
-            request.peer_ip,
+            request.client_ip,
             request.method,
             request.path,
             request.status,
@@ -199,11 +202,17 @@ class Gateway:
 
     # ---- the steps ------------------------------------------------------------------------
 
-    def _start(self, request: Request, plan: Plan) -> None:
+    def _start(self, request: Request, plan: Plan, from_front: bool) -> None:
         problem = _malformed(request, plan)
         if problem is not None:
             self._deny(request, Deny(*problem))
             return
+        front = plan.front
+        if front is not None:
+            refused = self._front_proxy(request, front, from_front)
+            if refused is not None:
+                self._deny(request, refused)
+                return
         try:
             route = plan.policy.route(  # policy: the server, then the route and its methods
                 request.method, request.target, request.raw_headers, request.server_name
@@ -224,12 +233,51 @@ class Gateway:
                 return
             # revocation: a check of the certificate before a cached verdict is used (or, on
             # a route where the certificate alone decides, before policy.decide)
-            if route is not None and needs_verdict(route, cert, request.peer_ip):  # policy:
+            if route is not None and needs_verdict(route, cert, request.client_ip):  # policy:
                 verdict = plan.identity.peek(cert)
                 if verdict is None:
                     move(request, LOOK_UP)
                     return
         self._decide(request, plan, verdict, backend_failed=False)
+
+    def _front_proxy(self, request: Request, front: FrontProxy, from_front: bool) -> Deny | None:
+        """Behind a front proxy: from a trusted one, the client's address (X-Forwarded-For)
+        and the certificate of ``front_proxy.certificate_header``, verified again, in place
+        of the connection's (the proxy's own); a header that does not read or verify is
+        refused, never forwarded. From any other peer the header is judged absent (the
+        header rules strip it), logged and counted. Fails closed."""
+        counter = self.metrics.front_proxy_certificates
+        if not from_front:
+            if front.header is not None and front.sent_header(request.raw_headers):
+                counter.labels("untrusted").inc()
+                self.log.warning(
+                    "certificate_header_untrusted",
+                    request_id=request.request_id,
+                    client=request.peer_ip,
+                    header=front.header,
+                )
+            return None
+        request.client_ip = front.client_address(request.peer_ip, request.raw_headers)
+        if front.header is None:
+            return None
+        claim = front.claim(request.raw_headers, self.clock())
+        if claim is None:
+            counter.labels("absent").inc()
+            request.cert, request.chain = None, ()
+            return None
+        if isinstance(claim, Refusal):
+            counter.labels("unreadable" if claim.status == 400 else "unverified").inc()
+            self.log.warning(
+                "certificate_header_refused",
+                request_id=request.request_id,
+                client=request.client_ip,
+                reason=claim.reason,
+            )
+            request.cert, request.chain = None, ()
+            return Deny(claim.status, claim.reason, claim.code)
+        counter.labels("accepted").inc()
+        request.cert, request.chain = claim.cert, claim.chain
+        return None
 
     async def _look_up(self, request: Request) -> None:
         """A verdict the cache could not give at once (timed and counted by outcome), then
@@ -240,7 +288,7 @@ class Gateway:
         verdict: Verdict | None = None
         started = time.perf_counter()
         try:
-            verdict = await identity.lookup(cert, LookupContext(client_ip=request.peer_ip))
+            verdict = await identity.lookup(cert, LookupContext(client_ip=request.client_ip))
         except IdentityUnavailable as exc:
             self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
             self.log.warning(
@@ -269,7 +317,7 @@ class Gateway:
             backend_failed=backend_failed,
             enrol=plan.identity.can_enrol,
             cert=cert,  # policy: matchers
-            address=request.peer_ip,  # policy: addresses
+            address=request.client_ip,  # policy: addresses
         )
         code = request.verdict_code = verdict.code if verdict is not None else None
         if isinstance(decision, Forward):
@@ -350,7 +398,7 @@ class Gateway:
         counter = self.metrics.signon_intents
         try:
             signed = await _plan(request).identity.sign_on(
-                decision.purpose, return_url, request.peer_ip
+                decision.purpose, return_url, request.client_ip
             )
         # Two names: compiled, one name for both exceptions would be typed as the first.
         except SignOnLimited as limited:

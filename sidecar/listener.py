@@ -34,9 +34,13 @@ class Listener:
         limits: LimitsConfig,
         peer_certs: PeerCertificates,
         metrics: Metrics,
+        plain: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.tls = tls
+        #: listen.tls is false: plain HTTP from a front proxy (``tls_transport`` passes the
+        #: bytes as they are)
+        self.plain = plain
         self.state = ListenerState(gateway, limits=limits, peer_certs=peer_certs, metrics=metrics)
         self._fallback = Fallback(self.state, self._loop)
         self.state.hand_off = self._fallback.adopt

@@ -81,6 +81,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.front_proxy_certificates = Counter(
+            "sidecar_front_proxy_certificates",
+            "Requests carrying the front_proxy.certificate_header, by outcome: accepted (from a "
+            "trusted proxy, verified), absent (a trusted proxy passed none), unreadable (400), "
+            "unverified (403), untrusted (from another peer: stripped, judged without it).",
+            ["outcome"],
+            registry=r,
+        )
         self.connections_refused = Counter(
             "sidecar_connections_refused",
             "Client connections closed at once because limits.max_connections was reached.",

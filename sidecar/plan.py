@@ -8,6 +8,7 @@ from typing import Protocol
 
 from .certs import ClientCert
 from .forwarder import Forwarder
+from .frontproxy import FrontProxy
 from .headers import HeaderRules
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .identity.intents import SignOn
@@ -44,3 +45,5 @@ class Plan:
     upstream: Forwarder
     rules: HeaderRules
     max_header_block: int
+    #: the trusted front proxies and their certificate header; None: no ``front_proxy``
+    front: FrontProxy | None = None

@@ -73,6 +73,7 @@ class Request:
         "block",
         "cert",
         "chain",
+        "client_ip",
         "decision",
         "has_host",
         "http10",
@@ -123,6 +124,9 @@ class Request:
         #: out), for the upstream's chain headers; () when not known
         self.chain: tuple[bytes, ...] = chain
         self.peer_ip = peer_ip
+        #: the client's address: the peer's, or behind a trusted front proxy the one its
+        #: X-Forwarded-For names (``frontproxy``); for logs, policy and rate limits
+        self.client_ip = peer_ip
         #: the TLS server name (SNI) the client asked for; None when it sent none
         self.server_name = server_name
         self.http10 = http10

@@ -67,6 +67,8 @@ class Listener(Protocol):
     """What the accepted connections share (``listener.Listener``)."""
 
     tls: TLSState
+    #: listen.tls is false: no TLS at all, the bytes pass as they are (behind a front proxy)
+    plain: bool
 
     @property
     def limits(self) -> LimitsConfig: ...
@@ -142,6 +144,9 @@ class TLSProtocol(asyncio.Protocol):
             tcp.abort()
             return
         self._admitted = True
+        if listener.plain:
+            self._open()
+            return
         tls = listener.tls
         if tls.servers is None:  # policy: one server: its context now; else see _choose
             self._sslobj = tls.current.wrap_bio(self._incoming, self._outgoing, server_side=True)
@@ -152,6 +157,11 @@ class TLSProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state == _OPEN:
+            if self._sslobj is None:  # plain
+                app = self._app
+                if app is not None:
+                    app.data_received(data)
+                return
             self._incoming.write(data)
             if not self._reading_paused:
                 self._read()
@@ -235,6 +245,13 @@ class TLSProtocol(asyncio.Protocol):
     def _established(self, sslobj: ssl.SSLObject) -> None:
         self._cancel_timer()
         self._flush()  # the last of the handshake and, in TLS 1.3, the session tickets
+        if not self._open():
+            return  # closed at once
+        if not self._reading_paused and (self._incoming.pending or sslobj.pending()):
+            self._read()  # the request that came with the client's last handshake message
+
+    def _open(self) -> bool:
+        """The application's protocol takes the connection; False if it closed it at once."""
         tcp = self._tcp
         assert tcp is not None
         tcp.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
@@ -243,11 +260,10 @@ class TLSProtocol(asyncio.Protocol):
         self._app = app
         app.connection_made(TLSTransport(self))
         if self._state != _OPEN:
-            return  # closed at once
+            return False
         if self._writing_paused:
             self._pause_app_writing()
-        if not self._reading_paused and (self._incoming.pending or sslobj.pending()):
-            self._read()  # the request that came with the client's last handshake message
+        return True
 
     def _end_handshake(self, reason: str) -> None:
         """The handshake failed, timed out or was abandoned: counted here, once."""
@@ -328,7 +344,10 @@ class TLSProtocol(asyncio.Protocol):
             return  # closing: dropped, as asyncio's transports drop writes after close
         sslobj = self._sslobj
         tcp = self._tcp
-        assert sslobj is not None and tcp is not None
+        assert tcp is not None
+        if sslobj is None:  # plain
+            tcp.write(data)
+            return
         try:
             sslobj.write(data)  # a memory BIO takes all of it
         except ssl.SSLError as exc:
@@ -359,12 +378,12 @@ class TLSProtocol(asyncio.Protocol):
             return
         self._state = _CLOSING
         sslobj = self._sslobj
-        assert sslobj is not None
-        # unwrap puts our close_notify in the outgoing BIO, then raises SSLWantReadError: the
-        # peer's close_notify is not waited for.
-        with contextlib.suppress(ssl.SSLError):
-            sslobj.unwrap()
-        self._flush()
+        if sslobj is not None:
+            # unwrap puts our close_notify in the outgoing BIO, then raises
+            # SSLWantReadError: the peer's close_notify is not waited for.
+            with contextlib.suppress(ssl.SSLError):
+                sslobj.unwrap()
+            self._flush()
         self._linger()
 
     def _linger(self) -> None:
@@ -431,10 +450,10 @@ class TLSProtocol(asyncio.Protocol):
         self._reading_paused = False
         tcp = self._tcp
         sslobj = self._sslobj
-        if self._state != _OPEN or tcp is None or sslobj is None:
+        if self._state != _OPEN or tcp is None:
             return
         tcp.resume_reading()
-        if self._incoming.pending or sslobj.pending():
+        if sslobj is not None and (self._incoming.pending or sslobj.pending()):
             self._loop.call_soon(self._read_if_open)
 
     def _extra(self, name: str, default: Any) -> Any:

@@ -180,6 +180,7 @@ class Listener:
     tls: TLSState
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: Metrics = field(default_factory=Metrics)
+    plain: bool = False
     capacity: int = 10
     admitted: int = 0
     released: int = 0
