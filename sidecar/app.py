@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import os
 import socket
 import ssl
@@ -119,6 +120,11 @@ def build_rules(config: Config) -> HeaderRules:
     )
 
 
+def _proxy_from(config: Config) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    """The networks PROXY protocol headers are read from (None: listen.proxy_protocol off)."""
+    return config.front_proxy.networks() if config.listen.proxy_protocol else None
+
+
 # Keys a running process cannot change: the sockets are bound. (All of tls, and
 # limits.handshake_timeout, apply to new connections: each is accepted with the context and
 # the limits current then. listen.server_names is not one either: it is part of the plan.)
@@ -199,6 +205,7 @@ class Sidecar:
             peer_certs=self.peer_certs,
             metrics=self.metrics,
             plain=not self.config.listen.tls,
+            proxy_from=_proxy_from(self.config),
         )
         listen = self.config.listen
         kwargs: dict[str, Any] = {"reuse_port": True} if self.reuse_port else {}
@@ -423,6 +430,7 @@ class Sidecar:
         self.handler.plan = plan
         if self._listener is not None:
             self._listener.apply_limits(new.limits)
+            self._listener.proxy_from = _proxy_from(new)  # for new connections
         self.config = new
         self._observe_certificates(new)
         self._retire(previous, plan, delay=new.shutdown.grace_period)

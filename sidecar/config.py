@@ -160,6 +160,9 @@ class ListenConfig(Section):
     server_names: tuple[Annotated[str, AfterValidator(_server_name)], ...] | None = None
     #: false: plain HTTP, for a front proxy that terminated TLS itself (``front_proxy``)
     tls: bool = True
+    #: every connection starts with a PROXY protocol header (version 1 or 2) from a trusted
+    #: load balancer (``front_proxy.trusted`` networks; any other connection is closed)
+    proxy_protocol: bool = False
 
     @field_validator("server_names")
     @classmethod
@@ -1391,6 +1394,12 @@ class Config(Section):
                 "their client certificates' SHA-256 fingerprints); from any other peer "
                 "certificate headers are stripped and X-Forwarded-* ignored"
             )
+        if listen.proxy_protocol and not front.networks():
+            problems.append(
+                "@listen.proxy_protocol: needs the load balancers' addresses (CIDRs) in "
+                "front_proxy.trusted: the PROXY header comes before TLS, so only the "
+                "connection's address can vouch for it"
+            )
         if not listen.tls:
             for i, peer in enumerate(front.trusted):
                 if peer.startswith("sha256:"):
@@ -1434,20 +1443,16 @@ class Config(Section):
 
 
 # ---- behind a front proxy (issue #15) -----------------------------------------------------
-# ``front_proxy``, ``listen.tls`` and ``headers.certificate_formats`` are accepted by
-# ``Config`` (above). The keys below are checked here but not yet accepted: ``Config``
+# ``front_proxy``, ``listen.tls``, ``listen.proxy_protocol`` and
+# ``headers.certificate_formats`` are accepted by ``Config`` (above). The keys below are checked here but not yet accepted: ``Config``
 # refuses them as unknown until the listener and the request path make them work.
 # ``ConfigWithFrontProxy`` is the shape ``Config`` takes then: each field moves into the
 # section it extends, and its rules join ``Config``'s. ``parse(..., model=...)`` checks a
 # file against it meanwhile (tests).
 
 
-class ProxiedListenConfig(ListenConfig):
-    """``listen`` with ``proxy_protocol`` (it moves into ``ListenConfig``)."""
-
-    #: every connection starts with a PROXY protocol header (version 1 or 2) from a trusted
-    #: load balancer
-    proxy_protocol: bool = False
+#: ``listen.proxy_protocol`` is accepted by ``ListenConfig`` itself now
+ProxiedListenConfig = ListenConfig
 
 
 #: ``headers.certificate_formats`` is accepted by ``HeadersConfig`` itself now
@@ -1533,16 +1538,6 @@ class ConfigWithFrontProxy(Config):
     listen: ProxiedListenConfig = ProxiedListenConfig()
     headers: HeadersWithFormats = HeadersWithFormats()
     identity: LegacyIdentityConfig = LegacyIdentityConfig()
-
-    @model_validator(mode="after")
-    def _proxy_protocol_rules(self) -> ConfigWithFrontProxy:
-        if self.listen.proxy_protocol and not self.front_proxy.networks():
-            raise ValueError(
-                "@listen.proxy_protocol: needs the load balancers' addresses (CIDRs) in "
-                "front_proxy.trusted: the PROXY header comes before TLS, so only the "
-                "connection's address can vouch for it"
-            )
-        return self
 
 
 # ---- loading ------------------------------------------------------------------------------

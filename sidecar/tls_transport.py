@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 from typing import Any, Protocol, cast
 
+from . import proxyproto
 from .config import LimitsConfig
 from .log import get_logger
 from .metrics import Metrics
@@ -45,6 +47,8 @@ from .sni import ClientHelloReader
 from .tls import TLSState
 
 log = get_logger("sidecar.tls")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # what one SSL_read returns at most: one record's plaintext (RFC 8446 §5.1)
 _READ_SIZE = 16384
@@ -69,6 +73,9 @@ class Listener(Protocol):
     tls: TLSState
     #: listen.tls is false: no TLS at all, the bytes pass as they are (behind a front proxy)
     plain: bool
+    #: listen.proxy_protocol: the networks whose connections start with a PROXY protocol
+    #: header (any other connection is closed at accept); None: no PROXY protocol
+    proxy_from: tuple[IPNetwork, ...] | None
 
     @property
     def limits(self) -> LimitsConfig: ...
@@ -100,6 +107,8 @@ class TLSProtocol(asyncio.Protocol):
         "_listener",
         "_loop",
         "_outgoing",
+        "_peer",
+        "_proxy",
         "_reading_paused",
         "_sslobj",
         "_state",
@@ -127,6 +136,10 @@ class TLSProtocol(asyncio.Protocol):
         self._error: Exception | None = None  # why the connection failed, for the application
         #: with several servers, the first bytes until they hold the ClientHello
         self._hello: ClientHelloReader | None = None
+        #: with the PROXY protocol, the first bytes until they hold its header
+        self._proxy: bytearray | None = None
+        #: the client's address and port from the PROXY header (None: the TCP peer's)
+        self._peer: tuple[str, int] | None = None
 
     @property
     def handshaking(self) -> bool:
@@ -144,15 +157,61 @@ class TLSProtocol(asyncio.Protocol):
             tcp.abort()
             return
         self._admitted = True
+        proxy_from = listener.proxy_from
+        if proxy_from is not None:
+            # The PROXY header comes before TLS: only the connection's address can vouch for
+            # it, and guessing whether one is there is what the specification forbids.
+            if not _within(tcp.get_extra_info("peername"), proxy_from):
+                log.info("proxy_protocol_refused", client=self._client(), reason="untrusted peer")
+                self._state = _CLOSING
+                tcp.abort()
+                return
+            self._proxy = bytearray()
+            self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
+            return
+        self._begin(b"")
+
+    def _begin(self, data: bytes) -> None:
+        """TLS (or, plain, the application) takes the connection; ``data`` came first."""
+        listener = self._listener
         if listener.plain:
-            self._open()
+            self._cancel_timer()
+            if self._open() and data:
+                app = self._app
+                if app is not None:
+                    app.data_received(data)
             return
         tls = listener.tls
         if tls.servers is None:  # policy: one server: its context now; else see _choose
             self._sslobj = tls.current.wrap_bio(self._incoming, self._outgoing, server_side=True)
         else:
             self._hello = ClientHelloReader()
-        self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
+        if self._timer is None:  # after a PROXY header, its deadline stands for both
+            self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
+        if data:
+            self.data_received(data)
+
+    def _proxy_header(self, data: bytes) -> None:
+        """The PROXY protocol header, within ``limits.handshake_timeout`` (with the handshake)
+        and ``proxyproto.MAX_LENGTH`` bytes; anything else closes the connection."""
+        buffer = self._proxy
+        assert buffer is not None
+        buffer += data
+        try:
+            parsed = proxyproto.parse(bytes(buffer))
+        except proxyproto.ProxyProtocolError as exc:
+            log.info("proxy_protocol_refused", client=self._client(), reason=str(exc))
+            self._state = _CLOSING
+            self._cancel_timer()
+            tcp = self._tcp
+            if tcp is not None:
+                tcp.abort()
+            return
+        if parsed is None:
+            return
+        self._proxy = None
+        self._peer = parsed.header.client
+        self._begin(parsed.rest)
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -166,6 +225,9 @@ class TLSProtocol(asyncio.Protocol):
             if not self._reading_paused:
                 self._read()
         elif state == _HANDSHAKE:
+            if self._proxy is not None:
+                self._proxy_header(data)
+                return
             if self._sslobj is not None:
                 self._incoming.write(data)
             elif not self._choose(data):  # policy: several servers
@@ -457,6 +519,8 @@ class TLSProtocol(asyncio.Protocol):
             self._loop.call_soon(self._read_if_open)
 
     def _extra(self, name: str, default: Any) -> Any:
+        if name == "peername" and self._peer is not None:
+            return self._peer  # the PROXY header's: the client behind the load balancer
         sslobj = self._sslobj
         if sslobj is not None:
             if name == "ssl_object":
@@ -474,8 +538,23 @@ class TLSProtocol(asyncio.Protocol):
 
     def _client(self) -> str | None:
         tcp = self._tcp
-        peer = tcp.get_extra_info("peername") if tcp is not None else None
+        peer: Any = self._peer
+        if peer is None:
+            peer = tcp.get_extra_info("peername") if tcp is not None else None
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+def _within(peer: Any, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether a socket's peer address lies in ``networks`` (IPv4-mapped IPv6 read as IPv4)."""
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def _reason(exc: ssl.SSLError) -> str:

@@ -65,7 +65,6 @@ def test_the_running_configuration_refuses_them_still(config_dir: ConfigDir) -> 
         config_mod.parse(data, base_dir=config_dir.path, env={})
     assert sorted(info.value.problems) == [
         "identity.identityplus.legacy: unknown key",
-        "listen.proxy_protocol: unknown key",
     ]
     # and the extended model is a Config: the rest of the sidecar takes it as one
     assert issubclass(ConfigWithFrontProxy, Config)
