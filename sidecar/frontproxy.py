@@ -85,6 +85,7 @@ class FrontProxy:
         )
         self._store = Store(anchors) if anchors else None
         self._claims: dict[tuple[bytes, ...], tuple[Accepted | Refusal | None, float]] = {}
+        self._addresses: dict[str, bool] = {}
 
     # ---- who is a proxy ------------------------------------------------------------------
 
@@ -93,8 +94,16 @@ class FrontProxy:
         networks, or its TLS client certificate's fingerprint listed there."""
         if cert is not None and cert.sha256 in self.fingerprints:
             return True
-        ip = _ip(address)
-        return ip is not None and self._in_networks(ip)
+        if address is None:
+            return False
+        known = self._addresses.get(address)
+        if known is None:  # parsed once per address: the same few proxies connect all day
+            ip = _ip(address)
+            known = ip is not None and self._in_networks(ip)
+            if len(self._addresses) >= _REMEMBERED:
+                self._addresses.clear()
+            self._addresses[address] = known
+        return known
 
     def _in_networks(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(ip in network for network in self.networks)
