@@ -18,6 +18,7 @@ from urllib.parse import unquote
 import pytest
 from cryptography import x509
 from http_sfv.item import Item as SfItem
+from http_sfv.list import List as SfList
 
 from sidecar import certformats
 
@@ -100,7 +101,11 @@ async def test_every_format_carries_the_validated_certificate_not_the_clients(
     item = SfItem()
     item.parse(only(upstream, "Client-Cert").encode())
     assert item.value == alice.der
-    assert not upstream.last.header("Client-Cert-Chain")  # no chain known for a TLS client
+    # the chain OpenSSL verified (client-ca.pem holds the root and the intermediate):
+    # the intermediate, the trust anchor left out, whatever the client sent with its leaf
+    chain = SfList()
+    chain.parse(only(upstream, "Client-Cert-Chain").encode())
+    assert [m.value for m in chain] == [every_format.certs.pki.client_intermediate.der]
     # Envoy's XFCC by its documented grammar: one element, Alice's
     (element,) = xfcc_parse(only(upstream, "X-Forwarded-Client-Cert"))
     got = dict(element)
@@ -112,11 +117,15 @@ async def test_every_format_carries_the_validated_certificate_not_the_clients(
     # nginx: URL-encoded PEM
     pem = unquote(only(upstream, "ssl-client-cert")).encode()
     assert x509.load_pem_x509_certificate(pem) == x509.load_der_x509_certificate(alice.der)
-    # Traefik: base64 DER, no armour
-    assert (
-        base64.b64decode(only(upstream, "X-Forwarded-Tls-Client-Cert"), validate=True) == alice.der
-    )
+    # Traefik: base64 DER, no armour, comma-separated (below)
     assert base64.b64decode(only(upstream, "X-APP-CERTIFICATE"), validate=True) == alice.der
+    intermediate = every_format.certs.pki.client_intermediate.der
+    traefik = only(upstream, "X-Forwarded-Tls-Client-Cert").split(",")
+    assert [base64.b64decode(part, validate=True) for part in traefik] == [alice.der, intermediate]
+    assert x509.load_pem_x509_certificates(unquote(got["chain"]).encode()) == [
+        x509.load_der_x509_certificate(alice.der),
+        x509.load_der_x509_certificate(intermediate),
+    ]
     assert decode_userinfo(only(upstream, "X-USERINFO"))["username"] == "alice"
 
 
