@@ -255,3 +255,24 @@ def test_front_proxy_mode_needs_trusted_proxies(config_dir: ConfigDir) -> None:
     assert info.value.problems == [
         "front_proxy.trusted[0]: 0.0.0.0/0 trusts every address: list the proxies' own addresses"
     ]
+
+
+async def test_a_request_with_a_body_takes_the_same_path(
+    behind: Running, upstream: Upstream
+) -> None:
+    """aiohttp's path (a request with a body): the same certificate, the same refusals."""
+    alice = behind.certs.alice
+    for value, status in ((escaped(alice), 200), (escaped(PKI.create().client("M")), 403)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", behind.sidecar.port)
+        writer.write(
+            b"POST /admin/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Content-Length: 4\r\nssl-client-cert: " + value.encode() + b"\r\n\r\nbody"
+        )
+        async with asyncio.timeout(10):
+            answer = await read_response(reader, "POST")
+        writer.close()
+        assert answer.status == status, answer.body
+    seen = upstream.last
+    assert seen.method == "POST" and seen.body_len == 4
+    assert decode_userinfo(seen.header("X-USERINFO")[0])["sub"] == ALICE_SUB
+    assert len(upstream.seen) == 1  # the refused one never reached it
