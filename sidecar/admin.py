@@ -19,7 +19,6 @@ An endpoint that changes state is therefore never a GET.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .certs import normalize_fingerprint, parse_serial
 from .config import AdminConfig
 from .explain import Assumption, Question, default_server_name
+from .hosts import is_address
 from .log import get_logger
 from .metrics import Metrics
 from .rules import IPNetwork, client_address, within
@@ -92,7 +92,7 @@ def known_names(config: AdminConfig) -> frozenset[str]:
     """The host names the admin listener answers to, besides any IP address."""
     names = {"localhost", *config.server_names}
     host = config.host.lower().rstrip(".")
-    if host and not _is_address(host):
+    if host and not is_address(host):
         names.add(host)
     return frozenset(names)
 
@@ -113,7 +113,7 @@ def refusal(method: str, headers: MultiMapping[str], names: frozenset[str]) -> R
     host = hosts[0] if hosts else None
     if host is not None:
         name = _host_name(host)
-        if name not in names and not _is_address(name):
+        if name not in names and not is_address(name):
             return Refusal(
                 421,
                 f"this admin listener is not known as {name[:100]!r}: use its address, localhost, "
@@ -174,14 +174,6 @@ def _host_name(host: str) -> str:
         if colon and port.isdigit() and ":" not in name:
             value = name
     return value.lower().rstrip(".")
-
-
-def _is_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_json(headers: MultiMapping[str]) -> bool:

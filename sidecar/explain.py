@@ -13,7 +13,6 @@ that connected recently. Nothing here does I/O.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -24,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .certs import ClientCert
-from .hosts import host_name
+from .hosts import host_name, is_address
 from .identity import Trust, User, Verdict
 from .policy import (
     NO_ROUTE,
@@ -368,14 +367,6 @@ def default_server_name(host: str | None) -> str | None:
     if not host:
         return None
     name = host_name(host)
-    if name is None or _is_address(name):
+    if name is None or is_address(name):
         return None
     return name
-
-
-def _is_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True

@@ -95,6 +95,15 @@ def host_name(authority: str) -> str | None:
     return _name(host)
 
 
+def is_address(name: str) -> bool:
+    """Whether a host name (without brackets or port) is an IP address literal."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def sni_name(server_name: str | None) -> str | None:
     """The TLS server name, normalised like a host; "" (which no host equals) when it is none."""
     if server_name is None:
