@@ -173,20 +173,21 @@ class FrontProxy:
     ) -> Accepted | Refusal | None:
         try:
             presented = certformats.read(fmt, raw)
-        except CertificateHeaderError as exc:
+        # One name per exception: compiled, a name is typed by its first use.
+        except CertificateHeaderError as unreadable:
             return Refusal(
                 400,
-                f"the front proxy's certificate header cannot be read: {exc}",
+                f"the front proxy's certificate header cannot be read: {unreadable}",
                 "bad_certificate_header",
             )
         if presented is None:
             return None
         try:
             cert = ClientCert.from_der(presented.leaf)
-        except CertificateError as exc:
+        except CertificateError as unparsed:
             return Refusal(
                 400,
-                f"the front proxy's certificate cannot be read: {exc}",
+                f"the front proxy's certificate cannot be read: {unparsed}",
                 "bad_certificate_header",
             )
         if presented.leaf in self._pinned:
@@ -202,8 +203,8 @@ class FrontProxy:
         intermediates = [x509.load_der_x509_certificate(der) for der in presented.chain]
         try:
             verified = _verifier(store, now).verify(leaf, intermediates)
-        except VerificationError as exc:
-            why = str(exc).split(" (encountered", 1)[0].removeprefix("validation failed: ")
+        except VerificationError as failed:
+            why = str(failed).split(" (encountered", 1)[0].removeprefix("validation failed: ")
             return Refusal(
                 403,
                 f"the client certificate from the front proxy does not verify: {why}",

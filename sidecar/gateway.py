@@ -215,9 +215,10 @@ class Gateway:
             return
         front = plan.front
         if front is not None:
-            refused = self._front_proxy(request, front, from_front)
-            if refused is not None:
-                self._deny(request, refused)
+            # Its own name: compiled, a name is typed by its first use (``Refused`` below).
+            header_denial = self._front_proxy(request, front, from_front)
+            if header_denial is not None:
+                self._deny(request, header_denial)
                 return
         try:
             route = plan.policy.route(  # policy: the server, then the route and its methods
