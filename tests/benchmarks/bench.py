@@ -1,14 +1,16 @@
-"""The sidecar against nginx as the reference mTLS proxy, scenario by scenario.
+"""The sidecar against nginx and Envoy as reference mTLS proxies, scenario by scenario.
 
-Run it with ``tests/benchmarks/run.sh`` (which installs nginx, wrk and a C compiler when
-missing and builds the client-certificate shim); this module is the part after that::
+Run it with ``tests/benchmarks/run.sh`` (which installs nginx, wrk, Envoy and a C compiler
+when missing and builds the client-certificate shim); this module is the part after that::
 
     python -m tests.benchmarks.bench --shim build/benchmarks/client_cert_shim.so [options]
 
-Each scenario runs on both proxies, interleaved (nginx, sidecar, nginx, sidecar, ...), ``--reps``
-times; per scenario it reports the median req/s, p50 and p99 latency (wrk's histogram), the
-peak RSS of the proxy's processes, the CPU the proxy used, and the ratios sidecar/nginx. The
-same goes to a JSON file. See README.md in this folder for what each scenario means.
+The arms are nginx (``worker_processes N``), Envoy (``--concurrency N``) and the sidecar
+(``listen.workers N``) for each N of ``--workers`` (e.g. ``1,2``). Each scenario runs on every
+arm, interleaved by repetition (nginx, Envoy, sidecar at N=1, the same at N=2, then again),
+``--reps`` times; per scenario and arm it reports the median req/s, p50 and p99 latency (wrk's
+histogram), the proxy's CPU per request, its peak RSS, and the ratios to nginx at the same N.
+The same goes to a JSON file. See README.md in this folder for what each scenario means.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +153,22 @@ OTHER_LOAD_LIMIT = 0.3
 class Target:
     """One proxy under test: how to reach it and which process tree is it."""
 
-    name: str  # nginx | sidecar
+    name: str  # nginx | sidecar | nginx-2w | envoy-1w | ...
     port: int
     proc: Proc
+    #: for the equal-workers table: which proxy ("nginx", "envoy", "sidecar", "sidecar-b")
+    #: with how many workers; "" for the targets of the sidecar-only comparisons
+    arm: str = ""
+    workers: int = 0
+
     #: plain HTTP with the certificate in a header, as from a front proxy (S1-front)
     front: bool = False
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            **({"arm": self.arm, "workers": self.workers} if self.arm else {}),
+        }
 
 
 @dataclass
@@ -172,9 +186,29 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     #: each sidecar process started: its build ("compiled" or "interpreted")
     builds: dict[str, str] = field(default_factory=dict)
+    #: nginx as the reference proxy, by worker count
+    references: dict[int, Proc] = field(default_factory=dict)
+    #: every arm at every worker count, in the order a repetition runs them
+    arms: list[Target] = field(default_factory=list)
 
     def say(self, text: str) -> None:
         print(text, flush=True)
+
+    @property
+    def primary(self) -> int:
+        """The worker count of the sidecar-only comparisons (logging, routes, S4, profile,
+        --versus): the first of ``--workers``."""
+        workers: list[int] = self.args.workers
+        return workers[0]
+
+    def port(self, key: str) -> int:
+        """The port named ``key``, chosen on first use."""
+        if key not in self.ports:
+            self.ports[key] = stack.free_port()
+        return self.ports[key]
+
+    def _suffix(self, workers: int) -> str:
+        return "" if workers == self.primary else f"_w{workers}"
 
     # ---- processes ----------------------------------------------------------------------
 
@@ -218,18 +252,66 @@ class Bench:
         )
         self.procs.append(up)
         stack.wait_port(up, p["upstream"])
-        ref_conf = stack.reference_conf(
-            self.folder,
-            self.pki,
-            port=p["reference"],
-            log_port=p["reference_log"],
-            upstream_port=p["upstream"],
-            workers=self.args.workers,
-        )
-        ref = stack.start_nginx("reference-nginx", ref_conf, self.folder, self.placement.proxy)
-        self.procs.append(ref)
-        stack.wait_port(ref, p["reference"])
-        self.upstream, self.reference = up, ref
+        self.upstream = up
+        for workers in self.args.workers:
+            suffix = self._suffix(workers)
+            name = "reference" + suffix.replace("_", "-")
+            ref_conf = stack.reference_conf(
+                self.folder,
+                self.pki,
+                port=self.port("reference" + suffix),
+                log_port=self.port("reference_log" + suffix),
+                upstream_port=p["upstream"],
+                workers=workers,
+                name=name,
+            )
+            ref = stack.start_nginx(f"{name}-nginx", ref_conf, self.folder, self.placement.proxy)
+            self.procs.append(ref)
+            stack.wait_port(ref, p["reference" + suffix])
+            self.references[workers] = ref
+        self.reference = self.references[self.primary]
+
+    def start_arms(self) -> Target:
+        """nginx (started by ``start_fixed``), Envoy and the sidecar at each worker count, as
+        ``self.arms``; returns the sidecar at the primary count (started as "sidecar")."""
+        primary: Target | None = None
+        for workers in self.args.workers:
+            suffix = self._suffix(workers)
+            self.arms.append(
+                Target(
+                    f"nginx-{workers}w",
+                    self.ports["reference" + suffix],
+                    self.references[workers],
+                    "nginx",
+                    workers,
+                )
+            )
+            if not self.args.no_envoy:
+                name = "envoy" + suffix.replace("_", "-")
+                port = self.port("envoy" + suffix)
+                conf = stack.envoy_conf(
+                    self.folder,
+                    self.pki,
+                    port=port,
+                    upstream_port=self.ports["upstream"],
+                    name=name,
+                )
+                envoy = stack.start_envoy(name, conf, self.folder, self.placement.proxy, workers)
+                self.procs.append(envoy)
+                stack.wait_port(envoy, port)
+                self.arms.append(Target(f"envoy-{workers}w", port, envoy, "envoy", workers))
+            name = "sidecar" + suffix.replace("_", "-")
+            self.port("sidecar" + suffix)
+            self.port("admin" + suffix)
+            proc = self.start_sidecar(name, "sidecar" + suffix, "admin" + suffix, workers=workers)
+            target = Target(
+                f"sidecar-{workers}w", self.ports["sidecar" + suffix], proc, "sidecar", workers
+            )
+            self.arms.append(target)
+            if workers == self.primary:
+                primary = target
+        assert primary is not None
+        return primary
 
     def start_sidecar(
         self,
@@ -253,7 +335,7 @@ class Bench:
             port=self.ports[port_key],
             admin_port=self.ports[admin_key],
             upstream_port=self.ports["upstream"],
-            workers=self.args.workers if workers is None else workers,
+            workers=self.primary if workers is None else workers,
             log_level=log_level,
             http_backend=http_backend,
             shared_url=shared_url,
@@ -275,9 +357,12 @@ class Bench:
 
     # ---- checks -------------------------------------------------------------------------
 
-    def checks(self, sidecar: Proc) -> dict[str, Any]:
-        """Both proxies do the same thing before they are compared; nginx refuses without a cert."""
-        pki, p = self.pki, self.ports
+    def checks(self, targets: list[Target]) -> dict[str, Any]:
+        """Every arm does the same thing before they are compared: with the load's certificate
+        the upstream receives the same identity and forwarding headers (the client's copies
+        replaced), without a certificate the request is refused, a trusted certificate bound
+        to nobody gets 403; wrk without the shim gets only refusals from nginx."""
+        pki = self.pki
         with_cert = stack.client_context(pki, pki.client_cert, pki.client_key)
         without = stack.client_context(pki, None)
         from tests.pki import make_leaf
@@ -291,27 +376,56 @@ class Bench:
             "cert": stack.der_b64(pki.client_der),
             "userinfo": stack.BENCH_USER.header_value,
         }
-        for name, port in (("nginx", p["reference"]), ("sidecar", p["sidecar"])):
-            status, body, headers = stack.https_get(
-                port,
-                "/__headers",
-                with_cert,
-                {"X-USERINFO": "forged", "X-APP-CERTIFICATE": "forged"},
-            )
+        forged = {
+            "X-USERINFO": "forged",
+            "X-APP-CERTIFICATE": "forged",
+            "X-Forwarded-For": "192.0.2.1",
+            "X-Forwarded-Proto": "http",
+            "X-Forwarded-Host": "forged.example",
+            "X-Real-IP": "192.0.2.1",
+            "X-Request-ID": "forged",
+        }
+        problems = []
+        for t in targets:
+            status, body, headers = stack.https_get(t.port, "/__headers", with_cert, forged)
             seen = stack.decode_json(body) if status == 200 else {}
-            out[name] = {
+            response_id = next((v for k, v in headers.items() if k.lower() == "x-request-id"), "")
+            forwarding = {
+                "xff": "127.0.0.1",
+                "proto": "https",
+                "host": f"127.0.0.1:{t.port}",
+                "real_ip": "127.0.0.1",
+            }
+            c = out[t.name] = {
                 "with_certificate": status,
+                "tls": stack.tls_parameters(t.port, with_cert),
                 "identity_headers_match": status == 200
                 and all(seen.get(k) == v for k, v in expected.items()),
-                "forwarded_headers": {k: seen.get(k) for k in ("xff", "proto", "host")},
-                "request_id_on_response": any(k.lower() == "x-request-id" for k in headers),
-                "without_certificate": stack.https_get(port, "/", without)[0],
-                "unbound_certificate": stack.https_get(port, "/", unknown)[0],
+                "forwarded_headers": {k: seen.get(k) for k in forwarding},
+                "forwarded_headers_match": all(seen.get(k) == v for k, v in forwarding.items()),
+                "request_id": seen.get("request_id"),
+                # the upstream's id is the one on the response, and not the client's
+                "request_id_on_response": bool(response_id)
+                and response_id == seen.get("request_id")
+                and response_id != "forged",
+                "without_certificate": stack.https_get(t.port, "/", without)[0],
+                "unbound_certificate": stack.https_get(t.port, "/", unknown)[0],
             }
+            if c["with_certificate"] != 200 or not c["identity_headers_match"]:
+                problems.append(f"{t.name}: request with the client certificate: {c}")
+            if not c["forwarded_headers_match"] or not c["request_id_on_response"]:
+                problems.append(f"{t.name}: forwarding headers or request id differ: {c}")
+            if c["without_certificate"] not in (400, 401, 0):
+                problems.append(
+                    f"{t.name}: a request without a certificate got {c['without_certificate']}"
+                )
+            if c["unbound_certificate"] not in (403, 0):
+                problems.append(f"{t.name}: an unbound certificate got {c['unbound_certificate']}")
         # wrk as it is (no shim) against nginx: every answer must be a refusal.
+        nginx = next(t for t in targets if t.arm == "nginx")
         script = loadgen.lua_script(self.folder, "check")
         bare = loadgen.run_wrk(
-            f"https://127.0.0.1:{p['reference']}/",
+            f"https://127.0.0.1:{nginx.port}/",
             connections=4,
             threads=1,
             seconds=1,
@@ -322,24 +436,46 @@ class Bench:
             cpus=self.placement.rest,
             folder=self.folder,
         )
-        out["nginx"]["wrk_without_shim"] = {
+        out[nginx.name]["wrk_without_shim"] = {
             "requests": bare.requests,
             "non_2xx": bare.errors["status"],
         }
-        problems = []
-        for name in ("nginx", "sidecar"):
-            c = out[name]
-            if c["with_certificate"] != 200 or not c["identity_headers_match"]:
-                problems.append(f"{name}: request with the client certificate: {c}")
-            if c["without_certificate"] not in (400, 401, 0):
-                problems.append(
-                    f"{name}: a request without a certificate got {c['without_certificate']}"
-                )
-            if c["unbound_certificate"] not in (403, 0):
-                problems.append(f"{name}: an unbound certificate got {c['unbound_certificate']}")
         if bare.requests == 0 or bare.errors["status"] != bare.requests:
             problems.append(f"nginx answered wrk without a client certificate: {bare.as_dict()}")
         out["problems"] = problems
+        return out
+
+    # ---- memory per idle connection ------------------------------------------------------
+
+    def idle_probe(self, targets: list[Target]) -> dict[str, Any]:
+        """RSS per idle keep-alive connection of each proxy: ``--idle-connections`` TLS
+        connections, each after one request, held open while the proxy's processes' RSS is
+        read. Run first, on processes that have served only the checks (a process keeps the
+        memory it once used, so later the growth would undercount)."""
+        count = self.args.idle_connections
+        self.say(f"\n== idle connections: RSS per open keep-alive connection ({count} connections)")
+        ctx = stack.client_context(self.pki, self.pki.client_cert, self.pki.client_key)
+        out: dict[str, Any] = {"connections": count, "arms": []}
+        for t in targets:
+            pids = stack.tree(t.proc.pid)
+            before = stack.rss_kib(pids)
+            opened, during = loadgen.hold_idle(t.port, count, ctx, partial(stack.rss_kib, pids))
+            per = round((during - before) / opened, 1) if opened else None
+            out["arms"].append(
+                {
+                    "target": t.name,
+                    "arm": t.arm,
+                    "workers": t.workers,
+                    "opened": opened,
+                    "rss_before_kib": before,
+                    "rss_with_connections_kib": during,
+                    "kib_per_connection": per,
+                }
+            )
+            self.say(
+                f"   {t.name:<11} {opened} open: RSS {before} -> {during} KiB, "
+                f"{per if per is not None else '-'} KiB per connection"
+            )
         return out
 
     # ---- one measurement ----------------------------------------------------------------
@@ -357,7 +493,7 @@ class Bench:
         res = loadgen.run_wrk(
             f"{'http' if target.front else 'https'}://127.0.0.1:{target.port}{scenario.path}",
             connections=scenario.connections,
-            threads=self.placement.client_threads,
+            threads=self.args.wrk_threads or self.placement.client_threads,
             seconds=seconds,
             script=self.script(scenario, front=target.front),
             shim=None if target.front else self.shim,
@@ -384,6 +520,9 @@ class Bench:
             "steal_cores": round((steal1 - steal0) / wall, 3),
             "requests_per_proxy_cpu_second": round(res.requests / proxy_cpu, 1)
             if proxy_cpu > 0
+            else None,
+            "proxy_cpu_us_per_request": round(proxy_cpu / res.requests * 1e6, 1)
+            if res.requests
             else None,
         }
 
@@ -441,13 +580,15 @@ class Bench:
         }
         for name in summary:
             summary[name]["discarded_runs"] = discarded[name]
-        return {
+        result: dict[str, Any] = {
             "scenario": scenario.__dict__,
-            "targets": {t.name: {"port": t.port} for t in targets},
+            "targets": {t.name: t.meta() for t in targets},
             "runs": runs,
             "summary": summary,
-            "comparison": compare(summary, scenario, self.probes.get(scenario.key), runs),
         }
+        if scenario.key in self.probes:
+            result["body_size_probe"] = self.probes[scenario.key]
+        return compared(result)
 
     # ---- S3: does the sidecar's memory grow with the body size? ------------------------
 
@@ -939,6 +1080,7 @@ def summarize(
         "requests_per_proxy_cpu_second": round(
             _median([r["requests_per_proxy_cpu_second"] or 0 for r in runs]), 1
         ),
+        "proxy_cpu_us_per_request": round(_median([_cpu_us(r) for r in runs]), 1),
         "errors": sum(sum(r["errors"].values()) for r in runs),
         "failed_runs": sum(1 for r in runs if r["requests"] == 0),
         "requests": sum(r["requests"] for r in runs),
@@ -968,6 +1110,92 @@ def summarize(
         out["rss_growth_kib"] = growth
         out["rss_growth_per_in_flight_kib"] = round(growth / scenario.connections, 1)
     return out
+
+
+def _cpu_us(run: dict[str, Any]) -> float:
+    """The proxy's CPU per request in one run, in microseconds (older results: from requests
+    per CPU-second)."""
+    if run.get("proxy_cpu_us_per_request") is not None:
+        return float(run["proxy_cpu_us_per_request"])
+    rate = run.get("requests_per_proxy_cpu_second")
+    return 1e6 / rate if rate else 0.0
+
+
+def compared(s: dict[str, Any]) -> dict[str, Any]:
+    """``s`` (one scenario's results) with its comparisons (re)computed from the summaries:
+    ``comparison``, the sidecar against nginx at the primary worker count (with the
+    scenario's targets), and ``arms``, every arm against nginx at its own worker count."""
+    view = legacy_view(s)
+    s["comparison"] = compare(
+        view["summary"], Scenario(**s["scenario"]), s.get("body_size_probe"), view.get("runs")
+    )
+    s["arms"] = compare_arms(s)
+    return s
+
+
+def legacy_view(s: dict[str, Any]) -> dict[str, Any]:
+    """The scenario as the sidecar-only comparisons see it: nginx and the sidecar at the
+    primary worker count, and the --versus build when there is one. Results without arms
+    (the sidecar-only scenarios, older files) are that already."""
+    targets: dict[str, dict[str, Any]] = s["targets"]
+    if not any("arm" in meta for meta in targets.values()):
+        return s
+    primary = next(iter(targets.values()))["workers"]
+    names = [
+        name
+        for arm in ("nginx", "sidecar", "sidecar-b")
+        for name, meta in targets.items()
+        if meta.get("arm") == arm and meta["workers"] == primary
+    ]
+    runs = s.get("runs")
+    return {
+        **s,
+        "targets": {n: targets[n] for n in names},
+        "summary": {n: s["summary"][n] for n in names},
+        "runs": {n: runs[n] for n in names} if runs else None,
+    }
+
+
+def compare_arms(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each arm against nginx with as many workers, in the order they ran; empty for results
+    without arms."""
+    targets: dict[str, dict[str, Any]] = s["targets"]
+    summary, runs = s["summary"], s.get("runs")
+    nginx = {meta["workers"]: name for name, meta in targets.items() if meta.get("arm") == "nginx"}
+    rows = []
+    for name, meta in targets.items():
+        if "arm" not in meta or meta["workers"] not in nginx:
+            continue
+        ref_name = nginx[meta["workers"]]
+        ref, me = summary[ref_name], summary[name]
+        pair = [ref_name, name]
+        row: dict[str, Any] = {
+            "target": name,
+            "arm": meta["arm"],
+            "workers": meta["workers"],
+            "rps": me["rps"],
+            "rps_ratio": round(me["rps"] / ref["rps"], 3) if ref["rps"] else None,
+            "rps_ratio_pairs": _pair_ratio(runs, pair, "rps") if name != ref_name else None,
+            "cpu_us_per_request": me.get("proxy_cpu_us_per_request")
+            or (
+                round(1e6 / me["requests_per_proxy_cpu_second"], 1)
+                if me["requests_per_proxy_cpu_second"]
+                else None
+            ),
+            "p50_ms": me["p50_ms"],
+            "p99_ms": me["p99_ms"],
+            "p99_ratio": round(me["p99_ms"] / ref["p99_ms"], 2) if ref["p99_ms"] else None,
+            "p99_ratio_pairs": _pair_ratio(runs, pair, "p99_ms") if name != ref_name else None,
+            "proxy_cores": me["proxy_cores"],
+            "peak_rss_kib": me["peak_rss_kib"],
+            "errors": me["errors"] + me["failed_runs"],
+            "other_load_cores_max": me["other_load_cores_max"],
+        }
+        for key in ("mib_per_s", "resumed_fraction"):
+            if key in me:
+                row[key] = me[key]
+        rows.append(row)
+    return rows
 
 
 def compare(
@@ -1164,6 +1392,15 @@ def machine() -> dict[str, Any]:
 
     import aiohttp
 
+    # nginx -V: "built with OpenSSL 3.0.x ... (running with OpenSSL 3.0.y ...)"
+    built = subprocess.run(
+        [stack.nginx_binary(), "-V"], capture_output=True, text=True, timeout=10, check=False
+    )
+    nginx_ssl = next(
+        (ln.strip() for ln in built.stderr.splitlines() if ln.startswith("built with")), ""
+    )
+    envoy = stack.envoy_binary()
+
     try:
         import uvloop
 
@@ -1181,6 +1418,11 @@ def machine() -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "uvloop": uv,
         "nginx": version([stack.nginx_binary(), "-v"]),
+        "nginx_openssl": nginx_ssl,
+        # "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+        "envoy": "envoy " + version([envoy, "--version"]).split("version:")[-1].strip()
+        if envoy
+        else "envoy not found",
         "wrk": version([loadgen.wrk_binary(), "-v"]).split("Copyright")[0].strip(),
         "openssl": version(["openssl", "version"]),
         "sidecar_commit": version(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
@@ -1213,7 +1455,7 @@ def table(results: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |\n"
     )
     lines = []
-    for s in results["scenarios"]:
+    for s in map(legacy_view, results["scenarios"]):
         key = s["scenario"]["key"]
         a, b = (s["summary"][n] for n in list(s["targets"])[:2])
         c = s["comparison"]
@@ -1243,6 +1485,109 @@ def table(results: dict[str, Any]) -> str:
             f"| {max(a['other_load_cores_max'], b['other_load_cores_max']):.2f} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def legacy_workers(results: dict[str, Any]) -> int:
+    workers = results["parameters"].get("workers", 1)
+    return int(workers[0] if isinstance(workers, list) else workers)
+
+
+_ARM_NAMES = {"nginx": "nginx", "envoy": "Envoy", "sidecar": "sidecar", "sidecar-b": "sidecar-b"}
+
+
+def _scenario_cell(s: dict[str, Any]) -> str:
+    key = s["scenario"]["key"]
+    if s["scenario"].get("streaming"):
+        return f"{key} ({s['scenario']['connections']} connections, 1 MiB bodies)"
+    return f"{key} ({s['scenario']['connections']} connections)"
+
+
+def _ratio(value: float | None, pairs: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (f" ({pairs:.2f})" if pairs is not None else "")
+
+
+def arms_table(results: dict[str, Any]) -> str:
+    """Every arm at every worker count: req/s and its ratio to nginx with as many workers, the
+    proxy's CPU per request, latency and its ratio."""
+    head = (
+        "| scenario | workers | proxy | req/s | ratio to nginx (of pairs) | CPU µs per request "
+        "| p50 / p99 ms | p99 ratio (of pairs) | proxy CPU cores | peak RSS | errors |\n"
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+    lines = []
+    for s in results["scenarios"]:
+        for row in s.get("arms") or []:
+            rate = f"{row['rps']:.0f}"
+            if "mib_per_s" in row:
+                rate += f" ({row['mib_per_s']:.0f} MiB/s)"
+            if "resumed_fraction" in row:
+                rate += f" ({row['resumed_fraction']:.0%} resumed)"
+            nginx = row["arm"] == "nginx"
+            cpu = row["cpu_us_per_request"]
+            lines.append(
+                f"| {_scenario_cell(s)} | {row['workers']} | {_ARM_NAMES.get(row['arm'], row['arm'])} "
+                f"| {rate} | {'1' if nginx else _ratio(row['rps_ratio'], row['rps_ratio_pairs'])} "
+                f"| {cpu:.0f} | {row['p50_ms']:.2f} / {row['p99_ms']:.2f} "
+                f"| {'1' if nginx else _ratio(row['p99_ratio'], row['p99_ratio_pairs'])} "
+                f"| {row['proxy_cores']:.2f} | {_kib(row['peak_rss_kib'])} | {row['errors']} |"
+                if cpu is not None
+                else f"| {_scenario_cell(s)} | {row['workers']} | {row['arm']} | {rate} | - | - | - | - | - | - | {row['errors']} |"
+            )
+    return head + "\n".join(lines) + "\n"
+
+
+def idle_text(idle: dict[str, Any]) -> str:
+    """Memory per idle keep-alive connection, each arm (fresh processes)."""
+    rows = [
+        f"| {r['workers']} | {_ARM_NAMES.get(r['arm'], r['arm'])} | {r['opened']} "
+        f"| {_kib(r['rss_before_kib'])} | "
+        f"{'-' if r['kib_per_connection'] is None else format(r['kib_per_connection'], '.0f')} |"
+        for r in idle["arms"]
+    ]
+    return (
+        f"\nMemory per idle connection: {idle['connections']} TLS keep-alive connections, one "
+        "request each, held open (RSS of the proxy's processes; fresh processes):\n\n"
+        "| workers | proxy | open | RSS before | KiB per connection |\n"
+        "| ---: | --- | ---: | ---: | ---: |\n" + "\n".join(rows) + "\n"
+    )
+
+
+def single_worker_table(results: dict[str, Any]) -> str:
+    """The sidecar with one worker against nginx and Envoy with the most workers of the run:
+    what one sidecar process gets beside a full-size reference (issue #19's first table)."""
+    lines = []
+    for s in results["scenarios"]:
+        rows = s.get("arms") or []
+        counts = sorted({r["workers"] for r in rows})
+        if len(counts) < 2 or counts[0] != 1:
+            continue
+        most = counts[-1]
+        one = next((r for r in rows if r["arm"] == "sidecar" and r["workers"] == 1), None)
+        if one is None:
+            continue
+        cells = []
+        for arm in ("nginx", "envoy"):
+            ref = next((r for r in rows if r["arm"] == arm and r["workers"] == most), None)
+            if ref is None or not ref["rps"] or not ref["p99_ms"]:
+                cells.append("-")
+                continue
+            pairs = _pair_ratio(s.get("runs"), [ref["target"], one["target"]], "rps")
+            cells.append(
+                f"{one['rps'] / ref['rps']:.2f}{f' ({pairs:.2f})' if pairs is not None else ''}"
+                f" / {one['p99_ms'] / ref['p99_ms']:.2f}"
+            )
+        lines.append(f"| {_scenario_cell(s)} | {one['rps']:.0f} | {cells[0]} | {cells[1]} |")
+    if not lines:
+        return ""
+    most = max(r["workers"] for s in results["scenarios"] for r in s.get("arms") or [])
+    return (
+        f"The sidecar with 1 worker against nginx and Envoy with {most} (req/s ratio, of pairs; "
+        "p99 ratio):\n\n"
+        f"| scenario | sidecar, 1 worker, req/s | ratio to nginx, {most} workers | ratio to Envoy, {most} workers |\n"
+        "| --- | ---: | ---: | ---: |\n" + "\n".join(lines) + "\n"
+    )
 
 
 def s4_text(s4: dict[str, Any]) -> str:
@@ -1384,7 +1729,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sidecar-ref REF, the compiled and the interpreted build of one commit",
     )
     p.add_argument(
-        "--workers", type=int, default=1, help="worker processes for both proxies (default 1)"
+        "--workers",
+        default="1",
+        help="worker counts, comma-separated (e.g. 1,2): nginx's worker_processes, Envoy's "
+        "--concurrency and the sidecar's listen.workers, each count measured in the same run; "
+        "the first is also the count of the sidecar-only comparisons (default 1)",
+    )
+    p.add_argument(
+        "--no-envoy", action="store_true", help="leave Envoy out (nginx and the sidecar only)"
+    )
+    p.add_argument(
+        "--idle-connections",
+        type=int,
+        default=500,
+        help="open this many keep-alive connections to each proxy before the scenarios and "
+        "report its RSS per connection (default 500; 0 skips it)",
+    )
+    p.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=None,
+        help="wrk's threads (default: one per CPU of the load generator, or half the CPUs "
+        "when nothing is pinned)",
     )
     p.add_argument(
         "--scenarios",
@@ -1430,6 +1796,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--shim is required (tests/benchmarks/run.sh builds it)")
     if args.reps < 1:
         p.error("--reps must be at least 1")
+    try:
+        args.workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--workers: comma-separated numbers, not {args.workers!r}")
+    if not args.workers or min(args.workers) < 1 or len(set(args.workers)) != len(args.workers):
+        p.error("--workers: one or more distinct counts, each at least 1")
+    if args.wrk_threads is not None and args.wrk_threads < 1:
+        p.error("--wrk-threads must be at least 1")
     return args
 
 
@@ -1464,7 +1838,7 @@ def main(argv: list[str] | None = None) -> int:
     folder: Path = args.dir.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     scenarios, extras = selected(args.scenarios)
-    placement = Placement.choose(not args.no_pin, args.workers)
+    placement = Placement.choose(not args.no_pin, max(args.workers))
     pki = BenchPKI.create(folder / "pki")
     bench = Bench(args, folder, pki, placement, args.shim.resolve())
     info = machine()
@@ -1478,11 +1852,14 @@ def main(argv: list[str] | None = None) -> int:
         sha_b, versus_src = stack.export_commit(ROOT, args.versus, folder)
         info["versus_source"] = f"commit {sha_b} ({args.versus})"
     print(
-        f"machine: {info['nproc']} CPUs, {info['cpu_model']}; {info['nginx']}; {info['wrk']}; Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}"
+        f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Linux {info['kernel']}; {info['nginx']} "
+        f"({info['nginx_openssl']}); {info['envoy']}; {info['wrk']}; Python {info['python']} "
+        f"({info['python_openssl']}), aiohttp {info['aiohttp']}, uvloop {info['uvloop']}"
     )
     print(f"sidecar: {info['sidecar_source']}")
     print(
-        f"placement: {placement.describe()}; {args.reps} reps x {args.duration:g} s (+{args.warmup:g} s warm-up), workers {args.workers}"
+        f"placement: {placement.describe()}; wrk threads {args.wrk_threads or placement.client_threads}; "
+        f"{args.reps} reps x {args.duration:g} s (+{args.warmup:g} s warm-up), workers {','.join(map(str, args.workers))}"
     )
     results: dict[str, Any] = {
         "machine": info,
@@ -1495,17 +1872,20 @@ def main(argv: list[str] | None = None) -> int:
     out_path: Path = args.out or folder / "results.json"
     try:
         bench.start_fixed()
-        sidecar = bench.start_sidecar("sidecar", "sidecar", "admin")
+        sc_t = bench.start_arms()
+        sc_t = dataclasses.replace(sc_t, name="sidecar", arm="", workers=0)
+        ref_t = Target("nginx", bench.ports["reference"], bench.reference)
         info["sidecar_build"] = bench.builds["sidecar"]
         print(f"sidecar build: {info['sidecar_build']}")
-        results["checks"] = checks = bench.checks(sidecar)
-        for name in ("nginx", "sidecar"):
-            print(f"check {name}: {json.dumps(checks[name])}")
+        results["checks"] = checks = bench.checks(bench.arms)
+        for t in bench.arms:
+            print(f"check {t.name}: {json.dumps(checks[t.name])}")
         if checks["problems"]:
             print("checks failed:\n  " + "\n  ".join(checks["problems"]), file=sys.stderr)
             return 1
-        ref_t = Target("nginx", bench.ports["reference"], bench.reference)
-        sc_t = Target("sidecar", bench.ports["sidecar"], sidecar)
+        if args.idle_connections > 0:
+            results["idle_connections"] = bench.idle_probe(bench.arms)
+            _write(out_path, results)
         versus: list[Target] = []
         if versus_src is not None:
             other = bench.start_sidecar(
@@ -1515,7 +1895,9 @@ def main(argv: list[str] | None = None) -> int:
                 src=versus_src,
                 env={"SIDECAR_PURE": "1"} if args.versus_pure else None,
             )
-            versus.append(Target("sidecar-b", bench.ports["sidecar_b"], other))
+            versus.append(
+                Target("sidecar-b", bench.ports["sidecar_b"], other, "sidecar-b", bench.primary)
+            )
             info["versus_build"] = bench.builds["sidecar-b"]
             print(f"sidecar-b build: {info['versus_build']}")
         for scenario in scenarios:
@@ -1538,9 +1920,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if scenario.probe_path is not None:
                     bench.probes[scenario.key] = bench.body_probe(scenario)
-                results["scenarios"].append(bench.scenario(scenario, [ref_t, sc_t, *versus]))
-                if scenario.key in bench.probes:
-                    results["scenarios"][-1]["body_size_probe"] = bench.probes[scenario.key]
+                results["scenarios"].append(bench.scenario(scenario, [*bench.arms, *versus]))
             _write(out_path, results)
         if args.profile_seconds > 0:
             results["profile"] = bench.profile(sc_t)
@@ -1568,19 +1948,41 @@ def report(results: dict[str, Any]) -> str:
     """The Markdown report of a results document (comparisons recomputed from the summaries)."""
     info = results["machine"]
     for s in results["scenarios"]:
-        scenario = Scenario(**s["scenario"])
-        s["comparison"] = compare(s["summary"], scenario, s.get("body_size_probe"), s.get("runs"))
+        compared(s)
+    params = results["parameters"]
+    workers = params.get("workers", 1)
+    workers_text = ",".join(map(str, workers)) if isinstance(workers, list) else str(workers)
     head = (
-        f"{info['date']}, {info['nproc']} CPUs ({info['cpu_model']}), sidecar "
+        f"{info['date']}, {info['nproc']} CPUs ({info['cpu_model']}"
+        f"{', Linux ' + info['kernel'] if 'kernel' in info else ''}), sidecar "
         f"{info.get('sidecar_source', info.get('sidecar_commit'))}"
         f"{' (' + info['sidecar_build'] + ')' if 'sidecar_build' in info else ''}; "
-        f"{info['nginx']}, {info['wrk']}, "
-        f"Python {info['python']}, aiohttp {info['aiohttp']}, uvloop {info['uvloop']}; "
-        f"{results['parameters'].get('placement', '')}\n\n"
+        f"{info['nginx']}"
+        f"{' (' + info['nginx_openssl'] + ')' if info.get('nginx_openssl') else ''}, "
+        f"{'no Envoy' if params.get('no_envoy') else info.get('envoy', 'no Envoy')}, {info['wrk']}, "
+        f"Python {info['python']} ({info.get('python_openssl', '?')}), "
+        f"aiohttp {info['aiohttp']}, uvloop {info['uvloop']}; "
+        f"{params.get('placement', '')}"
+        f"{'; wrk threads ' + str(params['wrk_threads']) if params.get('wrk_threads') else ''}; "
+        f"workers {workers_text}; "
+        f"{params.get('reps')} reps x {params.get('duration')} s\n\n"
     )
+    arms = any(s.get("arms") for s in results["scenarios"])
     return (
         head
-        + (table(results) if results["scenarios"] else "")
+        + (arms_table(results) + "\n" + single_worker_table(results) if arms else "")
+        + (idle_text(results["idle_connections"]) if "idle_connections" in results else "")
+        + (
+            (
+                "\nThe sidecar against nginx at "
+                f"{legacy_workers(results)} worker(s), with the scenarios' targets:\n\n"
+                if arms
+                else ""
+            )
+            + table(results)
+            if results["scenarios"]
+            else ""
+        )
         + versus_text(results)
         + "\n"
         + (s4_text(results["s4"]) if "s4" in results else "")

@@ -8,16 +8,20 @@ JSON line, so nothing is scraped from the human-readable report.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _DONE = r"""
 function done(summary, latency, requests)
@@ -158,6 +162,58 @@ def run_wrk(
         handshakes_resumed=resumed,
         cpu_seconds=usage.ru_utime + usage.ru_stime,
     )
+
+
+# ---- idle connections ----------------------------------------------------------------------
+
+
+def hold_idle(
+    port: int, count: int, ctx: ssl.SSLContext, measure: Callable[[], T]
+) -> tuple[int, T]:
+    """Open ``count`` TLS connections to ``port``, make one ``GET /`` on each (so that every
+    proxy has done its per-connection work: handshake, client certificate, upstream), keep
+    them open and idle, call ``measure()``, then close them. Returns how many were open with
+    a 200 answer, and what ``measure`` returned."""
+
+    async def one(gate: asyncio.Semaphore) -> asyncio.StreamWriter | None:
+        async with gate:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(
+                        "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+                    ),
+                    10,
+                )
+                # the Host the SNI names: the sidecar answers 421 to a request for another host
+                writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                fields = head.lower()
+                match = re.search(rb"\r\ncontent-length: *(\d+)", fields)
+                if match:
+                    await asyncio.wait_for(reader.readexactly(int(match.group(1))), 10)
+                elif b"\r\ntransfer-encoding: chunked" in fields:
+                    await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10)
+                if head.startswith(b"HTTP/1.1 200"):
+                    return writer
+                writer.close()
+            except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError):
+                pass
+            except asyncio.LimitOverrunError:
+                pass
+            return None
+
+    async def main() -> tuple[int, T]:
+        gate = asyncio.Semaphore(64)
+        opened = [w for w in await asyncio.gather(*(one(gate) for _ in range(count))) if w]
+        await asyncio.sleep(0.5)  # let the proxies settle (buffers released, timers armed)
+        try:
+            return len(opened), measure()
+        finally:
+            for writer in opened:
+                writer.close()
+            await asyncio.gather(*(w.wait_closed() for w in opened), return_exceptions=True)
+
+    return asyncio.run(main())
 
 
 # ---- the rest of the machine --------------------------------------------------------------

