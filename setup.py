@@ -70,6 +70,7 @@ COMPILED = [
     "sidecar/sessions.py",
     "sidecar/identity/shared/record.py",
     "sidecar/identity/shared/store.py",
+    "sidecar/revocation/gate.py",
 ]
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)

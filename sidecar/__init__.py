@@ -8,8 +8,9 @@ A request flows one way, down this picture::
     │                 flow control (flow), the answers' framing
     └ fallback        aiohttp's server, for the connections http1.client hands over
         both protocols share a listener_state and put every request through:
-    gateway           certificate (certs) → verdict (identity: cache → backend)
-                      → decision (policy) → our answer (responses) or a forward
+    gateway           certificate (certs) → revoked? (revocation) → verdict (identity:
+                      cache → backend) → decision (policy) → our answer (responses)
+                      or a forward
     forwarder         the forward: http1.upstream connections in an http1.pool
 
 ``http1.client`` serves nearly all a browser sends; the first request it does not serve (a
@@ -33,6 +34,11 @@ from the ClientHello for ``tls_transport`` when there are several), its names an
 routes; ``rules`` is what a route asks of a client (certificate matchers, addresses, trust);
 both are leaves, like ``policy``. ``explain`` shows a decision step by step (``sidecar
 explain``, the admin's ``/explain``) with the same functions.
+
+``revocation`` says whether a client certificate is refused now (a deny-list, CRLs from files
+and distribution points, OCSP): the gateway asks its ``gate`` before any cached verdict is
+used, and the listener tells it of each connection as its handshake completes (resumed ones
+too); its network side (``revocation.client``, aiohttp) is handed to it by ``app``.
 
 Glossary, one word per thing, in names and docstrings alike:
 

@@ -13,10 +13,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography import x509
@@ -27,7 +28,11 @@ from .config import Config, RouteConfig, load
 from .errors import CertificateError, ConfigError
 from .hosts import certificate_names
 from .identity import Verdict
+from .revocation.report import summary as revocation_summary
 from .runtime import run_loop, tune_gc
+
+if TYPE_CHECKING:
+    from .revocation.gate import Refusal
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -220,6 +225,7 @@ def explain_request(args: argparse.Namespace) -> int:
             return static.lookup_now(certificate), "the static backend"
         return None, f"identity.backend is {config.identity.backend}: explain does not ask it"
 
+    revocation, note = _offline_revocation(config)
     answer = explain(
         servers,
         Question(
@@ -241,9 +247,40 @@ def explain_request(args: argparse.Namespace) -> int:
             trust_score=score,
             local_intrusions=args.local_intrusions,
         ),
+        revocation=revocation,
+        revocation_note=note,
     )
     print(json.dumps(answer.as_dict(), indent=1) if args.json else answer.text())
     return EXIT_OK
+
+
+def _offline_revocation(
+    config: Config,
+) -> tuple[Callable[[ClientCert], Refusal | None] | None, str]:
+    """Revocation as ``sidecar explain`` can tell it without the network: the deny-list and
+    the CRL files (and a note on what it does not ask)."""
+    from .config import CRLFetchConfig
+    from .revocation.gate import Revocation, prepare
+
+    tls = config.tls
+    if not (tls.crl or tls.deny or tls.ocsp != "off" or tls.crl_fetch.enabled):
+        return None, ""
+    skipped = [
+        what
+        for what, on in (
+            ("OCSP", tls.ocsp != "off"),
+            ("distribution points", tls.crl_fetch.enabled),
+        )
+        if on
+    ]
+    offline = tls.model_copy(update={"ocsp": "off", "crl_fetch": CRLFetchConfig()})
+
+    def no_network(timeout: float) -> Any:
+        raise RuntimeError("sidecar explain asks no network")
+
+    revocation = Revocation(prepare(offline), transports=no_network)
+    note = f" ({' and '.join(skipped)} not asked by sidecar explain)" if skipped else ""
+    return revocation.status, note
 
 
 def _can_enrol(config: Config) -> bool:
@@ -258,9 +295,10 @@ def _can_enrol(config: Config) -> bool:
 def config_warnings(config: Config) -> list[str]:
     """Risks a valid configuration leaves open, said by check-config and at start-up."""
     from .identity.issuers import issuer_risk
+    from .revocation.report import warnings
 
     risk = issuer_risk(config.tls, config.identity)
-    return [risk] if risk is not None else []
+    return ([risk] if risk is not None else []) + warnings(config.tls)
 
 
 def summary(config: Config) -> str:
@@ -274,6 +312,7 @@ def summary(config: Config) -> str:
         f"  client cert {config.tls.client_certificate}; {len(config.tls.client_ca)} CA file(s), "
         f"{len(config.tls.pinned_certificates)} pinned certificate(s)",
         f"  identity    backend={config.identity.backend}, cache ttl {config.identity.cache.ttl:g}s",
+        *revocation_summary(config.tls),
     ]
     shared = config.identity.cache.shared
     if shared is not None:

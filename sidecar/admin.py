@@ -5,9 +5,10 @@ starting, draining, or while the identity backend reports its own credentials br
 ``/metrics`` is the Prometheus text format; ``POST /cache/purge`` empties the verdict cache,
 or drops one certificate given by ``?serial=`` (decimal, ``0x`` hex or colon hex) or
 ``?sha256=``, here and, with a shared cache, on every replica (207 when they could not be
-told); ``GET /explain`` says what the policy does with a request (``explain``), to
-local peers only (loopback, or ``admin.explain_from``): it shows the configuration's rules.
-Keep this listener private: it has no authentication.
+told); ``/deny`` (``revocation.admin``) manages the run-time deny-list; ``GET /explain``
+says what the policy does with a request (``explain``), to local peers only (loopback, or
+``admin.explain_from``): it shows the configuration's rules. Keep this listener private: it
+has no authentication.
 
 Browsers are kept out by one rule, ``refusal``, applied to every request by ``guard`` (the
 supervisor's listener uses it too): the ``Host`` must be a name this listener is known by

@@ -41,6 +41,11 @@ from .identity.static import StaticBackend
 from .listener import Listener
 from .metrics import Metrics
 from .plan import Identity, Plan
+from .revocation import report as revocation_report
+from .revocation.admin import deny_routes, read_runtime
+from .revocation.client import HttpTransport
+from .revocation.gate import Revocation, prepare
+from .revocation.watch import WatchedBackend
 from .servers import Servers, build_servers
 from .tls import PeerCertificates, TLSState, listener_contexts
 
@@ -69,10 +74,14 @@ def build_backend(config: IdentityConfig) -> Backend:
     return StaticBackend(config.static)
 
 
-def build_cache(config: IdentityConfig) -> VerdictCache:
-    """The verdict cache in front of the configured backend, with its shared level in Redis
-    when ``identity.cache.shared`` is set (not yet started)."""
+def build_cache(
+    config: IdentityConfig, *, wrap: Callable[[Backend], Backend] | None = None
+) -> VerdictCache:
+    """The verdict cache in front of the configured backend (``wrap``ped, when given), with
+    its shared level in Redis when ``identity.cache.shared`` is set (not yet started)."""
     backend = build_backend(config)
+    if wrap is not None:
+        backend = wrap(backend)
     shared = None
     if config.cache.shared is not None:
         from .identity.shared.store import SharedCache
@@ -158,6 +167,17 @@ class Sidecar:
         self.readiness = Readiness()
         self.tls = TLSState(*listener_contexts(config.tls, config.servers))
         self.peer_certs = PeerCertificates()
+        #: long-lived: a reload applies a new configuration to it, run-time state stays
+        self.revocation = Revocation(
+            prepare(config.tls),
+            transports=HttpTransport,
+            lifetime=self.metrics.client_cert_lifetime.observe,
+        )
+        self.revocation.forget = self._forget
+        self.revocation.on_revoked.append(self._forget_everywhere)
+        self._client_cert_expiry = float("nan")
+        #: purges on their way to the other replicas (``_forget_everywhere``)
+        self._fleet: set[asyncio.Task[bool]] = set()
         #: the gateway every request goes through
         self.handler: Gateway | None = None
         self._server: asyncio.Server | None = None
@@ -196,7 +216,13 @@ class Sidecar:
             lambda: self.peer_certs.expiring_within(7 * 86400)
         )
         self.metrics.agent_cert_expiry.set_function(self._agent_expiry)
+        self.metrics.bind_revocation(self.revocation)
         self._observe_certificates(self.config)
+        if self.admin_socket is not None:
+            # a worker the supervisor (re)started: the run-time deny entries it keeps
+            for sha256 in read_runtime(self.admin_socket.parent):
+                self.revocation.deny(sha256, announce=False)
+        self.revocation.start()
         await self._start_admin()
         self._listener = Listener(
             self.handler,
@@ -253,7 +279,9 @@ class Sidecar:
             if previous is not None and config.identity == previous[1].identity:
                 identity: Identity = previous[0].identity
             else:
-                cache = build_cache(config.identity)
+                cache = build_cache(
+                    config.identity, wrap=lambda b: WatchedBackend(b, self.revocation)
+                )
                 built.append(cache.close)
                 await cache.start()
                 identity = cache
@@ -263,6 +291,7 @@ class Sidecar:
                 upstream=upstream,
                 rules=build_rules(config),
                 max_header_block=config.limits.max_header_block,
+                revocation=self.revocation,
                 front=FrontProxy(config.front_proxy, config.tls)
                 if config.front_proxy.trusted
                 else None,
@@ -281,6 +310,8 @@ class Sidecar:
             explain=self._explain,
         )
         self.readiness.checks.append(self._identity_problem)
+        self.readiness.checks.append(self.revocation.problem)
+        deny_routes(app, self.revocation)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         if self.admin_socket is not None:
@@ -345,13 +376,36 @@ class Sidecar:
             enrol=identity.can_enrol,
             now=time.time(),
             assumption=assumption,
+            revocation=self.revocation.status,
         )
         return 200, answer.as_dict()
 
     def _agent_expiry(self) -> float:
         cache = self._cache()
         expiry = getattr(cache.backend, "agent_expiry", None) if cache is not None else None
-        return float(expiry) if isinstance(expiry, float) else float("nan")
+        # the Identity Plus agent's (reloaded as its files change), else the http backend's
+        # client certificate (identity.http.certificate)
+        return float(expiry) if isinstance(expiry, float) else self._client_cert_expiry
+
+    def _forget(self, sha256: str | None, serial: int | None) -> None:
+        """Drop the cached verdicts of a certificate revocation found revoked."""
+        cache = self._cache()
+        if cache is None or (sha256 is None and serial is None):
+            return
+        cache.purge(sha256=sha256, serial=serial)
+
+    def _forget_everywhere(self, sha256: str, why: str) -> None:
+        """Revocation found ``sha256`` revoked (a deny entry, an OCSP answer, an Identity Plus
+        ``PB 0004``/``PB 0005``): with a shared cache, every other replica drops its cached
+        verdict too (the shared level's purge channel; here the verdict was dropped, or the
+        cache stores the refusal itself). Without one, others notice at their next lookup."""
+        cache = self._cache()
+        shared = cache.shared if cache is not None else None
+        if shared is None:
+            return
+        task = asyncio.get_running_loop().create_task(shared.publish_purge(sha256=sha256))
+        self._fleet.add(task)
+        task.add_done_callback(self._fleet.discard)
 
     def _identity_problem(self) -> str | None:
         cache = self._cache()
@@ -408,6 +462,7 @@ class Sidecar:
         try:
             new = await asyncio.to_thread(load, self.config_path)
             context, fingerprint = await asyncio.to_thread(listener_contexts, new.tls, new.servers)
+            revocation = await asyncio.to_thread(prepare, new.tls)
             plan = await self._build_plan(_as_running(new, old), (previous, old))
         except ConfigError as exc:
             return self._reload_failed(cause, exc.problems)
@@ -427,6 +482,7 @@ class Sidecar:
         trust_changed = self.tls.swap(context, fingerprint)
         if trust_changed and self._listener is not None:
             self._listener.retire()  # sessions from before the trust change serve no request
+        self.revocation.apply(revocation)
         self.handler.plan = plan
         if self._listener is not None:
             self._listener.apply_limits(new.limits)
@@ -462,6 +518,11 @@ class Sidecar:
             return
         if risk is not None:
             self.log.warning("identityplus_issuers_missing", risk=risk)
+        try:
+            for problem in revocation_report.warnings(config.tls):
+                self.log.warning("revocation_configuration", problem=problem)
+        except CertificateError:
+            return
 
     def _retire(self, old: Plan, new: Plan, *, delay: float) -> None:
         """Close what ``new`` does not reuse, once requests that started with ``old`` had time to end."""
@@ -486,11 +547,25 @@ class Sidecar:
                 await self.reload("file changed")
 
     def _observe_certificates(self, config: Config) -> None:
+        """The expiry gauges: the server certificate, every trust anchor, and the identity
+        backend's client certificate (the Identity Plus agent's is read from the backend)."""
         try:
             leaf = read_certificates(config.tls.certificate)[0]
             self.metrics.server_cert_expiry.set(leaf.not_valid_after_utc.timestamp())
         except CertificateError:
             pass
+        anchors = self.metrics.trust_anchor_expiry
+        anchors.clear()
+        for subject, sha256, expiry in revocation_report.anchor_expiries(config.tls):
+            anchors.labels(subject, sha256).set(expiry)
+        self._client_cert_expiry = float("nan")
+        http = config.identity.http
+        if config.identity.backend == "http" and http is not None and http.certificate:
+            try:
+                own = read_certificates(http.certificate)[0]
+                self._client_cert_expiry = own.not_valid_after_utc.timestamp()
+            except CertificateError:
+                pass
 
     # ---- stop -----------------------------------------------------------------------------
 
@@ -520,11 +595,14 @@ class Sidecar:
             self._ping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ping
+        if self._fleet:  # each is bounded by the shared cache's timeout
+            await asyncio.gather(*self._fleet, return_exceptions=True)
         for task, (old, new) in list(self._retired.items()):
             task.cancel()
             await _close_plan(old, keep=new)
         if self.handler is not None:
             await _close_plan(self.handler.plan)
+        await self.revocation.close()
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
@@ -570,6 +648,11 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
         *config.tls.client_ca,
         *config.tls.pinned_certificates,
     ]
+    for path in config.tls.crl:
+        files.append(path)  # a folder's own change: a file added, removed, or ..data swapped
+        with contextlib.suppress(OSError):  # gone: the missing folder is the change seen
+            if path.is_dir():
+                files += sorted(p for p in path.iterdir() if not p.name.startswith("."))
     for user in config.identity.static.users:
         files += [b.file for b in user.certificates if b.file is not None]
     if config.identity.identityplus is not None:

@@ -39,6 +39,7 @@ from . import certformats, hosts, sessions
 from .certs import (
     key_matches_certificate,
     normalize_fingerprint,
+    parse_serial,
     read_certificates,
     read_private_key,
     sha256_fingerprint,
@@ -48,6 +49,8 @@ from .errors import CertificateError, ConfigError
 from .header_names import FRAMING, SIDECAR_HEADERS
 from .identifiers import email_address, spiffe_id
 from .redis_url import RedisTarget, parse_redis_url
+from .revocation import crl as crls
+from .revocation.deny import issuer_key
 
 __all__ = ["Config", "ConfigError", "load", "parse", "parse_duration"]
 
@@ -133,7 +136,19 @@ def _ca_certificate_file(path: Path) -> Path:
     return path
 
 
+def _file_or_folder(path: Path) -> Path:
+    if not path.exists():
+        raise ValueError(f"not found: {path}")
+    if not (path.is_file() or path.is_dir()):
+        raise ValueError(f"not a file or folder: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"not readable: {path}")
+    return path
+
+
 FilePath = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_existing_file)]
+#: where the CRLs the crl field read wait for the model to keep them (in the validation context)
+_CRLS_READ = "tls.crl: read"
 CertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_certificate_file)]
 KeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_key_file)]
 CACertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_ca_certificate_file)]
@@ -216,6 +231,90 @@ class LimitsConfig(Section):
     max_body_size: int | None = Field(None, ge=0)
 
 
+class CRLFetchConfig(Section):
+    """CRLs fetched from the distribution points (http) that client certificates name."""
+
+    enabled: bool = False
+    #: bound on one fetch, connection included
+    timeout: Duration = Field(5.0, gt=0)
+    #: bytes one CRL may have; a larger one is not read further
+    max_size: int = Field(10 << 20, ge=1024, le=1 << 30)
+    #: CRLs kept (one per distribution point URL), least recently used dropped beyond
+    max_entries: int = Field(100, ge=1)
+    #: bytes (DER) of all CRLs kept together
+    max_bytes: int = Field(64 << 20, ge=1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CRLFetchConfig:
+        if self.max_size > self.max_bytes:
+            raise ValueError("@max_size: larger than max_bytes, so no such CRL could be kept")
+        return self
+
+
+class DenyEntry(Section):
+    """A certificate refused at once: its ``sha256`` fingerprint, or ``issuer`` + ``serial``."""
+
+    sha256: str | None = None
+    issuer: str | None = None
+    serial: str | int | None = None
+    #: derived: the fingerprint (lowercase hex), or the issuer name as compared and the serial
+    fingerprint: str = ""
+    issuer_key: str = ""
+    serial_number: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if any(k in data for k in ("fingerprint", "issuer_key", "serial_number")):
+            raise ValueError("give sha256, or issuer and serial")
+        data = dict(data)
+        if "sha256" in data:
+            if "issuer" in data or "serial" in data:
+                raise ValueError("give sha256, or issuer and serial, not both")
+            try:
+                data["fingerprint"] = normalize_fingerprint(str(data["sha256"]))
+            except ValueError as exc:
+                raise ValueError(f"@sha256: {exc}") from None
+            return data
+        if "issuer" not in data or "serial" not in data:
+            raise ValueError("give sha256, or issuer and serial (both)")
+        try:
+            data["issuer_key"] = issuer_key(str(data["issuer"]))
+        except ValueError as exc:
+            raise ValueError(f"@issuer: {exc}") from None
+        serial = data["serial"]
+        try:
+            number = serial if isinstance(serial, int) and not isinstance(serial, bool) else None
+            data["serial_number"] = number if number is not None else parse_serial(str(serial))
+        except ValueError as exc:
+            raise ValueError(f"@serial: {exc}") from None
+        return data
+
+
+def _crl_mode(value: Any) -> tuple[str, str]:
+    words = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(words, list | tuple) or not all(isinstance(w, str) for w in words):
+        raise ValueError("crl_mode is words: leaf or chain, and require or if_present")
+    scope = [w for w in words if w in ("leaf", "chain")]
+    missing = [w for w in words if w in ("require", "if_present")]
+    unknown = [w for w in words if w not in ("leaf", "chain", "require", "if_present")]
+    if unknown:
+        raise ValueError(
+            f"unknown crl_mode word(s) {', '.join(map(repr, unknown))}: give leaf or chain, "
+            "and require or if_present"
+        )
+    if len(scope) > 1 or len(missing) > 1:
+        raise ValueError("crl_mode takes one of leaf or chain, and one of require or if_present")
+    return (scope[0] if scope else "leaf", missing[0] if missing else "require")
+
+
 class TLSConfig(Section):
     certificate: CertFile
     key: KeyFile
@@ -225,11 +324,95 @@ class TLSConfig(Section):
     #: ``servers``, the mode of a server that names none
     client_certificate: Literal["optional", "required", "none"] = "optional"
     min_version: Literal["1.2", "1.3"] = "1.2"
+    #: revocation (README: Revocation): CRL files or folders, PEM or DER
+    crl: tuple[Annotated[Path, BeforeValidator(_resolve_path)], ...] = ()
+    #: which certificates are checked (leaf, chain) and what a CA without a CRL means
+    #: (require: its certificates are refused; if_present: not checked)
+    crl_mode: Annotated[tuple[str, str], BeforeValidator(_crl_mode)] = ("leaf", "require")
+    #: how long past its nextUpdate a CRL is still used
+    crl_grace: Duration = 0.0
+    crl_fetch: CRLFetchConfig = CRLFetchConfig()
+    ocsp: Literal["off", "soft", "hard"] = "off"
+    #: the OCSP responder asked for every certificate, instead of the one it names (AIA)
+    ocsp_responder: str | None = None
+    ocsp_timeout: Duration = Field(5.0, gt=0)
+    #: an OCSP answer is kept until its nextUpdate, at most this long
+    ocsp_max_age: Duration = Field(3600.0, gt=0)
+    deny: tuple[DenyEntry, ...] = ()
+    # The CRLs read and verified against the trust anchors when this section was loaded; part
+    # of equality, so that a rewritten CRL file is a changed configuration.
+    _crls: tuple[crls.CRL, ...] = PrivateAttr(default=())
 
-    @field_validator("client_ca", "pinned_certificates", mode="before")
+    @field_validator("client_ca", "pinned_certificates", "crl", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("ocsp", mode="before")
+    @classmethod
+    def _ocsp_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare off as false
+        return "off" if v is False else v
+
+    @field_validator("ocsp_responder")
+    @classmethod
+    def _responder(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^/?#\s]+(/[\x21-\x7e]*)?", v):
+            raise ValueError(f"not an http:// or https:// URL: {v!r}")
+        return v
+
+    @field_validator("crl")
+    @classmethod
+    def _read_crls(cls, paths: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        """Every CRL read and verified against the trust anchors; every problem reported."""
+        anchors: list[x509.Certificate] | None = None
+        if "client_ca" in info.data and "pinned_certificates" in info.data:
+            anchors = [
+                cert
+                for path in (*info.data["client_ca"], *info.data["pinned_certificates"])
+                for cert in read_certificates(path)
+            ]
+        problems: list[str] = []
+        found: list[crls.CRL] = []
+        for i, path in enumerate(paths):
+            try:
+                sources = crls.read_sources(_file_or_folder(path))
+            except (ValueError, crls.CRLError) as exc:
+                problems.append(f"@[{i}]: {exc}")
+                continue
+            for source, der in sources:
+                try:
+                    if anchors is not None:
+                        found.append(crls.verify(der, anchors, source))
+                except crls.CRLError as exc:
+                    problems.append(f"@[{i}]: {exc}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        if isinstance(info.context, dict):
+            info.context[_CRLS_READ] = tuple(found)
+        return paths
+
+    @model_validator(mode="after")
+    def _keep_crls(self, info: ValidationInfo) -> TLSConfig:
+        context = info.context if isinstance(info.context, dict) else {}
+        found = context.pop(_CRLS_READ, None)
+        if found is None and self.crl:  # validated without a context: read them again
+            anchors = [
+                cert
+                for path in (*self.client_ca, *self.pinned_certificates)
+                for cert in read_certificates(path)
+            ]
+            found = tuple(
+                crls.verify(der, anchors, source)
+                for path in self.crl
+                for source, der in crls.read_sources(path)
+            )
+        self._crls = found or ()
+        return self
+
+    def crls(self) -> tuple[crls.CRL, ...]:
+        """The CRLs of ``crl``, as read and verified when this configuration was loaded."""
+        return self._crls
 
     @model_validator(mode="after")
     def _check_pair(self) -> TLSConfig:

@@ -1,7 +1,8 @@
 """Why a request would be let in or refused: the request path's policy, step by step.
 
 ``explain`` calls what the request path calls, in its order: ``Servers.select`` (the server
-SNI chooses), ``Servers.misdirected`` (421), ``policy.certificate_refusal``,
+SNI chooses), ``Servers.misdirected`` (421), ``policy.certificate_refusal``, revocation
+(``revocation.gate.Revocation.status``, when given),
 ``Servers.route`` (the route, its methods and method overrides), ``policy.admit`` and
 ``policy.decide``; and shows, beside them, every rule of the route it found, each through
 the very object that decides it (every matcher's ``passes``, ``AddressRule``, the roles,
@@ -40,6 +41,7 @@ from .policy import (
     decide,
     needs_verdict,
 )
+from .revocation.gate import PENDING, Refusal
 from .rules import Anchors, certificate_user, method_overrides
 from .servers import Servers
 
@@ -125,13 +127,17 @@ def explain(
     anchors: Sequence[x509.Certificate] | None = None,
     chain: Sequence[x509.Certificate] = (),
     assumption: Assumption | None = None,
+    revocation: Callable[[ClientCert], Refusal | None] | None = None,
+    revocation_note: str = "",
 ) -> Explanation:
     """What the request path would do with ``question`` (see the module's docstring).
 
     ``anchors``: the listener's trust anchors, to say whether the TLS handshake would accept
     the certificate (``chain``: the intermediates the client sends with it); None when the
     certificate already passed a handshake. ``verdict_of`` gives the identity verdict; when it
-    gives none, ``assumption`` stands for an allowing one (said so in the answer)."""
+    gives none, ``assumption`` stands for an allowing one (said so in the answer).
+    ``revocation`` says whether the certificate is refused now (``revocation_note`` adds what
+    it did not ask)."""
     out = Explanation()
     cert = question.cert
     sni = question.server_name
@@ -161,6 +167,19 @@ def explain(
         if refusal is not None:
             out.add("certificate", "fail", refusal[0])
             return _deny(out, Deny(403, refusal[0], refusal[1]))
+        if revocation is not None:
+            revoked = revocation(cert)
+            if revoked is None:
+                out.add("revocation", "pass", "not revoked" + revocation_note)
+            elif revoked is PENDING:
+                out.add(
+                    "revocation",
+                    "info",
+                    "a CRL or OCSP answer for it is being fetched: the request waits for it",
+                )
+            else:
+                out.add("revocation", "fail", f"{revoked.reason}: {revoked.detail}")
+                return _deny(out, Deny(revoked.status, revoked.reason, revoked.code))
     host = question.host if question.host is not None else (server.names.names or ("",))[0]
     misdirected = servers.misdirected(question.path, host.encode("latin-1", "replace"), sni)
     if misdirected is not None:

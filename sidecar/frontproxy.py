@@ -8,7 +8,7 @@ trusted fingerprints), ``client_address`` (``X-Forwarded-For`` read right to lef
 trusted hops, never the leftmost) and ``claim``: the certificate in the configured header,
 parsed (``certformats.read``) and verified as the TLS handshake verifies a client's: a chain
 to a configured anchor (or a pinned certificate itself), every certificate valid now, the
-clientAuth usage. What does not read or verify is a ``Refusal``, never a certificate. No I/O.
+clientAuth usage. What does not read or verify is a ``HeaderRefusal``, never a certificate. No I/O.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class HeaderRefusal:
     """A certificate header from a trusted proxy that cannot be used: 400 (unreadable) or
     403 (does not verify), with the reason for the client and a code for the log."""
 
@@ -84,7 +84,7 @@ class FrontProxy:
             for cert in read_certificates(path)
         )
         self._store = Store(anchors) if anchors else None
-        self._claims: dict[tuple[bytes, ...], tuple[Accepted | Refusal | None, float]] = {}
+        self._claims: dict[tuple[bytes, ...], tuple[Accepted | HeaderRefusal | None, float]] = {}
         self._addresses: dict[str, bool] = {}
 
     # ---- who is a proxy ------------------------------------------------------------------
@@ -137,9 +137,11 @@ class FrontProxy:
         names = self._names
         return any(name.lower().replace(b"_", b"-") in names for name, _ in raw)
 
-    def claim(self, raw: Sequence[tuple[bytes, bytes]], now: float) -> Accepted | Refusal | None:
+    def claim(
+        self, raw: Sequence[tuple[bytes, bytes]], now: float
+    ) -> Accepted | HeaderRefusal | None:
         """The certificate a trusted proxy passed in the configured header: ``Accepted`` when
-        it reads and verifies at POSIX time ``now``, a ``Refusal`` when it does not, None when
+        it reads and verifies at POSIX time ``now``, a ``HeaderRefusal`` when it does not, None when
         the proxy passed none (the request has no certificate). Fails closed: anything that
         is not a whole, verified chain is refused."""
         fmt = self.header
@@ -170,12 +172,12 @@ class FrontProxy:
         fmt: certformats.InboundFormat,
         raw: Sequence[tuple[bytes, bytes]],
         now: float,
-    ) -> Accepted | Refusal | None:
+    ) -> Accepted | HeaderRefusal | None:
         try:
             presented = certformats.read(fmt, raw)
         # One name per exception: compiled, a name is typed by its first use.
         except CertificateHeaderError as unreadable:
-            return Refusal(
+            return HeaderRefusal(
                 400,
                 f"the front proxy's certificate header cannot be read: {unreadable}",
                 "bad_certificate_header",
@@ -185,7 +187,7 @@ class FrontProxy:
         try:
             cert = ClientCert.from_der(presented.leaf)
         except CertificateError as unparsed:
-            return Refusal(
+            return HeaderRefusal(
                 400,
                 f"the front proxy's certificate cannot be read: {unparsed}",
                 "bad_certificate_header",
@@ -194,7 +196,7 @@ class FrontProxy:
             return Accepted(cert, ())  # a pinned certificate is its own anchor
         store = self._store
         if store is None:
-            return Refusal(
+            return HeaderRefusal(
                 403,
                 "no trust anchor is configured for client certificates",
                 "certificate_unverified",
@@ -205,7 +207,7 @@ class FrontProxy:
             verified = _verifier(store, now).verify(leaf, intermediates)
         except VerificationError as failed:
             why = str(failed).split(" (encountered", 1)[0].removeprefix("validation failed: ")
-            return Refusal(
+            return HeaderRefusal(
                 403,
                 f"the client certificate from the front proxy does not verify: {why}",
                 "certificate_unverified",

@@ -30,9 +30,10 @@ from typing import Any, Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import responses
+from .certs import ClientCert
 from .errors import IdentityUnavailable, UpstreamError
 from .forwarder import BodyTimeout, BodyTooLarge
-from .frontproxy import FrontProxy, Refusal
+from .frontproxy import FrontProxy, HeaderRefusal
 from .headers import request_fields
 from .identity import LookupContext, Verdict
 from .identity.intents import SignOnLimited
@@ -60,6 +61,7 @@ from .request import (
     Request,
     move,
 )
+from .revocation.gate import PENDING, Refusal
 
 # fullmatch: "$" alone would also match before a final newline
 _REQUEST_ID_VALUE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -234,12 +236,20 @@ class Gateway:
         cert = request.cert
         verdict: Verdict | None = None
         if cert is not None:
-            refusal = certificate_refusal(cert, self.clock())  # policy: moved from here
+            now = self.clock()
+            refusal = certificate_refusal(cert, now)  # policy: moved from here
             if refusal is not None:
                 self._deny(request, Deny(403, refusal[0], refusal[1]))
                 return
-            # revocation: a check of the certificate before a cached verdict is used (or, on
-            # a route where the certificate alone decides, before policy.decide)
+            # revocation: refused before any cached verdict is used, on every route (deny-list,
+            # CRLs, OCSP: a dict lookup); an answer still being fetched is waited for at LOOK_UP
+            revoked = plan.revocation.check(cert, now)
+            if revoked is not None:
+                if revoked is PENDING:
+                    move(request, LOOK_UP)
+                else:
+                    self._revoked(request, revoked)
+                return
             if route is not None and needs_verdict(route, cert, request.client_ip):  # policy:
                 verdict = plan.identity.peek(cert)
                 if verdict is None:
@@ -272,7 +282,7 @@ class Gateway:
             outcomes["absent"].inc()
             request.cert, request.chain = None, ()
             return None
-        if isinstance(claim, Refusal):
+        if isinstance(claim, HeaderRefusal):
             outcomes["unreadable" if claim.status == 400 else "unverified"].inc()
             self.log.warning(
                 "certificate_header_refused",
@@ -287,30 +297,40 @@ class Gateway:
         return None
 
     async def _look_up(self, request: Request) -> None:
-        """A verdict the cache could not give at once (timed and counted by outcome), then
-        the decision on it."""
+        """A verdict the cache could not give at once (timed and counted by outcome), and a
+        revocation answer still on its way; then the decision on them."""
         plan, cert = _plan(request), request.cert
         identity = plan.identity
         assert cert is not None
         verdict: Verdict | None = None
-        started = time.perf_counter()
-        try:
-            verdict = await identity.lookup(cert, LookupContext(client_ip=request.client_ip))
-        except IdentityUnavailable as exc:
-            self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
-            self.log.warning(
-                "identity_unavailable",
-                request_id=request.request_id,
-                reason=exc.reason,
-                code=exc.code,
-            )
-        else:
-            self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
-        finally:
-            self.metrics.identity_duration.labels(identity.name).observe(
-                time.perf_counter() - started
-            )
-        self._decide(request, plan, verdict, backend_failed=verdict is None)
+        asked = False
+        route = request.route
+        if route is not None and needs_verdict(route, cert, request.client_ip):  # policy:
+            asked = True
+            started = time.perf_counter()
+            try:
+                verdict = await identity.lookup(cert, LookupContext(client_ip=request.client_ip))
+            except IdentityUnavailable as exc:
+                self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
+                self.log.warning(
+                    "identity_unavailable",
+                    request_id=request.request_id,
+                    reason=exc.reason,
+                    code=exc.code,
+                )
+            else:
+                self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
+            finally:
+                self.metrics.identity_duration.labels(identity.name).observe(
+                    time.perf_counter() - started
+                )
+        # revocation: the last word before the verdict is used: the answer check() was
+        # waiting for, and whatever was loaded while the identity service answered
+        revoked = await plan.revocation.settle(cert)
+        if revoked is not None:
+            self._revoked(request, revoked)
+            return
+        self._decide(request, plan, verdict, backend_failed=asked and verdict is None)
 
     def _decide(
         self, request: Request, plan: Plan, verdict: Verdict | None, *, backend_failed: bool
@@ -470,6 +490,35 @@ class Gateway:
             "The identity service cannot be reached right now. Please try again shortly.",
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
+
+    def _revoked(self, request: Request, refusal: Refusal) -> None:
+        """403 ``revoked`` (and the connection is not kept), or 503 + Retry-After when the
+        certificate's revocation status cannot be told now (fail closed)."""
+        request.verdict_code = refusal.code
+        if refusal.status == 503:
+            self._answer(
+                request,
+                503,
+                "unavailable",
+                refusal.code,
+                _sentence(refusal.reason),
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        else:
+            self._answer(
+                request,
+                refusal.status,
+                "denied",
+                refusal.code,
+                _sentence(refusal.reason),
+                close=True,
+            )
+
+    def connection_started(self, cert: ClientCert) -> None:
+        """A connection with ``cert`` completed its TLS handshake (a resumed session too)."""
+        # revocation: what its first request will need (a CRL, an OCSP answer) is fetched from
+        # now; the certificate's remaining lifetime is observed
+        self.plan.revocation.connection_started(cert)
 
     def _deny(self, request: Request, deny: Deny) -> None:
         request.verdict_code = deny.code

@@ -44,6 +44,11 @@ _LATENCY_BUCKETS = (
     30.0,
 )
 
+#: remaining lifetimes of client certificates: an hour to five years
+_LIFETIME_BUCKETS = tuple(
+    float(days * 86400) for days in (1 / 24, 0.25, 1, 3, 7, 14, 30, 60, 90, 180, 365, 730, 1825)
+)
+
 
 def method_label(method: str) -> str:
     return method if method in _METHODS else "other"
@@ -129,6 +134,22 @@ class Metrics:
         )
         self._cache = _CacheCollector()
         r.register(self._cache)
+        # Revocation and lifetimes (README: Revocation)
+        self.client_cert_lifetime = Histogram(
+            "sidecar_client_certificate_remaining_seconds",
+            "Remaining lifetime of the client certificate of each connection, at its handshake.",
+            buckets=_LIFETIME_BUCKETS,
+            registry=r,
+        )
+        self.trust_anchor_expiry = Gauge(
+            "sidecar_trust_anchor_expiry_timestamp_seconds",
+            "When each trust anchor for client certificates (tls.client_ca, "
+            "tls.pinned_certificates) expires (Unix time).",
+            ["subject", "sha256"],
+            registry=r,
+        )
+        self._revocation = _RevocationCollector()
+        r.register(self._revocation)
         self._shared = _SharedCacheCollector()
         r.register(self._shared)
         # The per-request metrics: plain numbers on the hot path, exported at scrape time.
@@ -164,6 +185,10 @@ class Metrics:
     def bind_cache(self, stats: Callable[[], Any]) -> None:
         """Read the verdict cache's counters at scrape time (the cache may be swapped on reload)."""
         self._cache.stats = stats
+
+    def bind_revocation(self, source: Any) -> None:
+        """Read revocation's counters and CRL dates at scrape time (``revocation.gate``)."""
+        self._revocation.source = source
 
     def bind_shared_cache(self, stats: Callable[[], Any]) -> None:
         """Read the shared cache's counters at scrape time (``shared.store.SharedStats``; None
@@ -282,6 +307,70 @@ class _CacheCollector(Collector):
         for key, (name, doc) in names.items():
             yield CounterMetricFamily(name, doc, value=values[key] + self._base.get(key, 0))
         yield GaugeMetricFamily("sidecar_cache_entries", "Verdicts in the cache now.", value=size)
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+
+class _RevocationCollector(Collector):
+    """Revocation's own numbers (``revocation.gate.Revocation``), read when scraped."""
+
+    def __init__(self) -> None:
+        self.source: Any = None
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        revocation = self.source
+        if revocation is None:
+            return
+        checks = CounterMetricFamily(
+            "sidecar_revocation_checks",
+            "Requests whose client certificate was checked for revocation, by outcome: good, "
+            "revoked (403), unknown (allowed without an answer: tls.ocsp soft), unavailable "
+            "(refused with 503: no usable CRL, or no OCSP answer under hard).",
+            labels=["outcome"],
+        )
+        for outcome, count in revocation.outcome_counts().items():
+            checks.add_metric([outcome], count)
+        yield checks
+        next_update = GaugeMetricFamily(
+            "sidecar_crl_next_update_timestamp_seconds",
+            "nextUpdate of the newest CRL of each issuing CA (Unix time): past it plus "
+            "tls.crl_grace, that CA's certificates are refused.",
+            labels=["issuer"],
+        )
+        for issuer, when in sorted(revocation.next_updates().items()):
+            next_update.add_metric([issuer], when)
+        yield next_update
+        yield GaugeMetricFamily(
+            "sidecar_ocsp_cache_entries", "OCSP answers held now.", value=revocation.ocsp_entries
+        )
+        for name, doc, results in (
+            (
+                "sidecar_ocsp_requests",
+                "Questions to OCSP responders by result: good, revoked, unknown, or why no "
+                "answer was had (timeout, connect, bad-signature, no-responder, ...).",
+                revocation.ocsp_results,
+            ),
+            (
+                "sidecar_crl_fetches",
+                "CRLs fetched from distribution points by result: ok, or why not (timeout, "
+                "too-large, bad-crl, http-status, ...).",
+                revocation.fetch_results,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["result"])
+            for result, count in sorted(results.items()):
+                family.add_metric([result], count)
+            yield family
+        configured, runtime = revocation.deny_entries
+        deny = GaugeMetricFamily(
+            "sidecar_deny_list_entries",
+            "Certificates on the deny-list, by source: configured (tls.deny), runtime (admin).",
+            labels=["source"],
+        )
+        deny.add_metric(["configured"], configured)
+        deny.add_metric(["runtime"], runtime)
+        yield deny
 
     def describe(self) -> Iterator[Any]:
         return iter(())

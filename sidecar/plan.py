@@ -12,6 +12,7 @@ from .frontproxy import FrontProxy
 from .headers import HeaderRules
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .identity.intents import SignOn
+from .revocation.gate import Revocation
 from .servers import Servers
 
 
@@ -45,5 +46,7 @@ class Plan:
     upstream: Forwarder
     rules: HeaderRules
     max_header_block: int
+    #: whether a certificate is refused now (long-lived: the same object in every plan)
+    revocation: Revocation
     #: the trusted front proxies and their certificate header; None: no ``front_proxy``
     front: FrontProxy | None = None

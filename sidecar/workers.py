@@ -37,8 +37,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from . import log
 from .admin import ADMIN_HEADER, explain_refusal, guard
 from .config import Config
+from .revocation.admin import fingerprint_of, write_runtime
 
-_MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon")
+#: merged by the largest value: the same everywhere (a date, a list every worker holds)
+_MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon", "_deny_list_entries")
+#: merged by the smallest value: the worker whose CRL goes stale first is the one to alert on
+_MIN_GAUGES = ("_next_update_timestamp_seconds",)
 _MONOTONIC = frozenset({"counter", "histogram", "summary"})
 #: (family name, sample name, sorted labels)
 _Key = tuple[str, str, tuple[tuple[str, str], ...]]
@@ -122,6 +126,9 @@ class Supervisor:
         count = config.listen.worker_count()
         self.workers = [Worker(i, self.runtime / f"worker-{i}.sock") for i in range(count)]
         self.stopping = False
+        #: run-time deny entries (POST /deny), kept for workers started later
+        self.denied: set[str] = set()
+        self._replays: set[asyncio.Task[None]] = set()
 
     # ---- processes ------------------------------------------------------------------------
 
@@ -214,6 +221,11 @@ class Supervisor:
             if reason == "starting":
                 return
         worker.started = True
+        if self.denied:
+            # It read the entries at start; one added while it started may have missed it.
+            task = asyncio.get_running_loop().create_task(self._replay_denied(worker))
+            self._replays.add(task)
+            task.add_done_callback(self._replays.discard)
         if worker.reload_pending and worker.process is not None:
             worker.reload_pending = False
             worker.process.send_signal(signal.SIGHUP)
@@ -234,6 +246,10 @@ class Supervisor:
                 worker.reload_pending = True
                 later.append(worker.index)
         self.log.info("reload_relayed", workers=now, when_started=later)
+
+    async def _replay_denied(self, worker: Worker) -> None:
+        for sha256 in sorted(self.denied):
+            await self._ask(worker, "POST", f"/deny?sha256={sha256}")
 
     async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, str] | None:
         if not worker.socket.exists():
@@ -330,11 +346,49 @@ class Supervisor:
             status, text = next((a for a in answers if a[0] == 200), answers[0])
             return web.Response(status=status, text=text, content_type="application/json")
 
+        async def deny(request: web.Request) -> web.Response:
+            """The deny-list: every worker's. Entries are written down for workers started
+            later before they are relayed (see revocation.admin)."""
+            if request.method == "GET":
+                answers = await asyncio.gather(
+                    *(self._ask(w, "GET", "/deny") for w in self.workers)
+                )
+                first = next((a for a in answers if a is not None and a[0] == 200), None)
+                if first is None:
+                    return web.json_response({"error": "no worker answered"}, status=503)
+                return web.Response(text=first[1], content_type="application/json")
+            try:
+                sha256 = fingerprint_of(request.query)
+            except ValueError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            if request.method == "POST":
+                self.denied.add(sha256)
+                write_runtime(self.runtime, self.denied)
+            path = f"/deny?sha256={sha256}"
+            answers = await asyncio.gather(
+                *(self._ask(w, request.method, path) for w in self.workers)
+            )
+            if request.method == "DELETE" and any(a is not None and a[0] == 200 for a in answers):
+                self.denied.discard(sha256)
+                write_runtime(self.runtime, self.denied)
+            reached = [a for a in answers if a is not None]
+            if not reached:
+                return web.json_response({"error": "no worker answered"}, status=503)
+            status = reached[0][0]
+            doc = json.loads(reached[0][1])
+            doc["workers"] = len(reached)
+            if status == 200 and len(reached) != len(self.workers):
+                status = 207
+            return web.json_response(doc, status=status)
+
         app = web.Application(middlewares=[guard(self.config.admin)])
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)
         app.router.add_post("/cache/purge", purge)
+        app.router.add_route("GET", "/deny", deny)
+        app.router.add_route("POST", "/deny", deny)
+        app.router.add_route("DELETE", "/deny", deny)
         app.router.add_get("/explain", explain)
         return app
 
@@ -359,7 +413,9 @@ class Supervisor:
             for key, value in worker.retired.items():
                 current[key] = current.get(key, 0.0) + value
             for key, value in current.items():
-                if key[0].endswith(_MAX_GAUGES):
+                if key[0].endswith(_MIN_GAUGES):
+                    totals[key] = min(totals.get(key, value), value)
+                elif key[0].endswith(_MAX_GAUGES):
                     totals[key] = max(totals.get(key, value), value)
                 else:
                     totals[key] = totals.get(key, 0.0) + value

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sidecar"
 #: the request path's layers, top to bottom: a module imports its own layer or lower ones
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the entry points: the command line, assembly, the admin listener, the demo
-    ("__main__", "app", "workers", "demo", "demo_echo", "admin"),
+    ("__main__", "app", "workers", "demo", "demo_echo", "admin", "revocation.admin"),
     # the listener: accepts, counts and ends connections; holds both protocols
     ("listener",),
     # the protocols: TLS, our HTTP/1.1, aiohttp's (the fallback)
@@ -49,6 +49,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "rules",
         "sni",
         "explain",
+        # revocation (#14): the request path's question (gate) and what answers it: the
+        # chain above a certificate, CRLs fetched, OCSP, the network (client, given to gate
+        # by app), the identity backend's word (watch), check-config's report
+        "revocation.gate",
+        "revocation.chain",
+        "revocation.fetch",
+        "revocation.ocsp",
+        "revocation.client",
+        "revocation.watch",
+        "revocation.report",
     ),
     # the ground everything stands on
     (
@@ -73,6 +83,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "redis_url",
         # SPIFFE IDs and email addresses, as the configuration and the matchers read them
         "identifiers",
+        # CRL files and deny entries, as the configuration reads and verifies them (#14)
+        "revocation",
+        "revocation.crl",
+        "revocation.deny",
     ),
 )
 
@@ -83,6 +97,8 @@ AIOHTTP_ALLOWED = (
     "fallback.*",
     "identity.http",
     "identity.identityplus",
+    "revocation.client",
+    "revocation.admin",
     "admin",
     "app",
     "workers",

@@ -45,6 +45,7 @@ from sidecar.request import (
 from sidecar.servers import Server, Servers
 
 from .pki import Issued, make_ca, make_leaf
+from .revocation_parts import no_revocation
 
 ALICE = User("s-alice", "alice", roles=("administrator",))
 BOB = User("s-bob", "bob", roles=("member",))
@@ -142,6 +143,7 @@ def gateway(identity: FakeIdentity, *, trusted: bool = False) -> Gateway:
             (ipaddress.ip_network("10.0.0.0/8"),) if trusted else (),
         ),
         max_header_block=32 * 1024,
+        revocation=no_revocation(),
     )
     return Gateway(plan, metrics=Metrics(), logger=structlog.get_logger("test"), clock=time.time)
 

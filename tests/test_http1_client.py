@@ -36,6 +36,8 @@ from sidecar.policy import Route, RouteTable
 from sidecar.servers import Server, Servers
 from sidecar.tls import PeerCertificates
 
+from .revocation_parts import no_revocation
+
 LIMITS = LimitsConfig(header_timeout=10, keepalive_timeout=30, send_timeout=20)
 
 
@@ -331,6 +333,7 @@ async def harness() -> Iterator[Harness]:  # type: ignore[misc]
         upstream=forwarder,
         rules=HeaderRules("X-APP-CERTIFICATE", "X-USERINFO"),
         max_header_block=LIMITS.max_header_block,
+        revocation=no_revocation(),
     )
     gateway = Gateway(
         plan, metrics=Metrics(), logger=structlog.get_logger("test"), access_log=False

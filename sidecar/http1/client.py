@@ -150,6 +150,15 @@ class ClientConnection(asyncio.Protocol):
         # The first request head must arrive within header_timeout of the handshake.
         self._head_started = True
         self._set_deadline(state.limits.header_timeout)
+        # revocation: the handshake is complete (a resumed session's too): the gateway is told
+        # of the certificate now, so that what its first request needs is fetched from now
+        try:
+            peer = state.peer_certs.from_ssl_object(transport.get_extra_info("ssl_object"))
+        except CertificateError:
+            peer = None  # unreadable: its first request says so (peer_certificate)
+        if peer is not None:
+            self._peer = peer
+            state.gateway.connection_started(peer)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()

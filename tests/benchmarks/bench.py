@@ -60,6 +60,9 @@ class Scenario:
     #: S3: report RSS growth per in-flight request, and probe it with 4 MiB bodies at this path
     streaming: bool = False
     probe_path: str | None = None
+    #: the revocation rows: a third target, the sidecar with ``ocsp`` (tls.ocsp: soft, its
+    #: answer cached) or ``crl`` (a 10,000-entry CRL), compared with the same sidecar without
+    revocation: str | None = None
     #: route policy (issue #16): two sidecars, with this many routes each with matchers
     #: (few, many), the first in place of "sidecar"; checked: req/s few / many <= max_cost_ratio
     routes: tuple[int, int] | None = None
@@ -120,6 +123,34 @@ SCENARIOS = [
         close=True,
         resume=True,
         min_rps_ratio=0.6,
+    ),
+    Scenario(
+        "S1-c32-ocsp",
+        "S1-c32, and the sidecar with tls.ocsp: soft (the answer cached) against itself without",
+        connections=32,
+        revocation="ocsp",
+    ),
+    Scenario(
+        "S1-c32-crl",
+        "S1-c32, and the sidecar with a 10,000-entry CRL (tls.crl) against itself without",
+        connections=32,
+        revocation="crl",
+    ),
+    Scenario(
+        "S2-new-ocsp",
+        "S2-new, and the sidecar with tls.ocsp: soft (the answer cached) against itself without",
+        connections=32,
+        close=True,
+        resume=False,
+        revocation="ocsp",
+    ),
+    Scenario(
+        "S2-new-crl",
+        "S2-new, and the sidecar with a 10,000-entry CRL (tls.crl) against itself without",
+        connections=32,
+        close=True,
+        resume=False,
+        revocation="crl",
     ),
     Scenario(
         "S3-upload",
@@ -229,6 +260,8 @@ class Bench:
             "admin_probe",
             "sidecar_b",
             "admin_b",
+            "sidecar_rev",
+            "admin_rev",
             "redis",
             "sidecar_fleet_a",
             "admin_fleet_a",
@@ -323,6 +356,7 @@ class Bench:
         http_backend: str | None = None,
         src: Path | None = None,
         env: dict[str, str] | None = None,
+        tls_extra: dict[str, Any] | None = None,
         shared_url: str | None = None,
         workers: int | None = None,
         routes: list[dict[str, Any]] | None = None,
@@ -338,6 +372,7 @@ class Bench:
             workers=self.primary if workers is None else workers,
             log_level=log_level,
             http_backend=http_backend,
+            tls_extra=tls_extra,
             shared_url=shared_url,
             routes=routes,
             front_proxy=front_proxy,
@@ -589,6 +624,51 @@ class Bench:
         if scenario.key in self.probes:
             result["body_size_probe"] = self.probes[scenario.key]
         return compared(result)
+
+    # ---- the revocation rows ----------------------------------------------------------------
+
+    def start_revocation(self, kind: str) -> Proc:
+        """The sidecar again, with revocation on: ``ocsp`` (soft, asking a local ``openssl
+        ocsp`` responder, whose answer it keeps for the whole run) or ``crl`` (a 10,000-entry
+        CRL of the client intermediate). The first request (the check below) warms it."""
+        if kind == "ocsp":
+            responder, port = stack.start_ocsp_responder(self.folder, self.pki, self.placement.rest)
+            self.procs.append(responder)
+            extra: dict[str, Any] = {
+                "ocsp": "soft",
+                "ocsp_responder": f"http://127.0.0.1:{port}",
+                "ocsp_max_age": "1h",
+            }
+        else:
+            extra = {"crl": [str(stack.write_crl(self.folder, self.pki))]}
+        return self.start_sidecar(f"sidecar-{kind}", "sidecar_rev", "admin_rev", tls_extra=extra)
+
+    def revocation_check(self, kind: str) -> dict[str, Any]:
+        """The revocation sidecar answers like the other, and really checked: its metrics say
+        so (for OCSP, one question asked and its answer held: the cache is warm)."""
+        pki = self.pki
+        with_cert = stack.client_context(pki, pki.client_cert, pki.client_key)
+        status = stack.https_get(self.ports["sidecar_rev"], "/", with_cert)[0]
+        if kind == "ocsp":  # the answer is asked at the handshake: wait until it is held
+            for _ in range(50):
+                if stack.metric(self.ports["admin_rev"], "sidecar_ocsp_cache_entries") >= 1:
+                    break
+                time.sleep(0.1)
+            status = stack.https_get(self.ports["sidecar_rev"], "/", with_cert)[0]
+        admin = self.ports["admin_rev"]
+        out: dict[str, Any] = {
+            "status": status,
+            "checks_good": stack.metric(admin, "sidecar_revocation_checks_total", outcome="good"),
+            "ocsp_answers_held": stack.metric(admin, "sidecar_ocsp_cache_entries"),
+            "ocsp_questions": stack.metric(admin, "sidecar_ocsp_requests_total"),
+        }
+        problems = []
+        if status != 200 or out["checks_good"] < 1:
+            problems.append(f"the {kind} sidecar did not check and allow: {out}")
+        if kind == "ocsp" and (out["ocsp_answers_held"] != 1 or out["ocsp_questions"] != 1):
+            problems.append(f"the OCSP answer is not cached: {out}")
+        out["problems"] = problems
+        return out
 
     # ---- S3: does the sidecar's memory grow with the body size? ------------------------
 
@@ -1901,6 +1981,29 @@ def main(argv: list[str] | None = None) -> int:
             info["versus_build"] = bench.builds["sidecar-b"]
             print(f"sidecar-b build: {info['versus_build']}")
         for scenario in scenarios:
+            if scenario.revocation is not None:
+                revoking = bench.start_revocation(scenario.revocation)
+                try:
+                    check = bench.revocation_check(scenario.revocation)
+                    print(f"check sidecar-{scenario.revocation}: {json.dumps(check)}")
+                    if check["problems"]:
+                        print(
+                            "checks failed:\n  " + "\n  ".join(check["problems"]), file=sys.stderr
+                        )
+                        return 1
+                    rev_t = Target(
+                        f"sidecar-{scenario.revocation}", bench.ports["sidecar_rev"], revoking
+                    )
+                    results["scenarios"].append(bench.scenario(scenario, [ref_t, sc_t, rev_t]))
+                    results["scenarios"][-1]["revocation_check"] = check
+                    # after the runs: every request was checked, none asked the responder again
+                    results["scenarios"][-1]["revocation_after"] = bench.revocation_check(
+                        scenario.revocation
+                    )
+                finally:
+                    bench.stop(revoking)
+                _write(out_path, results)
+                continue
             if scenario.logging:
                 logger = bench.start_sidecar(
                     "sidecar-info", "sidecar_log", "admin_log", log_level="info"
@@ -1984,6 +2087,7 @@ def report(results: dict[str, Any]) -> str:
             else ""
         )
         + versus_text(results)
+        + revocation_text(results)
         + "\n"
         + (s4_text(results["s4"]) if "s4" in results else "")
         + (fleet_text(results) if "s4_fleet" in results or "s1_shared" in results else "")
@@ -1992,12 +2096,45 @@ def report(results: dict[str, Any]) -> str:
     )
 
 
+def revocation_text(results: dict[str, Any]) -> str:
+    """The revocation rows: the sidecar with revocation on against itself without, same runs."""
+    rows = [s for s in results["scenarios"] if s["scenario"].get("revocation")]
+    if not rows:
+        return ""
+    lines = [
+        "\nrevocation: the sidecar with it on / the same sidecar without, same runs interleaved:\n",
+        "| scenario | without req/s | with req/s | req/s ratio (of pairs) | runs won: without / with "
+        "| p99 ms without / with | req per CPU-s without / with (ratio) | requests checked, OCSP questions |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for s in rows:
+        names = list(s["targets"])
+        plain, revoking = s["summary"][names[1]], s["summary"][names[2]]
+        v = s["comparison"].get("versus", {})
+        wins = v.get("pair_wins") or ["-", "-"]
+        per_cpu = plain["requests_per_proxy_cpu_second"], revoking["requests_per_proxy_cpu_second"]
+        efficiency = f" ({per_cpu[1] / per_cpu[0]:.2f})" if per_cpu[0] else ""
+        after = s.get("revocation_after", {})
+        lines.append(
+            f"| {s['scenario']['key']} | {plain['rps']:.0f} | {revoking['rps']:.0f} "
+            f"| **{_floor2(v.get('rps_ratio'))}**{_pairs(v.get('rps_ratio_pairs'), floor=True)} "
+            f"| {wins[0]} / {wins[1]} | {plain['p99_ms']:.2f} / {revoking['p99_ms']:.2f} "
+            f"| {per_cpu[0]:.0f} / {per_cpu[1]:.0f}{efficiency} "
+            f"| {after.get('checks_good', 0):.0f}, {after.get('ocsp_questions', 0):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def versus_text(results: dict[str, Any]) -> str:
     """With ``--versus``: each scenario's other build against the sidecar under test."""
     source = results["machine"].get("versus_source")
     if "versus_build" in results["machine"]:
         source = f"{source} ({results['machine']['versus_build']})"
-    rows = [s for s in results["scenarios"] if "versus" in s["comparison"]]
+    rows = [
+        s
+        for s in results["scenarios"]
+        if "versus" in s["comparison"] and not s["scenario"].get("revocation")
+    ]
     if source is None or not rows:
         return ""
     lines = [

@@ -1,7 +1,7 @@
 """The Python cost of one forwarded request, without sockets, TLS or other processes.
 
     .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile] [--routes N]
-                                                [--front-proxy]
+        [--revocation none|ocsp|crl] [--front-proxy]
 
 Drives the real listener protocol (``ClientConnection``), gateway, header rules, forwarder
 and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
@@ -11,6 +11,8 @@ change to the request path can move; the full benchmark (``run.sh``) adds TLS, s
 the event loop, and is noisy on a shared machine, while this is stable to a few percent.
 ``--profile`` prints cProfile's top functions for the same loop (compiled functions are
 invisible to cProfile: profile with ``SIDECAR_PURE=1``). The build measured is printed.
+``--revocation ocsp`` measures with ``tls.ocsp: soft`` and the client's answer held,
+``--revocation crl`` with a 10,000-entry CRL of the client's CA.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ def _front_header(cert_pem: bytes) -> bytes:
     )
 
 
-def _config(folder: Path, routes: int = 0, front: bool = False) -> tuple[Path, ClientCert]:
+def _config(
+    folder: Path, routes: int = 0, revocation: str = "none", front: bool = False
+) -> tuple[Path, ClientCert]:
     ca = make_ca("Hot path CA")
     server = make_leaf(ca, "localhost", server=True)
     client = make_leaf(ca, "bench")
@@ -98,6 +102,11 @@ def _config(folder: Path, routes: int = 0, front: bool = False) -> tuple[Path, C
         "client.pem": client.pem,
     }.items():
         (folder / name).write_bytes(data)
+    extra = {"none": "", "ocsp": ", ocsp: soft", "crl": ", crl: [ca.crl]"}[revocation]
+    if revocation == "crl":
+        from tests.revocation_parts import der, make_crl
+
+        (folder / "ca.crl").write_bytes(der(make_crl(ca, range(1, 10_001))))
     # --routes N: N routes each with matchers (issue #16), the one asked for among them
     table = matcher_routes(routes, client.der, ca.cert) if routes else [{"path": "/"}]
     listen = "listen: {host: 127.0.0.1, port: 8443}\n"
@@ -107,7 +116,7 @@ def _config(folder: Path, routes: int = 0, front: bool = False) -> tuple[Path, C
             "front_proxy: {trusted: [127.0.0.1/32], certificate_header: ssl-client-cert}\n"
         )
     (folder / "sidecar.yaml").write_text(
-        listen + "tls: {certificate: server.pem, key: server.key, client_ca: [ca.pem]}\n"
+        listen + f"tls: {{certificate: server.pem, key: server.key, client_ca: [ca.pem]{extra}}}\n"
         "upstream: {url: 'http://127.0.0.1:9'}\n"
         "identity:\n  backend: static\n  static:\n    users:\n"
         "    - {sub: s-1, username: bench, certificates: [{file: client.pem}]}\n"
@@ -118,17 +127,27 @@ def _config(folder: Path, routes: int = 0, front: bool = False) -> tuple[Path, C
 
 
 async def measure(
-    requests: int, rounds: int, profile: bool, routes: int = 0, front: bool = False
+    requests: int,
+    rounds: int,
+    profile: bool,
+    routes: int = 0,
+    revocation: str = "none",
+    front: bool = False,
 ) -> None:
     loop = asyncio.get_running_loop()
     request = REQUEST
     with tempfile.TemporaryDirectory() as tmp:
-        path, cert = _config(Path(tmp), routes, front)
+        path, cert = _config(Path(tmp), routes, revocation, front)
         if front:
             request = _front_header((Path(tmp) / "client.pem").read_bytes())
         config = load(path)
         sidecar = Sidecar(config, config_path=path)
         plan = await sidecar._build_plan(config)
+    if revocation == "ocsp":  # the responder's answer, held (a warm cache)
+        from sidecar.revocation.ocsp import Answer
+
+        now = time.time()
+        sidecar.revocation._ocsp._answers[cert.sha256] = Answer("good", now, now + 3600, now + 3000)
     gateway = Gateway(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
     listener = Listener(
         gateway,
@@ -189,6 +208,9 @@ async def measure(
             f" {BUILD.describe()} build)"
         )
         assert answers >= requests * rounds
+    if revocation != "none":
+        counts = sidecar.revocation.outcome_counts()
+        assert counts["good"] >= requests * rounds, counts  # every request was checked
     await plan.upstream.close()
 
 
@@ -200,19 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--routes", type=int, default=0, help="that many routes, each with certificate matchers"
     )
+    parser.add_argument("--revocation", choices=("none", "ocsp", "crl"), default="none")
     parser.add_argument(
         "--front-proxy",
         action="store_true",
         help="plain HTTP from a trusted front proxy, the certificate in ssl-client-cert",
     )
     args = parser.parse_args(argv)
-    work = (args.requests, args.rounds, args.profile, args.routes, args.front_proxy)
+    run = measure(
+        args.requests, args.rounds, args.profile, args.routes, args.revocation, args.front_proxy
+    )
     try:
         import uvloop
     except ImportError:
-        asyncio.run(measure(*work))
+        asyncio.run(run)
     else:
-        uvloop.run(measure(*work))
+        uvloop.run(run)
     return 0
 
 

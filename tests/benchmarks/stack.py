@@ -564,14 +564,16 @@ def sidecar_conf(
     workers: int,
     log_level: str = "warning",
     http_backend: str | None = None,
+    tls_extra: dict[str, Any] | None = None,
     shared_url: str | None = None,
     routes: list[dict[str, Any]] | None = None,
     front_proxy: bool = False,
 ) -> Path:
     """The sidecar's configuration: defaults everywhere except ports, files and the backend
     (with ``shared_url``, the verdict cache shared through that Redis; ``routes``, by default
-    one: ``/``; ``front_proxy``: plain HTTP from a trusted proxy on 127.0.0.1, the client
-    certificate in ``ssl-client-cert``, as behind nginx)."""
+    one: ``/``; for the revocation rows, ``tls_extra``; ``front_proxy``: plain HTTP from a
+    trusted proxy on 127.0.0.1, the client certificate in ``ssl-client-cert``, as behind
+    nginx)."""
     identity: dict[str, Any]
     if http_backend is None:
         identity = {
@@ -596,6 +598,12 @@ def sidecar_conf(
             "cache": {"ttl": "5m", "max_entries": 100000},
             "http": {"url": http_backend, "timeout": "5s"},
         }
+    tls: dict[str, Any] = {
+        "certificate": str(pki.server_cert),
+        "key": str(pki.server_key),
+        "client_ca": [str(pki.client_ca)],
+        **(tls_extra or {}),
+    }
     if shared_url is not None:
         identity.setdefault("cache", {})["shared"] = {
             "url": shared_url,
@@ -603,11 +611,7 @@ def sidecar_conf(
         }
     data = {
         "listen": {"host": "127.0.0.1", "port": port, "workers": workers},
-        "tls": {
-            "certificate": str(pki.server_cert),
-            "key": str(pki.server_key),
-            "client_ca": [str(pki.client_ca)],
-        },
+        "tls": tls,
         "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
         "identity": identity,
         "routes": routes or [{"path": "/"}],
@@ -923,6 +927,22 @@ def build_of(admin_port: int) -> str:
     return match.group(1) if match else "unknown"
 
 
+def metric(admin_port: int, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with ``labels`` on a sidecar's admin listener (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 # ---- a plain HTTPS client for checks ------------------------------------------------------
 
 
@@ -1060,3 +1080,69 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
+
+
+# ---- revocation (the S1/S2 revocation rows) -----------------------------------------------------
+
+#: entries in the benchmark's CRL: a large CA's list (none of them the load generator's)
+CRL_ENTRIES = 10_000
+
+
+def write_crl(folder: Path, pki: BenchPKI, entries: int = CRL_ENTRIES) -> Path:
+    """A CRL of ``pki``'s client intermediate revoking ``entries`` random serial numbers."""
+    import datetime as dt
+
+    from cryptography import x509
+
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.issuer.cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=7))
+        .add_extension(x509.CRLNumber(1), critical=False)
+    )
+    for _ in range(entries):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(x509.random_serial_number())
+            .revocation_date(now - dt.timedelta(days=1))
+            .build()
+        )
+    crl = builder.sign(pki.issuer.key, hashes.SHA256())
+    path = folder / "client-intermediate.crl"
+    path.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    return path
+
+
+def start_ocsp_responder(
+    folder: Path, pki: BenchPKI, cpus: Sequence[int] | None
+) -> tuple[Proc, int]:
+    """``openssl ocsp`` answering ``good`` for the load generator's certificate, signed by the
+    client intermediate itself, with a nextUpdate an hour away (the sidecar keeps the answer)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pki.client_cert.read_bytes())
+    serial = f"{cert.serial_number:X}"
+    serial = serial if len(serial) % 2 == 0 else "0" + serial
+    index = folder / "ocsp-index.txt"
+    index.write_text(f"V\t351231000000Z\t\t{serial}\tunknown\t/CN=bench-client\n")
+    (folder / "ocsp-index.txt.attr").write_text("unique_subject = no\n")
+    signer, key = pki.issuer.write(folder, "ocsp-signer")
+    argv = [
+        "openssl", "ocsp", "-index", str(index), "-port", "0",
+        "-rsigner", str(signer), "-rkey", str(key), "-CA", str(signer),
+        "-nmin", "60", "-ignore_err",
+    ]  # fmt: skip
+    proc = start("ocsp-responder", argv, folder, cpus)
+    # The port it chose, from its first line. Not wait_port: openssl's responder serves one
+    # connection at a time, and a connection that sends nothing holds it for good.
+    import re
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.alive():
+        found = re.search(r"ACCEPT .*:(\d+)", proc.tail(5))
+        if found:
+            return proc, int(found.group(1))
+        time.sleep(0.05)
+    raise RuntimeError(f"openssl ocsp did not start:\n{proc.tail()}")

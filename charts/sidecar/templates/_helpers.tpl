@@ -65,7 +65,7 @@ app.kubernetes.io/component: {{ .Values.mode }}
 
 {{/* Where the mounted files are; the rendered configuration names these paths. */}}
 {{- define "sidecar.paths" -}}
-{{- dict "config" "/etc/sidecar/config" "tls" "/etc/sidecar/tls" "trust" "/etc/sidecar/trust" "agent" "/etc/sidecar/agent" "redis" "/etc/sidecar/redis" "redisTLS" "/etc/sidecar/redis-tls" | toJson }}
+{{- dict "config" "/etc/sidecar/config" "tls" "/etc/sidecar/tls" "trust" "/etc/sidecar/trust" "crl" "/etc/sidecar/crl" "agent" "/etc/sidecar/agent" "redis" "/etc/sidecar/redis" "redisTLS" "/etc/sidecar/redis-tls" | toJson }}
 {{- end }}
 
 {{- define "sidecar.upstream" -}}
@@ -91,6 +91,10 @@ A key the chart owns that `config` sets to something else is an error, not silen
 {{- $anchors = append $anchors (printf "%s/%s" $paths.trust .) }}
 {{- end }}
 {{- $_ := set $tls "client_ca" $anchors }}
+{{- end }}
+{{- if or .Values.crl.secretName .Values.crl.configMapName }}
+{{- /* the folder: every CRL file in the Secret or ConfigMap, as the kubelet updates it */}}
+{{- $_ := set $tls "crl" (list $paths.crl) }}
 {{- end }}
 {{- $owned := dict
   "listen" (dict "port" (int .Values.ports.https))
@@ -194,6 +198,7 @@ the -metrics Service by name must be known, besides the names config gives. */}}
   "tls.certificate" "the Secret tls.secretName, mounted"
   "tls.key" "the Secret tls.secretName, mounted"
   "tls.client_ca" "clientCA, mounted"
+  "tls.crl" "crl, mounted"
   "upstream.url" "http://127.0.0.1:<app.port> in mode sidecar, gateway.upstream in mode gateway"
   "shutdown.drain_delay" "from shutdown.drainDelaySeconds"
   "shutdown.grace_period" "from shutdown.gracePeriodSeconds"
@@ -209,6 +214,9 @@ the -metrics Service by name must be known, besides the names config gives. */}}
 {{- end }}
 {{- if and .Values.clientCA.secretName .Values.clientCA.configMapName }}
 {{- fail "clientCA: give secretName or configMapName, not both" }}
+{{- end }}
+{{- if and .Values.crl.secretName .Values.crl.configMapName }}
+{{- fail "crl: give secretName or configMapName, not both" }}
 {{- end }}
 {{- $pinned := dig "tls" "pinned_certificates" list (.Values.config | default dict) }}
 {{- if not (or .Values.clientCA.secretName .Values.clientCA.configMapName $pinned) }}

@@ -62,6 +62,11 @@
       mountPath: {{ $paths.trust }}
       readOnly: true
     {{- end }}
+    {{- if or .Values.crl.secretName .Values.crl.configMapName }}
+    - name: crl
+      mountPath: {{ $paths.crl }}
+      readOnly: true
+    {{- end }}
     {{- if .Values.identityPlus.agentSecretName }}
     - name: agent
       mountPath: {{ $paths.agent }}
@@ -152,6 +157,16 @@
 - name: trust
   configMap:
     name: {{ .Values.clientCA.configMapName }}
+{{- end }}
+{{- if .Values.crl.secretName }}
+- name: crl
+  secret:
+    secretName: {{ .Values.crl.secretName }}
+    defaultMode: 0440
+{{- else if .Values.crl.configMapName }}
+- name: crl
+  configMap:
+    name: {{ .Values.crl.configMapName }}
 {{- end }}
 {{- if .Values.identityPlus.agentSecretName }}
 - name: agent

@@ -1,0 +1,95 @@
+"""The deny-list on the admin listener: ``GET``, ``POST`` and ``DELETE /deny?sha256=``.
+
+``deny_routes`` adds the three routes to a worker's (or a single process's) admin application,
+behind the same ``admin.guard`` as every other route (a state change needs ``X-Sidecar-Admin``
+or a JSON body). With ``listen.workers`` above 1 the supervisor relays ``POST`` and ``DELETE``
+to every worker and keeps the run-time entries in ``RUNTIME_DENY_FILE`` in its private runtime
+folder, next to the workers' admin sockets, so that a worker it restarts starts with them
+(``read_runtime``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from aiohttp import web
+
+from ..certs import normalize_fingerprint
+from .gate import Revocation
+
+#: the supervisor's list of run-time deny entries, in its runtime folder (one JSON list)
+RUNTIME_DENY_FILE = "deny.json"
+
+
+def _json(status: int, doc: Mapping[str, object]) -> web.Response:
+    return web.Response(status=status, text=json.dumps(doc) + "\n", content_type="application/json")
+
+
+def fingerprint_of(query: Mapping[str, str]) -> str:
+    """The ``sha256`` parameter, normalised; raises ``ValueError`` naming the problem."""
+    unknown = set(query) - {"sha256"}
+    if unknown:
+        raise ValueError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    text = query.get("sha256")
+    if text is None:
+        raise ValueError("give the certificate's SHA-256 fingerprint: ?sha256=")
+    return normalize_fingerprint(text)
+
+
+def deny_routes(app: web.Application, revocation: Revocation) -> None:
+    """``GET /deny`` lists the entries; ``POST /deny?sha256=`` refuses a certificate from now
+    on (open connections included) and drops its cached verdict; ``DELETE /deny?sha256=``
+    takes a run-time entry off (one in ``tls.deny`` is the configuration's: 409)."""
+
+    async def listing(request: web.Request) -> web.Response:
+        return _json(200, revocation.denied())
+
+    async def add(request: web.Request) -> web.Response:
+        try:
+            sha256 = fingerprint_of(request.query)
+        except ValueError as exc:
+            return _json(400, {"error": str(exc)})
+        new = revocation.deny(sha256)
+        return _json(200, {"denied": sha256, "new": new})
+
+    async def remove(request: web.Request) -> web.Response:
+        try:
+            sha256 = fingerprint_of(request.query)
+        except ValueError as exc:
+            return _json(400, {"error": str(exc)})
+        result = revocation.allow(sha256)
+        if result == "configured":
+            return _json(
+                409,
+                {
+                    "error": "this certificate is denied by tls.deny: remove it from the configuration"
+                },
+            )
+        if result == "absent":
+            return _json(404, {"error": "this certificate is not on the run-time deny-list"})
+        return _json(200, {"removed": sha256})
+
+    app.router.add_get("/deny", listing)
+    app.router.add_post("/deny", add)
+    app.router.add_delete("/deny", remove)
+
+
+def read_runtime(folder: Path) -> list[str]:
+    """The run-time entries a supervisor keeps for its workers (none when there is no file)."""
+    try:
+        doc = json.loads((folder / RUNTIME_DENY_FILE).read_text())
+    except FileNotFoundError:
+        return []
+    if not isinstance(doc, list):
+        raise ValueError(f"{folder / RUNTIME_DENY_FILE}: not a JSON list")
+    return [normalize_fingerprint(str(item)) for item in doc]
+
+
+def write_runtime(folder: Path, entries: set[str]) -> None:
+    """Replace the file at once (a worker starting meanwhile reads the old or the new list)."""
+    target = folder / RUNTIME_DENY_FILE
+    temporary = target.with_suffix(".tmp")
+    temporary.write_text(json.dumps(sorted(entries)))
+    temporary.replace(target)
