@@ -276,3 +276,22 @@ async def test_a_request_with_a_body_takes_the_same_path(
     assert seen.method == "POST" and seen.body_len == 4
     assert decode_userinfo(seen.header("X-USERINFO")[0])["sub"] == ALICE_SUB
     assert len(upstream.seen) == 1  # the refused one never reached it
+
+
+async def test_a_revoked_certificate_from_a_trusted_proxy_is_refused(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """Revocation (tls.crl) judges a certificate from a front proxy as it judges a TLS one."""
+    from .revocation_parts import make_crl, pem
+
+    certs = config_dir.certs
+    crl = make_crl(certs.pki.client_intermediate, [int(certs.alice.cert.serial_number)])
+    (config_dir.path / "crl.pem").write_bytes(pem(crl))
+    data = front_config(config_dir, upstream, trusted=["127.0.0.1/32"])
+    data["tls"]["crl"] = ["crl.pem"]
+    running: Running = await start_sidecar(data)
+    answer = await request(running, "/public/x", [("ssl-client-cert", escaped(certs.alice))])
+    assert answer.status == 403, answer.body
+    assert not upstream.seen
+    answer = await request(running, "/x", [("ssl-client-cert", escaped(certs.bob))])
+    assert answer.status == 200
