@@ -54,6 +54,7 @@ COMPILED = [
     "sidecar/http1/upstream.py",
     "sidecar/http1/pool.py",
     "sidecar/policy.py",
+    "sidecar/readings.py",
     "sidecar/rules.py",
     "sidecar/identifiers.py",
     "sidecar/servers.py",
@@ -62,6 +63,7 @@ COMPILED = [
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
     "sidecar/identity/intents.py",
+    "sidecar/identity/legacy.py",
     # issue #15's leaves, on the request path once the listener uses them
     "sidecar/certformats.py",
     "sidecar/sfv.py",

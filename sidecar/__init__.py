@@ -16,7 +16,8 @@ A request flows one way, down this picture::
 ``http1.client`` serves nearly all a browser sends; the first request it does not serve (a
 body, an upgrade, a head it does not read itself) goes to ``fallback`` with its connection.
 The ``gateway`` runs a request's steps as plain calls, each taking values and returning one;
-the leaves (``certs``, ``policy``, ``headers``, ``responses``, ``http1.heads``) do no I/O.
+the leaves (``certs``, ``policy`` with ``readings``, how applications may read a request
+path, ``headers``, ``responses``, ``http1.heads``) do no I/O.
 ``config`` checks the YAML once and hands each module its own frozen section; ``app``
 assembles one process; ``__main__`` is the command line (``run``, ``check-config``,
 ``explain``, ``demo``) and ``runtime`` its event loop; ``build`` says whether the request
@@ -25,9 +26,10 @@ path runs compiled. Imports point down the picture, never up and never in a circ
 The pieces for running behind a front proxy are leaves too: ``certformats`` (client
 certificates in headers, read and written, with ``sfv`` and ``xfcc`` for their syntaxes),
 ``proxyproto`` (the PROXY protocol, read by ``tls_transport`` before TLS) and ``sessions``
-(the sealed identity cookie of Identity Plus "HTTP legacy"); ``frontproxy`` is the
-``gateway``'s other source of a request's certificate and client address: a trusted proxy's
-header, verified again.
+(the sealed identity cookie of Identity Plus "HTTP legacy", whose flow ``identity.legacy`` owns
+and the ``gateway`` calls first when it is on: the return from sign-on, and the certificate a
+session cookie stands for); ``frontproxy`` is the ``gateway``'s other source of a request's
+certificate and client address: a trusted proxy's header, verified again.
 
 The decision's entry is ``servers``: the site the connection's SNI chose (``sni`` reads it
 from the ClientHello for ``tls_transport`` when there are several), its names and its

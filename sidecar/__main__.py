@@ -325,6 +325,12 @@ def summary(config: Config) -> str:
     if config.identity.backend == "identityplus" and identityplus and identityplus.issuers:
         names = ", ".join(c.subject.rfc4514_string() for c in identityplus.issuer_certificates())
         lines.append(f"  issuers     {names}")
+    if config.identity.backend == "identityplus" and identityplus and identityplus.legacy:
+        lines.append(
+            "  legacy      HTTP legacy: browsers without a certificate sign on at Identity Plus; "
+            f"sessions last {config.identity.cache.ttl:g}s, "
+            f"{len(identityplus.session_keys)} session key(s)"
+        )
     if config.identity.backend == "static":
         users = config.identity.static.users
         bound = sum(len(u.certificates) for u in users)

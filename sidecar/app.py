@@ -37,6 +37,7 @@ from .headers import HeaderRules
 from .identity import Backend, Verdict
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
+from .identity.legacy import Legacy
 from .identity.static import StaticBackend
 from .listener import Listener
 from .metrics import Metrics
@@ -92,6 +93,20 @@ def build_cache(
             owner_wait=backend_timeout(config),
         )
     return VerdictCache(backend, config.cache, shared=shared)
+
+
+def build_legacy(config: IdentityConfig, cache: VerdictCache) -> Legacy | None:
+    """Identity Plus HTTP legacy for ``cache``'s backend, when ``identityplus.legacy`` is on."""
+    section = config.identityplus
+    if section is None or not section.legacy:
+        return None
+    from .identity.identityplus import IdentityPlusBackend
+
+    backend = cache.backend
+    if isinstance(backend, WatchedBackend):  # revocation watches the backend's verdicts
+        backend = backend.backend
+    assert isinstance(backend, IdentityPlusBackend)  # config: legacy needs identityplus
+    return Legacy(backend, section.session_key_bytes(), lifetime=config.cache.ttl)
 
 
 def shared_namespace(config: IdentityConfig) -> str:
@@ -278,6 +293,8 @@ class Sidecar:
                 await upstream.start()
             if previous is not None and config.identity == previous[1].identity:
                 identity: Identity = previous[0].identity
+                # the same flow: references used before the reload stay used
+                legacy = previous[0].legacy
             else:
                 cache = build_cache(
                     config.identity, wrap=lambda b: WatchedBackend(b, self.revocation)
@@ -285,6 +302,7 @@ class Sidecar:
                 built.append(cache.close)
                 await cache.start()
                 identity = cache
+                legacy = build_legacy(config.identity, cache)
             return Plan(
                 policy=build_policy(config),
                 identity=identity,
@@ -292,6 +310,7 @@ class Sidecar:
                 rules=build_rules(config),
                 max_header_block=config.limits.max_header_block,
                 revocation=self.revocation,
+                legacy=legacy,
                 front=FrontProxy(config.front_proxy, config.tls)
                 if config.front_proxy.trusted
                 else None,

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -153,6 +153,32 @@ class ClientCert:
             not_after_ts=cert.not_valid_after_utc.timestamp(),
             client_auth=eku is None or not _CLIENT_AUTH_USAGES.isdisjoint(eku),
         )
+
+    @classmethod
+    def known_by_serial(cls, serial: int) -> ClientCert:
+        """A certificate the sidecar never saw, known by its serial only: the one a person
+        presented to Identity Plus sign-on in the HTTP-legacy flow (``identity.legacy``).
+        ``der`` is empty (nothing to send upstream or to match); ``sha256`` is a digest of the
+        serial under a label no certificate's DER can have, so that it keys the verdict cache
+        apart from every real certificate; validity is the identity service's to judge."""
+        return cls(
+            der=b"",
+            sha256=hashlib.sha256(b"identityplus-serial\x00%d" % serial).hexdigest(),
+            serial=serial,
+            subject="",
+            common_name=None,
+            issuer="",
+            not_before=datetime.fromtimestamp(0, UTC),
+            not_after=datetime.max.replace(tzinfo=UTC),
+            extended_key_usage=None,
+            not_before_ts=0.0,
+            not_after_ts=float("inf"),
+        )
+
+    @property
+    def seen(self) -> bool:
+        """False for a certificate ``known_by_serial`` only."""
+        return bool(self.der)
 
     @property
     def serial_hex(self) -> str:

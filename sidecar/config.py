@@ -461,16 +461,18 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def _header_name(name: str) -> str:
-    return name.lower().replace("_", "-")
+    # As headers.normal_name: what PHP, lighttpd and CGI read ("X.USER", "X_USER", "X-User").
+    return re.sub(r"[^a-z0-9]", "-", name.lower())
 
 
 class HeadersConfig(Section):
     """Names of the identity headers sent upstream (the contract's by default).
 
     Names are compared as the sidecar compares a client's header names: in any case, and with
-    underscores read as dashes, since CGI-style servers (PHP, WSGI, Rack) read ``X_USER`` and
-    ``X-User`` as the same ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and
-    strips every such spelling from clients."""
+    every character that is not a letter or digit read as a dash, since CGI-style servers
+    (PHP, lighttpd, WSGI, Rack) read ``X_USER``, ``X.USER`` and ``X-User`` as the same
+    ``HTTP_X_USER``. A configured ``X_USER`` is sent as written and strips every such
+    spelling from clients."""
 
     certificate: str = "X-APP-CERTIFICATE"
     userinfo: str = "X-USERINFO"
@@ -523,8 +525,8 @@ class HeadersConfig(Section):
     def _distinct(self) -> HeadersConfig:
         if _header_name(self.certificate) == _header_name(self.userinfo):
             raise ValueError(
-                "@userinfo: must differ from headers.certificate "
-                "(in any case, and with underscores read as dashes)"
+                "@userinfo: must differ from headers.certificate (in any case, and with "
+                "every character that is not a letter or digit read as a dash)"
             )
         return self
 
@@ -713,6 +715,14 @@ def _uri(value: str) -> str:
     return value
 
 
+def _session_key_file(path: Path) -> Path:
+    sessions.read_key(path)  # its ValueError names the file and the problem
+    return path
+
+
+SessionKeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_session_key_file)]
+
+
 class IdentityPlusConfig(Section):
     endpoint: str = "https://api.identity.plus/v1"
     #: this service's own API ("agent") certificate and key, PEM or DER ...
@@ -739,6 +749,15 @@ class IdentityPlusConfig(Section):
     roles: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     #: read "org. administrator" as "administrator" (before translation)
     remove_org_prefix: bool = False
+    #: HTTP legacy: no certificate at all (a load balancer terminated TLS): browsers sign on
+    #: at Identity Plus, and the identity it resolves is kept in a sealed cookie
+    legacy: bool = False
+    #: files of 32 random bytes (raw, hex or base64); the first seals session cookies, all
+    #: open them (rotation: add the new key second, then move it first, then drop the old one)
+    session_keys: tuple[SessionKeyFile, ...] = ()
+    # The keys, read once: part of equality, so a rewritten key file is a changed
+    # configuration.
+    _session_keys: tuple[bytes, ...] = PrivateAttr(default=())
     # The issuers' DER, read once: part of equality, so that a rewritten file under the same
     # name is a changed configuration (a reload then builds a new backend).
     _issuer_der: tuple[bytes, ...] = PrivateAttr(default=())
@@ -754,6 +773,35 @@ class IdentityPlusConfig(Section):
             c.public_bytes(Encoding.DER) for path in self.issuers for c in read_certificates(path)
         )
         return self
+
+    @field_validator("session_keys", mode="before")
+    @classmethod
+    def _one_or_many_keys(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _legacy_keys(self) -> IdentityPlusConfig:
+        if self.legacy and not self.session_keys:
+            raise ValueError(
+                "@session_keys: required with legacy: a file of 32 random bytes that seals "
+                "the session cookie (openssl rand -base64 32 > session.key)"
+            )
+        if self.session_keys and not self.legacy:
+            raise ValueError("@session_keys: only used with legacy: true")
+        keys = tuple(sessions.read_key(path) for path in self.session_keys)
+        problems = [
+            f"@session_keys[{i}]: the same key as session_keys[{keys.index(key)}]"
+            for i, key in enumerate(keys)
+            if key in keys[:i]
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        self._session_keys = keys
+        return self
+
+    def session_key_bytes(self) -> tuple[bytes, ...]:
+        """The session keys as read when the configuration was loaded (first seals)."""
+        return self._session_keys
 
     def issuer_certificates(self) -> list[x509.Certificate]:
         """The certificates in ``issuers``, as read when the configuration was loaded."""
@@ -881,6 +929,22 @@ class IdentityConfig(Section):
             raise ValueError("@identityplus: required when identity.backend is identityplus")
         if self.backend == "http" and self.http is None:
             raise ValueError("@http: required when identity.backend is http")
+        return self
+
+    @model_validator(mode="after")
+    def _legacy_backend(self) -> IdentityConfig:
+        if self.identityplus is None or not self.identityplus.legacy:
+            return self
+        if self.backend != "identityplus":
+            raise ValueError(
+                "@identityplus.legacy: needs identity.backend: identityplus (Identity Plus "
+                "resolves the sign-on)"
+            )
+        if not self.cache.ttl > 0:
+            raise ValueError(
+                "@cache.ttl: must be above 0 with identityplus.legacy: it is the session "
+                "cookie's lifetime"
+            )
         return self
 
 
@@ -1230,7 +1294,8 @@ class RouteConfig(Section):
 
 def route_problems(routes: tuple[RouteConfig, ...]) -> list[str]:
     """Routes that can never apply, as ``@[i].key: message`` lines: the same path twice
-    (unless each covers other methods), or paths that differ only in letter case."""
+    (unless each covers other methods), or paths that differ only in letter case (as
+    Unicode folds it: see ``readings``)."""
     problems: list[str] = []
     by_path: dict[str, list[tuple[int, frozenset[str] | None]]] = {}
     folded: dict[str, tuple[int, str]] = {}
@@ -1249,7 +1314,8 @@ def route_problems(routes: tuple[RouteConfig, ...]) -> list[str]:
                 )
                 break
         earlier.append((i, covered))
-        fold = route.path.lower()
+        # As case-insensitive servers compare: "ß" is "ss", the dotless i is "i"
+        fold = route.path.casefold().upper().lower()
         first = folded.setdefault(fold, (i, route.path))
         if first[1] != route.path:
             # Applications that ignore case (Express, ASP.NET, IIS) serve both the same:
@@ -1341,9 +1407,15 @@ def _policy_problems(config: Config) -> list[str]:
                 f"@{where}client_certificate: {mode} needs trust anchors "
                 "(tls.client_ca and/or tls.pinned_certificates)"
             )
+        # Identity Plus HTTP legacy: with no certificate asked for, a session cookie identifies
+        legacy = config.identity.identityplus is not None and config.identity.identityplus.legacy
         for i, route in enumerate(routes):
             at = f"{where}routes[{i}]"
-            if mode == "none" and route.access != "public":
+            if (
+                mode == "none"
+                and route.access != "public"
+                and not (legacy and route.access == "authenticated")
+            ):
                 problems.append(
                     f"@{at}.access: the server asks for no client certificate "
                     "(client_certificate: none): its routes are public"
@@ -1626,12 +1698,9 @@ class Config(Section):
 
 
 # ---- behind a front proxy (issue #15) -----------------------------------------------------
-# ``front_proxy``, ``listen.tls``, ``listen.proxy_protocol`` and
-# ``headers.certificate_formats`` are accepted by ``Config`` (above). The keys below are checked here but not yet accepted: ``Config``
-# refuses them as unknown until the listener and the request path make them work.
-# ``ConfigWithFrontProxy`` is the shape ``Config`` takes then: each field moves into the
-# section it extends, and its rules join ``Config``'s. ``parse(..., model=...)`` checks a
-# file against it meanwhile (tests).
+# Every key of issue #15 is accepted by ``Config`` now (``front_proxy``, ``listen.tls``,
+# ``listen.proxy_protocol``, ``headers.certificate_formats``, ``identity.identityplus.legacy``);
+# the names below stay for the tests and callers that checked files against the extension.
 
 
 #: ``listen.proxy_protocol`` is accepted by ``ListenConfig`` itself now
@@ -1642,85 +1711,11 @@ ProxiedListenConfig = ListenConfig
 HeadersWithFormats = HeadersConfig
 
 
-def _session_key_file(path: Path) -> Path:
-    sessions.read_key(path)  # its ValueError names the file and the problem
-    return path
-
-
-SessionKeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_session_key_file)]
-
-
-class LegacyIdentityPlusConfig(IdentityPlusConfig):
-    """``identity.identityplus`` with HTTP legacy (the keys move into ``IdentityPlusConfig``)."""
-
-    #: no certificate at all (a load balancer terminated TLS): browsers sign on at Identity
-    #: Plus, and the identity it resolves is kept in a sealed cookie
-    legacy: bool = False
-    #: files of 32 random bytes (raw or base64); the first seals session cookies, all open
-    #: them (rotation: add the new key second, then move it first, then drop the old one)
-    session_keys: tuple[SessionKeyFile, ...] = ()
-    # The keys, read once: part of equality, so a rewritten key file is a changed
-    # configuration.
-    _session_keys: tuple[bytes, ...] = PrivateAttr(default=())
-
-    @field_validator("session_keys", mode="before")
-    @classmethod
-    def _one_or_many_keys(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @model_validator(mode="after")
-    def _legacy_keys(self) -> LegacyIdentityPlusConfig:
-        if self.legacy and not self.session_keys:
-            raise ValueError(
-                "@session_keys: required with legacy: a file of 32 random bytes that seals "
-                "the session cookie (openssl rand -base64 32 > session.key)"
-            )
-        if self.session_keys and not self.legacy:
-            raise ValueError("@session_keys: only used with legacy: true")
-        keys = tuple(sessions.read_key(path) for path in self.session_keys)
-        problems = [
-            f"@session_keys[{i}]: the same key as session_keys[{keys.index(key)}]"
-            for i, key in enumerate(keys)
-            if key in keys[:i]
-        ]
-        if problems:
-            raise ValueError("\n".join(problems))
-        self._session_keys = keys
-        return self
-
-    def session_key_bytes(self) -> tuple[bytes, ...]:
-        """The session keys as read when the configuration was loaded (first seals)."""
-        return self._session_keys
-
-
-class LegacyIdentityConfig(IdentityConfig):
-    """``identity`` whose ``identityplus`` may use HTTP legacy."""
-
-    identityplus: LegacyIdentityPlusConfig | None = None
-
-    @model_validator(mode="after")
-    def _legacy_backend(self) -> LegacyIdentityConfig:
-        if self.identityplus is None or not self.identityplus.legacy:
-            return self
-        if self.backend != "identityplus":
-            raise ValueError(
-                "@identityplus.legacy: needs identity.backend: identityplus (Identity Plus "
-                "resolves the sign-on)"
-            )
-        if not self.cache.ttl > 0:
-            raise ValueError(
-                "@cache.ttl: must be above 0 with identityplus.legacy: it is the session "
-                "cookie's lifetime"
-            )
-        return self
-
-
 class ConfigWithFrontProxy(Config):
     """``Config`` with the keys above and the rules that tie them together."""
 
     listen: ProxiedListenConfig = ProxiedListenConfig()
     headers: HeadersWithFormats = HeadersWithFormats()
-    identity: LegacyIdentityConfig = LegacyIdentityConfig()
 
 
 # ---- loading ------------------------------------------------------------------------------

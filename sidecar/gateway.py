@@ -35,8 +35,10 @@ from .errors import IdentityUnavailable, UpstreamError
 from .forwarder import BodyTimeout, BodyTooLarge
 from .frontproxy import FrontProxy, HeaderRefusal
 from .headers import request_fields
+from .hosts import host_name
 from .identity import LookupContext, Verdict
 from .identity.intents import SignOnLimited
+from .identity.legacy import Legacy, cookie_headers, reference, without_cookies
 from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
 from .plan import Plan
@@ -46,7 +48,9 @@ from .policy import (
     Forward,
     Redirect,
     Refused,
+    Route,
     Unavailable,
+    accepts_session,
     certificate_refusal,
     decide,
     needs_verdict,
@@ -57,6 +61,7 @@ from .request import (
     FORWARD,
     FORWARDED,
     LOOK_UP,
+    RESOLVE,
     SIGN_ON,
     Request,
     move,
@@ -134,6 +139,8 @@ class Gateway:
                 await self._look_up(request)
             if request.step is SIGN_ON:
                 await self._sign_on(request)
+            if request.step is RESOLVE:
+                await self._resolve(request)
             if request.step is FORWARD:
                 try:
                     status, upstream_seconds = await forward(request)
@@ -234,6 +241,9 @@ class Gateway:
             return
         request.route = route
         cert = request.cert
+        legacy = plan.legacy
+        if legacy is not None and route is not None and self._legacy(request, legacy, route):
+            return
         verdict: Verdict | None = None
         if cert is not None:
             now = self.clock()
@@ -250,11 +260,15 @@ class Gateway:
                 else:
                     self._revoked(request, revoked)
                 return
-            if route is not None and needs_verdict(route, cert, request.client_ip):  # policy:
-                verdict = plan.identity.peek(cert)
-                if verdict is None:
-                    move(request, LOOK_UP)
-                    return
+        else:
+            # HTTP legacy: a session stands for a certificate the sidecar never saw; its
+            # revocation is the identity service's to say, asked again like any verdict
+            cert = request.session
+        if cert is not None and route is not None and needs_verdict(route, cert, request.client_ip):
+            verdict = plan.identity.peek(cert)  # policy: ^ matchers
+            if verdict is None:
+                move(request, LOOK_UP)
+                return
         self._decide(request, plan, verdict, backend_failed=False)
 
     def _front_proxy(self, request: Request, front: FrontProxy, from_front: bool) -> Deny | None:
@@ -296,10 +310,94 @@ class Gateway:
         request.cert, request.chain = claim.cert, claim.chain
         return None
 
+    def _legacy(self, request: Request, legacy: Legacy, route: Route) -> bool:
+        """Identity Plus HTTP legacy, before anything else looks at a request: a return from
+        sign-on waits at RESOLVE (True); our cookies are taken out of the request; a valid
+        session cookie stands for its certificate (``request.session``) on a route that a
+        certificate's verdict alone decides; a browser without either may be sent to sign on
+        (``request.legacy``). False: the request goes on as usual.
+
+        Fails closed: a cookie that is not a session this service made for this host, in its
+        lifetime, is ignored (and counted), and the request is one without a certificate."""
+        served = _served(request)
+        cookies = cookie_headers(request.raw_headers)
+        found = reference(request.target)
+        if found is not None:  # a return from sign-on: never forwarded with the parameter
+            if served is None:
+                self._deny(request, Deny(400, "the request's Host header is not valid", "bad_host"))
+                return True
+            ref, clean = found
+            url = served[1] + clean
+            if request.cert is not None:
+                self._redirect_to(request, Redirect("enrol", "signed on"), url, reason="clean")
+            elif request.method not in _SAFE_METHODS:
+                self._deny(request, Deny(400, _NOT_A_RETURN, "legacy_not_a_return"))
+            else:
+                request.legacy = (served[0], ref, url)
+                move(request, RESOLVE)
+            return True
+        if cookies:
+            request.raw_headers = without_cookies(request.raw_headers)
+        # policy: a route that judges the certificate itself takes no session, and sends no
+        # one to sign on for one (it would come back to the same refusal)
+        if request.cert is not None or served is None or not accepts_session(route):
+            return False
+        if cookies:
+            outcome, subject = legacy.session(cookies, host=served[0])
+            self.metrics.legacy_cookies.labels(outcome).inc()
+            request.session = subject
+        if request.method in _SAFE_METHODS and responses.wants_html(request.headers.get("Accept")):
+            request.legacy = (served[0], None, served[1] + request.target)
+        return False
+
+    async def _resolve(self, request: Request) -> None:
+        """A return from an HTTP-legacy sign-on: 302 to the URL without the reference, with
+        the session cookie; 401 and no cookie when the reference is forged, replayed, expired
+        or unresolved; 503 when Identity Plus fails."""
+        plan, found = _plan(request), request.legacy
+        legacy = plan.legacy
+        assert legacy is not None and found is not None
+        host, ref, url = found
+        counter = self.metrics.legacy_returns
+        try:
+            if ref is None:
+                outcome, cookie = "forged", None
+            else:
+                resolved = await legacy.resolve(
+                    ref, request.headers.getall("Cookie", []), host=host
+                )
+                outcome, cookie = resolved.outcome, resolved.cookie
+        except IdentityUnavailable as failure:
+            counter.labels("failed").inc()
+            self.log.warning(
+                "legacy_return_unavailable",
+                request_id=request.request_id,
+                reason=failure.reason,
+                code=failure.code,
+            )
+            self._unavailable(request, "sign-on unavailable")
+            return
+        counter.labels(outcome).inc()
+        if cookie is None:
+            self.log.warning(
+                "legacy_return_refused", request_id=request.request_id, outcome=outcome
+            )
+            self._answer(
+                request,
+                401,
+                "denied",
+                f"legacy_{outcome}",
+                "The sign-on could not be completed. Please open the page again to sign in.",
+            )
+            return
+        request.status, request.decision, request.reason = 302, "redirected", "legacy_session"
+        request.answer = responses.redirect(url, request_id=request.request_id, cookie=cookie)
+        move(request, ANSWER)
+
     async def _look_up(self, request: Request) -> None:
         """A verdict the cache could not give at once (timed and counted by outcome), and a
         revocation answer still on its way; then the decision on them."""
-        plan, cert = _plan(request), request.cert
+        plan, cert = _plan(request), request.cert or request.session
         identity = plan.identity
         assert cert is not None
         verdict: Verdict | None = None
@@ -326,7 +424,7 @@ class Gateway:
                 )
         # revocation: the last word before the verdict is used: the answer check() was
         # waiting for, and whatever was loaded while the identity service answered
-        revoked = await plan.revocation.settle(cert)
+        revoked = await plan.revocation.settle(cert) if cert.seen else None
         if revoked is not None:
             self._revoked(request, revoked)
             return
@@ -337,12 +435,13 @@ class Gateway:
     ) -> None:
         cert = request.cert
         # policy: the one decision on a request, from the route, the verdict and the facts
+        subject = cert if cert is not None else request.session
         decision = decide(
             request.route,
             verdict,
-            has_certificate=cert is not None,
+            has_certificate=subject is not None,
             backend_failed=backend_failed,
-            enrol=plan.identity.can_enrol,
+            enrol=plan.identity.can_enrol or request.legacy is not None,
             cert=cert,  # policy: matchers
             address=request.client_ip,  # policy: addresses
         )
@@ -356,7 +455,8 @@ class Gateway:
                 trusted=request.trusted,
                 request_id=request.request_id,
                 user=user,
-                certificate_b64=cert.b64 if (cert is not None and user is not None) else None,
+                # HTTP legacy: X-USERINFO alone, no certificate was seen
+                certificate_b64=subject.b64 if (subject is not None and user is not None) else None,
                 certificate=cert.der if cert is not None else b"",
                 chain=request.chain,
             )
@@ -407,6 +507,11 @@ class Gateway:
         self._answer(request, status, "upstream_error", exc.kind, reason)
 
     def _redirect(self, request: Request, decision: Redirect) -> None:
+        legacy = request.legacy
+        if legacy is not None:  # HTTP legacy: sign on to be identified, whatever the purpose
+            request.redirect = (decision, legacy[2])
+            move(request, SIGN_ON)
+            return
         return_url = _original_url(request)
         if return_url is None:
             self._deny(request, Deny(400, "the request's Host header is not valid", "bad_host"))
@@ -423,10 +528,17 @@ class Gateway:
         assert request.redirect is not None
         decision, return_url = request.redirect
         counter = self.metrics.signon_intents
+        plan, legacy = _plan(request), request.legacy
         try:
-            signed = await _plan(request).identity.sign_on(
-                decision.purpose, return_url, request.client_ip
-            )
+            if legacy is not None:
+                # Never shared: the reference that comes back is the proof of who signed on.
+                signed = await plan.identity.sign_on(
+                    "legacy", return_url, request.client_ip, shared=False
+                )
+            else:
+                signed = await plan.identity.sign_on(
+                    decision.purpose, return_url, request.client_ip
+                )
         # Two names: compiled, one name for both exceptions would be typed as the first.
         except SignOnLimited as limited:
             counter.labels("limited").inc()
@@ -450,9 +562,20 @@ class Gateway:
             self._unavailable(request, "sign-on unavailable")
             return
         counter.labels("coalesced" if signed.coalesced else "registered").inc()
-        self._redirect_to(request, decision, signed.location)
+        cookie = None
+        if legacy is not None and plan.legacy is not None:
+            cookie = plan.legacy.intent_cookie(signed.location, host=legacy[0])
+        self._redirect_to(request, decision, signed.location, cookie=cookie)
 
-    def _redirect_to(self, request: Request, decision: Redirect, location: str) -> None:
+    def _redirect_to(
+        self,
+        request: Request,
+        decision: Redirect,
+        location: str,
+        *,
+        cookie: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         if not responses.is_location(location):
             # A sign-on address from a backend (or its configuration) that is not a URI: a CR
             # or LF in it would add header lines to the visitor's answer. Failing, like any
@@ -466,8 +589,11 @@ class Gateway:
             self._unavailable(request, "sign-on address unusable")
             return
         if request.method in _SAFE_METHODS:
-            request.status, request.decision, request.reason = 302, "redirected", decision.purpose
-            request.answer = responses.redirect(location, request_id=request.request_id)
+            request.status, request.decision = 302, "redirected"
+            request.reason = reason or decision.purpose
+            request.answer = responses.redirect(
+                location, request_id=request.request_id, cookie=cookie
+            )
             move(request, ANSWER)
             return
         # Redirecting a POST would make the browser replay it as GET after sign-on: say 401.
@@ -606,6 +732,30 @@ def _request_id(request: _Headed, trusted: bool) -> str:
         if incoming and _REQUEST_ID_VALUE.fullmatch(incoming):
             return incoming
     return responses.new_request_id()
+
+
+_NOT_A_RETURN = (
+    "the identity-plus-intent parameter is only accepted on a return from sign-on (GET or HEAD)"
+)
+
+
+def _served(request: Request) -> tuple[str, str] | None:
+    """The server name a request is for and its origin (``https://name[:port]``), for HTTP
+    legacy: the name from the Host field, which ``_malformed`` found to be one this service
+    serves (configured, or its certificate's), normalised; the port as digits only; None
+    without a usable Host."""
+    host = request.headers.get("Host", "")
+    match = _HOST.match(host)
+    name = host_name(host) if match else None
+    if match is None or name is None:
+        return None
+    port = match.group(2) or ""
+    if port == ":443":
+        port = ""
+    elif port and int(port[1:]) > 65535:
+        return None
+    literal = f"[{name}]" if ":" in name else name
+    return name, f"https://{literal}{port}"
 
 
 def _original_url(request: Request) -> str | None:

@@ -2,7 +2,8 @@
 
 ``headers`` applies them to every request; ``config`` keeps them out of what may be configured
 as an identity header (``SIDECAR_HEADERS``) or stripped (``FRAMING``). Lower case; header names
-are compared with underscores read as dashes (``headers.normal_name``).
+are compared with every character but letters and digits read as a dash
+(``headers.normal_name``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,31 @@ FORWARDING = frozenset(
         "x-client-ip",
         "cf-connecting-ip",
         "x-cluster-client-ip",
+        # more of them, from the lists applications search for an address (Rails' RemoteIp
+        # and the PHP "real IP" idiom: Client-IP; django-ipware and python-ipware: the rest),
+        # the CDNs and platforms that set them, and Envoy's "the client is internal"
+        "client-ip",
+        "x-forwarded",
+        "forwarded-for",
+        "x-original-forwarded-for",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-proxyuser-ip",
+        "fastly-client-ip",
+        "fly-client-ip",
+        "x-appengine-user-ip",
+        "x-azure-clientip",
+        "x-azure-socketip",
+        "do-connecting-ip",
+        "cf-connecting-ipv6",
+        "cf-pseudo-ipv4",
+        "x-envoy-external-address",
+        "x-envoy-internal",
+        "via",
+        # the host the client asked for, in the spellings link and redirect builders read
+        "x-host",
+        "x-original-host",
     }
 )
 # Headers with which an application serves another path than the request line's: IIS URL

@@ -2,18 +2,23 @@
 
 ``HeaderRules`` is compiled once from configuration; ``request_fields`` runs per request, on
 the header bytes as received, and does no I/O; ``response_fields`` does the same for the
-upstream's answer. Whatever a client sent under an identity header's name (any case, repeated, with
-underscores for dashes) is removed before ours are added, as are hop-by-hop headers, every
-header named in ``Connection``, the headers that re-route a request inside applications
-(``X-Original-URL``), every certificate header of every format (``certformats.HEADER_NAMES``,
-from anyone) and the configured ``headers.strip``, and, from peers that are not
-trusted proxies, the headers that re-address it (``X-Forwarded-*``, ``True-Client-IP``...).
+upstream's answer. Names are compared as application servers read them: letter case ignored
+and every character that is not a letter or digit read as ``-`` (``X_USERINFO``,
+``X.USERINFO`` and ``X-UserInfo`` are one name to PHP, lighttpd and CGI), and a client header whose name
+holds any character but letters, digits, ``-`` and ``_`` is dropped, as nginx does. Whatever a
+client sent under an identity header's name is removed before ours are added, as are
+hop-by-hop headers, every header named in ``Connection``, the headers that re-route a request
+inside applications (``X-Original-URL``), every certificate header of every format
+(``certformats.HEADER_NAMES``, from anyone) and the configured ``headers.strip``, and, from
+peers that are not trusted proxies, the headers that re-address it (``X-Forwarded-*``,
+``True-Client-IP``...).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -92,7 +97,9 @@ class HeaderRules:
         """What a request header name is to ``request_fields`` (cached per spelling)."""
         norm = _normal(name)
         kind = _SPECIAL.get(name.lower(), 0)
-        if norm in self.always_strip_b:
+        if _UNUSUAL_NAME.search(name) is not None:
+            kind = _STRIP  # nginx's ignore_invalid_headers: whoever sent it, whatever it reads as
+        elif norm in self.always_strip_b:
             kind |= _STRIP
         elif norm in _FORWARDING_B or norm.startswith(_FORWARDED_PREFIX):
             kind |= _FORWARDING
@@ -127,8 +134,11 @@ class HeaderRules:
             value = certificate_b64.encode("ascii")
             lines = b"".join(
                 (certificate, b": ", value, b"\r\n", userinfo, b": ", user.header_bytes, b"\r\n")
+                if value  # "": a user known without a certificate seen (Identity Plus legacy)
+                else (userinfo, b": ", user.header_bytes, b"\r\n")
             )
-            if lines.count(b"\n") != 2 or lines.count(b"\r") != 2:
+            count = 2 if value else 1
+            if lines.count(b"\n") != count or lines.count(b"\r") != count:
                 raise ValueError("CR or LF in an identity header")
             if len(self._identity_blocks) >= _NAME_CACHE:
                 self._identity_blocks.clear()  # bounded: a new certificate costs one join
@@ -186,16 +196,28 @@ _SPECIAL = {
 _NAME_CACHE = 1024
 
 
+# Every byte that is not an ASCII letter or digit, as "-"; letters in lower case.
+_NORMAL = bytes(
+    c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 else 45 for c in range(256)
+)
+# A character no header name needs (RFC 9110 allows more punctuation, which servers then read
+# as "-" or "_": PHP turns "." into "_", lighttpd every non-alphanumeric character). nginx
+# drops such headers by default (ignore_invalid_headers); so does the sidecar.
+_UNUSUAL_NAME = re.compile(rb"[^A-Za-z0-9_-]")
+
+
 def _normal(name: bytes) -> bytes:
-    # CGI-style servers (PHP, WSGI, Rack) read "X_USERINFO" as "X-USERINFO": names are
-    # compared with underscores read as dashes, so no spelling slips past.
-    return name.lower().replace(b"_", b"-")
+    # CGI-style servers read "X_USERINFO" (WSGI, Rack, PHP), "X.USERINFO" (PHP) and
+    # "X~USERINFO" (lighttpd) as "X-USERINFO": names are compared with every character that is
+    # not a letter or digit read as a dash, so no spelling slips past.
+    return name.translate(_NORMAL)
 
 
 def normal_name(name: str) -> str:
-    """A header name as the rules compare it: lower case, underscores read as dashes. Every
-    name the rules are given (configured, listed in Connection) goes through this too."""
-    return name.lower().replace("_", "-")
+    """A header name as the rules compare it: lower case, every character that is not an
+    ASCII letter or digit read as ``-``. Every name the rules are given (configured, listed in
+    ``Connection``) goes through this too."""
+    return _normal(name.encode("utf-8", "surrogateescape")).decode("ascii")
 
 
 def request_fields(

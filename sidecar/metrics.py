@@ -94,6 +94,20 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.legacy_cookies = Counter(
+            "sidecar_legacy_cookies",
+            "Identity Plus HTTP-legacy session cookies received, by outcome: valid, or ignored "
+            "as malformed, invalid (tampered, another host's, an unlisted key) or expired.",
+            ["outcome"],
+            registry=r,
+        )
+        self.legacy_returns = Counter(
+            "sidecar_legacy_returns",
+            "Returns from an Identity Plus HTTP-legacy sign-on, by result: resolved (a session "
+            "began), forged, replayed, expired, unresolved (401), failed (503).",
+            ["result"],
+            registry=r,
+        )
         self.connections_refused = Counter(
             "sidecar_connections_refused",
             "Client connections closed at once because limits.max_connections was reached.",

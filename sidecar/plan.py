@@ -12,6 +12,7 @@ from .frontproxy import FrontProxy
 from .headers import HeaderRules
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .identity.intents import SignOn
+from .identity.legacy import Legacy
 from .revocation.gate import Revocation
 from .servers import Servers
 
@@ -32,7 +33,12 @@ class Identity(Protocol):
     async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict: ...
 
     async def sign_on(
-        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+        self,
+        purpose: SignOnPurpose,
+        return_url: str,
+        client_ip: str | None,
+        *,
+        shared: bool = True,
     ) -> SignOn: ...
 
 
@@ -48,5 +54,7 @@ class Plan:
     max_header_block: int
     #: whether a certificate is refused now (long-lived: the same object in every plan)
     revocation: Revocation
+    #: Identity Plus HTTP legacy (``identity.identityplus.legacy``), or None
+    legacy: Legacy | None = None
     #: the trusted front proxies and their certificate header; None: no ``front_proxy``
     front: FrontProxy | None = None

@@ -3,25 +3,26 @@
 Pure functions, deny by default. ``RouteTable.match`` picks the route with the longest
 matching path prefix that covers the request's method (routes with the same path are tried
 in the order configured). Because the upstream application may read a path differently from
-us (``%2F``, ``//``, ``;params``, letter case), a path is matched under every reading an
-application server is known to apply; when the readings disagree on the route, the request is
-refused as ambiguous rather than guessed. A target that no reading makes safe (a ``.`` or
-``..`` segment in any reading, a ``#``, an escape that decodes to another escape) is refused
-outright. ``admit`` applies what a route asks before any identity verdict (addresses,
-certificate matchers, ``access: certificate``); ``decide`` turns the route and the verdict
-into one ``Decision``: the only place where a status code for a policy outcome is chosen.
+us (``%2F``, ``//``, ``;params``, letter case, a script's ``PATH_INFO``, a format suffix), a
+path is matched under every reading an application server is known to apply (``readings``);
+when the readings disagree on the route, the request is refused as ambiguous rather than
+guessed. A target that no reading makes safe (a ``.`` or ``..`` segment in any reading, a
+``#``, an escape that decodes to another escape) is refused outright. ``admit`` applies what a
+route asks before any identity verdict (addresses, certificate matchers, ``access:
+certificate``); ``decide`` turns the route and the verdict into one ``Decision``: the only
+place where a status code for a policy outcome is chosen.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import unquote
 
 from .certs import ClientCert
 from .identity import User, Verdict
+from .readings import BadPath as BadPath
+from .readings import PathReader
 from .rules import AddressRule, CertificateRule, TrustRule, certificate_user
 
 
@@ -73,131 +74,6 @@ class Route:
         return self.label or self.path
 
 
-class BadPath(ValueError):
-    """The request target cannot be matched safely; answered 400."""
-
-
-_PARAMS = re.compile(r";[^/]*")
-_SLASHES = re.compile(r"/{2,}")
-_ENCODED_SLASH = re.compile(r"%2f", re.IGNORECASE)
-# A "%" that does not start an escape: nginx answers 400, IIS reads "%u002e" as a dot.
-_NOT_AN_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-# Overlong UTF-8 (C0 and C1 lead bytes, E0 80-9F, F0 80-8F): never valid, and the way old
-# decoders were made to read "%c0%ae" as a dot.
-_OVERLONG = re.compile(r"%c[01]|%e0%[89]|%f0%8", re.IGNORECASE)
-# What is still an escape after one decoding, for a server that decodes twice: refused when it
-# names a dot, a slash, a backslash, a percent sign (a third round), ";", "?", "#" or a control.
-_TWICE = re.compile(r"%(?:2e|2f|5c|25|3b|3f|23|[01][0-9a-f]|7f)", re.IGNORECASE)
-# Windows (IIS, a file system) drops the dots and spaces that end a segment.
-_TRAILING_DOTS = re.compile(r"[. ]+(?=/|$)")
-# A "." or ".." segment; Windows also reads ".. " as "..": the spaces that end a segment go.
-_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.? *(?=/|$)")
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _control(text: str) -> bool:
-    # isprintable: a fast "no" for the usual all-ASCII path
-    return not text.isprintable() and _CONTROL.search(text) is not None
-
-
-def _decoded(path: str) -> str:
-    return unquote(path, errors="replace")
-
-
-def _decoded_but_slashes(path: str) -> str:
-    # %2F stays encoded: most servers do not read it as a separator. (Written as an escaped
-    # "%" first, it comes out of the one decoding as "%2F".) Without a %2F this is what
-    # _decoded reads: nothing new, and no second decoding of a long path.
-    if _ENCODED_SLASH.search(path) is None:
-        return path
-    return unquote(_ENCODED_SLASH.sub("%252F", path), errors="replace")
-
-
-def _without_params(path: str) -> str:
-    # Tomcat, Jetty, Spring: ";anything" up to the next slash is not part of the segment.
-    return _PARAMS.sub("", path)
-
-
-def _merged(path: str) -> str:
-    return _SLASHES.sub("/", path)
-
-
-def _cut(path: str) -> str:
-    # A server that decodes first and then looks for the query (or a fragment).
-    return path.split("?", 1)[0].split("#", 1)[0]
-
-
-def _without_trailing_dots(path: str) -> str:
-    return _TRAILING_DOTS.sub("", path)
-
-
-# How an application server may read a path. Applied in every order (see readings).
-_READINGS = (
-    _decoded,
-    _decoded_but_slashes,
-    _without_params,
-    _merged,
-    _cut,
-    _without_trailing_dots,
-)
-# More distinct readings than this: a path made to be read many ways, refused as such.
-_MAX_READINGS = 256
-
-
-def readings(raw_path: str) -> set[str]:
-    """The paths an upstream may understand for the request target ``raw_path`` (query
-    excluded): as sent, and after any sequence of: %-decoding (with or without ``%2F``),
-    dropping ``;params``, merging slashes, cutting at a decoded ``?`` or ``#``, dropping the
-    dots and spaces that end a segment (Windows). Fails closed.
-
-    Raises ``BadPath`` for what no reading makes safe: a target that is not an absolute path
-    (absolute-form, asterisk-form), a ``#``, a ``%`` that starts no escape, overlong UTF-8,
-    control characters, NUL, backslashes (raw or encoded), an escape that still names a dot,
-    a slash or another delimiter after one decoding (``%252e``, ``%252f``), and a ``.`` or
-    ``..`` segment in any reading: no application can then resolve it differently from us.
-    """
-    if "#" in raw_path:
-        raise BadPath("the request target contains a '#'")
-    path = raw_path.split("?", 1)[0]
-    if not path.startswith("/"):
-        raise BadPath("request target is not an absolute path")
-    if _NOT_AN_ESCAPE.search(path):
-        raise BadPath("path contains a '%' that is not percent-encoding")
-    lowered = path.lower()
-    if "\\" in path or "%5c" in lowered or "%00" in lowered or _control(path):
-        raise BadPath("path contains a backslash or a control character")
-    if _OVERLONG.search(path):
-        raise BadPath("path contains overlong UTF-8")
-    once = _decoded(path)
-    if "\\" in once or _control(once):
-        raise BadPath("path contains a backslash or a control character")
-    if _TWICE.search(once):
-        raise BadPath("path is percent-encoded twice")
-    if not ("%" in path or ";" in path or "//" in path or "./" in path or path[-1] == "."):
-        return {path}  # nothing to decode, drop, merge or strip: one reading
-    # Every order of the readings above: a closure, small for real paths (one string when
-    # there is nothing to decode, drop or merge); decoding ends after two rounds (_TWICE).
-    seen = {path}
-    frontier = [path]
-    while frontier:
-        found: list[str] = []
-        for current in frontier:
-            for read in _READINGS:
-                reading = read(current)
-                if reading not in seen:
-                    seen.add(reading)
-                    found.append(reading)
-        if len(seen) > _MAX_READINGS:
-            raise BadPath("path is ambiguous: it could address different routes")
-        frontier = found
-    for reading in seen:
-        if "." in reading and _DOT_SEGMENT.search(reading):
-            raise BadPath("path contains a '.' or '..' segment")
-    return seen
-
-
 #: what the route cache may hold, in bytes of keys (an entry costs its key and about this much)
 ROUTE_CACHE_BYTES = 1 << 20
 _ENTRY_OVERHEAD = 100
@@ -212,8 +88,7 @@ class RouteTable:
         # Longest prefix first: the first hit is the longest match. The sort is stable:
         # routes with the same path keep the order they were configured in.
         self._routes = tuple(sorted(routes, key=lambda r: len(r.path), reverse=True))
-        # Case-insensitive servers (Express, ASP.NET, IIS) read /ADMIN/ as /admin/.
-        self._folded = tuple((r.path.lower(), r) for r in self._routes)
+        self._reader = PathReader(r.path for r in self._routes)
         #: some route covers only some methods: the method takes part in every match
         self.by_method = any(r.methods is not None for r in self._routes)
         # Keys are chosen by anonymous clients: bounded in bytes, emptied when full.
@@ -225,20 +100,9 @@ class RouteTable:
         """The routes, in the order they are tried."""
         return self._routes
 
-    def match_one(self, path: str, method: str | None = "GET") -> Route | None:
+    def _longest(self, prefixes: frozenset[str], method: str | None) -> Route | None:
         for route in self._routes:
-            if route.matches(path) and route.covers(method):
-                return route
-        return None
-
-    def match_folded(self, path: str, method: str | None = "GET") -> Route | None:
-        """The route ``path`` falls under when letter case is ignored."""
-        folded = path.lower()
-        for prefix, route in self._folded:
-            if (
-                folded.startswith(prefix)
-                or (prefix.endswith("/") and len(prefix) > 1 and folded == prefix[:-1])
-            ) and route.covers(method):
+            if route.path in prefixes and route.covers(method):
                 return route
         return None
 
@@ -267,10 +131,7 @@ class RouteTable:
         return self._match(raw_path, None) is not None
 
     def _match(self, raw_path: str, method: str | None) -> Route | None:
-        routes: set[Route | None] = set()
-        for reading in readings(raw_path):
-            routes.add(self.match_one(reading, method))
-            routes.add(self.match_folded(reading, method))
+        routes = {self._longest(prefixes, method) for prefixes in self._reader.match_sets(raw_path)}
         if len(routes) != 1:
             raise BadPath("path is ambiguous: it could address different routes")
         return routes.pop()
@@ -399,6 +260,14 @@ def admit(route: Route, cert: ClientCert | None, address: str | None) -> Decisio
     if route.certificate_only:
         return Forward(certificate_user(cert))
     return None
+
+
+def accepts_session(route: Route) -> bool:
+    """Whether an Identity Plus HTTP-legacy session may stand for a certificate on ``route``:
+    not where the certificate itself is judged (``allow`` matchers, ``certificate_only``),
+    since the sidecar never saw one. Fails closed: such a route treats the session as no
+    certificate."""
+    return route.plain or (route.allow is None and not route.certificate_only)
 
 
 def needs_verdict(route: Route, cert: ClientCert | None, address: str | None) -> bool:

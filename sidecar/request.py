@@ -33,6 +33,7 @@ class Step(IntEnum):
     ANSWER = 4  #: our own answer is ready (``request.answer``)
     FORWARDED = 5  #: the upstream's answer went to the client
     ENDED = 6  #: counted and logged
+    RESOLVE = 7  #: waits for the identity side to resolve a sign-on's reference (HTTP legacy)
 
 
 NEW: Final = Step.NEW
@@ -42,13 +43,15 @@ FORWARD: Final = Step.FORWARD
 ANSWER: Final = Step.ANSWER
 FORWARDED: Final = Step.FORWARDED
 ENDED: Final = Step.ENDED
+RESOLVE: Final = Step.RESOLVE
 
 #: every move a request can make; an unexpected error moves any request still at work to
 #: ANSWER (500)
 _NEXT: Final[dict[Step, frozenset[Step]]] = {
-    NEW: frozenset({LOOK_UP, SIGN_ON, FORWARD, ANSWER}),
+    NEW: frozenset({LOOK_UP, SIGN_ON, RESOLVE, FORWARD, ANSWER}),
     LOOK_UP: frozenset({SIGN_ON, FORWARD, ANSWER}),
     SIGN_ON: frozenset({ANSWER}),
+    RESOLVE: frozenset({ANSWER}),
     FORWARD: frozenset({FORWARDED, ANSWER}),
     ANSWER: frozenset({ENDED}),
     FORWARDED: frozenset({ENDED}),
@@ -78,6 +81,7 @@ class Request:
         "has_host",
         "http10",
         "keep_alive",
+        "legacy",
         "method",
         "peer_ip",
         "plan",
@@ -87,6 +91,7 @@ class Request:
         "request_id",
         "route",
         "server_name",
+        "session",
         "stale",
         "started",
         "status",
@@ -145,6 +150,12 @@ class Request:
         self.has_host = False
         #: SIGN_ON: the decision, and the URL to come back to
         self.redirect: tuple[Redirect, str] | None = None
+        #: HTTP legacy: the server name cookies are bound to, once the request is in the
+        #: flow; at RESOLVE also the sign-on's reference (None: unusable) and the URL
+        #: without it
+        self.legacy: tuple[str, str | None, str] | None = None
+        #: HTTP legacy: the certificate the session cookie stands for (never sent upstream)
+        self.session: ClientCert | None = None
         #: ANSWER: what to send
         self.answer: Answer | None = None
         # ---- how it ended

@@ -168,14 +168,17 @@ def error(
     return _answer(status, out_headers, "application/problem+json", json.dumps(doc).encode("utf-8"))
 
 
-def redirect(location: str, *, request_id: str) -> Answer:
-    """302 to the identity service; the body is a one-line link for clients that do not follow.
-    Raises ``UnsafeHeaderValue`` for a ``location`` that is not a URI."""
+def redirect(location: str, *, request_id: str, cookie: str | None = None) -> Answer:
+    """302 to the identity service (or back from it); the body is a one-line link for clients
+    that do not follow; ``cookie``: a ``Set-Cookie`` value. Raises ``UnsafeHeaderValue`` for a
+    ``location`` that is not a URI."""
     headers = {
         "Location": location,
         "X-Request-ID": request_id,
         "Cache-Control": "no-store",
         "Server": SERVER,
     }
+    if cookie is not None:
+        headers["Set-Cookie"] = cookie
     body = f'<a href="{escape(location, quote=True)}">Continue</a>\n'
     return _answer(302, headers, "text/html; charset=utf-8", body.encode("utf-8"))

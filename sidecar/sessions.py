@@ -239,27 +239,38 @@ class SessionSealer:
             return Opened("expired")
         return Opened("valid", claims, issued, expires)
 
-    def open_request(self, cookie_headers: Iterable[str], *, host: str) -> Opened:
-        """``open`` for the session cookie among a request's ``Cookie`` header values. A
+    def open_request(
+        self, cookie_headers: Iterable[str], *, host: str, name: str = COOKIE_NAME
+    ) -> Opened:
+        """``open`` for the cookie ``name`` among a request's ``Cookie`` header values. A
         request carrying it twice is malformed: which one the browser meant is unknowable."""
-        values = cookie_values(cookie_headers, COOKIE_NAME)
+        values = cookie_values(cookie_headers, name)
         if len(values) > 1:
             return Opened("malformed")
         return self.open(values[0] if values else None, host=host)
 
-    def set_cookie(self, claims: Mapping[str, Any], *, host: str) -> str:
-        """A ``Set-Cookie`` header value that keeps ``claims`` for the sealer's lifetime."""
-        value = self.seal(claims, host=host)
-        return _cookie(value, math.floor(self.lifetime))
+    def set_cookie(
+        self,
+        claims: Mapping[str, Any],
+        *,
+        host: str,
+        name: str = COOKIE_NAME,
+        lifetime: float | None = None,
+    ) -> str:
+        """A ``Set-Cookie`` header value for cookie ``name`` that keeps ``claims`` for
+        ``lifetime`` seconds, at most the sealer's lifetime."""
+        span = self.lifetime if lifetime is None else min(lifetime, self.lifetime)
+        value = self.seal(claims, host=host, lifetime=span)
+        return _cookie(value, math.floor(span), name)
 
 
-def clear_cookie() -> str:
-    """A ``Set-Cookie`` header value that makes the browser drop the session cookie."""
-    return _cookie("", 0)
+def clear_cookie(name: str = COOKIE_NAME) -> str:
+    """A ``Set-Cookie`` header value that makes the browser drop the cookie ``name``."""
+    return _cookie("", 0, name)
 
 
-def _cookie(value: str, max_age: int) -> str:
-    return f"{COOKIE_NAME}={value}; Max-Age={max_age}; Path=/; Secure; HttpOnly; SameSite=Lax"
+def _cookie(value: str, max_age: int, name: str = COOKIE_NAME) -> str:
+    return f"{name}={value}; Max-Age={max_age}; Path=/; Secure; HttpOnly; SameSite=Lax"
 
 
 def _aad(header: bytes, host: str) -> bytes:

@@ -154,6 +154,11 @@ class FakeIdentityPlus:
         self.requests: list[Call] = []
         self.intents: list[Intent] = []
         self._replies: dict[int, dict[str, Any]] = {}
+        #: HTTP legacy: intent reference -> the serial of the certificate a person signed on
+        #: with, and whether the profile names it (``authorizing-certificate``)
+        self._signed_on: dict[str, tuple[int, bool]] = {}
+        #: inquiries about each intent reference
+        self.resolutions: Counter[str] = Counter()
         self._faults: dict[int | None, Fault] = {}
         self._refused_agents: dict[str, str] = {}
         self._intent_reply: dict[str, Any] | None = None
@@ -184,6 +189,13 @@ class FakeIdentityPlus:
     def set_reply(self, serial: int, document: dict[str, Any]) -> None:
         """Answer exactly this JSON document."""
         self._replies[serial] = document
+
+    def sign_on(self, reference: str, serial: int, *, authorizing: bool = True) -> None:
+        """Play a person signing on at Identity Plus with the certificate ``serial`` for the
+        intent ``reference`` (HTTP legacy): an inquiry with the reference as
+        ``serial-number`` then answers what that serial's would, naming the certificate as
+        ``authorizing-certificate`` (unless not ``authorizing``)."""
+        self._signed_on[reference] = (serial, authorizing)
 
     def set_fault(self, serial: int | None, fault: Fault | None) -> None:
         """Misbehave for one serial's inquiries, or for every call when ``serial`` is None."""
@@ -303,6 +315,15 @@ class FakeIdentityPlus:
         if agent in self._refused_agents:
             return web.json_response(simple(self._refused_agents[agent]))
 
+        if operation == "Identity-Inquiry" and isinstance(serial_text, str) and serial is None:
+            self.resolutions[serial_text] += 1
+            signed = self._signed_on.get(serial_text)
+            if signed is None:
+                return web.json_response(simple("PB 0001"))
+            reply = json.loads(json.dumps(self._replies.get(signed[0], self.default_reply)))
+            if signed[1] and "Identity-Profile" in reply:
+                reply["Identity-Profile"]["authorizing-certificate"] = str(signed[0])
+            return web.json_response(reply)
         if operation == "Identity-Inquiry":
             if serial is None:
                 return web.json_response(simple("ER 0002"))

@@ -87,6 +87,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "revocation",
         "revocation.crl",
         "revocation.deny",
+        # how applications may read a request path (#12): policy's route readings
+        "readings",
     ),
 )
 

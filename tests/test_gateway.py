@@ -78,7 +78,12 @@ class FakeIdentity:
         return answer
 
     async def sign_on(
-        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+        self,
+        purpose: SignOnPurpose,
+        return_url: str,
+        client_ip: str | None,
+        *,
+        shared: bool = True,
     ) -> SignOn:
         self.sign_ons.append((purpose, return_url))
         if isinstance(self.signing_on, Exception):

@@ -267,7 +267,12 @@ class NoIdentity:
         raise AssertionError("no certificate here")
 
     async def sign_on(
-        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+        self,
+        purpose: SignOnPurpose,
+        return_url: str,
+        client_ip: str | None,
+        *,
+        shared: bool = True,
     ) -> SignOn:
         raise AssertionError("no sign-on here")
 

@@ -299,6 +299,24 @@ PIECES = [
     "?",
     "=",
     "&",
+    # scripts (PATH_INFO), format suffixes, letters that fold to ASCII (issue #12, 2nd round)
+    "index.php",
+    "x.PHP",
+    ".php",
+    "php",
+    "%68",
+    "app.cgi",
+    ".aspx",
+    ".json",
+    "json",
+    "adm%C4%B1n",  # the dotless i: "admin" to re.I and Java
+    "%C4%B1",
+    "%C4%B0",  # the capital I with a dot: "i" to Java
+    "%C5%BF",  # the long s
+    "%E2%84%AA",  # the Kelvin sign: "k"
+    "ADMIN",
+    "publ",
+    "c",
 ]
 STARTS = [
     "/",
@@ -312,6 +330,10 @@ STARTS = [
     "//",
     "http://localhost/",
     "*",
+    "/index.php/",
+    "/admin.json",
+    "/adm%C4%B1n/",
+    "/public/x.php/",
 ]
 targets = st.builds(
     lambda start, pieces: start + "".join(pieces),
@@ -345,7 +367,7 @@ def check_forwarded(target: str, sent: str, applied: str, who: str | None) -> No
     """The invariant: every reading of what the application got falls under the route whose
     policy was applied, and that route lets ``who`` in."""
     assert sent == target, "the target must reach the application byte for byte"
-    routes = {oracle.route_of(r, ROUTES) for r in oracle.readings(oracle.path_of(sent))}
+    routes = {oracle.route_of(r, ROUTES) for r in oracle.routing_readings(oracle.path_of(sent))}
     assert routes == {applied}, f"{sent!r} judged under {applied}, readable under {routes}"
     assert who in ALLOWED[applied]
 

@@ -19,7 +19,6 @@ from sidecar.policy import (
     RouteTable,
     Unavailable,
     decide,
-    readings,
 )
 
 PUBLIC = Route("/public/", public=True)
@@ -128,12 +127,25 @@ def test_readings_of_other_servers_that_reach_another_route_are_refused(raw: str
         TABLE.match(raw)
 
 
-def test_a_path_made_to_be_read_many_ways_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    nasty = "/a" + "%2F;x%3F%20.%3b//" * 12
-    assert len(readings(nasty)) <= 256  # every reading applies to the whole path: few
-    monkeypatch.setattr("sidecar.policy._MAX_READINGS", 4)
+@pytest.mark.parametrize(
+    "nasty",
+    [
+        "/" + ";x/" * 70,  # params dropped: every reading but the raw one stays at "/"
+        "/" + "/" * 70 + "admin/x",  # slashes merged
+        "/;" + "%2F" * 70 + "admin/",  # in one segment, decoded
+        "/" + "a.php/" * 70,  # each script restarts every reading
+    ],
+)
+def test_a_path_whose_route_stays_undecided_is_refused(nasty: str) -> None:
+    # Readings are followed only while some may still fall under another route; one that
+    # keeps them undecided for 64 segments or pieces is refused.
     with pytest.raises(BadPath, match="ambiguous"):
-        readings(nasty)
+        TABLE.match(nasty)
+
+
+def test_a_path_decided_early_may_be_long() -> None:
+    assert TABLE.match("/public/" + ";x/%2F/a.b/" * 600) == PUBLIC
+    assert TABLE.match("/app/" + "x/" * 3000) == ROOT
 
 
 def test_the_route_cache_is_emptied_when_full() -> None:

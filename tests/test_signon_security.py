@@ -31,6 +31,8 @@ from sidecar.identity import SignOnPurpose
 from sidecar.identity.intents import (
     OVERALL,
     PER_ADDRESS,
+    PER_NETWORK,
+    PER_SUBSCRIBER,
     REUSE_FOR,
     IntentGate,
     Rate,
@@ -326,6 +328,7 @@ async def test_memory_is_bounded() -> None:
         registry,
         clock,
         per_address=Rate(burst=1000, per_second=1000.0),
+        per_network=Rate(burst=1000, per_second=1000.0),
         overall=Rate(burst=10_000, per_second=1000.0),
         max_addresses=50,
         max_urls=40,
@@ -392,4 +395,9 @@ def test_the_defaults_are_what_the_readme_says() -> None:
     assert PER_ADDRESS.burst == 20
     assert PER_ADDRESS.per_second == pytest.approx(1 / 3)
     assert (OVERALL.burst, OVERALL.per_second) == (100, 10.0)
+    assert (PER_SUBSCRIBER.burst, PER_SUBSCRIBER.per_second) == (20, 1.0)
+    assert (PER_NETWORK.burst, PER_NETWORK.per_second) == (30, 3.0)
+    # one network and one visitor elsewhere fit in the worker's budget (test_signon_fairness)
+    assert PER_NETWORK.burst + PER_ADDRESS.burst < OVERALL.burst
+    assert PER_NETWORK.per_second + PER_ADDRESS.per_second <= OVERALL.per_second
     assert REUSE_FOR == 20.0

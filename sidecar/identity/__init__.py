@@ -108,7 +108,9 @@ class LookupContext:
     client_ip: str | None = None
 
 
-SignOnPurpose = Literal["validate", "enrol"]
+#: validate a certificate; enrol (get) one; legacy: sign on without the sidecar seeing any
+#: certificate (Identity Plus HTTP legacy: the sign-on resolves the identity instead)
+SignOnPurpose = Literal["validate", "enrol", "legacy"]
 
 
 class Backend(Protocol):

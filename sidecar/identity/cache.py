@@ -318,11 +318,17 @@ class VerdictCache:
         return removed, await shared.publish_purge(sha256=key, serial=serial)
 
     async def sign_on(
-        self, purpose: SignOnPurpose, return_url: str, client_ip: str | None
+        self,
+        purpose: SignOnPurpose,
+        return_url: str,
+        client_ip: str | None,
+        *,
+        shared: bool = True,
     ) -> SignOn:
-        """The backend's sign-on URL, reused and rate limited by ``intents`` (raises
-        ``SignOnLimited`` beyond the limits, ``IdentityUnavailable`` when the backend fails)."""
-        return await self.intents.sign_on(purpose, return_url, client_ip)
+        """The backend's sign-on URL, reused (unless not ``shared``) and rate limited by
+        ``intents`` (raises ``SignOnLimited`` beyond the limits, ``IdentityUnavailable`` when
+        the backend fails)."""
+        return await self.intents.sign_on(purpose, return_url, client_ip, shared=shared)
 
     async def _backend_sign_on(self, purpose: SignOnPurpose, return_url: str) -> str:
         # The backend's method looked up at each call, not bound once: the same backend

@@ -69,6 +69,7 @@ _CREDENTIAL_HINT = (
 )
 _CREDENTIAL_LOG_EVERY = 60.0
 _OUTCOME = re.compile(r"^(OK|PB|ER) \d{4}$")
+_SERIAL = re.compile(r"0[xX][0-9A-Fa-f]{1,40}|[0-9]{1,49}")
 
 
 class IdentityPlusBackend:
@@ -126,7 +127,9 @@ class IdentityPlusBackend:
     async def lookup(self, cert: ClientCert, context: LookupContext) -> Verdict:
         """The ``Identity-Inquiry`` for ``cert``'s serial, classified by the outcome table;
         a certificate from another issuer than ``issuers`` is refused without asking."""
-        if self._issuers is not None and not self._issuers.issued(cert):
+        # A certificate known by its serial only (HTTP legacy) was presented to Identity
+        # Plus itself at sign-on: there is no issuer here to check.
+        if self._issuers is not None and cert.seen and not self._issuers.issued(cert):
             return Verdict.deny(f"the certificate was not issued by {SERVICE}", "foreign_issuer")
         inquiry: dict[str, str] = {"serial-number": self._serial_text(cert.serial)}
         if self._config.service:
@@ -141,12 +144,15 @@ class IdentityPlusBackend:
         """Register an intent and return the sign-on URL (``<signon_url>/<reference>``).
 
         ``validate`` for PB 0002/PB 0003; ``enrol`` asks for a new certificate (type
-        ``request``). Always ``strict-massl``: the browser comes back with its certificate.
+        ``request``): ``strict-massl``, the browser comes back with its certificate.
+        ``legacy`` (type ``request``, not ``strict-massl``): Identity Plus does the mutual
+        TLS itself and sends the browser back with ``identity-plus-intent=<reference>``
+        (``resolve_intent``).
         """
         intent = {
             "type": "validate" if purpose == "validate" else "request",
             "return-url": return_url,
-            "strict-massl": True,
+            "strict-massl": purpose != "legacy",
         }
         reply = await self._call("PUT", {"Intent": intent})
         if isinstance(reply, dict) and "Intent-Reference" not in reply:
@@ -164,6 +170,34 @@ class IdentityPlusBackend:
             )
         self._clear_credential_problem()
         return f"{self._config.signon_url}/{quote(value.strip(), safe='')}"
+
+    async def resolve_intent(self, reference: str) -> tuple[int, Verdict] | None:
+        """Who signed on with the intent ``reference`` (HTTP legacy): the ``Identity-Inquiry``
+        with the reference as ``serial-number``. Returns the serial of the certificate the
+        person presented to Identity Plus (the profile's ``authorizing-certificate``) and the
+        verdict for it, or None when the reference does not resolve to an allowing profile
+        that names that certificate.
+
+        Fails closed: a profile without a usable ``authorizing-certificate`` is None, since
+        nothing could be asked about again and a revocation would never be noticed. Raises
+        ``IdentityUnavailable`` for ER outcomes and malformed replies, like ``lookup``."""
+        inquiry: dict[str, str] = {"serial-number": reference}
+        if self._config.service:
+            inquiry["service"] = self._config.service
+        reply = await self._call("GET", {"Identity-Inquiry": inquiry})
+        envelope, code = self._outcome(reply)
+        if code not in ("OK 0001", "OK 0002"):
+            return None
+        serial = _serial(envelope.get("authorizing-certificate"))
+        if serial is None:
+            _log().error(
+                "identityplus.legacy_unresolvable",
+                code=code,
+                reason="the profile names no authorizing-certificate serial to check again",
+            )
+            return None
+        subject = ClientCert.known_by_serial(serial)
+        return serial, _classify(envelope, code, subject, self._roles)
 
     async def ping(self) -> None:
         """``PUT`` with an empty body (answered ``OK 0000``): does the API accept our certificate?
@@ -451,6 +485,21 @@ def _count(profile: Mapping[str, Any]) -> int | None:
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value.strip())
     return None
+
+
+def _serial(value: object) -> int | None:
+    """A certificate serial as the service writes one: a decimal or ``0x`` hex string (or a
+    JSON integer), positive and at most 20 bytes (RFC 5280); anything else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        serial = value
+    elif isinstance(value, str) and _SERIAL.fullmatch(value.strip()):
+        text = value.strip()
+        serial = int(text[2:], 16) if text[:2].lower() == "0x" else int(text, 10)
+    else:
+        return None
+    return serial if 0 < serial < 1 << 160 else None
 
 
 def _text(value: object) -> str | None:

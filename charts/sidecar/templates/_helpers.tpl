@@ -65,7 +65,7 @@ app.kubernetes.io/component: {{ .Values.mode }}
 
 {{/* Where the mounted files are; the rendered configuration names these paths. */}}
 {{- define "sidecar.paths" -}}
-{{- dict "config" "/etc/sidecar/config" "tls" "/etc/sidecar/tls" "trust" "/etc/sidecar/trust" "crl" "/etc/sidecar/crl" "agent" "/etc/sidecar/agent" "redis" "/etc/sidecar/redis" "redisTLS" "/etc/sidecar/redis-tls" | toJson }}
+{{- dict "config" "/etc/sidecar/config" "tls" "/etc/sidecar/tls" "trust" "/etc/sidecar/trust" "crl" "/etc/sidecar/crl" "agent" "/etc/sidecar/agent" "redis" "/etc/sidecar/redis" "redisTLS" "/etc/sidecar/redis-tls" "session" "/etc/sidecar/session" | toJson }}
 {{- end }}
 
 {{- define "sidecar.upstream" -}}
@@ -102,8 +102,18 @@ A key the chart owns that `config` sets to something else is an error, not silen
   "tls" $tls
   "upstream" (dict "url" (include "sidecar.upstream" .))
   "shutdown" (dict "drain_delay" .Values.shutdown.drainDelaySeconds "grace_period" .Values.shutdown.gracePeriodSeconds) }}
+{{- $agent := dict }}
 {{- if .Values.identityPlus.agentSecretName }}
-{{- $agent := dict "certificate" (printf "%s/%s" $paths.agent .Values.identityPlus.certificateKey) "key" (printf "%s/%s" $paths.agent .Values.identityPlus.keyKey) }}
+{{- $agent = dict "certificate" (printf "%s/%s" $paths.agent .Values.identityPlus.certificateKey) "key" (printf "%s/%s" $paths.agent .Values.identityPlus.keyKey) }}
+{{- end }}
+{{- if .Values.identityPlus.sessionKeys.secretName }}
+{{- $keys := list }}
+{{- range .Values.identityPlus.sessionKeys.keys }}
+{{- $keys = append $keys (printf "%s/%s" $paths.session .) }}
+{{- end }}
+{{- $_ := set $agent "session_keys" $keys }}
+{{- end }}
+{{- if $agent }}
 {{- $_ := set $owned "identity" (dict "identityplus" $agent) }}
 {{- end }}
 {{- range $section, $keys := $owned }}
@@ -203,7 +213,8 @@ the -metrics Service by name must be known, besides the names config gives. */}}
   "shutdown.drain_delay" "from shutdown.drainDelaySeconds"
   "shutdown.grace_period" "from shutdown.gracePeriodSeconds"
   "identity.identityplus.certificate" "identityPlus.agentSecretName, mounted"
-  "identity.identityplus.key" "identityPlus.agentSecretName, mounted" }}
+  "identity.identityplus.key" "identityPlus.agentSecretName, mounted"
+  "identity.identityplus.session_keys" "identityPlus.sessionKeys, mounted" }}
 {{- get $from . }}
 {{- end }}
 
@@ -257,6 +268,9 @@ the -metrics Service by name must be known, besides the names config gives. */}}
 {{- $ip := dig "identity" "identityplus" dict (.Values.config | default dict) }}
 {{- if and (eq $backend "identityplus") (not .Values.identityPlus.agentSecretName) (not (or (get $ip "certificate") (get $ip "p12"))) }}
 {{- fail "identityPlus.agentSecretName is required with config.identity.backend identityplus: the Secret with this service's agent certificate and key" }}
+{{- end }}
+{{- if and (get $ip "legacy") (not .Values.identityPlus.sessionKeys.secretName) (not (get $ip "session_keys")) }}
+{{- fail "identityPlus.sessionKeys.secretName is required with config.identity.identityplus.legacy: the Secret with the keys that seal the session cookie (openssl rand -base64 32)" }}
 {{- end }}
 {{- end }}
 

@@ -72,6 +72,11 @@
       mountPath: {{ $paths.agent }}
       readOnly: true
     {{- end }}
+    {{- if .Values.identityPlus.sessionKeys.secretName }}
+    - name: session-keys
+      mountPath: {{ $paths.session }}
+      readOnly: true
+    {{- end }}
     {{- if and .Values.sharedCache.url .Values.sharedCache.passwordSecret.name }}
     - name: redis-password
       mountPath: {{ $paths.redis }}
@@ -173,6 +178,17 @@
   secret:
     secretName: {{ .Values.identityPlus.agentSecretName }}
     defaultMode: 0440
+{{- end }}
+{{- if .Values.identityPlus.sessionKeys.secretName }}
+- name: session-keys
+  secret:
+    secretName: {{ .Values.identityPlus.sessionKeys.secretName }}
+    defaultMode: 0440
+    items:
+      {{- range .Values.identityPlus.sessionKeys.keys }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
 {{- end }}
 {{- if and .Values.sharedCache.url .Values.sharedCache.passwordSecret.name }}
 - name: redis-password
