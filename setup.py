@@ -47,6 +47,7 @@ COMPILED = [
     "sidecar/request.py",
     "sidecar/plan.py",
     "sidecar/headers.py",
+    "sidecar/frontproxy.py",
     "sidecar/hosts.py",
     "sidecar/addresses.py",
     "sidecar/forwarder.py",

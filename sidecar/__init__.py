@@ -27,9 +27,11 @@ path runs compiled. Imports point down the picture, never up and never in a circ
 (``tests/test_architecture.py``).
 The pieces for running behind a front proxy are leaves too: ``certformats`` (client
 certificates in headers, read and written, with ``sfv`` and ``xfcc`` for their syntaxes),
-``proxyproto`` (the PROXY protocol) and ``sessions`` (the sealed identity cookie of Identity
-Plus "HTTP legacy", whose flow ``identity.legacy`` owns and the ``gateway`` calls first when
-it is on: the return from sign-on, and the certificate a session cookie stands for).
+``proxyproto`` (the PROXY protocol, read by ``tls_transport`` before TLS) and ``sessions``
+(the sealed identity cookie of Identity Plus "HTTP legacy", whose flow ``identity.legacy`` owns
+and the ``gateway`` calls first when it is on: the return from sign-on, and the certificate a
+session cookie stands for); ``frontproxy`` is the ``gateway``'s other source of a request's
+certificate and client address: a trusted proxy's header, verified again.
 
 The decision's entry is ``servers``: the site the connection's SNI chose (``sni`` reads it
 from the ClientHello for ``tls_transport`` when there are several), its names and its

@@ -21,7 +21,7 @@ from .http1.client import ClientConnection
 from .listener_state import ListenerState
 from .metrics import Metrics
 from .tls import PeerCertificates, TLSState
-from .tls_transport import TLSProtocol
+from .tls_transport import IPNetwork, TLSProtocol
 
 
 class Listener:
@@ -35,9 +35,16 @@ class Listener:
         limits: LimitsConfig,
         peer_certs: PeerCertificates,
         metrics: Metrics,
+        plain: bool = False,
+        proxy_from: tuple[IPNetwork, ...] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.tls = tls
+        #: listen.tls is false: plain HTTP from a front proxy (``tls_transport`` passes the
+        #: bytes as they are)
+        self.plain = plain
+        #: with listen.proxy_protocol, the load balancers' networks (a reload may change them)
+        self.proxy_from = proxy_from
         self.state = ListenerState(gateway, limits=limits, peer_certs=peer_certs, metrics=metrics)
         self._fallback = Fallback(self.state, self._loop)
         self.state.hand_off = self._fallback.adopt

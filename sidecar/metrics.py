@@ -86,6 +86,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.front_proxy_certificates = Counter(
+            "sidecar_front_proxy_certificates",
+            "Requests carrying the front_proxy.certificate_header, by outcome: accepted (from a "
+            "trusted proxy, verified), absent (a trusted proxy passed none), unreadable (400), "
+            "unverified (403), untrusted (from another peer: stripped, judged without it).",
+            ["outcome"],
+            registry=r,
+        )
         self.legacy_cookies = Counter(
             "sidecar_legacy_cookies",
             "Identity Plus HTTP-legacy session cookies received, by outcome: valid, or ignored "

@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 from typing import Any, Protocol, cast
 
+from . import proxyproto
 from .config import LimitsConfig
 from .log import get_logger
 from .metrics import Metrics
@@ -49,6 +51,8 @@ from .sni import ClientHelloReader
 from .tls import TLSState
 
 log = get_logger("sidecar.tls")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # what one SSL_read returns at most: one record's plaintext (RFC 8446 §5.1)
 _READ_SIZE = 16384
@@ -71,6 +75,11 @@ class Listener(Protocol):
     """What the accepted connections share (``listener.Listener``)."""
 
     tls: TLSState
+    #: listen.tls is false: no TLS at all, the bytes pass as they are (behind a front proxy)
+    plain: bool
+    #: listen.proxy_protocol: the networks whose connections start with a PROXY protocol
+    #: header (any other connection is closed at accept); None: no PROXY protocol
+    proxy_from: tuple[IPNetwork, ...] | None
 
     @property
     def limits(self) -> LimitsConfig: ...
@@ -104,6 +113,8 @@ class TLSProtocol(asyncio.Protocol):
         "_listener",
         "_loop",
         "_outgoing",
+        "_peer",
+        "_proxy",
         "_reading_paused",
         "_sslobj",
         "_state",
@@ -134,6 +145,10 @@ class TLSProtocol(asyncio.Protocol):
         self._error: Exception | None = None  # why the connection failed, for the application
         #: with several servers, the first bytes until they hold the ClientHello
         self._hello: ClientHelloReader | None = None
+        #: with the PROXY protocol, the first bytes until they hold its header
+        self._proxy: bytearray | None = None
+        #: the client's address and port from the PROXY header (None: the TCP peer's)
+        self._peer: tuple[str, int] | None = None
 
     @property
     def handshaking(self) -> bool:
@@ -151,33 +166,93 @@ class TLSProtocol(asyncio.Protocol):
             tcp.abort()
             return
         self._admitted = True
+        self._handshake_due = self._loop.time() + listener.limits.handshake_timeout
+        proxy_from = listener.proxy_from
+        if proxy_from is not None:
+            # The PROXY header comes before TLS: only the connection's address can vouch for
+            # it, and guessing whether one is there is what the specification forbids.
+            if not _within(tcp.get_extra_info("peername"), proxy_from):
+                log.info("proxy_protocol_refused", client=self._client(), reason="untrusted peer")
+                self._state = _CLOSING
+                tcp.abort()
+                return
+            self._proxy = bytearray()
+            self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
+            return
+        self._begin(b"")
+
+    def _begin(self, data: bytes) -> None:
+        """TLS (or, plain, the application) takes the connection; ``data`` came first."""
+        listener = self._listener
+        if listener.plain:
+            self._cancel_timer()
+            if self._open() and data:
+                app = self._app
+                if app is not None:
+                    app.data_received(data)
+            return
         tls = listener.tls
         if tls.servers is None:  # policy: one server: its context now; else see _choose
             self._sslobj = tls.current.wrap_bio(self._incoming, self._outgoing, server_side=True)
         else:
             self._hello = ClientHelloReader()
-        limits = listener.limits
-        loop = self._loop
-        self._handshake_due = loop.time() + limits.handshake_timeout
-        hello = limits.client_hello_timeout
-        self._awaiting_hello = hello < limits.handshake_timeout
-        self._timer = loop.call_later(
-            hello if self._awaiting_hello else limits.handshake_timeout, self._on_timer
-        )
+        if self._timer is None:  # after a PROXY header, its deadline stands for both
+            limits = listener.limits
+            loop = self._loop
+            hello = limits.client_hello_timeout
+            self._awaiting_hello = hello < limits.handshake_timeout
+            self._timer = loop.call_later(
+                hello if self._awaiting_hello else limits.handshake_timeout, self._on_timer
+            )
+        if data:
+            self.data_received(data)
 
     def client_address(self) -> str | None:
-        """The peer's IP address (None when the socket has none)."""
+        """The client's IP address: the PROXY header's, else the socket peer's (None when
+        the socket has none)."""
         tcp = self._tcp
-        peer = tcp.get_extra_info("peername") if tcp is not None else None
+        peer: Any = self._peer
+        if peer is None:
+            peer = tcp.get_extra_info("peername") if tcp is not None else None
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+    def _proxy_header(self, data: bytes) -> None:
+        """The PROXY protocol header, within ``limits.handshake_timeout`` (with the handshake)
+        and ``proxyproto.MAX_LENGTH`` bytes; anything else closes the connection."""
+        buffer = self._proxy
+        assert buffer is not None
+        buffer += data
+        try:
+            parsed = proxyproto.parse(bytes(buffer))
+        except proxyproto.ProxyProtocolError as exc:
+            log.info("proxy_protocol_refused", client=self._client(), reason=str(exc))
+            self._state = _CLOSING
+            self._cancel_timer()
+            tcp = self._tcp
+            if tcp is not None:
+                tcp.abort()
+            return
+        if parsed is None:
+            return
+        self._proxy = None
+        self._peer = parsed.header.client
+        self._begin(parsed.rest)
 
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state == _OPEN:
+            if self._sslobj is None:  # plain
+                app = self._app
+                if app is not None:
+                    app.data_received(data)
+                return
             self._incoming.write(data)
             if not self._reading_paused:
                 self._read()
         elif state == _HANDSHAKE:
+            if self._proxy is not None:
+                self._proxy_header(data)
+                return
             if self._sslobj is not None:
                 self._incoming.write(data)
             elif not self._choose(data):  # policy: several servers
@@ -259,6 +334,13 @@ class TLSProtocol(asyncio.Protocol):
     def _established(self, sslobj: ssl.SSLObject) -> None:
         self._cancel_timer()
         self._flush()  # the last of the handshake and, in TLS 1.3, the session tickets
+        if not self._open():
+            return  # closed at once
+        if not self._reading_paused and (self._incoming.pending or sslobj.pending()):
+            self._read()  # the request that came with the client's last handshake message
+
+    def _open(self) -> bool:
+        """The application's protocol takes the connection; False if it closed it at once."""
         tcp = self._tcp
         assert tcp is not None
         tcp.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
@@ -267,11 +349,10 @@ class TLSProtocol(asyncio.Protocol):
         self._app = app
         app.connection_made(TLSTransport(self))
         if self._state != _OPEN:
-            return  # closed at once
+            return False
         if self._writing_paused:
             self._pause_app_writing()
-        if not self._reading_paused and (self._incoming.pending or sslobj.pending()):
-            self._read()  # the request that came with the client's last handshake message
+        return True
 
     def _hello_answered(self) -> None:
         """OpenSSL answered the ClientHello: the rest of the handshake is due within
@@ -363,7 +444,10 @@ class TLSProtocol(asyncio.Protocol):
             return  # closing: dropped, as asyncio's transports drop writes after close
         sslobj = self._sslobj
         tcp = self._tcp
-        assert sslobj is not None and tcp is not None
+        assert tcp is not None
+        if sslobj is None:  # plain
+            tcp.write(data)
+            return
         try:
             sslobj.write(data)  # a memory BIO takes all of it
         except ssl.SSLError as exc:
@@ -394,12 +478,12 @@ class TLSProtocol(asyncio.Protocol):
             return
         self._state = _CLOSING
         sslobj = self._sslobj
-        assert sslobj is not None
-        # unwrap puts our close_notify in the outgoing BIO, then raises SSLWantReadError: the
-        # peer's close_notify is not waited for.
-        with contextlib.suppress(ssl.SSLError):
-            sslobj.unwrap()
-        self._flush()
+        if sslobj is not None:
+            # unwrap puts our close_notify in the outgoing BIO, then raises
+            # SSLWantReadError: the peer's close_notify is not waited for.
+            with contextlib.suppress(ssl.SSLError):
+                sslobj.unwrap()
+            self._flush()
         self._linger()
 
     def _linger(self) -> None:
@@ -466,13 +550,15 @@ class TLSProtocol(asyncio.Protocol):
         self._reading_paused = False
         tcp = self._tcp
         sslobj = self._sslobj
-        if self._state != _OPEN or tcp is None or sslobj is None:
+        if self._state != _OPEN or tcp is None:
             return
         tcp.resume_reading()
-        if self._incoming.pending or sslobj.pending():
+        if sslobj is not None and (self._incoming.pending or sslobj.pending()):
             self._loop.call_soon(self._read_if_open)
 
     def _extra(self, name: str, default: Any) -> Any:
+        if name == "peername" and self._peer is not None:
+            return self._peer  # the PROXY header's: the client behind the load balancer
         sslobj = self._sslobj
         if sslobj is not None:
             if name == "ssl_object":
@@ -490,6 +576,19 @@ class TLSProtocol(asyncio.Protocol):
 
     def _client(self) -> str | None:
         return self.client_address()
+
+
+def _within(peer: Any, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether a socket's peer address lies in ``networks`` (IPv4-mapped IPv6 read as IPv4)."""
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def _reason(exc: ssl.SSLError) -> str:

@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "policy",
         "headers",
+        "frontproxy",
         "responses",
         "identity",
         "identity.*",

@@ -115,6 +115,24 @@ async def test_a_trusted_proxy_is_not_bound_per_address(
         assert await closed_soon(conns[2][0], 2)  # an ordinary address is
 
 
+async def test_a_front_proxy_is_not_bound_per_address(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """A proxy in ``front_proxy.trusted`` brings many clients over its own connections, as
+    one in ``trusted_proxies`` does: the per-address bound would cut all of them off."""
+    data = config_dir.base(upstream.port)
+    data["front_proxy"] = {"trusted": ["127.0.0.3/32"]}
+    data["limits"] = {"max_connections_per_address": 2}
+    running = await start_sidecar(data)
+    async with contextlib.AsyncExitStack() as stack:
+        proxied = [
+            await stack.enter_async_context(tls_from(running, "127.0.0.3")) for _ in range(5)
+        ]
+        for conn in proxied:
+            conn.send(req("GET", "/admin/reports"))
+            assert (await conn.response(timeout=10)).status == 200
+
+
 async def test_a_connection_without_its_client_hello_is_closed_sooner(
     start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
 ) -> None:

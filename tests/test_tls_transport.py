@@ -16,7 +16,7 @@ import pytest
 from sidecar.config import LimitsConfig, TLSConfig
 from sidecar.metrics import Metrics
 from sidecar.tls import TLSState, server_context
-from sidecar.tls_transport import _LINGER, _SHUTDOWN_TIMEOUT, TLSProtocol, TLSTransport
+from sidecar.tls_transport import _LINGER, _SHUTDOWN_TIMEOUT, IPNetwork, TLSProtocol, TLSTransport
 
 from .conftest import Certs
 from .pki import Issued, make_ca, make_leaf
@@ -181,6 +181,8 @@ class Listener:
     tls: TLSState
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: Metrics = field(default_factory=Metrics)
+    plain: bool = False
+    proxy_from: tuple[IPNetwork, ...] | None = None
     capacity: int = 10
     admitted: int = 0
     released: int = 0

@@ -22,7 +22,7 @@ from ..errors import LimitReached
 from ..headers import lines_to_multidict
 from ..listener_state import ListenerState
 from ..request import Request
-from ..tls import requested_server_name
+from ..tls import requested_server_name, verified_chain
 from .connection import FallbackConnection, last_on_connection, to_response
 from .forward import FallbackForwarder, Forwarded, is_websocket
 
@@ -93,7 +93,8 @@ class Serve:
             web_request.method,
             web_request.raw_path,
             web_request.raw_headers,
-            cert=_peer_certificate(web_request),
+            cert=(cert := _peer_certificate(web_request)),
+            chain=_verified_chain(web_request) if cert is not None else (),
             peer_ip=_peer_ip(web_request),
             server_name=_server_name(web_request),
         )
@@ -153,6 +154,11 @@ def _peer_certificate(request: web.BaseRequest) -> ClientCert | None:
 def _server_name(request: web.BaseRequest) -> str | None:
     transport = request.transport
     return requested_server_name(transport.get_extra_info("ssl_object") if transport else None)
+
+
+def _verified_chain(request: web.BaseRequest) -> tuple[bytes, ...]:
+    transport = request.transport
+    return verified_chain(transport.get_extra_info("ssl_object") if transport else None)
 
 
 def _peer_ip(request: web.BaseRequest) -> str | None:

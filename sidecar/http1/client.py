@@ -56,7 +56,7 @@ from ..listener_state import ListenerState
 from ..log import get_logger
 from ..request import ANSWER, FORWARD, Request
 from ..responses import SERVER, Answer
-from ..tls import requested_server_name
+from ..tls import requested_server_name, verified_chain
 from .bodies import decoder
 from .heads import HandOff, Head, HeadReader, Refusal
 from .inbound import Inbound
@@ -88,6 +88,7 @@ class ClientConnection(asyncio.Protocol):
         "_in_task",
         "_inbound",
         "_peer",
+        "_peer_chain",
         "_peer_ip",
         "_pending",
         "_ready",
@@ -120,6 +121,8 @@ class ClientConnection(asyncio.Protocol):
         self._heads = HeadReader()
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
+        #: the issuers OpenSSL verified the peer certificate with (``peer_chain``)
+        self._peer_chain: tuple[bytes, ...] | None = None
         self._peer_ip: str | None = None
         self._sni: str | None = None  # the TLS server name the client asked for
         # Requests that must wait for something (see _start) go to one task per connection,
@@ -248,7 +251,8 @@ class ClientConnection(asyncio.Protocol):
             head.method,
             head.target,
             head.raw_headers,
-            cert=self.peer_certificate(),
+            cert=(cert := self.peer_certificate()),
+            chain=self.peer_chain() if cert is not None else (),
             peer_ip=self._peer_ip,
             server_name=self._sni,
             http10=head.http10,
@@ -523,6 +527,15 @@ class ClientConnection(asyncio.Protocol):
         # and mypy (whose narrowing the compiled build trusts) would not see it.
         transport = self._transport
         return transport is not None and not transport.is_closing()
+
+    def peer_chain(self) -> tuple[bytes, ...]:
+        """The certificates after the peer's that OpenSSL verified it with (made once)."""
+        chain = self._peer_chain
+        if chain is None:
+            transport = self._transport
+            ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+            chain = self._peer_chain = verified_chain(ssl_obj)
+        return chain
 
     def peer_certificate(self) -> ClientCert | None:
         peer = self._peer
