@@ -560,10 +560,17 @@ class Sidecar:
             await asyncio.sleep(self.config.reload.interval)
             if not self.config.reload.watch:
                 continue
-            current = file_signature(watched_files(self.config, self.config_path))
-            if current != self._watched:
-                self._watched = current
-                await self.reload("file changed")
+            if file_signature(watched_files(self.config, self.config_path)) == self._watched:
+                continue
+            # Decided again under the lock: a reload that ran meanwhile (a SIGHUP, or one that
+            # turned reload.watch off) has read the files and set what is watched.
+            async with self._reload_lock:
+                if self.readiness.draining or not self.config.reload.watch:
+                    continue
+                current = file_signature(watched_files(self.config, self.config_path))
+                if current != self._watched:
+                    self._watched = current
+                    await self._reload("file changed")
 
     def _observe_certificates(self, config: Config) -> None:
         """The expiry gauges: the server certificate, every trust anchor, and the identity
