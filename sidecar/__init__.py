@@ -4,17 +4,19 @@ A request flows one way, down this picture::
 
     listener          accepts, counts, retires and shuts down the client connections
     ├ tls_transport   TLS on each connection: the handshake, its alerts, the records
-    ├ http1.client    our HTTP/1.1: request heads (http1.heads), deadlines, pipelining,
-    │                 flow control (flow), the answers' framing
-    └ fallback        aiohttp's server, for the connections http1.client hands over
+    ├ http1.client    our HTTP/1.1: request heads (http1.heads) and bodies (http1.bodies,
+    │                 http1.inbound), deadlines, pipelining, flow control (flow), the
+    │                 answers' framing
+    └ fallback        aiohttp's server, for the upgrades http1.client hands over
         both protocols share a listener_state and put every request through:
     gateway           certificate (certs) → revoked? (revocation) → verdict (identity:
                       cache → backend) → decision (policy) → our answer (responses)
                       or a forward
     forwarder         the forward: http1.upstream connections in an http1.pool
 
-``http1.client`` serves nearly all a browser sends; the first request it does not serve (a
-body, an upgrade, a head it does not read itself) goes to ``fallback`` with its connection.
+``http1.client`` serves every request but an upgrade: a WebSocket (or ``CONNECT``) goes to
+``fallback`` with its connection. ``addresses`` says which addresses are one client, for the
+bounds on what one client may hold.
 The ``gateway`` runs a request's steps as plain calls, each taking values and returning one;
 the leaves (``certs``, ``policy`` with ``readings``, how applications may read a request
 path, ``headers``, ``responses``, ``http1.heads``) do no I/O.
@@ -25,9 +27,11 @@ path runs compiled. Imports point down the picture, never up and never in a circ
 (``tests/test_architecture.py``).
 The pieces for running behind a front proxy are leaves too: ``certformats`` (client
 certificates in headers, read and written, with ``sfv`` and ``xfcc`` for their syntaxes),
-``proxyproto`` (the PROXY protocol) and ``sessions`` (the sealed identity cookie of Identity
-Plus "HTTP legacy", whose flow ``identity.legacy`` owns and the ``gateway`` calls first when
-it is on: the return from sign-on, and the certificate a session cookie stands for).
+``proxyproto`` (the PROXY protocol, read by ``tls_transport`` before TLS) and ``sessions``
+(the sealed identity cookie of Identity Plus "HTTP legacy", whose flow ``identity.legacy`` owns
+and the ``gateway`` calls first when it is on: the return from sign-on, and the certificate a
+session cookie stands for); ``frontproxy`` is the ``gateway``'s other source of a request's
+certificate and client address: a trusted proxy's header, verified again.
 
 The decision's entry is ``servers``: the site the connection's SNI chose (``sni`` reads it
 from the ClientHello for ``tls_transport`` when there are several), its names and its

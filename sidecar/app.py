@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import os
 import socket
 import ssl
@@ -33,6 +34,7 @@ from .config import Config, ConfigError, IdentityConfig, ReportsConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .explain import Assumption, Question, explain
 from .fallback.forward import FallbackForwarder
+from .frontproxy import FrontProxy
 from .gateway import Gateway
 from .headers import HeaderRules, ResponseRules
 from .identity import Backend, Verdict
@@ -138,9 +140,18 @@ def build_rules(config: Config) -> HeaderRules:
     return HeaderRules(
         certificate_header=config.headers.certificate,
         userinfo_header=config.headers.userinfo,
-        trusted_proxies=config.trusted_proxies,
+        # a front proxy's X-Forwarded-* are believed as a trusted proxy's are
+        trusted_proxies=tuple(
+            dict.fromkeys((*config.trusted_proxies, *config.front_proxy.networks()))
+        ),
         strip=config.headers.strip,
+        certificate_formats=config.headers.certificate_formats,
     )
+
+
+def _proxy_from(config: Config) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    """The networks PROXY protocol headers are read from (None: listen.proxy_protocol off)."""
+    return config.front_proxy.networks() if config.listen.proxy_protocol else None
 
 
 # Keys a running process cannot change: the sockets are bound. (All of tls, and
@@ -258,6 +269,8 @@ class Sidecar:
             limits=self.config.limits,
             peer_certs=self.peer_certs,
             metrics=self.metrics,
+            plain=not self.config.listen.tls,
+            proxy_from=_proxy_from(self.config),
         )
         listen = self.config.listen
         kwargs: dict[str, Any] = {"reuse_port": True} if self.reuse_port else {}
@@ -275,7 +288,7 @@ class Sidecar:
             self._watcher = asyncio.create_task(self._watch())
         self.log.info(
             "listening",
-            address=f"https://{listen.host}:{self.port}",
+            address=f"{'https' if listen.tls else 'http'}://{listen.host}:{self.port}",
             admin=str(self.admin_socket)
             if self.admin_socket
             else f"http://{self.config.admin.host}:{self.admin_port}",
@@ -326,6 +339,9 @@ class Sidecar:
                 max_header_block=config.limits.max_header_block,
                 revocation=self.revocation,
                 legacy=legacy,
+                front=FrontProxy(config.front_proxy, config.tls)
+                if config.front_proxy.trusted
+                else None,
             )
         except BaseException:
             for close in reversed(built):
@@ -633,6 +649,7 @@ class Sidecar:
         self.handler.plan = plan
         if self._listener is not None:
             self._listener.apply_limits(new.limits)
+            self._listener.proxy_from = _proxy_from(new)  # for new connections
         self.config = new
         self.reporter.apply(_reports_config(new))
         self._observe_certificates(new)
@@ -695,10 +712,17 @@ class Sidecar:
             await asyncio.sleep(self.config.reload.interval)
             if not self.config.reload.watch:
                 continue
-            current = file_signature(watched_files(self.config, self.config_path))
-            if current != self._watched:
-                self._watched = current
-                await self.reload("file changed")
+            if file_signature(watched_files(self.config, self.config_path)) == self._watched:
+                continue
+            # Decided again under the lock: a reload that ran meanwhile (a SIGHUP, or one that
+            # turned reload.watch off) has read the files and set what is watched.
+            async with self._reload_lock:
+                if self.readiness.draining or not self.config.reload.watch:
+                    continue
+                current = file_signature(watched_files(self.config, self.config_path))
+                if current != self._watched:
+                    self._watched = current
+                    await self._reload("file changed")
 
     def _observe_certificates(self, config: Config) -> None:
         """The expiry gauges: the server certificate, every trust anchor, and the identity

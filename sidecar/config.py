@@ -173,6 +173,11 @@ class ListenConfig(Section):
     #: the names requests may address (Host, SNI); others get 421. None: the server
     #: certificate's DNS and IP names (following it on reload)
     server_names: tuple[Annotated[str, AfterValidator(_server_name)], ...] | None = None
+    #: false: plain HTTP, for a front proxy that terminated TLS itself (``front_proxy``)
+    tls: bool = True
+    #: every connection starts with a PROXY protocol header (version 1 or 2) from a trusted
+    #: load balancer (``front_proxy.trusted`` networks; any other connection is closed)
+    proxy_protocol: bool = False
 
     @field_validator("server_names")
     @classmethod
@@ -224,6 +229,23 @@ class LimitsConfig(Section):
     max_connections: int = Field(4096, ge=1)
     #: request bodies larger than this are refused with 413; null: no limit
     max_body_size: int | None = Field(None, ge=0)
+    #: a request body up to this size is read whole before an upstream connection is taken
+    #: (nginx's client_body_buffer_size); a longer one is streamed
+    body_buffer: int = Field(16384, ge=0, le=1 << 24)
+    #: once body_timeout has passed, a request body must arrive at this many bytes per
+    #: second on average (Apache mod_reqtimeout's MinRate), else 408; 0: no minimum
+    body_min_rate: int = Field(1024, ge=0)
+    #: request bodies one client address (an IPv6 /64) streams upstream at once; more: 429
+    max_body_streams_per_address: int = Field(32, ge=1)
+    #: open client connections from one address (an IPv6 /64) per worker; more are closed
+    #: at once. Trusted proxies are not bound by it
+    max_connections_per_address: int = Field(1024, ge=1)
+    #: time a connection has to send its TLS ClientHello (then handshake_timeout applies)
+    client_hello_timeout: Duration = Field(10.0, gt=0)
+    #: open WebSockets per worker; more: 503
+    max_websockets: int = Field(1024, ge=1)
+    #: open WebSockets from one client address (an IPv6 /64) per worker; more: 429
+    max_websockets_per_address: int = Field(64, ge=1)
 
 
 class CRLFetchConfig(Section):
@@ -545,6 +567,33 @@ class HeadersConfig(Section):
     strip: tuple[str, ...] = ()
     #: response headers the application reports to Identity Plus with (always removed)
     reports: ReportHeadersConfig = ReportHeadersConfig()
+    #: the certificate headers sent upstream, built from the validated chain;
+    #: app-certificate is ``certificate`` above
+    certificate_formats: tuple[certformats.OutboundFormat, ...] = ("app-certificate",)
+
+    @field_validator("certificate_formats")
+    @classmethod
+    def _once_each(
+        cls, v: tuple[certformats.OutboundFormat, ...]
+    ) -> tuple[certformats.OutboundFormat, ...]:
+        problems = [f"@[{i}]: {fmt} is listed twice" for i, fmt in enumerate(v) if fmt in v[:i]]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return v
+
+    @model_validator(mode="after")
+    def _not_a_format_header(self) -> HeadersConfig:
+        problems = []
+        for key in ("certificate", "userinfo"):
+            name: str = getattr(self, key)
+            if _header_name(name) in certformats.HEADER_NAMES:
+                problems.append(
+                    f"@{key}: {name!r} is a certificate header of another format (stripped "
+                    "from every request): choose another name"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @field_validator("strip")
     @classmethod
@@ -1607,6 +1656,52 @@ class LogConfig(Section):
         return v.lower() if isinstance(v, str) else v
 
 
+def _trusted_peers(v: Any) -> Any:
+    """CIDRs (normalised) and SHA-256 fingerprints (lowercase hex), each item checked."""
+    if not isinstance(v, list | tuple):
+        return v
+    out: list[str] = []
+    problems = []
+    for i, item in enumerate(v):
+        text = str(item).strip() if isinstance(item, str | int) else ""
+        network = None
+        with contextlib.suppress(ValueError):
+            network = ipaddress.ip_network(text, strict=False)
+        if network is not None:
+            if network.prefixlen == 0:
+                problems.append(
+                    f"@[{i}]: {text} trusts every address: list the proxies' own addresses"
+                )
+                continue
+            out.append(str(network))
+            continue
+        try:
+            out.append("sha256:" + normalize_fingerprint(text))
+        except ValueError:
+            problems.append(f"@[{i}]: not a CIDR or a SHA-256 certificate fingerprint: {item!r}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return list(dict.fromkeys(out))
+
+
+class FrontProxyConfig(Section):
+    """Proxies in front of the sidecar: who they are, and where they put the certificate."""
+
+    #: the proxies whose certificate header, X-Forwarded-* and PROXY protocol header are
+    #: believed: CIDRs (their connection's address) and/or SHA-256 fingerprints of the client
+    #: certificate a proxy presents when it connects with mTLS
+    trusted: Annotated[tuple[str, ...], BeforeValidator(_trusted_peers)] = ()
+    #: where a trusted proxy puts the client certificate; none: it passes none
+    certificate_header: certformats.InboundFormat | None = None
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(t) for t in self.trusted if not t.startswith("sha256:"))
+
+    def fingerprints(self) -> frozenset[str]:
+        """Lowercase hex SHA-256 of the proxies' certificates' DER."""
+        return frozenset(t[7:] for t in self.trusted if t.startswith("sha256:"))
+
+
 def _default_routes() -> tuple[RouteConfig, ...]:
     return (RouteConfig(path="/"),)
 
@@ -1616,6 +1711,8 @@ class Config(Section):
     tls: TLSConfig
     upstream: UpstreamConfig = UpstreamConfig()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: proxies in front that terminated TLS: their certificate header, X-Forwarded-For
+    front_proxy: FrontProxyConfig = FrontProxyConfig()
     headers: HeadersConfig = HeadersConfig()
     limits: LimitsConfig = LimitsConfig()
     identity: IdentityConfig = IdentityConfig()
@@ -1680,131 +1777,7 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
-    def _names_served(self) -> Config:
-        if self.listen.server_names is None and self.servers is None:
-            leaf = read_certificates(self.tls.certificate)[0]
-            if not hosts.certificate_names(leaf):
-                raise ValueError(
-                    f"@listen.server_names: the server certificate {self.tls.certificate} "
-                    "names no host (no DNS or IP subjectAltName, no host name as its common "
-                    "name): list the names clients use"
-                )
-        return self
-
-    @field_validator("routes")
-    @classmethod
-    def _unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
-        # A field validator, so it runs (and reports) even when other sections have errors.
-        problems = route_problems(routes)
-        if problems:
-            raise ValueError("\n".join(problems))
-        return routes
-
-
-# ---- behind a front proxy (issue #15) -----------------------------------------------------
-# These keys are checked here but not yet accepted: ``Config`` refuses them as unknown until
-# the listener and the request path make them work. ``ConfigWithFrontProxy`` is the shape
-# ``Config`` takes then: each field below moves into the section it extends, ``front_proxy``
-# joins the top level, and its rules join ``Config``'s. ``parse(..., model=...)`` checks a
-# file against it meanwhile (tests).
-
-
-def _trusted_peers(v: Any) -> Any:
-    """CIDRs (normalised) and SHA-256 fingerprints (lowercase hex), each item checked."""
-    if not isinstance(v, list | tuple):
-        return v
-    out: list[str] = []
-    problems = []
-    for i, item in enumerate(v):
-        text = str(item).strip() if isinstance(item, str | int) else ""
-        network = None
-        with contextlib.suppress(ValueError):
-            network = ipaddress.ip_network(text, strict=False)
-        if network is not None:
-            if network.prefixlen == 0:
-                problems.append(
-                    f"@[{i}]: {text} trusts every address: list the proxies' own addresses"
-                )
-                continue
-            out.append(str(network))
-            continue
-        try:
-            out.append("sha256:" + normalize_fingerprint(text))
-        except ValueError:
-            problems.append(f"@[{i}]: not a CIDR or a SHA-256 certificate fingerprint: {item!r}")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return list(dict.fromkeys(out))
-
-
-class FrontProxyConfig(Section):
-    """Proxies in front of the sidecar: who they are, and where they put the certificate."""
-
-    #: the proxies whose certificate header, X-Forwarded-* and PROXY protocol header are
-    #: believed: CIDRs (their connection's address) and/or SHA-256 fingerprints of the client
-    #: certificate a proxy presents when it connects with mTLS
-    trusted: Annotated[tuple[str, ...], BeforeValidator(_trusted_peers)] = ()
-    #: where a trusted proxy puts the client certificate; none: it passes none
-    certificate_header: certformats.InboundFormat | None = None
-
-    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        return tuple(ipaddress.ip_network(t) for t in self.trusted if not t.startswith("sha256:"))
-
-    def fingerprints(self) -> frozenset[str]:
-        """Lowercase hex SHA-256 of the proxies' certificates' DER."""
-        return frozenset(t[7:] for t in self.trusted if t.startswith("sha256:"))
-
-
-class ProxiedListenConfig(ListenConfig):
-    """``listen`` with the front-proxy keys (they move into ``ListenConfig``)."""
-
-    #: false: plain HTTP, for a front proxy that terminated TLS itself
-    tls: bool = True
-    #: every connection starts with a PROXY protocol header (version 1 or 2) from a trusted
-    #: load balancer
-    proxy_protocol: bool = False
-
-
-class HeadersWithFormats(HeadersConfig):
-    """``headers`` with ``certificate_formats`` (it moves into ``HeadersConfig``)."""
-
-    #: the certificate headers sent upstream; app-certificate is ``certificate`` above
-    certificate_formats: tuple[certformats.OutboundFormat, ...] = ("app-certificate",)
-
-    @field_validator("certificate_formats")
-    @classmethod
-    def _once_each(
-        cls, v: tuple[certformats.OutboundFormat, ...]
-    ) -> tuple[certformats.OutboundFormat, ...]:
-        problems = [f"@[{i}]: {fmt} is listed twice" for i, fmt in enumerate(v) if fmt in v[:i]]
-        if problems:
-            raise ValueError("\n".join(problems))
-        return v
-
-    @model_validator(mode="after")
-    def _not_a_format_header(self) -> HeadersWithFormats:
-        problems = []
-        for key in ("certificate", "userinfo"):
-            name: str = getattr(self, key)
-            if _header_name(name) in certformats.HEADER_NAMES:
-                problems.append(
-                    f"@{key}: {name!r} is a certificate header of another format (stripped "
-                    "from every request): choose another name"
-                )
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
-
-
-class ConfigWithFrontProxy(Config):
-    """``Config`` with the keys above and the rules that tie them together."""
-
-    listen: ProxiedListenConfig = ProxiedListenConfig()
-    headers: HeadersWithFormats = HeadersWithFormats()
-    front_proxy: FrontProxyConfig = FrontProxyConfig()
-
-    @model_validator(mode="after")
-    def _front_proxy_rules(self) -> ConfigWithFrontProxy:
+    def _front_proxy_rules(self) -> Config:
         listen, front = self.listen, self.front_proxy
         problems = []
         if not front.trusted and (not listen.tls or front.certificate_header is not None):
@@ -1834,9 +1807,55 @@ class ConfigWithFrontProxy(Config):
                     "@listen.server_names: required with listen.tls: false (no server "
                     "certificate is served to take the names from): list the names clients use"
                 )
+            if self.servers is not None:
+                problems.append(
+                    "@servers: several sites are chosen by SNI, which needs listen.tls: true"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _names_served(self) -> Config:
+        if self.listen.server_names is None and self.servers is None:
+            leaf = read_certificates(self.tls.certificate)[0]
+            if not hosts.certificate_names(leaf):
+                raise ValueError(
+                    f"@listen.server_names: the server certificate {self.tls.certificate} "
+                    "names no host (no DNS or IP subjectAltName, no host name as its common "
+                    "name): list the names clients use"
+                )
+        return self
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        # A field validator, so it runs (and reports) even when other sections have errors.
+        problems = route_problems(routes)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return routes
+
+
+# ---- behind a front proxy (issue #15) -----------------------------------------------------
+# Every key of issue #15 is accepted by ``Config`` now (``front_proxy``, ``listen.tls``,
+# ``listen.proxy_protocol``, ``headers.certificate_formats``, ``identity.identityplus.legacy``);
+# the names below stay for the tests and callers that checked files against the extension.
+
+
+#: ``listen.proxy_protocol`` is accepted by ``ListenConfig`` itself now
+ProxiedListenConfig = ListenConfig
+
+
+#: ``headers.certificate_formats`` is accepted by ``HeadersConfig`` itself now
+HeadersWithFormats = HeadersConfig
+
+
+class ConfigWithFrontProxy(Config):
+    """``Config`` with the keys above and the rules that tie them together."""
+
+    listen: ProxiedListenConfig = ProxiedListenConfig()
+    headers: HeadersWithFormats = HeadersWithFormats()
 
 
 # ---- loading ------------------------------------------------------------------------------

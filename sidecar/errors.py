@@ -39,3 +39,17 @@ class UpstreamError(Exception):
         self.kind = kind
         self.detail = detail
         super().__init__(f"{kind}: {detail}")
+
+
+class LimitReached(Exception):
+    """A bound on what clients may hold refuses a request before it is forwarded.
+
+    ``limit`` is the ``limits`` key (a bounded label for metrics); ``status`` what the gateway
+    answers: 429 for a bound per client address (that client holds too much), 503 for one
+    per worker (everyone together does).
+    """
+
+    def __init__(self, limit: str, status: int) -> None:
+        self.limit = limit
+        self.status = status
+        super().__init__(f"limits.{limit} reached")

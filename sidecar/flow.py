@@ -22,6 +22,8 @@ from typing import Protocol
 WRITING = 1
 #: reasons to hold reading (bits): pipelined bytes wait behind the request in flight
 PIPELINE = 2
+#: reasons to hold reading (bits): the request body waits for the forward to take it
+BODY = 4
 
 
 class Reader(Protocol):

@@ -2,7 +2,8 @@
 and its answer comes back.
 
 One way in: ``Forwarder.send`` starts a forward and returns it (``Forward``), pending. When the
-request has no body and a pooled connection is idle, it is written at once and ``notify`` is
+request has no body, or all of it is here, and a pooled connection is idle, it is written at
+once and ``notify`` is
 called from the event loop once the response head is here or the exchange failed: a protocol
 can then write a whole answer without a task (``Forward.whole``). Whatever is left (a
 connection to wait for, the request to write, the response head, one more try on a new
@@ -12,7 +13,8 @@ report headers and hands their values back) and the body (``take``, or ``relay``
 still arriving), and ``release`` gives the connection back.
 
 A failure before the response started raises ``UpstreamError`` (502, or 504 for a timeout),
-``BodyTooLarge`` (413) or ``BodyTimeout`` (408); after it started, the client connection is
+``BodyTooLarge`` (413), ``BodyTimeout`` (408) or ``BodyInvalid`` (400); after it started, the
+client connection is
 aborted so that a truncated response never passes for a complete one. A request is sent a
 second time only when it is idempotent, has no body, and met a reused connection that failed
 before any byte of answer. HTTP/1.1 on the wire is ``http1.upstream``, the keep-alive
@@ -34,6 +36,7 @@ from .errors import UpstreamError
 from .headers import DEFAULT_RESPONSE_RULES, Captured, ResponseRules, response_fields
 from .http1.pool import Dial, Pool
 from .http1.upstream import (
+    BodyInvalid,
     BodyTimeout,
     BodyTooLarge,
     RequestBody,
@@ -47,7 +50,15 @@ from .http1.upstream import (
 # either, since applications often implement them with side effects that are not idempotent).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
-__all__ = ["BodyTimeout", "BodyTooLarge", "Client", "Forward", "Forwarder", "RequestBody"]
+__all__ = [
+    "BodyInvalid",
+    "BodyTimeout",
+    "BodyTooLarge",
+    "Client",
+    "Forward",
+    "Forwarder",
+    "RequestBody",
+]
 
 
 class Client(Protocol):
@@ -124,35 +135,45 @@ class Forwarder:
         block: bytes,
         has_host: bool,
         *,
-        body: RequestBody | None = None,
+        body: RequestBody | bytes | None = None,
         notify: Callable[[], None] | None = None,
     ) -> Forward:
         """Start forwarding a request: ``target`` as the client sent it, the header lines
         ``block`` (``headers.request_fields``: checked, ours added) and whether they have a
-        Host (else the upstream's own goes first), and the ``body`` if there is one.
+        Host (else the upstream's own goes first), and the ``body`` if there is one: all of it
+        (``bytes``, framed by a Content-Length in ``block``) or one still arriving.
 
-        With ``notify`` and no body, the request is written now if a pooled connection is idle,
-        and ``notify`` is called from the event loop once its response head is here or the
-        exchange failed. Either way ``Forward.response`` does whatever is left.
+        With ``notify`` and no body still arriving, the request is written now if a pooled
+        connection is idle, and ``notify`` is called from the event loop once its response
+        head is here or the exchange failed. Either way ``Forward.response`` does whatever is
+        left.
 
         Raises ``BodyTooLarge`` when what has arrived of the body is too large already (nothing
         is sent then), ``ValueError`` for a CR or LF in the target."""
         pool = self._pool
         if pool is None:
             raise RuntimeError("Forwarder.start() has not been awaited")
+        streamed: RequestBody | None = None
+        whole = b""
+        if isinstance(body, RequestBody):
+            streamed = body
+        elif body is not None:
+            whole = body
         head = request_head(
             method,
             self.prefix + (target if target.startswith("/") else origin_form(target)),
             block,
             None if has_host else self._host_bytes,
-            chunked=body is not None and body.chunked,
+            chunked=streamed is not None and streamed.chunked,
         )
         out = [head]
         rest: RequestBody | None = None
-        if body is not None:
-            first, done = body.buffered()
+        if streamed is not None:
+            first, done = streamed.buffered()
             out += first
-            rest = None if done else body
+            rest = None if done else streamed
+        elif whole:
+            out.append(whole)
         forward = Forward(
             pool,
             out,
@@ -161,7 +182,7 @@ class Forwarder:
             head_only=method == "HEAD",
             retry=body is None and method in _IDEMPOTENT,
         )
-        if notify is not None and body is None:
+        if notify is not None and rest is None:
             conn = pool.take_idle()  # no coroutine when one is idle
             if conn is not None:
                 forward.write_now(conn, notify)

@@ -36,8 +36,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import responses
 from .certs import ClientCert
-from .errors import IdentityUnavailable, UpstreamError
-from .forwarder import BodyTimeout, BodyTooLarge
+from .errors import IdentityUnavailable, LimitReached, UpstreamError
+from .forwarder import BodyInvalid, BodyTimeout, BodyTooLarge
+from .frontproxy import FrontProxy, HeaderRefusal
 from .headers import Captured, request_fields
 from .hosts import host_name
 from .identity import LookupContext, User, Verdict
@@ -133,18 +134,26 @@ class Gateway:
         #: the access event's own JSON writer, when the logs are JSON (else through structlog)
         self._access = access_writer() if access_log else None
         self.clock = clock
+        # bound once: labels() costs more than the rest of a front-proxy request's bookkeeping
+        counter = metrics.front_proxy_certificates
+        self._front_outcomes = {
+            outcome: counter.labels(outcome)
+            for outcome in ("accepted", "absent", "unreadable", "unverified", "untrusted")
+        }
 
     def begin(self, request: Request) -> None:
         """Everything about ``request`` that needs no waiting: ``request.step`` then says
         what is left (see the module's docstring)."""
         plan = self.plan
         request.plan = plan
-        trusted = request.trusted = plan.rules.is_trusted_proxy(request.peer_ip)
+        front = plan.front
+        from_front = front is not None and front.trusts(request.peer_ip, request.cert)
+        trusted = request.trusted = from_front or plan.rules.is_trusted_proxy(request.peer_ip)
         request.request_id = _request_id(request, trusted)
         request.started = time.perf_counter()
         self.metrics.request_started()
         try:
-            self._start(request, plan)
+            self._start(request, plan, from_front)
         except Exception as exc:  # the last line of defence: answer 500, never a traceback
             self.fail(request, exc)
 
@@ -162,7 +171,13 @@ class Gateway:
             if request.step is FORWARD:
                 try:
                     status, upstream_seconds = await forward(request)
-                except (UpstreamError, BodyTooLarge, BodyTimeout) as exc:
+                except (
+                    UpstreamError,
+                    BodyTooLarge,
+                    BodyTimeout,
+                    BodyInvalid,
+                    LimitReached,
+                ) as exc:
                     self._forward_failed(request, exc)
                 else:
                     self.forwarded(request, status, upstream_seconds)
@@ -240,7 +255,7 @@ class Gateway:
         cert, user, upstream = request.cert, request.user, request.upstream_seconds
         values = (
             request.request_id,
-            request.peer_ip,
+            request.client_ip,
             request.method,
             request.path,
             request.status,
@@ -277,11 +292,18 @@ class Gateway:
 
     # ---- the steps ------------------------------------------------------------------------
 
-    def _start(self, request: Request, plan: Plan) -> None:
+    def _start(self, request: Request, plan: Plan, from_front: bool) -> None:
         problem = _malformed(request, plan)
         if problem is not None:
             self._deny(request, Deny(*problem))
             return
+        front = plan.front
+        if front is not None:
+            # Its own name: compiled, a name is typed by its first use (``Refused`` below).
+            header_denial = self._front_proxy(request, front, from_front)
+            if header_denial is not None:
+                self._deny(request, header_denial)
+                return
         try:
             route = plan.policy.route(  # policy: the server, then the route and its methods
                 request.method, request.target, request.raw_headers, request.server_name
@@ -317,12 +339,51 @@ class Gateway:
             # HTTP legacy: a session stands for a certificate the sidecar never saw; its
             # revocation is the identity service's to say, asked again like any verdict
             cert = request.session
-        if cert is not None and route is not None and needs_verdict(route, cert, request.peer_ip):
+        if cert is not None and route is not None and needs_verdict(route, cert, request.client_ip):
             verdict = plan.identity.peek(cert)  # policy: ^ matchers
             if verdict is None:
                 move(request, LOOK_UP)
                 return
         self._decide(request, plan, verdict, backend_failed=False)
+
+    def _front_proxy(self, request: Request, front: FrontProxy, from_front: bool) -> Deny | None:
+        """Behind a front proxy: from a trusted one, the client's address (X-Forwarded-For)
+        and the certificate of ``front_proxy.certificate_header``, verified again, in place
+        of the connection's (the proxy's own); a header that does not read or verify is
+        refused, never forwarded. From any other peer the header is judged absent (the
+        header rules strip it), logged and counted. Fails closed."""
+        outcomes = self._front_outcomes
+        if not from_front:
+            if front.header is not None and front.sent_header(request.raw_headers):
+                outcomes["untrusted"].inc()
+                self.log.warning(
+                    "certificate_header_untrusted",
+                    request_id=request.request_id,
+                    client=request.peer_ip,
+                    header=front.header,
+                )
+            return None
+        request.client_ip = front.client_address(request.peer_ip, request.raw_headers)
+        if front.header is None:
+            return None
+        claim = front.claim(request.raw_headers, self.clock())
+        if claim is None:
+            outcomes["absent"].inc()
+            request.cert, request.chain = None, ()
+            return None
+        if isinstance(claim, HeaderRefusal):
+            outcomes["unreadable" if claim.status == 400 else "unverified"].inc()
+            self.log.warning(
+                "certificate_header_refused",
+                request_id=request.request_id,
+                client=request.client_ip,
+                reason=claim.reason,
+            )
+            request.cert, request.chain = None, ()
+            return Deny(claim.status, claim.reason, claim.code)
+        outcomes["accepted"].inc()
+        request.cert, request.chain = claim.cert, claim.chain
+        return None
 
     def _legacy(self, request: Request, legacy: Legacy, route: Route) -> bool:
         """Identity Plus HTTP legacy, before anything else looks at a request: a return from
@@ -417,12 +478,12 @@ class Gateway:
         verdict: Verdict | None = None
         asked = False
         route = request.route
-        if route is not None and needs_verdict(route, cert, request.peer_ip):  # policy:
+        if route is not None and needs_verdict(route, cert, request.client_ip):  # policy:
             asked = True
             failure: IdentityUnavailable | None = None
             started = time.perf_counter()
             try:
-                verdict = await identity.lookup(cert, LookupContext(client_ip=request.peer_ip))
+                verdict = await identity.lookup(cert, LookupContext(client_ip=request.client_ip))
             except IdentityUnavailable as exc:
                 failure = exc
                 self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
@@ -465,7 +526,7 @@ class Gateway:
             backend_failed=backend_failed,
             enrol=plan.identity.can_enrol or request.legacy is not None,
             cert=cert,  # policy: matchers
-            address=request.peer_ip,  # policy: addresses
+            address=request.client_ip,  # policy: addresses
         )
         code = request.verdict_code = verdict.code if verdict is not None else None
         if isinstance(decision, Forward):
@@ -479,6 +540,8 @@ class Gateway:
                 user=user,
                 # HTTP legacy: X-USERINFO alone, no certificate was seen
                 certificate_b64=subject.b64 if (subject is not None and user is not None) else None,
+                certificate=cert.der if cert is not None else b"",
+                chain=request.chain,
             )
             request.upstream = plan.upstream
             request.decision, request.reason = "forwarded", "allowed"
@@ -494,7 +557,9 @@ class Gateway:
             self._redirect(request, decision)
 
     def _forward_failed(
-        self, request: Request, exc: UpstreamError | BodyTooLarge | BodyTimeout
+        self,
+        request: Request,
+        exc: UpstreamError | BodyTooLarge | BodyTimeout | BodyInvalid | LimitReached,
     ) -> None:
         if isinstance(exc, BodyTimeout):
             # nginx's client_body_timeout: 408, and the connection ends (what is left of the
@@ -505,6 +570,28 @@ class Gateway:
                 "denied",
                 "body_timeout",
                 "The request body stopped arriving before it was complete.",
+                close=True,
+            )
+            return
+        if isinstance(exc, BodyInvalid):
+            # A chunk that cannot be framed: nothing after it can be read either.
+            reason = "trailers_too_large" if exc.status == 431 else "bad_body"
+            self._answer(request, exc.status, "denied", reason, exc.text, close=True)
+            return
+        if isinstance(exc, LimitReached):
+            self.metrics.limit_refusals.labels(exc.limit).inc()
+            text = (
+                "Too many requests from your network are in progress. Please try again shortly."
+                if exc.status == 429
+                else "This service is busy. Please try again shortly."
+            )
+            self._answer(
+                request,
+                exc.status,
+                "denied" if exc.status == 429 else "unavailable",
+                exc.limit,
+                text,
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
                 close=True,
             )
             return
@@ -553,10 +640,12 @@ class Gateway:
             if legacy is not None:
                 # Never shared: the reference that comes back is the proof of who signed on.
                 signed = await plan.identity.sign_on(
-                    "legacy", return_url, request.peer_ip, shared=False
+                    "legacy", return_url, request.client_ip, shared=False
                 )
             else:
-                signed = await plan.identity.sign_on(decision.purpose, return_url, request.peer_ip)
+                signed = await plan.identity.sign_on(
+                    decision.purpose, return_url, request.client_ip
+                )
         # Two names: compiled, one name for both exceptions would be typed as the first.
         except SignOnLimited as limited:
             counter.labels("limited").inc()

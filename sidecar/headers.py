@@ -10,7 +10,8 @@ report headers are matched the same way), and a client header whose name holds a
 but letters, digits, ``-`` and ``_`` is dropped, as nginx does. Whatever a client sent under an
 identity header's name is removed before ours are added, as are hop-by-hop headers, every
 header named in ``Connection``, the headers that re-route a request inside applications
-(``X-Original-URL``) and the configured ``headers.strip``, and, from peers that are not trusted
+(``X-Original-URL``), every certificate header of every format (``certformats.HEADER_NAMES``,
+from anyone) and the configured ``headers.strip``, and, from peers that are not trusted
 proxies, the headers that re-address it (``X-Forwarded-*``,
 ``True-Client-IP``...).
 """
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .certformats import HEADER_NAMES as CERTIFICATE_HEADERS
+from .certformats import CertificateHeaders, OutboundFormat
 from .header_names import FORWARDING as FORWARDING
 from .header_names import FRAMING
 from .header_names import HOP_BY_HOP as HOP_BY_HOP
@@ -43,6 +46,8 @@ class HeaderRules:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     #: more names to remove whoever sent them (``headers.strip``)
     strip: tuple[str, ...] = ()
+    #: the certificate headers sent upstream (``headers.certificate_formats``)
+    certificate_formats: tuple[OutboundFormat, ...] = ("app-certificate",)
     #: removed whoever sent them; from untrusted peers the forwarding headers too
     always_strip: frozenset[str] = field(init=False, repr=False)
     untrusted_strip: frozenset[str] = field(init=False, repr=False)
@@ -53,6 +58,8 @@ class HeaderRules:
     request_kinds: dict[bytes, int] = field(init=False, repr=False, compare=False)
     #: (certificate base64, X-USERINFO value) -> our two identity header lines, checked
     _identity_blocks: dict[tuple[str, bytes], bytes] = field(init=False, repr=False, compare=False)
+    #: the configured formats' lines, when they are not just ``app-certificate``
+    _formats: CertificateHeaders | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Normalised as client names are (see _normal): "X_USER" also strips "X-User".
@@ -62,7 +69,10 @@ class HeaderRules:
             "x-request-id",
         }
         names.update(normal_name(name) for name in self.strip)
-        always = frozenset(names) | HOP_BY_HOP | REROUTING
+        # Every certificate header of every format, whatever the configuration: an
+        # application (or a framework) that reads one would believe the client that sent it.
+        # A trusted proxy's is read (``front_proxy.certificate_header``), never passed on.
+        always = frozenset(names) | HOP_BY_HOP | REROUTING | CERTIFICATE_HEADERS
         object.__setattr__(self, "always_strip", always)
         object.__setattr__(self, "untrusted_strip", always | FORWARDING)
         object.__setattr__(self, "always_strip_b", frozenset(n.encode() for n in always))
@@ -71,6 +81,14 @@ class HeaderRules:
         )
         object.__setattr__(self, "request_kinds", {})
         object.__setattr__(self, "_identity_blocks", {})
+        formats = self.certificate_formats
+        object.__setattr__(
+            self,
+            "_formats",
+            None
+            if formats == ("app-certificate",)
+            else CertificateHeaders(formats, self.certificate_header),
+        )
         object.__setattr__(
             self,
             "_identity_names",
@@ -92,9 +110,25 @@ class HeaderRules:
             kinds[name] = kind
         return kind
 
-    def identity_lines(self, certificate_b64: str, user: User) -> bytes:
-        """Our two identity headers, as header lines (made and checked once per certificate
-        and user: a few KiB of base64 need not be copied and scanned on every request)."""
+    def identity_lines(
+        self,
+        certificate_b64: str,
+        user: User,
+        certificate: bytes = b"",
+        chain: tuple[bytes, ...] = (),
+    ) -> bytes:
+        """Our identity headers, as header lines (made and checked once per certificate
+        and user: a few KiB of base64 need not be copied and scanned on every request):
+        ``X-USERINFO`` after the certificate headers of ``certificate_formats``, built from
+        ``certificate`` (the leaf's DER) and ``chain`` (the validated certificates after it)."""
+        formats = self._formats
+        if formats is not None and certificate:
+            userinfo = self._identity_names[1]
+            value = user.header_bytes
+            if b"\r" in value or b"\n" in value:
+                raise ValueError("CR or LF in an identity header")
+            # CertificateHeaders checks its own lines and keeps them per chain
+            return b"%b%b: %b\r\n" % (formats.lines(certificate, chain), userinfo, value)
         key = (certificate_b64, user.header_bytes)
         lines = self._identity_blocks.get(key)
         if lines is None:
@@ -197,6 +231,8 @@ def request_fields(
     request_id: str,
     user: User | None,
     certificate_b64: str | None,
+    certificate: bytes = b"",
+    chain: tuple[bytes, ...] = (),
 ) -> tuple[bytes, bool]:
     """The header lines (``Name: value\r\n`` each) to send upstream, in the client's order
     with ours appended, and whether the client sent a Host. Identity headers only with ``user``.
@@ -233,7 +269,8 @@ def request_fields(
     if out.count(b"\n") != lines or out.count(b"\r") != lines:
         raise ValueError("CR or LF in a request header")
     if user is not None and certificate_b64 is not None:
-        out += rules.identity_lines(certificate_b64, user)  # checked where they are made
+        # checked where they are made
+        out += rules.identity_lines(certificate_b64, user, certificate, chain)
     return out, host is not None
 
 

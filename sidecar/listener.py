@@ -1,8 +1,8 @@
 """The TLS listener's connections, from accept to close.
 
 ``Listener`` is the protocol factory of the plain TCP server: for every accepted connection a
-``tls_transport.TLSProtocol`` (the handshake, counted against ``limits.max_connections``
-from accept), then for each handshake that succeeds an HTTP/1.1 ``http1.client.
+``tls_transport.TLSProtocol`` (the handshake, counted against ``limits.max_connections`` and
+``limits.max_connections_per_address`` from accept), then for each handshake that succeeds an HTTP/1.1 ``http1.client.
 ClientConnection``, which hands a connection it does not serve to aiohttp's server
 (``fallback.Fallback``, held here). Both protocols share one ``ListenerState``. The listener
 applies a reload's limits, retires the connections made before a change of what decides
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
+from .addresses import PerAddress, address_key
 from .config import LimitsConfig
 from .fallback.server import Fallback
 from .gateway import Gateway
@@ -20,7 +21,7 @@ from .http1.client import ClientConnection
 from .listener_state import ListenerState
 from .metrics import Metrics
 from .tls import PeerCertificates, TLSState
-from .tls_transport import TLSProtocol
+from .tls_transport import IPNetwork, TLSProtocol
 
 
 class Listener:
@@ -34,15 +35,24 @@ class Listener:
         limits: LimitsConfig,
         peer_certs: PeerCertificates,
         metrics: Metrics,
+        plain: bool = False,
+        proxy_from: tuple[IPNetwork, ...] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.tls = tls
+        #: listen.tls is false: plain HTTP from a front proxy (``tls_transport`` passes the
+        #: bytes as they are)
+        self.plain = plain
+        #: with listen.proxy_protocol, the load balancers' networks (a reload may change them)
+        self.proxy_from = proxy_from
         self.state = ListenerState(gateway, limits=limits, peer_certs=peer_certs, metrics=metrics)
         self._fallback = Fallback(self.state, self._loop)
         self.state.hand_off = self._fallback.adopt
-        #: accepted connections, from accept (handshake included) to close
+        #: accepted connections, from accept (handshake included) to close, with the client
+        #: address each is counted for (None: a trusted proxy's, or no address)
         self.open_connections = 0
-        self.accepted: set[TLSProtocol] = set()
+        self.accepted: dict[TLSProtocol, str | None] = {}
+        self._per_address = PerAddress()
         #: the connections the HTTP/1.1 protocol serves
         self.clients: set[ClientConnection] = set()
 
@@ -68,18 +78,27 @@ class Listener:
     # ---- tls_transport.Listener ----------------------------------------------------------
 
     def admit(self, connection: TLSProtocol) -> bool:
-        """Count an accepted connection in; beyond ``limits.max_connections`` (or while
-        shutting down) it is refused at once, before any TLS work."""
-        if self.open_connections >= self.state.limits.max_connections or self.state.closing:
-            self.state.metrics.connections_refused.inc()
+        """Count an accepted connection in; beyond ``limits.max_connections``, beyond
+        ``limits.max_connections_per_address`` for its client address (unless a trusted
+        proxy's), or while shutting down, it is refused at once, before any TLS work."""
+        state = self.state
+        limits = state.limits
+        if self.open_connections >= limits.max_connections or state.closing:
+            state.metrics.connections_refused.inc()
+            return False
+        address = connection.client_address()
+        key = None if state.is_trusted(address) else address_key(address)
+        if not self._per_address.take(key, limits.max_connections_per_address):
+            state.metrics.limit_refusals.labels("max_connections_per_address").inc()
             return False
         self.open_connections += 1
-        self.accepted.add(connection)
+        self.accepted[connection] = key
         return True
 
     def release(self, connection: TLSProtocol) -> None:
-        self.open_connections -= 1
-        self.accepted.discard(connection)
+        if connection in self.accepted:
+            self.open_connections -= 1
+            self._per_address.give(self.accepted.pop(connection))
 
     def protocol(self) -> ClientConnection:
         client = ClientConnection(self.state, self._loop, forget=self.clients.discard)

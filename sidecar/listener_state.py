@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from .addresses import PerAddress
 from .certs import ClientCert
 from .config import LimitsConfig
 from .gateway import Gateway
@@ -29,9 +30,22 @@ def _no_fallback(transport: asyncio.Transport, peer: ClientCert | None) -> async
 
 class ListenerState:
     """The gateway, the limits in force, the certificate parser, the metrics, whether the
-    listener is closing, and where a connection goes that HTTP/1.1 does not serve."""
+    listener is closing, where a connection goes that HTTP/1.1 does not serve, and what each
+    client address holds beyond its connections: request bodies streaming upstream, and
+    WebSockets (``addresses``)."""
 
-    __slots__ = ("closing", "gateway", "hand_off", "heads", "limits", "metrics", "peer_certs")
+    __slots__ = (
+        "body_streams",
+        "closing",
+        "gateway",
+        "hand_off",
+        "heads",
+        "limits",
+        "metrics",
+        "peer_certs",
+        "websockets",
+        "websockets_per_address",
+    )
 
     def __init__(
         self,
@@ -50,6 +64,16 @@ class ListenerState:
         self.hand_off: HandOff = _no_fallback
         self.limits = limits
         self.heads = HeadLimits(limits)
+        #: request bodies streaming upstream, by client address (``limits.body_buffer``)
+        self.body_streams = PerAddress()
+        #: open WebSockets, in all and by client address
+        self.websockets = 0
+        self.websockets_per_address = PerAddress()
+
+    def is_trusted(self, address: str | None) -> bool:
+        """Whether ``address`` is a trusted proxy's: many clients, bound per address by none
+        of the bounds of ``addresses``."""
+        return self.gateway.plan.rules.is_trusted_proxy(address)
 
     def apply_limits(self, limits: LimitsConfig) -> None:
         """Use ``limits`` from now on: for every new connection, and for the next request head

@@ -86,6 +86,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.front_proxy_certificates = Counter(
+            "sidecar_front_proxy_certificates",
+            "Requests carrying the front_proxy.certificate_header, by outcome: accepted (from a "
+            "trusted proxy, verified), absent (a trusted proxy passed none), unreadable (400), "
+            "unverified (403), untrusted (from another peer: stripped, judged without it).",
+            ["outcome"],
+            registry=r,
+        )
         self.legacy_cookies = Counter(
             "sidecar_legacy_cookies",
             "Identity Plus HTTP-legacy session cookies received, by outcome: valid, or ignored "
@@ -103,6 +111,15 @@ class Metrics:
         self.connections_refused = Counter(
             "sidecar_connections_refused",
             "Client connections closed at once because limits.max_connections was reached.",
+            registry=r,
+        )
+        self.limit_refusals = Counter(
+            "sidecar_limit_refusals",
+            "Connections and requests refused by a bound on what one client address (or the "
+            "worker) may hold, by limits key: max_connections_per_address (closed at accept), "
+            "max_body_streams_per_address and max_websockets_per_address (429), max_websockets "
+            "(503).",
+            ["limit"],
             registry=r,
         )
         self.identity_duration = Histogram(

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from .certs import ClientCert
 from .forwarder import Forwarder
+from .frontproxy import FrontProxy
 from .headers import HeaderRules
 from .identity import LookupContext, SignOnPurpose, Verdict
 from .identity.intents import SignOn
@@ -55,3 +56,5 @@ class Plan:
     revocation: Revocation
     #: Identity Plus HTTP legacy (``identity.identityplus.legacy``), or None
     legacy: Legacy | None = None
+    #: the trusted front proxies and their certificate header; None: no ``front_proxy``
+    front: FrontProxy | None = None

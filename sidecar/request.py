@@ -76,6 +76,8 @@ class Request:
         "answer",
         "block",
         "cert",
+        "chain",
+        "client_ip",
         "decision",
         "has_host",
         "http10",
@@ -113,6 +115,7 @@ class Request:
         cert: ClientCert | None,
         peer_ip: str | None,
         server_name: str | None,
+        chain: tuple[bytes, ...] = (),
         http10: bool = False,
         keep_alive: bool = True,
     ) -> None:
@@ -124,7 +127,13 @@ class Request:
         self._headers: CIMultiDict[str] | None = None
         #: the connection's client certificate, parsed (None: no identity)
         self.cert = cert
+        #: the validated certificates after ``cert`` (its issuers, the trust anchor left
+        #: out), for the upstream's chain headers; () when not known
+        self.chain: tuple[bytes, ...] = chain
         self.peer_ip = peer_ip
+        #: the client's address: the peer's, or behind a trusted front proxy the one its
+        #: X-Forwarded-For names (``frontproxy``); for logs, policy and rate limits
+        self.client_ip = peer_ip
         #: the TLS server name (SNI) the client asked for; None when it sent none
         self.server_name = server_name
         self.http10 = http10

@@ -435,9 +435,11 @@ def method_overrides(raw_headers: Iterable[tuple[bytes, bytes]], raw_path: str) 
     for name, value in raw_headers:
         if len(name) >= 13 and name.lower().replace(b"_", b"-") in OVERRIDE_HEADERS:
             for part in value.split(b","):
-                method = part.strip().upper()
+                # upper-cased as text, as frameworks do: b"\xdf" is "SS" to them, as the
+                # query's _method below is
+                method = part.decode("latin-1").strip().upper()
                 if method:
-                    found.append(method.decode("latin-1"))
+                    found.append(method)
     _, question, query = raw_path.partition("?")
     if question and ("method" in query.lower() or "%" in query):
         for pair in re.split(r"[&;]", query):

@@ -17,6 +17,7 @@ records the server name each connection asked for (``requested_server_name``).
 
 from __future__ import annotations
 
+import _ssl
 import contextlib
 import hashlib
 import secrets
@@ -194,6 +195,26 @@ def load_chain(
 # The server name (SNI) of each connection, by its SSLObject: the one the servername callback
 # gets is the one the transport gives as its "ssl_object". Weak, so it goes with the connection.
 _SERVER_NAMES: weakref.WeakKeyDictionary[object, str | None] = weakref.WeakKeyDictionary()
+
+
+def verified_chain(ssl_obj: object | None) -> tuple[bytes, ...]:
+    """The certificates OpenSSL verified a client's with, after the leaf and without the trust
+    anchor, as DER (the chain headers upstream); () when unknown. Python 3.13 has it as
+    ``SSLObject.get_verified_chain``; 3.10 to 3.12 have it on the inner ``_ssl`` object."""
+    if ssl_obj is None:
+        return ()
+    try:
+        public = getattr(ssl_obj, "get_verified_chain", None)
+        if public is not None:
+            ders = [bytes(der) for der in public()]
+        else:
+            inner = getattr(getattr(ssl_obj, "_sslobj", None), "get_verified_chain", None)
+            if inner is None:
+                return ()
+            ders = [cert.public_bytes(_ssl.ENCODING_DER) for cert in inner()]
+    except (ssl.SSLError, ValueError, TypeError, AttributeError):
+        return ()
+    return tuple(ders[1:-1])
 
 
 def requested_server_name(ssl_obj: object | None) -> str | None:

@@ -6,13 +6,17 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
 ``sslproto`` does, but smaller: the server side only, and no buffer of its own.
 
 - **Accept.** The listener admits the connection or refuses it at once (``Listener.admit``:
-  ``limits.max_connections`` counts connections still in their handshake). The connection is
+  ``limits.max_connections`` and ``max_connections_per_address`` count connections still in
+  their handshake). The connection is
   wrapped with the context current at accept (``TLSState.current``) and keeps it for its whole
   life, session cache and ticket keys included: a session made under an older context cannot
   be resumed on a newer one. With several servers, the first bytes are held until the
   ClientHello says which server it asks for (``sni``), and the connection is wrapped with
   that server's context.
-- **Handshake**, within ``limits.handshake_timeout``. A handshake OpenSSL refuses is answered
+- **Handshake**, within ``limits.handshake_timeout``, and its first message, the ClientHello,
+  within the shorter ``limits.client_hello_timeout``: a connection that sends nothing costs
+  a slot for seconds, not a minute (a client that means it sends its ClientHello at once).
+  A handshake OpenSSL refuses is answered
   with the alert OpenSSL chose (certificate_required, unknown_ca, certificate_expired, ...),
   flushed before the connection is closed, so that browsers and scanners can say why. Each
   handshake that fails, times out or is abandoned is counted once, when it ends.
@@ -35,9 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 from typing import Any, Protocol, cast
 
+from . import proxyproto
 from .config import LimitsConfig
 from .log import get_logger
 from .metrics import Metrics
@@ -45,6 +51,8 @@ from .sni import ClientHelloReader
 from .tls import TLSState
 
 log = get_logger("sidecar.tls")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # what one SSL_read returns at most: one record's plaintext (RFC 8446 §5.1)
 _READ_SIZE = 16384
@@ -67,6 +75,11 @@ class Listener(Protocol):
     """What the accepted connections share (``listener.Listener``)."""
 
     tls: TLSState
+    #: listen.tls is false: no TLS at all, the bytes pass as they are (behind a front proxy)
+    plain: bool
+    #: listen.proxy_protocol: the networks whose connections start with a PROXY protocol
+    #: header (any other connection is closed at accept); None: no PROXY protocol
+    proxy_from: tuple[IPNetwork, ...] | None
 
     @property
     def limits(self) -> LimitsConfig: ...
@@ -91,13 +104,17 @@ class TLSProtocol(asyncio.Protocol):
         "_admitted",
         "_app",
         "_app_writing_paused",
+        "_awaiting_hello",
         "_close_by",
         "_error",
+        "_handshake_due",
         "_hello",
         "_incoming",
         "_listener",
         "_loop",
         "_outgoing",
+        "_peer",
+        "_proxy",
         "_reading_paused",
         "_sslobj",
         "_state",
@@ -118,6 +135,9 @@ class TLSProtocol(asyncio.Protocol):
         # the handshake deadline, then the lingering close's
         self._timer: asyncio.TimerHandle | None = None
         self._close_by = 0.0
+        self._handshake_due = 0.0
+        #: the ClientHello has not arrived whole yet (OpenSSL has not answered it)
+        self._awaiting_hello = False
         self._admitted = False
         self._reading_paused = False  # the application asked
         self._writing_paused = False  # the TCP transport said so
@@ -125,6 +145,10 @@ class TLSProtocol(asyncio.Protocol):
         self._error: Exception | None = None  # why the connection failed, for the application
         #: with several servers, the first bytes until they hold the ClientHello
         self._hello: ClientHelloReader | None = None
+        #: with the PROXY protocol, the first bytes until they hold its header
+        self._proxy: bytearray | None = None
+        #: the client's address and port from the PROXY header (None: the TCP peer's)
+        self._peer: tuple[str, int] | None = None
 
     @property
     def handshaking(self) -> bool:
@@ -142,20 +166,93 @@ class TLSProtocol(asyncio.Protocol):
             tcp.abort()
             return
         self._admitted = True
+        self._handshake_due = self._loop.time() + listener.limits.handshake_timeout
+        proxy_from = listener.proxy_from
+        if proxy_from is not None:
+            # The PROXY header comes before TLS: only the connection's address can vouch for
+            # it, and guessing whether one is there is what the specification forbids.
+            if not _within(tcp.get_extra_info("peername"), proxy_from):
+                log.info("proxy_protocol_refused", client=self._client(), reason="untrusted peer")
+                self._state = _CLOSING
+                tcp.abort()
+                return
+            self._proxy = bytearray()
+            self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
+            return
+        self._begin(b"")
+
+    def _begin(self, data: bytes) -> None:
+        """TLS (or, plain, the application) takes the connection; ``data`` came first."""
+        listener = self._listener
+        if listener.plain:
+            self._cancel_timer()
+            if self._open() and data:
+                app = self._app
+                if app is not None:
+                    app.data_received(data)
+            return
         tls = listener.tls
         if tls.servers is None:  # policy: one server: its context now; else see _choose
             self._sslobj = tls.current.wrap_bio(self._incoming, self._outgoing, server_side=True)
         else:
             self._hello = ClientHelloReader()
-        self._timer = self._loop.call_later(listener.limits.handshake_timeout, self._on_timer)
+        if self._timer is None:  # after a PROXY header, its deadline stands for both
+            limits = listener.limits
+            loop = self._loop
+            hello = limits.client_hello_timeout
+            self._awaiting_hello = hello < limits.handshake_timeout
+            self._timer = loop.call_later(
+                hello if self._awaiting_hello else limits.handshake_timeout, self._on_timer
+            )
+        if data:
+            self.data_received(data)
+
+    def client_address(self) -> str | None:
+        """The client's IP address: the PROXY header's, else the socket peer's (None when
+        the socket has none)."""
+        tcp = self._tcp
+        peer: Any = self._peer
+        if peer is None:
+            peer = tcp.get_extra_info("peername") if tcp is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+    def _proxy_header(self, data: bytes) -> None:
+        """The PROXY protocol header, within ``limits.handshake_timeout`` (with the handshake)
+        and ``proxyproto.MAX_LENGTH`` bytes; anything else closes the connection."""
+        buffer = self._proxy
+        assert buffer is not None
+        buffer += data
+        try:
+            parsed = proxyproto.parse(bytes(buffer))
+        except proxyproto.ProxyProtocolError as exc:
+            log.info("proxy_protocol_refused", client=self._client(), reason=str(exc))
+            self._state = _CLOSING
+            self._cancel_timer()
+            tcp = self._tcp
+            if tcp is not None:
+                tcp.abort()
+            return
+        if parsed is None:
+            return
+        self._proxy = None
+        self._peer = parsed.header.client
+        self._begin(parsed.rest)
 
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state == _OPEN:
+            if self._sslobj is None:  # plain
+                app = self._app
+                if app is not None:
+                    app.data_received(data)
+                return
             self._incoming.write(data)
             if not self._reading_paused:
                 self._read()
         elif state == _HANDSHAKE:
+            if self._proxy is not None:
+                self._proxy_header(data)
+                return
             if self._sslobj is not None:
                 self._incoming.write(data)
             elif not self._choose(data):  # policy: several servers
@@ -206,6 +303,8 @@ class TLSProtocol(asyncio.Protocol):
         try:
             sslobj.do_handshake()
         except ssl.SSLWantReadError:
+            if self._awaiting_hello and self._outgoing.pending:
+                self._hello_answered()
             self._flush()  # our part of the handshake
             return
         except ssl.SSLError as exc:
@@ -235,6 +334,13 @@ class TLSProtocol(asyncio.Protocol):
     def _established(self, sslobj: ssl.SSLObject) -> None:
         self._cancel_timer()
         self._flush()  # the last of the handshake and, in TLS 1.3, the session tickets
+        if not self._open():
+            return  # closed at once
+        if not self._reading_paused and (self._incoming.pending or sslobj.pending()):
+            self._read()  # the request that came with the client's last handshake message
+
+    def _open(self) -> bool:
+        """The application's protocol takes the connection; False if it closed it at once."""
         tcp = self._tcp
         assert tcp is not None
         tcp.set_write_buffer_limits(_HIGH_WATER, _LOW_WATER)
@@ -243,11 +349,18 @@ class TLSProtocol(asyncio.Protocol):
         self._app = app
         app.connection_made(TLSTransport(self))
         if self._state != _OPEN:
-            return  # closed at once
+            return False
         if self._writing_paused:
             self._pause_app_writing()
-        if not self._reading_paused and (self._incoming.pending or sslobj.pending()):
-            self._read()  # the request that came with the client's last handshake message
+        return True
+
+    def _hello_answered(self) -> None:
+        """OpenSSL answered the ClientHello: the rest of the handshake is due within
+        ``handshake_timeout`` of the accept."""
+        self._awaiting_hello = False
+        self._cancel_timer()
+        loop = self._loop
+        self._timer = loop.call_later(max(0.0, self._handshake_due - loop.time()), self._on_timer)
 
     def _end_handshake(self, reason: str) -> None:
         """The handshake failed, timed out or was abandoned: counted here, once."""
@@ -264,7 +377,10 @@ class TLSProtocol(asyncio.Protocol):
         assert tcp is not None
         state = self._state
         if state == _HANDSHAKE:
-            self._end_handshake("not done within limits.handshake_timeout")
+            if self._awaiting_hello:
+                self._end_handshake("no ClientHello within limits.client_hello_timeout")
+            else:
+                self._end_handshake("not done within limits.handshake_timeout")
             tcp.abort()
         elif state == _CLOSING:
             if tcp.get_write_buffer_size() == 0:
@@ -328,7 +444,10 @@ class TLSProtocol(asyncio.Protocol):
             return  # closing: dropped, as asyncio's transports drop writes after close
         sslobj = self._sslobj
         tcp = self._tcp
-        assert sslobj is not None and tcp is not None
+        assert tcp is not None
+        if sslobj is None:  # plain
+            tcp.write(data)
+            return
         try:
             sslobj.write(data)  # a memory BIO takes all of it
         except ssl.SSLError as exc:
@@ -359,12 +478,12 @@ class TLSProtocol(asyncio.Protocol):
             return
         self._state = _CLOSING
         sslobj = self._sslobj
-        assert sslobj is not None
-        # unwrap puts our close_notify in the outgoing BIO, then raises SSLWantReadError: the
-        # peer's close_notify is not waited for.
-        with contextlib.suppress(ssl.SSLError):
-            sslobj.unwrap()
-        self._flush()
+        if sslobj is not None:
+            # unwrap puts our close_notify in the outgoing BIO, then raises
+            # SSLWantReadError: the peer's close_notify is not waited for.
+            with contextlib.suppress(ssl.SSLError):
+                sslobj.unwrap()
+            self._flush()
         self._linger()
 
     def _linger(self) -> None:
@@ -431,13 +550,15 @@ class TLSProtocol(asyncio.Protocol):
         self._reading_paused = False
         tcp = self._tcp
         sslobj = self._sslobj
-        if self._state != _OPEN or tcp is None or sslobj is None:
+        if self._state != _OPEN or tcp is None:
             return
         tcp.resume_reading()
-        if self._incoming.pending or sslobj.pending():
+        if sslobj is not None and (self._incoming.pending or sslobj.pending()):
             self._loop.call_soon(self._read_if_open)
 
     def _extra(self, name: str, default: Any) -> Any:
+        if name == "peername" and self._peer is not None:
+            return self._peer  # the PROXY header's: the client behind the load balancer
         sslobj = self._sslobj
         if sslobj is not None:
             if name == "ssl_object":
@@ -454,9 +575,20 @@ class TLSProtocol(asyncio.Protocol):
         return tcp.get_extra_info(name, default) if tcp is not None else default
 
     def _client(self) -> str | None:
-        tcp = self._tcp
-        peer = tcp.get_extra_info("peername") if tcp is not None else None
-        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+        return self.client_address()
+
+
+def _within(peer: Any, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether a socket's peer address lies in ``networks`` (IPv4-mapped IPv6 read as IPv4)."""
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def _reason(exc: ssl.SSLError) -> str:

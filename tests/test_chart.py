@@ -74,8 +74,17 @@ EVERYTHING: Values = {
     },
 }
 
+#: the README's example of gateway mode behind an ingress controller (issue #15)
+BEHIND_INGRESS: Values = yaml.safe_load(
+    (CHART.parent.parent / "examples" / "behind-ingress" / "values.yaml").read_text()
+)
+
 #: Each case: values, and the kinds of objects it must make.
 CASES: dict[str, tuple[Values, set[str]]] = {
+    "gateway-behind-ingress": (
+        BEHIND_INGRESS,
+        {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"},
+    ),
     "sidecar": (SIDECAR, {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}),
     "sidecar-classic": (
         merged(SIDECAR, {"nativeSidecar": False}),

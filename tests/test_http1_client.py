@@ -509,16 +509,14 @@ async def test_pipelined_bytes_past_the_limit_stop_reading_until_served(harness:
 # ---- hand-off ------------------------------------------------------------------------------
 
 
-async def test_a_request_with_a_body_is_handed_over_with_every_byte_not_served(
-    harness: Harness,
-) -> None:
+async def test_an_upgrade_is_handed_over_with_every_byte_not_served(harness: Harness) -> None:
     conn, transport = harness.connect()
-    post = b"POST /app/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nbody"
-    conn.data_received(get("/app/first") + post + get("/app/after"))
+    upgrade = get("/app/ws", "Connection: Upgrade", "Upgrade: websocket")
+    conn.data_received(get("/app/first") + upgrade + b"frames")
     await settle()
     assert transport.statuses() == [401]  # the first one, served here
     [handed] = harness.handed
-    assert handed.data == post + get("/app/after")
+    assert handed.data == upgrade + b"frames"
     assert handed.transport is transport and transport.protocol is not conn
     assert harness.forgotten == [conn]
     conn.data_received(b"late")  # nothing reaches the old protocol's requests any more

@@ -10,12 +10,13 @@ from hypothesis import strategies as st
 from sidecar.config import LimitsConfig
 from sidecar.http1.heads import (
     BARE_LF,
-    BODY,
+    HEADER_LINE_TOO_LONG,
     HOST,
-    LONG_LINE,
     MALFORMED,
+    REQUEST_LINE_TOO_LONG,
     TOO_LARGE,
     TOO_MANY_HEADERS,
+    TRANSFER_CODING,
     UPGRADE,
     VERSION,
     HandOff,
@@ -100,33 +101,105 @@ def test_an_unfinished_head_needs_more(data: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    ("data", "length", "chunked", "expect"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n", 3, False, False),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n", 3, False, False),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", 0, False, False),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n", 0, True, False),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked \r\n\r\n", 0, True, False),
+        (
+            b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 9\r\n\r\n",
+            9,
+            False,
+            True,
+        ),
+        # HTTP/1.0 knows no 100 Continue (RFC 9110 §10.1.1): the body comes at once
+        (b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n", 9, False, False),
+        # another expectation is not ours to meet: ignored, and not forwarded either
+        (b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: x\r\nContent-Length: 9\r\n\r\n", 9, False, False),
+    ],
+)
+def test_how_the_body_is_framed(data: bytes, length: int, chunked: bool, expect: bool) -> None:
+    got = head(data)
+    assert (got.length, got.chunked, got.expect) == (length, chunked, expect)
+    assert all(name.lower() != b"expect" for name, _ in got.raw_headers)
+
+
+def test_the_head_after_a_body_is_read_by_a_fresh_parser() -> None:
+    reader = HeadReader()
+    first = reader.read(
+        bytearray(b"POST /1 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n"), LIMITS
+    )
+    assert isinstance(first, Head) and first.length == 5
+    # the body is not llhttp's to read: the next head is a head, not 5 bytes of body
+    again = reader.read(bytearray(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"), LIMITS)
+    assert isinstance(again, Head) and (again.method, again.target) == ("GET", "/2")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+    ],
+)
+def test_an_upgrade_goes_to_aiohttp(data: bytes) -> None:
+    assert read(data) is UPGRADE
+
+
+def test_upgrade_without_connection_upgrade_is_a_plain_request() -> None:
+    # a proxy may ignore Upgrade (RFC 9110 §7.8): it is hop by hop, and stripped
+    assert isinstance(read(b"GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n"), Head)
+
+
+@pytest.mark.parametrize(
     ("data", "why"),
     [
         (b"GET / HTTP/1.1\nHost: h\n\n", BARE_LF),
-        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n", BODY),
-        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n", BODY),
-        (
-            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
-            UPGRADE,
-        ),
-        (b"GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n", UPGRADE),
         (b"GET / HTTP/1.1\r\n\r\n", HOST),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", HOST),
         (b"GET / HTTP/1.1\r\nHost h\r\n\r\n", MALFORMED),
         (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: x\r\n\r\n", MALFORMED),
         (b"GET / HTTP/0.9\r\nHost: h\r\n\r\n", VERSION),
+        (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", VERSION),
+        # ambiguous framing: llhttp refuses it
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            MALFORMED,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1, 2\r\n\r\n", MALFORMED),
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            MALFORMED,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", MALFORMED),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", MALFORMED),
+        # a coding before chunked would be lost; HTTP/1.0 has no transfer codings
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            TRANSFER_CODING,
+        ),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", TRANSFER_CODING),
     ],
 )
-def test_what_this_protocol_does_not_serve_goes_to_aiohttp(data: bytes, why: HandOff) -> None:
+def test_what_is_refused_and_why(data: bytes, why: Refusal) -> None:
     assert read(data) is why
+    assert isinstance(why, Refusal) and why.status == 400
 
 
-def test_lines_past_their_limits_go_to_aiohttp_which_says_414_or_431() -> None:
-    assert read(b"GET /" + b"a" * 300, SMALL) is LONG_LINE  # no line end yet
-    assert read(b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: h\r\n\r\n", SMALL) is LONG_LINE
-    assert read(b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 300 + b"\r\n\r\n", SMALL) is LONG_LINE
+def test_lines_past_their_limits_are_414_or_431() -> None:
+    assert read(b"GET /" + b"a" * 300, SMALL) is REQUEST_LINE_TOO_LONG  # no line end yet
+    assert read(b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: h\r\n\r\n", SMALL) is (
+        REQUEST_LINE_TOO_LONG
+    )
+    assert read(b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 300 + b"\r\n\r\n", SMALL) is (
+        HEADER_LINE_TOO_LONG
+    )
     fields = b"".join(b"X-%d: v\r\n" % i for i in range(8))
     assert read(b"GET / HTTP/1.1\r\nHost: h\r\n" + fields + b"\r\n", SMALL) is TOO_MANY_HEADERS
+    assert (REQUEST_LINE_TOO_LONG.status, HEADER_LINE_TOO_LONG.status) == (414, 431)
+    assert TOO_MANY_HEADERS.status == 431
 
 
 def test_a_head_that_cannot_end_in_time_is_refused_at_once() -> None:

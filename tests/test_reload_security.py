@@ -210,6 +210,28 @@ async def test_reload_watch_applies_on_reload(
         )
 
 
+async def test_a_change_seen_before_watching_was_turned_off_is_not_applied_after(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """The watcher sees a change while a reload holds the lock; that reload turns
+    reload.watch off. What the watcher saw must not be reloaded once the lock is free (it
+    was, with whatever the file said by then: seen as a flaky
+    test_reload_watch_applies_on_reload[False] under load)."""
+    data = config_dir.base(upstream.port)
+    data["reload"] = {"watch": True, "interval": "100ms"}
+    running = await start_sidecar(data)
+    sidecar = running.sidecar
+    async with sidecar._reload_lock:
+        edit(config_dir, reload={"watch": False, "interval": "100ms"})
+        await asyncio.sleep(0.5)  # five intervals: the watcher has seen the change, and waits
+        assert await sidecar._reload("test")  # the reload that turns watching off
+        edit(config_dir, routes=[{"path": "/", "access": "public"}])  # /app/ becomes public
+    await asyncio.sleep(0.5)
+    assert status_of(await raw_exchange(running, request("/app/"))) == 401, (
+        "a reload the watcher queued before watching was turned off ran after it"
+    )
+
+
 async def test_the_handshake_timeout_does_not_renew_the_upstream_pool(
     start_sidecar: SidecarFactory, config_dir: ConfigDir, scripted: StartScripted
 ) -> None:

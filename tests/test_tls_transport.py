@@ -4,6 +4,7 @@ one side, a fake TCP transport and a fake clock on the other, timers fired by ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import pytest
 from sidecar.config import LimitsConfig, TLSConfig
 from sidecar.metrics import Metrics
 from sidecar.tls import TLSState, server_context
-from sidecar.tls_transport import _LINGER, _SHUTDOWN_TIMEOUT, TLSProtocol, TLSTransport
+from sidecar.tls_transport import _LINGER, _SHUTDOWN_TIMEOUT, IPNetwork, TLSProtocol, TLSTransport
 
 from .conftest import Certs
 from .pki import Issued, make_ca, make_leaf
@@ -180,6 +181,8 @@ class Listener:
     tls: TLSState
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: Metrics = field(default_factory=Metrics)
+    plain: bool = False
+    proxy_from: tuple[IPNetwork, ...] | None = None
     capacity: int = 10
     admitted: int = 0
     released: int = 0
@@ -394,7 +397,16 @@ def test_not_tls_at_all_is_refused_and_counted(listener: Listener, conn: Conn) -
     assert listener.failures == 1 and listener.apps == []
 
 
+def send_client_hello(conn: Conn) -> None:
+    with contextlib.suppress(ssl.SSLWantReadError):
+        conn.client.do_handshake()
+    conn.to_server()
+
+
 def test_handshake_deadline(listener: Listener, conn: Conn) -> None:
+    # (a connection that sends nothing has the shorter client_hello_timeout: below)
+    send_client_hello(conn)
+    assert conn.tcp.written, "the server answered the ClientHello"
     conn.clock.advance(listener.limits.handshake_timeout - 1)
     assert conn.tcp.end() == ""
     conn.clock.advance(1)
@@ -403,6 +415,40 @@ def test_handshake_deadline(listener: Listener, conn: Conn) -> None:
     conn.tls.connection_lost(None)
     assert listener.failures == 1
     assert listener.released == 1
+
+
+def test_client_hello_deadline(listener: Listener, conn: Conn) -> None:
+    """A connection that has not sent its ClientHello is closed after client_hello_timeout,
+    and counted as a failed handshake."""
+    assert listener.limits.client_hello_timeout < listener.limits.handshake_timeout
+    conn.clock.advance(listener.limits.client_hello_timeout - 1)
+    assert conn.tcp.end() == ""
+    conn.clock.advance(1)
+    assert conn.tcp.end() == "aborted"
+    assert listener.failures == 1
+
+
+def test_a_client_hello_in_pieces_is_due_whole_within_client_hello_timeout(
+    listener: Listener, conn: Conn
+) -> None:
+    with contextlib.suppress(ssl.SSLWantReadError):
+        conn.client.do_handshake()
+    hello = conn.c_out.read()
+    conn.tls.data_received(hello[:10])  # a few bytes, then nothing
+    assert not conn.tcp.written
+    conn.clock.advance(listener.limits.client_hello_timeout)
+    assert conn.tcp.end() == "aborted"
+
+
+def test_the_hello_deadline_is_never_later_than_the_handshake_deadline(
+    tls_files: TLSConfig, certs: Certs
+) -> None:
+    listener = Listener(
+        state(tls_files), limits=LimitsConfig(handshake_timeout=3, client_hello_timeout=10)
+    )
+    conn = Conn(listener, client_ctx(certs))
+    conn.clock.advance(3)
+    assert conn.tcp.end() == "aborted"
 
 
 @pytest.mark.parametrize("how", ["eof", "lost"])

@@ -1,16 +1,17 @@
 """The fallback's protocol: aiohttp's HTTP/1.1 server with the limits we promise.
 
-A connection comes here from ``http1.client.ClientConnection`` at the first request the fast
-path does not serve (a body, an upgrade, a malformed or oversized head) and stays to its end. It
-keeps the peer certificate parsed there, gives a client ``limits.header_timeout`` to send a
-complete request head (slowloris), closes idle keep-alive connections, and answers parse
-errors (oversized request line or headers, malformed framing) with our own error pages.
+A connection comes here from ``http1.client.ClientConnection`` at an upgrade (a WebSocket, or
+``CONNECT``), whose head that protocol read and checked against every limit, and stays to its
+end: as a WebSocket, or closed after its one answer (``last_on_connection``), so that aiohttp
+never reads another request head of its own, whose size only its per-line limits would bound.
+It keeps the peer certificate parsed there, gives a client ``limits.header_timeout`` to send a
+complete request head (slowloris), and answers parse errors with our own error pages.
 
 Flow control as on the listener's own path (``flow``): while the write buffer is above its
 high-water mark nothing more is read (what arrives meanwhile waits here, unparsed) and
 aiohttp's writes wait; a client that takes too little for ``limits.send_timeout`` is cut
-off, which also ends a wait in ``write_eof`` or for ``100 Continue`` to go out. aiohttp
-itself stops parsing pipelined requests beyond 32 queued ones (aiohttp >= 3.14.1).
+off, which also ends a wait in ``write_eof`` or for ``100 Continue`` to go out. Behind an
+upgrade, aiohttp holds at most 64 KiB before it stops reading (aiohttp >= 3.14.1).
 """
 
 from __future__ import annotations
@@ -66,11 +67,6 @@ class FallbackConnection(RequestHandler):
             callback()
             return
         self._gone = callback
-
-    @property
-    def closing(self) -> bool:
-        """The listener is shutting down: a response prepared now is the connection's last."""
-        return self._state.closing
 
     # -- the header deadline ---------------------------------------------------------------
 
@@ -192,8 +188,8 @@ def when_gone(request: web.BaseRequest, callback: Callable[[], None] | None) -> 
 
 
 def last_on_connection(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """Before ``response`` is prepared: during shutdown it says ``Connection: close`` (aiohttp
-    closes the connection after it anyway; the client should know), as on the listener's path."""
-    protocol = request.protocol
-    if isinstance(protocol, FallbackConnection) and protocol.closing:
+    """Before ``response`` (an answer other than a WebSocket's) is prepared: it is the
+    connection's last, and says ``Connection: close``. A connection is handed over for one
+    upgrade: a refused or plain one ends it, and what follows it is never parsed here."""
+    if isinstance(request.protocol, FallbackConnection):
         response.force_close()

@@ -1,6 +1,7 @@
-"""Forwarding the requests aiohttp's server parsed: bodies, ``Expect: 100-continue`` and
-WebSockets, on the forwarder's one way in (``Forwarder.send``) for plain HTTP and through an
-aiohttp ``ClientSession`` for WebSockets, the answer streamed back through aiohttp.
+"""Forwarding the requests aiohttp's server parsed (upgrades: WebSockets, and an upgrade to
+anything else as a plain request), on the forwarder's one way in (``Forwarder.send``) for plain
+HTTP and through an aiohttp ``ClientSession`` for WebSockets, the answer streamed back through
+aiohttp, as the application sent it.
 
 Everything aiohttp-client specific on the request path stays in this module.
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -125,7 +126,7 @@ class FallbackForwarder(Forwarder):
         ws_session = self._ws_session
         if ws_session is None:
             raise RuntimeError("FallbackForwarder.start() has not been awaited")
-        if _is_websocket(request):
+        if is_websocket(request):
             return await self._forward_websocket(ws_session, request, headers)
         limits = self.limits
         limit = limits.max_body_size
@@ -217,7 +218,19 @@ def header_lines(headers: CIMultiDict[str]) -> bytes:
     return block.encode("utf-8", "surrogateescape")
 
 
-class _WholeResponse(web.StreamResponse):
+class _Relayed(web.StreamResponse):
+    """The upstream's response as it sent it: aiohttp adds a ``Content-Type:
+    application/octet-stream`` to a response with a body and none (RFC 9110 §8.3 lets a
+    recipient guess; a proxy must not decide for it)."""
+
+    async def _prepare_headers(self) -> None:  # aiohttp's (pinned below 3.15 in pyproject)
+        typed = hdrs.CONTENT_TYPE in self.headers
+        await super()._prepare_headers()
+        if not typed:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
+
+
+class _WholeResponse(_Relayed):
     """A response that arrived whole with its head: aiohttp then sends head and body in one
     write (one TLS record, one syscall) instead of two. A streamed response must not wait:
     its client may be waiting for the head alone (server-sent events)."""
@@ -267,7 +280,7 @@ async def _stream_response(
     status = forward.status
     reason = forward.reason.decode("utf-8", "surrogateescape")
     complete = forward.complete
-    kind = _WholeResponse if complete else web.StreamResponse
+    kind = _WholeResponse if complete else _Relayed
     response = kind(status=status, reason=reason, headers=headers)
     forwarded = Forwarded(response, status, forward.upstream_seconds, reports)
     last_on_connection(request, response)
@@ -290,7 +303,8 @@ async def _continue(request: web.BaseRequest) -> None:
         request.writer.output_size = 0  # the response proper has not started
 
 
-def _is_websocket(request: web.BaseRequest) -> bool:
+def is_websocket(request: web.BaseRequest) -> bool:
+    """Whether ``request`` is a WebSocket handshake that can be accepted."""
     headers = request.headers
     if "upgrade" not in connection_tokens(headers):
         return False

@@ -1,6 +1,11 @@
 """aiohttp's server, for the connections the HTTP/1.1 protocol hands over (``Fallback``), and
 the gateway for the requests it parses (``Serve``): each one becomes a ``request.Request``, is
-forwarded with its body (``forward``) or answered with our own answer as an aiohttp response.
+forwarded (``forward``) or answered with our own answer as an aiohttp response.
+
+Connections come here at an upgrade only (``http1.heads``): a WebSocket holds an upstream
+connection of its own for its whole life, outside the pool, so they are bounded, per client
+address (``limits.max_websockets_per_address``: 429; trusted proxies aside) and per worker
+(``limits.max_websockets``: 503).
 """
 
 from __future__ import annotations
@@ -10,15 +15,16 @@ from typing import Any
 
 from aiohttp import web
 
+from ..addresses import address_key
 from ..certs import ClientCert
 from ..config import LimitsConfig
-from ..gateway import Gateway
+from ..errors import LimitReached
 from ..headers import lines_to_multidict
 from ..listener_state import ListenerState
 from ..request import Request
-from ..tls import requested_server_name
+from ..tls import requested_server_name, verified_chain
 from .connection import FallbackConnection, last_on_connection, to_response
-from .forward import FallbackForwarder
+from .forward import FallbackForwarder, Forwarded, is_websocket
 
 
 class Fallback:
@@ -31,7 +37,7 @@ class Fallback:
         self._state = state
         self._loop = loop
         self._server = web.Server(
-            Serve(state.gateway), access_log=None, loop=loop, **_parser_limits(state.limits)
+            Serve(state), access_log=None, loop=loop, **_parser_limits(state.limits)
         )
 
     def apply_limits(self, limits: LimitsConfig) -> None:
@@ -75,19 +81,20 @@ def _parser_limits(limits: LimitsConfig) -> dict[str, Any]:
 
 
 class Serve:
-    """aiohttp's request handler: ``gateway`` for each request."""
+    """aiohttp's request handler: the gateway for each request."""
 
-    __slots__ = ("gateway",)
+    __slots__ = ("state",)
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, state: ListenerState) -> None:
+        self.state = state
 
     async def __call__(self, web_request: web.BaseRequest) -> web.StreamResponse:
         request = Request(
             web_request.method,
             web_request.raw_path,
             web_request.raw_headers,
-            cert=_peer_certificate(web_request),
+            cert=(cert := _peer_certificate(web_request)),
+            chain=_verified_chain(web_request) if cert is not None else (),
             peer_ip=_peer_ip(web_request),
             server_name=_server_name(web_request),
         )
@@ -97,12 +104,21 @@ class Serve:
             nonlocal forwarded
             upstream = request.upstream
             assert isinstance(upstream, FallbackForwarder)
-            result = await upstream.forward(web_request, lines_to_multidict(request.block))
+            headers = lines_to_multidict(request.block)
+            result: Forwarded
+            if is_websocket(web_request):
+                key = self._admit_websocket(request)
+                try:
+                    result = await upstream.forward(web_request, headers)
+                finally:
+                    self._end_websocket(key)
+            else:
+                result = await upstream.forward(web_request, headers)
             forwarded = result.response
             request.reports = result.reports
             return result.status, result.upstream_seconds
 
-        gateway = self.gateway
+        gateway = self.state.gateway
         gateway.begin(request)
         await gateway.resume(request, forward)
         if forwarded is not None:
@@ -113,6 +129,23 @@ class Serve:
         last_on_connection(web_request, response)
         return response
 
+    def _admit_websocket(self, request: Request) -> str | None:
+        """Count a WebSocket in (its client address's key, to give back), or refuse it."""
+        state = self.state
+        limits = state.limits
+        if state.websockets >= limits.max_websockets:
+            raise LimitReached("max_websockets", 503)
+        key = None if request.trusted else address_key(request.peer_ip)
+        if not state.websockets_per_address.take(key, limits.max_websockets_per_address):
+            raise LimitReached("max_websockets_per_address", 429)
+        state.websockets += 1
+        return key
+
+    def _end_websocket(self, key: str | None) -> None:
+        state = self.state
+        state.websockets -= 1
+        state.websockets_per_address.give(key)
+
 
 def _peer_certificate(request: web.BaseRequest) -> ClientCert | None:
     protocol = request.protocol
@@ -122,6 +155,11 @@ def _peer_certificate(request: web.BaseRequest) -> ClientCert | None:
 def _server_name(request: web.BaseRequest) -> str | None:
     transport = request.transport
     return requested_server_name(transport.get_extra_info("ssl_object") if transport else None)
+
+
+def _verified_chain(request: web.BaseRequest) -> tuple[bytes, ...]:
+    transport = request.transport
+    return verified_chain(transport.get_extra_info("ssl_object") if transport else None)
 
 
 def _peer_ip(request: web.BaseRequest) -> str | None:

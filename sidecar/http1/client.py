@@ -1,13 +1,20 @@
 """The client side of HTTP/1.1: one ``ClientConnection`` per TLS connection, from its
 handshake until it closes or is handed over.
 
-It reads request heads (``heads``), has the gateway serve each one, and writes the answers
-in order (``ResponseWriter``: ours, and the upstream's relayed as bytes): the hot path of a
-proxy, without per-request objects it does not need. It serves requests without a body and
-without an upgrade, which is nearly all of what a browser sends. The first request it does not
-serve (a body, an upgrade, ``Expect``, a head llhttp refuses or one past a size limit) hands
-the connection over, that request's bytes included, to aiohttp's server (``fallback``), which
-then serves it to the end.
+It reads request heads (``heads``) and bodies (``inbound``), has the gateway serve each
+request, and writes the answers in order (``ResponseWriter``: ours, and the upstream's relayed
+as bytes): the hot path of a proxy, without per-request objects it does not need. It serves
+every request but an upgrade: at a WebSocket (or ``CONNECT``) it hands the connection over,
+that request's bytes included, to aiohttp's server (``fallback``), which then serves it to
+the end. A head it refuses (``heads.Refusal``) is answered here, and the connection closed.
+
+Request bodies (``Content-Length`` or ``chunked``): ``100 Continue`` goes out only once the
+gateway decided to forward the request, never for one it refuses. A body up to
+``limits.body_buffer`` is read whole before an upstream connection is taken, then sent with
+the request in one write (a chunked one with its length, as nginx does); a longer one is
+streamed as it arrives, at most ``limits.max_body_streams_per_address`` at once per client
+address (429 beyond), with flow control both ways (``inbound``). An answer given before the
+whole body was read (our own refusal, or the upstream's early one) is the connection's last.
 
 A request that needs no waiting on our side (verdict cached, an upstream connection idle)
 is served from event-loop callbacks, without a task: written upstream in ``_start``, relayed
@@ -39,22 +46,29 @@ from email.utils import formatdate
 from typing import Any, cast
 
 from .. import responses
+from ..addresses import address_key
 from ..certs import ClientCert
-from ..errors import CertificateError
-from ..flow import PIPELINE, FlowControl
-from ..forwarder import Forward
+from ..errors import CertificateError, LimitReached
+from ..flow import BODY, PIPELINE, FlowControl
+from ..forwarder import BodyInvalid, BodyTooLarge, Forward, RequestBody
 from ..headers import HAS_DATE, HAS_LENGTH, HAS_SERVER
 from ..listener_state import ListenerState
 from ..log import get_logger
 from ..request import ANSWER, FORWARD, Request
 from ..responses import SERVER, Answer
-from ..tls import requested_server_name
+from ..tls import requested_server_name, verified_chain
+from .bodies import decoder
 from .heads import HandOff, Head, HeadReader, Refusal
+from .inbound import Inbound
 
 _UNSET: Any = object()
 # Pipelined bytes held while a request is in flight before the client is told to wait.
 _PIPELINE_LIMIT = 256 * 1024
+# Body bytes held while a body streams upstream before the client is told to wait (with the
+# upstream connection's own write buffer, what an upload in flight costs in memory).
+_STREAM_WINDOW = 128 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 log = get_logger("sidecar.listener")
 
@@ -72,7 +86,9 @@ class ClientConnection(asyncio.Protocol):
         "_head_started",
         "_heads",
         "_in_task",
+        "_inbound",
         "_peer",
+        "_peer_chain",
         "_peer_ip",
         "_pending",
         "_ready",
@@ -105,6 +121,8 @@ class ClientConnection(asyncio.Protocol):
         self._heads = HeadReader()
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
+        #: the issuers OpenSSL verified the peer certificate with (``peer_chain``)
+        self._peer_chain: tuple[bytes, ...] | None = None
         self._peer_ip: str | None = None
         self._sni: str | None = None  # the TLS server name the client asked for
         # Requests that must wait for something (see _start) go to one task per connection,
@@ -125,6 +143,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._head_started = False
+        #: the body of the request in flight, while it is being read
+        self._inbound: Inbound | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -160,6 +180,10 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()
         self._flow.close()
+        inbound = self._inbound
+        if inbound is not None:
+            # as nginx: "client prematurely closed connection", 400 in the access log
+            inbound.fail(BodyInvalid("The connection ended before the request body did."))
         self._end_waiting()
         self._wake_stopped()
         gone, self._gone = self._gone, None
@@ -167,6 +191,11 @@ class ClientConnection(asyncio.Protocol):
             gone()
 
     def data_received(self, data: bytes) -> None:
+        inbound = self._inbound
+        if inbound is not None and not inbound.complete:
+            data = inbound.feed(data)  # the body's bytes; what follows it is the next request's
+            if not data:
+                return
         self._buffer += data
         flow = self._flow
         # Else pipelined behind the request in flight, or the client is not taking its
@@ -216,11 +245,14 @@ class ClientConnection(asyncio.Protocol):
             return  # or wait for the rest of the head
         del buffer[: head.size]
         self._head_started = False
+        if (head.length or head.chunked) and not self._begin_body(head):
+            return
         request = Request(
             head.method,
             head.target,
             head.raw_headers,
-            cert=self.peer_certificate(),
+            cert=(cert := self.peer_certificate()),
+            chain=self.peer_chain() if cert is not None else (),
             peer_ip=self._peer_ip,
             server_name=self._sni,
             http10=head.http10,
@@ -231,6 +263,40 @@ class ClientConnection(asyncio.Protocol):
         # round then go out together (measured: writing each one between the TLS reads
         # served about 30 % fewer requests per second).
         self.loop.call_soon(self._start, request)
+
+    def _begin_body(self, head: Head) -> bool:
+        """The request has a body: it is read from now on (``inbound``), what is here first.
+        False when the connection is closed instead: a body is not taken from a client whose
+        certificate OpenSSL accepted but we cannot read (as a body was not handed to aiohttp's
+        server from it), whatever it would be served as."""
+        transport = self._transport
+        self.peer_certificate()
+        if self._stopping and transport is not None:
+            transport.close()
+            return False
+        limits = self._state.limits
+        flow = self._flow
+        limit = limits.max_body_size
+        inbound = self._inbound = Inbound(
+            self.loop,
+            decoder(head.length, head.chunked, max_trailers=limits.max_header_block),
+            chunked=head.chunked,
+            expecting=head.expect,
+            limit=limit,
+            timeout=limits.body_timeout,
+            min_rate=limits.body_min_rate,
+            window=limits.body_buffer,
+            hold=functools.partial(flow.hold, BODY),
+            release=functools.partial(flow.release, BODY),
+        )
+        if limit is not None and head.length > limit:
+            # refused before a byte of it is read or forwarded (the gateway answers 413)
+            inbound.fail(BodyTooLarge(f"Content-Length {head.length} exceeds {limit}"))
+            return True
+        buffer = self._buffer
+        if buffer:
+            self._buffer = bytearray(inbound.feed(bytes(buffer)))
+        return True
 
     def _refuse(self, refusal: Refusal) -> None:
         """Our own answer to a head refused as it arrives, and close."""
@@ -255,14 +321,22 @@ class ClientConnection(asyncio.Protocol):
         gateway = self._state.gateway
         gateway.begin(request)
         if request.step is FORWARD:
+            inbound = self._inbound
+            if inbound is not None and not inbound.complete:
+                self._queue(request)  # the body is still to come: the task waits for it
+                return
             upstream = request.upstream
             assert upstream is not None
             try:
+                block, body = request.block, None
+                if inbound is not None:
+                    block, body = _whole(request, inbound)
                 forward = upstream.send(
                     request.method,
                     request.target,
-                    request.block,
+                    block,
                     request.has_host,
+                    body=body,
                     notify=functools.partial(self._on_upstream, request),
                 )
             except Exception as exc:  # as in Gateway.resume: answered 500
@@ -343,10 +417,22 @@ class ClientConnection(asyncio.Protocol):
         already, or now) and its answer, relayed to the client."""
         forward = self._pending
         self._pending = None
-        if forward is None:
-            upstream = request.upstream
-            assert upstream is not None
-            forward = upstream.send(request.method, request.target, request.block, request.has_host)
+        stream: str | None = None  # the client address a streamed body is counted for
+        try:
+            if forward is None:
+                upstream = request.upstream
+                assert upstream is not None
+                block: bytes = request.block
+                body: RequestBody | bytes | None = None
+                inbound = self._inbound
+                if inbound is not None:
+                    block, body, stream = await self._body(request, inbound)
+                forward = upstream.send(
+                    request.method, request.target, block, request.has_host, body=body
+                )
+        except BaseException:
+            self._end_stream(stream)
+            raise
         try:
             await forward.response()
             writer = self._writer
@@ -360,10 +446,52 @@ class ClientConnection(asyncio.Protocol):
                 await forward.relay(writer)
         finally:
             forward.release()
+            self._end_stream(stream)
         return forward.status, forward.upstream_seconds
+
+    async def _body(
+        self, request: Request, inbound: Inbound
+    ) -> tuple[bytes, RequestBody | bytes, str | None]:
+        """The body of a request to forward: all of it when it fits ``limits.body_buffer``
+        (no upstream connection is taken before), else a stream, counted against the client
+        address's ``limits.max_body_streams_per_address`` (its key is returned, to be given
+        back). Raises the body's failure (408, 413, 400) or ``LimitReached`` (429)."""
+        limits = self._state.limits
+        failure = inbound.error
+        if failure is not None:  # refused as it began (413 by its length): no 100 Continue
+            raise failure
+        if inbound.expecting:
+            # The gateway decided to forward: the client may send the body now. (A request it
+            # refuses never gets here: its client is told so instead, without 100 Continue.)
+            self.write(_CONTINUE)
+            inbound.continued()
+        await inbound.buffered(limits.body_buffer)
+        if inbound.complete:
+            block, body = _whole(request, inbound)
+            return block, body, None
+        key: str | None = None
+        if not request.trusted:
+            key = address_key(request.peer_ip)
+            if not self._state.body_streams.take(key, limits.max_body_streams_per_address):
+                raise LimitReached("max_body_streams_per_address", 429)
+        inbound.set_window(max(limits.body_buffer, _STREAM_WINDOW))
+        stream = RequestBody(inbound, chunked=inbound.chunked, limit=None, timeout=None)
+        return request.block, stream, key
+
+    def _end_stream(self, key: str | None) -> None:
+        if key is not None:
+            self._state.body_streams.give(key)
 
     def _answer(self, request: Request) -> None:
         """Send our own answer, if there is one; then on to the next request."""
+        inbound = self._inbound
+        if inbound is not None:
+            self._inbound = None
+            if not inbound.complete:
+                # What is left of the body cannot be told from a next request: the answer
+                # is the connection's last (closed after a lingering read, tls_transport).
+                request.keep_alive = False
+            inbound.close()
         answer = request.answer
         if answer is not None:
             try:
@@ -399,6 +527,15 @@ class ClientConnection(asyncio.Protocol):
         # and mypy (whose narrowing the compiled build trusts) would not see it.
         transport = self._transport
         return transport is not None and not transport.is_closing()
+
+    def peer_chain(self) -> tuple[bytes, ...]:
+        """The certificates after the peer's that OpenSSL verified it with (made once)."""
+        chain = self._peer_chain
+        if chain is None:
+            transport = self._transport
+            ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+            chain = self._peer_chain = verified_chain(ssl_obj)
+        return chain
 
     def peer_certificate(self) -> ClientCert | None:
         peer = self._peer
@@ -438,7 +575,12 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def stopping(self) -> bool:
-        return self._stopping or self._state.closing
+        """No request follows the one answered now: shutdown, the client's close, or a body
+        not read to its end."""
+        inbound = self._inbound
+        return (
+            self._stopping or self._state.closing or (inbound is not None and not inbound.complete)
+        )
 
     # ---- ends ---------------------------------------------------------------------------------
 
@@ -518,6 +660,15 @@ class ClientConnection(asyncio.Protocol):
             return
         # No complete head in time (slowloris), or idle past keep-alive: close.
         self._transport.close()
+
+
+def _whole(request: Request, inbound: Inbound) -> tuple[bytes, bytes]:
+    """The header lines and the body of a request whose body is all here: a chunked one goes
+    with its length (chunk extensions and trailers stay behind, as with nginx)."""
+    body = inbound.take()
+    if inbound.chunked:
+        return request.block + b"Content-Length: %d\r\n" % len(body), body
+    return request.block, body
 
 
 class ResponseWriter:

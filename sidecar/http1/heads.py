@@ -4,16 +4,18 @@ limits and refusals in one place, and no I/O (bytes in, one result out).
 ``HeadReader.read`` looks at the start of a connection's buffer and says one of four things:
 
 - ``None``: no complete head yet, and nothing wrong so far (need more bytes);
-- a ``Head``: a request without a body (nearly all a browser sends), parsed, and how many
-  bytes of the buffer it took;
-- a ``HandOff``: a request this protocol does not serve; aiohttp's server (``fallback``)
-  takes the connection over with these bytes and serves it or refuses it itself, as it
-  always did: a body, an upgrade, ``Expect``, a version other than 1.0 and 1.1, a head llhttp
-  refuses, a line or a header count past its limit (aiohttp says which one: 414 or 431), bare
-  LF line ends, a missing or repeated Host;
-- a ``Refusal``: a head that cannot be acceptable however it ends (longer than the request
-  line and the whole header block may be), refused at once (431) rather than held in memory
-  until the header deadline.
+- a ``Head``: a request, parsed, with how its body is framed (``length``, ``chunked``; the
+  body itself is ``http1.bodies``'), whether the client waits for ``100 Continue``
+  (``expect``), and how many bytes of the buffer the head took;
+- a ``HandOff``: an upgrade (a WebSocket, or ``CONNECT``), which aiohttp's server
+  (``fallback``) takes over with the connection;
+- a ``Refusal``: a head that is not acceptable, and the status that says why: llhttp refuses
+  it (400: ambiguous or malformed framing among others), a line past its limit (414 for the
+  request line, else 431), more header lines than allowed (431), a head that cannot end
+  within ``limits.max_header_block`` (431, at once rather than held until the header
+  deadline), bare LF line ends, a missing or repeated Host (400), a version other than 1.0
+  and 1.1 (400), a transfer coding other than ``chunked`` or one in HTTP/1.0 (400, RFC 9112
+  §6.1).
 
 Framing is by the blank line; parsing by httptools (llhttp, Node's parser), fed the whole head
 at once. Like h11 and nginx, nothing is buffered past what a head may be.
@@ -29,10 +31,11 @@ import httptools
 from ..config import LimitsConfig
 
 _HEAD_END = b"\r\n\r\n"
-# Headers that take a request off the fast path (aiohttp serves it): a body, an upgrade, an
-# interim response to send. Lower case, as llhttp gives names as sent.
-_UNUSUAL = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT", "PATCH")}
+# Lower case, as llhttp gives names as sent: the headers the body's framing is read from.
+_CONTENT_LENGTH = b"content-length"
+_EXPECT = b"expect"
+_FRAMING = frozenset({_CONTENT_LENGTH, b"transfer-encoding", _EXPECT})
 
 
 class HeadLimits:
@@ -53,7 +56,7 @@ class HeadLimits:
 
 @dataclass(slots=True)  # not frozen: made per request, and a frozen one costs more
 class Head:
-    """A request head without a body, as the client sent it."""
+    """A request head, as the client sent it (``Expect`` excepted: it is answered here)."""
 
     method: str
     target: str
@@ -64,6 +67,12 @@ class Head:
     keep_alive: bool
     #: the bytes of the buffer the head took
     size: int
+    #: the body's Content-Length (0: none, or chunked)
+    length: int = 0
+    #: the body is chunked (RFC 9112 §7.1)
+    chunked: bool = False
+    #: the client waits for ``100 Continue`` before it sends the body (HTTP/1.1 only)
+    expect: bool = False
 
 
 class HandOff:
@@ -91,14 +100,17 @@ class Refusal:
         return f"Refusal({self.status})"
 
 
-BARE_LF: Final = HandOff("a line ends with a bare LF")
-LONG_LINE: Final = HandOff("a line is longer than its limit (414 or 431)")
-MALFORMED: Final = HandOff("llhttp refuses the head (400)")
-BODY: Final = HandOff("a body follows the head")
-UPGRADE: Final = HandOff("an upgrade, or Expect: an answer before the answer")
-TOO_MANY_HEADERS: Final = HandOff("more headers than limits.max_headers (431)")
-VERSION: Final = HandOff("neither HTTP/1.0 nor HTTP/1.1")
-HOST: Final = HandOff("no Host in HTTP/1.1, or more than one (400)")
+UPGRADE: Final = HandOff("an upgrade: a WebSocket, or CONNECT")
+BARE_LF: Final = Refusal(400, "A line of the request head ends without CR.")
+REQUEST_LINE_TOO_LONG: Final = Refusal(414, "The request line is too long.")
+HEADER_LINE_TOO_LONG: Final = Refusal(431, "The request headers are too large.")
+MALFORMED: Final = Refusal(400, "The request is not valid HTTP/1.1.")
+TOO_MANY_HEADERS: Final = Refusal(431, "The request has too many headers.")
+VERSION: Final = Refusal(400, "The request is not valid HTTP/1.1.")
+HOST: Final = Refusal(400, "The request must have one Host header.")
+TRANSFER_CODING: Final = Refusal(
+    400, "The request's Transfer-Encoding is not one this service reads: only chunked is."
+)
 TOO_LARGE: Final = Refusal(431, "The request headers are too large.")
 
 
@@ -107,23 +119,30 @@ class HeadReader:
 
     __slots__ = (
         "_complete",
+        "_expect",
         "_hosts",
         "_keep_alive",
+        "_length",
         "_parser",
         "_raw_headers",
-        "_unusual",
+        "_stale",
+        "_te",
         "_url",
     )
 
     def __init__(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
+        #: the parser waits for a body it will never be given: a new one for the next head
+        self._stale = False
         # the head being parsed, from llhttp's callbacks
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._complete = False
-        self._unusual = False
         self._hosts = 0
         self._keep_alive = False
+        self._length = b""
+        self._te = b""
+        self._expect = False
 
     def read(self, buffer: bytearray, limits: HeadLimits) -> Head | HandOff | Refusal | None:
         """The first request head in ``buffer`` (not consumed: ``Head.size`` says how much
@@ -133,44 +152,67 @@ class HeadReader:
             if b"\n\n" in buffer:
                 return BARE_LF
             if len(buffer) > limits.max_request_line and b"\n" not in buffer:
-                return LONG_LINE  # the request line alone is too long already
+                return REQUEST_LINE_TOO_LONG  # the request line alone is too long already
             if len(buffer) > limits.max_head:
                 return TOO_LARGE  # held in memory no further
             return None
         size = end + 4
         head = bytes(buffer[:size]) if size < len(buffer) else bytes(buffer)
-        if size > limits.short_head and not _within_line_limits(head, limits):
-            return LONG_LINE
+        if size > limits.short_head:
+            too_long = _line_too_long(head, limits)
+            if too_long is not None:
+                return too_long
         self._url = b""
         self._raw_headers = []
-        self._complete = self._unusual = False
+        self._complete = self._expect = False
         self._hosts = 0
+        self._length = self._te = b""
+        if self._stale:
+            self._parser = httptools.HttpRequestParser(self)
+            self._stale = False
         parser = self._parser
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
+            self._stale = True
             return UPGRADE
         except httptools.HttpParserError:
-            return MALFORMED
-        if self._unusual:
-            return UPGRADE if self._complete else BODY
+            self._stale = True
+            return BARE_LF if b"\n\n" in head else MALFORMED
+        keep_alive = self._keep_alive
         if not self._complete:
-            return BODY
+            self._stale = True  # the body is ours to read (http1.bodies), not llhttp's
+            keep_alive = parser.should_keep_alive()  # its flags are as the head left them
         if len(self._raw_headers) > limits.max_headers:
             return TOO_MANY_HEADERS
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             return VERSION
-        # One Host, or none in HTTP/1.0 (RFC 9112 §3.2): aiohttp answers the others with 400.
-        if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
+        http10 = version == "1.0"
+        # One Host, or none in HTTP/1.0 (RFC 9112 §3.2).
+        if self._hosts > 1 or (self._hosts == 0 and not http10):
             return HOST
+        length = 0
+        chunked = False
+        if self._te:
+            # llhttp let only a list ending in chunked through. A coding before it would be
+            # lost (Transfer-Encoding is hop by hop) and HTTP/1.0 has no transfer codings
+            # (RFC 9112 §6.1): such framing is not to be trusted.
+            if http10 or self._te.strip().lower() != b"chunked":
+                return TRANSFER_CODING
+            chunked = True
+        elif self._length:
+            length = int(self._length)  # llhttp let only one run of digits through
         return Head(
             _method(parser.get_method()),
             self._url.decode("utf-8", "surrogateescape"),
             self._raw_headers,
-            version == "1.0",
-            self._keep_alive,
+            http10,
+            keep_alive,
             size,
+            length,
+            chunked,
+            self._expect and not http10,
         )
 
     # ---- httptools callbacks (the whole head is fed at once) -----------------------------
@@ -179,12 +221,20 @@ class HeadReader:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
         lower = name.lower()
         if lower == b"host":
             self._hosts += 1
-        elif lower in _UNUSUAL:
-            self._unusual = True
+        elif lower in _FRAMING:
+            if lower == _EXPECT:
+                # Answered here, hop by hop: 100-continue is the one expectation there is (RFC
+                # 9110 §10.1.1); an upstream may rightly never send 100 Continue itself.
+                self._expect = self._expect or value.strip().lower() == b"100-continue"
+                return
+            if lower == _CONTENT_LENGTH:
+                self._length = value
+            else:
+                self._te = value
+        self._raw_headers.append((name, value))
 
     def on_message_complete(self) -> None:
         self._complete = True
@@ -193,12 +243,14 @@ class HeadReader:
         self._keep_alive = self._parser.should_keep_alive()
 
 
-def _within_line_limits(head: bytes, limits: HeadLimits) -> bool:
+def _line_too_long(head: bytes, limits: HeadLimits) -> Refusal | None:
     lines = head.split(b"\r\n")
     if len(lines[0]) > limits.max_request_line:
-        return False
+        return REQUEST_LINE_TOO_LONG
     longest = limits.max_header_line
-    return all(len(line) <= longest for line in lines[1:])
+    if any(len(line) > longest for line in lines[1:]):
+        return HEADER_LINE_TOO_LONG
+    return None
 
 
 def _method(raw: bytes) -> str:

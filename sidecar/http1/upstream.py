@@ -31,7 +31,18 @@ class BodyTooLarge(Exception):
 
 
 class BodyTimeout(Exception):
-    """The client paused its request body for longer than ``limits.body_timeout``."""
+    """The client paused its request body for longer than ``limits.body_timeout``, or sent
+    it slower than ``limits.body_min_rate``."""
+
+
+class BodyInvalid(Exception):
+    """The request body's framing is broken (a malformed chunk): 400, or 431 for trailer
+    fields too large."""
+
+    def __init__(self, text: str, status: int = 400) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
 
 
 def request_head(
@@ -61,8 +72,8 @@ def request_head(
 
 
 class BodyStream(Protocol):
-    """Where a request body comes from: aiohttp's ``StreamReader`` for the requests its server
-    parsed."""
+    """Where a request body comes from: ``http1.inbound.Inbound`` on the listener's own path,
+    aiohttp's ``StreamReader`` for the requests its server parsed."""
 
     def read_nowait(self) -> bytes: ...
 
@@ -73,10 +84,11 @@ class BodyStream(Protocol):
 
 class RequestBody:
     """The client's request body, framed as the client framed it, refused past ``limit``, and
-    given up when the client pauses it for longer than ``timeout``."""
+    given up when the client pauses it for longer than ``timeout`` (None: the body's source
+    keeps its own deadlines, as ``Inbound`` does)."""
 
     def __init__(
-        self, content: BodyStream, *, chunked: bool, limit: int | None, timeout: float
+        self, content: BodyStream, *, chunked: bool, limit: int | None, timeout: float | None
     ) -> None:
         self._content = content
         #: framed as chunks (the client sent no length)
@@ -90,6 +102,8 @@ class RequestBody:
         """What has arrived already, framed, and whether that is the whole body."""
         try:
             data = self._content.read_nowait()
+        except (BodyTimeout, BodyTooLarge, BodyInvalid):
+            raise
         except Exception as exc:  # the client's body failed already (it left, bad framing)
             raise UpstreamError("reset", f"request body: {type(exc).__name__}: {exc}") from exc
         done = self._content.at_eof()
@@ -108,7 +122,7 @@ class RequestBody:
                     return
                 conn.touch()
                 await conn.drain()
-        except (BodyTooLarge, BodyTimeout, OSError) as exc:
+        except (BodyTooLarge, BodyTimeout, BodyInvalid, OSError) as exc:
             conn.fail(exc)
         except Exception as exc:  # e.g. the client's chunked framing was broken
             conn.fail(ConnectionAbortedError(f"request body: {type(exc).__name__}: {exc}"))
@@ -121,6 +135,8 @@ class RequestBody:
         data = content.read_nowait()
         if data or content.at_eof():
             return data
+        if self._timeout is None:
+            return await content.readany()
         try:
             async with asyncio.timeout(self._timeout):
                 return await content.readany()

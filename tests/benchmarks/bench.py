@@ -67,6 +67,10 @@ class Scenario:
     #: (few, many), the first in place of "sidecar"; checked: req/s few / many <= max_cost_ratio
     routes: tuple[int, int] | None = None
     max_cost_ratio: float | None = None
+    #: issue #15: a third target, a sidecar behind a front proxy (plain HTTP, the certificate
+    #: in ssl-client-cert, verified again); checked: its proxy CPU per request <=
+    #: max_cost_ratio x the TLS sidecar's
+    front_proxy: bool = False
 
 
 SCENARIOS = [
@@ -96,6 +100,13 @@ SCENARIOS = [
         connections=32,
         routes=(3, 50),
         max_cost_ratio=1.1,
+    ),
+    Scenario(
+        "S1-front",
+        "S1-c32 behind a front proxy: plain HTTP, the certificate in ssl-client-cert (last column)",
+        connections=32,
+        front_proxy=True,
+        max_cost_ratio=1.2,
     ),
     Scenario(
         "S2-new",
@@ -181,6 +192,9 @@ class Target:
     arm: str = ""
     workers: int = 0
 
+    #: plain HTTP with the certificate in a header, as from a front proxy (S1-front)
+    front: bool = False
+
     def meta(self) -> dict[str, Any]:
         return {
             "port": self.port,
@@ -259,6 +273,8 @@ class Bench:
             "admin_few_routes",
             "sidecar_many_routes",
             "admin_many_routes",
+            "sidecar_front",
+            "admin_front",
         ):
             p[name] = stack.free_port()
         up = stack.start_nginx(
@@ -344,6 +360,7 @@ class Bench:
         shared_url: str | None = None,
         workers: int | None = None,
         routes: list[dict[str, Any]] | None = None,
+        front_proxy: bool = False,
     ) -> Proc:
         conf = stack.sidecar_conf(
             self.folder,
@@ -358,6 +375,7 @@ class Bench:
             tls_extra=tls_extra,
             shared_url=shared_url,
             routes=routes,
+            front_proxy=front_proxy,
         )
         proc = stack.start_sidecar(
             name, conf, self.folder, self.placement.proxy, src=src or self.src, env=env
@@ -508,12 +526,12 @@ class Bench:
         busy0, steal0 = loadgen.busy_seconds()
         t0 = time.monotonic()
         res = loadgen.run_wrk(
-            f"https://127.0.0.1:{target.port}{scenario.path}",
+            f"{'http' if target.front else 'https'}://127.0.0.1:{target.port}{scenario.path}",
             connections=scenario.connections,
             threads=self.args.wrk_threads or self.placement.client_threads,
             seconds=seconds,
-            script=self.script(scenario),
-            shim=self.shim,
+            script=self.script(scenario, front=target.front),
+            shim=None if target.front else self.shim,
             cert=self.pki.client_cert,
             key=self.pki.client_key,
             resume=scenario.resume,
@@ -543,13 +561,14 @@ class Bench:
             else None,
         }
 
-    def script(self, scenario: Scenario) -> Path:
+    def script(self, scenario: Scenario, *, front: bool = False) -> Path:
         return loadgen.lua_script(
             self.folder,
-            scenario.key,
+            f"{scenario.key}-front" if front else scenario.key,
             method=scenario.method,
             body_size=scenario.body_size,
             close=scenario.close,
+            headers=stack.front_header(self.pki) if front else None,
         )
 
     # ---- a scenario on both proxies ------------------------------------------------------
@@ -679,6 +698,24 @@ class Bench:
         finally:
             for proc in started:
                 self.stop(proc)
+
+    def front_scenario(
+        self, scenario: Scenario, reference: Target, sidecar: Target
+    ) -> dict[str, Any]:
+        """S1-front: the load's certificate through a front proxy's header (a sidecar with
+        listen.tls: false and front_proxy), against the same certificate over TLS."""
+        proc = self.start_sidecar("sidecar-front", "sidecar_front", "admin_front", front_proxy=True)
+        try:
+            port = self.ports["sidecar_front"]
+            status = stack.http_get(port, "/", stack.front_header(self.pki))[0]
+            if status != 200:  # measuring refusals would say nothing
+                raise RuntimeError(f"sidecar-front: GET / with the load's header got {status}")
+            if stack.http_get(port, "/")[0] != 401:
+                raise RuntimeError("sidecar-front: GET / without the header did not get 401")
+            front = Target("sidecar-front", port, proc, front=True)
+            return self.scenario(scenario, [reference, sidecar, front])
+        finally:
+            self.stop(proc)
 
     def body_probe(self, scenario: Scenario) -> dict[str, Any]:
         """RSS growth per in-flight request of a fresh sidecar, with 1 MiB and 4 MiB bodies.
@@ -1280,7 +1317,16 @@ def compare(
         checks["no errors"] = not (
             sc["errors"] or ref["errors"] or sc["failed_runs"] or ref["failed_runs"]
         )
-    if scenario.max_cost_ratio is not None and len(names) == 3:
+    if scenario.front_proxy and len(names) == 3:
+        # S1-front: proxy CPU per request behind a front proxy, against over TLS
+        tls_rate = sc["requests_per_proxy_cpu_second"]
+        front_rate = summary[names[2]]["requests_per_proxy_cpu_second"]
+        out["cost_ratio"] = round(tls_rate / front_rate, 3) if tls_rate and front_rate else None
+        if scenario.max_cost_ratio is not None:
+            checks["cost"] = (
+                out["cost_ratio"] is not None and out["cost_ratio"] <= scenario.max_cost_ratio
+            )
+    elif scenario.max_cost_ratio is not None and len(names) == 3:
         # S1-routes: what the many routes cost per request, against the few
         many = summary[names[2]]["rps"]
         out["cost_ratio"] = round(sc["rps"] / many, 3) if many else None
@@ -1311,6 +1357,10 @@ def _target_text(s: Scenario) -> str:
     if s.streaming:
         parts.append(
             "no whole-body buffering (RSS per in-flight request flat from 1 to 4 MiB bodies)"
+        )
+    if s.front_proxy and s.max_cost_ratio is not None:
+        parts.append(
+            f"proxy CPU per request behind a front proxy <= {s.max_cost_ratio:g}x over TLS"
         )
     if s.max_cost_ratio is not None and s.routes is not None:
         parts.append(
@@ -1968,6 +2018,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench.stop(logger)
             elif scenario.routes is not None:
                 results["scenarios"].append(bench.route_scenario(scenario, ref_t))
+            elif scenario.front_proxy:
+                results["scenarios"].append(bench.front_scenario(scenario, ref_t, sc_t))
             else:
                 if scenario.probe_path is not None:
                     bench.probes[scenario.key] = bench.body_probe(scenario)

@@ -1,7 +1,7 @@
 """The Python cost of one forwarded request, without sockets, TLS or other processes.
 
     .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile] [--routes N]
-        [--revocation none|ocsp|crl]
+        [--revocation none|ocsp|crl] [--front-proxy]
 
 Drives the real listener protocol (``ClientConnection``), gateway, header rules, forwarder
 and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sidecar import BUILD
 from sidecar.app import Sidecar
@@ -78,7 +79,19 @@ class _Transport:
         raise AssertionError("a connection of the harness was aborted")
 
 
-def _config(folder: Path, routes: int = 0, revocation: str = "none") -> tuple[Path, ClientCert]:
+def _front_header(cert_pem: bytes) -> bytes:
+    """The request as nginx in front passes it: the certificate in ``ssl-client-cert``."""
+    return (
+        REQUEST[:-2]
+        + b"ssl-client-cert: "
+        + quote(cert_pem.decode(), safe="").encode()
+        + b"\r\n\r\n"
+    )
+
+
+def _config(
+    folder: Path, routes: int = 0, revocation: str = "none", front: bool = False
+) -> tuple[Path, ClientCert]:
     ca = make_ca("Hot path CA")
     server = make_leaf(ca, "localhost", server=True)
     client = make_leaf(ca, "bench")
@@ -96,9 +109,14 @@ def _config(folder: Path, routes: int = 0, revocation: str = "none") -> tuple[Pa
         (folder / "ca.crl").write_bytes(der(make_crl(ca, range(1, 10_001))))
     # --routes N: N routes each with matchers (issue #16), the one asked for among them
     table = matcher_routes(routes, client.der, ca.cert) if routes else [{"path": "/"}]
+    listen = "listen: {host: 127.0.0.1, port: 8443}\n"
+    if front:  # --front-proxy: plain HTTP from a trusted nginx, the certificate in a header
+        listen = (
+            "listen: {host: 127.0.0.1, port: 8443, tls: false, server_names: [127.0.0.1]}\n"
+            "front_proxy: {trusted: [127.0.0.1/32], certificate_header: ssl-client-cert}\n"
+        )
     (folder / "sidecar.yaml").write_text(
-        "listen: {host: 127.0.0.1, port: 8443}\n"
-        f"tls: {{certificate: server.pem, key: server.key, client_ca: [ca.pem]{extra}}}\n"
+        listen + f"tls: {{certificate: server.pem, key: server.key, client_ca: [ca.pem]{extra}}}\n"
         "upstream: {url: 'http://127.0.0.1:9'}\n"
         "identity:\n  backend: static\n  static:\n    users:\n"
         "    - {sub: s-1, username: bench, certificates: [{file: client.pem}]}\n"
@@ -109,11 +127,19 @@ def _config(folder: Path, routes: int = 0, revocation: str = "none") -> tuple[Pa
 
 
 async def measure(
-    requests: int, rounds: int, profile: bool, routes: int = 0, revocation: str = "none"
+    requests: int,
+    rounds: int,
+    profile: bool,
+    routes: int = 0,
+    revocation: str = "none",
+    front: bool = False,
 ) -> None:
     loop = asyncio.get_running_loop()
+    request = REQUEST
     with tempfile.TemporaryDirectory() as tmp:
-        path, cert = _config(Path(tmp), routes, revocation)
+        path, cert = _config(Path(tmp), routes, revocation, front)
+        if front:
+            request = _front_header((Path(tmp) / "client.pem").read_bytes())
         config = load(path)
         sidecar = Sidecar(config, config_path=path)
         plan = await sidecar._build_plan(config)
@@ -156,14 +182,14 @@ async def measure(
 
     client = listener.protocol()
     client.connection_made(_Transport(on_answer, {"peername": ("127.0.0.1", 50000)}))  # type: ignore[arg-type]
-    client._peer = cert
+    client._peer = None if front else cert
 
     async def run(n: int) -> float:
         nonlocal done
         started = time.process_time()
         for _ in range(n):
             done = loop.create_future()
-            client.data_received(REQUEST)
+            client.data_received(request)
             await done
         return time.process_time() - started
 
@@ -197,8 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         "--routes", type=int, default=0, help="that many routes, each with certificate matchers"
     )
     parser.add_argument("--revocation", choices=("none", "ocsp", "crl"), default="none")
+    parser.add_argument(
+        "--front-proxy",
+        action="store_true",
+        help="plain HTTP from a trusted front proxy, the certificate in ssl-client-cert",
+    )
     args = parser.parse_args(argv)
-    run = measure(args.requests, args.rounds, args.profile, args.routes, args.revocation)
+    run = measure(
+        args.requests, args.rounds, args.profile, args.routes, args.revocation, args.front_proxy
+    )
     try:
         import uvloop
     except ImportError:

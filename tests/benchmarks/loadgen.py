@@ -39,9 +39,17 @@ _SHIM_LINE = re.compile(r"client_cert_shim: handshakes full=(\d+) resumed=(\d+)"
 
 
 def lua_script(
-    folder: Path, name: str, *, method: str = "GET", body_size: int = 0, close: bool = False
+    folder: Path,
+    name: str,
+    *,
+    method: str = "GET",
+    body_size: int = 0,
+    close: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> Path:
     lines = [f'wrk.method = "{method}"']
+    # values without quotes or backslashes (e.g. URL-encoded PEM), so a plain Lua string holds them
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items()]
     if body_size:
         lines.append(f'wrk.body = string.rep("x", {body_size})')
         lines.append('wrk.headers["Content-Type"] = "application/octet-stream"')

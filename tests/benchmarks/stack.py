@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 from cryptography import x509
@@ -566,10 +567,13 @@ def sidecar_conf(
     tls_extra: dict[str, Any] | None = None,
     shared_url: str | None = None,
     routes: list[dict[str, Any]] | None = None,
+    front_proxy: bool = False,
 ) -> Path:
     """The sidecar's configuration: defaults everywhere except ports, files and the backend
     (with ``shared_url``, the verdict cache shared through that Redis; ``routes``, by default
-    one: ``/``; for the revocation rows, ``tls_extra``)."""
+    one: ``/``; for the revocation rows, ``tls_extra``; ``front_proxy``: plain HTTP from a
+    trusted proxy on 127.0.0.1, the client certificate in ``ssl-client-cert``, as behind
+    nginx)."""
     identity: dict[str, Any]
     if http_backend is None:
         identity = {
@@ -614,6 +618,18 @@ def sidecar_conf(
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "log": {"format": "json", "level": log_level},
     }
+    if front_proxy:
+        data["listen"] = {
+            "host": "127.0.0.1",
+            "port": port,
+            "workers": workers,
+            "tls": False,
+            "server_names": ["127.0.0.1"],
+        }
+        data["front_proxy"] = {
+            "trusted": ["127.0.0.1/32"],
+            "certificate_header": "ssl-client-cert",
+        }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -937,6 +953,26 @@ def client_context(pki: BenchPKI, cert: Path | None, key: Path | None = None) ->
     if cert is not None:
         ctx.load_cert_chain(str(cert), str(key) if key else None)
     return ctx
+
+
+def front_header(pki: BenchPKI) -> dict[str, str]:
+    """The header nginx in front sends with the load's certificate ($ssl_client_escaped_cert)."""
+    return {"ssl-client-cert": quote(Path(pki.client_cert).read_text(), safe="")}
+
+
+def http_get(
+    port: int, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    """One plain-HTTP request; (status, body, headers), or (0, error text, {})."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), dict(resp.getheaders())
+    except (OSError, http.client.HTTPException) as exc:
+        return 0, repr(exc).encode(), {}
+    finally:
+        conn.close()
 
 
 def https_get(
