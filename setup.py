@@ -75,6 +75,11 @@ COMPILED = [
     "sidecar/sessions.py",
     "sidecar/identity/shared/record.py",
     "sidecar/identity/shared/store.py",
+    # the status page's collectors, and trust reports (from a response's report headers)
+    "sidecar/observe.py",
+    "sidecar/identity/report_values.py",
+    "sidecar/identity/report_gate.py",
+    "sidecar/identity/reports.py",
     "sidecar/revocation/gate.py",
 ]
 MANIFEST = "sidecar/_compiled.json"

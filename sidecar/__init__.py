@@ -39,6 +39,11 @@ routes; ``rules`` is what a route asks of a client (certificate matchers, addres
 both are leaves, like ``policy``. ``explain`` shows a decision step by step (``sidecar
 explain``, the admin's ``/explain``) with the same functions.
 
+Beside the path: the report headers an application sets on its responses (removed in
+``forwarder.Forward.head`` by ``headers``) become Identity Plus calls once the answer has
+gone (``gateway`` hands them to ``identity.reports``), as do the admin listener's ``POST
+/identityplus/...`` (``admin_reports``); the admin listener's status page (``status``) reads
+what the gateway observes (``observe``: refusals, backend latency) and the metrics registry.
 ``revocation`` says whether a client certificate is refused now (a deny-list, CRLs from files
 and distribution points, OCSP): the gateway asks its ``gate`` before any cached verdict is
 used, and the listener tells it of each connection as its handshake completes (resumed ones

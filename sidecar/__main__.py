@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the supervisor when it starts workers (listen.workers > 1); not for people.
     run.add_argument("--worker-socket", help=argparse.SUPPRESS)
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-socket", help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a configuration and print a summary")
     check.add_argument(
         "config", nargs="?", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file"
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_format=args.log_format,
                 worker_socket=args.worker_socket,
                 worker_index=args.worker_index,
+                supervisor_socket=args.supervisor_socket,
             )
         if args.command == "demo":
             from .demo import run_demo
@@ -412,6 +414,7 @@ def run(
     log_format: str | None = None,
     worker_socket: str | None = None,
     worker_index: int | None = None,
+    supervisor_socket: str | None = None,
 ) -> int:
     # SIGHUP's default action is to terminate. Hold it until the event loop's handler is in
     # place (_serve, Supervisor.run): one that arrives meanwhile is delivered then and reloads,
@@ -430,7 +433,14 @@ def run(
             return run_loop(Supervisor(config, config_path, log_format=log_format).run())
         if worker_index is not None:
             structlog.contextvars.bind_contextvars(worker=worker_index)
-        return run_loop(_serve(config, config_path, Path(worker_socket) if worker_socket else None))
+        return run_loop(
+            _serve(
+                config,
+                config_path,
+                Path(worker_socket) if worker_socket else None,
+                Path(supervisor_socket) if supervisor_socket else None,
+            )
+        )
     except CertificateError as exc:
         print(f"tls: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -442,12 +452,21 @@ def run(
         return EXIT_FAILURE
 
 
-async def _serve(config: Config, path: Path | None, worker_socket: Path | None = None) -> int:
+async def _serve(
+    config: Config,
+    path: Path | None,
+    worker_socket: Path | None = None,
+    supervisor_socket: Path | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT, then drain; a second signal stops at once. SIGHUP reloads."""
     from .app import Sidecar
 
     sidecar = Sidecar(
-        config, config_path=path, reuse_port=worker_socket is not None, admin_socket=worker_socket
+        config,
+        config_path=path,
+        reuse_port=worker_socket is not None,
+        admin_socket=worker_socket,
+        supervisor_socket=supervisor_socket,
     )
     await sidecar.start()
     tune_gc()

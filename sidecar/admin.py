@@ -1,4 +1,5 @@
-"""The admin listener: plain HTTP for probes, Prometheus and cache purges.
+"""The admin listener: plain HTTP for probes, Prometheus, cache purges, the status page and
+trust reports.
 
 ``/healthz`` says the process serves; ``/readyz`` says it should get traffic (not while
 starting, draining, or while the identity backend reports its own credentials broken);
@@ -7,8 +8,9 @@ or drops one certificate given by ``?serial=`` (decimal, ``0x`` hex or colon hex
 ``?sha256=``, here and, with a shared cache, on every replica (207 when they could not be
 told); ``/deny`` (``revocation.admin``) manages the run-time deny-list; ``GET /explain``
 says what the policy does with a request (``explain``), to local peers only (loopback, or
-``admin.explain_from``): it shows the configuration's rules. Keep this listener private: it
-has no authentication.
+``admin.explain_from``): it shows the configuration's rules; ``GET /`` is the status page
+(``status``); ``POST /identityplus/{kind}`` sends a trust report (``admin_reports``). Keep
+this listener private: it has no authentication.
 
 Browsers are kept out by one rule, ``refusal``, applied to every request by ``guard`` (the
 supervisor's listener uses it too): the ``Host`` must be a name this listener is known by
@@ -37,6 +39,7 @@ from .hosts import is_address
 from .log import get_logger
 from .metrics import Metrics
 from .rules import IPNetwork, client_address, within
+from .status import Document, respond
 
 #: the header that makes a state-changing admin request one a web page cannot send cross-site
 #: without a CORS preflight (which this listener never grants); its value does not matter
@@ -265,9 +268,12 @@ def admin_app(
     purge: Callable[[], Purge | None],
     config: AdminConfig,
     explain: Explain | None = None,
+    status: Callable[[], Document] | None = None,
+    reports: Callable[[web.Request], Awaitable[web.Response]] | None = None,
 ) -> web.Application:
     """The admin application. ``purge`` returns the current cache's purge function (reloads
-    swap it); ``explain`` answers ``GET /explain`` for the running configuration."""
+    swap it); ``explain`` answers ``GET /explain`` for the running configuration; ``status``
+    makes the status document; ``reports`` answers trust reports."""
 
     async def healthz(request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
@@ -325,10 +331,18 @@ def admin_app(
         status, document = explain(*asked)
         return _json(status, document)
 
+    async def status_view(request: web.Request) -> web.Response:
+        assert status is not None
+        return respond(status(), request.headers.get("Accept"))
+
     app = web.Application(middlewares=[guard(config)])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_post("/cache/purge", purge_view)
     app.router.add_get("/explain", explain_view)
+    if status is not None:
+        app.router.add_get("/", status_view)
+    if reports is not None:
+        app.router.add_post("/identityplus/{kind}", reports)
     return app

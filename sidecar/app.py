@@ -4,8 +4,9 @@
 backend behind its verdict cache, the gateway, the TLS listener, the admin listener). ``reload`` builds a
 whole new ``Plan`` and TLS context from the file and swaps them in; a reload that fails keeps
 the running state and says why. ``shutdown`` drains: readiness fails at once, the listener
-closes after the drain delay, in-flight requests get the grace period. Nothing here is on
-the request path.
+closes after the drain delay, in-flight requests get the grace period. The trust reporter
+and the status page's collectors live as long as the process (a reload reconfigures them).
+Nothing here is on the request path.
 """
 
 from __future__ import annotations
@@ -22,25 +23,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from . import BUILD, log
-from .admin import Purge, Readiness, admin_app
-from .certs import ClientCert, file_signature, read_certificates
-from .config import Config, ConfigError, IdentityConfig, load
+from . import BUILD, __version__, log, status
+from .admin import ADMIN_HEADER, Purge, Readiness, admin_app
+from .admin_reports import report_view
+from .certs import ClientCert, file_signature, normalize_fingerprint, read_certificates
+from .config import Config, ConfigError, IdentityConfig, ReportsConfig, load
 from .errors import CertificateError, IdentityUnavailable
 from .explain import Assumption, Question, explain
 from .fallback.forward import FallbackForwarder
 from .frontproxy import FrontProxy
 from .gateway import Gateway
-from .headers import HeaderRules
+from .headers import HeaderRules, ResponseRules
 from .identity import Backend, Verdict
 from .identity.cache import VerdictCache
 from .identity.issuers import issuer_risk
 from .identity.legacy import Legacy
+from .identity.reports import Community, Reporter, Target
 from .identity.static import StaticBackend
 from .listener import Listener
 from .metrics import Metrics
+from .observe import Observations
 from .plan import Identity, Plan
 from .revocation import report as revocation_report
 from .revocation.admin import deny_routes, read_runtime
@@ -171,6 +176,7 @@ class Sidecar:
         metrics: Metrics | None = None,
         reuse_port: bool = False,
         admin_socket: Path | None = None,
+        supervisor_socket: Path | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -179,6 +185,21 @@ class Sidecar:
         self.reuse_port = reuse_port
         #: a worker under a supervisor serves its admin listener on this Unix socket instead
         self.admin_socket = admin_socket
+        #: ... and tells its supervisor there which verdicts every worker must drop
+        self.supervisor_socket = supervisor_socket
+        self.started = time.time()
+        #: the last reload: when, why, and how it went (the status page)
+        self.last_reload: dict[str, object] | None = None
+        self.observations = Observations()
+        self.reporter = Reporter(
+            _reports_config(config),
+            backend=self._community,
+            forget=lambda target: self._forget_everywhere(
+                target.sha256, target.serial, here=True, why="a trust report"
+            ),
+            metrics=self.metrics,
+        )
+        self._certificates: dict[str, Any] = {}
         self.readiness = Readiness()
         self.tls = TLSState(*listener_contexts(config.tls, config.servers))
         self.peer_certs = PeerCertificates()
@@ -188,11 +209,11 @@ class Sidecar:
             transports=HttpTransport,
             lifetime=self.metrics.client_cert_lifetime.observe,
         )
-        self.revocation.forget = self._forget
-        self.revocation.on_revoked.append(self._forget_everywhere)
+        self.revocation.forget = self._drop_here
+        self.revocation.on_revoked.append(self._revoked_elsewhere)
         self._client_cert_expiry = float("nan")
         #: purges on their way to the other replicas (``_forget_everywhere``)
-        self._fleet: set[asyncio.Task[bool]] = set()
+        self._fleet: set[asyncio.Task[None]] = set()
         #: the gateway every request goes through
         self.handler: Gateway | None = None
         self._server: asyncio.Server | None = None
@@ -224,9 +245,12 @@ class Sidecar:
             metrics=self.metrics,
             logger=self.log,
             access_log=self.config.log.level in ("debug", "info"),
+            reports=self.reporter,
+            observations=self.observations,
         )
         self.metrics.bind_cache(self._cache_stats)
         self.metrics.bind_shared_cache(self._shared_stats)
+        self.metrics.trust_reports_pending.set_function(lambda: self.reporter.pending)
         self.metrics.client_certs_expiring.set_function(
             lambda: self.peer_certs.expiring_within(7 * 86400)
         )
@@ -288,7 +312,11 @@ class Sidecar:
             if previous is not None and _same_upstream(config, previous[1]):
                 upstream = previous[0].upstream
             else:
-                upstream = FallbackForwarder(config.upstream, limits=config.limits)
+                upstream = FallbackForwarder(
+                    config.upstream,
+                    limits=config.limits,
+                    responses=ResponseRules(config.headers.reports.names()),
+                )
                 built.append(upstream.close)
                 await upstream.start()
             if previous is not None and config.identity == previous[1].identity:
@@ -327,6 +355,13 @@ class Sidecar:
             purge=self._purge_fn,
             config=self.config.admin,
             explain=self._explain,
+            status=self.status_document,
+            reports=report_view(
+                self.reporter,
+                seen=self.peer_certs.by_sha256,
+                # a worker's socket is reached only by its supervisor, which checks the peer
+                allowed=None if self.admin_socket is not None else self._reports_from,
+            ),
         )
         self.readiness.checks.append(self._identity_problem)
         self.readiness.checks.append(self.revocation.problem)
@@ -399,6 +434,114 @@ class Sidecar:
         )
         return 200, answer.as_dict()
 
+    def _reports_from(self) -> tuple[Any, ...]:
+        return self.config.admin.reports_from
+
+    def _community(self) -> Community | None:
+        """The Identity Plus backend trust reports are sent through, if that is the backend."""
+        from .identity.identityplus import IdentityPlusBackend
+
+        cache = self._cache()
+        backend = cache.backend if cache is not None else None
+        if isinstance(backend, WatchedBackend):  # revocation watches the backend's verdicts
+            backend = backend.backend
+        return backend if isinstance(backend, IdentityPlusBackend) else None
+
+    async def _forget_everywhere(
+        self, sha256: str | None, serial: int | None, *, here: bool, why: str
+    ) -> None:
+        """The one way a certificate's verdict is dropped beyond a single cache: after a trust
+        report changed its profile (``here``), and after revocation found it revoked (not
+        ``here``: revocation dropped it here already through ``_drop_here``, or the cache is
+        storing the backend's refusal itself, which must stay). Here, if asked; in Redis and
+        every replica through the shared cache, if there is one; here once more; and, for a
+        report under a supervisor, in this host's other workers when the shared cache did not
+        take it (none, or Redis unreachable), so that its next request asks again."""
+        cache = self._cache()
+        fleet: bool | None = None
+        # by fingerprint when there is one (one entry), else every entry of the serial
+        by_serial = None if sha256 is not None else serial
+        if cache is not None:
+            if here:
+                cache.purge(sha256=sha256, serial=by_serial)
+            shared = cache.shared
+            if shared is not None:
+                # Named by serial alone (a certificate this worker has not seen): Redis cannot
+                # find it by serial, so the shared level starts over (as POST /cache/purge).
+                key = normalize_fingerprint(sha256) if sha256 is not None else None
+                fleet = await shared.publish_purge(sha256=key, serial=by_serial)
+            # Once more here: a lookup that began after the first drop may have read the old
+            # verdict from Redis before the shared purge deleted it (this replica does not
+            # hear its own purge message).
+            current = self._cache()
+            if here and current is not None:
+                current.purge(sha256=sha256, serial=by_serial)
+            if fleet is False:
+                self.log.warning(
+                    "verdict_drop_not_shared",
+                    cert_sha256=sha256,
+                    cert_serial=f"{serial:X}" if serial is not None else None,
+                    why=why,
+                    reason="the shared cache is unavailable",
+                    hint="other replicas, and Redis, keep this certificate's verdict until its ttl",
+                )
+        if here and serial is not None and self.supervisor_socket is not None and not fleet:
+            # With the shared cache's purge the other workers heard it already (each is a
+            # replica of its own there). Awaited: the report ends once every worker dropped it.
+            # Not for revocation: the supervisor relays deny entries itself, every worker
+            # checks CRLs and OCSP before any cached verdict, and a relay would also drop the
+            # refusal this worker's cache is storing (PB 0004/0005).
+            await self._tell_supervisor(Target(serial=serial, sha256=sha256))
+
+    async def _tell_supervisor(self, target: Target) -> None:
+        assert self.supervisor_socket is not None
+        doc = {"sha256": target.sha256, "serial": str(target.serial)}
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=str(self.supervisor_socket)),
+                    timeout=aiohttp.ClientTimeout(total=10),
+                ) as session,
+                session.post(
+                    "http://localhost/workers/forget", json=doc, headers={ADMIN_HEADER: "1"}
+                ) as resp,
+            ):
+                if resp.status != 200:
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info, (), status=resp.status, message=await resp.text()
+                    )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.log.warning(
+                "verdict_drop_not_relayed",
+                cert_sha256=target.sha256,
+                reason=repr(exc),
+                hint="other workers keep this certificate's verdict until its ttl",
+            )
+
+    def status_document(self) -> status.Document:
+        """This process's status page (``status.document``)."""
+        cache = self._cache()
+        backend = cache.backend if cache is not None else None
+        expiry = getattr(backend, "agent_expiry", None)
+        handler = self.handler
+        return status.document(
+            version=__version__,
+            build=BUILD.describe(),
+            started=self.started,
+            config_file=str(self.config_path) if self.config_path is not None else None,
+            reload=self.last_reload,
+            certs=self._certificates,
+            # the default server's (the first of servers[]): its certificate is the listener's
+            server_names=handler.plan.policy.servers[0].names.names if handler is not None else (),
+            backend=self.config.identity.backend,
+            credential_problem=getattr(backend, "credential_problem", None),
+            agent_expiry=float(expiry) if isinstance(expiry, float) else None,
+            observations=self.observations,
+            reports=self.reporter.snapshot(),
+            registry=self.metrics.registry,
+            shared_cache=cache is not None and cache.shared is not None,
+        )
+
     def _agent_expiry(self) -> float:
         cache = self._cache()
         expiry = getattr(cache.backend, "agent_expiry", None) if cache is not None else None
@@ -406,23 +549,24 @@ class Sidecar:
         # client certificate (identity.http.certificate)
         return float(expiry) if isinstance(expiry, float) else self._client_cert_expiry
 
-    def _forget(self, sha256: str | None, serial: int | None) -> None:
-        """Drop the cached verdicts of a certificate revocation found revoked."""
+    def _drop_here(self, sha256: str | None, serial: int | None) -> None:
+        """Drop, in this process, the cached verdicts of a certificate revocation found
+        revoked (synchronously: before the next request is looked at)."""
         cache = self._cache()
         if cache is None or (sha256 is None and serial is None):
             return
         cache.purge(sha256=sha256, serial=serial)
 
-    def _forget_everywhere(self, sha256: str, why: str) -> None:
+    def _revoked_elsewhere(self, sha256: str, why: str) -> None:
         """Revocation found ``sha256`` revoked (a deny entry, an OCSP answer, an Identity Plus
-        ``PB 0004``/``PB 0005``): with a shared cache, every other replica drops its cached
-        verdict too (the shared level's purge channel; here the verdict was dropped, or the
-        cache stores the refusal itself). Without one, others notice at their next lookup."""
+        ``PB 0004``/``PB 0005``): every other replica drops its cached verdict too, through
+        ``_forget_everywhere``. Without a shared cache, others notice at their next lookup."""
         cache = self._cache()
-        shared = cache.shared if cache is not None else None
-        if shared is None:
+        if cache is None or cache.shared is None:
             return
-        task = asyncio.get_running_loop().create_task(shared.publish_purge(sha256=sha256))
+        task = asyncio.get_running_loop().create_task(
+            self._forget_everywhere(sha256, None, here=False, why=why)
+        )
         self._fleet.add(task)
         task.add_done_callback(self._fleet.discard)
 
@@ -507,10 +651,12 @@ class Sidecar:
             self._listener.apply_limits(new.limits)
             self._listener.proxy_from = _proxy_from(new)  # for new connections
         self.config = new
+        self.reporter.apply(_reports_config(new))
         self._observe_certificates(new)
         self._retire(previous, plan, delay=new.shutdown.grace_period)
         self._watched = file_signature(watched_files(new, self.config_path))
         self.metrics.reloads.labels("success").inc()
+        self.last_reload = {"time": time.time(), "cause": cause, "result": "success"}
         self.log.info(
             "reloaded",
             cause=cause,
@@ -527,6 +673,12 @@ class Sidecar:
         for problem in problems:
             self.log.error("reload_failed", cause=cause, problem=problem, exc_info=exc)
         self.metrics.reloads.labels("failure").inc()
+        self.last_reload = {
+            "time": time.time(),
+            "cause": cause,
+            "result": "failure",
+            "problems": problems[:20],
+        }
         return False
 
     def _warn(self, config: Config) -> None:
@@ -580,6 +732,21 @@ class Sidecar:
             self.metrics.server_cert_expiry.set(leaf.not_valid_after_utc.timestamp())
         except CertificateError:
             pass
+        # status: the certificates in force, as they were loaded
+        self._certificates = status.certificates(
+            config.tls.certificate,
+            config.tls.client_ca,
+            config.tls.pinned_certificates,
+            [
+                (
+                    f"servers[{i}]",
+                    server.names,
+                    server.certificate,
+                    server.client_certificate or config.tls.client_certificate,
+                )
+                for i, server in enumerate(config.servers or ())
+            ],
+        )
         anchors = self.metrics.trust_anchor_expiry
         anchors.clear()
         for subject, sha256, expiry in revocation_report.anchor_expiries(config.tls):
@@ -621,6 +788,8 @@ class Sidecar:
             self._ping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ping
+        # Reports being sent get a moment; the rest are logged as failed (their backend closes).
+        await self.reporter.close(min(grace, 5.0))
         if self._fleet:  # each is bounded by the shared cache's timeout
             await asyncio.gather(*self._fleet, return_exceptions=True)
         for task, (old, new) in list(self._retired.items()):
@@ -634,6 +803,11 @@ class Sidecar:
             self._admin = None
         if not quiet:
             self.log.info("stopped")
+
+
+def _reports_config(config: Config) -> ReportsConfig:
+    identityplus = config.identity.identityplus
+    return identityplus.reports if identityplus is not None else ReportsConfig()
 
 
 def _as_running(new: Config, old: Config) -> Config:
@@ -652,8 +826,13 @@ def _same_upstream(a: Config, b: Config) -> bool:
     # All of limits, not only the keys the forwarder takes today: a limit it is given later
     # must not be kept silently by a reload (a new client costs a few new connections). Not
     # handshake_timeout: the TLS layer's alone (a certificate renewal must not renew the pool).
+    # The report header names are removed from its responses: a new name needs a new one.
     same_limits = a.limits.model_copy(update={"handshake_timeout": b.limits.handshake_timeout})
-    return a.upstream == b.upstream and same_limits == b.limits
+    return (
+        a.upstream == b.upstream
+        and same_limits == b.limits
+        and a.headers.reports == b.headers.reports
+    )
 
 
 async def _close_plan(plan: Plan, *, keep: Plan | None = None) -> None:

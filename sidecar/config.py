@@ -482,6 +482,76 @@ def _header_name(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "-", name.lower())
 
 
+#: response fields a report header name may not take: they frame, address or describe the
+#: response, and report headers are removed from every response (RFC 9110 and 6265)
+_RESPONSE_FIELDS = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "content-language",
+        "content-location",
+        "content-range",
+        "content-disposition",
+        "set-cookie",
+        "location",
+        "date",
+        "server",
+        "www-authenticate",
+        "cache-control",
+        "etag",
+        "last-modified",
+        "vary",
+        "expires",
+        "retry-after",
+        "accept-ranges",
+        "age",
+        "allow",
+    }
+)
+
+
+class ReportHeadersConfig(Section):
+    """Response headers by which the application reports to Identity Plus (README "Trust
+    reports"). They are removed from every upstream response, whether reports are on or off,
+    so that a browser never sees them."""
+
+    bind: str = "X-Identity-Bind"
+    unbind: str = "X-Identity-Unbind"
+    trust: str = "X-Identity-Trust"
+    intrusion: str = "X-Identity-Intrusion"
+
+    @field_validator("bind", "unbind", "trust", "intrusion")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not _TOKEN.match(v):
+            raise ValueError(f"not a valid header name: {v!r}")
+        name = _header_name(v)
+        if name in SIDECAR_HEADERS or name in _RESPONSE_FIELDS:
+            raise ValueError(
+                f"{v!r} frames, addresses or describes responses: it would be removed from "
+                "every response; choose another name"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ReportHeadersConfig:
+        seen: dict[str, str] = {}
+        for key in ("bind", "unbind", "trust", "intrusion"):
+            name = _header_name(getattr(self, key))
+            if name in seen:
+                raise ValueError(
+                    f"@{key}: the same header as headers.reports.{seen[name]} "
+                    "(in any case, and with every character that is not a letter or digit "
+                    "read as a dash)"
+                )
+            seen[name] = key
+        return self
+
+    def names(self) -> tuple[str, str, str, str]:
+        """The four names, in the order of ``REPORT_KINDS`` (bind, unbind, trust, intrusion)."""
+        return (self.bind, self.unbind, self.trust, self.intrusion)
+
+
 class HeadersConfig(Section):
     """Names of the identity headers sent upstream (the contract's by default).
 
@@ -495,6 +565,8 @@ class HeadersConfig(Section):
     userinfo: str = "X-USERINFO"
     #: more request headers to remove whoever sent them (trusted proxies included)
     strip: tuple[str, ...] = ()
+    #: response headers the application reports to Identity Plus with (always removed)
+    reports: ReportHeadersConfig = ReportHeadersConfig()
     #: the certificate headers sent upstream, built from the validated chain;
     #: app-certificate is ``certificate`` above
     certificate_formats: tuple[certformats.OutboundFormat, ...] = ("app-certificate",)
@@ -545,6 +617,14 @@ class HeadersConfig(Section):
                 "@userinfo: must differ from headers.certificate (in any case, and with "
                 "every character that is not a letter or digit read as a dash)"
             )
+        identity = {_header_name(self.certificate), _header_name(self.userinfo)}
+        for key, name in zip(
+            ("bind", "unbind", "trust", "intrusion"), self.reports.names(), strict=True
+        ):
+            if _header_name(name) in identity:
+                raise ValueError(
+                    f"@reports.{key}: must differ from headers.certificate and headers.userinfo"
+                )
         return self
 
     @field_validator("certificate", "userinfo")
@@ -732,6 +812,43 @@ def _uri(value: str) -> str:
     return value
 
 
+class ReportsConfig(Section):
+    """Trust reports: the application's response headers (``headers.reports``) and the admin
+    listener's ``POST /identityplus/...`` become Identity Plus calls, made in the background
+    (``identity.reports``). ``reports: true`` is short for ``reports: {enabled: true}``."""
+
+    enabled: bool = False
+    #: Identity Plus calls in flight at once (per worker)
+    concurrency: int = Field(4, ge=1, le=64)
+    #: reports queued or being retried at once (per worker); more are dropped
+    max_pending: int = Field(1000, ge=1, le=100_000)
+    #: a call that fails (or answers ER 1106) is made again at most this many times
+    retries: int = Field(3, ge=0, le=20)
+    #: the wait before the first retry, doubled for each next one (with jitter) ...
+    backoff: Duration = Field(1.0, gt=0)
+    #: ... up to this
+    max_backoff: Duration = Field(60.0, gt=0)
+    #: reports per minute about one certificate (as many at once), per worker
+    per_certificate: int = Field(10, ge=1, le=100_000)
+    #: reports per minute in all (as many at once), per worker
+    overall: int = Field(600, ge=1, le=1_000_000)
+    #: the same report again within this long is not sent again
+    dedupe_window: Duration = 600.0
+    #: how long POST /identityplus/... waits for the outcome before answering 202
+    admin_wait: Duration = Field(10.0, ge=0, le=300)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _backoffs(self) -> ReportsConfig:
+        if self.max_backoff < self.backoff:
+            raise ValueError("@max_backoff: must be at least backoff")
+        return self
+
+
 def _session_key_file(path: Path) -> Path:
     sessions.read_key(path)  # its ValueError names the file and the problem
     return path
@@ -766,6 +883,8 @@ class IdentityPlusConfig(Section):
     roles: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     #: read "org. administrator" as "administrator" (before translation)
     remove_org_prefix: bool = False
+    #: trust reports from the application and the admin listener (README "Trust reports")
+    reports: ReportsConfig = ReportsConfig()
     #: HTTP legacy: no certificate at all (a load balancer terminated TLS): browsers sign on
     #: at Identity Plus, and the identity it resolves is kept in a sealed cookie
     legacy: bool = False
@@ -1497,6 +1616,10 @@ class AdminConfig(Section):
     server_names: tuple[Annotated[str, AfterValidator(_admin_name)], ...] = ()
     #: networks besides loopback from which GET /explain is answered (it shows the rules)
     explain_from: Annotated[
+        tuple[IPNetwork, ...], BeforeValidator(_networks), BeforeValidator(_listed)
+    ] = ()
+    #: besides loopback, the peers (CIDRs) that may send trust reports (POST /identityplus/...)
+    reports_from: Annotated[
         tuple[IPNetwork, ...], BeforeValidator(_networks), BeforeValidator(_listed)
     ] = ()
 

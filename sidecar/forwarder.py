@@ -8,8 +8,9 @@ called from the event loop once the response head is here or the exchange failed
 can then write a whole answer without a task (``Forward.whole``). Whatever is left (a
 connection to wait for, the request to write, the response head, one more try on a new
 connection when a reused one turns out to be closed) is ``await forward.response()``. The
-protocol then writes the response head (``Forward.head``) and the body (``take``, or
-``relay`` for one still arriving), and ``release`` gives the connection back.
+protocol then writes the response head (``Forward.head``, which takes out the application's
+report headers and hands their values back) and the body (``take``, or ``relay`` for one
+still arriving), and ``release`` gives the connection back.
 
 A failure before the response started raises ``UpstreamError`` (502, or 504 for a timeout),
 ``BodyTooLarge`` (413), ``BodyTimeout`` (408) or ``BodyInvalid`` (400); after it started, the
@@ -32,7 +33,7 @@ from yarl import URL
 
 from .config import LimitsConfig, UpstreamConfig
 from .errors import UpstreamError
-from .headers import response_fields
+from .headers import DEFAULT_RESPONSE_RULES, Captured, ResponseRules, response_fields
 from .http1.pool import Dial, Pool
 from .http1.upstream import (
     BodyInvalid,
@@ -91,6 +92,7 @@ class Forwarder:
         *,
         limits: LimitsConfig | None = None,
         dial: Dial | None = None,
+        responses: ResponseRules = DEFAULT_RESPONSE_RULES,
     ) -> None:
         base = URL(config.url)
         self.https = base.scheme == "https"
@@ -102,6 +104,8 @@ class Forwarder:
         self.prefix = base.raw_path.rstrip("/")
         self.config = config
         self.limits = limits if limits is not None else LimitsConfig()
+        #: what is taken out of every response head (``headers.reports``)
+        self.responses = responses
         self.tls: ssl.SSLContext | None = None
         self._dial = dial
         self._pool: Pool | None = None
@@ -174,6 +178,7 @@ class Forwarder:
             pool,
             out,
             rest,
+            self.responses,
             head_only=method == "HEAD",
             retry=body is None and method in _IDEMPOTENT,
         )
@@ -191,6 +196,7 @@ class Forward:
     __slots__ = (
         "_out",
         "_pool",
+        "_responses",
         "_rest",
         "_sender",
         "conn",
@@ -206,11 +212,13 @@ class Forward:
         pool: Pool,
         out: list[bytes],
         rest: RequestBody | None,
+        responses: ResponseRules,
         *,
         head_only: bool,
         retry: bool,
     ) -> None:
         self._pool = pool
+        self._responses = responses
         #: the request head and what is here of the body: sent again if the request is
         self._out = out
         #: the rest of the body, sent by a task (``_sender``) while the answer is awaited
@@ -292,17 +300,21 @@ class Forward:
             raise
         return conn
 
-    def head(self, request_id: str | None) -> tuple[bytes, int]:
-        """The response's header lines for the client, with the request's id, and which of
-        ``headers.HAS_LENGTH``, ``HAS_DATE``, ``HAS_SERVER`` they have. Hop-by-hop headers
-        and the upstream's own X-Request-ID are not passed on (``headers.response_fields``)."""
+    def head(self, request_id: str | None) -> tuple[bytes, int, Captured | None]:
+        """The response's header lines for the client, with the request's id; which of
+        ``headers.HAS_LENGTH``, ``HAS_DATE``, ``HAS_SERVER`` they have; and the values of the
+        report headers it carried (None: none), for the gateway once the answer has gone.
+        Hop-by-hop headers, the upstream's own X-Request-ID and the report headers are not
+        passed on (``headers.response_fields``), whether trust reports are on or off."""
         conn = self.conn
         assert conn is not None
-        # trust-reports: the upstream's response headers as received are conn.raw_headers
-        fields, flags = response_fields(conn.raw_headers)
+        # trust-reports: the report headers are taken out here, for both protocols, and
+        # their values handed back
+        fields, flags, reports = response_fields(conn.raw_headers, self._responses)
         if request_id is None:
-            return fields, flags
-        return fields + b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n", flags
+            return fields, flags, reports
+        fields += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
+        return fields, flags, reports
 
     @property
     def reason(self) -> bytes:

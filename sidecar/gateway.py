@@ -11,7 +11,12 @@ step takes values and returns a value. A request's life is a small state machine
 - ``resume`` does the waiting and, with the protocol's ``Forwarding``, the forward: the
   request is then FORWARDED (the upstream's answer went to the client) or at ANSWER (502,
   504, 413, 408);
-- ``end`` makes the request's one metrics update and one access event (ENDED).
+- ``end`` makes the request's one metrics update and one access event (ENDED), and remembers
+  a refusal for the status page (``observe``).
+
+Report headers the application's answer carried (``request.reports``, taken out of it by
+``forwarder.Forward.head``) go to the trust reporter once that answer has gone to the client
+(``forwarded``); they concern this request's certificate and no other.
 
 A protocol that forwards without waiting (``http1.client``) calls ``forwarded`` (or
 ``fail``) and ``end`` itself. Status codes for our own answers are chosen here (policy
@@ -34,13 +39,14 @@ from .certs import ClientCert
 from .errors import IdentityUnavailable, LimitReached, UpstreamError
 from .forwarder import BodyInvalid, BodyTimeout, BodyTooLarge
 from .frontproxy import FrontProxy, HeaderRefusal
-from .headers import request_fields
+from .headers import Captured, request_fields
 from .hosts import host_name
-from .identity import LookupContext, Verdict
+from .identity import LookupContext, User, Verdict
 from .identity.intents import SignOnLimited
 from .identity.legacy import Legacy, cookie_headers, reference, without_cookies
 from .log import ACCESS_FIELDS, access_writer
 from .metrics import Metrics
+from .observe import REFUSED, Observations
 from .plan import Plan
 from .policy import (
     BadPath,
@@ -87,6 +93,22 @@ RETRY_AFTER_SECONDS = "5"
 Forwarding = Callable[[Request], Awaitable[tuple[int, float]]]
 
 
+class Reports(Protocol):
+    """Where the report headers of a forwarded answer go (``identity.reports.Reporter``)."""
+
+    def from_response(
+        self,
+        cert: ClientCert | None,
+        user: User | None,
+        verdict_code: str | None,
+        captured: Captured,
+        *,
+        client_ip: str | None,
+        path: str | None,
+        request_id: str | None,
+    ) -> None: ...
+
+
 class Gateway:
     """Runs each request's steps (see the module's docstring) on the current ``plan``."""
 
@@ -98,9 +120,14 @@ class Gateway:
         logger: Any,
         access_log: bool = True,
         clock: Callable[[], float] = time.time,
+        reports: Reports | None = None,
+        observations: Observations | None = None,
     ) -> None:
         self.plan = plan
         self.metrics = metrics
+        #: the trust reporter (report headers of answers), and the status page's collectors
+        self.reports = reports
+        self.observations = observations
         self.log = logger
         #: False when the log level is above info: skip building an event nobody will see
         self.access_log = access_log
@@ -167,6 +194,30 @@ class Gateway:
         request.upstream_seconds = upstream_seconds
         self.metrics.observe_upstream(upstream_seconds)
         move(request, FORWARDED)
+        captured, reports = request.reports, self.reports
+        if captured is not None and reports is not None:
+            # trust-reports: the answer has gone to the client; what it reported goes out,
+            # about this request's certificate
+            self._report(request, reports, captured)
+
+    def _report(self, request: Request, reports: Reports, captured: Captured) -> None:
+        try:
+            reports.from_response(
+                # HTTP legacy: a session stands for the certificate Identity Plus resolved at
+                # sign-on (its serial is an Identity Plus certificate's), and its verdict is
+                # Identity Plus's: reported on like the certificate itself
+                request.cert or request.session,
+                request.user,
+                request.verdict_code,
+                captured,
+                client_ip=request.peer_ip,
+                path=request.target.split("?", 1)[0],
+                request_id=request.request_id,
+            )
+        except Exception as exc:  # the answer is sent: a report must not turn it into a 500
+            self.log.error(
+                "trust_report_failed", request_id=request.request_id, error=repr(exc), exc_info=exc
+            )
 
     def fail(self, request: Request, exc: Exception) -> None:
         """An unexpected error: the answer is 500."""
@@ -175,6 +226,7 @@ class Gateway:
         )
         request.route = None
         request.verdict_code = request.user = None
+        request.reports = None  # the upstream's answer, if any came, did not reach the client
         request.stale = False
         self._answer(
             request,
@@ -188,6 +240,9 @@ class Gateway:
         """The request is over: one metrics update and one access event."""
         # status: the request's outcome (``request.status``, ``decision``, ``reason``) is
         # final here
+        observations = self.observations
+        if observations is not None and request.decision in REFUSED:
+            self._refused(request, observations)
         move(request, ENDED)
         self.metrics.request_finished()
         elapsed = time.perf_counter() - request.started
@@ -220,6 +275,20 @@ class Gateway:
             self._access(values)
         else:
             self.log.info("request", **dict(zip(ACCESS_FIELDS, values, strict=True)))
+
+    def _refused(self, request: Request, observations: Observations) -> None:
+        """The status page's last refusals ("I can't get in")."""
+        cert = request.cert
+        observations.refused(
+            method=request.method[:20],
+            status=request.status,
+            route=request.route_label,
+            decision=request.decision,
+            reason=request.reason,
+            verdict=request.verdict_code,
+            sha256=cert.sha256 if cert is not None else None,
+            request_id=request.request_id,
+        )
 
     # ---- the steps ------------------------------------------------------------------------
 
@@ -411,10 +480,12 @@ class Gateway:
         route = request.route
         if route is not None and needs_verdict(route, cert, request.client_ip):  # policy:
             asked = True
+            failure: IdentityUnavailable | None = None
             started = time.perf_counter()
             try:
                 verdict = await identity.lookup(cert, LookupContext(client_ip=request.client_ip))
             except IdentityUnavailable as exc:
+                failure = exc
                 self.metrics.identity_lookups.labels(identity.name, exc.code or "unavailable").inc()
                 self.log.warning(
                     "identity_unavailable",
@@ -425,9 +496,15 @@ class Gateway:
             else:
                 self.metrics.identity_lookups.labels(identity.name, verdict.code).inc()
             finally:
-                self.metrics.identity_duration.labels(identity.name).observe(
-                    time.perf_counter() - started
-                )
+                seconds = time.perf_counter() - started
+                self.metrics.identity_duration.labels(identity.name).observe(seconds)
+                observations = self.observations
+                if observations is not None:  # status: latency and last error, backend asked only
+                    observations.looked_up(
+                        seconds,
+                        failure.reason if failure is not None else None,
+                        failure.code if failure is not None else None,
+                    )
         # revocation: the last word before the verdict is used: the answer check() was
         # waiting for, and whatever was loaded while the identity service answered
         revoked = await plan.revocation.settle(cert) if cert.seen else None

@@ -2,15 +2,17 @@
 
 ``HeaderRules`` is compiled once from configuration; ``request_fields`` runs per request, on
 the header bytes as received, and does no I/O; ``response_fields`` does the same for the
-upstream's answer. Names are compared as application servers read them: letter case ignored
-and every character that is not a letter or digit read as ``-`` (``X_USERINFO``,
-``X.USERINFO`` and ``X-UserInfo`` are one name to PHP, lighttpd and CGI), and a client header whose name
-holds any character but letters, digits, ``-`` and ``_`` is dropped, as nginx does. Whatever a
-client sent under an identity header's name is removed before ours are added, as are
-hop-by-hop headers, every header named in ``Connection``, the headers that re-route a request
-inside applications (``X-Original-URL``), every certificate header of every format
-(``certformats.HEADER_NAMES``, from anyone) and the configured ``headers.strip``, and, from
-peers that are not trusted proxies, the headers that re-address it (``X-Forwarded-*``,
+upstream's answer, and takes out the application's report headers (``ResponseRules``), handing
+their values back for ``identity.reports``. Names are compared as application servers read
+them: letter case ignored and every character that is not a letter or digit read as ``-``
+(``X_USERINFO``, ``X.USERINFO`` and ``X-UserInfo`` are one name to PHP, lighttpd and CGI; the
+report headers are matched the same way), and a client header whose name holds any character
+but letters, digits, ``-`` and ``_`` is dropped, as nginx does. Whatever a client sent under an
+identity header's name is removed before ours are added, as are hop-by-hop headers, every
+header named in ``Connection``, the headers that re-route a request inside applications
+(``X-Original-URL``), every certificate header of every format (``certformats.HEADER_NAMES``,
+from anyone) and the configured ``headers.strip``, and, from peers that are not trusted
+proxies, the headers that re-address it (``X-Forwarded-*``,
 ``True-Client-IP``...).
 """
 
@@ -313,52 +315,105 @@ def _request_pass(
 
 
 HAS_LENGTH, HAS_DATE, HAS_SERVER = 1, 2, 4
-_R_STRIP, _R_CONNECTION = 8, 16
+_R_STRIP, _R_CONNECTION, _R_REPORT = 8, 16, 32
+#: a report header's kind carries its index in ``REPORT_KINDS`` from this bit up
+_R_INDEX_SHIFT = 8
 _RESPONSE_STRIP = frozenset(name.encode() for name in HOP_BY_HOP) | {b"x-request-id"}
 _PROTECTED_BYTES = frozenset(name.encode() for name in FRAMING)  # never dropped for Connection
-_RESPONSE_KINDS: dict[bytes, int] = {}
+
+#: what the application can report in a response header, in the order of ``ResponseRules``
+REPORT_KINDS = ("bind", "unbind", "trust", "intrusion")
+DEFAULT_REPORT_HEADERS = (
+    "X-Identity-Bind",
+    "X-Identity-Unbind",
+    "X-Identity-Trust",
+    "X-Identity-Intrusion",
+)
+
+#: report headers found in a response: (index in ``REPORT_KINDS``, value as sent), in order
+Captured = list[tuple[int, bytes]]
 
 
-def _response_kind(name: bytes) -> int:
-    key = name.lower()
-    kind = {b"content-length": HAS_LENGTH, b"date": HAS_DATE, b"server": HAS_SERVER}.get(key, 0)
-    if key in _RESPONSE_STRIP:
-        kind |= _R_STRIP
-    if key == b"connection":
-        kind |= _R_CONNECTION
-    if len(_RESPONSE_KINDS) < _NAME_CACHE:
-        _RESPONSE_KINDS[name] = kind
-    return kind
+@dataclass(frozen=True, slots=True)
+class ResponseRules:
+    """What is removed from the upstream's responses besides hop-by-hop headers: the report
+    headers (``headers.reports``), whose values ``response_fields`` hands back. Compiled once
+    from configuration; names compare as request names do (``_normal``: any case, every
+    character that is not a letter or digit read as ``-``), so that no spelling an application
+    server would write for a report header reaches the client."""
+
+    report_headers: tuple[str, ...] = DEFAULT_REPORT_HEADERS
+    #: response header names as sent -> what they are to response_fields
+    kinds: dict[bytes, int] = field(init=False, repr=False, compare=False)
+    _reports: dict[bytes, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.report_headers) != len(REPORT_KINDS):
+            raise ValueError(f"one report header name for each of {', '.join(REPORT_KINDS)}")
+        object.__setattr__(self, "kinds", {})
+        object.__setattr__(
+            self,
+            "_reports",
+            {normal_name(name).encode("ascii"): i for i, name in enumerate(self.report_headers)},
+        )
+
+    def classify(self, name: bytes) -> int:
+        """What a response header name is to ``response_fields`` (cached per spelling)."""
+        key = name.lower()
+        kind = {b"content-length": HAS_LENGTH, b"date": HAS_DATE, b"server": HAS_SERVER}.get(key, 0)
+        if key in _RESPONSE_STRIP:
+            kind |= _R_STRIP
+        if key == b"connection":
+            kind |= _R_CONNECTION
+        index = self._reports.get(_normal(name))
+        if index is not None:
+            kind = _R_REPORT | (index << _R_INDEX_SHIFT)
+        kinds = self.kinds
+        if len(kinds) < _NAME_CACHE:
+            kinds[name] = kind
+        return kind
 
 
-def response_fields(raw: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, int]:
-    """The upstream's response header lines minus hop-by-hop ones and X-Request-ID (framing
-    and the request id are ours), and which of ``HAS_LENGTH``, ``HAS_DATE``, ``HAS_SERVER``
-    it had."""
+DEFAULT_RESPONSE_RULES = ResponseRules()
+
+
+def response_fields(
+    raw: Iterable[tuple[bytes, bytes]], rules: ResponseRules = DEFAULT_RESPONSE_RULES
+) -> tuple[bytes, int, Captured | None]:
+    """The upstream's response header lines minus hop-by-hop ones, X-Request-ID (framing and
+    the request id are ours) and the report headers of ``rules``; which of ``HAS_LENGTH``,
+    ``HAS_DATE``, ``HAS_SERVER`` it had; and the report headers' values, None when there was
+    none. A report header is never passed on, whether reports are on or off."""
     raw = raw if isinstance(raw, list | tuple) else list(raw)
-    block, flags, connection = _response_pass(raw, None)
+    block, flags, connection, captured = _response_pass(raw, None, rules)
     if connection:
         named = _named(connection, _RESPONSE_STRIP)
         if named:
-            block, flags, _ = _response_pass(raw, named)
-    return block, flags
+            block, flags, _, captured = _response_pass(raw, named, rules)
+    return block, flags, captured
 
 
 def _response_pass(
-    raw: Iterable[tuple[bytes, bytes]], named: frozenset[bytes] | None
-) -> tuple[bytes, int, list[bytes]]:
-    kinds = _RESPONSE_KINDS
+    raw: Iterable[tuple[bytes, bytes]], named: frozenset[bytes] | None, rules: ResponseRules
+) -> tuple[bytes, int, list[bytes], Captured | None]:
+    kinds = rules.kinds
     parts: list[bytes] = []
     connection: list[bytes] = []
+    captured: Captured | None = None
     flags = 0
     for name, value in raw:
         kind = kinds.get(name)
         if kind is None:
-            kind = _response_kind(name)
+            kind = rules.classify(name)
         if kind:
             if kind & _R_STRIP:
                 if kind & _R_CONNECTION:
                     connection.append(value)
+                continue
+            if kind & _R_REPORT:
+                if captured is None:
+                    captured = []
+                captured.append((kind >> _R_INDEX_SHIFT, value))
                 continue
             if named is not None and name.lower() in named:
                 continue
@@ -366,7 +421,7 @@ def _response_pass(
         elif named is not None and name.lower() in named:
             continue
         parts += (name, b": ", value, b"\r\n")
-    return b"".join(parts), flags, connection
+    return b"".join(parts), flags, connection, captured
 
 
 def lines_to_multidict(block: bytes) -> CIMultiDict[str]:

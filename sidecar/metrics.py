@@ -155,6 +155,26 @@ class Metrics:
             "TLS handshakes that failed (bad or untrusted client certificate, protocol errors).",
             registry=r,
         )
+        # trust reports (identity.reports): the type is bind, unbind, trust or intrusion
+        self.trust_reports = Counter(
+            "sidecar_trust_reports",
+            "Trust reports by type and outcome: succeeded, already (Identity Plus had it), "
+            "failed, invalid, limited, duplicate, overflow (queue full), ignored (reports off, "
+            "another backend, or no identified certificate).",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.trust_report_retries = Counter(
+            "sidecar_trust_report_retries",
+            "Trust report calls made again after a failure or ER 1106, by type.",
+            ["type"],
+            registry=r,
+        )
+        self.trust_reports_pending = Gauge(
+            "sidecar_trust_reports_pending",
+            "Trust reports queued, being sent, or waiting to be sent again.",
+            registry=r,
+        )
         self._cache = _CacheCollector()
         r.register(self._cache)
         # Revocation and lifetimes (README: Revocation)

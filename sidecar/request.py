@@ -17,6 +17,7 @@ from yarl import URL
 
 from .certs import ClientCert
 from .forwarder import Forwarder
+from .headers import Captured
 from .identity import User
 from .plan import Plan
 from .policy import Redirect, Route
@@ -88,6 +89,7 @@ class Request:
         "raw_headers",
         "reason",
         "redirect",
+        "reports",
         "request_id",
         "route",
         "server_name",
@@ -167,6 +169,9 @@ class Request:
         self.user: User | None = None
         self.stale = False
         self.upstream_seconds: float | None = None
+        #: FORWARDED: the report headers the upstream's answer carried (taken out of it by
+        #: ``Forward.head``), for the trust reporter
+        self.reports: Captured | None = None
 
     @property
     def headers(self) -> CIMultiDict[str]:

@@ -331,7 +331,8 @@ class PeerCertificates:
         return parsed
 
     def by_sha256(self, sha256: str) -> ClientCert | None:
-        """A client certificate seen recently, by its fingerprint (for ``explain``)."""
+        """A client certificate seen recently, by its fingerprint (for ``explain``, and the
+        admin listener's trust reports, which name certificates so), or None."""
         for cert in list(self._parsed.values()):
             if cert.sha256 == sha256:
                 return cert

@@ -5,8 +5,11 @@ itself as workers (each binds the port with ``SO_REUSEPORT`` and keeps its own v
 serves the admin listener for all of them, and relays signals. Each worker serves a private
 admin listener on a Unix socket; the supervisor's ``/metrics`` merges theirs (counters of a
 worker that died are carried so totals never go backwards), ``/readyz`` is ready when every
-worker is, and ``/cache/purge`` reaches every worker. A worker that dies is logged and
-restarted.
+worker is, ``/cache/purge`` reaches every worker, the status page (``GET /``) merges their
+status documents, and a trust report (``POST /identityplus/...``) goes to exactly one
+worker. A worker whose report changed a certificate's profile tells the supervisor on its
+own Unix socket (``/workers/forget``), which drops that verdict in every worker. A worker
+that dies is logged and restarted.
 
 A worker starts with SIGHUP blocked (``Child``) and unblocks it once its handler is in place,
 so no SIGHUP can kill a worker while it starts. The supervisor relays SIGHUP only to workers
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +38,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import log
+from . import BUILD, __version__, log, status
 from .admin import ADMIN_HEADER, explain_refusal, guard
+from .admin_reports import peer_allowed
 from .config import Config
 from .revocation.admin import fingerprint_of, write_runtime
 
@@ -47,6 +52,14 @@ _MONOTONIC = frozenset({"counter", "histogram", "summary"})
 #: (family name, sample name, sorted labels)
 _Key = tuple[str, str, tuple[tuple[str, str], ...]]
 _STARTUP_TIMEOUT = 30.0
+
+
+class _Undelivered(Exception):
+    """A request to a worker that certainly did not reach it (no connection was made)."""
+
+
+class _Lost(Exception):
+    """A request to a worker whose answer did not come: it may have been acted on."""
 
 
 class Child:
@@ -125,7 +138,10 @@ class Supervisor:
         self.runtime = Path(tempfile.mkdtemp(prefix="sidecar-"))
         count = config.listen.worker_count()
         self.workers = [Worker(i, self.runtime / f"worker-{i}.sock") for i in range(count)]
+        #: where workers tell the supervisor which verdicts every worker must drop
+        self.control = self.runtime / "supervisor.sock"
         self.stopping = False
+        self.started = time.time()
         #: run-time deny entries (POST /deny), kept for workers started later
         self.denied: set[str] = set()
         self._replays: set[asyncio.Task[None]] = set()
@@ -146,6 +162,8 @@ class Supervisor:
             str(worker.socket),
             "--worker-index",
             str(worker.index),
+            "--supervisor-socket",
+            str(self.control),
         ]
         if self.log_format:
             args += ["--log-format", self.log_format]
@@ -252,20 +270,42 @@ class Supervisor:
             await self._ask(worker, "POST", f"/deny?sha256={sha256}")
 
     async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, str] | None:
-        if not worker.socket.exists():
+        try:
+            answer = await self._request(worker, method, path)
+        except (_Undelivered, _Lost):
             return None
+        return answer[0], answer[1]
+
+    async def _request(
+        self,
+        worker: Worker,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> tuple[int, str, dict[str, str]]:
+        """One request to a worker's admin socket: status, body, headers. Raises
+        ``_Undelivered`` when no connection could be made, ``_Lost`` when the answer did
+        not come."""
+        if not worker.socket.exists():
+            raise _Undelivered(f"worker {worker.index} has no socket")
+        # as any client of the admin listener: a name it is known by, and the header
+        sent = {ADMIN_HEADER: "1", **(headers or {})}
         try:
             connector = aiohttp.UnixConnector(path=str(worker.socket))
             async with (
                 aiohttp.ClientSession(
-                    connector=connector, timeout=aiohttp.ClientTimeout(total=5)
+                    connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
                 ) as s,
-                # as any client of the admin listener: a name it is known by, and the header
-                s.request(method, f"http://localhost{path}", headers={ADMIN_HEADER: "1"}) as resp,
+                s.request(method, f"http://localhost{path}", data=body, headers=sent) as resp,
             ):
-                return resp.status, await resp.text()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return None
+                return resp.status, await resp.text(), dict(resp.headers)
+        except aiohttp.ClientConnectorError as exc:
+            raise _Undelivered(str(exc)) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _Lost(repr(exc)) from None
 
     def _signal_all(self, sig: int) -> None:
         for worker in self.workers:
@@ -390,6 +430,123 @@ class Supervisor:
         app.router.add_route("POST", "/deny", deny)
         app.router.add_route("DELETE", "/deny", deny)
         app.router.add_get("/explain", explain)
+        app.router.add_get("/", self._status)
+        app.router.add_post("/identityplus/{kind}", self._report)
+        return app
+
+    async def _status(self, request: web.Request) -> web.Response:
+        """Every worker's status document, merged, with the supervisor's own facts."""
+
+        async def ask(worker: Worker) -> status.Document | None:
+            try:
+                code, text, _ = await self._request(
+                    worker, "GET", "/", headers={"Accept": "application/json"}
+                )
+                doc: status.Document = json.loads(text)
+            except (_Undelivered, _Lost, ValueError):
+                return None
+            return doc if code == 200 and isinstance(doc, dict) else None
+
+        docs = await asyncio.gather(*(ask(w) for w in self.workers))
+        now = time.time()
+        supervisor = {
+            "version": __version__,
+            "build": BUILD.describe(),
+            "pid": os.getpid(),
+            "started": self.started,
+            "uptime_seconds": round(now - self.started, 1),
+            "workers": len(self.workers),
+            "worker_list": [
+                {
+                    "index": w.index,
+                    "pid": w.process.pid if w.process is not None else None,
+                    "alive": w.process is not None and w.process.returncode is None,
+                    "ready": w.started,
+                    "restarts": w.restarts,
+                    "answered": doc is not None,
+                }
+                for w, doc in zip(self.workers, docs, strict=True)
+            ],
+        }
+        return status.respond(status.merge(docs, supervisor), request.headers.get("Accept"))
+
+    async def _report(self, request: web.Request) -> web.Response:
+        """A trust report, to exactly one worker: the first that takes it. Another worker is
+        tried only when the report certainly did not start there (no connection, or the
+        certificate named by fingerprint is one it has not seen)."""
+        if not peer_allowed(request.remote, self.config.admin.reports_from):
+            self.log.warning(
+                "admin_request_refused",
+                method=request.method,
+                path=request.path[:200],
+                client=request.remote,
+                status=403,
+                reason="trust reports from a peer that is not local",
+            )
+            return web.json_response(
+                {
+                    "error": "trust reports are accepted from loopback addresses only, and "
+                    "from the networks listed in admin.reports_from"
+                },
+                status=403,
+            )
+        if request.content_type != "application/json":
+            return web.json_response(
+                {"error": "send the report as Content-Type: application/json"}, status=415
+            )
+        body = await request.read()
+        identityplus = self.config.identity.identityplus
+        wait = identityplus.reports.admin_wait if identityplus is not None else 10.0
+        last: tuple[int, str, dict[str, str]] | None = None
+        for worker in self.workers:
+            process = worker.process
+            if process is None or process.returncode is not None or not worker.started:
+                continue
+            try:
+                answer = await self._request(
+                    worker,
+                    "POST",
+                    f"/identityplus/{request.match_info['kind']}",
+                    body=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=wait + 10.0,
+                )
+            except _Undelivered:
+                continue
+            except _Lost as exc:
+                return web.json_response(
+                    {
+                        "error": f"worker {worker.index} did not answer ({exc}); the report "
+                        "may have been queued there: see GET /"
+                    },
+                    status=502,
+                )
+            last = answer
+            if answer[0] == 404 and _unknown_certificate(answer[1]):
+                continue
+            break
+        if last is None:
+            return web.json_response({"error": "no worker is ready to take it"}, status=503)
+        code, text, headers = last
+        kept = {k: v for k, v in headers.items() if k.lower() == "retry-after"}
+        return web.Response(status=code, text=text, content_type="application/json", headers=kept)
+
+    def control_app(self) -> web.Application:
+        """The supervisor's own socket, for its workers only (``self.control``)."""
+
+        async def forget(request: web.Request) -> web.Response:
+            doc = await request.json()
+            sha256, serial = doc.get("sha256"), doc.get("serial")
+            query = f"sha256={sha256}" if sha256 else f"serial={serial}"
+            answers = await asyncio.gather(
+                *(self._ask(w, "POST", f"/cache/purge?{query}") for w in self.workers)
+            )
+            # 207: dropped in that worker, but the shared cache could not be told
+            reached = sum(1 for a in answers if a is not None and a[0] in (200, 207))
+            return web.json_response({"workers": reached})
+
+        app = web.Application()
+        app.router.add_post("/workers/forget", forget)
         return app
 
     async def merged_metrics(self) -> str:
@@ -452,7 +609,10 @@ class Supervisor:
             loop.add_signal_handler(sig, on_stop)
         loop.add_signal_handler(signal.SIGHUP, self._relay_reload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held since __main__.run
+        control = web.AppRunner(self.control_app(), access_log=None, handle_signals=False)
         try:
+            await control.setup()
+            await web.UnixSite(control, str(self.control)).start()
             for worker in self.workers:
                 await self._spawn(worker)
             if not await self._wait_ready():
@@ -489,6 +649,7 @@ class Supervisor:
             await runner.cleanup()
             return 0
         finally:
+            await control.cleanup()
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             shutil.rmtree(self.runtime, ignore_errors=True)
 
@@ -500,6 +661,15 @@ class Supervisor:
             for p in procs:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
+
+
+def _unknown_certificate(text: str) -> bool:
+    """A worker's 404 saying it has not seen the certificate named by fingerprint."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("unknown_certificate") is True
 
 
 def _escape(value: str) -> str:

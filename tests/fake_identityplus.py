@@ -15,6 +15,15 @@ serial, then read what it saw::
     fake.requests[-1].agent_sha256             # the agent certificate a call presented
     fake.intents                               # Intent(type, return_url, strict_massl, reference)
 
+It plays the trust-community calls too (bind, unbind, trust, intrusion report) as the service
+would: a bind makes later inquiries about that serial answer ``OK 0002`` with the
+``local-user-name``, an unbind undoes it, an intrusion report answers a ``Reference-Number``
+(``ER 0007`` the second time) and makes inquiries answer ``PB 0005``. Each is recorded::
+
+    fake.reports                               # Call per community call, in order
+    fake.script_reports("Trust", "ER 1106", "500", "OK 0000")  # the next answers, in order
+    fake.report_latency = 0.5                  # added to every community call
+
 Use it with the ``fake_identityplus`` fixture (import it into a test module) or
 ``running_fake(folder)``; ``fake.config(...)`` gives an ``IdentityPlusConfig`` aimed at it.
 """
@@ -49,6 +58,8 @@ _WORDS = {
     "OK 0000": "Ok",
     "OK 0001": "Certificate valid",
     "OK 0002": "Certificate valid, bound to a local user",
+    "OK 0100": "Subject user successfully associated to Identity Plus identity",
+    "OK 0101": "Subject user disassociated",
     "PB 0000": "No certificate found",
     "PB 0001": "No certificate found",
     "PB 0002": "Certificate expired",
@@ -60,12 +71,26 @@ _WORDS = {
     "PB 0008": "Authorization expired",
     "ER 0001": "Malformed request",
     "ER 0002": "Invalid serial number",
+    "ER 0003": "Subject user name is already associated",
+    "ER 0004": "Subject user name is already associated to a different identity",
+    "ER 0005": "Subject user name was never associated",
+    "ER 0007": "An intrusion was already reported on this certificate",
     "ER 1100": "No API certificate",
     "ER 1101": "Unknown API certificate",
     "ER 1102": "API certificate expired",
     "ER 1103": "API certificate revoked",
     "ER 1104": "Service suspended",
     "ER 1105": "Over plan",
+    "ER 1106": "General Identity Plus API Problem",
+}
+
+#: the trust-community operations, and the field that names the certificate in each
+COMMUNITY = {
+    "Local-User-Information": "serial-number",
+    "Local-User-Reference": None,
+    "Trust": "serial-number",
+    "Intrusion-Report": "intruding-certificate-uid",
+    "Intrusion-Reference": None,
 }
 
 
@@ -153,6 +178,19 @@ class FakeIdentityPlus:
         self.calls: Counter[int] = Counter()
         self.requests: list[Call] = []
         self.intents: list[Intent] = []
+        #: trust-community calls, in order
+        self.reports: list[Call] = []
+        #: seconds added to every community call (on top of ``latency``)
+        self.report_latency = 0.0
+        #: when set, community calls wait for it (after being recorded)
+        self.hold_reports: asyncio.Event | None = None
+        #: community calls being answered now, and the most there ever were at once
+        self.reports_in_flight = 0
+        self.max_reports_in_flight = 0
+        #: serial -> the local user bound to it; serial -> the intrusion reference
+        self.bound: dict[int, str] = {}
+        self.intrusions: dict[int, str] = {}
+        self._scripted: dict[str | None, list[str]] = {}
         self._replies: dict[int, dict[str, Any]] = {}
         #: HTTP legacy: intent reference -> the serial of the certificate a person signed on
         #: with, and whether the profile names it (``authorizing-certificate``)
@@ -212,6 +250,12 @@ class FakeIdentityPlus:
             self._refused_agents.pop(key, None)
         else:
             self._refused_agents[key] = outcome
+
+    def script_reports(self, operation: str | None, *answers: str) -> None:
+        """The next answers to ``operation`` (any community call when None), in order: an
+        outcome code (``"ER 1106"``, answered as a Simple-Response) or a fault (``"500"``,
+        ``"reset"``, ``"slow"``...). Once they are used up the fake answers as the service."""
+        self._scripted.setdefault(operation, []).extend(answers)
 
     def set_intent_reply(self, document: dict[str, Any] | None) -> None:
         """Answer intents with this document instead of a fresh ``Intent-Reference``."""
@@ -300,6 +344,8 @@ class FakeIdentityPlus:
             return web.json_response(simple("ER 0001", "one top-level key expected"))
         operation, fields = next(iter(body.items()))
         fields = fields if isinstance(fields, dict) else {}
+        if operation in COMMUNITY:
+            return await self._community(request, agent, operation, fields, body)
         serial_text = fields.get("serial-number") if operation == "Identity-Inquiry" else None
         serial = parse_serial(serial_text)
         self.requests.append(Call(request.method, operation, body, agent, serial, serial_text))
@@ -345,6 +391,110 @@ class FakeIdentityPlus:
                 {"Intent-Reference": {"value": reference, "outcome": _spelled("OK 0000")}}
             )
         return web.json_response(simple("ER 0001", f"unknown operation {operation}"))
+
+    async def _community(
+        self,
+        request: web.Request,
+        agent: str,
+        operation: str,
+        fields: dict[str, Any],
+        body: Any,
+    ) -> web.StreamResponse:
+        """A trust-community call: recorded, then answered as scripted or as the service."""
+        serial_field = COMMUNITY[operation]
+        serial_text = fields.get(serial_field) if serial_field else None
+        serial = parse_serial(serial_text)
+        self.reports.append(Call(request.method, operation, body, agent, serial, serial_text))
+        self.reports_in_flight += 1
+        self.max_reports_in_flight = max(self.max_reports_in_flight, self.reports_in_flight)
+        try:
+            await self._pause(self.report_latency)
+            if self.hold_reports is not None:
+                await self.hold_reports.wait()
+            return await self._answer_community(request, agent, operation, fields, serial)
+        finally:
+            self.reports_in_flight -= 1
+
+    async def _answer_community(
+        self,
+        request: web.Request,
+        agent: str,
+        operation: str,
+        fields: dict[str, Any],
+        serial: int | None,
+    ) -> web.StreamResponse:
+        fault = self._faults.get(None)
+        if fault is not None:
+            failed = await self._fault(request, fault)
+            if failed is not None:
+                return failed
+        script = self._scripted.get(operation) or self._scripted.get(None)
+        if script:
+            scripted = script.pop(0)
+            if scripted[:2] in ("OK", "PB", "ER"):
+                return web.json_response(simple(scripted))
+            faulty = await self._fault(request, scripted)  # type: ignore[arg-type]
+            if faulty is not None:
+                return faulty
+        if agent in self._refused_agents:
+            return web.json_response(simple(self._refused_agents[agent]))
+        expected = {"Local-User-Reference": "DELETE", "Intrusion-Reference": "DELETE"}
+        if request.method != expected.get(operation, "PUT"):
+            return web.json_response(simple("ER 0002", f"no {request.method} for {operation}"))
+        if operation == "Local-User-Information":
+            name = fields.get("local-user-name")
+            if serial is None or not isinstance(name, str) or not name:
+                return web.json_response(simple("ER 0010"))
+            if self.bound.get(serial) == name:
+                return web.json_response(simple("ER 0003"))
+            if name in self.bound.values():
+                return web.json_response(simple("ER 0004"))
+            self.bound[serial] = name
+            self._profile_of(serial)["local-user-name"] = name
+            self._profile_of(serial)["outcome"] = _spelled("OK 0002")
+            return web.json_response(simple("OK 0100"))
+        if operation == "Local-User-Reference":
+            name = fields.get("local-user-name")
+            owner = next((k for k, v in self.bound.items() if v == name), None)
+            if owner is None:
+                return web.json_response(simple("ER 0005"))
+            del self.bound[owner]
+            profile = self._profile_of(owner)
+            profile.pop("local-user-name", None)
+            profile["outcome"] = _spelled("OK 0001")
+            return web.json_response(simple("OK 0101"))
+        if operation == "Trust":
+            if serial is None or not isinstance(fields.get("trust-type"), str):
+                return web.json_response(simple("ER 0010"))
+            return web.json_response(simple("OK 0000"))
+        if operation == "Intrusion-Report":
+            if serial is None or not isinstance(fields.get("severity"), str):
+                return web.json_response(simple("ER 0010"))
+            if serial in self.intrusions:
+                return web.json_response(simple("ER 0007"))
+            reference = f"intrusion-{len(self.intrusions) + 1}"
+            self.intrusions[serial] = reference
+            self._replies[serial] = simple("PB 0005")
+            return web.json_response(
+                {"Reference-Number": {"outcome": _spelled("OK 0000"), "value": reference}}
+            )
+        # Intrusion-Reference: withdraw a report
+        value = fields.get("value")
+        owner = next((k for k, v in self.intrusions.items() if v == value), None)
+        if owner is None:
+            return web.json_response(simple("ER 0010"))
+        del self.intrusions[owner]
+        self._replies.pop(owner, None)
+        return web.json_response(simple("OK 0000"))
+
+    def _profile_of(self, serial: int) -> dict[str, Any]:
+        """The Identity-Profile inquiries about ``serial`` answer (made an OK 0001 one when
+        it was anything else)."""
+        reply = self._replies.get(serial)
+        if reply is None or "Identity-Profile" not in reply:
+            reply = self._replies[serial] = {"Identity-Profile": {"outcome": _spelled("OK 0001")}}
+        profile: dict[str, Any] = reply["Identity-Profile"]
+        return profile
 
     async def _fault(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
         if fault == "slow":

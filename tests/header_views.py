@@ -40,6 +40,6 @@ def upstream_headers(
 
 
 def response_headers(incoming: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """Upstream response headers minus hop-by-hop ones (framing is ours to decide)."""
-    block, _ = response_fields(_encoded(incoming))
+    """Upstream response headers minus hop-by-hop and report ones (framing is ours to decide)."""
+    block, _, _ = response_fields(_encoded(incoming))
     return lines_to_multidict(block)

@@ -18,8 +18,19 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sidecar"
 
 #: the request path's layers, top to bottom: a module imports its own layer or lower ones
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # the entry points: the command line, assembly, the admin listener, the demo
-    ("__main__", "app", "workers", "demo", "demo_echo", "admin", "revocation.admin"),
+    # the entry points: the command line, assembly, the admin listener (with its status page
+    # and trust reports, #18), the demo
+    (
+        "__main__",
+        "app",
+        "workers",
+        "demo",
+        "demo_echo",
+        "admin",
+        "admin_reports",
+        "status",
+        "revocation.admin",
+    ),
     # the listener: accepts, counts and ends connections; holds both protocols
     ("listener",),
     # the protocols: TLS, our HTTP/1.1, aiohttp's (the fallback)
@@ -51,6 +62,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "rules",
         "sni",
         "explain",
+        # what the gateway observes for the status page (#18)
+        "observe",
         # revocation (#14): the request path's question (gate) and what answers it: the
         # chain above a certificate, CRLs fetched, OCSP, the network (client, given to gate
         # by app), the identity backend's word (watch), check-config's report
@@ -96,8 +109,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 #: the only modules that may import aiohttp: the fallback (aiohttp's server and, for
-#: WebSockets, its client), the identity clients, the admin listener and what assembles or
-#: demonstrates the whole
+#: WebSockets, its client), the identity clients, the admin listener (and its pages: the status
+#: page, trust reports) and what assembles or demonstrates the whole
 AIOHTTP_ALLOWED = (
     "fallback.*",
     "identity.http",
@@ -105,6 +118,8 @@ AIOHTTP_ALLOWED = (
     "revocation.client",
     "revocation.admin",
     "admin",
+    "admin_reports",
+    "status",
     "app",
     "workers",
     "demo",

@@ -819,3 +819,94 @@ def test_defaults_pass_the_schema(chart: helm.Chart) -> None:
     chart.validate_schema(chart.values)
     chart.validate_schema(SIDECAR)
     chart.validate_schema(CASES["gateway-everything"][0])
+
+
+# ---- trust reports -------------------------------------------------------------------------------
+
+TRUST_REPORTS: Values = merged(
+    GATEWAY,
+    {
+        "identityPlus": {"agentSecretName": "identityplus-agent"},
+        "config": {"identity": {"backend": "identityplus"}},
+        "trustReports": {
+            "enabled": True,
+            "settings": {"retries": 5, "backoff": "2s"},
+            "headers": {"bind": "X-App-Bind"},
+            "from": ["10.42.0.0/16"],
+        },
+    },
+)
+
+
+def test_trust_reports_are_written_into_the_config(
+    chart: helm.Chart, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    objects = render(chart, TRUST_REPORTS)
+    config = sidecar_config(objects)
+    assert config["identity"]["identityplus"]["reports"] == {
+        "enabled": True,
+        "retries": 5,
+        "backoff": "2s",
+    }
+    assert config["headers"] == {"reports": {"bind": "X-App-Bind"}}
+    assert config["admin"]["reports_from"] == ["10.42.0.0/16"]
+    config_path = lay_out_pod(objects, fake_cluster(tmp_path), tmp_path / "pod")
+    assert sidecar_main(["check-config", str(config_path)]) == 0, capsys.readouterr().err
+    chart.validate_schema(TRUST_REPORTS)
+
+
+def test_trust_reports_and_the_shared_cache_are_both_written_into_the_config(
+    chart: helm.Chart, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # both write under identity (identityplus.reports and cache.shared): neither loses the other
+    values = merged(TRUST_REPORTS, {"sharedCache": {"url": "redis://valkey:6379/1"}})
+    objects = render(chart, values)
+    config = sidecar_config(objects)
+    assert config["identity"]["identityplus"]["reports"]["enabled"] is True
+    assert config["identity"]["cache"]["shared"] == {"url": "redis://valkey:6379/1"}
+    assert config["identity"]["backend"] == "identityplus"
+    config_path = lay_out_pod(objects, fake_cluster(tmp_path), tmp_path / "pod")
+    assert sidecar_main(["check-config", str(config_path)]) == 0, capsys.readouterr().err
+    chart.validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            merged(SIDECAR, {"trustReports": {"enabled": True}}),
+            "trustReports.enabled needs config.identity.backend: identityplus",
+        ),
+        (
+            merged(
+                TRUST_REPORTS,
+                {"config": {"identity": {"identityplus": {"reports": {"enabled": False}}}}},
+            ),
+            "config.identity.identityplus.reports and trustReports both",
+        ),
+        (
+            merged(TRUST_REPORTS, {"config": {"admin": {"reports_from": []}}}),
+            "config.admin.reports_from and trustReports.from both",
+        ),
+    ],
+)
+def test_trust_reports_set_twice_or_without_identity_plus_are_explained(
+    chart: helm.Chart, values: Values, message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        chart.render(values)
+
+
+@pytest.mark.parametrize(
+    ("bad", "where"),
+    [
+        ({"enable": True}, "/trustReports"),
+        ({"headers": {"bond": "X-B"}}, "'bond'"),
+        ({"from": "10.0.0.0/8"}, "/trustReports/from"),
+    ],
+)
+def test_the_schema_refuses_unknown_trust_report_keys(
+    chart: helm.Chart, bad: Values, where: str
+) -> None:
+    with pytest.raises(helm.HelmValuesError, match=where):
+        chart.render(merged(SIDECAR, {"trustReports": bad}))

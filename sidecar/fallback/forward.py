@@ -29,7 +29,13 @@ from ..forwarder import (
     origin_form,
     upstream_error,
 )
-from ..headers import connection_tokens, lines_to_multidict
+from ..headers import (
+    DEFAULT_RESPONSE_RULES,
+    Captured,
+    ResponseRules,
+    connection_tokens,
+    lines_to_multidict,
+)
 from ..responses import SERVER
 from .connection import last_on_connection, when_gone
 from .websocket import relay
@@ -50,6 +56,8 @@ class Forwarded:
     status: int
     #: from sending the request until the upstream's response head arrived
     upstream_seconds: float
+    #: the report headers the upstream's response carried (taken out of it), or None
+    reports: Captured | None = None
 
 
 class FallbackForwarder(Forwarder):
@@ -58,8 +66,14 @@ class FallbackForwarder(Forwarder):
     ``ClientSession`` each for their whole life (kept out of the pool, they cannot starve
     plain requests; the listener's connection limit bounds them)."""
 
-    def __init__(self, config: UpstreamConfig, *, limits: LimitsConfig | None = None) -> None:
-        super().__init__(config, limits=limits)
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        limits: LimitsConfig | None = None,
+        responses: ResponseRules = DEFAULT_RESPONSE_RULES,
+    ) -> None:
+        super().__init__(config, limits=limits, responses=responses)
         base = URL(config.url)
         self._ws_base = ("wss" if self.https else "ws") + str(base.origin())[len(base.scheme) :]
         self._ws_base += self.prefix
@@ -260,7 +274,7 @@ async def _stream_response(
     (``connection.FallbackConnection``) cuts a client off that takes nothing for
     ``send_timeout``, which ends the wait, and the exchange with it.
     """
-    fields, _ = forward.head(request_id)
+    fields, _, reports = forward.head(request_id)
     headers = lines_to_multidict(fields)
     headers.setdefault("Server", SERVER)  # as on the listener's own path; not aiohttp's banner
     status = forward.status
@@ -268,7 +282,7 @@ async def _stream_response(
     complete = forward.complete
     kind = _WholeResponse if complete else _Relayed
     response = kind(status=status, reason=reason, headers=headers)
-    forwarded = Forwarded(response, status, forward.upstream_seconds)
+    forwarded = Forwarded(response, status, forward.upstream_seconds, reports)
     last_on_connection(request, response)
     try:
         await response.prepare(request)

@@ -115,6 +115,7 @@ class Serve:
             else:
                 result = await upstream.forward(web_request, headers)
             forwarded = result.response
+            request.reports = result.reports
             return result.status, result.upstream_seconds
 
         gateway = self.state.gateway

@@ -362,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
         gateway = self._state.gateway
         try:
             try:
-                fields, flags = forward.head(request.request_id)
+                fields, flags, request.reports = forward.head(request.request_id)
                 self._writer.respond(
                     request, forward.status, forward.reason, fields, flags, forward.take(), True
                 )
@@ -436,7 +436,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             await forward.response()
             writer = self._writer
-            fields, flags = forward.head(request.request_id)
+            fields, flags, request.reports = forward.head(request.request_id)
             if forward.complete:  # all of it arrived with the head: one write
                 writer.respond(
                     request, forward.status, forward.reason, fields, flags, forward.take(), True

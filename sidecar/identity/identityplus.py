@@ -2,7 +2,8 @@
 
 Owns the long-lived API session (this service's own "agent" certificate, reloaded when its
 files change; optional server pins checked on every new connection), the inquiry and its
-outcome table, and the intents that send a browser to Identity Plus sign-on.
+outcome table, the intents that send a browser to Identity Plus sign-on, and the
+trust-community calls that trust reports make (bind, unbind, trust, intrusion report).
 See ``/spec/identityplus.md`` for the protocol as the official clients speak it.
 """
 
@@ -35,6 +36,7 @@ from ..tls import load_chain, load_chain_files
 from . import LookupContext, SignOnPurpose, Trust, User, Verdict
 from .http import client_ssl_context, exchange_json, new_session
 from .issuers import Issuers
+from .report_values import CommunityReply
 
 
 def _log() -> Any:
@@ -69,6 +71,10 @@ _CREDENTIAL_HINT = (
 )
 _CREDENTIAL_LOG_EVERY = 60.0
 _OUTCOME = re.compile(r"^(OK|PB|ER) \d{4}$")
+#: "General Identity Plus API Problem" (the Java client's Outcome): transient, for a report
+GENERAL_PROBLEM = "ER 1106"
+#: the envelopes a trust-community call is answered in
+_COMMUNITY_ENVELOPES = ("Simple-Response", "Reference-Number", "Identity-Profile")
 _SERIAL = re.compile(r"0[xX][0-9A-Fa-f]{1,40}|[0-9]{1,49}")
 
 
@@ -218,6 +224,100 @@ class IdentityPlusBackend:
             await channel.session.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # ---- trust-community calls (trust reports) -------------------------------------------
+
+    async def bind(self, serial: int, local_user_name: str) -> CommunityReply:
+        """Bind a site-local user to the certificate (later inquiries: ``OK 0002``)."""
+        return await self._community(
+            "PUT",
+            {
+                "Local-User-Information": {
+                    "serial-number": self._serial_text(serial),
+                    "local-user-name": local_user_name,
+                }
+            },
+        )
+
+    async def unbind(self, local_user_name: str) -> CommunityReply:
+        """Unbind a site-local user (Identity Plus knows the binding by the name alone)."""
+        return await self._community(
+            "DELETE", {"Local-User-Reference": {"local-user-name": local_user_name}}
+        )
+
+    async def trust(
+        self,
+        serial: int,
+        trust_type: str,
+        *,
+        tokens: int | None = None,
+        local_user_name: str | None = None,
+    ) -> CommunityReply:
+        """Vouch for the certificate's owner (``Trust``; the bound name too when known)."""
+        fields: dict[str, object] = {
+            "serial-number": self._serial_text(serial),
+            "trust-type": trust_type,
+        }
+        if tokens is not None:
+            fields["tokens-of-trust"] = tokens
+        if local_user_name is not None:
+            fields["local-user-name"] = local_user_name
+        return await self._community("PUT", {"Trust": fields})
+
+    async def report_intrusion(
+        self,
+        serial: int,
+        severity: str,
+        *,
+        message: str | None = None,
+        ip_address: str | None = None,
+        url: str | None = None,
+    ) -> CommunityReply:
+        """Report the certificate as an intruder; the reply carries a reference number."""
+        fields: dict[str, object] = {
+            "intruding-certificate-uid": self._serial_text(serial),
+            "severity": severity,
+        }
+        if message is not None:
+            fields["message"] = message
+        if ip_address is not None:
+            fields["intruder-ip-address"] = ip_address
+        if url is not None:
+            fields["intruded-url"] = url
+        return await self._community("PUT", {"Intrusion-Report": fields})
+
+    async def _community(self, method: str, document: dict[str, object]) -> CommunityReply:
+        """One trust-community call and its outcome, ER outcomes included (the caller decides
+        what they mean for its report), except this service's own credential problems
+        (ER 1100..ER 1105), which are recorded and raised as for an inquiry. Raises
+        ``IdentityUnavailable`` when the service fails or answers what is not understood."""
+        reply = await self._call(method, document)
+        if not isinstance(reply, dict):
+            raise IdentityUnavailable(
+                f"{SERVICE} answered JSON that is not an object", code="malformed"
+            )
+        envelope = next((reply[k] for k in _COMMUNITY_ENVELOPES if k in reply), None)
+        if envelope is None and len(reply) == 1:
+            envelope = next(iter(reply.values()))
+        if not isinstance(envelope, dict):
+            raise IdentityUnavailable(
+                f"{SERVICE} answered without an envelope this client knows", code="malformed"
+            )
+        outcome = envelope.get("outcome")
+        if not isinstance(outcome, str) or not _OUTCOME.match(outcome.strip()[:7].upper()):
+            raise IdentityUnavailable(
+                f"{SERVICE} answered without a recognised outcome", code="malformed"
+            )
+        code = outcome.strip()[:7].upper()
+        message = envelope.get("message")
+        text = (message if isinstance(message, str) else outcome.strip()[7:]).strip()[:200]
+        if code in _CREDENTIAL_CODES and code != GENERAL_PROBLEM:
+            self._refused(code, text)
+        if not code.startswith("ER"):
+            self._clear_credential_problem()
+        value = envelope.get("value")
+        reference = _text(value) if code.startswith("OK") else None
+        return CommunityReply(code, text, reference[:100] if reference else None)
 
     def _serial_text(self, serial: int) -> str:
         return f"0x{serial:X}" if self._config.serial_format == "hex" else str(serial)

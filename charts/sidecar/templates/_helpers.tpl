@@ -152,6 +152,7 @@ reaches; the other keys (key_prefix, timeout) stay config's. */}}
 {{- $_ := set $identity "cache" $cache }}
 {{- $_ := set $config "identity" $identity }}
 {{- end }}
+{{- include "sidecar.trustReports" (dict "config" $config "values" .Values.trustReports) }}
 {{- if .Values.serviceMonitor.enabled }}
 {{- /* The admin listener refuses a Host it does not know (DNS rebinding): a scrape through
 the -metrics Service by name must be known, besides the names config gives. */}}
@@ -188,6 +189,40 @@ the -metrics Service by name must be known, besides the names config gives. */}}
 {{- end }}
 {{- end }}
 {{- $shared | toJson }}
+{{- end }}
+
+{{/*
+trustReports, written into the configuration: identity.identityplus.reports (enabled and
+settings), headers.reports and admin.reports_from. A key that config sets too is an error.
+*/}}
+{{- define "sidecar.trustReports" -}}
+{{- $config := .config }}
+{{- $tr := .values }}
+{{- if or $tr.enabled $tr.settings }}
+{{- if not (hasKey $config "identity") }}{{- $_ := set $config "identity" dict }}{{- end }}
+{{- $identity := get $config "identity" }}
+{{- if not (get $identity "identityplus") }}{{- $_ := set $identity "identityplus" dict }}{{- end }}
+{{- $ip := get $identity "identityplus" }}
+{{- if hasKey $ip "reports" }}
+{{- fail "config.identity.identityplus.reports and trustReports both set trust reports: use trustReports (or config alone)" }}
+{{- end }}
+{{- $_ := set $ip "reports" (merge (dict "enabled" $tr.enabled) (deepCopy ($tr.settings | default dict))) }}
+{{- end }}
+{{- if $tr.headers }}
+{{- if not (hasKey $config "headers") }}{{- $_ := set $config "headers" dict }}{{- end }}
+{{- $headers := get $config "headers" }}
+{{- if hasKey $headers "reports" }}
+{{- fail "config.headers.reports and trustReports.headers both name the report headers: use one" }}
+{{- end }}
+{{- $_ := set $headers "reports" (deepCopy $tr.headers) }}
+{{- end }}
+{{- if $tr.from }}
+{{- $admin := get $config "admin" }}
+{{- if hasKey $admin "reports_from" }}
+{{- fail "config.admin.reports_from and trustReports.from both list who may send reports: use one" }}
+{{- end }}
+{{- $_ := set $admin "reports_from" $tr.from }}
+{{- end }}
 {{- end }}
 
 {{/* The Service of the admin port (serviceMonitor), and the DNS names it is reached by. */}}
@@ -266,6 +301,9 @@ the -metrics Service by name must be known, besides the names config gives. */}}
 {{- end }}
 {{- $backend := dig "identity" "backend" "static" (.Values.config | default dict) }}
 {{- $ip := dig "identity" "identityplus" dict (.Values.config | default dict) }}
+{{- if and .Values.trustReports.enabled (ne $backend "identityplus") }}
+{{- fail "trustReports.enabled needs config.identity.backend: identityplus (trust reports are Identity Plus calls)" }}
+{{- end }}
 {{- if and (eq $backend "identityplus") (not .Values.identityPlus.agentSecretName) (not (or (get $ip "certificate") (get $ip "p12"))) }}
 {{- fail "identityPlus.agentSecretName is required with config.identity.backend identityplus: the Secret with this service's agent certificate and key" }}
 {{- end }}
