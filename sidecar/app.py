@@ -100,6 +100,12 @@ def build_cache(
     return VerdictCache(backend, config.cache, shared=shared)
 
 
+def own_backend(backend: object) -> object:
+    """The identity backend itself, out of revocation's ``WatchedBackend`` when it watches
+    it: what asks of a backend by its class (static, Identity Plus) must look here."""
+    return backend.backend if isinstance(backend, WatchedBackend) else backend
+
+
 def build_legacy(config: IdentityConfig, cache: VerdictCache) -> Legacy | None:
     """Identity Plus HTTP legacy for ``cache``'s backend, when ``identityplus.legacy`` is on."""
     section = config.identityplus
@@ -107,9 +113,7 @@ def build_legacy(config: IdentityConfig, cache: VerdictCache) -> Legacy | None:
         return None
     from .identity.identityplus import IdentityPlusBackend
 
-    backend = cache.backend
-    if isinstance(backend, WatchedBackend):  # revocation watches the backend's verdicts
-        backend = backend.backend
+    backend = own_backend(cache.backend)
     assert isinstance(backend, IdentityPlusBackend)  # config: legacy needs identityplus
     return Legacy(backend, section.session_key_bytes(), lifetime=config.cache.ttl)
 
@@ -413,7 +417,7 @@ class Sidecar:
                 }
             question.cert = cert
         identity = plan.identity
-        backend = getattr(identity, "backend", None)
+        backend = own_backend(getattr(identity, "backend", None))
 
         def verdict_of(cert: ClientCert) -> tuple[Verdict | None, str]:
             if isinstance(backend, StaticBackend):
@@ -442,9 +446,7 @@ class Sidecar:
         from .identity.identityplus import IdentityPlusBackend
 
         cache = self._cache()
-        backend = cache.backend if cache is not None else None
-        if isinstance(backend, WatchedBackend):  # revocation watches the backend's verdicts
-            backend = backend.backend
+        backend = own_backend(cache.backend) if cache is not None else None
         return backend if isinstance(backend, IdentityPlusBackend) else None
 
     async def _forget_everywhere(
