@@ -332,6 +332,9 @@ class Sidecar:
                     config.identity, wrap=lambda b: WatchedBackend(b, self.revocation)
                 )
                 built.append(cache.close)
+                if cache.shared is not None:
+                    # before it connects: the connection loads the fleet's deny entries
+                    cache.shared.attach_deny(self.revocation)
                 await cache.start()
                 identity = cache
                 legacy = build_legacy(config.identity, cache)
@@ -369,7 +372,7 @@ class Sidecar:
         )
         self.readiness.checks.append(self._identity_problem)
         self.readiness.checks.append(self.revocation.problem)
-        deny_routes(app, self.revocation)
+        deny_routes(app, self.revocation, self._deny_fleet)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         if self.admin_socket is not None:
@@ -558,6 +561,24 @@ class Sidecar:
         if cache is None or (sha256 is None and serial is None):
             return
         cache.purge(sha256=sha256, serial=serial)
+
+    async def _deny_fleet(self, sha256: str, add: bool) -> bool | None:
+        """A run-time deny entry added (``add``) or taken off here: the same on every replica
+        through the shared cache, if there is one (None without). Logged when it could not."""
+        cache = self._cache()
+        shared = cache.shared if cache is not None else None
+        if shared is None:
+            return None
+        told = await shared.publish_deny(sha256, add=add)
+        if not told:
+            self.log.warning(
+                "deny_not_shared",
+                cert_sha256=sha256,
+                change="added" if add else "removed",
+                reason="the shared cache is unavailable",
+                hint="the entry is this replica's only: repeat it once Redis answers",
+            )
+        return told
 
     def _revoked_elsewhere(self, sha256: str, why: str) -> None:
         """Revocation found ``sha256`` revoked (a deny entry, an OCSP answer, an Identity Plus

@@ -17,13 +17,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..certs import ClientCert, normalize_fingerprint
 from ..config import CacheConfig
 from ..errors import IdentityUnavailable
 from . import Backend, LookupContext, SignOnPurpose, Verdict
 from .intents import IntentGate, SignOn
+
+if TYPE_CHECKING:
+    from .shared.store import DenySink
 
 
 @dataclass(slots=True)
@@ -52,6 +55,10 @@ class SharedLevel(Protocol):
     async def publish_purge(
         self, *, sha256: str | None = None, serial: int | None = None
     ) -> bool: ...
+
+    def attach_deny(self, sink: DenySink) -> None: ...
+
+    async def publish_deny(self, sha256: str, *, add: bool) -> bool: ...
 
     async def close(self) -> None: ...
 

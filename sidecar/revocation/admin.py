@@ -6,12 +6,16 @@ or a JSON body). With ``listen.workers`` above 1 the supervisor relays ``POST`` 
 to every worker and keeps the run-time entries in ``RUNTIME_DENY_FILE`` in its private runtime
 folder, next to the workers' admin sockets, so that a worker it restarts starts with them
 (``read_runtime``).
+
+With a shared cache (``identity.cache.shared``) ``fleet`` takes each change to every replica
+through Redis; the answer says whether it did (``"fleet": true``), or, with Redis unusable,
+that the entry holds here only (207, ``"fleet": false``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -21,6 +25,14 @@ from .gate import Revocation
 
 #: the supervisor's list of run-time deny entries, in its runtime folder (one JSON list)
 RUNTIME_DENY_FILE = "deny.json"
+
+#: ``fleet(sha256, add)``: True once every replica was told, False when they could not be,
+#: None without a shared cache
+Fleet = Callable[[str, bool], Awaitable[bool | None]]
+
+_LOCAL_ONLY = (
+    "the shared cache is unavailable: the entry is local only, other replicas were not told"
+)
 
 
 def _json(status: int, doc: Mapping[str, object]) -> web.Response:
@@ -38,7 +50,16 @@ def fingerprint_of(query: Mapping[str, str]) -> str:
     return normalize_fingerprint(text)
 
 
-def deny_routes(app: web.Application, revocation: Revocation) -> None:
+def _fleet_answer(doc: dict[str, object], fleet: bool | None) -> web.Response:
+    if fleet is None:
+        return _json(200, doc)
+    doc["fleet"] = fleet
+    if not fleet:
+        doc["error"] = _LOCAL_ONLY
+    return _json(200 if fleet else 207, doc)
+
+
+def deny_routes(app: web.Application, revocation: Revocation, fleet: Fleet | None = None) -> None:
     """``GET /deny`` lists the entries; ``POST /deny?sha256=`` refuses a certificate from now
     on (open connections included) and drops its cached verdict; ``DELETE /deny?sha256=``
     takes a run-time entry off (one in ``tls.deny`` is the configuration's: 409)."""
@@ -52,7 +73,8 @@ def deny_routes(app: web.Application, revocation: Revocation) -> None:
         except ValueError as exc:
             return _json(400, {"error": str(exc)})
         new = revocation.deny(sha256)
-        return _json(200, {"denied": sha256, "new": new})
+        told = await fleet(sha256, True) if fleet is not None else None
+        return _fleet_answer({"denied": sha256, "new": new}, told)
 
     async def remove(request: web.Request) -> web.Response:
         try:
@@ -69,7 +91,8 @@ def deny_routes(app: web.Application, revocation: Revocation) -> None:
             )
         if result == "absent":
             return _json(404, {"error": "this certificate is not on the run-time deny-list"})
-        return _json(200, {"removed": sha256})
+        told = await fleet(sha256, False) if fleet is not None else None
+        return _fleet_answer({"removed": sha256}, told)
 
     app.router.add_get("/deny", listing)
     app.router.add_post("/deny", add)

@@ -117,7 +117,7 @@ def _user(value: object) -> User:
 
 # ---- fleet messages -------------------------------------------------------------------------
 
-Op = Literal["purge", "ready"]
+Op = Literal["purge", "ready", "deny", "allow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +131,7 @@ class Message:
     is done. With ``verdict`` (what ``encode_verdict`` wrote, as text) and ``ttl_ms``, it
     stored that, so those waiting need not ask Redis; without, it gave up (a failure, a
     verdict that is not shared) and they ask the backend themselves.
+    ``deny`` / ``allow``: a run-time deny entry for ``sha256`` was added / taken off.
     """
 
     op: Op
@@ -163,6 +164,8 @@ def encode_message(message: Message) -> bytes:
 _MESSAGE_KEYS = {
     "purge": frozenset({"v", "op", "from", "sha256", "serial", "epoch", "ns"}),
     "ready": frozenset({"v", "op", "from", "sha256", "ns", "epoch", "verdict", "ttl_ms"}),
+    "deny": frozenset({"v", "op", "from", "sha256"}),
+    "allow": frozenset({"v", "op", "from", "sha256"}),
 }
 
 
@@ -171,7 +174,7 @@ def decode_message(raw: object) -> Message | None:
     try:
         doc = _object(raw)
         op = doc.get("op")
-        if op != "purge" and op != "ready":
+        if op not in _MESSAGE_KEYS:
             return None
         if set(doc) - _MESSAGE_KEYS[op] or not _version_1(doc):
             return None
@@ -196,6 +199,10 @@ def decode_message(raw: object) -> Message | None:
             not isinstance(namespace, str) or not _NAMESPACE.match(namespace)
         ):
             return None
+        if op == "deny" or op == "allow":
+            if sha256 is None:
+                return None
+            return Message("deny" if op == "deny" else "allow", sender, sha256=sha256)
         if op == "ready":
             verdict = doc.get("verdict")
             ttl_ms = doc.get("ttl_ms")

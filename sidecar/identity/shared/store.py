@@ -13,7 +13,10 @@ connection slots of their own: a burst of first lookups cannot queue them.
 Keys, all under ``key_prefix`` (``P``), each certificate's in one Redis Cluster slot::
 
     P epoch                                  the shared level's epoch (a purge of all bumps it)
-    P events                                 the channel: purges, "a verdict is ready"
+    P events                                 the channel: purges, "a verdict is ready",
+                                             run-time deny entries added and taken off
+    P deny                                   the run-time deny entries (a set of SHA-256
+                                             fingerprints, no expiry)
     P <namespace>:<epoch>:v:{<sha256>}      the verdict (record.encode_verdict), PX its ttl
     P <namespace>:<epoch>:l:{<sha256>}      the lock: a random token, PX backend timeout + 1 s
     P <namespace>:<epoch>:w:{<sha256>}      someone waits: the holder tells the channel
@@ -24,6 +27,12 @@ lets anything through: every call is bounded by ``timeout``, and while Redis is 
 (down, slow three times in a row, answering errors) lookups go to the backend directly, with
 the local cache only; a task reconnects with backoff. On every (re)connection the local cache
 is emptied, since purges sent meanwhile were missed. State changes are logged once.
+
+Run-time deny entries (``POST``/``DELETE /deny``) go the same way: added to or taken off the
+``deny`` set, then announced on the channel; every replica applies what it hears (without
+announcing it again), and on every (re)connection loads the set: entries it missed are
+denied, entries it had from the fleet that are gone from the set are allowed again. An entry
+a replica added while Redis was unusable stays that replica's own.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -111,6 +121,7 @@ return e
 """
 
 _FOUND, _OWNER, _LOCKED, _FREE = 1, 2, 3, 0
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: calls that time out in a row before Redis counts as unusable
 _TIMEOUTS_DOWN = 3
 #: reconnection backoff (jittered), seconds
@@ -130,6 +141,14 @@ class LocalCache(Protocol):
     entries on every reconnection)."""
 
     def purge(self, *, sha256: str | None = None, serial: int | None = None) -> int: ...
+
+
+class DenySink(Protocol):
+    """Where deny entries from the fleet go (``revocation.gate.Revocation``)."""
+
+    def deny(self, sha256: str, *, announce: bool = True) -> bool: ...
+
+    def allow(self, sha256: str) -> str: ...
 
 
 class _Unavailable(Exception):
@@ -226,6 +245,10 @@ class SharedCache:
         self._prefix = prefix
         self.channel = f"{prefix}events"
         self._epoch_key = f"{prefix}epoch"
+        self._deny_key = f"{prefix}deny"
+        #: the entries of the deny set this process knows of (loaded, heard, or sent)
+        self._fleet_denied: set[str] = set()
+        self._deny_sink: DenySink | None = None
         self._epoch = 0
         #: tells messages of this process from the others'
         self.instance = secrets.token_hex(8)
@@ -253,6 +276,9 @@ class SharedCache:
 
     def attach(self, local: LocalCache) -> None:
         self._local = local
+
+    def attach_deny(self, sink: DenySink) -> None:
+        self._deny_sink = sink
 
     def up(self) -> bool:
         """Whether lookups use Redis now (read through here after an await: compiled code
@@ -353,6 +379,7 @@ class SharedCache:
                 if isinstance(message, dict) and message.get("type") == "subscribe":
                     break
             epoch = await scripts.epoch(keys=[self._epoch_key], args=[self._epoch, 0])
+            denied = await self._read_denied(client)
             # Open the connections now, not in the middle of the next burst of misses.
             if self.target.mode != "cluster":
                 await asyncio.gather(*(client.ping() for _ in range(MAX_CONNECTIONS)))
@@ -362,7 +389,37 @@ class SharedCache:
         self._scripts = scripts
         self.heard_from_redis()
         self._resync()
+        self._load_denied(denied)
         self._went_up()
+
+    async def _read_denied(self, client: Any) -> set[str] | None:
+        """The deny set's valid members; None when the key is not a set (counted, logged)."""
+        try:
+            members = await client.smembers(self._deny_key)
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            self._invalid("the deny set", self._deny_key)
+            return None
+        denied = set()
+        for member in members:
+            text = member.decode("ascii", "replace") if isinstance(member, bytes) else member
+            if isinstance(text, str) and _SHA256.match(text):
+                denied.add(text)
+            else:
+                self._invalid("a deny set member", member)
+        return denied
+
+    def _load_denied(self, denied: set[str] | None) -> None:
+        """Apply the deny set after a (re)connection: what was missed meanwhile."""
+        sink = self._deny_sink
+        if denied is None or sink is None:
+            return
+        for sha256 in sorted(self._fleet_denied - denied):
+            sink.allow(sha256)  # taken off elsewhere while this process was not listening
+        for sha256 in sorted(denied):
+            sink.deny(sha256, announce=False)
+        self._fleet_denied = denied
 
     async def _listen(self, pubsub: Any) -> None:
         """Handle the channel's messages until the connection is judged broken: an error, no
@@ -788,6 +845,28 @@ class SharedCache:
         self.stats.purges["sent"] += 1
         return True
 
+    async def publish_deny(self, sha256: str, *, add: bool) -> bool:
+        """Add a run-time deny entry to (``add``) or take it off the fleet's set, and tell
+        every replica; True once Redis took both."""
+        if not self.up():
+            return False
+        key = self._deny_key
+        data = encode_message(Message("deny" if add else "allow", self.instance, sha256=sha256))
+        channel = self.channel
+        try:
+            if add:
+                await self._call(lambda s: s.client.sadd(key, sha256))
+            else:
+                await self._call(lambda s: s.client.srem(key, sha256))
+            await self._call(lambda s: s.client.publish(channel, data))
+        except (_Unavailable, _Invalid):
+            return False
+        if add:
+            self._fleet_denied.add(sha256)
+        else:
+            self._fleet_denied.discard(sha256)
+        return True
+
     def _set_epoch(self, epoch: int) -> None:
         if epoch > self._epoch:
             self._epoch = epoch
@@ -803,6 +882,9 @@ class SharedCache:
         if message.op == "ready":
             self._told(message)
             return
+        if message.op == "deny" or message.op == "allow":
+            self._denied(message)
+            return
         self.stats.purges["received"] += 1
         if message.epoch is not None:
             self._set_epoch(message.epoch)
@@ -813,6 +895,22 @@ class SharedCache:
             # Replicas of another configuration (a rollout) keep their own keys: drop ours.
             keys = self.keys(message.sha256)
             self._spawn(self._quiet_call(lambda s: s.client.delete(*keys)))
+
+    def _denied(self, message: Message) -> None:
+        """Another replica added or took off a run-time deny entry: the same here, without
+        announcing it again (no echo)."""
+        sha256 = message.sha256
+        if sha256 is None:
+            return
+        sink = self._deny_sink
+        if message.op == "deny":
+            self._fleet_denied.add(sha256)
+            if sink is not None:
+                sink.deny(sha256, announce=False)
+        else:
+            self._fleet_denied.discard(sha256)
+            if sink is not None:
+                sink.allow(sha256)
 
     def _told(self, message: Message) -> None:
         """A holder is done: wake the lookup waiting for it here, with its verdict if it sent

@@ -1,0 +1,155 @@
+"""Run-time deny entries reach every replica sharing a verdict cache (issue #17 item 3 with
+#14): ``POST /deny`` on one replica and every other refuses the certificate within a second;
+``DELETE /deny`` and they allow it again. The entries are kept in Redis (a set under the key
+prefix), so a replica that starts, or reconnects, later has them.
+
+Real ``sidecar run`` processes, one real Redis, requests over real TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+from .conftest import ConfigDir, Upstream
+from .fleet import (
+    Client,
+    CutProxy,
+    Replica,
+    Verdicts,
+    eventually,
+    fleet,
+    get,
+    make_clients,
+    verdicts,
+)
+from .redisd import RedisServer, redis_server
+from .test_shared_fleet import _shared_down, _shared_up, start_fleet
+
+__all__ = ["fleet", "redis_server", "verdicts"]  # fixtures
+
+Fleet = Callable[..., Awaitable[Replica]]
+
+
+async def _status_everywhere(replicas: list[Replica], client: Client, status: int) -> bool:
+    return {await get(r.port, client) for r in replicas for _ in range(2)} == {status}
+
+
+async def test_a_deny_entry_reaches_every_replica_and_one_started_later(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    a, b = await start_fleet(fleet, config_dir, upstream, verdicts, redis_server.url, 2)
+    [client] = make_clients(config_dir, 1)
+    assert await get(a.port, client) == 200 and await get(b.port, client) == 200
+    status, body = await a.admin("POST", f"/deny?sha256={client.sha256}")
+    assert status == 200, body
+    assert json.loads(body) == {"denied": client.sha256, "new": True, "fleet": True}
+    denied_at = time.monotonic()
+    await eventually(lambda: _status_everywhere([a, b], client, 403), within=5)
+    assert time.monotonic() - denied_at < 2.5
+    # b refuses it as revoked, and lists it
+    _, listing = await b.admin("GET", "/deny")
+    assert json.loads(listing)["runtime"] == [client.sha256]
+    # kept in Redis, under the prefix: fingerprints only
+    assert redis_server.client().smembers("sidecar:deny") == {client.sha256.encode()}
+    # a replica started after the deny has it from its first request
+    [c] = await start_fleet(fleet, config_dir, upstream, verdicts, redis_server.url, 1)
+    assert await get(c.port, client) == 403
+    # no echo: b and c did not send it back (a's answer said "new" once, Redis holds one)
+    assert not [e for e in b.events() + c.events() if e.get("event") == "deny_not_shared"]
+    # DELETE on a: every replica allows it again
+    status, body = await a.admin("DELETE", f"/deny?sha256={client.sha256}")
+    assert status == 200, body
+    assert json.loads(body)["fleet"] is True
+    await eventually(lambda: _status_everywhere([a, b, c], client, 200), within=5)
+    assert redis_server.client().smembers("sidecar:deny") == set()
+
+
+async def test_a_replica_cut_off_from_redis_catches_up_when_it_reconnects(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    proxy = CutProxy(redis_server.port)
+    await proxy.restore()
+    a, b = await start_fleet(
+        fleet, config_dir, upstream, verdicts, [redis_server.url, proxy.url], 2
+    )
+    first, second = make_clients(config_dir, 2)
+    for client in (first, second):
+        assert await get(a.port, client) == 200 and await get(b.port, client) == 200
+    assert (await a.admin("POST", f"/deny?sha256={first.sha256}"))[0] == 200
+    await eventually(lambda: _status_everywhere([b], first, 403), within=5)
+    await proxy.cut()
+    await eventually(lambda: _shared_down(b))
+    # meanwhile: first allowed again, second denied
+    assert (await a.admin("DELETE", f"/deny?sha256={first.sha256}"))[0] == 200
+    assert (await a.admin("POST", f"/deny?sha256={second.sha256}"))[0] == 200
+    # b could not hear it: it keeps refusing what it was told to (fails closed)
+    assert await get(b.port, first) == 403
+    await proxy.restore()
+    await eventually(lambda: _shared_up(b))
+    await eventually(lambda: _status_everywhere([b], second, 403), within=5)
+    await eventually(lambda: _status_everywhere([b], first, 200), within=5)
+    await proxy.cut()
+
+
+async def test_without_redis_a_deny_entry_holds_here_and_says_so(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    [a] = await start_fleet(fleet, config_dir, upstream, verdicts, redis_server.url, 1)
+    [client] = make_clients(config_dir, 1)
+    assert await get(a.port, client) == 200
+    redis_server.kill()
+    await eventually(lambda: _shared_down(a))
+    status, body = await a.admin("POST", f"/deny?sha256={client.sha256}")
+    assert status == 207, body
+    doc = json.loads(body)
+    assert doc["denied"] == client.sha256 and doc["fleet"] is False
+    assert "local only" in doc["error"]
+    assert await get(a.port, client) == 403
+    assert len([e for e in a.events() if e.get("event") == "deny_not_shared"]) == 1
+
+
+async def test_a_malformed_deny_message_is_counted_and_ignored(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    [a] = await start_fleet(fleet, config_dir, upstream, verdicts, redis_server.url, 1)
+    [client] = make_clients(config_dir, 1)
+    assert await get(a.port, client) == 200
+    redis = redis_server.client()
+    bad = [
+        {"v": 1, "op": "deny", "from": "0123456789abcdef", "sha256": "zz"},
+        {"v": 1, "op": "deny", "from": "0123456789abcdef"},
+        {"v": 1, "op": "deny", "from": "0123456789abcdef", "sha256": client.sha256, "x": 1},
+        {"v": 2, "op": "allow", "from": "0123456789abcdef", "sha256": client.sha256},
+    ]
+    for doc in bad:
+        redis.publish("sidecar:events", json.dumps(doc))
+    await eventually(
+        lambda: _metric_at_least(a, "sidecar_cache_shared_errors_total", len(bad)), within=5
+    )
+    assert await get(a.port, client) == 200
+    # a well-formed one from another replica is obeyed
+    good = {"v": 1, "op": "deny", "from": "0123456789abcdef", "sha256": client.sha256}
+    redis.publish("sidecar:events", json.dumps(good))
+    await eventually(lambda: _status_everywhere([a], client, 403), within=5)
+
+
+async def _metric_at_least(replica: Replica, name: str, value: float) -> bool:
+    return await replica.metric(name, kind="invalid_message") >= value
