@@ -327,3 +327,27 @@ async def test_an_alb_in_verify_mode_passes_the_leaf_in_its_own_header(
     answer = await request(running, "/admin/x", [("X-Amzn-Mtls-Clientcert-Leaf", outsider)])
     assert answer.status == 403, answer.body
     assert len(upstream.seen) == forwarded
+
+
+async def test_without_tls_no_server_certificate_is_needed(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """``listen.tls: false`` serves no certificate, so none is asked for: behind a load balancer
+    that terminates TLS the operator has no certificate to give. With ``listen.tls: true``
+    both stay required, each named."""
+    data = front_config(config_dir, upstream, trusted=["127.0.0.1/32"])
+    del data["tls"]["certificate"], data["tls"]["key"]
+    running = await start_sidecar(data)
+    alice = running.certs.alice
+    answer = await request(running, "/admin/x", [("ssl-client-cert", escaped(alice))])
+    assert answer.status == 200, answer.body
+    assert decode_userinfo(upstream.last.header("X-USERINFO")[0])["sub"] == ALICE_SUB
+
+    data["listen"]["tls"] = True
+    with pytest.raises(ConfigError) as info:
+        parse(data, base_dir=config_dir.path, env={})
+    assert any(p.startswith("tls.certificate: required") for p in info.value.problems), info
+    data["tls"]["certificate"] = str(config_dir.path / "server.pem")
+    with pytest.raises(ConfigError) as info:
+        parse(data, base_dir=config_dir.path, env={})
+    assert any(p.startswith("tls.key: required") for p in info.value.problems), info
