@@ -182,6 +182,19 @@ async def _probe(hot: Conn, stop: asyncio.Event, out: list[tuple[float, float, i
         out.append((t, latency, status))
 
 
+async def _watch_loop(stop: asyncio.Event, stalls: list[tuple[float, float]]) -> None:
+    """The driver's own event loop: every turn that took longer than 10 ms (start, length).
+    The hot client's probes share this loop with the burst's client-side handshakes, so a
+    stall here delays a probe whatever the sidecar does."""
+    tick = 0.002
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(tick)
+        late = time.perf_counter() - t - tick
+        if late > 0.01:
+            stalls.append((t, late))
+
+
 async def drive(args: argparse.Namespace) -> dict[str, Any]:
     certs = sorted(Path(args.certs).glob("client-*.pem"))[: args.count]
     if len(certs) < args.count:
@@ -215,6 +228,8 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     }
     probe: list[tuple[float, float, int]] = []
     stop = asyncio.Event()
+    stalls: list[tuple[float, float]] = []
+    watcher = asyncio.ensure_future(_watch_loop(stop, stalls))
     conns: list[Conn] = []
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
@@ -259,13 +274,25 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     t1 = time.perf_counter()
     wall1 = time.time()
     stop.set()
-    await asyncio.gather(*probe_tasks)
+    await asyncio.gather(*probe_tasks, watcher)
     during = [lat for (t, lat, _) in probe if t0 <= t <= t1]
+    # probes during which the driver's own loop stalled (see _watch_loop)
+    stalled = [
+        lat
+        for (t, lat, _) in probe
+        if t0 <= t <= t1 and any(s < t + lat and t < s + d for (s, d) in stalls)
+    ]
     result["burst_seconds"] = round(t1 - t0, 3)
     result["burst_window"] = [wall1 - (t1 - t0), wall1]
     result["burst_statuses"] = {str(k): v for k, v in sorted(statuses.items())}
     result["burst_latency"] = _ms(latencies)
     result["hot_during_burst"] = _ms(during)
+    burst_stalls = sorted((d for (s, d) in stalls if t0 <= s <= t1), reverse=True)
+    result["driver_stalls"] = {
+        "count": len(burst_stalls),
+        "longest_ms": [round(d * 1000, 1) for d in burst_stalls[:10]],
+        "probes_overlapping": len(stalled),
+    }
     result["hot_statuses"] = dict(Counter(str(s) for (_, _, s) in probe))
 
     # A second round on the same connections: every verdict is cached now.
