@@ -12,7 +12,8 @@ arrives while this turn's budget is spent (or while others wait) is queued; each
 runs queued steps, first come first served, until the budget is spent again, and in between
 the loop reads and answers the open connections. At least one step runs per turn, so
 handshakes always progress; with no contention a step runs at once, as without a budget.
-A queued connection stops reading (nothing more is buffered for it) and keeps its deadlines
+A queued connection buffers little (``tls_transport`` stops reading it beyond a
+handshake flight's worth) and keeps its deadlines
 (``client_hello_timeout``, ``handshake_timeout``): one that ends while queued is skipped.
 It is HAProxy's and nginx's idea of bounding handshake work (``maxsslrate``) measured in CPU
 time instead of handshakes per second, since one event loop is the resource being shared.
@@ -39,10 +40,10 @@ class Handshaking(Protocol):
         """Let OpenSSL process what the client sent (a no-op once the connection ended)."""
 
     def handshake_deferred(self) -> None:
-        """The step waits in the queue: stop reading meanwhile."""
+        """The step waits in the queue."""
 
     def handshake_resumed(self) -> None:
-        """The step leaves the queue (it runs next): read again."""
+        """The step leaves the queue (it runs next)."""
 
 
 class HandshakeScheduler:

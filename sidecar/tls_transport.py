@@ -18,8 +18,9 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
   a slot for seconds, not a minute (a client that means it sends its ClientHello at once).
   Each handshake step (OpenSSL answering what the client sent) runs within the worker's
   handshake budget per turn of the event loop (``handshakes``, ``limits.handshake_budget``):
-  beyond it, the step waits its turn, first come first served, and the connection is not read
-  meanwhile, so that a burst of handshakes cannot hold up the connections already open.
+  beyond it, the step waits its turn, first come first served (and the connection is not
+  read beyond ``_QUEUED_BYTES`` meanwhile), so that a burst of handshakes cannot hold up the
+  connections already open.
   A handshake OpenSSL refuses is answered
   with the alert OpenSSL chose (certificate_required, unknown_ca, certificate_expired, ...),
   flushed before the connection is closed, so that browsers and scanners can say why. Each
@@ -68,6 +69,9 @@ _SHUTDOWN_TIMEOUT = 30.0
 #: the TCP transport's write-buffer water marks once the connection is open: asyncio's and
 #: uvloop's for their TLS transports, so the application sees the flow control it had with them
 _HIGH_WATER = 512 * 1024
+#: what a connection whose handshake step waits (``handshakes``) may receive meanwhile before
+#: its socket is no longer read: more than any client's handshake flight
+_QUEUED_BYTES = 64 * 1024
 _LOW_WATER = _HIGH_WATER // 4
 
 _HANDSHAKE = 0  # accepted; the handshake runs
@@ -122,6 +126,7 @@ class TLSProtocol(asyncio.Protocol):
         "_outgoing",
         "_peer",
         "_proxy",
+        "_queue_paused",
         "_queued",
         "_reading_paused",
         "_sslobj",
@@ -149,6 +154,7 @@ class TLSProtocol(asyncio.Protocol):
         self._admitted = False
         #: the next handshake step waits for the worker's handshake budget (``handshakes``)
         self._queued = False
+        self._queue_paused = False  # ... and its socket is not read meanwhile
         self._reading_paused = False  # the application asked
         self._writing_paused = False  # the TCP transport said so
         self._app_writing_paused = False  # the application was told so
@@ -269,6 +275,14 @@ class TLSProtocol(asyncio.Protocol):
                 return
             if not self._queued:
                 self._listener.handshakes.step(self)
+            elif self._incoming.pending > _QUEUED_BYTES and not self._queue_paused:
+                # more than a handshake flight while its step waits: the rest stays in the
+                # kernel (a step often waits a turn or two: pausing each would cost two
+                # system calls for nothing)
+                self._queue_paused = True
+                tcp = self._tcp
+                if tcp is not None:
+                    tcp.pause_reading()
         # closing: what the peer still sends is dropped (see the module's docstring)
 
     def eof_received(self) -> bool:
@@ -315,16 +329,16 @@ class TLSProtocol(asyncio.Protocol):
             self._handshake()
 
     def handshake_deferred(self) -> None:
-        """The step waits for the worker's handshake budget: nothing more is read meanwhile
-        (the deadlines keep running)."""
+        """The step waits for the worker's handshake budget (the deadlines keep running);
+        beyond ``_QUEUED_BYTES`` received meanwhile, the socket is not read."""
         self._queued = True
         self._listener.metrics.tls_handshakes_deferred.inc()
-        tcp = self._tcp
-        if tcp is not None and self._state == _HANDSHAKE:
-            tcp.pause_reading()
 
     def handshake_resumed(self) -> None:
-        """Its turn: read again (what arrives meanwhile waits in the incoming BIO)."""
+        """Its turn: read again if reading was paused while it waited."""
+        if not self._queue_paused:
+            return
+        self._queue_paused = False
         tcp = self._tcp
         if tcp is not None and self._state == _HANDSHAKE and not tcp.is_closing():
             tcp.resume_reading()

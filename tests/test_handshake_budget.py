@@ -281,21 +281,26 @@ def test_queued_handshakes_are_not_read_and_complete_in_order(
         return [c.tcp.reading for c in conns]
 
     assert answered() == [True, False, False], "only the first ClientHello is answered at once"
-    assert reading() == [True, False, False]
     assert listener.handshakes.queued == 2
     assert listener.metrics.tls_handshakes_deferred._value.get() == 2
+    third = conns[2]
+    # a queued connection that receives more than a handshake flight is no longer read
+    third.tls.data_received(b"\x17\x03\x03\x40\x00" + b"x" * 70000)
+    assert reading() == [True, True, False]
     turns.run_soon()
     assert answered() == [True, True, False] and reading() == [True, True, False]
     turns.run_soon()
-    assert answered() == [True, True, True] and listener.handshakes.queued == 0
-    for conn in conns:
+    assert reading() == [True, True, True], "read again when its turn comes"
+    assert listener.handshakes.queued == 0
+    for conn in conns[:2]:
         # the client's second flight; it may wait a turn too
         conn.to_client()
         conn.client_finish()
         for _ in range(4):
             turns.run_soon()
         assert conn.listener.apps and conn.tls.handshaking is False
-    assert len(listener.apps) == 3 and listener.failures == 0
+    assert len(listener.apps) == 2 and listener.failures == 1  # the third, its junk
+    assert third.tcp.end() != "", "its junk ended the handshake"
 
 
 def test_a_queued_handshake_still_times_out(
