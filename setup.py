@@ -63,6 +63,7 @@ COMPILED = [
     "sidecar/servers.py",
     "sidecar/sni.py",
     "sidecar/metrics.py",
+    "sidecar/accesslog.py",
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
     "sidecar/identity/intents.py",

@@ -272,7 +272,7 @@ class Gateway:
             round(upstream * 1000, 3) if upstream is not None else None,
         )
         if self._access is not None:
-            self._access(values)
+            self._access.write(values)
         else:
             self.log.info("request", **dict(zip(ACCESS_FIELDS, values, strict=True)))
 

@@ -5,27 +5,28 @@ subject, never the certificate, a key or the ``X-USERINFO`` value.
 
 Clients choose much of what is logged (a decoded path, a backend's reason), so no format
 lets them start a line or speak to a terminal: JSON escapes every control and non-ASCII
-character (``ensure_ascii``, in the access event's own writer too), and the console format
-and the standard library's loggers write them as escapes (``escape``): C0 and C1 controls,
-DEL, line and paragraph separators, bidirectional overrides, and the backslash itself. Only
-a traceback keeps its line breaks.
+character (``ensure_ascii``; ``accesslog``'s escaper for the access event, the same), and the
+console format and the standard library's loggers write them as escapes (``escape``): C0 and
+C1 controls, DEL, line and paragraph separators, bidirectional overrides, and the backslash
+itself. Only a traceback keeps its line breaks.
+
+The access event, one per request, is rendered by ``accesslog`` (compiled) in either format,
+and every other event by structlog; ``access_writer`` chooses at configure time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import datetime
 import io
-import json
 import logging
-import math
 import sys
-import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+
+from .accesslog import FIELDS, AccessLine
 
 #: info and debug lines reach the stream at most this late (like nginx's access_log flush=)
 FLUSH_EVERY = 0.5
@@ -184,15 +185,17 @@ _LEVELS = {
 
 def configure(fmt: str = "json", level: str = "info") -> None:
     """Configure structlog (and the stdlib loggers aiohttp uses) once per process."""
-    global _access_json, _line_logger
-    _access_json = fmt == "json" and _LEVELS[level] <= logging.INFO
+    global _access_format, _console_colors, _line_logger, _renderers
+    _access_format = fmt if _LEVELS[level] <= logging.INFO else None
     _line_logger = None
     last: list[Any]
     if fmt == "console":
-        last = [_escape_for_console, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        _console_colors = sys.stderr.isatty()
+        last = [_escape_for_console, structlog.dev.ConsoleRenderer(colors=_console_colors)]
     else:
         # ensure_ascii (json's default): every control and non-ASCII character escaped
         last = [structlog.processors.JSONRenderer(ensure_ascii=True)]
+    _renderers = last
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -231,84 +234,66 @@ def get_logger(name: str) -> Any:
 # ---- the access event: one per request, rendered without structlog's processor chain --------
 
 #: the fields of the access event, in the order they are logged
-ACCESS_FIELDS = (
-    "request_id",
-    "client",
-    "method",
-    "path",
-    "status",
-    "duration_ms",
-    "route",
-    "decision",
-    "reason",
-    "verdict",
-    "stale",
-    "cert_serial",
-    "cert_sha256",
-    "cert_subject",
-    "sub",
-    "upstream_ms",
-)
-_access_json = False
+ACCESS_FIELDS = FIELDS
+#: the format of the access event's own writer: None when logs are not at info level
+_access_format: str | None = None
+_console_colors = False
+#: the processors that render an event once it has its level and timestamp
+_renderers: list[Any] = []
 _line_logger: LineLogger | None = None
-_encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
-_KEYS = tuple(f'"{name}": ' for name in ACCESS_FIELDS)
 
 
-def access_writer() -> Callable[[tuple[Any, ...]], None] | None:
-    """A writer of access events (values in ``ACCESS_FIELDS`` order) that renders the same JSON
-    line structlog would (same keys, order, values, timestamp and context variables) at a
-    fraction of the cost, or None when logs are not JSON at info level (use structlog then).
+def access_writer() -> AccessLine | None:
+    """A writer of access events (values in ``ACCESS_FIELDS`` order) that renders the same
+    line structlog would (same keys, order, values, escapes, timestamp and context variables)
+    at a fraction of the cost (``accesslog``), or None where it would not: logs above info
+    level, or a console format that differs (colours on a terminal; a structlog whose console
+    renderer writes values otherwise): use structlog then.
 
     Context variables bound before this call (a worker's index) are part of every event."""
     logger = _line_logger
-    if not _access_json or logger is None:
+    if _access_format is None or logger is None:
         return None
-    extra = "".join(
-        f", {_encode_str(str(key))}: {_json(value)}"
-        for key, value in structlog.contextvars.get_contextvars().items()
-    )
-    tail = f', "event": "request"{extra}, "level": "info", "timestamp": '
-    write = logger.info
-    keys = _KEYS
-
-    def access(values: tuple[Any, ...]) -> None:
-        body = ", ".join([key + _json(value) for key, value in zip(keys, values, strict=True)])
-        write(f'{{{body}{tail}"{_timestamp()}"}}')
-
-    return access
+    context = list(structlog.contextvars.get_contextvars().items())
+    console = _access_format == "console"
+    writer = AccessLine(console, context, logger.info)
+    if console and (_console_colors or not _console_agrees(writer, context)):
+        return None
+    return writer
 
 
-def _json(value: Any) -> str:
-    if value is None:
-        return "null"
-    kind = type(value)
-    if kind is str:
-        return _encode_str(value)
-    if kind is bool:
-        return "true" if value else "false"
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float and math.isfinite(value):
-        return float.__repr__(value)
-    return json.dumps(value, default=repr)
+#: values a console line is checked with before its own writer is used: each way of showing one
+_PROBE = (
+    "r-1",
+    "2001:db8::1",
+    "GET",
+    "/a b/\\x'\"=\n\x1b\u2028\u00e9",
+    200,
+    1.5,
+    "/",
+    "forwarded",
+    "",
+    None,
+    True,
+    "0a",
+    "ab",
+    "CN=x,O=y z",
+    "s-1",
+    0.25,
+)
 
 
-_stamp_second = -1
-_stamp_prefix = ""
-
-
-def _timestamp() -> str:
-    """structlog's TimeStamper(fmt="iso", utc=True): ISO 8601 in UTC, microseconds unless 0."""
-    global _stamp_second, _stamp_prefix
-    now = time.time()
-    second = int(now)
-    micro = round((now - second) * 1_000_000)
-    if micro >= 1_000_000:
-        second, micro = second + 1, 0
-    if second != _stamp_second:
-        _stamp_second = second
-        _stamp_prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime(
-            "%Y-%m-%dT%H:%M:%S"
-        )
-    return f"{_stamp_prefix}.{micro:06d}Z" if micro else f"{_stamp_prefix}Z"
+def _console_agrees(writer: AccessLine, context: list[tuple[str, Any]]) -> bool:
+    """Whether ``writer`` writes the probe event as the configured structlog chain does."""
+    event: Any = dict(context)
+    event.update(zip(ACCESS_FIELDS, _PROBE, strict=True))
+    event["event"] = "request"
+    event["level"] = "info"
+    now = 1764892800.25
+    event["timestamp"] = writer.render(_PROBE, now).split(" ", 1)[0]
+    try:
+        for processor in _renderers:
+            event = processor(None, "info", event)
+    except Exception:  # a renderer this module does not know: structlog renders, then
+        return False
+    return bool(event == writer.render(_PROBE, now))  # the renderer's line
