@@ -21,8 +21,9 @@ import datetime
 import json
 import math
 import time
-from collections.abc import Callable
 from typing import Final
+
+from .loglines import LineLogger
 
 #: the fields of the access event, in the order they are logged (JSON)
 FIELDS: Final = (
@@ -47,6 +48,8 @@ FIELDS: Final = (
 #: keys the event itself sets: a context variable of the same name does not reach the line
 _RESERVED: Final = frozenset([*FIELDS, "event", "level", "timestamp"])
 _HEX: Final = "0123456789abcdef"
+#: no value of any event: what ``AccessLine`` remembers before the first
+_NOTHING: Final = object()
 #: json's short escapes; every other control is written \u00XX
 _JSON_SHORT: Final = {
     '"': '\\"',
@@ -154,7 +157,7 @@ class Stamps:
 
 class AccessLine:
     """Renders access events as ``log``'s structlog set-up would and hands each line to
-    ``write`` (the line logger's held lines). ``context`` is the context variables bound
+    ``lines`` to hold. ``context`` is the context variables bound
     before (a worker's index): part of every line, after the fields, as structlog merges
     them (a field of the same name wins; ``event``, ``level`` and ``timestamp`` are the
     event's own, and only ``worker`` is ever bound)."""
@@ -163,10 +166,10 @@ class AccessLine:
         self,
         console: bool,
         context: list[tuple[str, object]],
-        write: Callable[[str], None],
+        lines: LineLogger,
     ) -> None:
         self.console = console
-        self._write = write
+        self._lines = lines
         self._stamps = Stamps()
         extra = [(key, value) for key, value in context if key not in _RESERVED]
         # JSON: the fields in order, then "event", the context, "level", "timestamp"
@@ -183,10 +186,15 @@ class AccessLine:
         names = sorted([*FIELDS, *(key for key, _ in extra)])
         constant = {key: f"{key}={console_value(value)}" for key, value in extra}
         self._order = [FIELDS.index(name) if name in FIELDS else -1 for name in names]
-        self._labels = [name + "=" if name in FIELDS else constant[name] for name in names]
+        self._labels = [
+            ("" if i == 0 else " ") + (name + "=" if name in FIELDS else constant[name])
+            for i, name in enumerate(names)
+        ]
+        self._last: list[object] = [_NOTHING] * len(FIELDS)
+        self._shown: list[str] = [""] * len(FIELDS)
 
     def write(self, values: tuple[object, ...]) -> None:
-        self._write(self.render(values, time.time()))
+        self._lines.hold(self.render(values, time.time()))
 
     def render(self, values: tuple[object, ...], now: float) -> str:
         stamp = self._stamps.at(now)
@@ -196,7 +204,7 @@ class AccessLine:
         keys = self._keys
         for i in range(len(keys)):
             out.append(keys[i])
-            out.append(json_value(values[i]))
+            out.append(self._value(i, values[i]))
         out.append(self._tail)
         out.append(stamp)
         out.append('"}')
@@ -207,10 +215,20 @@ class AccessLine:
         order = self._order
         labels = self._labels
         for i in range(len(order)):
-            if i:
-                out.append(" ")
             out.append(labels[i])
             index = order[i]
             if index >= 0:
-                out.append(console_value(values[index]))
+                out.append(self._value(index, values[index]))
         return "".join(out).rstrip(" ")
+
+    def _value(self, index: int, value: object) -> str:
+        """The field's value as written; the last one of each field is kept, so that the same
+        object as the last request's (the route's label, the decision, the connection's
+        certificate and address) is not escaped again. It is kept alive by the reference
+        held here, so no other object can be taken for it; strings are immutable."""
+        if value is self._last[index]:
+            return self._shown[index]
+        shown = console_value(value) if self.console else json_value(value)
+        self._last[index] = value
+        self._shown[index] = shown
+        return shown

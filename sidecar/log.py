@@ -10,13 +10,13 @@ console format and the standard library's loggers write them as escapes (``escap
 C1 controls, DEL, line and paragraph separators, bidirectional overrides, and the backslash
 itself. Only a traceback keeps its line breaks.
 
-The access event, one per request, is rendered by ``accesslog`` (compiled) in either format,
-and every other event by structlog; ``access_writer`` chooses at configure time.
+The access event, one per request, is rendered by ``accesslog`` in either format, every
+other event by structlog; ``access_writer`` chooses at configure time. ``loglines`` holds and
+writes the lines. Both are compiled (``setup.py``); this module is not on the request path.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import io
 import logging
@@ -27,74 +27,10 @@ from typing import Any, TextIO
 import structlog
 
 from .accesslog import FIELDS, AccessLine
-
-#: info and debug lines reach the stream at most this late (like nginx's access_log flush=)
-FLUSH_EVERY = 0.5
-#: ... or as soon as this many are held (about 0.5 MiB of access events)
-HOLD_LINES = 1024
-#: the most one write(2) of held lines carries: POSIX's smallest PIPE_BUF (Linux: 4096)
-ATOMIC_WRITE = 4096
-
-
-class LineLogger:
-    """Writes rendered events, one per line. Info and debug lines are held and written
-    together within ``FLUSH_EVERY`` seconds (or once ``HOLD_LINES`` are held, and at exit):
-    one write per request was a fifth of the request path's cost, and one text-stream write
-    per line still about 5 us. Warnings and errors are written at once, after what is held."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._held: list[str] = []
-        self._scheduled = False
-
-    def _buffered(self, message: str) -> None:
-        held = self._held
-        held.append(message)
-        if len(held) >= HOLD_LINES:
-            self.flush()
-            return
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop (start-up, CLI): nothing would flush later
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_later(FLUSH_EVERY, self._on_timer)
-
-    def _at_once(self, message: str) -> None:
-        self._held.append(message)
-        self.flush()
-
-    def _on_timer(self) -> None:
-        self._scheduled = False
-        self.flush()
-
-    def flush(self) -> None:
-        """Write what is held, in whole lines of at most ``ATOMIC_WRITE`` characters per write
-        (bytes, for JSON lines: they are ASCII). Workers share stderr, and a pipe keeps such
-        a write in one piece (PIPE_BUF), so the lines of two workers never interleave
-        mid-line; a longer line goes alone."""
-        held, self._held = self._held, []
-        stream = self._stream
-        chunk: list[str] = []
-        size = 0
-        for line in held:
-            if chunk and size + len(line) >= ATOMIC_WRITE:
-                chunk.append("")  # the last line's end
-                stream.write("\n".join(chunk))
-                stream.flush()
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line) + 1
-        if chunk:
-            chunk.append("")
-            stream.write("\n".join(chunk))
-        stream.flush()
-
-    debug = info = msg = log = _buffered
-    warning = warn = error = err = critical = fatal = exception = failure = _at_once
+from .loglines import ATOMIC_WRITE as ATOMIC_WRITE
+from .loglines import FLUSH_EVERY as FLUSH_EVERY
+from .loglines import HOLD_LINES as HOLD_LINES
+from .loglines import LineLogger as LineLogger
 
 
 def _stderr() -> TextIO:
@@ -256,7 +192,7 @@ def access_writer() -> AccessLine | None:
         return None
     context = list(structlog.contextvars.get_contextvars().items())
     console = _access_format == "console"
-    writer = AccessLine(console, context, logger.info)
+    writer = AccessLine(console, context, logger)
     if console and (_console_colors or not _console_agrees(writer, context)):
         return None
     return writer

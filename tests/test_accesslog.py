@@ -6,6 +6,7 @@ rules, checked on generated strings (surrogates, controls, separators, bidi mark
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from sidecar import log
 from sidecar.accesslog import FIELDS, AccessLine, console_value, json_string, json_value
+from sidecar.loglines import LineLogger
 
 #: every code point, lone surrogates included (hypothesis leaves those out by default)
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()))
@@ -78,14 +80,18 @@ def _structlog_line(console: bool, values: tuple[Any, ...], context: dict[str, A
 
 @given(
     st.booleans(),
-    st.tuples(*[VALUE for _ in FIELDS]),
+    st.lists(st.tuples(*[VALUE for _ in FIELDS]), min_size=1, max_size=4),
     st.dictionaries(st.sampled_from(["worker", "path", "pod"]), VALUE, max_size=3),
 )
-def test_the_line_is_structlogs(
-    console: bool, values: tuple[Any, ...], context: dict[str, Any]
+def test_the_lines_are_structlogs(
+    console: bool, events: list[tuple[Any, ...]], context: dict[str, Any]
 ) -> None:
-    written: list[str] = []
-    line = AccessLine(console, list(context.items()), written.append)
-    assert line.render(values, NOW) == _structlog_line(console, values, context)
-    line.write(values)
-    assert len(written) == 1 and "\n" not in written[0]
+    """One writer, several events (each twice: the same objects again, as a connection's
+    requests share their certificate's strings), each line what structlog writes."""
+    stream = io.StringIO()
+    line = AccessLine(console, list(context.items()), LineLogger(stream))
+    for values in events:
+        for _ in range(2):
+            assert line.render(values, NOW) == _structlog_line(console, values, context)
+    line.write(events[0])  # no event loop: written at once
+    assert stream.getvalue().count("\n") == 1 and stream.getvalue().endswith("\n")
