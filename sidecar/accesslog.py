@@ -3,8 +3,9 @@
 structlog builds a dictionary, runs five processors and ``json.dumps`` for every event: on
 the request path that was most of what the access log cost. ``AccessLine`` writes the same
 line (the same keys, order, values and escapes, in JSON or the console format) from a tuple
-of values in ``FIELDS`` order, with the constant parts made once and the timestamp's
-date and time formatted once per second. Compiled with mypyc (``setup.py``); ``log``
+of values in ``FIELDS`` order (durations in milliseconds, unrounded: written rounded to 3
+decimals), with the constant parts made once and the timestamp's date and time formatted
+once per second. Compiled with mypyc (``setup.py``); ``log``
 chooses it at configure time and keeps structlog for every other event.
 
 The JSON escaper is as strict as ``json.dumps(ensure_ascii=True)`` (the same output for every
@@ -45,8 +46,12 @@ FIELDS: Final = (
     "upstream_ms",
 )
 
+#: the fields written in milliseconds, rounded to 3 decimals: ``duration_ms``, ``upstream_ms``
+_MILLISECONDS: Final = (5, 15)
 #: keys the event itself sets: a context variable of the same name does not reach the line
 _RESERVED: Final = frozenset([*FIELDS, "event", "level", "timestamp"])
+#: the console format's level and event columns (structlog pads the event to 30)
+_CONSOLE_COLUMNS: Final = " [info     ] request                        "
 _HEX: Final = "0123456789abcdef"
 #: no value of any event: what ``AccessLine`` remembers before the first
 _NOTHING: Final = object()
@@ -116,6 +121,30 @@ def json_value(value: object) -> str:
     return json.dumps(value, default=repr)
 
 
+def milliseconds(value: object, console: bool) -> str:
+    """A duration field as written: ``round(value, 3)`` in either format. Its ``repr`` is the
+    value formatted with 3 decimals, trailing zeros dropped (one formatting instead of a
+    rounding and a ``repr``, each about as costly), wherever a thousandth is far above a
+    double's resolution and ``repr`` writes no exponent; elsewhere rounded and written."""
+    if type(value) is float and -1e9 < value < 1e9:  # NaN compares false: not here
+        text = f"{value:.3f}".rstrip("0")
+        return text + "0" if text.endswith(".") else text
+    if type(value) is float:
+        value = round(value, 3)
+    return console_value(value) if console else json_value(value)
+
+
+def access_event(values: tuple[object, ...]) -> dict[str, object]:
+    """The access event for structlog (where ``AccessLine`` is not used): its fields by
+    name, in order, the durations rounded as ``AccessLine`` writes them."""
+    event = dict(zip(FIELDS, values, strict=True))
+    for index in _MILLISECONDS:
+        value = values[index]
+        if type(value) is float:
+            event[FIELDS[index]] = round(value, 3)
+    return event
+
+
 def console_value(value: object) -> str:
     """A value as the console format writes it (``log._escape_for_console``, then structlog's
     ``ConsoleRenderer``): a string as it is, unless it holds a control or anything Python
@@ -172,63 +201,69 @@ class AccessLine:
         self._lines = lines
         self._stamps = Stamps()
         extra = [(key, value) for key, value in context if key not in _RESERVED]
-        # JSON: the fields in order, then "event", the context, "level", "timestamp"
-        self._keys = [
-            ("{" if i == 0 else ", ") + json_string(n) + ": " for i, n in enumerate(FIELDS)
-        ]
-        self._tail = (
-            ', "event": "request"'
-            + "".join(f", {json_string(key)}: {json_value(value)}" for key, value in extra)
-            + ', "level": "info", "timestamp": "'
-        )
-        # console: timestamp, level and event in columns, then every key sorted; each key's
-        # place among the fields (-1: a context variable's, made once)
-        names = sorted([*FIELDS, *(key for key, _ in extra)])
-        constant = {key: f"{key}={console_value(value)}" for key, value in extra}
-        self._order = [FIELDS.index(name) if name in FIELDS else -1 for name in names]
-        self._labels = [
-            ("" if i == 0 else " ") + (name + "=" if name in FIELDS else constant[name])
-            for i, name in enumerate(names)
-        ]
-        self._last: list[object] = [_NOTHING] * len(FIELDS)
-        self._shown: list[str] = [""] * len(FIELDS)
+        # Each slot of the line: the field it shows (-1: a context variable's, constant) and
+        # the text before its value. JSON: the fields in order, then "event", the context,
+        # "level" and "timestamp" (the tail); console: timestamp, level and event in columns,
+        # then every key sorted.
+        slots: list[int]
+        prefixes: list[str]
+        constant: dict[str, str]
+        if console:
+            names = sorted([*FIELDS, *(key for key, _ in extra)])
+            constant = {key: f"{key}={console_value(value)}" for key, value in extra}
+            slots = [FIELDS.index(name) if name in FIELDS else -1 for name in names]
+            prefixes = [
+                ("" if i == 0 else " ") + (name + "=" if name in FIELDS else constant[name])
+                for i, name in enumerate(names)
+            ]
+            self._tail = ""
+        else:
+            slots = list(range(len(FIELDS)))
+            prefixes = [
+                ("{" if i == 0 else ", ") + json_string(name) + ": "
+                for i, name in enumerate(FIELDS)
+            ]
+            self._tail = (
+                ', "event": "request"'
+                + "".join(f", {json_string(key)}: {json_value(value)}" for key, value in extra)
+                + ', "level": "info", "timestamp": "'
+            )
+        self._slots = slots
+        self._prefixes = prefixes
+        # the last value each slot showed, and its text with the prefix: the same object
+        # again (the route's label, the decision, the connection's certificate strings and
+        # address) is not escaped again. The reference held here keeps it alive, so no
+        # other object can be taken for it, and strings are immutable.
+        self._last: list[object] = [_NOTHING] * len(slots)
+        self._shown: list[str] = list(prefixes)
 
     def write(self, values: tuple[object, ...]) -> None:
         self._lines.hold(self.render(values, time.time()))
 
     def render(self, values: tuple[object, ...], now: float) -> str:
         stamp = self._stamps.at(now)
-        if self.console:
-            return self._console(values, stamp)
-        out: list[str] = []
-        keys = self._keys
-        for i in range(len(keys)):
-            out.append(keys[i])
-            out.append(self._value(i, values[i]))
+        console = self.console
+        out: list[str] = [stamp + _CONSOLE_COLUMNS] if console else []
+        slots = self._slots
+        last = self._last
+        shown = self._shown
+        for i in range(len(slots)):
+            index = slots[i]
+            if index < 0:  # a context variable's, made once
+                out.append(shown[i])
+                continue
+            value = values[index]
+            if value is not last[i]:
+                last[i] = value
+                if index in _MILLISECONDS:
+                    text = milliseconds(value, console)
+                else:
+                    text = console_value(value) if console else json_value(value)
+                shown[i] = self._prefixes[i] + text
+            out.append(shown[i])
+        if console:
+            return "".join(out).rstrip(" ")
         out.append(self._tail)
         out.append(stamp)
         out.append('"}')
         return "".join(out)
-
-    def _console(self, values: tuple[object, ...], stamp: str) -> str:
-        out: list[str] = [stamp, " [info     ] request                        "]
-        order = self._order
-        labels = self._labels
-        for i in range(len(order)):
-            out.append(labels[i])
-            index = order[i]
-            if index >= 0:
-                out.append(self._value(index, values[index]))
-        return "".join(out).rstrip(" ")
-
-    def _value(self, index: int, value: object) -> str:
-        """The field's value as written; the last one of each field is kept, so that the same
-        object as the last request's (the route's label, the decision, the connection's
-        certificate and address) is not escaped again. It is kept alive by the reference
-        held here, so no other object can be taken for it; strings are immutable."""
-        if value is self._last[index]:
-            return self._shown[index]
-        shown = console_value(value) if self.console else json_value(value)
-        self._last[index] = value
-        self._shown[index] = shown
-        return shown

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from .accesslog import FIELDS, AccessLine
+from .accesslog import FIELDS, AccessLine, access_event
 from .loglines import ATOMIC_WRITE as ATOMIC_WRITE
 from .loglines import FLUSH_EVERY as FLUSH_EVERY
 from .loglines import HOLD_LINES as HOLD_LINES
@@ -205,7 +205,7 @@ _PROBE = (
     "GET",
     "/a b/\\x'\"=\n\x1b\u2028\u00e9",
     200,
-    1.5,
+    1.23456,
     "/",
     "forwarded",
     "",
@@ -215,14 +215,14 @@ _PROBE = (
     "ab",
     "CN=x,O=y z",
     "s-1",
-    0.25,
+    0.2500001,
 )
 
 
 def _console_agrees(writer: AccessLine, context: list[tuple[str, Any]]) -> bool:
     """Whether ``writer`` writes the probe event as the configured structlog chain does."""
     event: Any = dict(context)
-    event.update(zip(ACCESS_FIELDS, _PROBE, strict=True))
+    event.update(access_event(_PROBE))
     event["event"] = "request"
     event["level"] = "info"
     now = 1764892800.25

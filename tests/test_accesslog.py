@@ -15,7 +15,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sidecar import log
-from sidecar.accesslog import FIELDS, AccessLine, console_value, json_string, json_value
+from sidecar.accesslog import (
+    FIELDS,
+    AccessLine,
+    console_value,
+    json_string,
+    json_value,
+    milliseconds,
+)
 from sidecar.loglines import LineLogger
 
 #: every code point, lone surrogates included (hypothesis leaves those out by default)
@@ -44,6 +51,19 @@ def test_json_value_is_json_dumps(value: Any) -> None:
     assert json_value(value) == json.dumps(value, ensure_ascii=True)
 
 
+@given(st.one_of(st.floats(), st.floats(-2e9, 2e9), st.floats(0, 1e5), st.none()))
+@example(0.0005)
+@example(0.0015)
+@example(-0.0004)
+@example(2.0)
+@example(999_999_999.9995)
+def test_milliseconds_are_rounded_as_round_writes_them(value: float | None) -> None:
+    """A duration is written as ``round(value, 3)`` was (by json and by repr), in fewer steps."""
+    rounded = round(value, 3) if value is not None else None
+    assert milliseconds(value, console=False) == json.dumps(rounded)
+    assert milliseconds(value, console=True) == repr(rounded)
+
+
 def _structlog_console(value: Any) -> str:
     """How the console chain writes ``key=value`` (``log._escape_for_console``, then
     structlog's renderer), cut to the value."""
@@ -67,6 +87,9 @@ def test_console_value_is_the_console_chains(value: Any) -> None:
 def _structlog_line(console: bool, values: tuple[Any, ...], context: dict[str, Any]) -> str:
     """The line structlog's chain (as ``log.configure`` sets it up) writes for the event."""
     event: Any = dict(zip(FIELDS, values, strict=True))
+    for key in ("duration_ms", "upstream_ms"):  # as the gateway rounded them before
+        if isinstance(event[key], float):
+            event[key] = round(event[key], 3)
     event["event"] = "request"
     for key, value in context.items():  # merge_contextvars: a field of the same name wins
         event.setdefault(key, value)
