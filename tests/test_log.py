@@ -137,3 +137,22 @@ def test_lines_are_held_until_the_flush_or_the_bound() -> None:
     assert stream.getvalue() == ""
     logger.info("the last one held")
     assert stream.getvalue().count("\n") == log.HOLD_LINES
+
+
+def test_no_console_writer_where_structlog_would_write_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A structlog whose console renderer lays a line out otherwise (structlog 24 quoted no
+    value; another padding) keeps the console's access events on structlog: the writer is
+    checked against the configured chain before it is used."""
+    monkeypatch.setattr(log, "_stderr", io.StringIO)
+    monkeypatch.setattr(log, "_access_format", None)
+    monkeypatch.setattr(log, "_line_logger", None)
+    try:
+        log.configure("console", "info")
+        assert log.access_writer() is not None
+        other = structlog.dev.ConsoleRenderer(colors=False, pad_event_to=12)
+        monkeypatch.setattr(log, "_renderers", [log._escape_for_console, other])
+        assert log.access_writer() is None
+    finally:
+        structlog.reset_defaults()
