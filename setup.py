@@ -64,6 +64,8 @@ COMPILED = [
     "sidecar/servers.py",
     "sidecar/sni.py",
     "sidecar/metrics.py",
+    "sidecar/accesslog.py",
+    "sidecar/loglines.py",
     "sidecar/responses.py",
     "sidecar/identity/cache.py",
     "sidecar/identity/intents.py",

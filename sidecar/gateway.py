@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import responses
+from .accesslog import access_event
 from .certs import ClientCert
 from .errors import IdentityUnavailable, LimitReached, UpstreamError
 from .forwarder import BodyInvalid, BodyTimeout, BodyTooLarge
@@ -44,7 +45,7 @@ from .hosts import host_name
 from .identity import LookupContext, User, Verdict
 from .identity.intents import SignOnLimited
 from .identity.legacy import Legacy, cookie_headers, reference, without_cookies
-from .log import ACCESS_FIELDS, access_writer
+from .log import access_writer
 from .metrics import Metrics
 from .observe import REFUSED, Observations
 from .plan import Plan
@@ -253,13 +254,14 @@ class Gateway:
         if not self.access_log:
             return
         cert, user, upstream = request.cert, request.user, request.upstream_seconds
+        # durations in milliseconds, rounded to 3 decimals as they are written
         values = (
             request.request_id,
             request.client_ip,
             request.method,
             request.path,
             request.status,
-            round(elapsed * 1000, 3),
+            elapsed * 1000,
             label,
             request.decision,
             request.reason,
@@ -269,12 +271,12 @@ class Gateway:
             cert.sha256 if cert else None,
             cert.subject if cert else None,
             user.sub if user else None,
-            round(upstream * 1000, 3) if upstream is not None else None,
+            upstream * 1000 if upstream is not None else None,
         )
         if self._access is not None:
-            self._access(values)
+            self._access.write(values)
         else:
-            self.log.info("request", **dict(zip(ACCESS_FIELDS, values, strict=True)))
+            self.log.info("request", **access_event(values))
 
     def _refused(self, request: Request, observations: Observations) -> None:
         """The status page's last refusals ("I can't get in")."""

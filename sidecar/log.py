@@ -5,95 +5,32 @@ subject, never the certificate, a key or the ``X-USERINFO`` value.
 
 Clients choose much of what is logged (a decoded path, a backend's reason), so no format
 lets them start a line or speak to a terminal: JSON escapes every control and non-ASCII
-character (``ensure_ascii``, in the access event's own writer too), and the console format
-and the standard library's loggers write them as escapes (``escape``): C0 and C1 controls,
-DEL, line and paragraph separators, bidirectional overrides, and the backslash itself. Only
-a traceback keeps its line breaks.
+character (``ensure_ascii``; ``accesslog``'s escaper for the access event, the same), and the
+console format and the standard library's loggers write them as escapes (``escape``): C0 and
+C1 controls, DEL, line and paragraph separators, bidirectional overrides, and the backslash
+itself. Only a traceback keeps its line breaks.
+
+The access event, one per request, is rendered by ``accesslog`` in either format, every
+other event by structlog; ``access_writer`` chooses at configure time. ``loglines`` holds and
+writes the lines. Both are compiled (``setup.py``); this module is not on the request path.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import datetime
 import io
-import json
 import logging
-import math
 import sys
-import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-#: info and debug lines reach the stream at most this late (like nginx's access_log flush=)
-FLUSH_EVERY = 0.5
-#: ... or as soon as this many are held (about 0.5 MiB of access events)
-HOLD_LINES = 1024
-#: the most one write(2) of held lines carries: POSIX's smallest PIPE_BUF (Linux: 4096)
-ATOMIC_WRITE = 4096
-
-
-class LineLogger:
-    """Writes rendered events, one per line. Info and debug lines are held and written
-    together within ``FLUSH_EVERY`` seconds (or once ``HOLD_LINES`` are held, and at exit):
-    one write per request was a fifth of the request path's cost, and one text-stream write
-    per line still about 5 us. Warnings and errors are written at once, after what is held."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._held: list[str] = []
-        self._scheduled = False
-
-    def _buffered(self, message: str) -> None:
-        held = self._held
-        held.append(message)
-        if len(held) >= HOLD_LINES:
-            self.flush()
-            return
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop (start-up, CLI): nothing would flush later
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_later(FLUSH_EVERY, self._on_timer)
-
-    def _at_once(self, message: str) -> None:
-        self._held.append(message)
-        self.flush()
-
-    def _on_timer(self) -> None:
-        self._scheduled = False
-        self.flush()
-
-    def flush(self) -> None:
-        """Write what is held, in whole lines of at most ``ATOMIC_WRITE`` characters per write
-        (bytes, for JSON lines: they are ASCII). Workers share stderr, and a pipe keeps such
-        a write in one piece (PIPE_BUF), so the lines of two workers never interleave
-        mid-line; a longer line goes alone."""
-        held, self._held = self._held, []
-        stream = self._stream
-        chunk: list[str] = []
-        size = 0
-        for line in held:
-            if chunk and size + len(line) >= ATOMIC_WRITE:
-                chunk.append("")  # the last line's end
-                stream.write("\n".join(chunk))
-                stream.flush()
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line) + 1
-        if chunk:
-            chunk.append("")
-            stream.write("\n".join(chunk))
-        stream.flush()
-
-    debug = info = msg = log = _buffered
-    warning = warn = error = err = critical = fatal = exception = failure = _at_once
+from .accesslog import FIELDS, AccessLine, access_event
+from .loglines import ATOMIC_WRITE as ATOMIC_WRITE
+from .loglines import FLUSH_EVERY as FLUSH_EVERY
+from .loglines import HOLD_LINES as HOLD_LINES
+from .loglines import LineLogger as LineLogger
 
 
 def _stderr() -> TextIO:
@@ -184,15 +121,17 @@ _LEVELS = {
 
 def configure(fmt: str = "json", level: str = "info") -> None:
     """Configure structlog (and the stdlib loggers aiohttp uses) once per process."""
-    global _access_json, _line_logger
-    _access_json = fmt == "json" and _LEVELS[level] <= logging.INFO
+    global _access_format, _console_colors, _line_logger, _renderers
+    _access_format = fmt if _LEVELS[level] <= logging.INFO else None
     _line_logger = None
     last: list[Any]
     if fmt == "console":
-        last = [_escape_for_console, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        _console_colors = sys.stderr.isatty()
+        last = [_escape_for_console, structlog.dev.ConsoleRenderer(colors=_console_colors)]
     else:
         # ensure_ascii (json's default): every control and non-ASCII character escaped
         last = [structlog.processors.JSONRenderer(ensure_ascii=True)]
+    _renderers = last
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -231,84 +170,66 @@ def get_logger(name: str) -> Any:
 # ---- the access event: one per request, rendered without structlog's processor chain --------
 
 #: the fields of the access event, in the order they are logged
-ACCESS_FIELDS = (
-    "request_id",
-    "client",
-    "method",
-    "path",
-    "status",
-    "duration_ms",
-    "route",
-    "decision",
-    "reason",
-    "verdict",
-    "stale",
-    "cert_serial",
-    "cert_sha256",
-    "cert_subject",
-    "sub",
-    "upstream_ms",
-)
-_access_json = False
+ACCESS_FIELDS = FIELDS
+#: the format of the access event's own writer: None when logs are not at info level
+_access_format: str | None = None
+_console_colors = False
+#: the processors that render an event once it has its level and timestamp
+_renderers: list[Any] = []
 _line_logger: LineLogger | None = None
-_encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
-_KEYS = tuple(f'"{name}": ' for name in ACCESS_FIELDS)
 
 
-def access_writer() -> Callable[[tuple[Any, ...]], None] | None:
-    """A writer of access events (values in ``ACCESS_FIELDS`` order) that renders the same JSON
-    line structlog would (same keys, order, values, timestamp and context variables) at a
-    fraction of the cost, or None when logs are not JSON at info level (use structlog then).
+def access_writer() -> AccessLine | None:
+    """A writer of access events (values in ``ACCESS_FIELDS`` order) that renders the same
+    line structlog would (same keys, order, values, escapes, timestamp and context variables)
+    at a fraction of the cost (``accesslog``), or None where it would not: logs above info
+    level, or a console format that differs (colours on a terminal; a structlog whose console
+    renderer writes values otherwise): use structlog then.
 
     Context variables bound before this call (a worker's index) are part of every event."""
     logger = _line_logger
-    if not _access_json or logger is None:
+    if _access_format is None or logger is None:
         return None
-    extra = "".join(
-        f", {_encode_str(str(key))}: {_json(value)}"
-        for key, value in structlog.contextvars.get_contextvars().items()
-    )
-    tail = f', "event": "request"{extra}, "level": "info", "timestamp": '
-    write = logger.info
-    keys = _KEYS
-
-    def access(values: tuple[Any, ...]) -> None:
-        body = ", ".join([key + _json(value) for key, value in zip(keys, values, strict=True)])
-        write(f'{{{body}{tail}"{_timestamp()}"}}')
-
-    return access
+    context = list(structlog.contextvars.get_contextvars().items())
+    console = _access_format == "console"
+    writer = AccessLine(console, context, logger)
+    if console and (_console_colors or not _console_agrees(writer, context)):
+        return None
+    return writer
 
 
-def _json(value: Any) -> str:
-    if value is None:
-        return "null"
-    kind = type(value)
-    if kind is str:
-        return _encode_str(value)
-    if kind is bool:
-        return "true" if value else "false"
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float and math.isfinite(value):
-        return float.__repr__(value)
-    return json.dumps(value, default=repr)
+#: values a console line is checked with before its own writer is used: each way of showing one
+_PROBE = (
+    "r-1",
+    "2001:db8::1",
+    "GET",
+    "/a b/\\x'\"=\n\x1b\u2028\u00e9",
+    200,
+    1.23456,
+    "/",
+    "forwarded",
+    "",
+    None,
+    True,
+    "0a",
+    "ab",
+    "CN=x,O=y z",
+    "s-1",
+    0.2500001,
+)
 
 
-_stamp_second = -1
-_stamp_prefix = ""
-
-
-def _timestamp() -> str:
-    """structlog's TimeStamper(fmt="iso", utc=True): ISO 8601 in UTC, microseconds unless 0."""
-    global _stamp_second, _stamp_prefix
-    now = time.time()
-    second = int(now)
-    micro = round((now - second) * 1_000_000)
-    if micro >= 1_000_000:
-        second, micro = second + 1, 0
-    if second != _stamp_second:
-        _stamp_second = second
-        _stamp_prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime(
-            "%Y-%m-%dT%H:%M:%S"
-        )
-    return f"{_stamp_prefix}.{micro:06d}Z" if micro else f"{_stamp_prefix}Z"
+def _console_agrees(writer: AccessLine, context: list[tuple[str, Any]]) -> bool:
+    """Whether ``writer`` writes the probe event as the configured structlog chain does."""
+    event: Any = dict(context)
+    event.update(access_event(_PROBE))
+    event["event"] = "request"
+    event["level"] = "info"
+    now = 1764892800.25
+    event["timestamp"] = writer.render(_PROBE, now).split(" ", 1)[0]
+    try:
+        for processor in _renderers:
+            event = processor(None, "info", event)
+    except Exception:  # a renderer this module does not know: structlog renders, then
+        return False
+    return bool(event == writer.render(_PROBE, now))  # the renderer's line

@@ -55,6 +55,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "flow",
         "tls",
         "log",
+        # the access event's line and the log's writer (#19), compiled: log chooses them
+        "accesslog",
+        "loglines",
         "metrics",
         # route policy (#16): the sites by SNI and their routes, what a route asks of a
         # client, the ClientHello reader, and the decision explained for people

@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from sidecar import log
+from sidecar.accesslog import Stamps
 
 VALUES = (
     "r-1",
@@ -37,7 +38,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     out = io.StringIO()
     monkeypatch.setattr(log, "_stderr", lambda: out)
     # configure() sets these: restored afterwards, so later tests log through structlog again
-    monkeypatch.setattr(log, "_access_json", False)
+    monkeypatch.setattr(log, "_access_format", None)
     monkeypatch.setattr(log, "_line_logger", None)
     log.configure("json", "info")
     structlog.contextvars.bind_contextvars(worker=2)
@@ -50,7 +51,7 @@ def test_access_event_matches_structlog(captured: io.StringIO) -> None:
     access = log.access_writer()
     assert access is not None
     log.get_logger("sidecar").info("request", **dict(zip(log.ACCESS_FIELDS, VALUES, strict=True)))
-    access(VALUES)
+    access.write(VALUES)
     assert log._line_logger is not None
     log._line_logger.flush()
     ours, theirs = (json.loads(line) for line in reversed(captured.getvalue().splitlines()))
@@ -67,19 +68,24 @@ def test_access_event_matches_structlog(captured: io.StringIO) -> None:
 @pytest.mark.parametrize("micro", [0, 1, 999_999, 500_000])
 def test_timestamp_is_structlogs_iso_utc(micro: int, monkeypatch: pytest.MonkeyPatch) -> None:
     instant = datetime.datetime(2026, 11, 25, 21, 0, 7, micro, tzinfo=datetime.UTC)
-    monkeypatch.setattr("sidecar.log.time.time", instant.timestamp)
     expected = instant.isoformat().replace("+00:00", "Z")  # what TimeStamper(fmt="iso") writes
-    assert log._timestamp() == expected
+    stamps = Stamps()
+    assert stamps.at(instant.timestamp()) == expected
+    assert stamps.at(instant.timestamp()) == expected  # and again, from the second's cache
 
 
-def test_no_writer_when_not_json_at_info(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_writer_above_info_or_with_colours(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(log, "_stderr", io.StringIO)
-    monkeypatch.setattr(log, "_access_json", False)
+    monkeypatch.setattr(log, "_access_format", None)
     monkeypatch.setattr(log, "_line_logger", None)
     try:
         log.configure("console", "info")
-        assert log.access_writer() is None
+        writer = log.access_writer()
+        assert writer is not None and writer.console  # stderr is no terminal here
         log.configure("json", "warning")
+        assert log.access_writer() is None
+        log.configure("console", "info")
+        monkeypatch.setattr(log, "_console_colors", True)  # a terminal: structlog's colours
         assert log.access_writer() is None
     finally:
         structlog.reset_defaults()
@@ -131,3 +137,22 @@ def test_lines_are_held_until_the_flush_or_the_bound() -> None:
     assert stream.getvalue() == ""
     logger.info("the last one held")
     assert stream.getvalue().count("\n") == log.HOLD_LINES
+
+
+def test_no_console_writer_where_structlog_would_write_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A structlog whose console renderer lays a line out otherwise (structlog 24 quoted no
+    value; another padding) keeps the console's access events on structlog: the writer is
+    checked against the configured chain before it is used."""
+    monkeypatch.setattr(log, "_stderr", io.StringIO)
+    monkeypatch.setattr(log, "_access_format", None)
+    monkeypatch.setattr(log, "_line_logger", None)
+    try:
+        log.configure("console", "info")
+        assert log.access_writer() is not None
+        other = structlog.dev.ConsoleRenderer(colors=False, pad_event_to=12)
+        monkeypatch.setattr(log, "_renderers", [log._escape_for_console, other])
+        assert log.access_writer() is None
+    finally:
+        structlog.reset_defaults()

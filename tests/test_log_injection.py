@@ -46,7 +46,7 @@ def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], io.StringI
     """``log.configure`` writing to a string (and restored afterwards)."""
     out = io.StringIO()
     monkeypatch.setattr(log, "_stderr", lambda: out)
-    monkeypatch.setattr(log, "_access_json", False)
+    monkeypatch.setattr(log, "_access_format", None)
     monkeypatch.setattr(log, "_line_logger", None)
 
     def configure(fmt: str) -> io.StringIO:

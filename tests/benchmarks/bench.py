@@ -1285,7 +1285,7 @@ def compare(
     runs: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     names = list(summary)
-    if len(names) not in (2, 3):
+    if len(names) < 2:
         return {}
     ref, sc = summary[names[0]], summary[names[1]]
     out: dict[str, Any] = {
@@ -1341,6 +1341,18 @@ def compare(
             "p99_ratio": round(other["p99_ms"] / sc["p99_ms"], 2) if sc["p99_ms"] else None,
             "rps": other["rps"],
             "pair_wins": _pair_wins(runs, names[1:], "rps"),
+        }
+    if scenario.logging and len(names) == 5:
+        # --versus: each build with the access log on against itself with it off (target 0.9)
+        out["log_on_off"] = {
+            build: {
+                "rps_ratio": round(summary[on]["rps"] / summary[off]["rps"], 3)
+                if summary[off]["rps"]
+                else None,
+                "rps_ratio_pairs": _pair_ratio(runs, [off, on], "rps"),
+                "cpu_ratio_pairs": _pair_ratio(runs, [off, on], "proxy_cpu_us_per_request"),
+            }
+            for build, on, off in (("under test", *names[1:3]), ("versus", *names[3:5]))
         }
     out["target"] = _target_text(scenario)
     out["checks"] = checks
@@ -2008,14 +2020,35 @@ def main(argv: list[str] | None = None) -> int:
                 logger = bench.start_sidecar(
                     "sidecar-info", "sidecar_log", "admin_log", log_level="info"
                 )
+                loggers = [logger]
                 try:
                     targets = [
                         Target("nginx", bench.ports["reference_log"], bench.reference),
                         Target("sidecar", bench.ports["sidecar_log"], logger),
                     ]
+                    if versus_src is not None:
+                        # what the access log costs each build: both at info and at warning,
+                        # interleaved in the same rounds (read the ratios from the summary)
+                        bench.port("sidecar_b_log")
+                        bench.port("admin_b_log")
+                        other_log = bench.start_sidecar(
+                            "sidecar-b-info",
+                            "sidecar_b_log",
+                            "admin_b_log",
+                            log_level="info",
+                            src=versus_src,
+                            env={"SIDECAR_PURE": "1"} if args.versus_pure else None,
+                        )
+                        loggers.append(other_log)
+                        targets += [
+                            Target("sidecar-off", sc_t.port, sc_t.proc),
+                            Target("sidecar-b-info", bench.ports["sidecar_b_log"], other_log),
+                            Target("sidecar-b-off", versus[0].port, versus[0].proc),
+                        ]
                     results["scenarios"].append(bench.scenario(scenario, targets))
                 finally:
-                    bench.stop(logger)
+                    for proc in loggers:
+                        bench.stop(proc)
             elif scenario.routes is not None:
                 results["scenarios"].append(bench.route_scenario(scenario, ref_t))
             elif scenario.front_proxy:

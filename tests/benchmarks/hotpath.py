@@ -1,7 +1,7 @@
 """The Python cost of one forwarded request, without sockets, TLS or other processes.
 
     .venv/bin/python -m tests.benchmarks.hotpath [--requests N] [--profile] [--routes N]
-        [--revocation none|ocsp|crl] [--front-proxy]
+        [--revocation none|ocsp|crl] [--front-proxy] [--log off|json|console]
 
 Drives the real listener protocol (``ClientConnection``), gateway, header rules, forwarder
 and pool with in-memory transports: a keep-alive ``GET /`` from a client whose verdict
@@ -12,7 +12,9 @@ the event loop, and is noisy on a shared machine, while this is stable to a few 
 ``--profile`` prints cProfile's top functions for the same loop (compiled functions are
 invisible to cProfile: profile with ``SIDECAR_PURE=1``). The build measured is printed.
 ``--revocation ocsp`` measures with ``tls.ocsp: soft`` and the client's answer held,
-``--revocation crl`` with a 10,000-entry CRL of the client's CA.
+``--revocation crl`` with a 10,000-entry CRL of the client's CA. ``--log json`` (or
+``console``) measures with the access log on (``log.level: info``), its lines written to
+``/dev/null`` in the batches ``sidecar run`` writes to stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import sys
 import tempfile
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sidecar import BUILD
+from sidecar import BUILD, log
 from sidecar.app import Sidecar
 from sidecar.certs import ClientCert
 from sidecar.config import load
@@ -133,8 +136,13 @@ async def measure(
     routes: int = 0,
     revocation: str = "none",
     front: bool = False,
+    log_format: str = "off",
 ) -> None:
     loop = asyncio.get_running_loop()
+    if log_format != "off":  # as `sidecar run` sets it up, writing to /dev/null
+        sink = open(os.devnull, "w")  # noqa: SIM115 (open for the whole run)
+        log._stderr = lambda: sink
+        log.configure(log_format, "info")
     request = REQUEST
     with tempfile.TemporaryDirectory() as tmp:
         path, cert = _config(Path(tmp), routes, revocation, front)
@@ -148,7 +156,9 @@ async def measure(
 
         now = time.time()
         sidecar.revocation._ocsp._answers[cert.sha256] = Answer("good", now, now + 3600, now + 3000)
-    gateway = Gateway(plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=False)
+    gateway = Gateway(
+        plan, metrics=sidecar.metrics, logger=sidecar.log, access_log=log_format != "off"
+    )
     listener = Listener(
         gateway,
         tls=sidecar.tls,
@@ -205,7 +215,7 @@ async def measure(
         best = min([await run(requests) for _ in range(rounds)])
         print(
             f"{best / requests * 1e6:.1f} us of CPU per request (best of {rounds} x {requests};"
-            f" {BUILD.describe()} build)"
+            f" {BUILD.describe()} build, log {log_format})"
         )
         assert answers >= requests * rounds
     if revocation != "none":
@@ -228,9 +238,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="plain HTTP from a trusted front proxy, the certificate in ssl-client-cert",
     )
+    parser.add_argument(
+        "--log",
+        choices=("off", "json", "console"),
+        default="off",
+        help="the access log on (log.level info) in that format, written to /dev/null",
+    )
     args = parser.parse_args(argv)
     run = measure(
-        args.requests, args.rounds, args.profile, args.routes, args.revocation, args.front_proxy
+        args.requests,
+        args.rounds,
+        args.profile,
+        args.routes,
+        args.revocation,
+        args.front_proxy,
+        args.log,
     )
     try:
         import uvloop

@@ -1,0 +1,269 @@
+"""The access event's line: one per request, rendered without structlog's processor chain.
+
+structlog builds a dictionary, runs five processors and ``json.dumps`` for every event: on
+the request path that was most of what the access log cost. ``AccessLine`` writes the same
+line (the same keys, order, values and escapes, in JSON or the console format) from a tuple
+of values in ``FIELDS`` order (durations in milliseconds, unrounded: written rounded to 3
+decimals), with the constant parts made once and the timestamp's date and time formatted
+once per second. Compiled with mypyc (``setup.py``); ``log``
+chooses it at configure time and keeps structlog for every other event.
+
+The JSON escaper is as strict as ``json.dumps(ensure_ascii=True)`` (the same output for every
+string: every control and non-ASCII character, the quote and the backslash escaped); the
+console one writes a value as structlog's console renderer does after ``log.escape``'s rules:
+quoted with Python's ``repr`` (controls escaped) when it holds a control, a space, a quote or
+"=". ``tests/test_accesslog.py`` checks both against those implementations on generated
+strings.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from typing import Final
+
+from .loglines import LineLogger
+
+#: the fields of the access event, in the order they are logged (JSON)
+FIELDS: Final = (
+    "request_id",
+    "client",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "route",
+    "decision",
+    "reason",
+    "verdict",
+    "stale",
+    "cert_serial",
+    "cert_sha256",
+    "cert_subject",
+    "sub",
+    "upstream_ms",
+)
+
+#: the fields written in milliseconds, rounded to 3 decimals: ``duration_ms``, ``upstream_ms``
+_MILLISECONDS: Final = (5, 15)
+#: keys the event itself sets: a context variable of the same name does not reach the line
+_RESERVED: Final = frozenset([*FIELDS, "event", "level", "timestamp"])
+#: the console format's level and event columns (structlog pads the event to 30)
+_CONSOLE_COLUMNS: Final = " [info     ] request                        "
+_HEX: Final = "0123456789abcdef"
+#: no value of any event: what ``AccessLine`` remembers before the first
+_NOTHING: Final = object()
+#: json's short escapes; every other control is written \u00XX
+_JSON_SHORT: Final = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\b": "\\b",
+    "\f": "\\f",
+}
+#: what makes structlog's console renderer quote a printable string
+_CONSOLE_QUOTED: Final = (" ", "=", '"', "'")
+
+
+def _u4(code: int) -> str:
+    return (
+        "\\u"
+        + _HEX[(code >> 12) & 15]
+        + _HEX[(code >> 8) & 15]
+        + _HEX[(code >> 4) & 15]
+        + _HEX[code & 15]
+    )
+
+
+def json_string(text: str) -> str:
+    """``text`` as ``json.dumps(text, ensure_ascii=True)`` writes it: quoted, with the quote,
+    the backslash, every control (DEL included) and every non-ASCII character escaped
+    (beyond U+FFFF as a surrogate pair)."""
+    # The common case, a printable ASCII string (isascii is a flag, isprintable one pass).
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return '"' + text + '"'
+    out: list[str] = ['"']
+    for char in text:
+        code = ord(char)
+        if 0x20 <= code < 0x7F and char != '"' and char != "\\":
+            out.append(char)
+        elif char in _JSON_SHORT:
+            out.append(_JSON_SHORT[char])
+        elif code < 0x10000:
+            out.append(_u4(code))
+        else:
+            code -= 0x10000
+            out.append(_u4(0xD800 | (code >> 10)))
+            out.append(_u4(0xDC00 | (code & 0x3FF)))
+    out.append('"')
+    return "".join(out)
+
+
+def json_value(value: object) -> str:
+    """A value of the access event as structlog's JSON renderer writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return json_string(value)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return str(value)
+    if type(value) is float and math.isfinite(value):
+        return repr(value)
+    # anything else (not on the request path): as structlog would, through json
+    return json.dumps(value, default=repr)
+
+
+def milliseconds(value: object, console: bool) -> str:
+    """A duration field as written: ``round(value, 3)`` in either format. Its ``repr`` is the
+    value formatted with 3 decimals, trailing zeros dropped (one formatting instead of a
+    rounding and a ``repr``, each about as costly), wherever a thousandth is far above a
+    double's resolution and ``repr`` writes no exponent; elsewhere rounded and written."""
+    if type(value) is float and -1e9 < value < 1e9:  # NaN compares false: not here
+        text = f"{value:.3f}".rstrip("0")
+        return text + "0" if text.endswith(".") else text
+    if type(value) is float:
+        value = round(value, 3)
+    return console_value(value) if console else json_value(value)
+
+
+def access_event(values: tuple[object, ...]) -> dict[str, object]:
+    """The access event for structlog (where ``AccessLine`` is not used): its fields by
+    name, in order, the durations rounded as ``AccessLine`` writes them."""
+    event = dict(zip(FIELDS, values, strict=True))
+    for index in _MILLISECONDS:
+        value = values[index]
+        if type(value) is float:
+            event[FIELDS[index]] = round(value, 3)
+    return event
+
+
+def console_value(value: object) -> str:
+    """A value as the console format writes it (``log._escape_for_console``, then structlog's
+    ``ConsoleRenderer``): a string as it is, unless it holds a control or anything Python
+    does not call printable (then ``repr``, escaped), a space, a quote or "=" (``repr``);
+    any other value with ``repr``."""
+    if isinstance(value, str):
+        if not value.isprintable():
+            return repr(value)
+        for char in _CONSOLE_QUOTED:
+            if char in value:
+                return repr(value)
+        return value
+    return repr(value)
+
+
+class Stamps:
+    """structlog's ``TimeStamper(fmt="iso", utc=True)``: ISO 8601 in UTC with microseconds
+    (none when 0), the date and time made once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def at(self, now: float) -> str:
+        second = int(now)
+        micro = round((now - second) * 1_000_000)
+        if micro >= 1_000_000:
+            second, micro = second + 1, 0
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S"
+            )
+        if not micro:
+            return self._prefix + "Z"
+        digits = str(micro)
+        return self._prefix + "." + "0" * (6 - len(digits)) + digits + "Z"
+
+
+class AccessLine:
+    """Renders access events as ``log``'s structlog set-up would and hands each line to
+    ``lines`` to hold. ``context`` is the context variables bound
+    before (a worker's index): part of every line, after the fields, as structlog merges
+    them (a field of the same name wins; ``event``, ``level`` and ``timestamp`` are the
+    event's own, and only ``worker`` is ever bound)."""
+
+    def __init__(
+        self,
+        console: bool,
+        context: list[tuple[str, object]],
+        lines: LineLogger,
+    ) -> None:
+        self.console = console
+        self._lines = lines
+        self._stamps = Stamps()
+        extra = [(key, value) for key, value in context if key not in _RESERVED]
+        # Each slot of the line: the field it shows (-1: a context variable's, constant) and
+        # the text before its value. JSON: the fields in order, then "event", the context,
+        # "level" and "timestamp" (the tail); console: timestamp, level and event in columns,
+        # then every key sorted.
+        slots: list[int]
+        prefixes: list[str]
+        constant: dict[str, str]
+        if console:
+            names = sorted([*FIELDS, *(key for key, _ in extra)])
+            constant = {key: f"{key}={console_value(value)}" for key, value in extra}
+            slots = [FIELDS.index(name) if name in FIELDS else -1 for name in names]
+            prefixes = [
+                ("" if i == 0 else " ") + (name + "=" if name in FIELDS else constant[name])
+                for i, name in enumerate(names)
+            ]
+            self._tail = ""
+        else:
+            slots = list(range(len(FIELDS)))
+            prefixes = [
+                ("{" if i == 0 else ", ") + json_string(name) + ": "
+                for i, name in enumerate(FIELDS)
+            ]
+            self._tail = (
+                ', "event": "request"'
+                + "".join(f", {json_string(key)}: {json_value(value)}" for key, value in extra)
+                + ', "level": "info", "timestamp": "'
+            )
+        self._slots = slots
+        self._prefixes = prefixes
+        # the last value each slot showed, and its text with the prefix: the same object
+        # again (the route's label, the decision, the connection's certificate strings and
+        # address) is not escaped again. The reference held here keeps it alive, so no
+        # other object can be taken for it, and strings are immutable.
+        self._last: list[object] = [_NOTHING] * len(slots)
+        self._shown: list[str] = list(prefixes)
+
+    def write(self, values: tuple[object, ...]) -> None:
+        self._lines.hold(self.render(values, time.time()))
+
+    def render(self, values: tuple[object, ...], now: float) -> str:
+        stamp = self._stamps.at(now)
+        console = self.console
+        out: list[str] = [stamp + _CONSOLE_COLUMNS] if console else []
+        slots = self._slots
+        last = self._last
+        shown = self._shown
+        for i in range(len(slots)):
+            index = slots[i]
+            if index < 0:  # a context variable's, made once
+                out.append(shown[i])
+                continue
+            value = values[index]
+            if value is not last[i]:
+                last[i] = value
+                if index in _MILLISECONDS:
+                    text = milliseconds(value, console)
+                else:
+                    text = console_value(value) if console else json_value(value)
+                shown[i] = self._prefixes[i] + text
+            out.append(shown[i])
+        if console:
+            return "".join(out).rstrip(" ")
+        out.append(self._tail)
+        out.append(stamp)
+        out.append('"}')
+        return "".join(out)

@@ -1,0 +1,114 @@
+"""The log's writer: rendered lines to a stream, info and debug lines held and written in
+batches, whole lines per write so that workers sharing a pipe never interleave mid-line.
+
+Compiled with mypyc (``setup.py``): every access event passes through ``hold``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final, TextIO
+
+#: info and debug lines reach the stream at most this late (like nginx's access_log flush=)
+FLUSH_EVERY: Final = 0.5
+#: ... or as soon as this many are held (about 0.5 MiB of access events)
+HOLD_LINES: Final = 1024
+#: the most one write(2) of held lines carries: POSIX's smallest PIPE_BUF (Linux: 4096)
+ATOMIC_WRITE: Final = 4096
+
+
+class LineLogger:
+    """Writes rendered events, one per line. Info and debug lines are held and written
+    together within ``FLUSH_EVERY`` seconds (or once ``HOLD_LINES`` are held, and at exit):
+    one write per request was a fifth of the request path's cost, and one text-stream write
+    per line still about 5 us. Warnings and errors are written at once, after what is held.
+    structlog calls it by its level's name."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._held: list[str] = []
+        self._scheduled = False
+
+    def hold(self, message: str) -> None:
+        held = self._held
+        held.append(message)
+        if len(held) >= HOLD_LINES:
+            self.flush()
+            return
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (start-up, CLI): nothing would flush later
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_later(FLUSH_EVERY, self._on_timer)
+
+    def at_once(self, message: str) -> None:
+        self._held.append(message)
+        self.flush()
+
+    def _on_timer(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is held, in whole lines of at most ``ATOMIC_WRITE`` characters per write
+        (bytes, for JSON lines: they are ASCII). Workers share stderr, and a pipe keeps such
+        a write in one piece (PIPE_BUF), so the lines of two workers never interleave
+        mid-line; a longer line goes alone."""
+        held, self._held = self._held, []
+        stream = self._stream
+        chunk: list[str] = []
+        size = 0
+        for line in held:
+            if chunk and size + len(line) >= ATOMIC_WRITE:
+                chunk.append("")  # the last line's end
+                stream.write("\n".join(chunk))
+                stream.flush()
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line) + 1
+        if chunk:
+            chunk.append("")
+            stream.write("\n".join(chunk))
+        stream.flush()
+
+    # structlog's method names: held ...
+    def debug(self, message: str) -> None:
+        self.hold(message)
+
+    def info(self, message: str) -> None:
+        self.hold(message)
+
+    def msg(self, message: str) -> None:
+        self.hold(message)
+
+    def log(self, message: str) -> None:
+        self.hold(message)
+
+    # ... and written at once
+    def warning(self, message: str) -> None:
+        self.at_once(message)
+
+    def warn(self, message: str) -> None:
+        self.at_once(message)
+
+    def error(self, message: str) -> None:
+        self.at_once(message)
+
+    def err(self, message: str) -> None:
+        self.at_once(message)
+
+    def critical(self, message: str) -> None:
+        self.at_once(message)
+
+    def fatal(self, message: str) -> None:
+        self.at_once(message)
+
+    def exception(self, message: str) -> None:
+        self.at_once(message)
+
+    def failure(self, message: str) -> None:
+        self.at_once(message)

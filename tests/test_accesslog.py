@@ -1,0 +1,120 @@
+"""The access event's own renderer (``sidecar.accesslog``) writes exactly what structlog's
+chain writes, in both formats, for every value a client or a backend can choose; its JSON
+escaper is ``json.dumps(ensure_ascii=True)`` and its console values follow ``log.escape``'s
+rules, checked on generated strings (surrogates, controls, separators, bidi marks included).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import structlog
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from sidecar import log
+from sidecar.accesslog import (
+    FIELDS,
+    AccessLine,
+    console_value,
+    json_string,
+    json_value,
+    milliseconds,
+)
+from sidecar.loglines import LineLogger
+
+#: every code point, lone surrogates included (hypothesis leaves those out by default)
+ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()))
+#: what the access event's values are: strings (chosen by clients and backends), numbers,
+#: booleans and None
+VALUE = st.one_of(
+    ANY_TEXT,
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+NOW = 1764892800.0  # 2025-12-05T00:00:00Z
+
+
+@given(ANY_TEXT)
+@example('"\\\x00\x1f\x7f\x80\u2028\u202e\ud800\U0001f600 \t\n\r\x08\x0c')
+def test_json_string_is_json_dumps_ensure_ascii(text: str) -> None:
+    assert json_string(text) == json.dumps(text, ensure_ascii=True)
+    assert json_string(text).isascii() and json_string(text).isprintable()
+
+
+@given(VALUE)
+def test_json_value_is_json_dumps(value: Any) -> None:
+    assert json_value(value) == json.dumps(value, ensure_ascii=True)
+
+
+@given(st.one_of(st.floats(), st.floats(-2e9, 2e9), st.floats(0, 1e5), st.none()))
+@example(0.0005)
+@example(0.0015)
+@example(-0.0004)
+@example(2.0)
+@example(999_999_999.9995)
+def test_milliseconds_are_rounded_as_round_writes_them(value: float | None) -> None:
+    """A duration is written as ``round(value, 3)`` was (by json and by repr), in fewer steps."""
+    rounded = round(value, 3) if value is not None else None
+    assert milliseconds(value, console=False) == json.dumps(rounded)
+    assert milliseconds(value, console=True) == repr(rounded)
+
+
+def _structlog_console(value: Any) -> str:
+    """How the console chain writes ``key=value`` (``log._escape_for_console``, then
+    structlog's renderer), cut to the value."""
+    event = log._escape_for_console(None, "info", {"event": "e", "key": value})
+    line: str = structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)(None, "info", event)
+    return line.split(" key=", 1)[1]
+
+
+@given(VALUE)
+@example("/a\nforged\x1b[2J")
+@example("CN=x,O=y z")
+@example("it's")
+@example("\u2028")
+@example("a\\b")
+def test_console_value_is_the_console_chains(value: Any) -> None:
+    rendered = console_value(value)
+    assert rendered == _structlog_console(value)
+    assert rendered.isprintable()  # no control, separator or bidi mark reaches a terminal
+
+
+def _structlog_line(console: bool, values: tuple[Any, ...], context: dict[str, Any]) -> str:
+    """The line structlog's chain (as ``log.configure`` sets it up) writes for the event."""
+    event: Any = dict(zip(FIELDS, values, strict=True))
+    for key in ("duration_ms", "upstream_ms"):  # as the gateway rounded them before
+        if isinstance(event[key], float):
+            event[key] = round(event[key], 3)
+    event["event"] = "request"
+    for key, value in context.items():  # merge_contextvars: a field of the same name wins
+        event.setdefault(key, value)
+    event["level"] = "info"
+    event["timestamp"] = "2025-12-05T00:00:00Z"
+    if console:
+        event = log._escape_for_console(None, "info", event)
+        return str(structlog.dev.ConsoleRenderer(colors=False)(None, "info", event))
+    return str(structlog.processors.JSONRenderer(ensure_ascii=True)(None, "info", event))
+
+
+@given(
+    st.booleans(),
+    st.lists(st.tuples(*[VALUE for _ in FIELDS]), min_size=1, max_size=4),
+    st.dictionaries(st.sampled_from(["worker", "path", "pod"]), VALUE, max_size=3),
+)
+def test_the_lines_are_structlogs(
+    console: bool, events: list[tuple[Any, ...]], context: dict[str, Any]
+) -> None:
+    """One writer, several events (each twice: the same objects again, as a connection's
+    requests share their certificate's strings), each line what structlog writes."""
+    stream = io.StringIO()
+    line = AccessLine(console, list(context.items()), LineLogger(stream))
+    for values in events:
+        for _ in range(2):
+            assert line.render(values, NOW) == _structlog_line(console, values, context)
+    line.write(events[0])  # no event loop: written at once
+    assert stream.getvalue().count("\n") == 1 and stream.getvalue().endswith("\n")
