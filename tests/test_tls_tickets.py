@@ -183,3 +183,23 @@ async def test_a_worker_reads_the_secret_and_keeps_no_descriptor_open(
             )
             # nothing added to the environment the supervisor has
             assert Path(f"/proc/{pid}/environ").read_bytes() == supervisor_environ
+
+
+def test_each_server_has_its_own_keys(config_dir: ConfigDir) -> None:
+    """With ``servers[]``, a ticket made for one server must not resume on another (whose
+    ``client_certificate`` mode or names differ): each context's keys differ."""
+    from .test_servers_security import sites
+
+    class Port:
+        port = 1
+
+    data = sites(config_dir, Port())  # type: ignore[arg-type]
+    config = load(config_dir.write(data))
+    secret = tls_tickets.new_secret()
+    state = TLSState(*listener_contexts(config.tls, config.servers), ticket_secret=secret)
+    assert state.servers is not None
+    keys = [keys_of(context) for context in state.servers.contexts]
+    assert len(set(keys)) == len(keys) == 3
+    again = TLSState(*listener_contexts(config.tls, config.servers), ticket_secret=secret)
+    assert again.servers is not None
+    assert [keys_of(context) for context in again.servers.contexts] == keys
