@@ -119,6 +119,11 @@ def _context(
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
+    # One TLS 1.3 ticket per handshake, not OpenSSL's two: each costs a copy of the session
+    # decoded again (the client's certificate with it), and a ticket here can be used again
+    # (stateless, until the hour's key rotates), so a client opening parallel connections
+    # needs no second one.
+    ctx.num_tickets = 1
     _restrict_groups(ctx)
     chain = _load_chain(ctx, certificate, key)
     trust = hashlib.sha256(f"{mode} {config.min_version}".encode())
