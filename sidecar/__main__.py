@@ -314,7 +314,7 @@ def summary(config: Config) -> str:
         f"  listen      https://{config.listen.host}:{config.listen.port}  workers={config.listen.workers}",
         f"  names       {_names(config)}",
         f"  upstream    {config.upstream.url}  (connect {config.upstream.timeout.connect:g}s, read {config.upstream.timeout.read:g}s)",
-        f"  tls         {config.tls.certificate}{_expiry(config.tls.certificate)}",
+        f"  tls         {_served(config)}",
         f"  client cert {config.tls.client_certificate}; {len(config.tls.client_ca)} CA file(s), "
         f"{len(config.tls.pinned_certificates)} pinned certificate(s)",
         f"  identity    backend={config.identity.backend}, cache ttl {config.identity.cache.ttl:g}s",
@@ -394,11 +394,20 @@ def _names(config: Config) -> str:
         return "per server (servers[].names)"
     if config.listen.server_names is not None:
         return f"{', '.join(config.listen.server_names)} (listen.server_names)"
+    if config.tls.certificate is None:
+        return "(no tls.certificate)"
     try:
         leaf = read_certificates(config.tls.certificate)[0]
     except CertificateError:
         return "(unreadable tls.certificate)"
     return f"{', '.join(certificate_names(leaf))} (from tls.certificate)"
+
+
+def _served(config: Config) -> str:
+    certificate = config.tls.certificate
+    if certificate is None:
+        return "none: plain HTTP (listen.tls: false)"
+    return f"{certificate}{_expiry(certificate)}"
 
 
 def _expiry(path: Path) -> str:

@@ -756,8 +756,9 @@ class Sidecar:
         """The expiry gauges: the server certificate, every trust anchor, and the identity
         backend's client certificate (the Identity Plus agent's is read from the backend)."""
         try:
-            leaf = read_certificates(config.tls.certificate)[0]
-            self.metrics.server_cert_expiry.set(leaf.not_valid_after_utc.timestamp())
+            if config.tls.certificate is not None:
+                leaf = read_certificates(config.tls.certificate)[0]
+                self.metrics.server_cert_expiry.set(leaf.not_valid_after_utc.timestamp())
         except CertificateError:
             pass
         # status: the certificates in force, as they were loaded
@@ -877,8 +878,7 @@ def watched_files(config: Config, config_path: Path | None) -> list[Path]:
     """The files whose change triggers a reload."""
     files: list[Path] = [config_path] if config_path is not None else []
     files += [
-        config.tls.certificate,
-        config.tls.key,
+        *(p for p in (config.tls.certificate, config.tls.key) if p is not None),
         *config.tls.client_ca,
         *config.tls.pinned_certificates,
     ]

@@ -55,6 +55,7 @@ XFCC = "X-Forwarded-Client-Cert"
 SSL_CLIENT_CERT = "ssl-client-cert"
 TRAEFIK = "X-Forwarded-Tls-Client-Cert"
 AMZN = "X-Amzn-Mtls-Clientcert"
+AMZN_LEAF = "X-Amzn-Mtls-Clientcert-Leaf"
 
 #: every header of every format, lower case: stripped from every client request, whatever the
 #: configuration and the route (the sidecar's own are then added from the validated chain).
@@ -287,7 +288,24 @@ def _read_ssl_client_cert(fields: Fields) -> PresentedChain | None:
 
 
 def _read_amzn(fields: Fields) -> PresentedChain | None:
-    return _read_escaped_pem(fields, AMZN)
+    # An ALB in passthrough mode sends the chain as presented; in verify mode, the leaf it
+    # verified, in a header of its own. One ALB never sends both: both is no certificate
+    # anyone can stand behind.
+    found = _lines(fields, AMZN, AMZN_LEAF)
+    chain, leaf = _single(found, AMZN), _single(found, AMZN_LEAF)
+    if chain is not None and leaf is not None:
+        raise CertificateHeaderError(
+            f"{AMZN} and {AMZN_LEAF}: both sent (an ALB sends the first in passthrough mode, "
+            "the second in verify mode)"
+        )
+    if chain is not None:
+        return _presented(AMZN, _pem_certificates(_percent_decoded(chain, AMZN), AMZN))
+    if leaf is None:
+        return None
+    ders = _pem_certificates(_percent_decoded(leaf, AMZN_LEAF), AMZN_LEAF)
+    if len(ders) != 1:
+        raise CertificateHeaderError(f"{AMZN_LEAF}: holds {len(ders)} certificates, not one")
+    return _presented(AMZN_LEAF, ders)
 
 
 _READERS: dict[str, Callable[[Fields], PresentedChain | None]] = {

@@ -333,8 +333,10 @@ def _crl_mode(value: Any) -> tuple[str, str]:
 
 
 class TLSConfig(Section):
-    certificate: CertFile
-    key: KeyFile
+    #: the listener's certificate chain and key: required with ``listen.tls: true`` (the
+    #: default), not needed without TLS (behind a load balancer that terminates it)
+    certificate: CertFile | None = None
+    key: KeyFile | None = None
     client_ca: tuple[CertFile, ...] = ()
     pinned_certificates: tuple[CertFile, ...] = ()
     #: required | optional | none (no certificate asked for: every route public); with
@@ -433,6 +435,18 @@ class TLSConfig(Section):
 
     @model_validator(mode="after")
     def _check_pair(self) -> TLSConfig:
+        # one of the two alone: Config names the missing one (it knows whether TLS is on)
+        if self.certificate is not None and self.key is not None:
+            self._check_key()
+        anchors = self.client_ca or self.pinned_certificates
+        if not anchors and self.client_certificate != "none":
+            raise ValueError(
+                "@client_ca: no trust anchors: set client_ca and/or pinned_certificates"
+            )
+        return self
+
+    def _check_key(self) -> None:
+        assert self.certificate is not None and self.key is not None
         certs = read_certificates(self.certificate)
         key = read_private_key(self.key)
         if not key_matches_certificate(key, certs[0]):
@@ -440,12 +454,6 @@ class TLSConfig(Section):
                 f"@key: the private key {self.key} does not match the certificate "
                 f"{self.certificate} (the first certificate in the file must be the server's)"
             )
-        anchors = self.client_ca or self.pinned_certificates
-        if not anchors and self.client_certificate != "none":
-            raise ValueError(
-                "@client_ca: no trust anchors: set client_ca and/or pinned_certificates"
-            )
-        return self
 
 
 class UpstreamTimeouts(Section):
@@ -1795,6 +1803,20 @@ class Config(Section):
                 "front_proxy.trusted: the PROXY header comes before TLS, so only the "
                 "connection's address can vouch for it"
             )
+        tls = self.tls
+        if listen.tls and self.servers is None:
+            if tls.certificate is None:
+                problems.append(
+                    "@tls.certificate: required with listen.tls: true (the certificate chain "
+                    "the listener presents); only listen.tls: false needs none"
+                )
+            if tls.key is None:
+                problems.append(
+                    "@tls.key: required with listen.tls: true (the private key of tls.certificate)"
+                )
+        elif (tls.certificate is None) != (tls.key is None):
+            which = "tls.key" if tls.key is None else "tls.certificate"
+            problems.append(f"@{which}: required with the other (a certificate and its key)")
         if not listen.tls:
             for i, peer in enumerate(front.trusted):
                 if peer.startswith("sha256:"):
@@ -1817,11 +1839,12 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _names_served(self) -> Config:
-        if self.listen.server_names is None and self.servers is None:
-            leaf = read_certificates(self.tls.certificate)[0]
+        certificate = self.tls.certificate
+        if self.listen.server_names is None and self.servers is None and certificate is not None:
+            leaf = read_certificates(certificate)[0]
             if not hosts.certificate_names(leaf):
                 raise ValueError(
-                    f"@listen.server_names: the server certificate {self.tls.certificate} "
+                    f"@listen.server_names: the server certificate {certificate} "
                     "names no host (no DNS or IP subjectAltName, no host name as its common "
                     "name): list the names clients use"
                 )

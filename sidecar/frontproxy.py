@@ -225,7 +225,7 @@ _FORMAT_NAMES: Final[dict[str, tuple[str, ...]]] = {
     "xfcc": ("x-forwarded-client-cert",),
     "ssl-client-cert": ("ssl-client-cert",),
     "traefik": ("x-forwarded-tls-client-cert",),
-    "amzn-mtls": ("x-amzn-mtls-clientcert",),
+    "amzn-mtls": ("x-amzn-mtls-clientcert", "x-amzn-mtls-clientcert-leaf"),
 }
 
 

@@ -116,11 +116,13 @@ def build_servers(config: Config) -> Servers:
     )
     if config.servers is None:
         listed = config.listen.server_names
-        names = (
-            ServerNames(listed)
-            if listed is not None
-            else ServerNames.for_certificate(read_certificates(config.tls.certificate)[0])
-        )
+        certificate = config.tls.certificate
+        if listed is not None:
+            names = ServerNames(listed)
+        elif certificate is not None:
+            names = ServerNames.for_certificate(read_certificates(certificate)[0])
+        else:  # configuration refuses it: listen.tls: false needs listen.server_names
+            raise ValueError("listen.server_names: required without a server certificate")
         table = _table(config.routes, "routes", "", anchors)
         return Servers([Server(names, table, config.tls.client_certificate)])
     several = len(config.servers) > 1

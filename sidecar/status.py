@@ -63,7 +63,7 @@ def certificate_info(cert: x509.Certificate, now: float | None = None) -> dict[s
 
 
 def certificates(
-    server_certificate: Path,
+    server_certificate: Path | None,
     client_ca: Iterable[Path],
     pinned: Iterable[Path],
     sites: Iterable[tuple[str, Sequence[str], Path, str]] = (),
@@ -93,7 +93,9 @@ def certificates(
     return {"listener": listener, "trust_anchors": anchors, "servers": servers}
 
 
-def _leaf(path: Path) -> dict[str, Any]:
+def _leaf(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {"none": "listen.tls: false, no certificate served"}
     try:
         leaf = read_certificates(path)[0]
     except CertificateError as exc:
@@ -432,6 +434,8 @@ def _table(headings: Sequence[str], rows: Iterable[Sequence[object]], empty: str
 def _expiry(cert: Mapping[str, Any]) -> str:
     if "error" in cert:
         return f'<span class="bad">{_e(cert["error"])}</span>'
+    if "none" in cert:
+        return '<span class="muted">none</span>'
     days = cert.get("days_left", 0)
     css = "bad" if days < 7 else ("warn" if days < 30 else "ok")
     when = str(cert.get("not_after", ""))[:16].replace("T", " ")
@@ -527,7 +531,10 @@ def render(doc: Document) -> str:
     parts.append(
         _rows(
             [
-                ("subject", _e(listener.get("subject", listener.get("error")))),
+                (
+                    "subject",
+                    _e(listener.get("subject", listener.get("error", listener.get("none")))),
+                ),
                 ("names", _e(", ".join(listener.get("names", [])))),
                 ("server names in force", _e(", ".join(listener.get("server_names", [])))),
                 ("expires", _expiry(listener)),

@@ -110,8 +110,11 @@ def listener_contexts(
 
 
 def _context(
-    config: TLSConfig, certificate: Path, key: Path, mode: str
+    config: TLSConfig, certificate: Path | None, key: Path | None, mode: str
 ) -> tuple[ssl.SSLContext, Fingerprint]:
+    # Without a certificate (listen.tls: false: no handshake is ever made with this context)
+    # the context still carries what decides trust: its fingerprint ends keep-alive
+    # connections when trust changes, as with TLS.
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if config.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
@@ -125,7 +128,7 @@ def _context(
     # needs no second one.
     ctx.num_tickets = 1
     _restrict_groups(ctx)
-    chain = _load_chain(ctx, certificate, key)
+    chain = [] if certificate is None or key is None else _load_chain(ctx, certificate, key)
     trust = hashlib.sha256(f"{mode} {config.min_version}".encode())
     anchors = []
     for kind, paths in (("ca", config.client_ca), ("pinned", config.pinned_certificates)):

@@ -289,7 +289,15 @@ def test_garbage_is_refused_by_name(
 ) -> None:
     """Whatever a header holds, reading it gives a chain or a ``CertificateHeaderError``."""
     sent = [(name.encode(), value) for name, value in zip(names, values, strict=False)]
-    named = (cf.CLIENT_CERT, cf.CLIENT_CERT_CHAIN, cf.XFCC, cf.SSL_CLIENT_CERT, cf.TRAEFIK, cf.AMZN)
+    named = (
+        cf.CLIENT_CERT,
+        cf.CLIENT_CERT_CHAIN,
+        cf.XFCC,
+        cf.SSL_CLIENT_CERT,
+        cf.TRAEFIK,
+        cf.AMZN,
+        cf.AMZN_LEAF,
+    )
     problem = ""
     try:
         got = cf.read(fmt, sent)

@@ -26,7 +26,7 @@ from sidecar import certformats
 from sidecar.config import ConfigError, parse
 
 from .conftest import ALICE_SUB, ConfigDir, Running, SidecarFactory, Upstream, decode_userinfo
-from .pki import PKI, Issued
+from .pki import PKI, Issued, make_ca, make_leaf
 from .test_listener import Response, read_response
 
 
@@ -295,3 +295,59 @@ async def test_a_revoked_certificate_from_a_trusted_proxy_is_refused(
     assert not upstream.seen
     answer = await request(running, "/x", [("ssl-client-cert", escaped(certs.bob))])
     assert answer.status == 200
+
+
+async def test_an_alb_in_verify_mode_passes_the_leaf_in_its_own_header(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """AWS ALB with mutual TLS in verify mode sends the leaf it verified as
+    ``X-Amzn-Mtls-Clientcert-Leaf`` (URL-encoded PEM, "+=/" unescaped), not the chain header of
+    passthrough mode: ``amzn-mtls`` reads either, verifies it again, and refuses both at once."""
+    running = await start_sidecar(
+        front_config(config_dir, upstream, trusted=["127.0.0.1/32"], fmt="amzn-mtls")
+    )
+    alice, bob = running.certs.alice, running.certs.bob
+    leaf = quote(alice.pem.decode(), safe="+=/")
+    answer = await request(running, "/admin/x", [("X-Amzn-Mtls-Clientcert-Leaf", leaf)])
+    assert answer.status == 200, answer.body
+    seen = upstream.last
+    assert decode_userinfo(seen.header("X-USERINFO")[0])["sub"] == ALICE_SUB
+    assert not seen.header("X-Amzn-Mtls-Clientcert-Leaf")
+    forwarded = len(upstream.seen)
+
+    both = [("X-Amzn-Mtls-Clientcert", leaf), ("X-Amzn-Mtls-Clientcert-Leaf", leaf)]
+    answer = await request(running, "/admin/x", both)
+    assert answer.status == 400 and b"both" in answer.body, answer.body
+    two = quote(alice.pem.decode() + bob.pem.decode(), safe="+=/")
+    answer = await request(running, "/admin/x", [("X-Amzn-Mtls-Clientcert-Leaf", two)])
+    assert answer.status == 400 and b"not one" in answer.body, answer.body
+    # a leaf that does not chain to tls.client_ca is refused
+    other = make_ca("Not The Client CA")
+    outsider = quote(make_leaf(other, "Eve Outsider").pem.decode(), safe="+=/")
+    answer = await request(running, "/admin/x", [("X-Amzn-Mtls-Clientcert-Leaf", outsider)])
+    assert answer.status == 403, answer.body
+    assert len(upstream.seen) == forwarded
+
+
+async def test_without_tls_no_server_certificate_is_needed(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """``listen.tls: false`` serves no certificate, so none is asked for: behind a load balancer
+    that terminates TLS the operator has no certificate to give. With ``listen.tls: true``
+    both stay required, each named."""
+    data = front_config(config_dir, upstream, trusted=["127.0.0.1/32"])
+    del data["tls"]["certificate"], data["tls"]["key"]
+    running = await start_sidecar(data)
+    alice = running.certs.alice
+    answer = await request(running, "/admin/x", [("ssl-client-cert", escaped(alice))])
+    assert answer.status == 200, answer.body
+    assert decode_userinfo(upstream.last.header("X-USERINFO")[0])["sub"] == ALICE_SUB
+
+    data["listen"]["tls"] = True
+    with pytest.raises(ConfigError) as info:
+        parse(data, base_dir=config_dir.path, env={})
+    assert any(p.startswith("tls.certificate: required") for p in info.value.problems), info
+    data["tls"]["certificate"] = str(config_dir.path / "server.pem")
+    with pytest.raises(ConfigError) as info:
+        parse(data, base_dir=config_dir.path, env={})
+    assert any(p.startswith("tls.key: required") for p in info.value.problems), info

@@ -318,32 +318,40 @@ class Harness:
         return fallback
 
 
-@pytest.fixture
-async def harness() -> Iterator[Harness]:  # type: ignore[misc]
-    loop = asyncio.get_running_loop()
-    upstream = Upstream()
-    forwarder = Forwarder(UpstreamConfig(url="http://upstream.test"), dial=upstream.dial)
-    await forwarder.start()
+def listener_state(
+    forwarder: Forwarder, limits: LimitsConfig, *, client_certificate: str
+) -> ListenerState:
+    """A listener's state for protocol tests: one server ("localhost": ``/public/`` public,
+    ``/`` the rest), no identity backend, forwarding through ``forwarder``, no access log."""
     plan = Plan(
         policy=Servers(
             [
                 Server(
                     ServerNames(["localhost"]),
                     RouteTable([Route("/public/", public=True), Route("/")]),
-                    client_certificate="required",
+                    client_certificate=client_certificate,
                 )
             ]
         ),
         identity=NoIdentity(),
         upstream=forwarder,
         rules=HeaderRules("X-APP-CERTIFICATE", "X-USERINFO"),
-        max_header_block=LIMITS.max_header_block,
+        max_header_block=limits.max_header_block,
         revocation=no_revocation(),
     )
     gateway = Gateway(
         plan, metrics=Metrics(), logger=structlog.get_logger("test"), access_log=False
     )
-    state = ListenerState(gateway, limits=LIMITS, peer_certs=PeerCertificates(), metrics=Metrics())
+    return ListenerState(gateway, limits=limits, peer_certs=PeerCertificates(), metrics=Metrics())
+
+
+@pytest.fixture
+async def harness() -> Iterator[Harness]:  # type: ignore[misc]
+    loop = asyncio.get_running_loop()
+    upstream = Upstream()
+    forwarder = Forwarder(UpstreamConfig(url="http://upstream.test"), dial=upstream.dial)
+    await forwarder.start()
+    state = listener_state(forwarder, LIMITS, client_certificate="required")
     made = Harness(Clock(loop), state, upstream, forwarder)
     state.hand_off = made.hand_off
     yield made

@@ -18,27 +18,17 @@ from typing import Any, cast
 
 import httptools
 import pytest
-import structlog
 
 from sidecar.config import LimitsConfig, UpstreamConfig
 from sidecar.flow import BODY
 from sidecar.forwarder import Forwarder
-from sidecar.gateway import Gateway
-from sidecar.headers import HeaderRules
-from sidecar.hosts import ServerNames
 from sidecar.http1.bodies import LengthDecoder
 from sidecar.http1.client import ClientConnection
 from sidecar.http1.inbound import Inbound
 from sidecar.http1.upstream import BodyTimeout, BodyTooLarge
 from sidecar.listener_state import ListenerState
-from sidecar.metrics import Metrics
-from sidecar.plan import Plan
-from sidecar.policy import Route, RouteTable
-from sidecar.servers import Server, Servers
-from sidecar.tls import PeerCertificates
 
-from .revocation_parts import no_revocation
-from .test_http1_client import Clock, NoIdentity, Transport, settle
+from .test_http1_client import Clock, Transport, listener_state, settle
 
 KiB = 1024
 LIMITS = LimitsConfig(
@@ -195,26 +185,7 @@ async def harness() -> Iterator[Harness]:  # type: ignore[misc]
     upstream = Upstream()
     forwarder = Forwarder(UpstreamConfig(url="http://upstream.test"), dial=upstream.dial)
     await forwarder.start()
-    plan = Plan(
-        policy=Servers(
-            [
-                Server(
-                    ServerNames(["localhost"]),
-                    RouteTable([Route("/public/", public=True), Route("/")]),
-                    client_certificate="optional",
-                )
-            ]
-        ),
-        identity=NoIdentity(),
-        upstream=forwarder,
-        rules=HeaderRules("X-APP-CERTIFICATE", "X-USERINFO"),
-        max_header_block=LIMITS.max_header_block,
-        revocation=no_revocation(),
-    )
-    gateway = Gateway(
-        plan, metrics=Metrics(), logger=structlog.get_logger("test"), access_log=False
-    )
-    state = ListenerState(gateway, limits=LIMITS, peer_certs=PeerCertificates(), metrics=Metrics())
+    state = listener_state(forwarder, LIMITS, client_certificate="optional")
     yield Harness(Clock(loop), state, upstream)
     await forwarder.close()
 

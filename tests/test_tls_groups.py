@@ -82,6 +82,7 @@ def test_a_server_context_offers_the_intermediate_groups_only(
 def test_openssl_s_default_list_offers_more(config: TLSConfig) -> None:
     """What restrict_groups takes away (so that the test above is not vacuous)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert config.certificate is not None and config.key is not None
     context.load_cert_chain(config.certificate, config.key)
     assert server_hello(context, "secp521r1") and server_hello(context, "X448")
 
