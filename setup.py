@@ -42,6 +42,7 @@ COMPILED = [
     "sidecar/http1/bodies.py",
     "sidecar/http1/inbound.py",
     "sidecar/tls_transport.py",
+    "sidecar/handshakes.py",
     "sidecar/flow.py",
     "sidecar/gateway.py",
     "sidecar/request.py",

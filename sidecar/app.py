@@ -855,9 +855,15 @@ def _as_running(new: Config, old: Config) -> Config:
 def _same_upstream(a: Config, b: Config) -> bool:
     # All of limits, not only the keys the forwarder takes today: a limit it is given later
     # must not be kept silently by a reload (a new client costs a few new connections). Not
-    # handshake_timeout: the TLS layer's alone (a certificate renewal must not renew the pool).
-    # The report header names are removed from its responses: a new name needs a new one.
-    same_limits = a.limits.model_copy(update={"handshake_timeout": b.limits.handshake_timeout})
+    # handshake_timeout and handshake_budget: the TLS layer's alone (a certificate renewal must
+    # not renew the pool). The report header names are removed from its responses: a new name
+    # needs a new one.
+    same_limits = a.limits.model_copy(
+        update={
+            "handshake_timeout": b.limits.handshake_timeout,
+            "handshake_budget": b.limits.handshake_budget,
+        }
+    )
     return (
         a.upstream == b.upstream
         and same_limits == b.limits

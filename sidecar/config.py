@@ -225,6 +225,10 @@ class LimitsConfig(Section):
     websocket_max_message: int = Field(1 << 20, ge=1, le=1 << 30)
     #: time a client has to complete the TLS handshake
     handshake_timeout: Duration = Field(60.0, gt=0)
+    #: TLS handshake work (CPU time) a worker does in one turn of its event loop before it
+    #: serves the connections already open again; further handshake steps wait their turn
+    #: (first come first served). 0: no budget, every step runs as soon as its bytes arrive
+    handshake_budget: Duration = Field(0.002, ge=0, le=1.0)
     #: open client connections per worker; further ones are closed at once
     max_connections: int = Field(4096, ge=1)
     #: request bodies larger than this are refused with 413; null: no limit

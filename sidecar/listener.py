@@ -17,6 +17,7 @@ from .addresses import PerAddress, address_key
 from .config import LimitsConfig
 from .fallback.server import Fallback
 from .gateway import Gateway
+from .handshakes import HandshakeScheduler
 from .http1.client import ClientConnection
 from .listener_state import ListenerState
 from .metrics import Metrics
@@ -48,6 +49,10 @@ class Listener:
         self.state = ListenerState(gateway, limits=limits, peer_certs=peer_certs, metrics=metrics)
         self._fallback = Fallback(self.state, self._loop)
         self.state.hand_off = self._fallback.adopt
+        #: the worker's handshake budget per turn of the loop (``limits.handshake_budget``)
+        self.handshakes = HandshakeScheduler(self._loop, limits.handshake_budget)
+        handshakes = self.handshakes
+        metrics.tls_handshakes_queued.set_function(lambda: float(handshakes.queued))
         #: accepted connections, from accept (handshake included) to close, with the client
         #: address each is counted for (None: a trusted proxy's, or no address)
         self.open_connections = 0
@@ -68,9 +73,12 @@ class Listener:
         """Use ``limits`` from now on (a reload): for every new connection, and for the next
         request head on a connection the HTTP/1.1 protocol serves. A connection handed over
         to aiohttp keeps the parser limits and header deadline it was given until it closes.
-        ``handshake_timeout`` and ``max_connections`` apply from the next accept."""
+        ``handshake_timeout`` and ``max_connections`` apply from the next accept,
+        ``handshake_budget`` from the next turn of the loop."""
         self.state.apply_limits(limits)
         self._fallback.apply_limits(limits)
+        # from the next turn of the loop on, for the steps already waiting too
+        self.handshakes.budget = limits.handshake_budget
 
     def __call__(self) -> TLSProtocol:
         return TLSProtocol(self, self._loop)

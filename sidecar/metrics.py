@@ -155,6 +155,17 @@ class Metrics:
             "TLS handshakes that failed (bad or untrusted client certificate, protocol errors).",
             registry=r,
         )
+        self.tls_handshakes_deferred = Counter(
+            "sidecar_tls_handshakes_deferred",
+            "TLS handshake steps that waited for the worker's handshake budget "
+            "(limits.handshake_budget) because other handshakes used it up.",
+            registry=r,
+        )
+        self.tls_handshakes_queued = Gauge(
+            "sidecar_tls_handshakes_queued",
+            "TLS handshake steps waiting now for the worker's handshake budget.",
+            registry=r,
+        )
         # trust reports (identity.reports): the type is bind, unbind, trust or intrusion
         self.trust_reports = Counter(
             "sidecar_trust_reports",

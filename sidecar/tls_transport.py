@@ -16,6 +16,11 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
 - **Handshake**, within ``limits.handshake_timeout``, and its first message, the ClientHello,
   within the shorter ``limits.client_hello_timeout``: a connection that sends nothing costs
   a slot for seconds, not a minute (a client that means it sends its ClientHello at once).
+  Each handshake step (OpenSSL answering what the client sent) runs within the worker's
+  handshake budget per turn of the event loop (``handshakes``, ``limits.handshake_budget``):
+  beyond it, the step waits its turn, first come first served (and the connection is not
+  read beyond ``_QUEUED_BYTES`` meanwhile), so that a burst of handshakes cannot hold up the
+  connections already open.
   A handshake OpenSSL refuses is answered
   with the alert OpenSSL chose (certificate_required, unknown_ca, certificate_expired, ...),
   flushed before the connection is closed, so that browsers and scanners can say why. Each
@@ -45,6 +50,7 @@ from typing import Any, Protocol, cast
 
 from . import proxyproto
 from .config import LimitsConfig
+from .handshakes import HandshakeScheduler
 from .log import get_logger
 from .metrics import Metrics
 from .sni import ClientHelloReader
@@ -63,6 +69,9 @@ _SHUTDOWN_TIMEOUT = 30.0
 #: the TCP transport's write-buffer water marks once the connection is open: asyncio's and
 #: uvloop's for their TLS transports, so the application sees the flow control it had with them
 _HIGH_WATER = 512 * 1024
+#: what a connection whose handshake step waits (``handshakes``) may receive meanwhile before
+#: its socket is no longer read: more than any client's handshake flight
+_QUEUED_BYTES = 64 * 1024
 _LOW_WATER = _HIGH_WATER // 4
 
 _HANDSHAKE = 0  # accepted; the handshake runs
@@ -80,6 +89,8 @@ class Listener(Protocol):
     #: listen.proxy_protocol: the networks whose connections start with a PROXY protocol
     #: header (any other connection is closed at accept); None: no PROXY protocol
     proxy_from: tuple[IPNetwork, ...] | None
+    #: the worker's handshake budget (``limits.handshake_budget``)
+    handshakes: HandshakeScheduler
 
     @property
     def limits(self) -> LimitsConfig: ...
@@ -115,6 +126,8 @@ class TLSProtocol(asyncio.Protocol):
         "_outgoing",
         "_peer",
         "_proxy",
+        "_queue_paused",
+        "_queued",
         "_reading_paused",
         "_sslobj",
         "_state",
@@ -139,6 +152,9 @@ class TLSProtocol(asyncio.Protocol):
         #: the ClientHello has not arrived whole yet (OpenSSL has not answered it)
         self._awaiting_hello = False
         self._admitted = False
+        #: the next handshake step waits for the worker's handshake budget (``handshakes``)
+        self._queued = False
+        self._queue_paused = False  # ... and its socket is not read meanwhile
         self._reading_paused = False  # the application asked
         self._writing_paused = False  # the TCP transport said so
         self._app_writing_paused = False  # the application was told so
@@ -257,7 +273,16 @@ class TLSProtocol(asyncio.Protocol):
                 self._incoming.write(data)
             elif not self._choose(data):  # policy: several servers
                 return
-            self._handshake()
+            if not self._queued:
+                self._listener.handshakes.step(self)
+            elif self._incoming.pending > _QUEUED_BYTES and not self._queue_paused:
+                # more than a handshake flight while its step waits: the rest stays in the
+                # kernel (a step often waits a turn or two: pausing each would cost two
+                # system calls for nothing)
+                self._queue_paused = True
+                tcp = self._tcp
+                if tcp is not None:
+                    tcp.pause_reading()
         # closing: what the peer still sends is dropped (see the module's docstring)
 
     def eof_received(self) -> bool:
@@ -296,6 +321,27 @@ class TLSProtocol(asyncio.Protocol):
                 app.resume_writing()
 
     # ---- the handshake ------------------------------------------------------------------------
+
+    def handshake_step(self) -> None:
+        """Run the handshake on what has arrived (``handshakes``: now, or when its turn comes)."""
+        self._queued = False
+        if self._state == _HANDSHAKE:
+            self._handshake()
+
+    def handshake_deferred(self) -> None:
+        """The step waits for the worker's handshake budget (the deadlines keep running);
+        beyond ``_QUEUED_BYTES`` received meanwhile, the socket is not read."""
+        self._queued = True
+        self._listener.metrics.tls_handshakes_deferred.inc()
+
+    def handshake_resumed(self) -> None:
+        """Its turn: read again if reading was paused while it waited."""
+        if not self._queue_paused:
+            return
+        self._queue_paused = False
+        tcp = self._tcp
+        if tcp is not None and self._state == _HANDSHAKE and not tcp.is_closing():
+            tcp.resume_reading()
 
     def _handshake(self) -> None:
         sslobj = self._sslobj

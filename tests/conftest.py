@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
+from hypothesis import HealthCheck, settings
 
 from sidecar import config as config_mod
 from sidecar.app import Sidecar
@@ -26,6 +27,12 @@ from sidecar.metrics import Metrics
 
 from .pki import PKI, Issued
 from .servers import scripted, serve_app  # noqa: F401 (scripted: a fixture for every module)
+
+# CI and the helpers' machines are loaded 2-CPU boxes: an example that takes long is the
+# machine, not a defect, so hypothesis neither times examples nor fails for slowness (a test
+# that sets its own suppress_health_check list adds too_slow to it).
+settings.register_profile("sidecar", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("sidecar")
 
 ALICE_SUB = "2d73cf2a-5339-421e-81cd-8fa0d25a100b"
 BOB_SUB = "6c0c8c2e-1f0a-4f51-9b1e-2b6a0c7f1d11"

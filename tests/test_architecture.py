@@ -74,6 +74,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "revocation.client",
         "revocation.watch",
         "revocation.report",
+        # handshake admission (#19): the worker's handshake budget per turn of the loop
+        "handshakes",
     ),
     # the ground everything stands on
     (

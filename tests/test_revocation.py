@@ -321,7 +321,9 @@ TestDenyMachine.settings = settings(max_examples=40, stateful_step_count=30, dea
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
     grace=st.integers(0, 100),

@@ -9,11 +9,12 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from sidecar.config import LimitsConfig, TLSConfig
+from sidecar.handshakes import HandshakeScheduler
 from sidecar.metrics import Metrics
 from sidecar.tls import TLSState, server_context
 from sidecar.tls_transport import _LINGER, _SHUTDOWN_TIMEOUT, IPNetwork, TLSProtocol, TLSTransport
@@ -183,6 +184,10 @@ class Listener:
     metrics: Metrics = field(default_factory=Metrics)
     plain: bool = False
     proxy_from: tuple[IPNetwork, ...] | None = None
+    #: no budget: every handshake step runs at once (tests/test_handshake_budget.py has one)
+    handshakes: HandshakeScheduler = field(
+        default_factory=lambda: HandshakeScheduler(cast(Any, None), 0.0)
+    )
     capacity: int = 10
     admitted: int = 0
     released: int = 0

@@ -21,6 +21,11 @@ Two programs, each run as its own process by ``bench.py``:
     ``arrival``: connect, handshake and request all at once (what a restart under load
     looks like); handshakes then compete for the same CPU.
 
+    ``--hot-process``: the hot certificate's probes run in a process of their own
+    (``python -m tests.benchmarks.s4 hot ...``). Otherwise they share the driver's event loop
+    with the burst's client-side handshakes, and ``driver_stalls`` says how many of them a
+    stall of the driver itself delayed.
+
 Prints one JSON document: calls per certificate, burst timing, and the hot certificate's
 latency before and during the burst.
 """
@@ -182,6 +187,19 @@ async def _probe(hot: Conn, stop: asyncio.Event, out: list[tuple[float, float, i
         out.append((t, latency, status))
 
 
+async def _watch_loop(stop: asyncio.Event, stalls: list[tuple[float, float]]) -> None:
+    """The driver's own event loop: every turn that took longer than 10 ms (start, length).
+    The hot client's probes share this loop with the burst's client-side handshakes, so a
+    stall here delays a probe whatever the sidecar does."""
+    tick = 0.002
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(tick)
+        late = time.perf_counter() - t - tick
+        if late > 0.01:
+            stalls.append((t, late))
+
+
 async def drive(args: argparse.Namespace) -> dict[str, Any]:
     certs = sorted(Path(args.certs).glob("client-*.pem"))[: args.count]
     if len(certs) < args.count:
@@ -192,16 +210,41 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     # each certificate to every port (the replicas of a fleet), interleaved
     burst = [(ctx, port) for ctx in burst_contexts for port in ports]
     hot_ctx = _context(Path(args.hot))
-    hots = [await Conn.open(ports[0], hot_ctx) for _ in range(args.hot_connections)]
-    first_status, first_latency = await hots[0].get()  # a miss: the hot verdict is now cached
+    hot_proc: asyncio.subprocess.Process | None = None
     alone: list[tuple[float, float, int]] = []
-    stop_alone = asyncio.Event()
-    tasks = [asyncio.ensure_future(_probe(h, stop_alone, alone)) for h in hots]
-    await asyncio.sleep(args.baseline_seconds)
-    stop_alone.set()
-    await asyncio.gather(*tasks)
-    if any(status != 200 for (_, _, status) in alone):
-        raise SystemExit(f"hot certificate answered {Counter(s for (_, _, s) in alone)}")
+    if args.hot_process:
+        # The probes in a process of their own: only the sidecar stands between them and
+        # their answers (the burst's client-side handshakes do not run on their loop).
+        hots: list[Conn] = []
+        hot_proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.benchmarks.s4",
+            "hot",
+            "--port",
+            str(ports[0]),
+            "--hot",
+            str(args.hot),
+            "--connections",
+            str(args.hot_connections),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert hot_proc.stdout is not None
+        first_status, first_latency = json.loads(await hot_proc.stdout.readline())["first"]
+        b0 = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in both processes
+        await asyncio.sleep(args.baseline_seconds)
+        b1 = time.perf_counter()
+    else:
+        hots = [await Conn.open(ports[0], hot_ctx) for _ in range(args.hot_connections)]
+        first_status, first_latency = await hots[0].get()  # a miss: the verdict is now cached
+        stop_alone = asyncio.Event()
+        tasks = [asyncio.ensure_future(_probe(h, stop_alone, alone)) for h in hots]
+        await asyncio.sleep(args.baseline_seconds)
+        stop_alone.set()
+        await asyncio.gather(*tasks)
+        if any(status != 200 for (_, _, status) in alone):
+            raise SystemExit(f"hot certificate answered {Counter(s for (_, _, s) in alone)}")
     baseline = [lat for (_, lat, _) in alone]
 
     result: dict[str, Any] = {
@@ -215,6 +258,8 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     }
     probe: list[tuple[float, float, int]] = []
     stop = asyncio.Event()
+    stalls: list[tuple[float, float]] = []
+    watcher = asyncio.ensure_future(_watch_loop(stop, stalls))
     conns: list[Conn] = []
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
@@ -259,13 +304,32 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     t1 = time.perf_counter()
     wall1 = time.time()
     stop.set()
-    await asyncio.gather(*probe_tasks)
+    await asyncio.gather(*probe_tasks, watcher)
+    if hot_proc is not None:
+        out, _ = await hot_proc.communicate(b"stop\n")
+        probe = [(t, lat, status) for t, lat, status in json.loads(out)]
+        baseline = [lat for (t, lat, _) in probe if b0 <= t <= b1]
+        result["hot_baseline"] = _ms(baseline)
+        result["hot_connections"] = args.hot_connections
+        result["hot_process"] = True
     during = [lat for (t, lat, _) in probe if t0 <= t <= t1]
+    # probes during which the driver's own loop stalled (see _watch_loop)
+    stalled = [
+        lat
+        for (t, lat, _) in probe
+        if t0 <= t <= t1 and any(s < t + lat and t < s + d for (s, d) in stalls)
+    ]
     result["burst_seconds"] = round(t1 - t0, 3)
     result["burst_window"] = [wall1 - (t1 - t0), wall1]
     result["burst_statuses"] = {str(k): v for k, v in sorted(statuses.items())}
     result["burst_latency"] = _ms(latencies)
     result["hot_during_burst"] = _ms(during)
+    burst_stalls = sorted((d for (s, d) in stalls if t0 <= s <= t1), reverse=True)
+    result["driver_stalls"] = {
+        "count": len(burst_stalls),
+        "longest_ms": [round(d * 1000, 1) for d in burst_stalls[:10]],
+        "probes_overlapping": len(stalled),
+    }
     result["hot_statuses"] = dict(Counter(str(s) for (_, _, s) in probe))
 
     # A second round on the same connections: every verdict is cached now.
@@ -284,6 +348,25 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     for conn in [*conns, *hots]:
         conn.close()
     return result
+
+
+async def hot(args: argparse.Namespace) -> None:
+    """The hot client in a process of its own (``drive --hot-process``): its first request
+    (a miss), then sequential requests on each connection until a line arrives on stdin;
+    then every sample (start on the monotonic clock, latency, status) as JSON."""
+    ctx = _context(Path(args.hot))
+    hots = [await Conn.open(args.port, ctx) for _ in range(args.connections)]
+    status, latency = await hots[0].get()
+    print(json.dumps({"first": [status, latency]}), flush=True)
+    stop = asyncio.Event()
+    out: list[tuple[float, float, int]] = []
+    tasks = [asyncio.ensure_future(_probe(h, stop, out)) for h in hots]
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    stop.set()
+    await asyncio.gather(*tasks)
+    for conn in hots:
+        conn.close()
+    print(json.dumps(out), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--hot-connections", type=int, default=4, help="keep-alive probes of the hot certificate"
     )
+    d.add_argument(
+        "--hot-process",
+        action="store_true",
+        help="probe the hot certificate from a process of its own (see the hot command)",
+    )
+    h = sub.add_parser("hot")
+    h.add_argument("--port", type=int, required=True)
+    h.add_argument("--hot", required=True)
+    h.add_argument("--connections", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.command == "hot":
+        _run(hot(args))
+        return 0
     if args.command == "verdicts":
         serve_verdicts(args.port, args.latency)
         return 0
