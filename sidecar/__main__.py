@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from cryptography import x509
 
-from . import BUILD, __version__, log
+from . import BUILD, __version__, log, tls_tickets
 from .certs import ClientCert, read_certificates
 from .config import Config, RouteConfig, load
 from .errors import CertificateError, ConfigError
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--worker-socket", help=argparse.SUPPRESS)
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument("--supervisor-socket", help=argparse.SUPPRESS)
+    run.add_argument(
+        tls_tickets.PIPE_OPTION, type=int, dest="ticket_secret_fd", help=argparse.SUPPRESS
+    )
     check = sub.add_parser("check-config", help="validate a configuration and print a summary")
     check.add_argument(
         "config", nargs="?", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file"
@@ -132,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 worker_socket=args.worker_socket,
                 worker_index=args.worker_index,
                 supervisor_socket=args.supervisor_socket,
+                ticket_secret_fd=args.ticket_secret_fd,
             )
         if args.command == "demo":
             from .demo import run_demo
@@ -424,7 +428,10 @@ def run(
     worker_socket: str | None = None,
     worker_index: int | None = None,
     supervisor_socket: str | None = None,
+    ticket_secret_fd: int | None = None,
 ) -> int:
+    # The supervisor's ticket secret, read before anything else so its pipe is not left open.
+    ticket_secret = None if ticket_secret_fd is None else tls_tickets.read_secret(ticket_secret_fd)
     # SIGHUP's default action is to terminate. Hold it until the event loop's handler is in
     # place (_serve, Supervisor.run): one that arrives meanwhile is delivered then and reloads,
     # since the file may have changed after it was read here. A supervisor's workers start
@@ -448,6 +455,7 @@ def run(
                 config_path,
                 Path(worker_socket) if worker_socket else None,
                 Path(supervisor_socket) if supervisor_socket else None,
+                ticket_secret,
             )
         )
     except CertificateError as exc:
@@ -466,6 +474,7 @@ async def _serve(
     path: Path | None,
     worker_socket: Path | None = None,
     supervisor_socket: Path | None = None,
+    ticket_secret: bytes | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, then drain; a second signal stops at once. SIGHUP reloads."""
     from .app import Sidecar
@@ -476,6 +485,7 @@ async def _serve(
         reuse_port=worker_socket is not None,
         admin_socket=worker_socket,
         supervisor_socket=supervisor_socket,
+        ticket_secret=ticket_secret,
     )
     await sidecar.start()
     tune_gc()

@@ -181,6 +181,7 @@ class Sidecar:
         reuse_port: bool = False,
         admin_socket: Path | None = None,
         supervisor_socket: Path | None = None,
+        ticket_secret: bytes | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -205,7 +206,10 @@ class Sidecar:
         )
         self._certificates: dict[str, Any] = {}
         self.readiness = Readiness()
-        self.tls = TLSState(*listener_contexts(config.tls, config.servers))
+        #: ticket keys from the supervisor's secret with several workers, else a new one
+        self.tls = TLSState(
+            *listener_contexts(config.tls, config.servers), ticket_secret=ticket_secret
+        )
         self.peer_certs = PeerCertificates()
         #: long-lived: a reload applies a new configuration to it, run-time state stays
         self.revocation = Revocation(
@@ -288,6 +292,7 @@ class Sidecar:
             **kwargs,
         )
         self.readiness.started = True
+        self.tls.start_rotation()
         if self.config_path is not None:  # it obeys reload.watch as reloads change it
             self._watcher = asyncio.create_task(self._watch())
         self.log.info(
@@ -796,6 +801,7 @@ class Sidecar:
     async def stop(self, grace: float = 10.0, *, quiet: bool = False) -> None:
         """Stop accepting, let in-flight requests finish within ``grace``, then close everything."""
         self.readiness.draining = True
+        self.tls.stop_rotation()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

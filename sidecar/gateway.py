@@ -147,6 +147,11 @@ class Gateway:
         what is left (see the module's docstring)."""
         plan = self.plan
         request.plan = plan
+        source = request.chain_source
+        if source is not None:
+            request.chain_source = None
+            if plan.rules.wants_chain:
+                request.chain = source()
         front = plan.front
         from_front = front is not None and front.trusts(request.peer_ip, request.cert)
         trusted = request.trusted = from_front or plan.rules.is_trusted_proxy(request.peer_ip)

@@ -147,6 +147,12 @@ class HeaderRules:
             self._identity_blocks[key] = lines
         return lines
 
+    @property
+    def wants_chain(self) -> bool:
+        """Whether the certificate headers sent upstream may carry the client's chain (any
+        ``certificate_formats`` but the default): else nobody needs it, and it is not read."""
+        return self._formats is not None
+
     def is_trusted_proxy(self, address: str | None) -> bool:
         if not self.trusted_proxies or not address:
             return False

@@ -8,7 +8,7 @@ party."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Final
 
@@ -77,6 +77,7 @@ class Request:
         "block",
         "cert",
         "chain",
+        "chain_source",
         "client_ip",
         "decision",
         "has_host",
@@ -116,6 +117,7 @@ class Request:
         peer_ip: str | None,
         server_name: str | None,
         chain: tuple[bytes, ...] = (),
+        chain_source: Callable[[], tuple[bytes, ...]] | None = None,
         http10: bool = False,
         keep_alive: bool = True,
     ) -> None:
@@ -130,6 +132,9 @@ class Request:
         #: the validated certificates after ``cert`` (its issuers, the trust anchor left
         #: out), for the upstream's chain headers; () when not known
         self.chain: tuple[bytes, ...] = chain
+        #: where ``chain`` is read from, when the plan's headers need it (``Gateway.begin``):
+        #: reading it from OpenSSL costs more than a handshake's Python work otherwise does
+        self.chain_source = chain_source
         self.peer_ip = peer_ip
         #: the client's address: the peer's, or behind a trusted front proxy the one its
         #: X-Forwarded-For names (``frontproxy``); for logs, policy and rate limits

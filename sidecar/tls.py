@@ -10,14 +10,17 @@ context a connection was made with whether the handshake asks for a certificate:
 contexts in the servername callback switches the certificate only), and ``tls_transport``
 reads the server name from the ClientHello (``sni``) before choosing one; the servername
 callback checks OpenSSL read the same. A reload swaps in new contexts only when what they are
-made of changed; a new context has its own session cache and ticket keys, so no session from
-before can be resumed on it, and ``swap`` says whether what decides trust changed. It also
-records the server name each connection asked for (``requested_server_name``).
+made of changed, and ``swap`` says whether what decides trust changed. Ticket keys are derived
+from the process's secret (shared by the workers of one sidecar), what decides trust and the
+hour (``tls_tickets``): a session resumes in any worker, but not across a trust change; a new
+context has its own session cache (session ids), so no session id from before is resumed on it.
+It also records the server name each connection asked for (``requested_server_name``).
 """
 
 from __future__ import annotations
 
 import _ssl
+import asyncio
 import contextlib
 import hashlib
 import secrets
@@ -34,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from . import tls_tickets
 from .certs import ClientCert, read_certificates, read_private_key, to_pem
 from .config import ServerConfig, TLSConfig
 from .errors import CertificateError
@@ -94,7 +98,13 @@ def listener_contexts(
         # server must not keep connections that server would have refused.
         trust.update(names + b"\0" + fingerprint.trust)
     contexts = ServerContexts(
-        [context for context, _ in built], [ServerNames(s.names) for s in servers]
+        [context for context, _ in built],
+        [ServerNames(s.names) for s in servers],
+        # A ticket resumes only on the server (and trust) it was made for.
+        [
+            b" ".join(n.encode() for n in s.names) + b"\0" + f.trust
+            for s, (_, f) in zip(servers, built, strict=True)
+        ],
     )
     return contexts, Fingerprint(server.digest(), trust.digest())
 
@@ -112,6 +122,11 @@ def _context(
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])
+    # One TLS 1.3 ticket per handshake, not OpenSSL's two: each costs a copy of the session
+    # decoded again (the client's certificate with it), and a ticket here can be used again
+    # (stateless, until the hour's key rotates), so a client opening parallel connections
+    # needs no second one.
+    ctx.num_tickets = 1
     _restrict_groups(ctx)
     chain = [] if certificate is None or key is None else _load_chain(ctx, certificate, key)
     trust = hashlib.sha256(f"{mode} {config.min_version}".encode())
@@ -241,8 +256,17 @@ class ServerContexts:
     """One context per server (``servers[]``), chosen by the server name a client asks for:
     its exact name, else a ``*.`` wildcard covering it, else the first server."""
 
-    def __init__(self, contexts: Sequence[ssl.SSLContext], names: Sequence[ServerNames]) -> None:
+    def __init__(
+        self,
+        contexts: Sequence[ssl.SSLContext],
+        names: Sequence[ServerNames],
+        labels: Sequence[bytes] | None = None,
+    ) -> None:
         self.contexts = tuple(contexts)
+        #: what each context's ticket keys are derived from (``tls_tickets``)
+        self.labels = (
+            tuple(labels) if labels is not None else tuple(b"%d" % i for i in range(len(contexts)))
+        )
         self._choice = ServerChoice(names)
         for context in self.contexts:
             context.sni_callback = self._check
@@ -275,12 +299,23 @@ class TLSState:
     the name the client asked for (``requested_server_name``).
     """
 
-    def __init__(self, context: ssl.SSLContext | ServerContexts, fingerprint: Fingerprint) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext | ServerContexts,
+        fingerprint: Fingerprint,
+        *,
+        ticket_secret: bytes | None = None,
+    ) -> None:
         self.current: ssl.SSLContext
         #: one context per server, or None when there is one context (``current``)
         self.servers: ServerContexts | None = None
-        self._install(context)
+        #: what the ticket keys are derived from: shared by the workers of one sidecar
+        self._secret = ticket_secret if ticket_secret is not None else tls_tickets.new_secret()
+        self._epoch = tls_tickets.epoch()
+        self._tickets_reported = False
+        self._rotation: asyncio.TimerHandle | None = None
         self.fingerprint = fingerprint
+        self._install(context)
 
     def _install(self, context: ssl.SSLContext | ServerContexts) -> None:
         if isinstance(context, ServerContexts):
@@ -288,6 +323,47 @@ class TLSState:
         else:
             context.sni_callback = self._select
             self.current, self.servers = context, None
+        self._set_ticket_keys()
+
+    def _keyed(self) -> list[tuple[ssl.SSLContext, bytes]]:
+        servers = self.servers
+        if servers is None:
+            return [(self.current, self.fingerprint.trust)]
+        return list(zip(servers.contexts, servers.labels, strict=True))
+
+    def _set_ticket_keys(self) -> None:
+        for context, label in self._keyed():
+            problem = tls_tickets.install(
+                context, tls_tickets.derive(self._secret, label, self._epoch)
+            )
+            if problem is not None and not self._tickets_reported:
+                self._tickets_reported = True
+                log.warning("tls_ticket_keys_not_shared", reason=problem)
+
+    def start_rotation(self) -> None:
+        """Rotate the ticket keys at every epoch boundary (on the running loop) until
+        ``stop_rotation``; every worker rotates at the same wall-clock time."""
+        self.stop_rotation()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, tls_tickets.next_rotation() - time.time())
+        self._rotation = loop.call_later(delay + 0.01, self._rotate)
+
+    def _rotate(self) -> None:
+        self._rotation = None
+        self.rotate_tickets()
+        self.start_rotation()
+
+    def rotate_tickets(self, now: float | None = None) -> None:
+        """Set the keys of the epoch ``now`` is in (no change within one epoch)."""
+        current = tls_tickets.epoch(now)
+        if current != self._epoch:
+            self._epoch = current
+            self._set_ticket_keys()
+
+    def stop_rotation(self) -> None:
+        if self._rotation is not None:
+            self._rotation.cancel()
+            self._rotation = None
 
     def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
         _record(ssl_obj, server_name)
@@ -304,8 +380,8 @@ class TLSState:
         if fingerprint == self.fingerprint:
             return False
         trust_changed = fingerprint.trust != self.fingerprint.trust
-        self._install(context)
         self.fingerprint = fingerprint
+        self._install(context)
         return trust_changed
 
 

@@ -9,8 +9,8 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
   ``limits.max_connections`` and ``max_connections_per_address`` count connections still in
   their handshake). The connection is
   wrapped with the context current at accept (``TLSState.current``) and keeps it for its whole
-  life, session cache and ticket keys included: a session made under an older context cannot
-  be resumed on a newer one. With several servers, the first bytes are held until the
+  life, session cache included; ticket keys are derived from trust (``tls_tickets``), so a
+  session made before a trust change cannot be resumed after it. With several servers, the first bytes are held until the
   ClientHello says which server it asks for (``sni``), and the connection is wrapped with
   that server's context.
 - **Handshake**, within ``limits.handshake_timeout``, and its first message, the ClientHello,

@@ -38,7 +38,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import BUILD, __version__, log, status
+from . import BUILD, __version__, log, status, tls_tickets
 from .admin import ADMIN_HEADER, explain_refusal, guard
 from .admin_reports import peer_allowed
 from .config import Config
@@ -68,10 +68,10 @@ class Child:
     clear the mask). Its exit is watched through a pidfd on the event loop (a thread where
     there is none)."""
 
-    def __init__(self, args: Sequence[str]) -> None:
+    def __init__(self, args: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
-            self._popen = subprocess.Popen(args)
+            self._popen = subprocess.Popen(args, pass_fds=pass_fds)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self.pid = self._popen.pid
@@ -145,6 +145,8 @@ class Supervisor:
         #: run-time deny entries (POST /deny), kept for workers started later
         self.denied: set[str] = set()
         self._replays: set[asyncio.Task[None]] = set()
+        #: the session ticket keys' secret, the same for every worker (restarted ones too)
+        self._ticket_secret = tls_tickets.new_secret()
 
     # ---- processes ------------------------------------------------------------------------
 
@@ -167,9 +169,20 @@ class Supervisor:
         ]
         if self.log_format:
             args += ["--log-format", self.log_format]
+        # The ticket secret goes through a pipe the worker inherits, reads once and closes:
+        # not argv or the environment (both readable in /proc for the worker's whole life).
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, self._ticket_secret)  # 32 bytes: far below a pipe's buffer
+        finally:
+            os.close(write_end)
+        args += [tls_tickets.PIPE_OPTION, str(read_end)]
         # A new process reads the file anew: an earlier SIGHUP has nothing left to do.
         worker.started = worker.reload_pending = False
-        worker.process = Child(args)
+        try:
+            worker.process = Child(args, pass_fds=(read_end,))
+        finally:
+            os.close(read_end)
         self.log.info("worker_started", worker=worker.index, pid=worker.process.pid)
 
     async def _watch(self, worker: Worker) -> None:

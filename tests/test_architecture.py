@@ -91,6 +91,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "header_names",
         "errors",
         "tls_groups",
+        "tls_tickets",
         "runtime",
         "http1",
         "fallback",

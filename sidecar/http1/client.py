@@ -252,7 +252,7 @@ class ClientConnection(asyncio.Protocol):
             head.target,
             head.raw_headers,
             cert=(cert := self.peer_certificate()),
-            chain=self.peer_chain() if cert is not None else (),
+            chain_source=self.peer_chain if cert is not None else None,
             peer_ip=self._peer_ip,
             server_name=self._sni,
             http10=head.http10,

@@ -1,0 +1,205 @@
+"""Session ticket keys (``sidecar.tls_tickets``): derivation, rotation over real TLS, the secret's
+way from the supervisor to its workers, and the soft failure where libssl cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar import tls_groups, tls_tickets, workers
+from sidecar.config import load
+from sidecar.tls import TLSState, listener_contexts
+
+from .conftest import ConfigDir, Running
+from .test_listener import upstream
+from .test_tls_tickets_workers import fetch
+
+__all__ = ["upstream"]
+
+HOUR = tls_tickets.ROTATE_EVERY
+
+
+def keys_of(context: ssl.SSLContext) -> bytes:
+    lib = tls_groups._libssl()
+    assert not isinstance(lib, str)
+    pointer = tls_groups._ssl_ctx(context)
+    back = ctypes.create_string_buffer(80)
+    assert lib.ctrl(pointer, 58, 80, back) == 1
+    return back.raw
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    secret=st.binary(min_size=32, max_size=32),
+    label=st.binary(max_size=64),
+    epoch=st.integers(min_value=0, max_value=2**40),
+)
+def test_keys_differ_with_every_input(secret: bytes, label: bytes, epoch: int) -> None:
+    keys = tls_tickets.derive(secret, label, epoch)
+    assert len(keys) == 80 and keys == tls_tickets.derive(secret, label, epoch)
+    others = {
+        tls_tickets.derive(bytes(32) if secret != bytes(32) else b"\1" * 32, label, epoch),
+        tls_tickets.derive(secret, label + b"x", epoch),
+        tls_tickets.derive(secret, label, epoch + 1),
+    }
+    # the key name (first 16 bytes) differs too: OpenSSL tells keys apart by it
+    assert keys[:16] not in {o[:16] for o in others}
+
+
+def test_epochs_are_wall_clock_hours() -> None:
+    assert tls_tickets.epoch(HOUR * 10 + 0.5) == 10
+    assert tls_tickets.epoch(HOUR * 11 - 0.001) == 10
+    assert tls_tickets.next_rotation(HOUR * 10 + 5) == HOUR * 11
+
+
+def _state(config_dir: ConfigDir, secret: bytes | None) -> TLSState:
+    config = load(config_dir.write(config_dir.base()))
+    return TLSState(*listener_contexts(config.tls, config.servers), ticket_secret=secret)
+
+
+def test_one_secret_gives_every_process_the_same_keys(config_dir: ConfigDir) -> None:
+    secret = tls_tickets.new_secret()
+    a, b = _state(config_dir, secret), _state(config_dir, secret)
+    assert keys_of(a.current) == keys_of(b.current)
+    assert keys_of(_state(config_dir, None).current) != keys_of(a.current)
+
+
+def test_keys_rotate_with_the_epoch_and_only_then(config_dir: ConfigDir) -> None:
+    state = _state(config_dir, tls_tickets.new_secret())
+    before = keys_of(state.current)
+    state.rotate_tickets(time.time())
+    assert keys_of(state.current) == before
+    state.rotate_tickets(time.time() + HOUR)
+    assert keys_of(state.current) != before
+
+
+def test_without_libssl_contexts_keep_their_own_keys_and_it_is_said(
+    config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tls_tickets, "_libssl", lambda: "no libssl here")
+    secret = tls_tickets.new_secret()
+    a, b = _state(config_dir, secret), _state(config_dir, secret)
+    assert keys_of(a.current) != keys_of(b.current)  # OpenSSL's random keys, each its own
+    out = capsys.readouterr()
+    assert "tls_ticket_keys_not_shared" in out.out + out.err
+    assert "no libssl here" in out.out + out.err
+
+
+async def test_a_session_from_the_previous_epoch_does_not_resume(running: Running) -> None:
+    ctx = running.client_ssl(running.certs.alice)
+    port = running.sidecar.port
+    first = await fetch(port, ctx, "/app/first")
+    again = await fetch(port, ctx, "/app/again", first.session)
+    assert (again.status, again.reused) == (200, True)
+    running.sidecar.tls.rotate_tickets(time.time() + HOUR)
+    after = await fetch(port, ctx, "/app/after", again.session)
+    assert (after.status, after.reused) == (200, False)
+    resumed = await fetch(port, ctx, "/app/resumed", after.session)
+    assert (resumed.status, resumed.reused) == (200, True)
+
+
+async def test_rotation_is_scheduled_at_the_next_epoch(running: Running) -> None:
+    handle = running.sidecar.tls._rotation
+    assert handle is not None
+    due = handle.when() - asyncio.get_running_loop().time() + time.time()
+    assert abs(due - tls_tickets.next_rotation()) < 5
+
+
+# ---- the secret's way to the workers -----------------------------------------------------------
+
+
+def test_the_secret_reaches_a_worker_through_a_pipe_only(
+    config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[list[str], tuple[int, ...], bytes]] = []
+
+    class FakeChild:
+        pid = 4242
+
+        def __init__(self, args: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+            # what the worker would read: its inherited end, before the supervisor closes it
+            fd = int(args[args.index(tls_tickets.PIPE_OPTION) + 1])
+            seen.append((list(args), tuple(pass_fds), tls_tickets.read_secret(os.dup(fd))))
+
+    monkeypatch.setattr(workers, "Child", FakeChild)
+    data = config_dir.base()
+    data["listen"]["workers"] = 2
+    path = config_dir.write(data)
+    supervisor = workers.Supervisor(load(path), path, log_format=None)
+    environ = dict(os.environ)
+
+    async def spawn_twice() -> None:
+        await supervisor._spawn(supervisor.workers[0])
+        await supervisor._spawn(supervisor.workers[1])
+
+    asyncio.run(spawn_twice())
+    secret = supervisor._ticket_secret
+    assert [s[2] for s in seen] == [secret, secret]  # the same for every worker
+    for args, pass_fds, _ in seen:
+        fd = int(args[args.index(tls_tickets.PIPE_OPTION) + 1])
+        assert pass_fds == (fd,)
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(fd)  # the supervisor closed its copy
+        assert not any(secret.hex() in a or secret.hex().upper() in a for a in args)
+    assert os.environ == environ
+    assert not any(secret.hex() in v for v in os.environ.values())
+
+
+def test_a_short_secret_is_refused() -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x" * 10)
+    os.close(write_end)
+    with pytest.raises(ValueError, match="10 bytes"):
+        tls_tickets.read_secret(read_end)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(read_end)
+
+
+async def test_a_worker_reads_the_secret_and_keeps_no_descriptor_open(
+    config_dir: ConfigDir, upstream: Any
+) -> None:
+    """The real ``sidecar run`` with two workers: no worker has a pipe open after start."""
+    from .test_tls_tickets_workers import two_workers
+
+    async with two_workers(config_dir, config_dir.base(upstream.port)) as sidecar:
+        children = Path(f"/proc/{sidecar.proc.pid}/task/{sidecar.proc.pid}/children")
+        pids = [int(p) for p in children.read_text().split()]
+        supervisor_environ = Path(f"/proc/{sidecar.proc.pid}/environ").read_bytes()
+        assert len(pids) == 2
+        for pid in pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            fd = cmdline[cmdline.index(tls_tickets.PIPE_OPTION.encode()) + 1].decode()
+            assert not Path(f"/proc/{pid}/fd/{fd}").exists() or "pipe" not in os.readlink(
+                f"/proc/{pid}/fd/{fd}"
+            )
+            # nothing added to the environment the supervisor has
+            assert Path(f"/proc/{pid}/environ").read_bytes() == supervisor_environ
+
+
+def test_each_server_has_its_own_keys(config_dir: ConfigDir) -> None:
+    """With ``servers[]``, a ticket made for one server must not resume on another (whose
+    ``client_certificate`` mode or names differ): each context's keys differ."""
+    from .test_servers_security import sites
+
+    class Port:
+        port = 1
+
+    data = sites(config_dir, Port())  # type: ignore[arg-type]
+    config = load(config_dir.write(data))
+    secret = tls_tickets.new_secret()
+    state = TLSState(*listener_contexts(config.tls, config.servers), ticket_secret=secret)
+    assert state.servers is not None
+    keys = [keys_of(context) for context in state.servers.contexts]
+    assert len(set(keys)) == len(keys) == 3
+    again = TLSState(*listener_contexts(config.tls, config.servers), ticket_secret=secret)
+    assert again.servers is not None
+    assert [keys_of(context) for context in again.servers.contexts] == keys
