@@ -827,6 +827,9 @@ class Bench:
                             str(self.args.s4_duplicates),
                             "--mode",
                             mode,
+                            # the hot client's probes in a process of their own: on the
+                            # driver's loop they waited behind its own 1,000 handshakes
+                            "--hot-process",
                         ],
                         capture_output=True,
                         text=True,
