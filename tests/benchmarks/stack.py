@@ -618,6 +618,10 @@ def sidecar_conf(
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "log": {"format": "json", "level": log_level},
     }
+    if http_backend is not None:
+        # S4 and S4-fleet: 1,200 connections at once, all from 127.0.0.1, where the default
+        # limits.max_connections_per_address (1024) would refuse the last ones at accept
+        data["limits"] = {"max_connections_per_address": 4096}
     if front_proxy:
         data["listen"] = {
             "host": "127.0.0.1",
