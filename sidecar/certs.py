@@ -106,6 +106,14 @@ class ClientCert:
     not_after_ts: float = 0.0
     #: decided once at parse time (see ``allows_client_auth``): checked on every request
     client_auth: bool = True
+    #: the serial in uppercase hex without prefix, as logs and ``openssl x509 -serial`` show
+    #: it; made once (``__post_init__``): the access log writes it for every request, and one
+    #: string object per certificate lets the log's writer skip escaping it again
+    serial_hex: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.serial_hex:
+            object.__setattr__(self, "serial_hex", f"{self.serial:X}")
 
     @classmethod
     def from_der(cls, der: bytes) -> ClientCert:
@@ -179,11 +187,6 @@ class ClientCert:
     def seen(self) -> bool:
         """False for a certificate ``known_by_serial`` only."""
         return bool(self.der)
-
-    @property
-    def serial_hex(self) -> str:
-        """Uppercase hex without prefix, as logs and ``openssl x509 -serial`` show it."""
-        return f"{self.serial:X}"
 
     def allows_client_auth(self) -> bool:
         """RFC 5280 §4.2.1.12: with an EKU extension, clientAuth (or anyExtendedKeyUsage) is needed."""
