@@ -37,7 +37,8 @@ _SSL_CTRL_GET_MIN_PROTO_VERSION = 130
 
 
 class _LibSSL:
-    """The three libssl functions needed, resolved where Python's ``_ssl`` finds them."""
+    """The libssl functions needed here and in ``tls_tickets``, resolved where Python's
+    ``_ssl`` finds them."""
 
     def __init__(self) -> None:
         import _ssl
@@ -49,6 +50,9 @@ class _LibSSL:
         self.get_options = library.SSL_CTX_get_options
         self.get_options.restype = ctypes.c_uint64
         self.get_options.argtypes = [ctypes.c_void_p]
+        self.set_timeout = library.SSL_CTX_set_timeout
+        self.set_timeout.restype = ctypes.c_long
+        self.set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
 
 
 @cache

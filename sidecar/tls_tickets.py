@@ -39,7 +39,6 @@ import os
 import secrets
 import ssl
 import time
-from functools import cache
 
 from .tls_groups import _libssl, _ssl_ctx
 
@@ -95,25 +94,6 @@ def derive(secret: bytes, label: bytes, at_epoch: int) -> bytes:
     return out[:_KEYS_LENGTH]
 
 
-class _Timeout:
-    """``SSL_CTX_set_timeout``, resolved where ``tls_groups`` resolves libssl."""
-
-    def __init__(self) -> None:
-        import _ssl
-
-        self.set = ctypes.CDLL(_ssl.__file__).SSL_CTX_set_timeout
-        self.set.restype = ctypes.c_long
-        self.set.argtypes = [ctypes.c_void_p, ctypes.c_long]
-
-
-@cache
-def _timeout() -> _Timeout | None:
-    try:
-        return _Timeout()
-    except (ImportError, AttributeError, OSError):
-        return None
-
-
 def install(context: ssl.SSLContext, keys: bytes) -> str | None:
     """Set ``context``'s ticket keys; None when done, else why not (the context then keeps
     OpenSSL's random keys: sessions resume only on the worker that made them)."""
@@ -134,7 +114,5 @@ def install(context: ssl.SSLContext, keys: bytes) -> str | None:
         return "OpenSSL did not give the ticket keys back"
     if not hmac.compare_digest(back.raw, keys):
         return "the ticket keys read back differ from those set"
-    timeout = _timeout()
-    if timeout is not None:
-        timeout.set(pointer, ROTATE_EVERY)
+    lib.set_timeout(pointer, ROTATE_EVERY)
     return None
