@@ -242,10 +242,11 @@ SidecarFactory = Callable[..., Any]
 async def start_sidecar(config_dir: ConfigDir, certs: Certs) -> AsyncIterator[SidecarFactory]:
     started: list[Sidecar] = []
 
-    async def start(data: dict[str, Any]) -> Running:
+    async def start(data: dict[str, Any], **options: Any) -> Running:
+        """``options`` go to ``Sidecar`` (e.g. ``ticket_secret``: as a worker of several)."""
         path = config_dir.write(data)
         cfg = config_mod.load(path)
-        sidecar = Sidecar(cfg, config_path=path, metrics=Metrics())
+        sidecar = Sidecar(cfg, config_path=path, metrics=Metrics(), **options)
         await sidecar.start()
         started.append(sidecar)
         return Running(sidecar, config_dir, certs)

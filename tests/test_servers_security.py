@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from sidecar import tls_tickets
+
 from .conftest import ALICE_SUB, ConfigDir, Running, SidecarFactory, Upstream, decode_userinfo
 from .pki import Issued, make_leaf
 from .policy_helpers import Answer, ask, leaf
@@ -348,3 +350,37 @@ async def test_a_reload_changes_servers_for_the_next_connection(
     assert (
         await get(running, upstream, "/public/", sni="localhost", host="localhost")
     ).status == 200
+
+
+# ---- sessions made with one server's name, resumed with another's -------------------------------
+
+
+@pytest.mark.parametrize("resumption", ["cache", "tickets"])
+async def test_a_session_resumes_only_under_the_servers_name_it_was_made_for(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream, resumption: str
+) -> None:
+    """A session made for www.example (no client certificate asked) offered to api.example,
+    which requires one: OpenSSL must not resume it (the listener picks the server's context
+    before the handshake, and each context has its own cache or ticket keys), so the client
+    meets api.example's certificate request. Both ways of resuming: one process's cache, and
+    the workers' shared tickets. (Plain Python's servername callback switches contexts too
+    late for this: the session is resumed with the first context's cache or keys.)"""
+    from .test_tls_tickets_workers import fetch
+
+    options = {} if resumption == "cache" else {"ticket_secret": tls_tickets.new_secret()}
+    running: Running = await start_sidecar(sites(config_dir, upstream), **options)
+    port = running.sidecar.port
+    anonymous = presented(running, None, None)
+    public = await fetch(port, anonymous, "/", name="www.example")
+    again = await fetch(port, anonymous, "/", public.session, name="www.example")
+    assert (public.status, again.status, again.reused) == (200, 200, True)
+    with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+        await fetch(port, anonymous, "/", again.session, name="api.example")
+    assert len(upstream.seen) == 2
+    # a session of app.example, where Alice is allowed, is a full handshake on api.example,
+    # whose route does not allow her
+    alice = presented(running, running.certs.alice, None)
+    app = await fetch(port, alice, "/", name="app.example")
+    crossed = await fetch(port, alice, "/", app.session, name="api.example")
+    assert (app.status, crossed.status, crossed.reused) == (200, 403, False)
+    assert len(upstream.seen) == 3

@@ -45,12 +45,14 @@ class Fetched:
     session: ssl.SSLSession | None
 
 
-def _get(port: int, ctx: ssl.SSLContext, path: str, session: ssl.SSLSession | None) -> Fetched:
+def _get(
+    port: int, ctx: ssl.SSLContext, path: str, session: ssl.SSLSession | None, name: str
+) -> Fetched:
     with (
         socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ctx.wrap_socket(raw, server_hostname=name, session=session) as tls,
     ):
-        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := tls.recv(65536):
             data += chunk
@@ -59,9 +61,14 @@ def _get(port: int, ctx: ssl.SSLContext, path: str, session: ssl.SSLSession | No
 
 
 async def fetch(
-    port: int, ctx: ssl.SSLContext, path: str, session: ssl.SSLSession | None = None
+    port: int,
+    ctx: ssl.SSLContext,
+    path: str,
+    session: ssl.SSLSession | None = None,
+    name: str = "localhost",
 ) -> Fetched:
-    return await asyncio.to_thread(_get, port, ctx, path, session)
+    """GET ``path`` on a new connection (SNI and Host ``name``), resuming ``session``."""
+    return await asyncio.to_thread(_get, port, ctx, path, session, name)
 
 
 def client(config_dir: ConfigDir, *, tls12: bool = False) -> ssl.SSLContext:
