@@ -208,7 +208,9 @@ class Sidecar:
         self.readiness = Readiness()
         #: ticket keys from the supervisor's secret with several workers, else a new one
         self.tls = TLSState(
-            *listener_contexts(config.tls, config.servers), ticket_secret=ticket_secret
+            *listener_contexts(config.tls, config.servers),
+            ticket_secret=ticket_secret,
+            session_cache=config.tls.session_cache,
         )
         self.peer_certs = PeerCertificates()
         #: long-lived: a reload applies a new configuration to it, run-time state stays
@@ -670,6 +672,7 @@ class Sidecar:
             if get(new) != get(old):
                 self.log.warning("reload_needs_restart", key=key, reason="kept the running value")
         new = _as_running(new, old)
+        self.tls.size_session_cache(new.tls.session_cache)
         trust_changed = self.tls.swap(context, fingerprint)
         if trust_changed and self._listener is not None:
             self._listener.retire()  # sessions from before the trust change serve no request

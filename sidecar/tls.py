@@ -305,12 +305,17 @@ class TLSState:
         fingerprint: Fingerprint,
         *,
         ticket_secret: bytes | None = None,
+        session_cache: int = tls_tickets.SESSION_CACHE_SIZE,
     ) -> None:
         self.current: ssl.SSLContext
         #: one context per server, or None when there is one context (``current``)
         self.servers: ServerContexts | None = None
-        #: what the ticket keys are derived from: shared by the workers of one sidecar
-        self._secret = ticket_secret if ticket_secret is not None else tls_tickets.new_secret()
+        #: what the ticket keys are derived from, shared by the workers of one sidecar; None:
+        #: this process is the sidecar's only one, and resumes sessions from its own cache
+        self._secret = ticket_secret
+        #: that cache's size (``tls.session_cache``; 0: stateless tickets all the same)
+        self._cache_size = session_cache
+        self._own_secret = tls_tickets.new_secret()
         self._epoch = tls_tickets.epoch()
         self._tickets_reported = False
         self._rotation: asyncio.TimerHandle | None = None
@@ -323,7 +328,7 @@ class TLSState:
         else:
             context.sni_callback = self._select
             self.current, self.servers = context, None
-        self._set_ticket_keys()
+        self._set_resumption()
 
     def _keyed(self) -> list[tuple[ssl.SSLContext, bytes]]:
         servers = self.servers
@@ -331,19 +336,33 @@ class TLSState:
             return [(self.current, self.fingerprint.trust)]
         return list(zip(servers.contexts, servers.labels, strict=True))
 
-    def _set_ticket_keys(self) -> None:
+    def _caching(self) -> bool:
+        return self._secret is None and self._cache_size > 0
+
+    def _set_resumption(self) -> None:
+        caching = self._caching()
+        secret = self._own_secret if self._secret is None else self._secret
         for context, label in self._keyed():
-            problem = tls_tickets.install(
-                context, tls_tickets.derive(self._secret, label, self._epoch)
-            )
+            if caching:
+                problem = tls_tickets.use_session_cache(context, self._cache_size)
+                event = "tls_session_cache_not_sized"
+            else:
+                context.options &= ~ssl.OP_NO_TICKET
+                problem = tls_tickets.install(
+                    context, tls_tickets.derive(secret, label, self._epoch)
+                )
+                event = "tls_ticket_keys_not_shared"
             if problem is not None and not self._tickets_reported:
                 self._tickets_reported = True
-                log.warning("tls_ticket_keys_not_shared", reason=problem)
+                log.warning(event, reason=problem)
 
     def start_rotation(self) -> None:
         """Rotate the ticket keys at every epoch boundary (on the running loop) until
-        ``stop_rotation``; every worker rotates at the same wall-clock time."""
+        ``stop_rotation``; every worker rotates at the same wall-clock time. Nothing to
+        rotate when sessions are resumed from the process's cache."""
         self.stop_rotation()
+        if self._caching():
+            return
         loop = asyncio.get_running_loop()
         delay = max(0.0, tls_tickets.next_rotation() - time.time())
         self._rotation = loop.call_later(delay + 0.01, self._rotate)
@@ -356,9 +375,9 @@ class TLSState:
     def rotate_tickets(self, now: float | None = None) -> None:
         """Set the keys of the epoch ``now`` is in (no change within one epoch)."""
         current = tls_tickets.epoch(now)
-        if current != self._epoch:
+        if current != self._epoch and not self._caching():
             self._epoch = current
-            self._set_ticket_keys()
+            self._set_resumption()
 
     def stop_rotation(self) -> None:
         if self._rotation is not None:
@@ -367,6 +386,17 @@ class TLSState:
 
     def _select(self, ssl_obj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
         _record(ssl_obj, server_name)
+
+    def size_session_cache(self, size: int) -> None:
+        """``tls.session_cache`` after a reload, applied to the contexts in use: a new size
+        (the cache keeps what fits), or the cache turned on or off for the next handshakes."""
+        if size != self._cache_size:
+            self._cache_size = size
+            self._set_resumption()
+            if self._caching():
+                self.stop_rotation()
+            elif self._rotation is None:
+                self.start_rotation()
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a connection whose ClientHello asked for ``server_name``."""

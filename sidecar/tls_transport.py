@@ -296,8 +296,16 @@ class TLSProtocol(asyncio.Protocol):
         return False  # the TCP transport closes once what it holds is sent
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._state == _HANDSHAKE:
+        state = self._state
+        if state == _HANDSHAKE:
             self._end_handshake("the connection was lost during the handshake")
+        elif state == _OPEN and self._sslobj is not None:
+            # Lost (a reset) before we closed: end the TLS as if we had. OpenSSL drops a
+            # cached session when its connection is freed without our close_notify, and the
+            # client's next connection would be a full handshake (``tls_tickets``). The
+            # close_notify goes nowhere.
+            with contextlib.suppress(ssl.SSLError):
+                self._sslobj.unwrap()
         self._state = _CLOSED
         self._cancel_timer()
         if self._admitted:

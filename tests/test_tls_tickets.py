@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import socket
 import ssl
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar import tls_groups, tls_tickets, workers
-from sidecar.config import load
+from sidecar.config import ConfigError, load
 from sidecar.tls import TLSState, listener_contexts
 
-from .conftest import ConfigDir, Running
+from .conftest import ConfigDir, Running, SidecarFactory
 from .test_listener import upstream
+from .test_reload_security import edit
 from .test_tls_tickets_workers import fetch
 
 __all__ = ["upstream"]
@@ -94,7 +97,17 @@ def test_without_libssl_contexts_keep_their_own_keys_and_it_is_said(
     assert "no libssl here" in out.out + out.err
 
 
-async def test_a_session_from_the_previous_epoch_does_not_resume(running: Running) -> None:
+@pytest.fixture
+async def worker(start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Any) -> Running:
+    """A sidecar as one worker of several is: given the supervisor's ticket secret."""
+    result: Running = await start_sidecar(
+        config_dir.base(upstream.port), ticket_secret=tls_tickets.new_secret()
+    )
+    return result
+
+
+async def test_a_session_from_the_previous_epoch_does_not_resume(worker: Running) -> None:
+    running = worker
     ctx = running.client_ssl(running.certs.alice)
     port = running.sidecar.port
     first = await fetch(port, ctx, "/app/first")
@@ -107,11 +120,68 @@ async def test_a_session_from_the_previous_epoch_does_not_resume(running: Runnin
     assert (resumed.status, resumed.reused) == (200, True)
 
 
-async def test_rotation_is_scheduled_at_the_next_epoch(running: Running) -> None:
-    handle = running.sidecar.tls._rotation
+async def test_rotation_is_scheduled_at_the_next_epoch(worker: Running) -> None:
+    handle = worker.sidecar.tls._rotation
     assert handle is not None
     due = handle.when() - asyncio.get_running_loop().time() + time.time()
     assert abs(due - tls_tickets.next_rotation()) < 5
+
+
+# ---- one process: sessions resume from its cache -------------------------------------------------
+
+
+def cache_size_of(context: ssl.SSLContext) -> int:
+    lib = tls_groups._libssl()
+    assert not isinstance(lib, str)
+    return int(lib.ctrl(tls_groups._ssl_ctx(context), 43, 0, None))
+
+
+async def test_one_process_resumes_from_its_cache_not_from_tickets(running: Running) -> None:
+    """No supervisor, no secret: the ticket a client gets names a session in the context's
+    bounded cache, which is where it resumes from (OpenSSL's hit count says so)."""
+    context = running.sidecar.tls.current
+    assert context.options & ssl.OP_NO_TICKET
+    assert cache_size_of(context) == tls_tickets.SESSION_CACHE_SIZE
+    assert running.sidecar.tls._rotation is None  # no keys to rotate
+    ctx = running.client_ssl(running.certs.alice)
+    port = running.sidecar.port
+    first = await fetch(port, ctx, "/app/first")
+    hits = context.session_stats()["hits"]
+    again = await fetch(port, ctx, "/app/again", first.session)
+    assert (first.reused, again.status, again.reused) == (False, 200, True)
+    assert context.session_stats()["hits"] == hits + 1
+    # and from the cache only: a worker's stateless ticket (another process's keys) is not
+    # taken for a session here
+    other = TLSState(
+        *listener_contexts(running.sidecar.config.tls, running.sidecar.config.servers),
+        ticket_secret=tls_tickets.new_secret(),
+    )
+    assert not other.current.options & ssl.OP_NO_TICKET
+
+
+async def test_a_cached_session_keeps_its_certificate(running: Running, upstream: Any) -> None:
+    """A resumed session is the same client: Bob's session is Bob's, not the last client's."""
+    port = running.sidecar.port
+    alice = running.client_ssl(running.certs.alice)
+    bob = running.client_ssl(running.certs.bob)
+    first = await fetch(port, bob, "/app/bob")
+    await fetch(port, alice, "/app/alice")
+    again = await fetch(port, bob, "/app/bob-again", first.session)
+    assert (again.status, again.reused) == (200, True)
+    bobs, alices, resumed = (seen.header("X-APP-CERTIFICATE") for seen in upstream.seen)
+    assert resumed == bobs != alices
+
+
+def test_without_libssl_the_cache_is_used_at_its_default_size_and_it_is_said(
+    config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tls_tickets, "_libssl", lambda: "no libssl here")
+    state = _state(config_dir, None)
+    assert state.current.options & ssl.OP_NO_TICKET
+    assert cache_size_of(state.current) == 20480  # OpenSSL's
+    out = capsys.readouterr()
+    assert "tls_session_cache_not_sized" in out.out + out.err
+    assert "no libssl here" in out.out + out.err
 
 
 # ---- the secret's way to the workers -----------------------------------------------------------
@@ -203,3 +273,70 @@ def test_each_server_has_its_own_keys(config_dir: ConfigDir) -> None:
     again = TLSState(*listener_contexts(config.tls, config.servers), ticket_secret=secret)
     assert again.servers is not None
     assert [keys_of(context) for context in again.servers.contexts] == keys
+
+
+def _request_then_reset(port: int, ctx: ssl.SSLContext) -> ssl.SSLSession | None:
+    """One keep-alive request, then a reset (SO_LINGER 0): no close_notify, no FIN."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = ctx.wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(b"GET /app/reset HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += tls.recv(65536)
+    assert data.startswith(b"HTTP/1.1 200 ")
+    session = tls.session
+    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tls.close()
+    return session
+
+
+async def test_a_session_outlives_a_connection_that_was_reset(running: Running) -> None:
+    """OpenSSL drops a cached session when its connection is freed without our close_notify;
+    a client whose connection was reset (a phone changing networks) would then make a full
+    handshake, where a ticket would have resumed. The transport ends such a connection's TLS
+    as if it had closed it."""
+    ctx = running.client_ssl(running.certs.alice)
+    port = running.sidecar.port
+    session = await asyncio.to_thread(_request_then_reset, port, ctx)
+    await asyncio.sleep(0.1)  # the reset reaches the sidecar
+    again = await fetch(port, ctx, "/app/again", session)
+    assert (again.status, again.reused) == (200, True)
+
+
+async def test_session_cache_zero_gives_stateless_tickets_and_a_reload_switches(
+    running: Running, config_dir: ConfigDir
+) -> None:
+    """``tls.session_cache: 0``: one process resumes from stateless tickets (its own random
+    keys, rotated); a reload turns the cache on again, or resizes it, for the next handshakes,
+    without a new context (trust is unchanged, so open sessions keep resuming). A negative
+    size is refused, named, and the running one kept."""
+    ctx = running.client_ssl(running.certs.alice)
+    port = running.sidecar.port
+    tls = running.sidecar.tls
+    edit(config_dir, tls={"session_cache": 0})
+    assert await running.sidecar.reload("test")
+    context = tls.current
+    assert not context.options & ssl.OP_NO_TICKET and tls._rotation is not None
+    first = await fetch(port, ctx, "/app/first")
+    again = await fetch(port, ctx, "/app/again", first.session)
+    assert (again.status, again.reused) == (200, True)
+    assert context.session_stats()["number"] == 0  # nothing cached: the ticket is the session
+    edit(config_dir, tls={"session_cache": 10})
+    assert await running.sidecar.reload("test")
+    assert tls.current is context and context.options & ssl.OP_NO_TICKET
+    assert cache_size_of(context) == 10 and tls._rotation is None
+    cached = await fetch(port, ctx, "/app/cached")
+    again = await fetch(port, ctx, "/app/again", cached.session)
+    assert (again.status, again.reused) == (200, True)
+    assert context.session_stats()["number"] == 2  # both handshakes' sessions
+    edit(config_dir, tls={"session_cache": -1})
+    assert not await running.sidecar.reload("test")
+    assert cache_size_of(context) == 10
+
+
+def test_a_session_cache_size_out_of_range_is_named(config_dir: ConfigDir) -> None:
+    data = config_dir.base()
+    for size in (-1, 1 << 21, "big"):
+        data["tls"]["session_cache"] = size
+        with pytest.raises(ConfigError, match=r"tls\.session_cache"):
+            load(config_dir.write(data))
