@@ -189,6 +189,9 @@ class ClientConnection(asyncio.Protocol):
         gone, self._gone = self._gone, None
         if gone is not None:
             gone()
+        # the connection's objects that refer back to it: freed now, not by the cyclic GC
+        self._writer.release()
+        self._heads.close()
 
     def data_received(self, data: bytes) -> None:
         inbound = self._inbound
@@ -679,9 +682,17 @@ class ResponseWriter:
     __slots__ = ("_chunked", "_conn", "_no_body")
 
     def __init__(self, conn: ClientConnection) -> None:
-        self._conn = conn
+        #: None once the connection is lost (``release``)
+        self._conn: ClientConnection | None = conn
         self._chunked = False
         self._no_body = False  # a HEAD request's: the head only
+
+    def release(self) -> None:
+        """The connection is lost: let go of it. The connection and this writer refer to each
+        other; without this, every closed connection waited for the cyclic garbage collector
+        (in S2 a gen-0 collection every ~2,000 connections, up to 80 ms long). A response
+        still streaming finds the client gone, as it would have from the connection."""
+        self._conn = None
 
     def respond(
         self,
@@ -714,6 +725,8 @@ class ResponseWriter:
         if head_request:
             body = b""
         conn = self._conn
+        if conn is None:
+            return
         if conn.stopping:
             request.keep_alive = False
         if not request.keep_alive:
@@ -754,6 +767,8 @@ class ResponseWriter:
 
     async def write(self, data: bytes) -> None:
         conn = self._conn
+        if conn is None:
+            raise ConnectionResetError("the client closed the connection")
         if self._chunked:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         elif not self._no_body:
@@ -761,14 +776,21 @@ class ResponseWriter:
         await conn.drain()
 
     async def finish(self) -> None:
-        if self._chunked:
-            self._conn.write(b"0\r\n\r\n")
+        conn = self._conn
+        if self._chunked and conn is not None:
+            conn.write(b"0\r\n\r\n")
 
     def abort(self) -> None:
-        self._conn.abort()
+        conn = self._conn
+        if conn is not None:
+            conn.abort()
 
     def when_gone(self, callback: Callable[[], None] | None) -> None:
-        self._conn.when_gone(callback)
+        conn = self._conn
+        if conn is not None:
+            conn.when_gone(callback)
+        elif callback is not None:
+            callback()
 
 
 _SERVER_LINE = f"Server: {SERVER}\r\n".encode()

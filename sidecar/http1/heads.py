@@ -114,6 +114,10 @@ TRANSFER_CODING: Final = Refusal(
 TOO_LARGE: Final = Refusal(431, "The request headers are too large.")
 
 
+#: what a closed reader holds instead of its parser (bound to no reader: it is never fed)
+_CLOSED: Final = httptools.HttpRequestParser(object())
+
+
 class HeadReader:
     """Reads the request heads of one connection (see the module's docstring)."""
 
@@ -143,6 +147,13 @@ class HeadReader:
         self._length = b""
         self._te = b""
         self._expect = False
+
+    def close(self) -> None:
+        """The connection is lost. The parser refers back to this reader (its callbacks), a
+        cycle only the cyclic GC would free: it goes now (a ``read`` after this makes a new
+        one)."""
+        self._parser = _CLOSED
+        self._stale = True
 
     def read(self, buffer: bytearray, limits: HeadLimits) -> Head | HandOff | Refusal | None:
         """The first request head in ``buffer`` (not consumed: ``Head.size`` says how much
