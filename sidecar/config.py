@@ -16,7 +16,8 @@ import re
 import ssl
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from cryptography import x509
@@ -154,8 +155,31 @@ KeyFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_key_fi
 CACertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_ca_certificate_file)]
 
 
+def _numbers_only(annotation: Any) -> bool:
+    """The type takes numbers (``int``, ``float``; maybe a ``Literal`` or None too) and no
+    ``bool``, which pydantic's lax mode would take for 0 or 1."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) in (Union, UnionType):
+        kinds = [
+            a for a in get_args(annotation) if a is not type(None) and get_origin(a) is not Literal
+        ]
+        return bool(kinds) and all(_numbers_only(a) for a in kinds)
+    return False
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        # ``workers: true`` or ``max_connections: false`` is a mistake, not 1 or 0
+        if isinstance(value, bool) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and _numbers_only(field.annotation):
+                raise ValueError(f"a number, not {'true' if value else 'false'}")
+        return value
 
 
 # ---- sections -----------------------------------------------------------------------------

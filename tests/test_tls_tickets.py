@@ -345,3 +345,36 @@ def test_a_session_cache_size_out_of_range_is_named(config_dir: ConfigDir) -> No
         data["tls"]["session_cache"] = size
         with pytest.raises(ConfigError, match=r"tls\.session_cache"):
             load(config_dir.write(data))
+
+
+def test_a_boolean_for_a_number_is_named_in_every_section(config_dir: ConfigDir) -> None:
+    """``session_cache: true`` was read as 1 (pydantic's lax mode), and so was a boolean for
+    every number in the configuration: each numeric key of every section refuses it."""
+    from pydantic import ValidationError
+
+    from sidecar.config import Section, _numbers_only
+
+    def sections(kind: type[Section]) -> list[type[Section]]:
+        return [kind, *(s for sub in kind.__subclasses__() for s in sections(sub))]
+
+    # derived from what the user gives (sha256, or issuer and serial), never given
+    derived = {("DenyEntry", "serial_number")}
+    checked = []
+    for kind in sections(Section):
+        for name, field in kind.model_fields.items():
+            if not _numbers_only(field.annotation) or (kind.__name__, name) in derived:
+                continue
+            for value in (True, False):
+                with pytest.raises(ValidationError) as caught:
+                    kind.model_validate({name: value})
+                assert any(
+                    e["loc"][:1] == (name,) and "a number, not" in e["msg"]
+                    for e in caught.value.errors()
+                ), (kind.__name__, name)
+            checked.append(f"{kind.__name__}.{name}")
+    assert "TLSConfig.session_cache" in checked and "ListenConfig.port" in checked
+    assert len(checked) > 20
+    data = config_dir.base()
+    data["tls"]["session_cache"] = True
+    with pytest.raises(ConfigError, match=r"tls\.session_cache: .*a number, not true"):
+        load(config_dir.write(data))
