@@ -155,6 +155,16 @@ class Metrics:
             "TLS handshakes that failed (bad or untrusted client certificate, protocol errors).",
             registry=r,
         )
+        self.tls_handshakes = Counter(
+            "sidecar_tls_handshakes",
+            "TLS handshakes completed, by whether they resumed a session (from the worker's "
+            "session cache with one worker, from a shared ticket with several) or were full.",
+            ["resumed"],
+            registry=r,
+        )
+        # bound once: the handshake path increments them without a labels() lookup
+        self.tls_handshakes_resumed = self.tls_handshakes.labels(resumed="true")
+        self.tls_handshakes_full = self.tls_handshakes.labels(resumed="false")
         self.tls_handshakes_deferred = Counter(
             "sidecar_tls_handshakes_deferred",
             "TLS handshake steps that waited for the worker's handshake budget "

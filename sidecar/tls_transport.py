@@ -386,6 +386,11 @@ class TLSProtocol(asyncio.Protocol):
         return True
 
     def _established(self, sslobj: ssl.SSLObject) -> None:
+        metrics = self._listener.metrics
+        if sslobj.session_reused:
+            metrics.tls_handshakes_resumed.inc()
+        else:
+            metrics.tls_handshakes_full.inc()
         self._cancel_timer()
         self._flush()  # the last of the handshake and, in TLS 1.3, the session tickets
         if not self._open():

@@ -23,6 +23,7 @@ from sidecar.tls import TLSState, listener_contexts
 
 from .conftest import ConfigDir, Running, SidecarFactory
 from .test_listener import upstream
+from .test_operations import admin, metric
 from .test_reload_security import edit
 from .test_tls_tickets_workers import fetch
 
@@ -150,6 +151,9 @@ async def test_one_process_resumes_from_its_cache_not_from_tickets(running: Runn
     again = await fetch(port, ctx, "/app/again", first.session)
     assert (first.reused, again.status, again.reused) == (False, 200, True)
     assert context.session_stats()["hits"] == hits + 1
+    _, text = await admin(running, "GET", "/metrics")
+    assert metric(text, "sidecar_tls_handshakes_total", resumed="true") == 1
+    assert metric(text, "sidecar_tls_handshakes_total", resumed="false") == 1
     # and from the cache only: a worker's stateless ticket (another process's keys) is not
     # taken for a session here
     other = TLSState(

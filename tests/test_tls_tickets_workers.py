@@ -116,12 +116,16 @@ class Sidecar:
                     seen.add(int(event["worker"]))
         return seen
 
-    async def reloads(self) -> float:
+    async def metrics(self) -> str:
+        """/metrics of the admin listener (the supervisor's: summed over the workers)."""
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{self.admin_port}/metrics") as resp,
         ):
-            text = await resp.text()
+            return await resp.text()
+
+    async def reloads(self) -> float:
+        text = await self.metrics()
         try:
             return metric(text, "sidecar_config_reloads_total", result="success")
         except AssertionError:  # no reload yet: no sample
@@ -159,7 +163,10 @@ async def test_a_session_resumes_on_both_workers(
         again = [
             await fetch(sidecar.port, ctx, f"/app/again/{i}", first.session) for i in range(SPREAD)
         ]
+        text = await sidecar.metrics()
     assert [(a.status, a.reused) for a in again] == [(200, True)] * SPREAD
+    assert metric(text, "sidecar_tls_handshakes_total", resumed="true") == SPREAD
+    assert metric(text, "sidecar_tls_handshakes_total", resumed="false") == 1
     assert sidecar.workers_of("/app/again/") == {0, 1}, "the connections did not reach both"
 
 
