@@ -1525,3 +1525,25 @@ async def test_shutdown_waits_for_a_request_without_a_task(running: Running, ups
         assert "close" in late.tokens("Connection")
         assert await conn.ended() == b""
         await asyncio.wait_for(stop, 5)
+
+
+async def test_client_and_upstream_connections_have_nodelay(running: Running) -> None:
+    """Nagle's algorithm would hold a response's last segment for the client's delayed ACK
+    (40 ms a request). The event loop's TCP transports set TCP_NODELAY on every connection,
+    accepted and dialled (asyncio's and uvloop's alike), so the sidecar does not set it again:
+    both ends are checked here, on the loop the suite runs on."""
+    import gc
+    import socket
+
+    from sidecar.http1.upstream import UpstreamConnection
+
+    async with connect(running) as conn:
+        conn.send(request("/public/nodelay"))
+        assert (await conn.response()).status == 200
+        (client,) = clients(running)
+        ends = [client._transport]
+        ends += [c._transport for c in gc.get_objects() if isinstance(c, UpstreamConnection)]
+        sockets = [t.get_extra_info("socket") for t in ends if t is not None]
+        assert len(sockets) >= 2
+        for sock in sockets:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

@@ -37,9 +37,7 @@ behind the request in flight also stop reading until they are served.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import socket
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -159,18 +157,16 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._peer_ip = str(peer[0])
-        self._sni = requested_server_name(transport.get_extra_info("ssl_object"))
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._sni = requested_server_name(ssl_object)
+        # (TCP_NODELAY: asyncio's and uvloop's TCP transports set it on every connection)
         # The first request head must arrive within header_timeout of the handshake.
         self._head_started = True
         self._set_deadline(state.limits.header_timeout)
         # revocation: the handshake is complete (a resumed session's too): the gateway is told
         # of the certificate now, so that what its first request needs is fetched from now
         try:
-            peer = state.peer_certs.from_ssl_object(transport.get_extra_info("ssl_object"))
+            peer = state.peer_certs.from_ssl_object(ssl_object)
         except CertificateError:
             peer = None  # unreadable: its first request says so (peer_certificate)
         if peer is not None:

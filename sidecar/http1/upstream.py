@@ -11,7 +11,6 @@ caller decides what they mean for the client.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -382,9 +381,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not registered as asyncio.Transport, so no isinstance check.
         self._transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (TCP_NODELAY: asyncio's and uvloop's TCP transports set it on every connection)
 
     def data_received(self, data: bytes) -> None:
         if self.idle or self.complete:
