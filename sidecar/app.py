@@ -206,7 +206,8 @@ class Sidecar:
         )
         self._certificates: dict[str, Any] = {}
         self.readiness = Readiness()
-        #: ticket keys from the supervisor's secret with several workers, else a new one
+        #: resumption: tickets from the supervisor's secret with several workers, else the
+        #: process's own session cache (tls.session_cache)
         self.tls = TLSState(
             *listener_contexts(config.tls, config.servers),
             ticket_secret=ticket_secret,
