@@ -172,13 +172,18 @@ def _read_client_cert(fields: Fields) -> PresentedChain | None:
     return _presented(CLIENT_CERT, [leaf, *chain])
 
 
+def _escaped_pem(value: str, name: str) -> list[bytes]:
+    # nginx's $ssl_client_escaped_cert (the leaf) and AWS ALB's headers (the chain as
+    # presented, or the leaf it verified; "+=/" left unescaped): URL-encoded PEM. "+" is a
+    # plus, never a space.
+    return _pem_certificates(_percent_decoded(value, name), name)
+
+
 def _read_escaped_pem(fields: Fields, name: str) -> PresentedChain | None:
-    # nginx's $ssl_client_escaped_cert (the leaf) and AWS ALB's passthrough header (the chain
-    # as presented, "+=/" left unescaped): URL-encoded PEM. "+" is a plus, never a space.
     value = _single(_lines(fields, name), name)
     if value is None:
         return None
-    return _presented(name, _pem_certificates(_percent_decoded(value, name), name))
+    return _presented(name, _escaped_pem(value, name))
 
 
 def _read_traefik(fields: Fields) -> PresentedChain | None:
@@ -299,10 +304,10 @@ def _read_amzn(fields: Fields) -> PresentedChain | None:
             "the second in verify mode)"
         )
     if chain is not None:
-        return _presented(AMZN, _pem_certificates(_percent_decoded(chain, AMZN), AMZN))
+        return _presented(AMZN, _escaped_pem(chain, AMZN))
     if leaf is None:
         return None
-    ders = _pem_certificates(_percent_decoded(leaf, AMZN_LEAF), AMZN_LEAF)
+    ders = _escaped_pem(leaf, AMZN_LEAF)
     if len(ders) != 1:
         raise CertificateHeaderError(f"{AMZN_LEAF}: holds {len(ders)} certificates, not one")
     return _presented(AMZN_LEAF, ders)
