@@ -1816,7 +1816,32 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
-    def _front_proxy_rules(self) -> Config:
+    def _listener_rules(self) -> Config:
+        """What the listener needs: a server certificate with TLS, front proxies to trust
+        for what only they may send; every problem at once."""
+        problems = [*self._server_certificate_problems(), *self._front_proxy_problems()]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _server_certificate_problems(self) -> list[str]:
+        tls, problems = self.tls, []
+        if self.listen.tls and self.servers is None:
+            if tls.certificate is None:
+                problems.append(
+                    "@tls.certificate: required with listen.tls: true (the certificate chain "
+                    "the listener presents); only listen.tls: false needs none"
+                )
+            if tls.key is None:
+                problems.append(
+                    "@tls.key: required with listen.tls: true (the private key of tls.certificate)"
+                )
+        elif (tls.certificate is None) != (tls.key is None):
+            which = "tls.key" if tls.key is None else "tls.certificate"
+            problems.append(f"@{which}: required with the other (a certificate and its key)")
+        return problems
+
+    def _front_proxy_problems(self) -> list[str]:
         listen, front = self.listen, self.front_proxy
         problems = []
         if not front.trusted and (not listen.tls or front.certificate_header is not None):
@@ -1834,20 +1859,6 @@ class Config(Section):
                 "front_proxy.trusted: the PROXY header comes before TLS, so only the "
                 "connection's address can vouch for it"
             )
-        tls = self.tls
-        if listen.tls and self.servers is None:
-            if tls.certificate is None:
-                problems.append(
-                    "@tls.certificate: required with listen.tls: true (the certificate chain "
-                    "the listener presents); only listen.tls: false needs none"
-                )
-            if tls.key is None:
-                problems.append(
-                    "@tls.key: required with listen.tls: true (the private key of tls.certificate)"
-                )
-        elif (tls.certificate is None) != (tls.key is None):
-            which = "tls.key" if tls.key is None else "tls.certificate"
-            problems.append(f"@{which}: required with the other (a certificate and its key)")
         if not listen.tls:
             for i, peer in enumerate(front.trusted):
                 if peer.startswith("sha256:"):
@@ -1864,9 +1875,7 @@ class Config(Section):
                 problems.append(
                     "@servers: several sites are chosen by SNI, which needs listen.tls: true"
                 )
-        if problems:
-            raise ValueError("\n".join(problems))
-        return self
+        return problems
 
     @model_validator(mode="after")
     def _names_served(self) -> Config:
