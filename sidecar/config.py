@@ -156,9 +156,9 @@ CACertFile = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_ca_
 
 
 def _numbers_only(annotation: Any) -> bool:
-    """The type takes numbers (``int``, ``float``; maybe a ``Literal`` or None too) and no
-    ``bool``, which pydantic's lax mode would take for 0 or 1."""
-    if annotation in (int, float):
+    """The type takes numbers (``int``, ``float``, ``Decimal``; maybe a ``Literal`` or None
+    too) and no ``bool``, which pydantic's lax mode would take for 0 or 1."""
+    if annotation in (int, float, Decimal):
         return True
     if get_origin(annotation) in (Union, UnionType):
         kinds = [
@@ -174,11 +174,16 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _not_a_boolean(cls, value: Any, info: ValidationInfo) -> Any:
-        # ``workers: true`` or ``max_connections: false`` is a mistake, not 1 or 0
+        # ``workers: true`` or ``max_connections: false`` is a mistake, not 1 or 0. A type
+        # that parses its own input (``Duration``) says so in its own words.
         if isinstance(value, bool) and info.field_name is not None:
             field = cls.model_fields.get(info.field_name)
-            if field is not None and _numbers_only(field.annotation):
-                raise ValueError(f"a number, not {'true' if value else 'false'}")
+            if (
+                field is not None
+                and _numbers_only(field.annotation)
+                and not any(isinstance(m, BeforeValidator) for m in field.metadata)
+            ):
+                raise ValueError("a number, not true or false")
         return value
 
 
@@ -1354,19 +1359,13 @@ class AddressesConfig(Section):
         return self
 
 
-def _no_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("a number, not true or false")
-    return value
-
-
 class RouteTrustConfig(Section):
     """``routes[].identityplus``: what the Identity Plus profile must say of the device."""
 
     #: the profile's trust-score, a decimal from 0 to 5, at least this
-    min_trust_score: Annotated[Decimal | None, BeforeValidator(_no_bool)] = Field(None, ge=0, le=5)
+    min_trust_score: Decimal | None = Field(None, ge=0, le=5)
     #: the profile's local-intrusions (reported on this service), at most this
-    max_local_intrusions: Annotated[int | None, BeforeValidator(_no_bool)] = Field(None, ge=0)
+    max_local_intrusions: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _some(self) -> RouteTrustConfig:

@@ -353,10 +353,11 @@ def test_a_session_cache_size_out_of_range_is_named(config_dir: ConfigDir) -> No
 
 def test_a_boolean_for_a_number_is_named_in_every_section(config_dir: ConfigDir) -> None:
     """``session_cache: true`` was read as 1 (pydantic's lax mode), and so was a boolean for
-    every number in the configuration: each numeric key of every section refuses it."""
+    every number in the configuration: each numeric key of every section refuses it (a
+    duration in its own words, as before)."""
     from pydantic import ValidationError
 
-    from sidecar.config import Section, _numbers_only
+    from sidecar.config import Section, _numbers_only, parse_duration
 
     def sections(kind: type[Section]) -> list[type[Section]]:
         return [kind, *(s for sub in kind.__subclasses__() for s in sections(sub))]
@@ -368,15 +369,20 @@ def test_a_boolean_for_a_number_is_named_in_every_section(config_dir: ConfigDir)
         for name, field in kind.model_fields.items():
             if not _numbers_only(field.annotation) or (kind.__name__, name) in derived:
                 continue
+            duration = any(getattr(m, "func", None) is parse_duration for m in field.metadata)
+            said = (
+                "a duration is a number of seconds" if duration else "a number, not true or false"
+            )
             for value in (True, False):
                 with pytest.raises(ValidationError) as caught:
                     kind.model_validate({name: value})
                 assert any(
-                    e["loc"][:1] == (name,) and "a number, not" in e["msg"]
-                    for e in caught.value.errors()
+                    e["loc"][:1] == (name,) and said in e["msg"] for e in caught.value.errors()
                 ), (kind.__name__, name)
             checked.append(f"{kind.__name__}.{name}")
     assert "TLSConfig.session_cache" in checked and "ListenConfig.port" in checked
+    assert "ReloadConfig.interval" in checked  # a duration
+    assert "RouteTrustConfig.min_trust_score" in checked  # a decimal
     assert len(checked) > 20
     data = config_dir.base()
     data["tls"]["session_cache"] = True
