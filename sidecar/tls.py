@@ -310,14 +310,15 @@ class TLSState:
         self.current: ssl.SSLContext
         #: one context per server, or None when there is one context (``current``)
         self.servers: ServerContexts | None = None
-        #: what the ticket keys are derived from, shared by the workers of one sidecar; None:
-        #: this process is the sidecar's only one, and resumes sessions from its own cache
-        self._secret = ticket_secret
-        #: that cache's size (``tls.session_cache``; 0: stateless tickets all the same)
+        #: the sidecar's only process (no supervisor's secret): it resumes sessions from its
+        #: own cache, unless ``tls.session_cache`` is 0
+        self._alone = ticket_secret is None
+        #: what the ticket keys are derived from: the supervisor's, shared by its workers
+        self._secret = tls_tickets.new_secret() if ticket_secret is None else ticket_secret
+        #: that cache's size (``tls.session_cache``)
         self._cache_size = session_cache
-        self._own_secret = tls_tickets.new_secret()
         self._epoch = tls_tickets.epoch()
-        self._tickets_reported = False
+        self._resumption_reported = False
         self._rotation: asyncio.TimerHandle | None = None
         self.fingerprint = fingerprint
         self._install(context)
@@ -337,11 +338,10 @@ class TLSState:
         return list(zip(servers.contexts, servers.labels, strict=True))
 
     def _caching(self) -> bool:
-        return self._secret is None and self._cache_size > 0
+        return self._alone and self._cache_size > 0
 
     def _set_resumption(self) -> None:
         caching = self._caching()
-        secret = self._own_secret if self._secret is None else self._secret
         for context, label in self._keyed():
             if caching:
                 problem = tls_tickets.use_session_cache(context, self._cache_size)
@@ -349,11 +349,11 @@ class TLSState:
             else:
                 context.options &= ~ssl.OP_NO_TICKET
                 problem = tls_tickets.install(
-                    context, tls_tickets.derive(secret, label, self._epoch)
+                    context, tls_tickets.derive(self._secret, label, self._epoch)
                 )
                 event = "tls_ticket_keys_not_shared"
-            if problem is not None and not self._tickets_reported:
-                self._tickets_reported = True
+            if problem is not None and not self._resumption_reported:
+                self._resumption_reported = True
                 log.warning(event, reason=problem)
 
     def start_rotation(self) -> None:
