@@ -123,10 +123,26 @@ def json_value(value: object) -> str:
 
 def milliseconds(value: object, console: bool) -> str:
     """A duration field as written: ``round(value, 3)`` in either format. Its ``repr`` is the
-    value formatted with 3 decimals, trailing zeros dropped (one formatting instead of a
-    rounding and a ``repr``, each about as costly), wherever a thousandth is far above a
-    double's resolution and ``repr`` writes no exponent; elsewhere rounded and written."""
-    if type(value) is float and -1e9 < value < 1e9:  # NaN compares false: not here
+    value with 3 decimals, trailing zeros dropped, wherever a thousandth is far above a
+    double's resolution and ``repr`` writes no exponent: made from the integer number of
+    thousandths below 1e6 (a float formatting cost as much as the rest of the line's
+    fields), formatted below 1e9; elsewhere rounded and written."""
+    if type(value) is float and 0.0 < value < 1e6:  # NaN compares false; -0.0 is not here
+        # In integers: the product's error (below 1e9 * 2**-53) cannot move the nearest
+        # thousandth unless the fraction sits within it of one half; those go the long way.
+        scaled = value * 1000.0
+        whole = int(scaled)
+        fraction = scaled - whole
+        if fraction < 0.499999 or fraction > 0.500001:
+            units, thousandths = divmod(whole + 1 if fraction > 0.5 else whole, 1000)
+            if not thousandths:
+                return str(units) + ".0"
+            if thousandths % 100 == 0:
+                return str(units) + "." + str(thousandths // 100)
+            if thousandths % 10 == 0:
+                return str(units) + "." + str(100 + thousandths // 10)[1:]
+            return str(units) + "." + str(1000 + thousandths)[1:]
+    if type(value) is float and -1e9 < value < 1e9:
         text = f"{value:.3f}".rstrip("0")
         return text + "0" if text.endswith(".") else text
     if type(value) is float:
@@ -180,8 +196,7 @@ class Stamps:
             )
         if not micro:
             return self._prefix + "Z"
-        digits = str(micro)
-        return self._prefix + "." + "0" * (6 - len(digits)) + digits + "Z"
+        return self._prefix + "." + str(1_000_000 + micro)[1:] + "Z"
 
 
 class AccessLine:
@@ -232,7 +247,7 @@ class AccessLine:
         self._prefixes = prefixes
         # the last value each slot showed, and its text with the prefix: the same object
         # again (the route's label, the decision, the connection's certificate strings and
-        # address) is not escaped again. The reference held here keeps it alive, so no
+        # address), or an equal string, is not escaped again. The reference held here keeps it alive, so no
         # other object can be taken for it, and strings are immutable.
         self._last: list[object] = [_NOTHING] * len(slots)
         self._shown: list[str] = list(prefixes)
@@ -253,7 +268,9 @@ class AccessLine:
                 out.append(shown[i])
                 continue
             value = values[index]
-            if value is not last[i]:
+            old = last[i]
+            # the same object, or an equal string (an address, a path, a subject again)
+            if value is not old and not (type(value) is str and type(old) is str and value == old):
                 last[i] = value
                 if index in _MILLISECONDS:
                     text = milliseconds(value, console)

@@ -51,8 +51,22 @@ def test_json_value_is_json_dumps(value: Any) -> None:
     assert json_value(value) == json.dumps(value, ensure_ascii=True)
 
 
-@given(st.one_of(st.floats(), st.floats(-2e9, 2e9), st.floats(0, 1e5), st.none()))
+@given(
+    st.one_of(
+        st.floats(),
+        st.floats(-2e9, 2e9),
+        st.floats(0, 1e5),
+        st.floats(0, 2e6),
+        st.integers(0, 2_000_000_000).map(lambda n: n / 2000),  # the ties of the thousandths
+        st.none(),
+    )
+)
 @example(0.0005)
+@example(0.0625)  # 62.5 thousandths exactly: a tie, rounded to even
+@example(0.0)
+@example(-0.0)
+@example(5e-324)
+@example(999_999.9995)
 @example(0.0015)
 @example(-0.0004)
 @example(2.0)
