@@ -7,6 +7,8 @@ Compiled with mypyc (``setup.py``): every access event passes through ``hold``.
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from typing import Final, TextIO
 
 #: info and debug lines reach the stream at most this late (like nginx's access_log flush=)
@@ -15,6 +17,19 @@ FLUSH_EVERY: Final = 0.5
 HOLD_LINES: Final = 1024
 #: the most one write(2) of held lines carries: POSIX's smallest PIPE_BUF (Linux: 4096)
 ATOMIC_WRITE: Final = 4096
+#: ... or where stderr is a regular file: Linux's local file systems take a write(2) whole
+#: under the inode's lock whatever its size, and a shared offset moves under its own lock
+FILE_WRITE: Final = 65536
+
+
+def write_size(stream: TextIO) -> int:
+    """The most one write of held lines carries to ``stream``: ``FILE_WRITE`` for a regular
+    file, ``ATOMIC_WRITE`` for anything else (a pipe, a socket, a terminal, no file)."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return ATOMIC_WRITE
+    return FILE_WRITE if stat.S_ISREG(mode) else ATOMIC_WRITE
 
 
 class LineLogger:
@@ -26,6 +41,7 @@ class LineLogger:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._write_size = write_size(stream)
         self._held: list[str] = []
         self._scheduled = False
 
@@ -54,16 +70,17 @@ class LineLogger:
         self.flush()
 
     def flush(self) -> None:
-        """Write what is held, in whole lines of at most ``ATOMIC_WRITE`` characters per write
-        (bytes, for JSON lines: they are ASCII). Workers share stderr, and a pipe keeps such
-        a write in one piece (PIPE_BUF), so the lines of two workers never interleave
-        mid-line; a longer line goes alone."""
+        """Write what is held, in whole lines of at most ``write_size`` characters per write
+        (bytes, for JSON lines: they are ASCII). Workers share stderr, and a pipe keeps a
+        write of ``ATOMIC_WRITE`` in one piece (PIPE_BUF), a regular file any write, so the
+        lines of two workers never interleave mid-line; a longer line goes alone."""
         held, self._held = self._held, []
         stream = self._stream
+        limit = self._write_size
         chunk: list[str] = []
         size = 0
         for line in held:
-            if chunk and size + len(line) >= ATOMIC_WRITE:
+            if chunk and size + len(line) >= limit:
                 chunk.append("")  # the last line's end
                 stream.write("\n".join(chunk))
                 stream.flush()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
-from sidecar import log
+from sidecar import log, loglines
 from sidecar.accesslog import Stamps
 
 VALUES = (
@@ -126,6 +128,31 @@ def test_held_lines_go_out_whole_in_pipe_atomic_writes() -> None:
     held._held = ["first"]
     held.warning("second")
     assert stream2.getvalue().endswith("first\nsecond\n")
+
+
+def test_a_regular_file_takes_larger_writes_a_pipe_atomic_ones(tmp_path: Path) -> None:
+    """stderr redirected to a file gets writes of up to 64 KiB (a local file system takes
+    each whole); a pipe, a terminal or a stream with no file keeps PIPE_BUF's 4 KiB."""
+    lines = [f'{{"n": {i}, "pad": "{"x" * 300}"}}' for i in range(1000)]
+    with open(tmp_path / "log", "w") as file:
+        logger = log.LineLogger(file)
+        assert logger._write_size == loglines.FILE_WRITE
+        logger._held = list(lines)
+        logger.flush()
+    assert (tmp_path / "log").read_text() == "".join(line + "\n" for line in lines)
+    read, write = os.pipe()
+    with open(read, "rb"), open(write, "w") as pipe:
+        assert log.LineLogger(pipe)._write_size == log.ATOMIC_WRITE
+    assert log.LineLogger(io.StringIO())._write_size == log.ATOMIC_WRITE
+    recorder = _Recorder()
+    held = log.LineLogger(recorder)
+    held._write_size = loglines.FILE_WRITE
+    held._held = list(lines)
+    held.flush()
+    assert [len(write) for write in recorder.flushed[:-1]] == [
+        len(write) for write in recorder.flushed[:-1] if 60_000 < len(write) <= 65536
+    ]
+    assert "".join(recorder.flushed) == "".join(line + "\n" for line in lines)
 
 
 def test_lines_are_held_until_the_flush_or_the_bound() -> None:
