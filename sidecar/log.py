@@ -29,7 +29,7 @@ import structlog
 from .accesslog import FIELDS, AccessLine, access_event
 from .loglines import ATOMIC_WRITE as ATOMIC_WRITE
 from .loglines import FLUSH_EVERY as FLUSH_EVERY
-from .loglines import HOLD_LINES as HOLD_LINES
+from .loglines import HOLD_SIZE as HOLD_SIZE
 from .loglines import LineLogger as LineLogger
 
 

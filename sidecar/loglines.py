@@ -13,8 +13,9 @@ from typing import Final, TextIO
 
 #: info and debug lines reach the stream at most this late (like nginx's access_log flush=)
 FLUSH_EVERY: Final = 0.5
-#: ... or as soon as this many are held (about 0.5 MiB of access events)
-HOLD_LINES: Final = 1024
+#: ... or as soon as this many characters are held (about 130 access events): the held lines
+#: stay small enough to be written while they are still in the CPU's caches
+HOLD_SIZE: Final = 65536
 #: the most one write(2) of held lines carries: POSIX's smallest PIPE_BUF (Linux: 4096)
 ATOMIC_WRITE: Final = 4096
 #: ... or where stderr is a regular file: Linux's local file systems take a write(2) whole
@@ -34,7 +35,7 @@ def write_size(stream: TextIO) -> int:
 
 class LineLogger:
     """Writes rendered events, one per line. Info and debug lines are held and written
-    together within ``FLUSH_EVERY`` seconds (or once ``HOLD_LINES`` are held, and at exit):
+    together within ``FLUSH_EVERY`` seconds (or once ``HOLD_SIZE`` is held, and at exit):
     one write per request was a fifth of the request path's cost, and one text-stream write
     per line still about 5 us. Warnings and errors are written at once, after what is held.
     structlog calls it by its level's name."""
@@ -43,12 +44,13 @@ class LineLogger:
         self._stream = stream
         self._write_size = write_size(stream)
         self._held: list[str] = []
+        self._size = 0
         self._scheduled = False
 
     def hold(self, message: str) -> None:
-        held = self._held
-        held.append(message)
-        if len(held) >= HOLD_LINES:
+        self._held.append(message)
+        self._size += len(message) + 1
+        if self._size >= HOLD_SIZE:
             self.flush()
             return
         if self._scheduled:
@@ -75,6 +77,7 @@ class LineLogger:
         write of ``ATOMIC_WRITE`` in one piece (PIPE_BUF), a regular file any write, so the
         lines of two workers never interleave mid-line; a longer line goes alone."""
         held, self._held = self._held, []
+        self._size = 0
         stream = self._stream
         limit = self._write_size
         chunk: list[str] = []

@@ -159,11 +159,15 @@ def test_lines_are_held_until_the_flush_or_the_bound() -> None:
     stream = _Recorder()
     logger = log.LineLogger(stream)
     logger._scheduled = True  # as if a flush were already due on the loop
-    for i in range(log.HOLD_LINES - 1):
-        logger.info(f"line {i}")
+    line = "x" * 99  # 100 characters with its end of line
+    count = log.HOLD_SIZE // 100  # 655 lines: just below the bound
+    for _ in range(count):
+        logger.info(line)
     assert stream.getvalue() == ""
-    logger.info("the last one held")
-    assert stream.getvalue().count("\n") == log.HOLD_LINES
+    logger.info(line)  # the one that reaches HOLD_SIZE
+    assert stream.getvalue().count("\n") == count + 1
+    logger.info("held again")
+    assert stream.getvalue().count("\n") == count + 1
 
 
 def test_no_console_writer_where_structlog_would_write_otherwise(
