@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from cryptography import x509
 
-from . import BUILD, __version__, log, tls_tickets
+from . import BUILD, __version__, log, tls_sessions, tls_tickets
 from .certs import ClientCert, read_certificates
 from .config import Config, RouteConfig, load
 from .errors import CertificateError, ConfigError
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         tls_tickets.PIPE_OPTION, type=int, dest="ticket_secret_fd", help=argparse.SUPPRESS
     )
+    run.add_argument(tls_sessions.OPTION, type=int, dest="session_store_fd", help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a configuration and print a summary")
     check.add_argument(
         "config", nargs="?", default=os.environ.get("SIDECAR_CONFIG"), help="configuration file"
@@ -136,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 worker_index=args.worker_index,
                 supervisor_socket=args.supervisor_socket,
                 ticket_secret_fd=args.ticket_secret_fd,
+                session_store_fd=args.session_store_fd,
             )
         if args.command == "demo":
             from .demo import run_demo
@@ -429,9 +431,17 @@ def run(
     worker_index: int | None = None,
     supervisor_socket: str | None = None,
     ticket_secret_fd: int | None = None,
+    session_store_fd: int | None = None,
 ) -> int:
     # The supervisor's ticket secret, read before anything else so its pipe is not left open.
     ticket_secret = None if ticket_secret_fd is None else tls_tickets.read_secret(ticket_secret_fd)
+    # ... and its table of sessions, mapped, the descriptor closed
+    shared_sessions, store_problem = None, None
+    if session_store_fd is not None:
+        try:
+            shared_sessions = tls_sessions.SessionStore.inherited(session_store_fd)
+        except ValueError as exc:
+            store_problem = str(exc)
     # SIGHUP's default action is to terminate. Hold it until the event loop's handler is in
     # place (_serve, Supervisor.run): one that arrives meanwhile is delivered then and reloads,
     # since the file may have changed after it was read here. A supervisor's workers start
@@ -441,6 +451,10 @@ def run(
     if config is None or path is None:
         return EXIT_CONFIG
     log.configure(log_format or config.log.format, config.log.level)
+    if store_problem is not None:
+        log.get_logger("sidecar").warning(
+            "tls_sessions_not_shared", reason=store_problem, hint="session tickets are used"
+        )
     config_path = Path(path).resolve()
     try:
         if worker_socket is None and config.listen.worker_count() > 1:
@@ -456,6 +470,7 @@ def run(
                 Path(worker_socket) if worker_socket else None,
                 Path(supervisor_socket) if supervisor_socket else None,
                 ticket_secret,
+                shared_sessions,
             )
         )
     except CertificateError as exc:
@@ -475,6 +490,7 @@ async def _serve(
     worker_socket: Path | None = None,
     supervisor_socket: Path | None = None,
     ticket_secret: bytes | None = None,
+    shared_sessions: tls_sessions.SessionStore | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, then drain; a second signal stops at once. SIGHUP reloads."""
     from .app import Sidecar
@@ -486,6 +502,7 @@ async def _serve(
         admin_socket=worker_socket,
         supervisor_socket=supervisor_socket,
         ticket_secret=ticket_secret,
+        shared_sessions=shared_sessions,
     )
     await sidecar.start()
     tune_gc()

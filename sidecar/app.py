@@ -54,6 +54,7 @@ from .revocation.gate import Revocation, prepare
 from .revocation.watch import WatchedBackend
 from .servers import Servers, build_servers
 from .tls import PeerCertificates, TLSState, listener_contexts
+from .tls_sessions import SessionStore
 
 #: while the identity backend reports its own credentials broken, readiness asks it this often
 _PING_EVERY = 2.0
@@ -182,6 +183,7 @@ class Sidecar:
         admin_socket: Path | None = None,
         supervisor_socket: Path | None = None,
         ticket_secret: bytes | None = None,
+        shared_sessions: SessionStore | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -206,12 +208,13 @@ class Sidecar:
         )
         self._certificates: dict[str, Any] = {}
         self.readiness = Readiness()
-        #: resumption: tickets from the supervisor's secret with several workers, else the
-        #: process's own session cache (tls.session_cache)
+        #: resumption: the process's own session cache (tls.session_cache), with several
+        #: workers also the supervisor's table of sessions, or else tickets from its secret
         self.tls = TLSState(
             *listener_contexts(config.tls, config.servers),
             ticket_secret=ticket_secret,
             session_cache=config.tls.session_cache,
+            shared_sessions=shared_sessions,
         )
         self.peer_certs = PeerCertificates()
         #: long-lived: a reload applies a new configuration to it, run-time state stays

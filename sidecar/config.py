@@ -376,8 +376,8 @@ class TLSConfig(Section):
     #: ``servers``, the mode of a server that names none
     client_certificate: Literal["optional", "required", "none"] = "optional"
     min_version: Literal["1.2", "1.3"] = "1.2"
-    #: sessions a sidecar of one worker keeps to resume (0: none kept, stateless tickets
-    #: as with several workers); README: TLS
+    #: sessions each worker keeps to resume, and the slots of the table several workers
+    #: share (0: none kept, stateless tickets); README: TLS
     session_cache: int = Field(2048, ge=0, le=1 << 20)
     #: revocation (README: Revocation): CRL files or folders, PEM or DER
     crl: tuple[Annotated[Path, BeforeValidator(_resolve_path)], ...] = ()

@@ -10,9 +10,11 @@ context a connection was made with whether the handshake asks for a certificate:
 contexts in the servername callback switches the certificate only), and ``tls_transport``
 reads the server name from the ClientHello (``sni``) before choosing one; the servername
 callback checks OpenSSL read the same. A reload swaps in new contexts only when what they are
-made of changed, and ``swap`` says whether what decides trust changed. Ticket keys are derived
-from the process's secret (shared by the workers of one sidecar), what decides trust and the
-hour (``tls_tickets``): a session resumes in any worker, but not across a trust change; a new
+made of changed, and ``swap`` says whether what decides trust changed. Sessions are kept in
+the process's cache, and with several workers also in a table they share, keyed by what
+decides trust (``tls_sessions``); where that cannot be, in tickets whose keys are derived from
+the process's secret (shared by the workers of one sidecar), what decides trust and the hour
+(``tls_tickets``): a session resumes in any worker, but not across a trust change; a new
 context has its own session cache (session ids), so no session id from before is resumed on it.
 It also records the server name each connection asked for (``requested_server_name``).
 """
@@ -44,6 +46,7 @@ from .errors import CertificateError
 from .hosts import ServerChoice, ServerNames
 from .log import get_logger
 from .tls_groups import GROUPS, restrict_groups
+from .tls_sessions import SessionStore
 
 log = get_logger("sidecar.tls")
 
@@ -306,6 +309,7 @@ class TLSState:
         *,
         ticket_secret: bytes | None = None,
         session_cache: int = tls_tickets.SESSION_CACHE_SIZE,
+        shared_sessions: SessionStore | None = None,
     ) -> None:
         self.current: ssl.SSLContext
         #: one context per server, or None when there is one context (``current``)
@@ -317,6 +321,9 @@ class TLSState:
         self._secret = tls_tickets.new_secret() if ticket_secret is None else ticket_secret
         #: that cache's size (``tls.session_cache``)
         self._cache_size = session_cache
+        #: a supervisor's workers: the table they share their sessions in (``tls_sessions``);
+        #: without one they use tickets
+        self._shared = shared_sessions if not self._alone else None
         self._epoch = tls_tickets.epoch()
         self._resumption_reported = False
         self._rotation: asyncio.TimerHandle | None = None
@@ -338,23 +345,34 @@ class TLSState:
         return list(zip(servers.contexts, servers.labels, strict=True))
 
     def _caching(self) -> bool:
-        return self._alone and self._cache_size > 0
+        return (self._alone or self._shared is not None) and self._cache_size > 0
 
     def _set_resumption(self) -> None:
         caching = self._caching()
+        shared = self._shared
         for context, label in self._keyed():
+            problem: str | None = None
             if caching:
                 problem = tls_tickets.use_session_cache(context, self._cache_size)
                 event = "tls_session_cache_not_sized"
-            else:
-                context.options &= ~ssl.OP_NO_TICKET
-                problem = tls_tickets.install(
-                    context, tls_tickets.derive(self._secret, label, self._epoch)
-                )
-                event = "tls_ticket_keys_not_shared"
-            if problem is not None and not self._resumption_reported:
-                self._resumption_reported = True
-                log.warning(event, reason=problem)
+                if shared is not None and problem is None:
+                    problem = shared.share(context, label)
+                    event = "tls_sessions_not_shared"
+                if shared is None or problem is None:
+                    self._report(event, problem)
+                    continue
+                self._report(event, problem)  # a worker's cache alone: tickets instead
+            SessionStore.unshare(context)
+            context.options &= ~ssl.OP_NO_TICKET
+            problem = tls_tickets.install(
+                context, tls_tickets.derive(self._secret, label, self._epoch)
+            )
+            self._report("tls_ticket_keys_not_shared", problem)
+
+    def _report(self, event: str, problem: str | None) -> None:
+        if problem is not None and not self._resumption_reported:
+            self._resumption_reported = True
+            log.warning(event, reason=problem)
 
     def start_rotation(self) -> None:
         """Rotate the ticket keys at every epoch boundary (on the running loop) until

@@ -11,8 +11,9 @@ The cache is bounded (``tls.session_cache``; OpenSSL drops the oldest) and a ses
 ``ROTATE_EVERY`` seconds. A trust change builds a new context, and with it an empty cache.
 
 **Several workers**: the kernel hands a client's next connection to any worker, and a cache is
-one worker's (a client would resume one time in N), so they use stateless tickets whose keys
-they share. OpenSSL gives each new ``SSL_CTX`` random ticket keys: a ticket from one worker
+one worker's (a client would resume one time in N). Each worker keeps a cache all the same
+and writes its sessions to a table they share (``tls_sessions``); where that table cannot be
+had, they use stateless tickets whose keys they share. OpenSSL gives each new ``SSL_CTX`` random ticket keys: a ticket from one worker
 was useless on the other (about half the resumptions failed with two workers).
 Python's ``ssl`` cannot set the keys; ``install`` makes the one call it lacks,
 ``SSL_CTX_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, 80, keys)``, through ctypes on the

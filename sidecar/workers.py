@@ -38,7 +38,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import BUILD, __version__, log, status, tls_tickets
+from . import BUILD, __version__, log, status, tls_sessions, tls_tickets
 from .admin import ADMIN_HEADER, explain_refusal, guard
 from .admin_reports import peer_allowed
 from .config import Config
@@ -147,6 +147,16 @@ class Supervisor:
         self._replays: set[asyncio.Task[None]] = set()
         #: the session ticket keys' secret, the same for every worker (restarted ones too)
         self._ticket_secret = tls_tickets.new_secret()
+        #: the table the workers share their TLS sessions in (tls_sessions), made once: its
+        #: size is tls.session_cache at start (the default if 0 then: a reload may turn it on)
+        self._sessions: int | None = None
+        try:
+            slots = config.tls.session_cache or tls_tickets.SESSION_CACHE_SIZE
+            self._sessions = tls_sessions.create(min(slots, tls_sessions.MAX_SLOTS))
+        except (OSError, ValueError) as exc:
+            self.log.warning(
+                "tls_sessions_not_shared", reason=str(exc), hint="session tickets are used"
+            )
 
     # ---- processes ------------------------------------------------------------------------
 
@@ -177,10 +187,14 @@ class Supervisor:
         finally:
             os.close(write_end)
         args += [tls_tickets.PIPE_OPTION, str(read_end)]
+        passed = [read_end]
+        if self._sessions is not None:
+            args += [tls_sessions.OPTION, str(self._sessions)]
+            passed.append(self._sessions)
         # A new process reads the file anew: an earlier SIGHUP has nothing left to do.
         worker.started = worker.reload_pending = False
         try:
-            worker.process = Child(args, pass_fds=(read_end,))
+            worker.process = Child(args, pass_fds=tuple(passed))
         finally:
             os.close(read_end)
         self.log.info("worker_started", worker=worker.index, pid=worker.process.pid)
@@ -665,6 +679,9 @@ class Supervisor:
             await control.cleanup()
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             shutil.rmtree(self.runtime, ignore_errors=True)
+            if self._sessions is not None:
+                os.close(self._sessions)
+                self._sessions = None
 
     async def _reap(self, limit: float | None) -> None:
         procs = [w.process for w in self.workers if w.process is not None]

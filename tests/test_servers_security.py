@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from sidecar import tls_tickets
+from sidecar import tls_sessions, tls_tickets
 
 from .conftest import ALICE_SUB, ConfigDir, Running, SidecarFactory, Upstream, decode_userinfo
 from .pki import Issued, make_leaf
@@ -355,7 +355,7 @@ async def test_a_reload_changes_servers_for_the_next_connection(
 # ---- sessions made with one server's name, resumed with another's -------------------------------
 
 
-@pytest.mark.parametrize("resumption", ["cache", "tickets"])
+@pytest.mark.parametrize("resumption", ["cache", "tickets", "table"])
 async def test_a_session_resumes_only_under_the_servers_name_it_was_made_for(
     start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Upstream, resumption: str
 ) -> None:
@@ -367,7 +367,11 @@ async def test_a_session_resumes_only_under_the_servers_name_it_was_made_for(
     late for this: the session is resumed with the first context's cache or keys.)"""
     from .test_tls_tickets_workers import fetch
 
-    options = {} if resumption == "cache" else {"ticket_secret": tls_tickets.new_secret()}
+    options: dict[str, Any] = {}
+    if resumption != "cache":  # as a worker of several
+        options["ticket_secret"] = tls_tickets.new_secret()
+    if resumption == "table":  # ... whose sessions go to the table the workers share
+        options["shared_sessions"] = tls_sessions.SessionStore.inherited(tls_sessions.create(64))
     running: Running = await start_sidecar(sites(config_dir, upstream), **options)
     port = running.sidecar.port
     anonymous = presented(running, None, None)

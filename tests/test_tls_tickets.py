@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar import tls_groups, tls_tickets, workers
+from sidecar import tls_groups, tls_sessions, tls_tickets, workers
 from sidecar.config import ConfigError, load
 from sidecar.tls import TLSState, listener_contexts
 
@@ -220,12 +220,17 @@ def test_the_secret_reaches_a_worker_through_a_pipe_only(
     assert [s[2] for s in seen] == [secret, secret]  # the same for every worker
     for args, pass_fds, _ in seen:
         fd = int(args[args.index(tls_tickets.PIPE_OPTION) + 1])
-        assert pass_fds == (fd,)
+        # and the table of sessions (tls_sessions), which holds no secret of its own making
+        assert pass_fds == (fd, supervisor._sessions)
+        table = int(args[args.index(tls_sessions.OPTION) + 1])
+        assert table == supervisor._sessions
         with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(fd)  # the supervisor closed its copy
         assert not any(secret.hex() in a or secret.hex().upper() in a for a in args)
     assert os.environ == environ
     assert not any(secret.hex() in v for v in os.environ.values())
+    assert supervisor._sessions is not None
+    os.close(supervisor._sessions)
 
 
 def test_a_short_secret_is_refused() -> None:

@@ -1,9 +1,10 @@
-"""Session tickets with ``listen.workers: 2`` (the real ``sidecar run``), attacked from outside.
+"""Resumption with ``listen.workers: 2`` (the real ``sidecar run``), attacked from outside.
 
-The kernel hands each new connection to either worker. A ticket must resume on both (their
-keys come from one secret the supervisor hands them), must not resume anywhere after a reload
-that changed trust (issue #12 item 4), and a ticket the sidecar did not make (another sidecar's,
-or bytes flipped in it) gives a full handshake, never an error.
+The kernel hands each new connection to either worker. A session must resume on both (from
+the table of sessions the supervisor hands them, or with ``tls.session_cache: 0`` from tickets
+whose keys come from one secret it hands them), must not resume anywhere after a reload that
+changed trust (issue #12 item 4), and a session the sidecar did not make (another sidecar's,
+or a ticket with bytes flipped in it) gives a full handshake, never an error.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+
+from sidecar import tls_tickets
 
 from .conftest import ConfigDir
 from .pki import make_ca
@@ -152,12 +155,17 @@ async def two_workers(config_dir: ConfigDir, data: dict[str, Any]) -> AsyncItera
         await sidecar.stop()
 
 
-@pytest.mark.parametrize("kind", ["TLS 1.3 ticket", "TLS 1.2 ticket"])
+@pytest.mark.parametrize("kind", ["TLS 1.3", "TLS 1.2"])
+@pytest.mark.parametrize("cache", [tls_tickets.SESSION_CACHE_SIZE, 0], ids=["table", "tickets"])
 async def test_a_session_resumes_on_both_workers(
-    config_dir: ConfigDir, upstream: App, kind: str
+    config_dir: ConfigDir, upstream: App, kind: str, cache: int
 ) -> None:
+    """From the table the workers share (tls_sessions), or, with ``tls.session_cache: 0``,
+    from a ticket either worker can open."""
     ctx = client(config_dir, tls12="1.2" in kind)
-    async with two_workers(config_dir, config_dir.base(upstream.port)) as sidecar:
+    data = config_dir.base(upstream.port)
+    data["tls"]["session_cache"] = cache
+    async with two_workers(config_dir, data) as sidecar:
         first = await fetch(sidecar.port, ctx, "/app/first")
         assert first.status == 200
         again = [
@@ -276,7 +284,9 @@ async def test_a_garbled_ticket_gives_a_full_handshake(
     config_dir: ConfigDir, upstream: App, where: str
 ) -> None:
     folder = config_dir.path
-    async with two_workers(config_dir, config_dir.base(upstream.port)) as sidecar:
+    data = config_dir.base(upstream.port)
+    data["tls"]["session_cache"] = 0  # tickets, not session ids
+    async with two_workers(config_dir, data) as sidecar:
         out = await s_client(sidecar.port, folder, "-sess_out", str(folder / "session.pem"))
         assert "HTTP/1.1 200" in out, out
         pem = (folder / "session.pem").read_text()

@@ -1,0 +1,285 @@
+"""TLS sessions shared by the workers of one sidecar, in memory only they can see.
+
+With several workers the kernel hands a client's next connection to any of them, so a session
+kept in one worker's cache resumes one time in N. Stateless tickets resume anywhere, but
+OpenSSL 3.0 pays for them twice per connection: making a ticket encodes the session, decodes
+it again (``d2i_SSL_SESSION``, to copy it) and encodes it once more, and resuming decodes it;
+each decoding parses the client's certificate inside (about 130 us per connection, measured
+in S2-new: 846-870 us per full handshake with tickets, 715-761 with a session cache, one
+worker, interleaved).
+
+So the workers of a supervisor keep a session cache each (``tls_tickets.use_session_cache``:
+the client is given the session's name, not the session) and also write every new session,
+encoded, to a table in shared memory that the supervisor makes once (``memfd_create``) and
+hands to each worker it starts (``OPTION``; a restarted worker finds the sessions again).
+OpenSSL asks the table (``SSL_CTX_sess_set_get_cb``) only for a name its own cache does not
+hold: a session made by another worker, decoded once here and then in this worker's cache.
+
+The table: ``slots`` slots of ``SLOT`` bytes, in pairs. A session's pair is chosen by a key, a keyed
+digest of the context's trust label (``tls.Fingerprint.trust``, with ``servers[]`` the server's
+names too) and the session's name, so a session is found only by a context that decides trust
+as the one it was made under, and a reload that changes trust finds none of the earlier ones. A slot holds the key, the session's
+expiry, its DER and a digest of all three: two workers writing one slot at once leave a slot
+whose digest does not match, read as empty (a full handshake), never as a mixture. A new
+session takes the slot of its pair written longest ago, to the nanosecond (with one slot per
+key, a busy table overwrote live sessions: 1 % of S2-resume's resumptions failed; choosing
+by expiry, whole seconds, 0.6 %; now 0.06 %): a bounded cache that forgets, as OpenSSL's
+does. Sessions larger than a slot are kept by their worker only.
+
+The table holds resumption secrets, like the ticket keys: it is anonymous memory, mapped by
+the supervisor and its workers only, never a file, and it lives as long as the supervisor.
+Where libssl's functions cannot be reached (``tls_groups``), the workers use tickets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import mmap
+import os
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+from . import tls_tickets
+
+#: the hidden ``sidecar run`` option a supervisor passes a worker the table's descriptor with
+OPTION = "--session-store-fd"
+#: bytes per slot: a session with a client certificate of a 4096-bit RSA key is about 2 KiB
+SLOT = 4096
+_MAGIC = b"sidecar-sessions-v1\0"
+_HEADER = struct.Struct("<20sI")  # magic, slots; the first slot begins at _FIRST
+_FIRST = 64
+#: digest, key, expires and written (unix time; written in nanoseconds), DER length
+_SLOT_HEAD = struct.Struct("<16s16sqqI4x")
+_KEYED = struct.Struct("<16sqI")  # what the digest covers besides the DER
+#: the longest session DER a slot holds
+MAX_SESSION = SLOT - _SLOT_HEAD.size
+#: the most slots a table may have (1 GiB)
+MAX_SLOTS = 262_144
+
+_NEW_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_GET_CB = ctypes.CFUNCTYPE(
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_ubyte),
+    ctypes.c_int,
+    ctypes.POINTER(ctypes.c_int),
+)
+_Bytes = ctypes.POINTER(ctypes.c_ubyte)
+
+
+class _Functions:
+    """libssl's session functions, resolved where Python's ``_ssl`` finds them."""
+
+    def __init__(self) -> None:
+        import _ssl
+
+        library = ctypes.CDLL(_ssl.__file__)
+        self.set_new_cb = library.SSL_CTX_sess_set_new_cb
+        self.set_new_cb.restype = None
+        self.set_new_cb.argtypes = [ctypes.c_void_p, _NEW_CB]
+        self.set_get_cb = library.SSL_CTX_sess_set_get_cb
+        self.set_get_cb.restype = None
+        self.set_get_cb.argtypes = [ctypes.c_void_p, _GET_CB]
+        self.i2d = library.i2d_SSL_SESSION
+        self.i2d.restype = ctypes.c_int
+        self.i2d.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Bytes)]
+        self.d2i = library.d2i_SSL_SESSION
+        self.d2i.restype = ctypes.c_void_p
+        self.d2i.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Bytes), ctypes.c_long]
+        self.get_id = library.SSL_SESSION_get_id
+        self.get_id.restype = _Bytes
+        self.get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
+        self.get_time = library.SSL_SESSION_get_time
+        self.get_time.restype = ctypes.c_long
+        self.get_time.argtypes = [ctypes.c_void_p]
+        self.get_timeout = library.SSL_SESSION_get_timeout
+        self.get_timeout.restype = ctypes.c_long
+        self.get_timeout.argtypes = [ctypes.c_void_p]
+
+
+@cache
+def _functions() -> _Functions | str:
+    try:
+        return _Functions()
+    except (ImportError, AttributeError, OSError) as exc:
+        return f"libssl's session functions cannot be reached from Python's _ssl ({exc})"
+
+
+def create(slots: int) -> int:
+    """A new, empty table of ``slots`` slots: its file descriptor (close-on-exec; a worker is
+    given it with ``pass_fds``). Pages are taken as slots are first written."""
+    if not 1 <= slots <= MAX_SLOTS:
+        raise ValueError(f"a session table has 1 to {MAX_SLOTS} slots, not {slots}")
+    fd = os.memfd_create("sidecar-sessions", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, _FIRST + slots * SLOT)
+        os.pwrite(fd, _HEADER.pack(_MAGIC, slots), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class SessionStore:
+    """A table made by ``create``, mapped into this process."""
+
+    def __init__(self, fd: int) -> None:
+        """Map the table ``fd`` is open on (``fd`` stays open: the caller's to close).
+        Raises ``ValueError`` when it is not one."""
+        try:
+            size = os.fstat(fd).st_size
+            if size < _FIRST:
+                raise ValueError("the session table is shorter than its header")
+            self._map = mmap.mmap(fd, size)
+        except OSError as exc:
+            raise ValueError(f"the session table cannot be mapped: {exc}") from None
+        magic, slots = _HEADER.unpack_from(self._map, 0)
+        if magic != _MAGIC or not 1 <= slots <= MAX_SLOTS or size != _FIRST + slots * SLOT:
+            self._map.close()
+            raise ValueError("the session table's header is not a sidecar's")
+        self.slots: int = slots
+
+    @classmethod
+    def inherited(cls, fd: int) -> SessionStore:
+        """The table a supervisor passed as ``fd``; the descriptor is closed."""
+        try:
+            return cls(fd)
+        finally:
+            with contextlib.suppress(OSError):  # not open: cls said so already
+                os.close(fd)
+
+    # ---- the table -----------------------------------------------------------------------
+
+    def _slots(self, key: bytes) -> tuple[int, int]:
+        """The two slots a key may be in (one, twice, in a table of one slot)."""
+        first = int.from_bytes(key[:8], "little") % self.slots
+        second = first ^ 1 if first ^ 1 < self.slots else first
+        return _FIRST + first * SLOT, _FIRST + second * SLOT
+
+    def put(self, key: bytes, expires: int, der: bytes, now: float | None = None) -> bool:
+        """Keep ``der`` under ``key`` until ``expires``, in the key's slot that holds it
+        already, else in the one written longest ago (an empty or expired one first of
+        all); False when it is too large."""
+        if len(der) > MAX_SESSION:
+            return False
+        when = time.time() if now is None else now
+        digest = hashlib.blake2b(_KEYED.pack(key, expires, len(der)) + der, digest_size=16)
+        one, other = self._slots(key)
+        _, key_one, expires_one, written_one, _ = _SLOT_HEAD.unpack_from(self._map, one)
+        _, key_other, expires_other, written_other, _ = _SLOT_HEAD.unpack_from(self._map, other)
+        if expires_one <= when:
+            written_one = -1
+        if expires_other <= when:
+            written_other = -1
+        if key_other == key or (key_one != key and written_other < written_one):
+            one = other
+        written = int(when * 1e9)
+        record = _SLOT_HEAD.pack(digest.digest(), key, expires, written, len(der)) + der
+        self._map[one : one + len(record)] = record
+        return True
+
+    def get(self, key: bytes, now: float | None = None) -> bytes | None:
+        """The DER kept under ``key``, unless it expired, was replaced or is being written."""
+        when = time.time() if now is None else now
+        for offset in self._slots(key):
+            digest, stored, expires, _, length = _SLOT_HEAD.unpack_from(self._map, offset)
+            if stored != key or length > MAX_SESSION or expires <= when:
+                continue
+            start = offset + _SLOT_HEAD.size
+            der = self._map[start : start + length]
+            check = hashlib.blake2b(_KEYED.pack(key, expires, length) + der, digest_size=16)
+            if check.digest() == digest:
+                return der
+        return None
+
+    def close(self) -> None:
+        self._map.close()
+
+    # ---- OpenSSL --------------------------------------------------------------------------
+
+    def share(self, context: ssl.SSLContext, label: bytes) -> str | None:
+        """Write ``context``'s new sessions to the table, and look there for the ones its own
+        cache does not hold; None when done, else why not (the context then resumes only the
+        sessions its worker made). ``label`` is what decides trust for the context."""
+        functions = _functions()
+        if isinstance(functions, str):
+            return functions
+        found = tls_tickets._found(context)
+        if isinstance(found, str):
+            return found
+        pointer = found[1]
+        namespace = hashlib.blake2b(label, digest_size=32, person=b"sidecar-sessions").digest()
+        on_new, on_get = self._callbacks(functions, namespace)
+        # The callbacks live as long as the context: OpenSSL calls them until it is freed.
+        context.__dict__["_sidecar_session_callbacks"] = (on_new, on_get)
+        functions.set_new_cb(pointer, on_new)
+        functions.set_get_cb(pointer, on_get)
+        return None
+
+    @staticmethod
+    def unshare(context: ssl.SSLContext) -> None:
+        """``context`` no longer writes to or reads from a table (its sessions become
+        tickets)."""
+        functions = _functions()
+        found = tls_tickets._found(context)
+        if isinstance(functions, str) or isinstance(found, str):
+            return
+        if context.__dict__.pop("_sidecar_session_callbacks", None) is not None:
+            functions.set_new_cb(found[1], _NEW_CB())
+            functions.set_get_cb(found[1], _GET_CB())
+
+    def _callbacks(self, functions: _Functions, namespace: bytes) -> tuple[Any, Any]:
+        def key_of(name: bytes) -> bytes:
+            return hashlib.blake2b(name, digest_size=16, key=namespace).digest()
+
+        def on_new(_ssl: int | None, session: int | None) -> int:
+            # OpenSSL keeps its reference (0: none taken here); an error leaves the session
+            # to its worker's cache
+            with contextlib.suppress(Exception):  # nothing may reach OpenSSL's stack
+                if session:
+                    _put(functions, self, key_of, session)
+            return 0
+
+        def on_get(_ssl: int | None, name: Any, length: int, copy: Any) -> int | None:
+            try:
+                if not 0 < length <= 64:
+                    return None
+                der = self.get(key_of(ctypes.string_at(name, length)))
+                if der is None:
+                    return None
+                buffer = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
+                cursor = ctypes.cast(buffer, _Bytes)
+                session = functions.d2i(None, ctypes.byref(cursor), len(der))
+                if not session:
+                    return None
+                copy[0] = 0  # OpenSSL takes the one reference d2i made
+                return int(session)
+            except Exception:
+                return None
+
+        return _NEW_CB(on_new), _GET_CB(on_get)
+
+
+def _put(
+    functions: _Functions, store: SessionStore, key_of: Callable[[bytes], bytes], session: int
+) -> None:
+    length = ctypes.c_uint()
+    name_at = functions.get_id(session, ctypes.byref(length))
+    if not name_at or not 0 < length.value <= 64:
+        return
+    name = ctypes.string_at(name_at, length.value)
+    size = functions.i2d(session, None)
+    if not 0 < size <= MAX_SESSION:
+        return
+    buffer = (ctypes.c_ubyte * size)()
+    cursor = ctypes.cast(buffer, _Bytes)
+    if functions.i2d(session, ctypes.byref(cursor)) != size:
+        return
+    expires = functions.get_time(session) + functions.get_timeout(session)
+    store.put(key_of(name), expires, bytes(buffer))

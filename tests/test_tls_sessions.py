@@ -1,0 +1,242 @@
+"""The table of TLS sessions a supervisor's workers share (``tls_sessions``).
+
+Two sidecars in this process stand for two workers: each has its own contexts, caches and
+ticket secret (so a ticket from one is a forgery to the other), and they share one table. A
+session made by one must resume on the other through the table, as the same client, and
+only where trust is decided the same way. The table itself is checked with generated
+operations, torn writes included.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar import tls_groups, tls_sessions, tls_tickets
+from sidecar.tls import TLSState, listener_contexts
+from sidecar.tls_sessions import SessionStore
+
+from .conftest import ConfigDir, Running, SidecarFactory
+from .pki import make_ca
+from .test_listener import upstream
+from .test_tls_tickets_workers import fetch
+
+__all__ = ["upstream"]
+
+
+def cb_hits(context: ssl.SSLContext) -> int:
+    """OpenSSL's count of sessions its get-session callback gave (SSL_CTRL_SESS_CB_HIT);
+    Python's session_stats() leaves it out."""
+    lib = tls_groups._libssl()
+    assert not isinstance(lib, str)
+    pointer = tls_groups._ssl_ctx(context)
+    assert lib.ctrl(pointer, 27, 0, None) == context.session_stats()["hits"]  # the neighbour
+    return int(lib.ctrl(pointer, 28, 0, None))
+
+
+def table(slots: int = 64) -> SessionStore:
+    return SessionStore.inherited(tls_sessions.create(slots))
+
+
+async def two(
+    start_sidecar: SidecarFactory,
+    data: dict[str, Any],
+    other: dict[str, Any] | None = None,
+    *,
+    shared: bool = True,
+) -> tuple[Running, Running]:
+    """Two "workers": separate secrets, one table (or none)."""
+    store = table() if shared else None
+    first: Running = await start_sidecar(
+        data, ticket_secret=tls_tickets.new_secret(), shared_sessions=store
+    )
+    second: Running = await start_sidecar(
+        other or data, ticket_secret=tls_tickets.new_secret(), shared_sessions=store
+    )
+    return first, second
+
+
+async def test_a_session_made_by_one_worker_resumes_on_another(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Any
+) -> None:
+    """Bob's session from worker A resumes on worker B (OpenSSL asked the table: a callback
+    hit), as Bob; B keeps it in its own cache after that (a cache hit, no callback)."""
+    a, b = await two(start_sidecar, config_dir.base(upstream.port))
+    assert a.sidecar.tls.current.options & ssl.OP_NO_TICKET  # session ids, not tickets
+    bob = a.client_ssl(a.certs.bob)
+    alice = a.client_ssl(a.certs.alice)
+    made = await fetch(a.sidecar.port, bob, "/app/bob")
+    await fetch(a.sidecar.port, alice, "/app/alice")
+    context = b.sidecar.tls.current
+    assert (context.session_stats()["hits"], cb_hits(context)) == (0, 0)
+    there = await fetch(b.sidecar.port, bob, "/app/bob-there", made.session)
+    assert (made.status, there.status, there.reused) == (200, 200, True)
+    assert cb_hits(context) == 1
+    again = await fetch(b.sidecar.port, bob, "/app/bob-again", there.session)
+    assert (again.status, again.reused) == (200, True)
+    assert (context.session_stats()["hits"], cb_hits(context)) == (2, 1)
+    bobs, alices, resumed, _ = (seen.header("X-APP-CERTIFICATE") for seen in upstream.seen)
+    assert resumed == bobs != alices
+
+
+async def test_without_the_table_the_session_does_not_cross(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Any
+) -> None:
+    """The control: the same two workers without a table (tickets under different secrets)."""
+    a, b = await two(start_sidecar, config_dir.base(upstream.port), shared=False)
+    bob = a.client_ssl(a.certs.bob)
+    made = await fetch(a.sidecar.port, bob, "/app/bob")
+    there = await fetch(b.sidecar.port, bob, "/app/bob-there", made.session)
+    assert (there.status, there.reused) == (200, False)
+
+
+@pytest.mark.parametrize("tls12", [False, True], ids=["TLS 1.3", "TLS 1.2"])
+async def test_a_session_does_not_cross_to_a_worker_that_decides_trust_otherwise(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Any, tls12: bool
+) -> None:
+    """Worker B trusts one more CA (what a reload that changed trust gives): Alice is still
+    trusted there, but her session from A is not found, and she makes a full handshake."""
+    data = config_dir.base(upstream.port)
+    other = config_dir.base(upstream.port)
+    (config_dir.path / "another-ca.pem").write_bytes(make_ca("Another client CA").pem)
+    other["tls"]["client_ca"] = [*other["tls"]["client_ca"], "another-ca.pem"]
+    a, b = await two(start_sidecar, data, other)
+    alice = a.client_ssl(a.certs.alice)
+    if tls12:
+        alice.maximum_version = ssl.TLSVersion.TLSv1_2
+    made = await fetch(a.sidecar.port, alice, "/app/first")
+    again = await fetch(a.sidecar.port, alice, "/app/again", made.session)
+    there = await fetch(b.sidecar.port, alice, "/app/there", again.session)
+    assert (again.reused, there.status, there.reused) == (True, 200, False)
+    assert cb_hits(b.sidecar.tls.current) == 0
+
+
+def test_without_libssl_the_workers_use_tickets_and_it_is_said(
+    config_dir: ConfigDir,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(tls_sessions, "_functions", lambda: "no libssl here")
+    from sidecar.config import load
+
+    config = load(config_dir.write(config_dir.base()))
+    state = TLSState(
+        *listener_contexts(config.tls, config.servers),
+        ticket_secret=tls_tickets.new_secret(),
+        shared_sessions=table(),
+    )
+    assert not state.current.options & ssl.OP_NO_TICKET
+    out = capsys.readouterr().out
+    assert "tls_sessions_not_shared" in out and "no libssl here" in out
+
+
+async def test_a_reload_to_zero_turns_the_table_off_and_back_on(config_dir: ConfigDir) -> None:
+    from sidecar.config import load
+
+    config = load(config_dir.write(config_dir.base()))
+    state = TLSState(
+        *listener_contexts(config.tls, config.servers),
+        ticket_secret=tls_tickets.new_secret(),
+        shared_sessions=table(),
+    )
+    context = state.current
+    assert context.options & ssl.OP_NO_TICKET
+    assert "_sidecar_session_callbacks" in context.__dict__
+    state.size_session_cache(0)
+    assert not context.options & ssl.OP_NO_TICKET
+    assert "_sidecar_session_callbacks" not in context.__dict__
+    rotation = state._rotation
+    assert rotation is not None  # ticket keys rotate again
+    state.size_session_cache(16)
+    assert context.options & ssl.OP_NO_TICKET
+    assert "_sidecar_session_callbacks" in context.__dict__
+    assert state._rotation is None and rotation.cancelled()
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+KEYS = st.binary(min_size=16, max_size=16)
+DERS = st.binary(min_size=1, max_size=tls_sessions.MAX_SESSION)
+
+
+def test_a_session_is_found_under_its_key_until_it_expires() -> None:
+    store = table(8)
+    key, der = os.urandom(16), os.urandom(1500)
+    assert store.put(key, 2_000, der)
+    assert store.get(key, now=1_999) == der
+    assert store.get(key, now=2_000) is None  # expired
+    assert store.get(os.urandom(16), now=0) is None  # another key
+    assert not store.put(key, 2_000, b"x" * (tls_sessions.MAX_SESSION + 1))
+
+
+def test_a_new_session_takes_the_slot_written_longest_ago() -> None:
+    """Two slots per key: two live sessions of one pair both stay; a third replaces the one
+    written first (whatever their expiry, which OpenSSL counts in whole seconds), and a
+    session written again keeps its slot; an expired one goes first."""
+    store = table(2)  # one pair: every key
+    a, b, c, d = (bytes([n]) * 16 for n in (1, 2, 3, 4))
+    store.put(a, 3_000, b"A", now=1)
+    store.put(b, 9_000, b"B", now=2)
+    assert (store.get(a, now=0), store.get(b, now=0)) == (b"A", b"B")
+    store.put(a, 3_000, b"A2", now=3)  # a again: its own slot, b stays
+    assert (store.get(a, now=0), store.get(b, now=0)) == (b"A2", b"B")
+    store.put(c, 2_000, b"C", now=4)  # b was written longest ago
+    assert (store.get(a, now=0), store.get(b, now=0), store.get(c, now=0)) == (b"A2", None, b"C")
+    store.put(d, 5_000, b"D", now=2_500)  # c expired at 2,000: its slot, though a is older
+    assert (store.get(a, now=0), store.get(c, now=0), store.get(d, now=0)) == (b"A2", None, b"D")
+
+
+def test_a_torn_slot_reads_as_empty() -> None:
+    """Two workers writing one slot at once: the first half of one record over the other."""
+    store = table(1)  # every key in the one slot
+    first, second = os.urandom(16), os.urandom(16)
+    store.put(first, 10**10, b"a" * 3000)
+    assert store._slots(first) == store._slots(second) == (tls_sessions._FIRST,) * 2
+    offset = tls_sessions._FIRST
+    whole = bytes(store._map[offset : offset + tls_sessions.SLOT])
+    store.put(second, 10**10, b"b" * 3000)
+    store._map[offset + 1000 : offset + tls_sessions.SLOT] = whole[1000:]  # a mixture
+    assert store.get(first, now=0) is None and store.get(second, now=0) is None
+    store._map[offset : offset + tls_sessions.SLOT] = whole
+    assert store.get(first, now=0) == b"a" * 3000
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(range(6)), DERS, st.booleans()), max_size=40))
+def test_a_key_gives_its_last_session_or_nothing(operations: list[tuple[int, bytes, bool]]) -> None:
+    """Whatever is written in whatever order, a key is never read as another's session or an
+    older one of its own: its latest, or nothing (slots are shared and forget)."""
+    store = table(3)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    latest: dict[int, bytes] = {}
+    for index, der, write in operations:
+        if write:
+            assert store.put(keys[index], 10**10, der)
+            latest[index] = der
+        found = store.get(keys[index], now=0)
+        assert found is None or found == latest.get(index), (index, found)
+    store.close()
+
+
+def test_what_is_not_a_table_is_refused() -> None:
+    read, write = os.pipe()
+    os.close(write)
+    with pytest.raises(ValueError, match="session table"):
+        SessionStore.inherited(read)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(read)  # closed all the same
+    fd = os.memfd_create("not-a-table")
+    os.ftruncate(fd, tls_sessions._FIRST + tls_sessions.SLOT)
+    with pytest.raises(ValueError, match="header is not a sidecar's"):
+        SessionStore(fd)
+    os.close(fd)
+    with pytest.raises(ValueError, match="cannot be mapped"):
+        SessionStore.inherited(read)  # no longer open
+    for slots in (0, tls_sessions.MAX_SLOTS + 1):
+        with pytest.raises(ValueError, match="1 to"):
+            tls_sessions.create(slots)
