@@ -39,7 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from . import tls_tickets
+from . import tls_sessions, tls_tickets
 from .certs import ClientCert, read_certificates, read_private_key, to_pem
 from .config import ServerConfig, TLSConfig
 from .errors import CertificateError
@@ -326,6 +326,8 @@ class TLSState:
         self._shared = shared_sessions if not self._alone else None
         self._epoch = tls_tickets.epoch()
         self._resumption_reported = False
+        #: some context resumes from stateless tickets (their keys rotate hourly)
+        self._tickets = False
         self._rotation: asyncio.TimerHandle | None = None
         self.fingerprint = fingerprint
         self._install(context)
@@ -336,6 +338,8 @@ class TLSState:
         else:
             context.sni_callback = self._select
             self.current, self.servers = context, None
+        if not self._tickets:  # else kept current by the rotation
+            self._epoch = tls_tickets.epoch()
         self._set_resumption()
 
     def _keyed(self) -> list[tuple[ssl.SSLContext, bytes]]:
@@ -350,20 +354,22 @@ class TLSState:
     def _set_resumption(self) -> None:
         caching = self._caching()
         shared = self._shared
+        self._tickets = False
         for context, label in self._keyed():
             problem: str | None = None
             if caching:
                 problem = tls_tickets.use_session_cache(context, self._cache_size)
                 event = "tls_session_cache_not_sized"
-                if shared is not None and problem is None:
-                    problem = shared.share(context, label)
-                    event = "tls_sessions_not_shared"
+                if problem is None:
+                    problem = tls_sessions.bind(context, label, shared)
+                    event = "tls_sessions_not_shared" if shared else "tls_session_age_not_capped"
                 if shared is None or problem is None:
                     self._report(event, problem)
                     continue
                 self._report(event, problem)  # a worker's cache alone: tickets instead
-            SessionStore.unshare(context)
+            tls_sessions.unbind(context)
             context.options &= ~ssl.OP_NO_TICKET
+            self._tickets = True
             problem = tls_tickets.install(
                 context, tls_tickets.derive(self._secret, label, self._epoch)
             )
@@ -379,7 +385,7 @@ class TLSState:
         ``stop_rotation``; every worker rotates at the same wall-clock time. Nothing to
         rotate when sessions are resumed from the process's cache."""
         self.stop_rotation()
-        if self._caching():
+        if not self._tickets:
             return
         loop = asyncio.get_running_loop()
         delay = max(0.0, tls_tickets.next_rotation() - time.time())
@@ -393,7 +399,7 @@ class TLSState:
     def rotate_tickets(self, now: float | None = None) -> None:
         """Set the keys of the epoch ``now`` is in (no change within one epoch)."""
         current = tls_tickets.epoch(now)
-        if current != self._epoch and not self._caching():
+        if current != self._epoch and self._tickets:
             self._epoch = current
             self._set_resumption()
 
@@ -410,8 +416,10 @@ class TLSState:
         (the cache keeps what fits), or the cache turned on or off for the next handshakes."""
         if size != self._cache_size:
             self._cache_size = size
+            if not self._tickets:  # keys made now are this hour's, as every worker's
+                self._epoch = tls_tickets.epoch()
             self._set_resumption()
-            if self._caching():
+            if not self._tickets:
                 self.stop_rotation()
             elif self._rotation is None:
                 self.start_rotation()

@@ -28,20 +28,29 @@ does. Sessions larger than a slot are kept by their worker only.
 
 The table holds resumption secrets, like the ticket keys: it is anonymous memory, mapped by
 the supervisor and its workers only, never a file, and it lives as long as the supervisor.
-Where libssl's functions cannot be reached (``tls_groups``), the workers use tickets.
+The supervisor keeps its descriptor (for the workers it restarts) and makes itself
+non-dumpable, so other processes of its user cannot open it through ``/proc``; workers close
+theirs once it is mapped. It is sealed against resizing (a shrunk table would kill every
+worker with SIGBUS). Where libssl's functions cannot be reached (``tls_groups``), the
+workers use tickets.
+
+Every context with a session cache, one worker's too, also caps the age of a line of
+sessions (``MAX_AGE``, see ``_cap_age``): TLS 1.3 makes a new session at every resumption, so
+a client resuming often would otherwise never make a full handshake, and its chain would
+never be verified again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import mmap
 import os
 import ssl
 import struct
 import time
-from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -57,6 +66,7 @@ _FIRST = 64
 #: digest, key, expires and written (unix time; written in nanoseconds), DER length
 _SLOT_HEAD = struct.Struct("<16s16sqqI4x")
 _KEYED = struct.Struct("<16sqI")  # what the digest covers besides the DER
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 #: the longest session DER a slot holds
 MAX_SESSION = SLOT - _SLOT_HEAD.size
 #: the most slots a table may have (1 GiB)
@@ -70,7 +80,10 @@ _GET_CB = ctypes.CFUNCTYPE(
     ctypes.c_int,
     ctypes.POINTER(ctypes.c_int),
 )
+_REMOVE_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _Bytes = ctypes.POINTER(ctypes.c_ubyte)
+#: seconds a line of sessions resumes after its full handshake (the ticket keys' rotation)
+MAX_AGE = tls_tickets.ROTATE_EVERY
 
 
 class _Functions:
@@ -101,6 +114,25 @@ class _Functions:
         self.get_timeout = library.SSL_SESSION_get_timeout
         self.get_timeout.restype = ctypes.c_long
         self.get_timeout.argtypes = [ctypes.c_void_p]
+        self.set_timeout = library.SSL_SESSION_set_timeout
+        self.set_timeout.restype = ctypes.c_long
+        self.set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
+        self.set_remove_cb = library.SSL_CTX_sess_set_remove_cb
+        self.set_remove_cb.restype = None
+        self.set_remove_cb.argtypes = [ctypes.c_void_p, _REMOVE_CB]
+        self.get0_appdata = library.SSL_SESSION_get0_ticket_appdata
+        self.get0_appdata.restype = ctypes.c_int
+        self.get0_appdata.argtypes = [
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
+        self.set1_appdata = library.SSL_SESSION_set1_ticket_appdata
+        self.set1_appdata.restype = ctypes.c_int
+        self.set1_appdata.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        self.free = library.SSL_SESSION_free
+        self.free.restype = None
+        self.free.argtypes = [ctypes.c_void_p]
 
 
 @cache
@@ -116,14 +148,33 @@ def create(slots: int) -> int:
     given it with ``pass_fds``). Pages are taken as slots are first written."""
     if not 1 <= slots <= MAX_SLOTS:
         raise ValueError(f"a session table has 1 to {MAX_SLOTS} slots, not {slots}")
-    fd = os.memfd_create("sidecar-sessions", os.MFD_CLOEXEC)
+    fd = os.memfd_create("sidecar-sessions", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, _FIRST + slots * SLOT)
         os.pwrite(fd, _HEADER.pack(_MAGIC, slots), 0)
+        # no one who gets hold of it can shrink it under the workers' mappings (SIGBUS)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def not_dumpable() -> str | None:
+    """Make this process non-dumpable (``PR_SET_DUMPABLE`` 0): the supervisor holds the
+    table's descriptor for its whole life, and other processes of its user could otherwise
+    open it through ``/proc/<pid>/fd``, which needs less than reading its memory. None when
+    done, else why not."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            return f"prctl(PR_SET_DUMPABLE) failed: {os.strerror(ctypes.get_errno())}"
+    except (OSError, AttributeError) as exc:
+        return f"prctl cannot be called ({exc})"
+    return None
+
+
+_PR_SET_DUMPABLE = 4
 
 
 class SessionStore:
@@ -136,6 +187,8 @@ class SessionStore:
             size = os.fstat(fd).st_size
             if size < _FIRST:
                 raise ValueError("the session table is shorter than its header")
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+                raise ValueError("the session table is not sealed against resizing")
             self._map = mmap.mmap(fd, size)
         except OSError as exc:
             raise ValueError(f"the session table cannot be mapped: {exc}") from None
@@ -201,85 +254,159 @@ class SessionStore:
     def close(self) -> None:
         self._map.close()
 
-    # ---- OpenSSL --------------------------------------------------------------------------
+    def remove(self, key: bytes) -> None:
+        """Forget the session kept under ``key`` (OpenSSL dropped it from a worker's cache:
+        invalidated by a fatal alert, expired, or pushed out)."""
+        for offset in self._slots(key):
+            if _SLOT_HEAD.unpack_from(self._map, offset)[1] == key:
+                self._map[offset + 16 : offset + 32] = bytes(16)
 
-    def share(self, context: ssl.SSLContext, label: bytes) -> str | None:
-        """Write ``context``'s new sessions to the table, and look there for the ones its own
-        cache does not hold; None when done, else why not (the context then resumes only the
-        sessions its worker made). ``label`` is what decides trust for the context."""
-        functions = _functions()
-        if isinstance(functions, str):
-            return functions
-        found = tls_tickets._found(context)
-        if isinstance(found, str):
-            return found
-        pointer = found[1]
-        namespace = hashlib.blake2b(label, digest_size=32, person=b"sidecar-sessions").digest()
-        on_new, on_get = self._callbacks(functions, namespace)
-        # The callbacks live as long as the context: OpenSSL calls them until it is freed.
-        context.__dict__["_sidecar_session_callbacks"] = (on_new, on_get)
-        functions.set_new_cb(pointer, on_new)
-        functions.set_get_cb(pointer, on_get)
-        return None
 
-    @staticmethod
-    def unshare(context: ssl.SSLContext) -> None:
-        """``context`` no longer writes to or reads from a table (its sessions become
-        tickets)."""
-        functions = _functions()
-        found = tls_tickets._found(context)
-        if isinstance(functions, str) or isinstance(found, str):
+# ---- OpenSSL --------------------------------------------------------------------------------
+
+
+def bind(context: ssl.SSLContext, label: bytes, store: SessionStore | None) -> str | None:
+    """Watch ``context``'s new sessions: none resumes beyond ``MAX_AGE`` after the full
+    handshake it comes from, and with a ``store`` each is written there, dropped from there
+    when OpenSSL drops it, and looked for there when the worker's own cache does not hold
+    it. None when done, else why not. ``label`` is what decides trust for the context."""
+    functions = _functions()
+    if isinstance(functions, str):
+        return functions
+    found = tls_tickets._found(context)
+    if isinstance(found, str):
+        return found
+    pointer = found[1]
+    namespace = hashlib.blake2b(label, digest_size=32, person=b"sidecar-sessions").digest()
+    callbacks = _Callbacks(functions, store, namespace)
+    functions.set_new_cb(pointer, callbacks.new)
+    functions.set_remove_cb(pointer, callbacks.remove if store is not None else _REMOVE_CB())
+    functions.set_get_cb(pointer, callbacks.get if store is not None else _GET_CB())
+    # The callbacks live as long as the context (OpenSSL calls them until it is freed, and
+    # every SSLObject keeps its context), or until replaced here or by unbind.
+    context.__dict__[_KEPT] = callbacks
+    return None
+
+
+def unbind(context: ssl.SSLContext) -> None:
+    """``context``'s sessions are no longer watched (they are tickets now)."""
+    if _KEPT not in context.__dict__:
+        return
+    functions = _functions()
+    found = tls_tickets._found(context)
+    if isinstance(functions, str) or isinstance(found, str):
+        return
+    functions.set_new_cb(found[1], _NEW_CB())
+    functions.set_remove_cb(found[1], _REMOVE_CB())
+    functions.set_get_cb(found[1], _GET_CB())
+    del context.__dict__[_KEPT]  # no longer called
+
+
+#: where a context keeps its callbacks
+_KEPT = "_sidecar_session_callbacks"
+
+
+class _Callbacks:
+    """The three callbacks of one context. None lets an exception reach OpenSSL's stack
+    (ctypes would hand OpenSSL an undefined value): anything unexpected is a miss."""
+
+    def __init__(self, functions: _Functions, store: SessionStore | None, namespace: bytes) -> None:
+        self._functions = functions
+        self._store = store
+        self._namespace = namespace
+        self.new = _NEW_CB(self._on_new)
+        self.remove = _REMOVE_CB(self._on_remove)
+        self.get = _GET_CB(self._on_get)
+
+    def _key(self, name: bytes) -> bytes:
+        return hashlib.blake2b(name, digest_size=16, key=self._namespace).digest()
+
+    def _name(self, session: int) -> bytes | None:
+        length = ctypes.c_uint()
+        name_at = self._functions.get_id(session, ctypes.byref(length))
+        if not name_at or not 0 < length.value <= 64:
+            return None
+        return ctypes.string_at(name_at, length.value)
+
+    def _on_new(self, _ssl: int | None, session: int | None) -> int:
+        # OpenSSL keeps its reference (0: none taken here)
+        try:
+            if session:
+                _cap_age(self._functions, session)
+                if self._store is not None:
+                    self._put(session)
+        except BaseException:  # noqa: S110 - the session stays its worker's
+            pass
+        return 0
+
+    def _put(self, session: int) -> None:
+        functions, store = self._functions, self._store
+        name = self._name(session)
+        if name is None or store is None:
             return
-        if context.__dict__.pop("_sidecar_session_callbacks", None) is not None:
-            functions.set_new_cb(found[1], _NEW_CB())
-            functions.set_get_cb(found[1], _GET_CB())
+        size = functions.i2d(session, None)
+        if not 0 < size <= MAX_SESSION:
+            return
+        buffer = (ctypes.c_ubyte * size)()
+        cursor = ctypes.cast(buffer, _Bytes)
+        if functions.i2d(session, ctypes.byref(cursor)) != size:
+            return
+        expires = functions.get_time(session) + functions.get_timeout(session)
+        store.put(self._key(name), expires, bytes(buffer))
 
-    def _callbacks(self, functions: _Functions, namespace: bytes) -> tuple[Any, Any]:
-        def key_of(name: bytes) -> bytes:
-            return hashlib.blake2b(name, digest_size=16, key=namespace).digest()
+    def _on_remove(self, _ctx: int | None, session: int | None) -> None:
+        try:
+            name = self._name(session) if session else None
+            if name is not None and self._store is not None:
+                self._store.remove(self._key(name))
+        except BaseException:  # noqa: S110 - the slot ages out instead
+            pass
 
-        def on_new(_ssl: int | None, session: int | None) -> int:
-            # OpenSSL keeps its reference (0: none taken here); an error leaves the session
-            # to its worker's cache
-            with contextlib.suppress(Exception):  # nothing may reach OpenSSL's stack
-                if session:
-                    _put(functions, self, key_of, session)
-            return 0
-
-        def on_get(_ssl: int | None, name: Any, length: int, copy: Any) -> int | None:
-            try:
-                if not 0 < length <= 64:
-                    return None
-                der = self.get(key_of(ctypes.string_at(name, length)))
-                if der is None:
-                    return None
-                buffer = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
-                cursor = ctypes.cast(buffer, _Bytes)
-                session = functions.d2i(None, ctypes.byref(cursor), len(der))
-                if not session:
-                    return None
-                copy[0] = 0  # OpenSSL takes the one reference d2i made
-                return int(session)
-            except Exception:
+    def _on_get(self, _ssl: int | None, name: Any, length: int, copy: Any) -> int | None:
+        session: int | None = None
+        try:
+            store = self._store
+            if store is None or not 0 < length <= 64:
                 return None
+            der = store.get(self._key(ctypes.string_at(name, length)))
+            if der is None:
+                return None
+            buffer = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
+            cursor = ctypes.cast(buffer, _Bytes)
+            session = self._functions.d2i(None, ctypes.byref(cursor), len(der))
+            if not session:
+                return None
+            copy[0] = 0  # OpenSSL takes the one reference d2i made
+            return int(session)
+        except BaseException:  # a miss: a full handshake
+            if session:
+                with contextlib.suppress(BaseException):
+                    self._functions.free(session)
+            return None
 
-        return _NEW_CB(on_new), _GET_CB(on_get)
 
-
-def _put(
-    functions: _Functions, store: SessionStore, key_of: Callable[[bytes], bytes], session: int
-) -> None:
-    length = ctypes.c_uint()
-    name_at = functions.get_id(session, ctypes.byref(length))
-    if not name_at or not 0 < length.value <= 64:
-        return
-    name = ctypes.string_at(name_at, length.value)
-    size = functions.i2d(session, None)
-    if not 0 < size <= MAX_SESSION:
-        return
-    buffer = (ctypes.c_ubyte * size)()
-    cursor = ctypes.cast(buffer, _Bytes)
-    if functions.i2d(session, ctypes.byref(cursor)) != size:
-        return
-    expires = functions.get_time(session) + functions.get_timeout(session)
-    store.put(key_of(name), expires, bytes(buffer))
+def _cap_age(functions: _Functions, session: int) -> None:
+    """No session resumes beyond ``MAX_AGE`` after the full handshake its line of sessions
+    began with. A TLS 1.3 resumption makes a new session (OpenSSL copies the one resumed,
+    with a new time), so without this a client resuming often enough would never be verified
+    again. The first session of a line records its time in the session's application data
+    (kept by the copy and by the encoding); each later one gets what is left as its timeout
+    (0 when nothing is: not resumed)."""
+    data = ctypes.c_void_p()
+    length = ctypes.c_size_t()
+    made = functions.get_time(session)
+    if (
+        functions.get0_appdata(session, ctypes.byref(data), ctypes.byref(length)) == 1
+        and length.value == 8
+        and data.value
+    ):
+        began = int.from_bytes(ctypes.string_at(data.value, 8), "big")
+    else:
+        began = made
+        stamp = began.to_bytes(8, "big")
+        if functions.set1_appdata(session, stamp, 8) != 1:
+            functions.set_timeout(session, 0)
+            return
+    left = max(0, began + MAX_AGE - made)
+    if left < functions.get_timeout(session):
+        functions.set_timeout(session, left)

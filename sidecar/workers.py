@@ -628,6 +628,10 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop, force = asyncio.Event(), asyncio.Event()
+        if self._sessions is not None:
+            problem = tls_sessions.not_dumpable()  # its descriptor: not for /proc/<pid>/fd
+            if problem is not None:
+                self.log.warning("tls_sessions_exposed", reason=problem)
 
         def on_stop() -> None:
             (force if stop.is_set() else stop).set()

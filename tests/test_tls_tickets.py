@@ -220,7 +220,7 @@ def test_the_secret_reaches_a_worker_through_a_pipe_only(
     assert [s[2] for s in seen] == [secret, secret]  # the same for every worker
     for args, pass_fds, _ in seen:
         fd = int(args[args.index(tls_tickets.PIPE_OPTION) + 1])
-        # and the table of sessions (tls_sessions), which holds no secret of its own making
+        # and the table of sessions (tls_sessions), sealed memory shared with the workers
         assert pass_fds == (fd, supervisor._sessions)
         table = int(args[args.index(tls_sessions.OPTION) + 1])
         assert table == supervisor._sessions
