@@ -51,6 +51,7 @@ import os
 import ssl
 import struct
 import time
+import weakref
 from functools import cache
 from typing import Any
 
@@ -133,6 +134,9 @@ class _Functions:
         self.free = library.SSL_SESSION_free
         self.free.restype = None
         self.free.argtypes = [ctypes.c_void_p]
+        self.get_ssl_ctx = library.SSL_get_SSL_CTX
+        self.get_ssl_ctx.restype = ctypes.c_void_p
+        self.get_ssl_ctx.argtypes = [ctypes.c_void_p]
 
 
 @cache
@@ -278,45 +282,88 @@ def bind(context: ssl.SSLContext, label: bytes, store: SessionStore | None) -> s
         return found
     pointer = found[1]
     namespace = hashlib.blake2b(label, digest_size=32, person=b"sidecar-sessions").digest()
-    callbacks = _Callbacks(functions, store, namespace)
-    functions.set_new_cb(pointer, callbacks.new)
-    functions.set_remove_cb(pointer, callbacks.remove if store is not None else _REMOVE_CB())
-    functions.set_get_cb(pointer, callbacks.get if store is not None else _GET_CB())
-    # The callbacks live as long as the context (OpenSSL calls them until it is freed, and
-    # every SSLObject keeps its context), or until replaced here or by unbind.
-    context.__dict__[_KEPT] = callbacks
+    callbacks = _callbacks()
+    _BOUND[pointer] = _Bound(functions, store, namespace)
+    if _KEPT not in context.__dict__:
+        # forgotten when the context goes, before OpenSSL frees it (and calls the remove
+        # callback for each session it still holds: for a context no longer here, nothing)
+        context.__dict__[_KEPT] = weakref.finalize(context, _BOUND.pop, pointer, None)
+    functions.set_new_cb(pointer, callbacks[0])
+    functions.set_remove_cb(pointer, callbacks[1] if store is not None else _REMOVE_CB())
+    functions.set_get_cb(pointer, callbacks[2] if store is not None else _GET_CB())
     return None
 
 
 def unbind(context: ssl.SSLContext) -> None:
     """``context``'s sessions are no longer watched (they are tickets now)."""
-    if _KEPT not in context.__dict__:
-        return
     functions = _functions()
     found = tls_tickets._found(context)
     if isinstance(functions, str) or isinstance(found, str):
         return
+    if _BOUND.pop(found[1], None) is None:
+        return
     functions.set_new_cb(found[1], _NEW_CB())
     functions.set_remove_cb(found[1], _REMOVE_CB())
     functions.set_get_cb(found[1], _GET_CB())
-    del context.__dict__[_KEPT]  # no longer called
 
 
-#: where a context keeps its callbacks
-_KEPT = "_sidecar_session_callbacks"
+#: what each bound context (by its SSL_CTX's address) does with its sessions
+_BOUND: dict[int, _Bound] = {}
+#: the context's attribute that forgets it in _BOUND when it goes
+_KEPT = "_sidecar_sessions_bound"
 
 
-class _Callbacks:
-    """The three callbacks of one context. None lets an exception reach OpenSSL's stack
+@cache
+def _callbacks() -> tuple[Any, Any, Any]:
+    """The three callbacks, made once and never freed: OpenSSL may call the remove callback
+    while it frees a context, after Python has let go of everything the context held. Each
+    finds its context's ``_Bound`` by address; none lets an exception reach OpenSSL's stack
     (ctypes would hand OpenSSL an undefined value): anything unexpected is a miss."""
+
+    def on_new(ssl_object: int | None, session: int | None) -> int:
+        # OpenSSL keeps its reference (0: none taken here)
+        try:
+            bound = _of(ssl_object)
+            if bound is not None and session:
+                bound.made(session)
+        except BaseException:  # noqa: S110 - the session stays its worker's
+            pass
+        return 0
+
+    def on_remove(context: int | None, session: int | None) -> None:
+        try:
+            bound = _BOUND.get(context or 0)
+            if bound is not None and session:
+                bound.dropped(session)
+        except BaseException:  # noqa: S110 - the slot ages out instead
+            pass
+
+    def on_get(ssl_object: int | None, name: Any, length: int, copy: Any) -> int | None:
+        try:
+            bound = _of(ssl_object)
+            if bound is None or not 0 < length <= 64:
+                return None
+            return bound.lookup(ctypes.string_at(name, length), copy)
+        except BaseException:  # a miss: a full handshake
+            return None
+
+    return _NEW_CB(on_new), _REMOVE_CB(on_remove), _GET_CB(on_get)
+
+
+def _of(ssl_object: int | None) -> _Bound | None:
+    functions = _functions()
+    if not ssl_object or isinstance(functions, str):
+        return None
+    return _BOUND.get(functions.get_ssl_ctx(ssl_object) or 0)
+
+
+class _Bound:
+    """What one context does with its sessions."""
 
     def __init__(self, functions: _Functions, store: SessionStore | None, namespace: bytes) -> None:
         self._functions = functions
         self._store = store
         self._namespace = namespace
-        self.new = _NEW_CB(self._on_new)
-        self.remove = _REMOVE_CB(self._on_remove)
-        self.get = _GET_CB(self._on_get)
 
     def _key(self, name: bytes) -> bytes:
         return hashlib.blake2b(name, digest_size=16, key=self._namespace).digest()
@@ -328,20 +375,10 @@ class _Callbacks:
             return None
         return ctypes.string_at(name_at, length.value)
 
-    def _on_new(self, _ssl: int | None, session: int | None) -> int:
-        # OpenSSL keeps its reference (0: none taken here)
-        try:
-            if session:
-                _cap_age(self._functions, session)
-                if self._store is not None:
-                    self._put(session)
-        except BaseException:  # noqa: S110 - the session stays its worker's
-            pass
-        return 0
-
-    def _put(self, session: int) -> None:
+    def made(self, session: int) -> None:
         functions, store = self._functions, self._store
-        name = self._name(session)
+        _cap_age(functions, session)
+        name = self._name(session) if store is not None else None
         if name is None or store is None:
             return
         size = functions.i2d(session, None)
@@ -354,35 +391,27 @@ class _Callbacks:
         expires = functions.get_time(session) + functions.get_timeout(session)
         store.put(self._key(name), expires, bytes(buffer))
 
-    def _on_remove(self, _ctx: int | None, session: int | None) -> None:
-        try:
-            name = self._name(session) if session else None
-            if name is not None and self._store is not None:
-                self._store.remove(self._key(name))
-        except BaseException:  # noqa: S110 - the slot ages out instead
-            pass
+    def dropped(self, session: int) -> None:
+        name = self._name(session)
+        if name is not None and self._store is not None:
+            self._store.remove(self._key(name))
 
-    def _on_get(self, _ssl: int | None, name: Any, length: int, copy: Any) -> int | None:
-        session: int | None = None
+    def lookup(self, name: bytes, copy: Any) -> int | None:
+        store = self._store
+        der = store.get(self._key(name)) if store is not None else None
+        if der is None:
+            return None
+        buffer = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
+        cursor = ctypes.cast(buffer, _Bytes)
+        session: int | None = self._functions.d2i(None, ctypes.byref(cursor), len(der))
+        if not session:
+            return None
         try:
-            store = self._store
-            if store is None or not 0 < length <= 64:
-                return None
-            der = store.get(self._key(ctypes.string_at(name, length)))
-            if der is None:
-                return None
-            buffer = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
-            cursor = ctypes.cast(buffer, _Bytes)
-            session = self._functions.d2i(None, ctypes.byref(cursor), len(der))
-            if not session:
-                return None
             copy[0] = 0  # OpenSSL takes the one reference d2i made
             return int(session)
-        except BaseException:  # a miss: a full handshake
-            if session:
-                with contextlib.suppress(BaseException):
-                    self._functions.free(session)
-            return None
+        except BaseException:
+            self._functions.free(session)
+            raise
 
 
 def _cap_age(functions: _Functions, session: int) -> None:

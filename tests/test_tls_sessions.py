@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,6 +44,10 @@ def cb_hits(context: ssl.SSLContext) -> int:
     pointer = tls_groups._ssl_ctx(context)
     assert lib.ctrl(pointer, 27, 0, None) == context.session_stats()["hits"]  # the neighbour
     return int(lib.ctrl(pointer, 28, 0, None))
+
+
+def bound(context: ssl.SSLContext) -> bool:
+    return tls_groups._ssl_ctx(context) in tls_sessions._BOUND
 
 
 def table(slots: int = 64) -> SessionStore:
@@ -155,15 +160,15 @@ async def test_a_reload_to_zero_turns_the_table_off_and_back_on(config_dir: Conf
     )
     context = state.current
     assert context.options & ssl.OP_NO_TICKET
-    assert "_sidecar_session_callbacks" in context.__dict__
+    assert bound(context)
     state.size_session_cache(0)
     assert not context.options & ssl.OP_NO_TICKET
-    assert "_sidecar_session_callbacks" not in context.__dict__
+    assert not bound(context)
     rotation = state._rotation
     assert rotation is not None  # ticket keys rotate again
     state.size_session_cache(16)
     assert context.options & ssl.OP_NO_TICKET
-    assert "_sidecar_session_callbacks" in context.__dict__
+    assert bound(context)
     assert state._rotation is None and rotation.cancelled()
 
 
@@ -179,6 +184,58 @@ def test_the_table_cannot_be_resized_under_the_workers() -> None:
     store.put(b"k" * 16, 10**10, b"still here")
     assert store.get(b"k" * 16, now=0) == b"still here"
     os.close(fd)
+
+
+_FREED = """
+import gc, ssl, sys, tempfile
+from pathlib import Path
+from tests.pki import PKI
+from sidecar import tls_groups, tls_sessions, tls_tickets
+pki = PKI.create()
+folder = Path(tempfile.mkdtemp())
+cert, key = pki.server.write(folder, "server")
+(folder / "ca.pem").write_bytes(pki.server_ca.pem)
+store = tls_sessions.SessionStore.inherited(tls_sessions.create(8))
+client = ssl.create_default_context(cafile=str(folder / "ca.pem"))
+for round in range(20):
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    server.sni_callback = lambda *_: None
+    assert tls_tickets.use_session_cache(server, 16) is None
+    assert tls_sessions.bind(server, b"label", store) is None
+    address = tls_groups._ssl_ctx(server)
+    for _ in range(3):
+        s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+        s = server.wrap_bio(s_in, s_out, server_side=True)
+        c = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+        for _ in range(6):
+            for end in (c, s):
+                try:
+                    end.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+    assert server.session_stats()["number"] >= 3
+    del s, c, end, server
+    gc.collect()
+    assert address not in tls_sessions._BOUND
+print("freed")
+"""
+
+
+def test_a_context_freed_with_sessions_in_its_cache_is_forgotten_first() -> None:
+    """OpenSSL calls the remove callback for every session a context still holds while it
+    frees the context, after Python let go of what the context held: the callbacks are made
+    once and never freed, and a context's state goes before it (a crash here kills only
+    the child process)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _FREED],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert (run.returncode, run.stdout.strip()) == (0, "freed"), run.stderr
 
 
 def test_the_supervisor_can_make_itself_non_dumpable() -> None:
