@@ -92,6 +92,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "errors",
         "tls_groups",
         "tls_tickets",
+        # the TLS sessions a supervisor's workers share (#19)
+        "tls_sessions",
         "runtime",
         "http1",
         "fallback",
