@@ -247,8 +247,8 @@ class AccessLine:
         self._prefixes = prefixes
         # the last value each slot showed, and its text with the prefix: the same object
         # again (the route's label, the decision, the connection's certificate strings and
-        # address), or an equal string, is not escaped again. The reference held here keeps it alive, so no
-        # other object can be taken for it, and strings are immutable.
+        # address), or an equal string, is not escaped again. The reference held here keeps
+        # it alive, so no other object can be taken for it, and strings are immutable.
         self._last: list[object] = [_NOTHING] * len(slots)
         self._shown: list[str] = list(prefixes)
 

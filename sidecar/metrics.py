@@ -158,7 +158,7 @@ class Metrics:
         self.tls_handshakes = Counter(
             "sidecar_tls_handshakes",
             "TLS handshakes completed, by whether they resumed a session (from the worker's "
-            "session cache with one worker, from a shared ticket with several) or were full.",
+            "session cache, the workers' shared table, or a shared ticket) or were full.",
             ["resumed"],
             registry=r,
         )

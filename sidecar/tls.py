@@ -46,7 +46,6 @@ from .errors import CertificateError
 from .hosts import ServerChoice, ServerNames
 from .log import get_logger
 from .tls_groups import GROUPS, restrict_groups
-from .tls_sessions import SessionStore
 
 log = get_logger("sidecar.tls")
 
@@ -309,7 +308,7 @@ class TLSState:
         *,
         ticket_secret: bytes | None = None,
         session_cache: int = tls_tickets.SESSION_CACHE_SIZE,
-        shared_sessions: SessionStore | None = None,
+        shared_sessions: tls_sessions.SessionStore | None = None,
     ) -> None:
         self.current: ssl.SSLContext
         #: one context per server, or None when there is one context (``current``)
@@ -338,8 +337,6 @@ class TLSState:
         else:
             context.sni_callback = self._select
             self.current, self.servers = context, None
-        if not self._tickets:  # else kept current by the rotation
-            self._epoch = tls_tickets.epoch()
         self._set_resumption()
 
     def _keyed(self) -> list[tuple[ssl.SSLContext, bytes]]:
@@ -352,21 +349,23 @@ class TLSState:
         return (self._alone or self._shared is not None) and self._cache_size > 0
 
     def _set_resumption(self) -> None:
+        if not self._tickets:  # keys made now are this hour's, as every worker's (else the
+            self._epoch = tls_tickets.epoch()  # rotation keeps them current)
         caching = self._caching()
         shared = self._shared
         self._tickets = False
         for context, label in self._keyed():
-            problem: str | None = None
             if caching:
                 problem = tls_tickets.use_session_cache(context, self._cache_size)
                 event = "tls_session_cache_not_sized"
                 if problem is None:
                     problem = tls_sessions.bind(context, label, shared)
                     event = "tls_sessions_not_shared" if shared else "tls_session_age_not_capped"
+                self._report(event, problem)
                 if shared is None or problem is None:
-                    self._report(event, problem)
                     continue
-                self._report(event, problem)  # a worker's cache alone: tickets instead
+                # several workers, and a worker's cache alone would resume one time in N:
+                # tickets instead
             tls_sessions.unbind(context)
             context.options &= ~ssl.OP_NO_TICKET
             self._tickets = True
@@ -416,8 +415,6 @@ class TLSState:
         (the cache keeps what fits), or the cache turned on or off for the next handshakes."""
         if size != self._cache_size:
             self._cache_size = size
-            if not self._tickets:  # keys made now are this hour's, as every worker's
-                self._epoch = tls_tickets.epoch()
             self._set_resumption()
             if not self._tickets:
                 self.stop_rotation()

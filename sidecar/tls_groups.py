@@ -27,6 +27,7 @@ import ctypes
 import ssl
 import sys
 from functools import cache
+from typing import Any
 
 #: Mozilla's intermediate profile (https://ssl-config.mozilla.org/), in OpenSSL's names
 GROUPS = "X25519:P-256:P-384"
@@ -41,18 +42,38 @@ class _LibSSL:
     ``_ssl`` finds them."""
 
     def __init__(self) -> None:
-        import _ssl
+        library = ssl_library()
+        self.ctrl = function(
+            library,
+            "SSL_CTX_ctrl",
+            ctypes.c_long,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_long,
+            ctypes.c_void_p,
+        )
+        self.get_options = function(
+            library, "SSL_CTX_get_options", ctypes.c_uint64, ctypes.c_void_p
+        )
+        self.set_timeout = function(
+            library, "SSL_CTX_set_timeout", ctypes.c_long, ctypes.c_void_p, ctypes.c_long
+        )
 
-        library = ctypes.CDLL(_ssl.__file__)  # its dependencies, libssl among them, are searched
-        self.ctrl = library.SSL_CTX_ctrl
-        self.ctrl.restype = ctypes.c_long
-        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        self.get_options = library.SSL_CTX_get_options
-        self.get_options.restype = ctypes.c_uint64
-        self.get_options.argtypes = [ctypes.c_void_p]
-        self.set_timeout = library.SSL_CTX_set_timeout
-        self.set_timeout.restype = ctypes.c_long
-        self.set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
+
+def ssl_library() -> ctypes.CDLL:
+    """Python's ``_ssl``, whose dependencies (libssl among them) ctypes searches for the
+    functions it is asked for."""
+    import _ssl
+
+    return ctypes.CDLL(_ssl.__file__)
+
+
+def function(library: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> Any:
+    """``library``'s function ``name``, with its result and argument types set."""
+    found = getattr(library, name)
+    found.restype = restype
+    found.argtypes = list(argtypes)
+    return found
 
 
 @cache

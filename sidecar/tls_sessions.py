@@ -56,6 +56,7 @@ from functools import cache
 from typing import Any
 
 from . import tls_tickets
+from .tls_groups import function, ssl_library
 
 #: the hidden ``sidecar run`` option a supervisor passes a worker the table's descriptor with
 OPTION = "--session-store-fd"
@@ -91,52 +92,45 @@ class _Functions:
     """libssl's session functions, resolved where Python's ``_ssl`` finds them."""
 
     def __init__(self) -> None:
-        import _ssl
-
-        library = ctypes.CDLL(_ssl.__file__)
-        self.set_new_cb = library.SSL_CTX_sess_set_new_cb
-        self.set_new_cb.restype = None
-        self.set_new_cb.argtypes = [ctypes.c_void_p, _NEW_CB]
-        self.set_get_cb = library.SSL_CTX_sess_set_get_cb
-        self.set_get_cb.restype = None
-        self.set_get_cb.argtypes = [ctypes.c_void_p, _GET_CB]
-        self.i2d = library.i2d_SSL_SESSION
-        self.i2d.restype = ctypes.c_int
-        self.i2d.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Bytes)]
-        self.d2i = library.d2i_SSL_SESSION
-        self.d2i.restype = ctypes.c_void_p
-        self.d2i.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Bytes), ctypes.c_long]
-        self.get_id = library.SSL_SESSION_get_id
-        self.get_id.restype = _Bytes
-        self.get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
-        self.get_time = library.SSL_SESSION_get_time
-        self.get_time.restype = ctypes.c_long
-        self.get_time.argtypes = [ctypes.c_void_p]
-        self.get_timeout = library.SSL_SESSION_get_timeout
-        self.get_timeout.restype = ctypes.c_long
-        self.get_timeout.argtypes = [ctypes.c_void_p]
-        self.set_timeout = library.SSL_SESSION_set_timeout
-        self.set_timeout.restype = ctypes.c_long
-        self.set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
-        self.set_remove_cb = library.SSL_CTX_sess_set_remove_cb
-        self.set_remove_cb.restype = None
-        self.set_remove_cb.argtypes = [ctypes.c_void_p, _REMOVE_CB]
-        self.get0_appdata = library.SSL_SESSION_get0_ticket_appdata
-        self.get0_appdata.restype = ctypes.c_int
-        self.get0_appdata.argtypes = [
-            ctypes.c_void_p,
+        library = ssl_library()
+        pointer = ctypes.c_void_p
+        self.set_new_cb = function(library, "SSL_CTX_sess_set_new_cb", None, pointer, _NEW_CB)
+        self.set_get_cb = function(library, "SSL_CTX_sess_set_get_cb", None, pointer, _GET_CB)
+        self.set_remove_cb = function(
+            library, "SSL_CTX_sess_set_remove_cb", None, pointer, _REMOVE_CB
+        )
+        self.i2d = function(
+            library, "i2d_SSL_SESSION", ctypes.c_int, pointer, ctypes.POINTER(_Bytes)
+        )
+        self.d2i = function(
+            library, "d2i_SSL_SESSION", pointer, pointer, ctypes.POINTER(_Bytes), ctypes.c_long
+        )
+        self.get_id = function(
+            library, "SSL_SESSION_get_id", _Bytes, pointer, ctypes.POINTER(ctypes.c_uint)
+        )
+        self.get_time = function(library, "SSL_SESSION_get_time", ctypes.c_long, pointer)
+        self.get_timeout = function(library, "SSL_SESSION_get_timeout", ctypes.c_long, pointer)
+        self.set_timeout = function(
+            library, "SSL_SESSION_set_timeout", ctypes.c_long, pointer, ctypes.c_long
+        )
+        self.get0_appdata = function(
+            library,
+            "SSL_SESSION_get0_ticket_appdata",
+            ctypes.c_int,
+            pointer,
             ctypes.POINTER(ctypes.c_void_p),
             ctypes.POINTER(ctypes.c_size_t),
-        ]
-        self.set1_appdata = library.SSL_SESSION_set1_ticket_appdata
-        self.set1_appdata.restype = ctypes.c_int
-        self.set1_appdata.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-        self.free = library.SSL_SESSION_free
-        self.free.restype = None
-        self.free.argtypes = [ctypes.c_void_p]
-        self.get_ssl_ctx = library.SSL_get_SSL_CTX
-        self.get_ssl_ctx.restype = ctypes.c_void_p
-        self.get_ssl_ctx.argtypes = [ctypes.c_void_p]
+        )
+        self.set1_appdata = function(
+            library,
+            "SSL_SESSION_set1_ticket_appdata",
+            ctypes.c_int,
+            pointer,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        )
+        self.free = function(library, "SSL_SESSION_free", None, pointer)
+        self.get_ssl_ctx = function(library, "SSL_get_SSL_CTX", pointer, pointer)
 
 
 @cache
