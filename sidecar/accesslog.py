@@ -84,7 +84,7 @@ def json_string(text: str) -> str:
     the backslash, every control (DEL included) and every non-ASCII character escaped
     (beyond U+FFFF as a surrogate pair)."""
     # The common case, a printable ASCII string (isascii is a flag, isprintable one pass).
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+    if _plain(text):
         return '"' + text + '"'
     out: list[str] = ['"']
     for char in text:
@@ -127,21 +127,10 @@ def milliseconds(value: object, console: bool) -> str:
     double's resolution and ``repr`` writes no exponent: made from the integer number of
     thousandths below 1e6 (a float formatting cost as much as the rest of the line's
     fields), formatted below 1e9; elsewhere rounded and written."""
-    if type(value) is float and 0.0 < value < 1e6:  # NaN compares false; -0.0 is not here
-        # In integers: the product's error (below 1e9 * 2**-53) cannot move the nearest
-        # thousandth unless the fraction sits within it of one half; those go the long way.
-        scaled = value * 1000.0
-        whole = int(scaled)
-        fraction = scaled - whole
-        if fraction < 0.499999 or fraction > 0.500001:
-            units, thousandths = divmod(whole + 1 if fraction > 0.5 else whole, 1000)
-            if not thousandths:
-                return str(units) + ".0"
-            if thousandths % 100 == 0:
-                return str(units) + "." + str(thousandths // 100)
-            if thousandths % 10 == 0:
-                return str(units) + "." + str(100 + thousandths // 10)[1:]
-            return str(units) + "." + str(1000 + thousandths)[1:]
+    if type(value) is float:
+        pair = _duration(value)
+        if pair is not None:
+            return pair[0] + pair[1]
     if type(value) is float and -1e9 < value < 1e9:
         text = f"{value:.3f}".rstrip("0")
         return text + "0" if text.endswith(".") else text
@@ -176,27 +165,69 @@ def console_value(value: object) -> str:
     return repr(value)
 
 
+#: "000" to "999": the thousandths of a duration, the halves of a timestamp's microseconds
+_DIGITS3: Final = tuple(str(1000 + n)[1:] for n in range(1000))
+#: "0" to "999": a duration's whole milliseconds
+_WHOLE: Final = tuple(str(n) for n in range(1000))
+#: ".0", ".001" ... ".5" ... ".999": thousandths as ``repr`` ends a rounded float (zeros dropped)
+_FRACTIONS: Final = tuple("." + (_DIGITS3[n].rstrip("0") or "0") for n in range(1000))
+
+
+def _duration(value: float) -> tuple[str, str] | None:
+    """A duration as ``milliseconds`` writes it, in two parts taken from tables (whole
+    milliseconds, thousandths), or None where it takes the long way."""
+    if 0.0 < value < 1e6:  # NaN compares false; -0.0 is not here
+        # In integers: the product's error (below 1e9 * 2**-53) cannot move the nearest
+        # thousandth unless the fraction sits within it of one half; those go the long way.
+        scaled = value * 1000.0
+        whole = int(scaled)
+        fraction = scaled - whole
+        if fraction < 0.499999 or fraction > 0.500001:
+            if fraction > 0.5:
+                whole += 1
+            units = whole // 1000
+            return (
+                _WHOLE[units] if units < 1000 else str(units),
+                _FRACTIONS[whole - units * 1000],
+            )
+    return None
+
+
 class Stamps:
     """structlog's ``TimeStamper(fmt="iso", utc=True)``: ISO 8601 in UTC with microseconds
-    (none when 0), the date and time made once per second."""
+    (none when 0), from the clock's microseconds (``datetime.now`` floors them too); the date
+    and time made once per second, the microseconds from a table."""
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
+        self._dotted = ""
 
-    def at(self, now: float) -> str:
-        second = int(now)
-        micro = round((now - second) * 1_000_000)
-        if micro >= 1_000_000:
-            second, micro = second + 1, 0
+    def at(self, micros: int) -> str:
+        """The stamp of ``micros`` microseconds after the epoch."""
+        parts = ["", "", ""]
+        self.into(parts, 0, micros)
+        return "".join(parts) + "Z"
+
+    def into(self, parts: list[str], at: int, micros: int) -> None:
+        """The stamp, without its "Z", in ``parts[at:at + 3]``: the date and time, then the
+        microseconds in two halves (or nothing), each a string already made."""
+        second = micros // 1_000_000
+        micro = micros - second * 1_000_000
         if second != self._second:
             self._second = second
             self._prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime(
                 "%Y-%m-%dT%H:%M:%S"
             )
+            self._dotted = self._prefix + "."
         if not micro:
-            return self._prefix + "Z"
-        return self._prefix + "." + str(1_000_000 + micro)[1:] + "Z"
+            parts[at] = self._prefix
+            parts[at + 1] = parts[at + 2] = ""
+            return
+        thousands = micro // 1000
+        parts[at] = self._dotted
+        parts[at + 1] = _DIGITS3[thousands]
+        parts[at + 2] = _DIGITS3[micro - thousands * 1000]
 
 
 class AccessLine:
@@ -204,7 +235,16 @@ class AccessLine:
     ``lines`` to hold. ``context`` is the context variables bound
     before (a worker's index): part of every line, after the fields, as structlog merges
     them (a field of the same name wins; ``event``, ``level`` and ``timestamp`` are the
-    event's own, and only ``worker`` is ever bound)."""
+    event's own, and only ``worker`` is ever bound).
+
+    A line is one ``join`` of a list kept from line to line (``_parts``): three strings per
+    field (what comes before its value, the value, what comes after), the timestamp in
+    three, and the constant parts. A value is written into it only when it is not the last
+    value of its field (the same object, or an equal string or integer): the route's label,
+    the decision, the connection's certificate strings and address are not escaped again.
+    The usual changing values (the request id, a printable string; the durations; the
+    timestamp) are written from strings already made, so a line costs one allocation, its
+    own."""
 
     def __init__(
         self,
@@ -216,13 +256,13 @@ class AccessLine:
         self._lines = lines
         self._stamps = Stamps()
         extra = [(key, value) for key, value in context if key not in _RESERVED]
-        # Each slot of the line: the field it shows (-1: a context variable's, constant) and
-        # the text before its value. JSON: the fields in order, then "event", the context,
+        # Each field shown: its index in FIELDS (-1: a context variable's, constant) and the
+        # text before its value. JSON: the fields in order, then "event", the context,
         # "level" and "timestamp" (the tail); console: timestamp, level and event in columns,
         # then every key sorted.
         slots: list[int]
         prefixes: list[str]
-        constant: dict[str, str]
+        parts: list[str]
         if console:
             names = sorted([*FIELDS, *(key for key, _ in extra)])
             constant = {key: f"{key}={console_value(value)}" for key, value in extra}
@@ -231,56 +271,90 @@ class AccessLine:
                 ("" if i == 0 else " ") + (name + "=" if name in FIELDS else constant[name])
                 for i, name in enumerate(names)
             ]
-            self._tail = ""
+            # the stamp (3), its "Z" and the columns, then the fields
+            parts = ["", "", "", "Z" + _CONSOLE_COLUMNS]
+            self._stamp_at = 0
         else:
             slots = list(range(len(FIELDS)))
             prefixes = [
                 ("{" if i == 0 else ", ") + json_string(name) + ": "
                 for i, name in enumerate(FIELDS)
             ]
-            self._tail = (
+            parts = []
+            self._stamp_at = 3 * len(slots) + 1
+        self._first = len(parts)
+        for prefix in prefixes:
+            parts += [prefix, "", ""]
+        if not console:
+            tail = (
                 ', "event": "request"'
                 + "".join(f", {json_string(key)}: {json_value(value)}" for key, value in extra)
                 + ', "level": "info", "timestamp": "'
             )
+            parts += [tail, "", "", "", 'Z"}']
         self._slots = slots
         self._prefixes = prefixes
-        # the last value each slot showed, and its text with the prefix: the same object
-        # again (the route's label, the decision, the connection's certificate strings and
-        # address), or an equal string, is not escaped again. The reference held here keeps
-        # it alive, so no other object can be taken for it, and strings are immutable.
+        #: each field's prefix with JSON's opening quote: a printable string goes in as it is
+        self._quoted = [prefix + '"' for prefix in prefixes]
+        #: the last value each field showed: the reference held here keeps it alive, so no
+        #: other object can be taken for it
         self._last: list[object] = [_NOTHING] * len(slots)
-        self._shown: list[str] = list(prefixes)
+        self._parts = parts
 
     def write(self, values: tuple[object, ...]) -> None:
-        self._lines.hold(self.render(values, time.time()))
+        self._lines.hold(self.render(values, time.time_ns() // 1000))
 
-    def render(self, values: tuple[object, ...], now: float) -> str:
-        stamp = self._stamps.at(now)
+    def render(self, values: tuple[object, ...], micros: int) -> str:
+        """The line of an event at ``micros`` microseconds after the epoch."""
+        parts = self._parts
+        self._stamps.into(parts, self._stamp_at, micros)
         console = self.console
-        out: list[str] = [stamp + _CONSOLE_COLUMNS] if console else []
         slots = self._slots
         last = self._last
-        shown = self._shown
+        at = self._first
         for i in range(len(slots)):
             index = slots[i]
-            if index < 0:  # a context variable's, made once
-                out.append(shown[i])
-                continue
-            value = values[index]
-            old = last[i]
-            # the same object, or an equal string (an address, a path, a subject again)
-            if value is not old and not (type(value) is str and type(old) is str and value == old):
-                last[i] = value
-                if index in _MILLISECONDS:
-                    text = milliseconds(value, console)
-                else:
-                    text = console_value(value) if console else json_value(value)
-                shown[i] = self._prefixes[i] + text
-            out.append(shown[i])
-        if console:
-            return "".join(out).rstrip(" ")
-        out.append(self._tail)
-        out.append(stamp)
-        out.append('"}')
-        return "".join(out)
+            if index >= 0:
+                value = values[index]
+                old = last[i]
+                # the same object, or an equal string or integer (an address, a path, a
+                # subject, a status again)
+                if value is not old and not (
+                    type(value) is type(old)
+                    and (type(value) is str or type(value) is int)
+                    and value == old
+                ):
+                    last[i] = value
+                    self._show(parts, at, i, index, value, console)
+            at += 3
+        line = "".join(parts)
+        return line.rstrip(" ") if console else line
+
+    def _show(
+        self, parts: list[str], at: int, i: int, index: int, value: object, console: bool
+    ) -> None:
+        """Writes ``value``, field ``index``'s, into ``parts[at:at + 3]``."""
+        if type(value) is float and index in _MILLISECONDS:
+            pair = _duration(value)
+            if pair is not None:
+                parts[at] = self._prefixes[i]
+                parts[at + 1] = pair[0]
+                parts[at + 2] = pair[1]
+                return
+        if type(value) is str and (console or _plain(value)):
+            parts[at] = self._quoted[i] if not console else self._prefixes[i]
+            parts[at + 1] = value if not console else console_value(value)
+            parts[at + 2] = '"' if not console else ""
+            return
+        if index in _MILLISECONDS:
+            text = milliseconds(value, console)
+        else:
+            text = console_value(value) if console else json_value(value)
+        parts[at] = self._prefixes[i]
+        parts[at + 1] = text
+        parts[at + 2] = ""
+
+
+def _plain(text: str) -> bool:
+    """Whether JSON writes ``text`` as it is, between quotes."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text

@@ -225,7 +225,7 @@ def _console_agrees(writer: AccessLine, context: list[tuple[str, Any]]) -> bool:
     event.update(access_event(_PROBE))
     event["event"] = "request"
     event["level"] = "info"
-    now = 1764892800.25
+    now = 1764892800_250000  # microseconds
     event["timestamp"] = writer.render(_PROBE, now).split(" ", 1)[0]
     try:
         for processor in _renderers:

@@ -6,6 +6,7 @@ rules, checked on generated strings (surrogates, controls, separators, bidi mark
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 from typing import Any
@@ -36,7 +37,8 @@ VALUE = st.one_of(
     st.integers(),
     st.floats(allow_nan=True, allow_infinity=True),
 )
-NOW = 1764892800.0  # 2025-12-05T00:00:00Z
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+NOW = 1764892800_000000  # 2025-12-05T00:00:00Z, in microseconds
 
 
 @given(ANY_TEXT)
@@ -98,7 +100,12 @@ def test_console_value_is_the_console_chains(value: Any) -> None:
     assert rendered.isprintable()  # no control, separator or bidi mark reaches a terminal
 
 
-def _structlog_line(console: bool, values: tuple[Any, ...], context: dict[str, Any]) -> str:
+def _structlog_line(
+    console: bool,
+    values: tuple[Any, ...],
+    context: dict[str, Any],
+    timestamp: str = "2025-12-05T00:00:00Z",
+) -> str:
     """The line structlog's chain (as ``log.configure`` sets it up) writes for the event."""
     event: Any = dict(zip(FIELDS, values, strict=True))
     for key in ("duration_ms", "upstream_ms"):  # as the gateway rounded them before
@@ -108,7 +115,7 @@ def _structlog_line(console: bool, values: tuple[Any, ...], context: dict[str, A
     for key, value in context.items():  # merge_contextvars: a field of the same name wins
         event.setdefault(key, value)
     event["level"] = "info"
-    event["timestamp"] = "2025-12-05T00:00:00Z"
+    event["timestamp"] = timestamp
     if console:
         event = log._escape_for_console(None, "info", event)
         return str(structlog.dev.ConsoleRenderer(colors=False)(None, "info", event))
@@ -132,3 +139,50 @@ def test_the_lines_are_structlogs(
             assert line.render(values, NOW) == _structlog_line(console, values, context)
     line.write(events[0])  # no event loop: written at once
     assert stream.getvalue().count("\n") == 1 and stream.getvalue().endswith("\n")
+
+
+#: a duration as the gateway hands it over: milliseconds, mostly small, now and then odd
+DURATION = st.one_of(
+    st.floats(0, 5),
+    st.floats(0, 2e6),
+    st.integers(0, 20_000_000).map(lambda n: n / 2000),  # the ties of the thousandths
+    VALUE,
+)
+#: a request's values as they come: ids and paths mostly printable, sometimes anything
+PRINTABLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12)
+EVENT = st.tuples(
+    st.one_of(PRINTABLE, VALUE),
+    st.sampled_from(["127.0.0.1", "2001:db8::1"]),
+    st.sampled_from(["GET", "POST"]),
+    st.one_of(PRINTABLE, VALUE),
+    st.sampled_from([200, 403, 200000, -1]),
+    DURATION,
+    st.sampled_from(["/", "-", 'a "route"']),
+    st.sampled_from(["forwarded", "denied"]),
+    st.sampled_from(["", "no_certificate"]),
+    st.sampled_from([None, "ok", "\u00e9"]),
+    st.sampled_from([None, True]),
+    st.one_of(st.none(), PRINTABLE),
+    st.one_of(st.none(), PRINTABLE),
+    st.one_of(st.none(), PRINTABLE, VALUE),
+    st.one_of(st.none(), PRINTABLE),
+    st.one_of(st.none(), DURATION),
+)
+
+
+@given(
+    st.booleans(),
+    st.lists(st.tuples(EVENT, st.integers(NOW, NOW + 3_000_000)), min_size=1, max_size=8),
+)
+def test_lines_in_a_row_are_structlogs(
+    console: bool, events: list[tuple[tuple[Any, ...], int]]
+) -> None:
+    """Lines as a connection writes them, one after another: each field's last value kept,
+    each new one written over it (a printable string as it is, a duration from its tables,
+    anything else escaped), the timestamp's microseconds from theirs."""
+    context = {"worker": 1}
+    line = AccessLine(console, list(context.items()), LineLogger(io.StringIO()))
+    for values, now in events:
+        stamp = (EPOCH + datetime.timedelta(microseconds=now)).isoformat()
+        expected = _structlog_line(console, values, context, stamp.replace("+00:00", "Z"))
+        assert line.render(values, now) == expected
