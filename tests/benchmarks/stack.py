@@ -299,7 +299,8 @@ def reference_conf(
     }}
 """
 
-    access = f"access_log {folder}/{name}-access.log bench;"
+    # held and written in batches, as the sidecar holds its lines (64 KiB or half a second)
+    access = f"access_log {folder}/{name}-access.log bench buffer=64k flush=500ms;"
     conf = (
         _nginx_common(folder, name, workers)
         + f"""
