@@ -453,7 +453,11 @@ def run(
     log.configure(log_format or config.log.format, config.log.level)
     if store_problem is not None:
         log.get_logger("sidecar").warning(
-            "tls_sessions_not_shared", reason=store_problem, hint="session tickets are used"
+            "tls_sessions_not_shared",
+            reason=store_problem,
+            # a worker resumes its siblings' sessions from tickets; a process alone, from its
+            # own cache
+            hint="session tickets are used" if worker_socket else "this process's cache is used",
         )
     config_path = Path(path).resolve()
     try:
