@@ -587,7 +587,12 @@ class Sidecar:
                 cert_sha256=sha256,
                 change="added" if add else "removed",
                 reason="the shared cache is unavailable",
-                hint="the entry is this replica's only: repeat it once Redis answers",
+                hint=(
+                    "sent to every replica when Redis answers"
+                    if add
+                    else "the other replicas keep it, and this one denies it again when Redis "
+                    "answers: repeat the call then"
+                ),
             )
         return told
 

@@ -117,9 +117,79 @@ async def test_without_redis_a_deny_entry_holds_here_and_says_so(
     assert status == 207, body
     doc = json.loads(body)
     assert doc["denied"] == client.sha256 and doc["fleet"] is False
-    assert "local only" in doc["error"]
+    assert "local only" in doc["error"] and "when Redis answers" in doc["error"]
     assert await get(a.port, client) == 403
     assert len([e for e in a.events() if e.get("event") == "deny_not_shared"]) == 1
+
+
+async def test_a_deny_entry_made_while_cut_off_reaches_the_fleet_when_redis_answers(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """Nothing is lost: an operator denies a certificate on a replica that has lost Redis
+    (207, local only). Once that replica reconnects it adds the entry to the fleet's set
+    itself and announces it, so the other replica refuses the certificate too. One denied
+    and taken off again while cut off is not sent (the replica no longer denies it)."""
+    proxy = CutProxy(redis_server.port)
+    await proxy.restore()
+    a, b = await start_fleet(
+        fleet, config_dir, upstream, verdicts, [proxy.url, redis_server.url], 2
+    )
+    denied, undone = make_clients(config_dir, 2)
+    for client in (denied, undone):
+        assert await get(a.port, client) == 200 and await get(b.port, client) == 200
+    await proxy.cut()
+    await eventually(lambda: _shared_down(a))
+    status, body = await a.admin("POST", f"/deny?sha256={denied.sha256}")
+    assert status == 207 and json.loads(body)["fleet"] is False, body
+    assert "when Redis answers" in json.loads(body)["error"]
+    assert (await a.admin("POST", f"/deny?sha256={undone.sha256}"))[0] == 207
+    assert (await a.admin("DELETE", f"/deny?sha256={undone.sha256}"))[0] == 207
+    assert await get(a.port, denied) == 403 and await get(b.port, denied) == 200
+    await proxy.restore()
+    await eventually(lambda: _shared_up(a))
+    await eventually(lambda: _status_everywhere([a, b], denied, 403), within=5)
+    assert await _status_everywhere([a, b], undone, 200)
+    raw = redis_server.client().smembers("sidecar:deny")
+    members = {m.decode() if isinstance(m, bytes) else m for m in raw}
+    assert members == {denied.sha256}
+    late = [e for e in a.events() if e.get("event") == "deny_shared_late"]
+    assert [e["cert_sha256"] for e in late] == [denied.sha256]
+    await proxy.cut()
+
+
+async def test_a_removal_made_while_cut_off_gives_way_to_the_fleets_entry(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """Fails closed: an entry the fleet holds, taken off on a replica cut off from Redis,
+    is not taken off the fleet later (someone may have denied it again meanwhile); the
+    replica refuses the certificate again when it reconnects, and says so."""
+    proxy = CutProxy(redis_server.port)
+    await proxy.restore()
+    a, b = await start_fleet(
+        fleet, config_dir, upstream, verdicts, [proxy.url, redis_server.url], 2
+    )
+    [client] = make_clients(config_dir, 1)
+    assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 200
+    await eventually(lambda: _status_everywhere([a, b], client, 403), within=5)
+    await proxy.cut()
+    await eventually(lambda: _shared_down(a))
+    status, body = await a.admin("DELETE", f"/deny?sha256={client.sha256}")
+    assert status == 207 and "keep it" in json.loads(body)["error"], body
+    assert await get(a.port, client) == 200 and await get(b.port, client) == 403
+    await proxy.restore()
+    await eventually(lambda: _shared_up(a))
+    await eventually(lambda: _status_everywhere([a, b], client, 403), within=5)
+    given_way = [e for e in a.events() if e.get("event") == "deny_removal_not_shared"]
+    assert [e["cert_sha256"] for e in given_way] == [client.sha256]
+    await proxy.cut()
 
 
 async def test_a_malformed_deny_message_is_counted_and_ignored(

@@ -9,7 +9,8 @@ folder, next to the workers' admin sockets, so that a worker it restarts starts 
 
 With a shared cache (``identity.cache.shared``) ``fleet`` takes each change to every replica
 through Redis; the answer says whether it did (``"fleet": true``), or, with Redis unusable,
-that the entry holds here only (207, ``"fleet": false``).
+that the change holds here only for now (207, ``"fleet": false``): a denial goes to the fleet
+when Redis answers, a removal does not.
 """
 
 from __future__ import annotations
@@ -30,8 +31,15 @@ RUNTIME_DENY_FILE = "deny.json"
 #: None without a shared cache
 Fleet = Callable[[str, bool], Awaitable[bool | None]]
 
-_LOCAL_ONLY = (
-    "the shared cache is unavailable: the entry is local only, other replicas were not told"
+#: what a 207 says (``fleet`` false): a denial is sent when Redis answers (``shared.store``),
+#: a removal is not (the fleet's entry wins then: it fails closed)
+_DENIED_LOCAL_ONLY = (
+    "the shared cache is unavailable: the entry is local only for now; this replica adds it "
+    "to every replica's list when Redis answers"
+)
+_REMOVED_LOCAL_ONLY = (
+    "the shared cache is unavailable: taken off here only; the other replicas keep it, and "
+    "this one denies it again when Redis answers: repeat the call then"
 )
 
 
@@ -50,12 +58,12 @@ def fingerprint_of(query: Mapping[str, str]) -> str:
     return normalize_fingerprint(text)
 
 
-def _fleet_answer(doc: dict[str, object], fleet: bool | None) -> web.Response:
+def _fleet_answer(doc: dict[str, object], fleet: bool | None, local_only: str) -> web.Response:
     if fleet is None:
         return _json(200, doc)
     doc["fleet"] = fleet
     if not fleet:
-        doc["error"] = _LOCAL_ONLY
+        doc["error"] = local_only
     return _json(200 if fleet else 207, doc)
 
 
@@ -74,7 +82,7 @@ def deny_routes(app: web.Application, revocation: Revocation, fleet: Fleet | Non
             return _json(400, {"error": str(exc)})
         new = revocation.deny(sha256)
         told = await fleet(sha256, True) if fleet is not None else None
-        return _fleet_answer({"denied": sha256, "new": new}, told)
+        return _fleet_answer({"denied": sha256, "new": new}, told, _DENIED_LOCAL_ONLY)
 
     async def remove(request: web.Request) -> web.Response:
         try:
@@ -92,7 +100,7 @@ def deny_routes(app: web.Application, revocation: Revocation, fleet: Fleet | Non
         if result == "absent":
             return _json(404, {"error": "this certificate is not on the run-time deny-list"})
         told = await fleet(sha256, False) if fleet is not None else None
-        return _fleet_answer({"removed": sha256}, told)
+        return _fleet_answer({"removed": sha256}, told, _REMOVED_LOCAL_ONLY)
 
     app.router.add_get("/deny", listing)
     app.router.add_post("/deny", add)

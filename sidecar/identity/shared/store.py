@@ -32,7 +32,11 @@ Run-time deny entries (``POST``/``DELETE /deny``) go the same way: added to or t
 ``deny`` set, then announced on the channel; every replica applies what it hears (without
 announcing it again), and on every (re)connection loads the set: entries it missed are
 denied, entries it had from the fleet that are gone from the set are allowed again. An entry
-a replica added while Redis was unusable stays that replica's own.
+a replica added while Redis was unusable is added to the set and announced when it
+reconnects (before it loads the set), unless it was taken off here meanwhile: nothing denied
+is lost. An entry taken off while Redis was unusable is not taken off the set later (another
+replica may have denied it again since): it fails closed, the set wins at the reconnection,
+and the replica logs ``deny_removal_not_shared``.
 """
 
 from __future__ import annotations
@@ -248,6 +252,11 @@ class SharedCache:
         self._deny_key = f"{prefix}deny"
         #: the entries of the deny set this process knows of (loaded, heard, or sent)
         self._fleet_denied: set[str] = set()
+        #: run-time deny entries added here while Redis could not take them: sent at the next
+        #: (re)connection (those taken off here meanwhile, not)
+        self._unsent_denials: set[str] = set()
+        #: ... and entries taken off here meanwhile: the fleet's set wins (logged)
+        self._unsent_removals: set[str] = set()
         self._deny_sink: DenySink | None = None
         self._epoch = 0
         #: tells messages of this process from the others'
@@ -390,7 +399,35 @@ class SharedCache:
         self.heard_from_redis()
         self._resync()
         self._load_denied(denied)
+        self._removals_gave_way(denied)
         self._went_up()
+        if self._unsent_denials:
+            self._spawn(self._send_late())
+
+    async def _send_late(self) -> None:
+        """Once up again: add to the deny set, and announce, the entries denied here while
+        Redis could not take them. One that fails again waits for the next connection."""
+        for sha256 in sorted(self._unsent_denials):
+            if await self.publish_deny(sha256, add=True):
+                self._log.warning(
+                    "deny_shared_late",
+                    cert_sha256=sha256,
+                    reason="denied here while the shared cache was unavailable",
+                )
+
+    def _removals_gave_way(self, denied: set[str] | None) -> None:
+        """After the deny set was loaded at a (re)connection: an entry taken off here while
+        Redis could not take the change, that the set still holds, is denied here again."""
+        for sha256 in sorted(self._unsent_removals):
+            if denied is not None and sha256 in denied:
+                self._log.warning(
+                    "deny_removal_not_shared",
+                    cert_sha256=sha256,
+                    reason="taken off here while the shared cache was unavailable; the "
+                    "fleet's deny set still holds it",
+                    hint="denied here again: DELETE it again to take it off every replica",
+                )
+        self._unsent_removals.clear()
 
     async def _read_denied(self, client: Any) -> set[str] | None:
         """The deny set's valid members; None when the key is not a set (counted, logged)."""
@@ -848,8 +885,24 @@ class SharedCache:
     async def publish_deny(self, sha256: str, *, add: bool) -> bool:
         """Add a run-time deny entry to (``add``) or take it off the fleet's set, and tell
         every replica; True once Redis took both."""
-        if not self.up():
+        if not self.up() or not await self._publish_deny(sha256, add):
+            # kept for the next (re)connection: a denial is sent then, a removal is not
+            if add:
+                self._unsent_denials.add(sha256)
+                self._unsent_removals.discard(sha256)
+            else:
+                self._unsent_denials.discard(sha256)
+                self._unsent_removals.add(sha256)
             return False
+        self._unsent_denials.discard(sha256)
+        self._unsent_removals.discard(sha256)
+        if add:
+            self._fleet_denied.add(sha256)
+        else:
+            self._fleet_denied.discard(sha256)
+        return True
+
+    async def _publish_deny(self, sha256: str, add: bool) -> bool:
         key = self._deny_key
         data = encode_message(Message("deny" if add else "allow", self.instance, sha256=sha256))
         channel = self.channel
@@ -861,10 +914,6 @@ class SharedCache:
             await self._call(lambda s: s.client.publish(channel, data))
         except (_Unavailable, _Invalid):
             return False
-        if add:
-            self._fleet_denied.add(sha256)
-        else:
-            self._fleet_denied.discard(sha256)
         return True
 
     def _set_epoch(self, epoch: int) -> None:

@@ -1,0 +1,124 @@
+"""Run-time deny entries and a replica cut off from Redis (``identity.shared.store``), for any
+sequence of changes made while it is cut off: what it denied then reaches the fleet's set and
+every other replica when it reconnects; what it took off then is not taken off the fleet's
+set (another replica may have denied it again) and is denied here again. Fails closed.
+
+Two ``SharedCache`` levels in one process stand for two replicas (one reaches Redis through a
+proxy that can cut it off), each with a deny-list of its own (``Sink``); one real Redis.
+``test_deny_fleet.py`` checks the same with real ``sidecar run`` processes over TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.config import SharedCacheConfig
+from sidecar.identity.shared.store import SharedCache
+
+from .fleet import CutProxy
+from .redisd import RedisServer, redis_server
+
+__all__ = ["redis_server"]  # the fixture
+
+#: the certificates the changes are about
+SHAS = [f"{n:x}" * 64 for n in range(1, 5)]
+
+
+class Sink:
+    """A replica's run-time deny-list (``revocation.gate.Revocation``'s part of it)."""
+
+    def __init__(self) -> None:
+        self.runtime: set[str] = set()
+
+    def deny(self, sha256: str, *, announce: bool = True) -> bool:
+        if sha256 in self.runtime:
+            return False
+        self.runtime.add(sha256)
+        return True
+
+    def allow(self, sha256: str) -> str:
+        if sha256 in self.runtime:
+            self.runtime.discard(sha256)
+            return "removed"
+        return "absent"
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        got = check()
+        if not isinstance(got, bool):
+            got = await got
+        if got:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("not within the time allowed")
+        await asyncio.sleep(0.02)
+
+
+def level(url: str, sink: Sink) -> SharedCache:
+    config = SharedCacheConfig.model_validate({"url": url, "timeout": "200ms"})
+    shared = SharedCache(config, namespace="fake.0123456789abcdef", owner_wait=1.0)
+    shared.attach_deny(sink)
+    return shared
+
+
+async def scenario(
+    redis_url: str, redis_port: int, before: set[str], changes: list[tuple[str, bool]]
+) -> None:
+    proxy = CutProxy(redis_port)
+    await proxy.restore()
+    here, there = Sink(), Sink()
+    a, b = level(proxy.url, here), level(redis_url, there)
+    try:
+        await a.start()
+        await b.start()
+        await until(lambda: a.up() and b.up())
+        for sha256 in sorted(before):  # the fleet's entries, made on the other replica
+            there.deny(sha256)
+            assert await b.publish_deny(sha256, add=True)
+        await until(lambda: here.runtime == before)
+        await proxy.cut()
+        await until(lambda: not a.up())
+        for sha256, add in changes:  # what an operator does here meanwhile (207 each)
+            if add:
+                here.deny(sha256)
+            elif here.allow(sha256) != "removed":
+                continue
+            assert not await a.publish_deny(sha256, add=add)
+        denied_here = set(here.runtime)
+        await proxy.restore()
+        await until(lambda: a.up())
+        # nothing denied here is lost; nothing the fleet held is taken off from here
+        expected = denied_here | before
+        await until(lambda: there.runtime == expected and here.runtime == expected)
+        client = b._client  # the set itself
+        members = {
+            m.decode() if isinstance(m, bytes) else m for m in await client.smembers("sidecar:deny")
+        }
+        assert members == expected
+    finally:
+        await a.close()
+        await b.close()
+        await proxy.cut()
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    before=st.sets(st.sampled_from(SHAS), max_size=2),
+    changes=st.lists(st.tuples(st.sampled_from(SHAS), st.booleans()), max_size=6),
+)
+def test_what_a_cut_off_replica_denied_reaches_the_fleet_and_nothing_is_undone(
+    redis_server: RedisServer, before: set[str], changes: list[tuple[str, bool]]
+) -> None:
+    redis_server.client().delete("sidecar:deny")
+    asyncio.run(scenario(redis_server.url, redis_server.port, before, changes))
