@@ -590,8 +590,8 @@ class Sidecar:
                 hint=(
                     "sent to every replica when Redis answers"
                     if add
-                    else "the other replicas keep it, and this one denies it again when Redis "
-                    "answers: repeat the call then"
+                    else "the other replicas keep it, and this one takes the fleet's list "
+                    "again when Redis answers: repeat the call then"
                 ),
             )
         return told

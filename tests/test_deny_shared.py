@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import SharedCacheConfig
@@ -68,7 +68,11 @@ def level(url: str, sink: Sink) -> SharedCache:
 
 
 async def scenario(
-    redis_url: str, redis_port: int, before: set[str], changes: list[tuple[str, bool]]
+    redis_url: str,
+    redis_port: int,
+    before: set[str],
+    changes: list[tuple[str, bool]],
+    elsewhere: list[tuple[str, bool]],
 ) -> None:
     proxy = CutProxy(redis_port)
     await proxy.restore()
@@ -84,17 +88,28 @@ async def scenario(
         await until(lambda: here.runtime == before)
         await proxy.cut()
         await until(lambda: not a.up())
+        unsent: set[str] = set()  # denied here meanwhile, not taken off again
         for sha256, add in changes:  # what an operator does here meanwhile (207 each)
             if add:
                 here.deny(sha256)
+                unsent.add(sha256)
             elif here.allow(sha256) != "removed":
                 continue
+            else:
+                unsent.discard(sha256)
             assert not await a.publish_deny(sha256, add=add)
-        denied_here = set(here.runtime)
+        for sha256, add in elsewhere:  # ... and another operator on the other replica
+            if add:
+                there.deny(sha256)
+            elif there.allow(sha256) != "removed":
+                continue
+            assert await b.publish_deny(sha256, add=add)
+        fleet_now = set(there.runtime)
         await proxy.restore()
         await until(lambda: a.up())
-        # nothing denied here is lost; nothing the fleet held is taken off from here
-        expected = denied_here | before
+        # Nothing denied here meanwhile is lost, whatever the other replica took off; the
+        # fleet's entries win over removals made here meanwhile (fails closed).
+        expected = fleet_now | unsent
         await until(lambda: there.runtime == expected and here.runtime == expected)
         client = b._client  # the set itself
         members = {
@@ -108,7 +123,7 @@ async def scenario(
 
 
 @settings(
-    max_examples=12,
+    max_examples=16,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -116,9 +131,14 @@ async def scenario(
 @given(
     before=st.sets(st.sampled_from(SHAS), max_size=2),
     changes=st.lists(st.tuples(st.sampled_from(SHAS), st.booleans()), max_size=6),
+    elsewhere=st.lists(st.tuples(st.sampled_from(SHAS), st.booleans()), max_size=4),
 )
+@example(before={SHAS[0]}, changes=[(SHAS[0], True)], elsewhere=[(SHAS[0], False)])
 def test_what_a_cut_off_replica_denied_reaches_the_fleet_and_nothing_is_undone(
-    redis_server: RedisServer, before: set[str], changes: list[tuple[str, bool]]
+    redis_server: RedisServer,
+    before: set[str],
+    changes: list[tuple[str, bool]],
+    elsewhere: list[tuple[str, bool]],
 ) -> None:
     redis_server.client().delete("sidecar:deny")
-    asyncio.run(scenario(redis_server.url, redis_server.port, before, changes))
+    asyncio.run(scenario(redis_server.url, redis_server.port, before, changes, elsewhere))

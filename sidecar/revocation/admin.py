@@ -39,7 +39,8 @@ _DENIED_LOCAL_ONLY = (
 )
 _REMOVED_LOCAL_ONLY = (
     "the shared cache is unavailable: taken off here only; the other replicas keep it, and "
-    "this one denies it again when Redis answers: repeat the call then"
+    "when Redis answers this one takes the fleet's list again (denying it again if the list "
+    "still holds it): repeat the call then"
 )
 
 

@@ -32,9 +32,9 @@ Run-time deny entries (``POST``/``DELETE /deny``) go the same way: added to or t
 ``deny`` set, then announced on the channel; every replica applies what it hears (without
 announcing it again), and on every (re)connection loads the set: entries it missed are
 denied, entries it had from the fleet that are gone from the set are allowed again. An entry
-a replica added while Redis was unusable is added to the set and announced when it
-reconnects (before it loads the set), unless it was taken off here meanwhile: nothing denied
-is lost. An entry taken off while Redis was unusable is not taken off the set later (another
+a replica added while Redis was unusable is added to the set and announced once it has
+reconnected, unless it was taken off here meanwhile; until then, and whatever the set or the
+channel says, it stays denied here (a denial made while cut off is not lost). An entry taken off while Redis was unusable is not taken off the set later (another
 replica may have denied it again since): it fails closed, the set wins at the reconnection,
 and the replica logs ``deny_removal_not_shared``.
 """
@@ -408,7 +408,12 @@ class SharedCache:
         """Once up again: add to the deny set, and announce, the entries denied here while
         Redis could not take them. One that fails again waits for the next connection."""
         for sha256 in sorted(self._unsent_denials):
+            if sha256 not in self._unsent_denials:
+                continue  # taken off here meanwhile (publish_deny)
             if await self.publish_deny(sha256, add=True):
+                sink = self._deny_sink
+                if sink is not None:  # still denied here, whatever was heard meanwhile
+                    sink.deny(sha256, announce=False)
                 self._log.warning(
                     "deny_shared_late",
                     cert_sha256=sha256,
@@ -452,8 +457,10 @@ class SharedCache:
         sink = self._deny_sink
         if denied is None or sink is None:
             return
-        for sha256 in sorted(self._fleet_denied - denied):
-            sink.allow(sha256)  # taken off elsewhere while this process was not listening
+        for sha256 in sorted(self._fleet_denied - denied - self._unsent_denials):
+            # taken off elsewhere while this process was not listening (one it denied again
+            # meanwhile stays denied, and goes back to the set: _send_late)
+            sink.allow(sha256)
         for sha256 in sorted(denied):
             sink.deny(sha256, announce=False)
         self._fleet_denied = denied
@@ -958,7 +965,9 @@ class SharedCache:
                 sink.deny(sha256, announce=False)
         else:
             self._fleet_denied.discard(sha256)
-            if sink is not None:
+            if sink is not None and sha256 not in self._unsent_denials:
+                # (denied here while Redis was unusable: it stays denied and goes back to the
+                # set, _send_late; it fails closed)
                 sink.allow(sha256)
 
     def _told(self, message: Message) -> None:
