@@ -142,3 +142,40 @@ def test_what_a_cut_off_replica_denied_reaches_the_fleet_and_nothing_is_undone(
 ) -> None:
     redis_server.client().delete("sidecar:deny")
     asyncio.run(scenario(redis_server.url, redis_server.port, before, changes, elsewhere))
+
+
+async def one_call_fails(
+    redis_url: str, redis_port: int, set_garbage: Callable[[], object]
+) -> None:
+    proxy = CutProxy(redis_port)
+    await proxy.restore()
+    here, there = Sink(), Sink()
+    a, b = level(proxy.url, here), level(redis_url, there)
+    try:
+        await a.start()
+        await b.start()
+        await until(lambda: a.up() and b.up())
+        set_garbage()  # the deny key is not a set: SADD fails, Redis stays up
+        here.deny(SHAS[0])
+        assert not await a.publish_deny(SHAS[0], add=True)
+        assert a.up()
+        await b._client.delete("sidecar:deny")  # the operator mends it
+        # retried while up: it reaches the set and the other replica without a reconnection
+        await until(lambda: there.runtime == {SHAS[0]})
+        members = await b._client.smembers("sidecar:deny")
+        assert {m.decode() if isinstance(m, bytes) else m for m in members} == {SHAS[0]}
+    finally:
+        await a.close()
+        await b.close()
+        await proxy.cut()
+
+
+def test_a_denial_redis_failed_to_take_while_up_is_retried(redis_server: RedisServer) -> None:
+    """One call failing (here: the deny key is not a set) is not a reconnection: the denial
+    is retried with backoff while Redis is up, and reaches the fleet once it can."""
+    client = redis_server.client()
+    asyncio.run(
+        one_call_fails(
+            redis_server.url, redis_server.port, lambda: client.set("sidecar:deny", "garbage")
+        )
+    )

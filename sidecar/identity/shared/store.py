@@ -32,11 +32,12 @@ Run-time deny entries (``POST``/``DELETE /deny``) go the same way: added to or t
 ``deny`` set, then announced on the channel; every replica applies what it hears (without
 announcing it again), and on every (re)connection loads the set: entries it missed are
 denied, entries it had from the fleet that are gone from the set are allowed again. An entry
-a replica added while Redis was unusable is added to the set and announced once it has
-reconnected, unless it was taken off here meanwhile; until then, and whatever the set or the
-channel says, it stays denied here (a denial made while cut off is not lost). An entry taken off while Redis was unusable is not taken off the set later (another
-replica may have denied it again since): it fails closed, the set wins at the reconnection,
-and the replica logs ``deny_removal_not_shared``.
+a replica added while Redis could not take it (unusable, or one call failing) is added to the
+set and announced once Redis answers, unless it was taken off here meanwhile; until then, and
+whatever the set or the channel says, it stays denied here (a denial made while cut off is not
+lost while the process runs). An entry taken off while Redis was unusable is not taken off the
+set later (another replica may have denied it again since): it fails closed, the set wins at
+the reconnection, and the replica logs ``deny_removal_not_shared``.
 """
 
 from __future__ import annotations
@@ -257,6 +258,8 @@ class SharedCache:
         self._unsent_denials: set[str] = set()
         #: ... and entries taken off here meanwhile: the fleet's set wins (logged)
         self._unsent_removals: set[str] = set()
+        #: the task sending them (``_send_late``)
+        self._late: asyncio.Task[None] | None = None
         self._deny_sink: DenySink | None = None
         self._epoch = 0
         #: tells messages of this process from the others'
@@ -401,24 +404,37 @@ class SharedCache:
         self._load_denied(denied)
         self._removals_gave_way(denied)
         self._went_up()
-        if self._unsent_denials:
-            self._spawn(self._send_late())
+        self._schedule_late()
+
+    def _schedule_late(self) -> None:
+        """Send the denials Redis could not take (``_send_late``), unless that is under way."""
+        late = self._late
+        if self._unsent_denials and (late is None or late.done()):
+            self._late = asyncio.ensure_future(self._send_late())
+            self._background.add(self._late)
+            self._late.add_done_callback(self._background.discard)
 
     async def _send_late(self) -> None:
-        """Once up again: add to the deny set, and announce, the entries denied here while
-        Redis could not take them. One that fails again waits for the next connection."""
-        for sha256 in sorted(self._unsent_denials):
-            if sha256 not in self._unsent_denials:
-                continue  # taken off here meanwhile (publish_deny)
-            if await self.publish_deny(sha256, add=True):
-                sink = self._deny_sink
-                if sink is not None:  # still denied here, whatever was heard meanwhile
-                    sink.deny(sha256, announce=False)
-                self._log.warning(
-                    "deny_shared_late",
-                    cert_sha256=sha256,
-                    reason="denied here while the shared cache was unavailable",
-                )
+        """While up: add to the deny set, and announce, the entries denied here while Redis
+        could not take them, retried with backoff while calls fail; once down, the next
+        connection starts again."""
+        delay = _BACKOFF_START
+        while self._unsent_denials and self.up() and not self.closing():
+            for sha256 in sorted(self._unsent_denials):
+                if sha256 not in self._unsent_denials:
+                    continue  # taken off here meanwhile (publish_deny)
+                if await self.publish_deny(sha256, add=True):
+                    sink = self._deny_sink
+                    if sink is not None:  # still denied here, whatever was heard meanwhile
+                        sink.deny(sha256, announce=False)
+                    self._log.warning(
+                        "deny_shared_late",
+                        cert_sha256=sha256,
+                        reason="denied here while the shared cache could not take it",
+                    )
+            if self._unsent_denials:
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                delay = min(delay * 2, _BACKOFF_MAX)
 
     def _removals_gave_way(self, denied: set[str] | None) -> None:
         """After the deny set was loaded at a (re)connection: an entry taken off here while
@@ -893,10 +909,13 @@ class SharedCache:
         """Add a run-time deny entry to (``add``) or take it off the fleet's set, and tell
         every replica; True once Redis took both."""
         if not self.up() or not await self._publish_deny(sha256, add):
-            # kept for the next (re)connection: a denial is sent then, a removal is not
+            # a denial is sent once Redis answers (now if it is up: a call failed), a removal
+            # is not
             if add:
                 self._unsent_denials.add(sha256)
                 self._unsent_removals.discard(sha256)
+                if self.up():
+                    self._schedule_late()
             else:
                 self._unsent_denials.discard(sha256)
                 self._unsent_removals.add(sha256)
