@@ -38,8 +38,13 @@ async def slow_upstream() -> AsyncIterator[int]:
 
 
 async def start(
-    config_dir: ConfigDir, data: dict[str, Any]
+    config_dir: ConfigDir,
+    data: dict[str, Any],
+    *args: str,
+    pass_fds: tuple[int, ...] = (),
 ) -> tuple[asyncio.subprocess.Process, int, int]:
+    """``sidecar run`` on ``data`` (and ``args`` after it, with ``pass_fds`` inherited), once
+    its admin listener says it is ready."""
     port, admin_port = free_port(), free_port()
     data["listen"]["port"] = port
     data["admin"]["port"] = admin_port
@@ -51,8 +56,10 @@ async def start(
         "run",
         "--config",
         str(path),
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        pass_fds=pass_fds,
     )
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:

@@ -18,11 +18,9 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,8 +31,8 @@ from sidecar.tls_sessions import SessionStore
 
 from .conftest import ConfigDir, Running, SidecarFactory
 from .pki import make_ca
-from .test_cli import free_port
 from .test_listener import upstream
+from .test_signals import start
 from .test_tls_tickets_workers import client, fetch
 
 __all__ = ["upstream"]
@@ -159,25 +157,18 @@ async def test_a_process_handed_no_table_says_so_closes_it_and_serves(
     """``sidecar run --session-store-fd`` on memory that is not a sealed table: the process
     logs ``tls_sessions_not_shared`` with the reason, keeps no descriptor to it, and serves
     (resuming from its own cache)."""
-    option = tls_sessions.OPTION  # the hidden option a supervisor passes
     memory = os.memfd_create("not-a-table")  # no sealing allowed: refused before the header
     os.ftruncate(memory, 4096)
-    port, admin_port = free_port(), free_port()
     data = config_dir.base(upstream.port)
-    data["listen"]["port"], data["admin"]["port"] = port, admin_port
     data["log"] = {"level": "info", "format": "json"}
-    path = config_dir.write(data)
-    stderr = config_dir.path / "alone.log"
-    with stderr.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(path), option, str(memory)],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            pass_fds=(memory,),
-        )
-    os.close(memory)
     try:
-        await wait_ready(admin_port, proc)
+        # the hidden option a supervisor passes
+        proc, port, _ = await start(
+            config_dir, data, tls_sessions.OPTION, str(memory), pass_fds=(memory,)
+        )
+    finally:
+        os.close(memory)
+    try:
         assert not any(  # the descriptor it was handed is closed
             "not-a-table" in os.readlink(fd)
             for fd in Path(f"/proc/{proc.pid}/fd").iterdir()
@@ -189,23 +180,12 @@ async def test_a_process_handed_no_table_says_so_closes_it_and_serves(
         assert (first.status, again.status, again.reused) == (200, 200, True)
     finally:
         proc.terminate()
-        proc.wait(15)
-    events = [json.loads(line) for line in stderr.read_text().splitlines() if line.startswith("{")]
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    lines = err.decode().splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
     said = [e for e in events if e["event"] == "tls_sessions_not_shared"]
     assert len(said) == 1 and said[0]["level"] == "warning"
     assert "not sealed" in said[0]["reason"] and said[0]["hint"] == "this process's cache is used"
-
-
-async def wait_ready(admin_port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"http://127.0.0.1:{admin_port}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise AssertionError("the sidecar did not become ready")
 
 
 async def test_a_reload_to_zero_turns_the_table_off_and_back_on(config_dir: ConfigDir) -> None:
