@@ -8,9 +8,10 @@ Real ``sidecar run`` processes, one real Redis, requests over real TLS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from .conftest import ConfigDir, Upstream
 from .fleet import (
@@ -34,6 +35,27 @@ Fleet = Callable[..., Awaitable[Replica]]
 
 async def _status_everywhere(replicas: list[Replica], client: Client, status: int) -> bool:
     return {await get(r.port, client) for r in replicas for _ in range(2)} == {status}
+
+
+@contextlib.asynccontextmanager
+async def cut_off_first(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> AsyncIterator[tuple[Replica, Replica, CutProxy]]:
+    """Two replicas of one Redis, the first through a proxy that can cut it off; the proxy
+    is cut when the test ends, passed or failed (its relays would outlive it)."""
+    proxy = CutProxy(redis_server.port)
+    await proxy.restore()
+    try:
+        a, b = await start_fleet(
+            fleet, config_dir, upstream, verdicts, [proxy.url, redis_server.url], 2
+        )
+        yield a, b, proxy
+    finally:
+        await proxy.cut()
 
 
 async def test_a_deny_entry_reaches_every_replica_and_one_started_later(
@@ -77,28 +99,27 @@ async def test_a_replica_cut_off_from_redis_catches_up_when_it_reconnects(
     verdicts: Verdicts,
     redis_server: RedisServer,
 ) -> None:
-    proxy = CutProxy(redis_server.port)
-    await proxy.restore()
-    a, b = await start_fleet(
-        fleet, config_dir, upstream, verdicts, [redis_server.url, proxy.url], 2
-    )
-    first, second = make_clients(config_dir, 2)
-    for client in (first, second):
-        assert await get(a.port, client) == 200 and await get(b.port, client) == 200
-    assert (await a.admin("POST", f"/deny?sha256={first.sha256}"))[0] == 200
-    await eventually(lambda: _status_everywhere([b], first, 403), within=5)
-    await proxy.cut()
-    await eventually(lambda: _shared_down(b))
-    # meanwhile: first allowed again, second denied
-    assert (await a.admin("DELETE", f"/deny?sha256={first.sha256}"))[0] == 200
-    assert (await a.admin("POST", f"/deny?sha256={second.sha256}"))[0] == 200
-    # b could not hear it: it keeps refusing what it was told to (fails closed)
-    assert await get(b.port, first) == 403
-    await proxy.restore()
-    await eventually(lambda: _shared_up(b))
-    await eventually(lambda: _status_everywhere([b], second, 403), within=5)
-    await eventually(lambda: _status_everywhere([b], first, 200), within=5)
-    await proxy.cut()
+    async with cut_off_first(fleet, config_dir, upstream, verdicts, redis_server) as (
+        b,
+        a,
+        proxy,
+    ):
+        first, second = make_clients(config_dir, 2)
+        for client in (first, second):
+            assert await get(a.port, client) == 200 and await get(b.port, client) == 200
+        assert (await a.admin("POST", f"/deny?sha256={first.sha256}"))[0] == 200
+        await eventually(lambda: _status_everywhere([b], first, 403), within=5)
+        await proxy.cut()
+        await eventually(lambda: _shared_down(b))
+        # meanwhile: first allowed again, second denied
+        assert (await a.admin("DELETE", f"/deny?sha256={first.sha256}"))[0] == 200
+        assert (await a.admin("POST", f"/deny?sha256={second.sha256}"))[0] == 200
+        # b could not hear it: it keeps refusing what it was told to (fails closed)
+        assert await get(b.port, first) == 403
+        await proxy.restore()
+        await eventually(lambda: _shared_up(b))
+        await eventually(lambda: _status_everywhere([b], second, 403), within=5)
+        await eventually(lambda: _status_everywhere([b], first, 200), within=5)
 
 
 async def test_without_redis_a_deny_entry_holds_here_and_says_so(
@@ -133,32 +154,31 @@ async def test_a_deny_entry_made_while_cut_off_reaches_the_fleet_when_redis_answ
     (207, local only). Once that replica reconnects it adds the entry to the fleet's set
     itself and announces it, so the other replica refuses the certificate too. One denied
     and taken off again while cut off is not sent (the replica no longer denies it)."""
-    proxy = CutProxy(redis_server.port)
-    await proxy.restore()
-    a, b = await start_fleet(
-        fleet, config_dir, upstream, verdicts, [proxy.url, redis_server.url], 2
-    )
-    denied, undone = make_clients(config_dir, 2)
-    for client in (denied, undone):
-        assert await get(a.port, client) == 200 and await get(b.port, client) == 200
-    await proxy.cut()
-    await eventually(lambda: _shared_down(a))
-    status, body = await a.admin("POST", f"/deny?sha256={denied.sha256}")
-    assert status == 207 and json.loads(body)["fleet"] is False, body
-    assert "when Redis answers" in json.loads(body)["error"]
-    assert (await a.admin("POST", f"/deny?sha256={undone.sha256}"))[0] == 207
-    assert (await a.admin("DELETE", f"/deny?sha256={undone.sha256}"))[0] == 207
-    assert await get(a.port, denied) == 403 and await get(b.port, denied) == 200
-    await proxy.restore()
-    await eventually(lambda: _shared_up(a))
-    await eventually(lambda: _status_everywhere([a, b], denied, 403), within=5)
-    assert await _status_everywhere([a, b], undone, 200)
-    raw = redis_server.client().smembers("sidecar:deny")
-    members = {m.decode() if isinstance(m, bytes) else m for m in raw}
-    assert members == {denied.sha256}
-    late = [e for e in a.events() if e.get("event") == "deny_shared_late"]
-    assert [e["cert_sha256"] for e in late] == [denied.sha256]
-    await proxy.cut()
+    async with cut_off_first(fleet, config_dir, upstream, verdicts, redis_server) as (
+        a,
+        b,
+        proxy,
+    ):
+        denied, undone = make_clients(config_dir, 2)
+        for client in (denied, undone):
+            assert await get(a.port, client) == 200 and await get(b.port, client) == 200
+        await proxy.cut()
+        await eventually(lambda: _shared_down(a))
+        status, body = await a.admin("POST", f"/deny?sha256={denied.sha256}")
+        assert status == 207 and json.loads(body)["fleet"] is False, body
+        assert "when Redis answers" in json.loads(body)["error"]
+        assert (await a.admin("POST", f"/deny?sha256={undone.sha256}"))[0] == 207
+        assert (await a.admin("DELETE", f"/deny?sha256={undone.sha256}"))[0] == 207
+        assert await get(a.port, denied) == 403 and await get(b.port, denied) == 200
+        await proxy.restore()
+        await eventually(lambda: _shared_up(a))
+        await eventually(lambda: _status_everywhere([a, b], denied, 403), within=5)
+        assert await _status_everywhere([a, b], undone, 200)
+        raw = redis_server.client().smembers("sidecar:deny")
+        members = {m.decode() if isinstance(m, bytes) else m for m in raw}
+        assert members == {denied.sha256}
+        late = [e for e in a.events() if e.get("event") == "deny_shared_late"]
+        assert [e["cert_sha256"] for e in late] == [denied.sha256]
 
 
 async def test_a_removal_made_while_cut_off_gives_way_to_the_fleets_entry(
@@ -171,25 +191,24 @@ async def test_a_removal_made_while_cut_off_gives_way_to_the_fleets_entry(
     """Fails closed: an entry the fleet holds, taken off on a replica cut off from Redis,
     is not taken off the fleet later (someone may have denied it again meanwhile); the
     replica refuses the certificate again when it reconnects, and says so."""
-    proxy = CutProxy(redis_server.port)
-    await proxy.restore()
-    a, b = await start_fleet(
-        fleet, config_dir, upstream, verdicts, [proxy.url, redis_server.url], 2
-    )
-    [client] = make_clients(config_dir, 1)
-    assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 200
-    await eventually(lambda: _status_everywhere([a, b], client, 403), within=5)
-    await proxy.cut()
-    await eventually(lambda: _shared_down(a))
-    status, body = await a.admin("DELETE", f"/deny?sha256={client.sha256}")
-    assert status == 207 and "keep it" in json.loads(body)["error"], body
-    assert await get(a.port, client) == 200 and await get(b.port, client) == 403
-    await proxy.restore()
-    await eventually(lambda: _shared_up(a))
-    await eventually(lambda: _status_everywhere([a, b], client, 403), within=5)
-    given_way = [e for e in a.events() if e.get("event") == "deny_removal_not_shared"]
-    assert [e["cert_sha256"] for e in given_way] == [client.sha256]
-    await proxy.cut()
+    async with cut_off_first(fleet, config_dir, upstream, verdicts, redis_server) as (
+        a,
+        b,
+        proxy,
+    ):
+        [client] = make_clients(config_dir, 1)
+        assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 200
+        await eventually(lambda: _status_everywhere([a, b], client, 403), within=5)
+        await proxy.cut()
+        await eventually(lambda: _shared_down(a))
+        status, body = await a.admin("DELETE", f"/deny?sha256={client.sha256}")
+        assert status == 207 and "keep it" in json.loads(body)["error"], body
+        assert await get(a.port, client) == 200 and await get(b.port, client) == 403
+        await proxy.restore()
+        await eventually(lambda: _shared_up(a))
+        await eventually(lambda: _status_everywhere([a, b], client, 403), within=5)
+        given_way = [e for e in a.events() if e.get("event") == "deny_removal_not_shared"]
+        assert [e["cert_sha256"] for e in given_way] == [client.sha256]
 
 
 async def test_a_malformed_deny_message_is_counted_and_ignored(

@@ -11,7 +11,9 @@ proxy that can cut it off), each with a deny-list of its own (``Sink``); one rea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -67,13 +69,24 @@ def level(url: str, sink: Sink) -> SharedCache:
     return shared
 
 
-async def scenario(
-    redis_url: str,
-    redis_port: int,
-    before: set[str],
-    changes: list[tuple[str, bool]],
-    elsewhere: list[tuple[str, bool]],
-) -> None:
+@dataclass
+class Pair:
+    """Two replicas' levels, ``a`` reaching Redis through ``proxy``, and their deny-lists."""
+
+    a: SharedCache
+    b: SharedCache
+    here: Sink
+    there: Sink
+    proxy: CutProxy
+
+    async def fleet_set(self) -> set[str]:
+        members = await self.b._client.smembers("sidecar:deny")
+        return {m.decode() if isinstance(m, bytes) else m for m in members}
+
+
+@contextlib.asynccontextmanager
+async def pair(redis_url: str, redis_port: int) -> AsyncIterator[Pair]:
+    """Both levels started and up; closed, and the proxy cut, at the end."""
     proxy = CutProxy(redis_port)
     await proxy.restore()
     here, there = Sink(), Sink()
@@ -82,6 +95,22 @@ async def scenario(
         await a.start()
         await b.start()
         await until(lambda: a.up() and b.up())
+        yield Pair(a, b, here, there, proxy)
+    finally:
+        await a.close()
+        await b.close()
+        await proxy.cut()
+
+
+async def scenario(
+    redis_url: str,
+    redis_port: int,
+    before: set[str],
+    changes: list[tuple[str, bool]],
+    elsewhere: list[tuple[str, bool]],
+) -> None:
+    async with pair(redis_url, redis_port) as p:
+        a, b, here, there, proxy = p.a, p.b, p.here, p.there, p.proxy
         for sha256 in sorted(before):  # the fleet's entries, made on the other replica
             there.deny(sha256)
             assert await b.publish_deny(sha256, add=True)
@@ -111,15 +140,7 @@ async def scenario(
         # fleet's entries win over removals made here meanwhile (fails closed).
         expected = fleet_now | unsent
         await until(lambda: there.runtime == expected and here.runtime == expected)
-        client = b._client  # the set itself
-        members = {
-            m.decode() if isinstance(m, bytes) else m for m in await client.smembers("sidecar:deny")
-        }
-        assert members == expected
-    finally:
-        await a.close()
-        await b.close()
-        await proxy.cut()
+        assert await p.fleet_set() == expected  # the set itself
 
 
 @settings(
@@ -147,27 +168,15 @@ def test_what_a_cut_off_replica_denied_reaches_the_fleet_and_nothing_is_undone(
 async def one_call_fails(
     redis_url: str, redis_port: int, set_garbage: Callable[[], object]
 ) -> None:
-    proxy = CutProxy(redis_port)
-    await proxy.restore()
-    here, there = Sink(), Sink()
-    a, b = level(proxy.url, here), level(redis_url, there)
-    try:
-        await a.start()
-        await b.start()
-        await until(lambda: a.up() and b.up())
+    async with pair(redis_url, redis_port) as p:
         set_garbage()  # the deny key is not a set: SADD fails, Redis stays up
-        here.deny(SHAS[0])
-        assert not await a.publish_deny(SHAS[0], add=True)
-        assert a.up()
-        await b._client.delete("sidecar:deny")  # the operator mends it
+        p.here.deny(SHAS[0])
+        assert not await p.a.publish_deny(SHAS[0], add=True)
+        assert p.a.up()
+        await p.b._client.delete("sidecar:deny")  # the operator mends it
         # retried while up: it reaches the set and the other replica without a reconnection
-        await until(lambda: there.runtime == {SHAS[0]})
-        members = await b._client.smembers("sidecar:deny")
-        assert {m.decode() if isinstance(m, bytes) else m for m in members} == {SHAS[0]}
-    finally:
-        await a.close()
-        await b.close()
-        await proxy.cut()
+        await until(lambda: p.there.runtime == {SHAS[0]})
+        assert await p.fleet_set() == {SHAS[0]}
 
 
 def test_a_denial_redis_failed_to_take_while_up_is_retried(redis_server: RedisServer) -> None:
