@@ -259,7 +259,7 @@ class SharedCache:
         #: ... and entries taken off here meanwhile: the fleet's set wins (logged)
         self._unsent_removals: set[str] = set()
         #: the task sending them (``_send_late``)
-        self._late: asyncio.Task[None] | None = None
+        self._late: asyncio.Future[Any] | None = None
         self._deny_sink: DenySink | None = None
         self._epoch = 0
         #: tells messages of this process from the others'
@@ -410,9 +410,7 @@ class SharedCache:
         """Send the denials Redis could not take (``_send_late``), unless that is under way."""
         late = self._late
         if self._unsent_denials and (late is None or late.done()):
-            self._late = asyncio.ensure_future(self._send_late())
-            self._background.add(self._late)
-            self._late.add_done_callback(self._background.discard)
+            self._late = self._spawn(self._send_late())
 
     async def _send_late(self) -> None:
         """While up: add to the deny set, and announce, the entries denied here while Redis
@@ -1008,10 +1006,11 @@ class SharedCache:
         with contextlib.suppress(_Unavailable, _Invalid):
             await self._call(op)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _warn(self, event: str, **fields: object) -> None:
         now = self._clock()
