@@ -361,6 +361,8 @@ class TLSState:
                 if problem is None:
                     problem = tls_sessions.bind(context, label, shared)
                     event = "tls_sessions_not_shared" if shared else "tls_session_age_not_capped"
+                    if problem is None and shared is not None:
+                        self._report("tls_sessions_keep_certificates", tls_sessions.peerless())
                 self._report(event, problem)
                 if shared is None or problem is None:
                     continue
@@ -451,7 +453,12 @@ class PeerCertificates:
             return None
         der = ssl_obj.getpeercert(binary_form=True)
         if not der:
-            return None
+            if not ssl_obj.session_reused:
+                return None
+            # a session from the workers' table carries the certificate as bytes
+            der = tls_sessions.resumed_peer(ssl_obj)
+            if not der:
+                return None
         parsed = self._parsed.get(der)
         if parsed is not None:
             self._parsed.move_to_end(der)

@@ -26,6 +26,15 @@ key, a busy table overwrote live sessions: 1 % of S2-resume's resumptions failed
 by expiry, whole seconds, 0.6 %; now 0.06 %): a bounded cache that forgets, as OpenSSL's
 does. Sessions larger than a slot are kept by their worker only.
 
+A session goes into the table without the client's certificate in OpenSSL's ``peer``: the
+certificate's DER goes into the session's application data instead, after the line's start
+(``for_the_table``). Decoding a session with a peer parses the certificate, about 100 us with
+OpenSSL 3.0 (its public key goes through the provider decoders), against 3 us without; two
+workers resume on the other worker half the time. A connection resumed from such a session,
+or from the sessions TLS 1.3 makes from it, has no peer in OpenSSL; ``tls.PeerCertificates``
+then takes the certificate from the session the connection resumed (``resumed_peer``), and
+parses it once per worker, as every client certificate.
+
 The table holds resumption secrets, like the ticket keys: it is anonymous memory, mapped by
 the supervisor and its workers only, never a file, and it lives as long as the supervisor.
 The supervisor keeps its descriptor (for the workers it restarts) and makes itself
@@ -56,13 +65,15 @@ from functools import cache
 from typing import Any
 
 from . import tls_tickets
-from .tls_groups import function, ssl_library
+from .tls_groups import _ssl_ctx, function, ssl_library
 
 #: the hidden ``sidecar run`` option a supervisor passes a worker the table's descriptor with
 OPTION = "--session-store-fd"
 #: bytes per slot: a session with a client certificate of a 4096-bit RSA key is about 2 KiB
 SLOT = 4096
-_MAGIC = b"sidecar-sessions-v1\0"
+#: v2: sessions without their peer (``for_the_table``); a worker of another version refuses
+#: the table and uses tickets, rather than resume its sessions as no one
+_MAGIC = b"sidecar-sessions-v2\0"
 _HEADER = struct.Struct("<20sI")  # magic, slots; the first slot begins at _FIRST
 _FIRST = 64
 #: digest, key, expires and written (unix time; written in nanoseconds), DER length
@@ -131,6 +142,7 @@ class _Functions:
         )
         self.free = function(library, "SSL_SESSION_free", None, pointer)
         self.get_ssl_ctx = function(library, "SSL_get_SSL_CTX", pointer, pointer)
+        self.get_session = function(library, "SSL_get_session", pointer, pointer)
 
 
 @cache
@@ -382,8 +394,11 @@ class _Bound:
         cursor = ctypes.cast(buffer, _Bytes)
         if functions.i2d(session, ctypes.byref(cursor)) != size:
             return
+        kept = for_the_table(bytes(buffer)) if peerless() is None else bytes(buffer)
+        if kept is None:
+            return  # not as OpenSSL 3 encodes a session: its worker's only
         expires = functions.get_time(session) + functions.get_timeout(session)
-        store.put(self._key(name), expires, bytes(buffer))
+        store.put(self._key(name), expires, kept)
 
     def dropped(self, session: int) -> None:
         name = self._name(session)
@@ -414,13 +429,14 @@ def _cap_age(functions: _Functions, session: int) -> None:
     with a new time), so without this a client resuming often enough would never be verified
     again. The first session of a line records its time in the session's application data
     (kept by the copy and by the encoding); each later one gets what is left as its timeout
-    (0 when nothing is: not resumed)."""
+    (0 when nothing is: not resumed). A session from the table has the client's certificate
+    after that time (``for_the_table``)."""
     data = ctypes.c_void_p()
     length = ctypes.c_size_t()
     made = functions.get_time(session)
     if (
         functions.get0_appdata(session, ctypes.byref(data), ctypes.byref(length)) == 1
-        and length.value == 8
+        and length.value >= _BEGAN
         and data.value
     ):
         began = int.from_bytes(ctypes.string_at(data.value, 8), "big")
@@ -433,3 +449,157 @@ def _cap_age(functions: _Functions, session: int) -> None:
     left = max(0, began + MAX_AGE - made)
     if left < functions.get_timeout(session):
         functions.set_timeout(session, left)
+
+
+# ---- the client's certificate, outside OpenSSL's session -----------------------------------
+
+#: bytes of the application data that hold a line's start (``_cap_age``); the client's
+#: certificate, in a session from the table, follows them
+_BEGAN = 8
+_SEQUENCE = 0x30
+#: ``SSL_SESSION_ASN1``'s fields, EXPLICIT: ``peer [3] X509`` and ``ticket_appdata [18]
+#: OCTET STRING``
+_PEER = 0xA3
+_APPDATA = 0xB2
+_OCTETS = 0x04
+
+
+def for_the_table(der: bytes) -> bytes | None:
+    """A session's encoding as the table keeps it: the client's certificate is taken out of
+    OpenSSL's ``peer`` field and put after the line's start in the application data, where
+    ``d2i_SSL_SESSION`` copies it as bytes. Decoding the certificate (about 110 us with
+    OpenSSL 3.0, most of a resumption on another worker) is then left to
+    ``PeerCertificates``, which parses one certificate once. A session without a client
+    certificate is kept as it is. None when ``der`` is not a session as this module's
+    sessions are encoded (one SEQUENCE whose fields have one-byte tags, application data
+    holding at least a line's start); the session is then not written."""
+    outer = _element(der, 0)
+    if outer is None or outer[0] != _SEQUENCE or outer[2] != len(der):
+        return None
+    fields: list[bytes] = []
+    peer: bytes | None = None
+    appdata: int | None = None  # its index in fields
+    began = b""
+    at = outer[1]
+    while at < len(der):
+        found = _element(der, at)
+        if found is None:
+            return None
+        tag, start, end = found
+        if tag == _PEER:
+            peer = der[start:end]
+        else:
+            if tag == _APPDATA:
+                inner = _element(der, start)
+                if inner is None or inner[0] != _OCTETS or inner[2] != end:
+                    return None
+                if end - inner[1] < _BEGAN:
+                    return None
+                began = der[inner[1] : inner[1] + _BEGAN]
+                appdata = len(fields)
+            fields.append(der[at:end])
+        at = end
+    if appdata is None:
+        return None
+    if peer is None:
+        return der
+    certificate = _element(peer, 0)
+    if certificate is None or certificate[0] != _SEQUENCE or certificate[2] != len(peer):
+        return None
+    fields[appdata] = _tlv(_APPDATA, _tlv(_OCTETS, began + peer))
+    return _tlv(_SEQUENCE, b"".join(fields))
+
+
+def _element(der: bytes, at: int) -> tuple[int, int, int] | None:
+    """The DER element at ``at``: its tag (one byte), where its content begins and ends;
+    None when it is not one (a multi-byte tag, an indefinite or overlong length, or one
+    that runs past ``der``)."""
+    if at + 2 > len(der):
+        return None
+    tag, first = der[at], der[at + 1]
+    if tag & 0x1F == 0x1F:
+        return None
+    if first < 0x80:
+        start, length = at + 2, first
+    else:
+        count = first & 0x7F
+        start = at + 2 + count
+        if not 1 <= count <= 4 or start > len(der):
+            return None
+        length = int.from_bytes(der[at + 2 : start], "big")
+        if length < 0x80 or der[at + 2] == 0:  # DER: the shortest form
+            return None
+    end = start + length
+    return (tag, start, end) if end <= len(der) else None
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    length = len(content)
+    if length < 0x80:
+        return bytes((tag, length)) + content
+    size = (length.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + length.to_bytes(size, "big") + content
+
+
+def resumed_peer(ssl_object: ssl.SSLObject) -> bytes | None:
+    """The DER of the client certificate a resumed connection's session carries in its
+    application data: a session from the table (``for_the_table``), and the sessions made
+    from it, carry it there and not in OpenSSL's ``peer``. None when the session carries
+    none (a client without a certificate) or it cannot be read here.
+
+    The certificate is read from the session the connection resumed (or TLS 1.3's new one,
+    copied from it), never from what a lookup during the handshake found: a client may
+    name several sessions, and OpenSSL may look one up and resume another."""
+    functions = _functions()
+    if isinstance(functions, str):
+        return None
+    pointer = _ssl_of(ssl_object, functions)
+    if pointer is None:
+        return None
+    session = functions.get_session(pointer)
+    if not session:
+        return None
+    data = ctypes.c_void_p()
+    length = ctypes.c_size_t()
+    if functions.get0_appdata(session, ctypes.byref(data), ctypes.byref(length)) != 1:
+        return None
+    if length.value <= _BEGAN or not data.value:
+        return None
+    return ctypes.string_at(data.value + _BEGAN, length.value - _BEGAN)
+
+
+@cache
+def peerless() -> str | None:
+    """None when this process finds a connection's ``SSL`` (``_ssl_of``), so the table may
+    keep sessions without their peer; else why not: the table keeps them as OpenSSL encodes
+    them, and a worker resuming one decodes its certificate (as before ``for_the_table``)."""
+    functions = _functions()
+    if isinstance(functions, str):
+        return functions
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    probe = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+    if _ssl_of(probe, functions) is None:
+        return "the SSLObject's layout is not CPython's: its SSL was not found"
+    return None
+
+
+def _ssl_of(ssl_object: ssl.SSLObject, functions: _Functions) -> int | None:
+    """The address of ``ssl_object``'s ``SSL``, read where CPython keeps it (``PySSLSocket``:
+    the object's header, then the socket's weak reference, NULL for one over memory, the
+    ``SSL``, then the context); None unless the fields around it are what they must be and
+    the ``SSL`` belongs to the object's context's ``SSL_CTX``."""
+    inner = getattr(ssl_object, "_sslobj", None)
+    if type(inner).__name__ != "_SSLSocket" or type(inner).__basicsize__ < _SSL_AT + 16:
+        return None
+    base = id(inner)
+    socket_ref = ctypes.c_void_p.from_address(base + _SSL_AT - 8).value
+    pointer = ctypes.c_void_p.from_address(base + _SSL_AT).value
+    context = ctypes.c_void_p.from_address(base + _SSL_AT + 8).value
+    if socket_ref or not pointer or context != id(ssl_object.context):
+        return None
+    if functions.get_ssl_ctx(pointer) != _ssl_ctx(ssl_object.context):
+        return None
+    return int(pointer)
+
+
+_SSL_AT = object.__basicsize__ + 8

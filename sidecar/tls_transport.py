@@ -625,6 +625,8 @@ class TLSProtocol(asyncio.Protocol):
             if name == "sslcontext":
                 return sslobj.context
             if name == "peercert":
+                # None after a resumption from the workers' table: the certificate is in
+                # the session's application data (tls_sessions.resumed_peer), not decoded
                 return sslobj.getpeercert()
             if name == "cipher":
                 return sslobj.cipher()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -56,15 +58,48 @@ def table(slots: int = 64) -> SessionStore:
     return SessionStore.inherited(tls_sessions.create(slots))
 
 
+def stored(store: SessionStore) -> list[bytes]:
+    """The sessions the table holds now (each slot's, checked by its digest)."""
+    found = []
+    for slot in range(store.slots):
+        key = store._map[tls_sessions._FIRST + slot * tls_sessions.SLOT + 16 :][:16]
+        der = store.get(key) if key != bytes(16) else None
+        if der is not None:
+            found.append(der)
+    return found
+
+
+def peer_and_appdata(der: bytes) -> tuple[int | None, bytes]:
+    """What OpenSSL decodes from a session's DER: its peer (an address) and its application
+    data."""
+    functions = tls_sessions._functions()
+    assert not isinstance(functions, str)
+    get0_peer = tls_groups.function(
+        tls_groups.ssl_library(), "SSL_SESSION_get0_peer", ctypes.c_void_p, ctypes.c_void_p
+    )
+    buffer = (ctypes.c_ubyte * len(der)).from_buffer_copy(der)
+    cursor = ctypes.cast(buffer, tls_sessions._Bytes)
+    session = functions.d2i(None, ctypes.byref(cursor), len(der))
+    assert session, "OpenSSL does not decode the table's session"
+    try:
+        data, length = ctypes.c_void_p(), ctypes.c_size_t()
+        assert functions.get0_appdata(session, ctypes.byref(data), ctypes.byref(length)) == 1
+        assert data.value is not None
+        return get0_peer(session), ctypes.string_at(data.value, length.value)
+    finally:
+        functions.free(session)
+
+
 async def two(
     start_sidecar: SidecarFactory,
     data: dict[str, Any],
     other: dict[str, Any] | None = None,
     *,
     shared: bool = True,
+    store: SessionStore | None = None,
 ) -> tuple[Running, Running]:
-    """Two "workers": separate secrets, one table (or none)."""
-    store = table() if shared else None
+    """Two "workers": separate secrets, one table (``store``, a new one, or none)."""
+    store = store or (table() if shared else None)
     first: Running = await start_sidecar(
         data, ticket_secret=tls_tickets.new_secret(), shared_sessions=store
     )
@@ -93,8 +128,90 @@ async def test_a_session_made_by_one_worker_resumes_on_another(
     again = await fetch(b.sidecar.port, bob, "/app/bob-again", there.session)
     assert (again.status, again.reused) == (200, True)
     assert (context.session_stats()["hits"], cb_hits(context)) == (2, 1)
-    bobs, alices, resumed, _ = (seen.header("X-APP-CERTIFICATE") for seen in upstream.seen)
-    assert resumed == bobs != alices
+    bobs, alices, resumed, resumed_again = (
+        seen.header("X-APP-CERTIFICATE") for seen in upstream.seen
+    )
+    assert resumed == resumed_again == bobs != alices
+
+
+@pytest.mark.parametrize("tls12", [False, True], ids=["TLS 1.3", "TLS 1.2"])
+async def test_the_table_keeps_the_client_certificate_as_bytes_and_it_still_names_the_client(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Any, tls12: bool
+) -> None:
+    """Every session in the table decodes without OpenSSL's ``peer`` (no certificate is
+    parsed to resume on another worker) and carries Bob's certificate after its line's start
+    in the application data. B resumes it, and the session B makes from it, as Bob: OpenSSL
+    knows no peer there, and the upstream is still told Bob's certificate, on /admin/ still
+    refused as Bob (a member)."""
+    store = table()
+    a, b = await two(start_sidecar, config_dir.base(upstream.port), store=store)
+    bob = a.client_ssl(a.certs.bob)
+    if tls12:
+        bob.maximum_version = ssl.TLSVersion.TLSv1_2
+    made = await fetch(a.sidecar.port, bob, "/app/made")
+    kept = [peer_and_appdata(der) for der in stored(store)]
+    assert kept and all(
+        peer is None and appdata[8:] == a.certs.bob.der for peer, appdata in kept
+    ), kept
+    there = await fetch(b.sidecar.port, bob, "/app/there", made.session)
+    again = await fetch(b.sidecar.port, bob, "/app/again", there.session)
+    admin = await fetch(b.sidecar.port, bob, "/admin/x", again.session)
+    assert [(f.status, f.reused) for f in (there, again, admin)] == [
+        (200, True),
+        (200, True),
+        (403, True),
+    ]
+    assert cb_hits(b.sidecar.tls.current) == 1
+    certificates = [seen.header("X-APP-CERTIFICATE") for seen in upstream.seen]
+    assert len(certificates) == 3 and certificates[0]
+    assert certificates[0] == certificates[1] == certificates[2]
+
+
+async def test_where_no_ssl_is_found_the_table_keeps_the_certificate_in_the_session(
+    start_sidecar: SidecarFactory,
+    config_dir: ConfigDir,
+    upstream: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Python whose SSLObject is not laid out as CPython's: no session leaves its peer for
+    the application data (a connection's certificate could not be read back), it is said
+    once, and Bob still resumes on the other worker as Bob."""
+    monkeypatch.setattr(tls_sessions, "_ssl_of", lambda ssl_object, functions: None)
+    unmade = functools.cache(tls_sessions.peerless.__wrapped__)  # not this process's answer
+    monkeypatch.setattr(tls_sessions, "peerless", unmade)
+    store = table()
+    a, b = await two(start_sidecar, config_dir.base(upstream.port), store=store)
+    bob = a.client_ssl(a.certs.bob)
+    made = await fetch(a.sidecar.port, bob, "/app/made")
+    kept = [peer_and_appdata(der) for der in stored(store)]
+    assert kept and all(peer is not None and len(appdata) == 8 for peer, appdata in kept), kept
+    there = await fetch(b.sidecar.port, bob, "/app/there", made.session)
+    assert (there.status, there.reused) == (200, True)
+    first, second = (seen.header("X-APP-CERTIFICATE") for seen in upstream.seen)
+    assert first == second and first
+    assert "tls_sessions_keep_certificates" in capsys.readouterr().out
+
+
+async def test_an_anonymous_session_resumes_on_another_worker_as_anonymous(
+    start_sidecar: SidecarFactory, config_dir: ConfigDir, upstream: Any
+) -> None:
+    """A client without a certificate (``client_certificate: optional``) resumes across the
+    table as no one: its public page is served, and /app/ asks for a certificate."""
+    store = table()
+    a, b = await two(start_sidecar, config_dir.base(upstream.port), store=store)
+    nobody = a.client_ssl()
+    made = await fetch(a.sidecar.port, nobody, "/public/made")
+    kept = [peer_and_appdata(der) for der in stored(store)]
+    assert kept and all(peer is None and len(appdata) == 8 for peer, appdata in kept), kept
+    there = await fetch(b.sidecar.port, nobody, "/public/there", made.session)
+    app = await fetch(b.sidecar.port, nobody, "/app/x", there.session)
+    assert [(f.status, f.reused) for f in (made, there, app)] == [
+        (200, False),
+        (200, True),
+        (401, True),
+    ]
+    assert [seen.header("X-APP-CERTIFICATE") for seen in upstream.seen] == [[], []]
 
 
 async def test_without_the_table_the_session_does_not_cross(
@@ -435,3 +552,130 @@ def test_what_is_not_a_table_is_refused() -> None:
     for slots in (0, tls_sessions.MAX_SLOTS + 1):
         with pytest.raises(ValueError, match="1 to"):
             tls_sessions.create(slots)
+
+
+# ---- the client's certificate, as the table keeps it -----------------------------------------
+
+
+def _fields(der: bytes) -> list[tuple[int, bytes]]:
+    """A SEQUENCE's fields (tag, content): a reading of DER of its own, for the checks."""
+    assert der[0] == 0x30
+
+    def read(at: int) -> tuple[int, int, int]:
+        tag, first = der[at], der[at + 1]
+        if first < 0x80:
+            return tag, at + 2, at + 2 + first
+        count = first & 0x7F
+        length = int.from_bytes(der[at + 2 : at + 2 + count], "big")
+        return tag, at + 2 + count, at + 2 + count + length
+
+    _, at, end = read(0)
+    assert end == len(der)
+    fields = []
+    while at < end:
+        tag, start, stop = read(at)
+        fields.append((tag, der[start:stop]))
+        at = stop
+    assert at == end
+    return fields
+
+
+def _octets(data: bytes) -> bytes:
+    return tls_sessions._tlv(0x04, data)
+
+
+#: a session's fields as OpenSSL 3.0 writes them: five universal ones, then [1] to [19]
+#: EXPLICIT, each optional; the peer [3] a certificate (a SEQUENCE), the application data
+#: [18] an OCTET STRING of a line's start and perhaps more
+SESSION_FIELDS = st.tuples(
+    st.lists(st.binary(max_size=40), min_size=5, max_size=5),
+    st.dictionaries(
+        st.sampled_from([1, 2, 4, 5, 6, 9, 13, 14, 16, 19]), st.binary(max_size=300), max_size=10
+    ),
+    st.none() | st.binary(max_size=3000),
+    st.none() | st.binary(min_size=8, max_size=1200),
+)
+
+
+def _session(fields: tuple[list[bytes], dict[int, bytes], bytes | None, bytes | None]) -> bytes:
+    universal, explicit, peer, appdata = fields
+    parts = [
+        tls_sessions._tlv(tag, data) for tag, data in zip([2, 2, 4, 4, 4], universal, strict=True)
+    ]
+    tagged = {n: _octets(data) for n, data in explicit.items()}
+    if peer is not None:
+        tagged[3] = tls_sessions._tlv(0x30, peer)
+    if appdata is not None:
+        tagged[18] = _octets(appdata)
+    parts += [tls_sessions._tlv(0xA0 | n, tagged[n]) for n in sorted(tagged)]
+    return tls_sessions._tlv(0x30, b"".join(parts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(SESSION_FIELDS)
+def test_the_table_takes_the_certificate_out_of_the_peer_and_changes_nothing_else(
+    fields: tuple[list[bytes], dict[int, bytes], bytes | None, bytes | None],
+) -> None:
+    """With a peer: the table's encoding has no [3], and its [18] is the line's start then
+    the certificate, whole; every other field is as it was, in its place. Without one: the
+    encoding as it was. Without application data: not kept (no line's start to keep)."""
+    _, _, peer, appdata = fields
+    der = _session(fields)
+    kept = tls_sessions.for_the_table(der)
+    if appdata is None:
+        assert kept is None
+        return
+    assert kept is not None
+    if peer is None:
+        assert kept == der
+        return
+    certificate = tls_sessions._tlv(0x30, peer)
+    before, after = _fields(der), _fields(kept)
+    expected = [
+        (tag, _octets(appdata[:8] + certificate) if tag == 0xB2 else content)
+        for tag, content in before
+        if tag != 0xA3
+    ]
+    assert after == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(SESSION_FIELDS, st.data())
+def test_what_is_not_a_session_is_not_kept_and_nothing_is_read_past_its_end(
+    fields: tuple[list[bytes], dict[int, bytes], bytes | None, bytes | None], data: st.DataObject
+) -> None:
+    """A session cut short, grown, or with a byte changed: either not kept, or kept as a
+    well-formed SEQUENCE without a peer; never an exception (the callback would make any of
+    them a miss, but the table must not hold a certificate OpenSSL's peer did not)."""
+    der = bytearray(_session(fields))
+    change = data.draw(st.sampled_from(["cut", "grow", "byte"]))
+    if change == "cut":
+        del der[data.draw(st.integers(0, len(der) - 1)) :]
+    elif change == "grow":
+        der += data.draw(st.binary(min_size=1, max_size=8))
+    else:
+        der[data.draw(st.integers(0, len(der) - 1))] = data.draw(st.integers(0, 255))
+    kept = tls_sessions.for_the_table(bytes(der))
+    if kept is not None:
+        assert all(tag != 0xA3 for tag, _ in _fields(kept))
+
+
+def test_an_ssl_object_not_made_by_cpythons_ssl_has_no_ssl_to_read() -> None:
+    """``resumed_peer`` reads the ``SSL`` where CPython keeps it only when the fields around
+    it are CPython's; an object that merely looks like an SSLObject gives nothing."""
+
+    class Fake:
+        _sslobj = object()
+        context = ssl.create_default_context()
+
+    functions = tls_sessions._functions()
+    assert not isinstance(functions, str)
+    assert tls_sessions._ssl_of(Fake(), functions) is None  # type: ignore[arg-type]
+    assert tls_sessions.resumed_peer(Fake()) is None  # type: ignore[arg-type]
+    context = ssl.create_default_context()
+    real = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="localhost")
+    pointer = tls_sessions._ssl_of(real, functions)
+    assert pointer is not None
+    assert functions.get_ssl_ctx(pointer) == tls_groups._ssl_ctx(context)
+    assert tls_sessions.resumed_peer(real) is None  # no session yet
+    assert tls_sessions.peerless() is None
