@@ -154,6 +154,16 @@ def build_rules(config: Config) -> HeaderRules:
     )
 
 
+#: what each message a worker could not give its supervisor leaves undone
+_NOT_RELAYED = {
+    "verdict_drop_not_relayed": "other workers keep this certificate's verdict until its ttl",
+    "deny_sent_not_relayed": (
+        "a worker the supervisor restarts sends this entry to the fleet again, even if "
+        "another replica took it off meanwhile"
+    ),
+}
+
+
 def _proxy_from(config: Config) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
     """The networks PROXY protocol headers are read from (None: listen.proxy_protocol off)."""
     return config.front_proxy.networks() if config.listen.proxy_protocol else None
@@ -273,8 +283,14 @@ class Sidecar:
         self._observe_certificates(self.config)
         if self.admin_socket is not None:
             # a worker the supervisor (re)started: the run-time deny entries it keeps
-            for sha256 in read_runtime(self.admin_socket.parent):
-                self.revocation.deny(sha256, announce=False)
+            runtime = read_runtime(self.admin_socket.parent)
+            cache = self._cache()
+            shared = cache.shared if cache is not None else None
+            for sha256 in runtime.denied:
+                if shared is None:
+                    self.revocation.deny(sha256, announce=False)
+                else:
+                    shared.restore_denied(sha256, sent=sha256 not in runtime.unsent)
         self.revocation.start()
         await self._start_admin()
         self._listener = Listener(
@@ -346,6 +362,8 @@ class Sidecar:
                 if cache.shared is not None:
                     # before it connects: the connection loads the fleet's deny entries
                     cache.shared.attach_deny(self.revocation)
+                    if self.supervisor_socket is not None:
+                        cache.shared.on_shared_late = self._denial_sent_late
                 await cache.start()
                 identity = cache
                 legacy = build_legacy(config.identity, cache)
@@ -510,8 +528,12 @@ class Sidecar:
             await self._tell_supervisor(Target(serial=serial, sha256=sha256))
 
     async def _tell_supervisor(self, target: Target) -> None:
-        assert self.supervisor_socket is not None
         doc = {"sha256": target.sha256, "serial": str(target.serial)}
+        await self._post_supervisor("/workers/forget", doc, "verdict_drop_not_relayed")
+
+    async def _post_supervisor(self, path: str, doc: dict[str, str | None], event: str) -> None:
+        """POST ``doc`` to the supervisor's socket; ``event`` is logged when it did not take it."""
+        assert self.supervisor_socket is not None
         try:
             async with (
                 aiohttp.ClientSession(
@@ -519,7 +541,7 @@ class Sidecar:
                     timeout=aiohttp.ClientTimeout(total=10),
                 ) as session,
                 session.post(
-                    "http://localhost/workers/forget", json=doc, headers={ADMIN_HEADER: "1"}
+                    f"http://localhost{path}", json=doc, headers={ADMIN_HEADER: "1"}
                 ) as resp,
             ):
                 if resp.status != 200:
@@ -527,12 +549,8 @@ class Sidecar:
                         resp.request_info, (), status=resp.status, message=await resp.text()
                     )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            self.log.warning(
-                "verdict_drop_not_relayed",
-                cert_sha256=target.sha256,
-                reason=repr(exc),
-                hint="other workers keep this certificate's verdict until its ttl",
-            )
+            hint = _NOT_RELAYED[event]
+            self.log.warning(event, cert_sha256=doc.get("sha256"), reason=repr(exc), hint=hint)
 
     def status_document(self) -> status.Document:
         """This process's status page (``status.document``)."""
@@ -605,6 +623,16 @@ class Sidecar:
             return
         task = asyncio.get_running_loop().create_task(
             self._forget_everywhere(sha256, None, here=False, why=why)
+        )
+        self._fleet.add(task)
+        task.add_done_callback(self._fleet.discard)
+
+    def _denial_sent_late(self, sha256: str) -> None:
+        """A deny entry made while the shared cache was unavailable reached the fleet: the
+        supervisor's list says so, so that a worker it restarts counts the entry as the
+        fleet's (one another replica takes off later then goes, instead of coming back)."""
+        task = asyncio.get_running_loop().create_task(
+            self._post_supervisor("/workers/deny-sent", {"sha256": sha256}, "deny_sent_not_relayed")
         )
         self._fleet.add(task)
         task.add_done_callback(self._fleet.discard)

@@ -127,6 +127,22 @@ class Worker:
     retired: dict[_Key, float] = field(default_factory=dict)
     last: dict[_Key, float] = field(default_factory=dict)
     restarts: int = 0
+    #: the run-time deny entries written down when its process was started (it reads them)
+    denied_at_start: frozenset[str] = frozenset()
+
+
+def _left_unsent(answers: list[tuple[int, str] | None]) -> bool:
+    """Whether a relayed ``POST /deny`` left the entry unsent: no worker answered that the
+    fleet has it (``"fleet": true``). Without a shared cache nothing is sent, and nothing
+    is left (no answer says ``"fleet"``)."""
+    fleet: list[object] = []
+    for answer in answers:
+        if answer is not None and answer[0] in (200, 207):
+            with contextlib.suppress(ValueError, AttributeError):
+                fleet.append(json.loads(answer[1]).get("fleet"))
+    if True in fleet:
+        return False
+    return False in fleet or not fleet
 
 
 class Supervisor:
@@ -144,6 +160,8 @@ class Supervisor:
         self.started = time.time()
         #: run-time deny entries (POST /deny), kept for workers started later
         self.denied: set[str] = set()
+        #: those of them no worker has told the fleet of yet (see revocation.admin)
+        self.unsent: set[str] = set()
         self._replays: set[asyncio.Task[None]] = set()
         #: the session ticket keys' secret, the same for every worker (restarted ones too)
         self._ticket_secret = tls_tickets.new_secret()
@@ -193,6 +211,7 @@ class Supervisor:
             passed.append(self._sessions)
         # A new process reads the file anew: an earlier SIGHUP has nothing left to do.
         worker.started = worker.reload_pending = False
+        worker.denied_at_start = frozenset(self.denied)
         try:
             worker.process = Child(args, pass_fds=tuple(passed))
         finally:
@@ -266,8 +285,10 @@ class Supervisor:
             if reason == "starting":
                 return
         worker.started = True
-        if self.denied:
+        if self.denied - worker.denied_at_start:
             # It read the entries at start; one added while it started may have missed it.
+            # (Not the others again: a POST tells the fleet, and the fleet may have taken
+            # them off since.)
             task = asyncio.get_running_loop().create_task(self._replay_denied(worker))
             self._replays.add(task)
             task.add_done_callback(self._replays.discard)
@@ -293,7 +314,7 @@ class Supervisor:
         self.log.info("reload_relayed", workers=now, when_started=later)
 
     async def _replay_denied(self, worker: Worker) -> None:
-        for sha256 in sorted(self.denied):
+        for sha256 in sorted(self.denied - worker.denied_at_start):
             await self._ask(worker, "POST", f"/deny?sha256={sha256}")
 
     async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, str] | None:
@@ -430,14 +451,19 @@ class Supervisor:
                 return web.json_response({"error": str(exc)}, status=400)
             if request.method == "POST":
                 self.denied.add(sha256)
-                write_runtime(self.runtime, self.denied)
+                self.unsent.add(sha256)  # until a worker says the fleet has it
+                write_runtime(self.runtime, self.denied, self.unsent)
             path = f"/deny?sha256={sha256}"
             answers = await asyncio.gather(
                 *(self._ask(w, request.method, path) for w in self.workers)
             )
+            if request.method == "POST" and not _left_unsent(answers):
+                self.unsent.discard(sha256)
+                write_runtime(self.runtime, self.denied, self.unsent)
             if request.method == "DELETE" and any(a is not None and a[0] == 200 for a in answers):
                 self.denied.discard(sha256)
-                write_runtime(self.runtime, self.denied)
+                self.unsent.discard(sha256)
+                write_runtime(self.runtime, self.denied, self.unsent)
             reached = [a for a in answers if a is not None]
             if not reached:
                 return web.json_response({"error": "no worker answered"}, status=503)
@@ -572,8 +598,21 @@ class Supervisor:
             reached = sum(1 for a in answers if a is not None and a[0] in (200, 207))
             return web.json_response({"workers": reached})
 
+        async def sent(request: web.Request) -> web.Response:
+            """A worker sent a deny entry made while the shared cache was unavailable."""
+            doc = await request.json()
+            try:
+                sha256 = fingerprint_of({"sha256": str(doc.get("sha256"))})
+            except (ValueError, AttributeError) as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            if sha256 in self.unsent:
+                self.unsent.discard(sha256)
+                write_runtime(self.runtime, self.denied, self.unsent)
+            return web.json_response({"unsent": len(self.unsent)})
+
         app = web.Application()
         app.router.add_post("/workers/forget", forget)
+        app.router.add_post("/workers/deny-sent", sent)
         return app
 
     async def merged_metrics(self) -> str:

@@ -8,10 +8,20 @@ Real ``sidecar run`` processes, one real Redis, requests over real TLS.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.revocation.admin import RUNTIME_DENY_FILE, Runtime, read_runtime, write_runtime
+from sidecar.workers import _left_unsent
 
 from .conftest import ConfigDir, Upstream
 from .fleet import (
@@ -44,6 +54,7 @@ async def cut_off_first(
     upstream: Upstream,
     verdicts: Verdicts,
     redis_server: RedisServer,
+    **options: Any,
 ) -> AsyncIterator[tuple[Replica, Replica, CutProxy]]:
     """Two replicas of one Redis, the first through a proxy that can cut it off; the proxy
     is cut when the test ends, passed or failed (its relays would outlive it)."""
@@ -51,7 +62,7 @@ async def cut_off_first(
     await proxy.restore()
     try:
         a, b = await start_fleet(
-            fleet, config_dir, upstream, verdicts, [proxy.url, redis_server.url], 2
+            fleet, config_dir, upstream, verdicts, [proxy.url, redis_server.url], 2, **options
         )
         yield a, b, proxy
     finally:
@@ -242,3 +253,171 @@ async def test_a_malformed_deny_message_is_counted_and_ignored(
 
 async def _metric_at_least(replica: Replica, name: str, value: float) -> bool:
     return await replica.metric(name, kind="invalid_message") >= value
+
+
+# ---- a supervisor's list, and the workers it restarts ------------------------------------------
+
+
+def _workers_of(replica: Replica) -> set[int]:
+    """The pids of a supervisor's worker processes (its children, from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == replica.proc.pid:
+                    found.add(int(entry.name))
+    return found
+
+
+async def _restart_workers(replica: Replica, count: int) -> None:
+    """SIGKILL ``count`` of a supervisor's workers; back once it has restarted them and they
+    are ready (and have had the time to be sent what a restarted worker is sent)."""
+    before = _workers_of(replica)
+    assert len(before) >= count, before
+    for pid in sorted(before)[:count]:
+        os.kill(pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        now = _workers_of(replica)
+        if len(now) != len(before) or len(now - before) != count:
+            return False
+        return (await replica.admin("GET", "/readyz"))[0] == 200
+
+    await eventually(restarted, within=30)
+    await asyncio.sleep(1.0)
+
+
+async def _up_in_every_worker(replica: Replica, workers: int) -> bool:
+    return await replica.metric("sidecar_cache_shared_up") == workers
+
+
+def _deny_set(redis_server: RedisServer) -> set[str]:
+    raw = redis_server.client().smembers("sidecar:deny")
+    return {m.decode() if isinstance(m, bytes) else m for m in raw}
+
+
+async def test_a_restarted_worker_does_not_bring_back_an_entry_the_fleet_took_off(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """A denies a certificate through its supervisor (two workers); B takes it off. A worker
+    of A that dies and is restarted starts from its supervisor's list, which still names
+    the certificate: the certificate stays allowed everywhere (not sent to the fleet again,
+    and not refused by the new worker once it has the fleet's set)."""
+    a, b = await start_fleet(fleet, config_dir, upstream, verdicts, redis_server.url, 2, workers=2)
+    [client] = make_clients(config_dir, 1)
+    assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 200
+    await eventually(lambda: _status_everywhere([a, b], client, 403), within=5)
+    assert (await b.admin("DELETE", f"/deny?sha256={client.sha256}"))[0] == 200
+    await eventually(lambda: _status_everywhere([a, b], client, 200), within=5)
+    await _restart_workers(a, 1)
+    await eventually(lambda: _up_in_every_worker(a, 2))
+    assert _deny_set(redis_server) == set()
+    for _ in range(3):  # every worker of both, for a while
+        assert await _status_everywhere([a, b], client, 200)
+        await asyncio.sleep(0.3)
+    assert _deny_set(redis_server) == set()
+
+
+async def test_a_denial_not_sent_yet_survives_the_restart_of_every_worker(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """A, cut off from Redis, denies a certificate (207: sent when Redis answers). Both its
+    workers die before Redis answers; the new ones refuse the certificate at once, and send
+    the entry when Redis answers: B refuses it too."""
+    async with cut_off_first(fleet, config_dir, upstream, verdicts, redis_server, workers=2) as (
+        a,
+        b,
+        proxy,
+    ):
+        [client] = make_clients(config_dir, 1)
+        await proxy.cut()
+        await eventually(lambda: _shared_down(a))
+        status, body = await a.admin("POST", f"/deny?sha256={client.sha256}")
+        assert status == 207 and json.loads(body)["fleet"] is False, body
+        await _restart_workers(a, 2)
+        assert await _status_everywhere([a], client, 403)
+        assert await get(b.port, client) == 200
+        await proxy.restore()
+        await eventually(lambda: _status_everywhere([a, b], client, 403), within=10)
+        assert _deny_set(redis_server) == {client.sha256}
+
+
+async def test_a_denial_sent_late_is_the_fleets_for_a_restarted_worker(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """A, cut off, denies a certificate; once Redis answers a worker of A sends it to the
+    fleet and tells the supervisor. B takes it off; then a worker of A is restarted: the
+    entry is not sent again (it went to the fleet, and the fleet took it off)."""
+    async with cut_off_first(fleet, config_dir, upstream, verdicts, redis_server, workers=2) as (
+        a,
+        b,
+        proxy,
+    ):
+        [client] = make_clients(config_dir, 1)
+        await proxy.cut()
+        await eventually(lambda: _shared_down(a))
+        assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 207
+        await proxy.restore()
+        await eventually(lambda: _status_everywhere([a, b], client, 403), within=10)
+        assert (await b.admin("DELETE", f"/deny?sha256={client.sha256}"))[0] == 200
+        await eventually(lambda: _status_everywhere([a, b], client, 200), within=5)
+        await _restart_workers(a, 1)
+        await eventually(lambda: _up_in_every_worker(a, 2))
+        for _ in range(3):
+            assert await _status_everywhere([a, b], client, 200)
+            await asyncio.sleep(0.3)
+        assert _deny_set(redis_server) == set()
+
+
+# ---- the supervisor's file ---------------------------------------------------------------------
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def test_the_supervisors_list_says_which_entries_the_fleet_has_not_had(tmp_path: Path) -> None:
+    write_runtime(
+        tmp_path, {SHA_A, SHA_B}, {SHA_B, "c" * 64}
+    )  # an unsent entry not denied: not kept
+    assert read_runtime(tmp_path) == Runtime([SHA_A, SHA_B], {SHA_B})
+    (tmp_path / RUNTIME_DENY_FILE).write_text(json.dumps([SHA_A.upper()]))  # an earlier version's
+    assert read_runtime(tmp_path) == Runtime([SHA_A], set())
+    for wrong in (
+        '{"denied": "x", "unsent": []}',
+        '{"denied": []}',
+        '"x"',
+        '{"denied": ["zz"], "unsent": []}',
+    ):
+        (tmp_path / RUNTIME_DENY_FILE).write_text(wrong)
+        with pytest.raises(ValueError, match=str(tmp_path / RUNTIME_DENY_FILE) + "|fingerprint"):
+            read_runtime(tmp_path)
+    assert read_runtime(tmp_path / "none") == Runtime([], set())
+
+
+@pytest.mark.parametrize(
+    ("answers", "unsent"),
+    [
+        ([(200, '{"denied": "x", "fleet": true}'), (207, '{"fleet": false}')], False),
+        ([(207, '{"fleet": false}'), (207, '{"fleet": false}')], True),
+        ([(207, '{"fleet": false}'), None], True),
+        ([None, None], True),  # no worker answered: the entry waits in the list
+        ([(200, '{"denied": "x", "new": true}')], False),  # no shared cache: nothing to send
+        ([(500, "not json")], True),
+    ],
+)
+def test_a_relayed_denial_is_unsent_until_a_worker_says_the_fleet_has_it(
+    answers: list[tuple[int, str] | None], unsent: bool
+) -> None:
+    assert _left_unsent(answers) is unsent

@@ -7,6 +7,12 @@ to every worker and keeps the run-time entries in ``RUNTIME_DENY_FILE`` in its p
 folder, next to the workers' admin sockets, so that a worker it restarts starts with them
 (``read_runtime``).
 
+With a shared cache the file also says which entries no worker has told the fleet of yet
+(every relayed ``POST`` answered 207, and no worker has sent it since). A restarted worker
+counts the others as the fleet's: once it has the fleet's set, an entry another replica took
+off meanwhile goes here too, instead of coming back. It sends the unsent ones when Redis
+answers, as the worker that made them would have.
+
 With a shared cache (``identity.cache.shared``) ``fleet`` takes each change to every replica
 through Redis; the answer says whether it did (``"fleet": true``), or, with Redis unusable,
 that the change holds here only for now (207, ``"fleet": false``): a denial goes to the fleet
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -108,20 +115,39 @@ def deny_routes(app: web.Application, revocation: Revocation, fleet: Fleet | Non
     app.router.add_delete("/deny", remove)
 
 
-def read_runtime(folder: Path) -> list[str]:
-    """The run-time entries a supervisor keeps for its workers (none when there is no file)."""
+class Runtime(NamedTuple):
+    """The run-time entries a supervisor keeps for the workers it (re)starts: every entry,
+    and those no worker has told the fleet of yet (made while the shared cache was
+    unavailable; a subset of ``denied``)."""
+
+    denied: list[str]
+    unsent: set[str]
+
+
+def read_runtime(folder: Path) -> Runtime:
+    """The supervisor's run-time entries (none when there is no file). Raises ``ValueError``
+    naming the file when it is not what ``write_runtime`` writes (or a JSON list of
+    fingerprints, as earlier versions wrote it)."""
+    path = folder / RUNTIME_DENY_FILE
     try:
-        doc = json.loads((folder / RUNTIME_DENY_FILE).read_text())
+        doc = json.loads(path.read_text())
     except FileNotFoundError:
-        return []
-    if not isinstance(doc, list):
-        raise ValueError(f"{folder / RUNTIME_DENY_FILE}: not a JSON list")
-    return [normalize_fingerprint(str(item)) for item in doc]
+        return Runtime([], set())
+    if isinstance(doc, list):
+        doc = {"denied": doc, "unsent": []}
+    if not isinstance(doc, dict) or not all(
+        isinstance(doc.get(key), list) for key in ("denied", "unsent")
+    ):
+        raise ValueError(f"{path}: not a deny list (denied and unsent: lists of fingerprints)")
+    denied = [normalize_fingerprint(str(item)) for item in doc["denied"]]
+    unsent = {normalize_fingerprint(str(item)) for item in doc["unsent"]}
+    return Runtime(denied, unsent & set(denied))
 
 
-def write_runtime(folder: Path, entries: set[str]) -> None:
+def write_runtime(folder: Path, entries: set[str], unsent: set[str]) -> None:
     """Replace the file at once (a worker starting meanwhile reads the old or the new list)."""
     target = folder / RUNTIME_DENY_FILE
     temporary = target.with_suffix(".tmp")
-    temporary.write_text(json.dumps(sorted(entries)))
+    doc = {"denied": sorted(entries), "unsent": sorted(unsent & entries)}
+    temporary.write_text(json.dumps(doc))
     temporary.replace(target)

@@ -253,6 +253,10 @@ class SharedCache:
         self._deny_key = f"{prefix}deny"
         #: the entries of the deny set this process knows of (loaded, heard, or sent)
         self._fleet_denied: set[str] = set()
+        #: the deny set was loaded once: ``_fleet_denied`` holds what it held then, and since
+        self._loaded = False
+        #: told of each denial sent late (``_send_late``): a supervisor's list learns it
+        self.on_shared_late: Callable[[str], None] | None = None
         #: run-time deny entries added here while Redis could not take them: sent at the next
         #: (re)connection (those taken off here meanwhile, not)
         self._unsent_denials: set[str] = set()
@@ -430,6 +434,9 @@ class SharedCache:
                         cert_sha256=sha256,
                         reason="denied here while the shared cache could not take it",
                     )
+                    told = self.on_shared_late
+                    if told is not None:
+                        told(sha256)
             if self._unsent_denials:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -478,6 +485,27 @@ class SharedCache:
         for sha256 in sorted(denied):
             sink.deny(sha256, announce=False)
         self._fleet_denied = denied
+        self._loaded = True
+
+    def restore_denied(self, sha256: str, *, sent: bool) -> None:
+        """A run-time entry a restarted worker finds in its supervisor's list
+        (``revocation.admin.read_runtime``). One that went to the fleet (``sent``) is the
+        fleet's: denied here until the deny set says otherwise (taken off elsewhere since:
+        not denied, or no longer once the set is loaded). One that did not is denied here
+        and sent when Redis answers, as by the worker that made it."""
+        sink = self._deny_sink
+        if sink is None:
+            return
+        if sent:
+            if self._loaded and sha256 not in self._fleet_denied:
+                return  # the set, loaded already, no longer holds it
+            self._fleet_denied.add(sha256)
+            sink.deny(sha256, announce=False)
+            return
+        sink.deny(sha256, announce=False)
+        self._unsent_denials.add(sha256)
+        if self.up():
+            self._schedule_late()
 
     async def _listen(self, pubsub: Any) -> None:
         """Handle the channel's messages until the connection is judged broken: an error, no
