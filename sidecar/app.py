@@ -19,7 +19,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -281,18 +281,13 @@ class Sidecar:
         self.metrics.agent_cert_expiry.set_function(self._agent_expiry)
         self.metrics.bind_revocation(self.revocation)
         self._observe_certificates(self.config)
-        if self.admin_socket is not None:
-            # a worker the supervisor (re)started: the run-time deny entries it keeps
-            runtime = read_runtime(self.admin_socket.parent)
-            cache = self._cache()
-            shared = cache.shared if cache is not None else None
-            for sha256 in runtime.denied:
-                if shared is None:
-                    self.revocation.deny(sha256, announce=False)
-                else:
-                    shared.restore_denied(sha256, sent=sha256 not in runtime.unsent)
+        # a worker the supervisor (re)started: the run-time deny entries it keeps
+        restored = self._restore_denied(frozenset())
         self.revocation.start()
         await self._start_admin()
+        # Read again now that the supervisor's relays reach this worker: what it changed
+        # meanwhile (it writes the file before it relays) holds here too.
+        self._restore_denied(restored)
         self._listener = Listener(
             self.handler,
             tls=self.tls,
@@ -401,7 +396,7 @@ class Sidecar:
         )
         self.readiness.checks.append(self._identity_problem)
         self.readiness.checks.append(self.revocation.problem)
-        deny_routes(app, self.revocation, self._deny_fleet)
+        deny_routes(app, self.revocation, self._deny_fleet, self._fleet_id)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         if self.admin_socket is not None:
@@ -531,7 +526,7 @@ class Sidecar:
         doc = {"sha256": target.sha256, "serial": str(target.serial)}
         await self._post_supervisor("/workers/forget", doc, "verdict_drop_not_relayed")
 
-    async def _post_supervisor(self, path: str, doc: dict[str, str | None], event: str) -> None:
+    async def _post_supervisor(self, path: str, doc: Mapping[str, str | None], event: str) -> None:
         """POST ``doc`` to the supervisor's socket; ``event`` is logged when it did not take it."""
         assert self.supervisor_socket is not None
         try:
@@ -591,6 +586,11 @@ class Sidecar:
             return
         cache.purge(sha256=sha256, serial=serial)
 
+    def _fleet_id(self) -> str | None:
+        cache = self._cache()
+        shared = cache.shared if cache is not None else None
+        return shared.fleet_id if shared is not None else None
+
     async def _deny_fleet(self, sha256: str, add: bool) -> bool | None:
         """A run-time deny entry added (``add``) or taken off here: the same on every replica
         through the shared cache, if there is one (None without). Logged when it could not."""
@@ -627,12 +627,38 @@ class Sidecar:
         self._fleet.add(task)
         task.add_done_callback(self._fleet.discard)
 
-    def _denial_sent_late(self, sha256: str) -> None:
+    def _restore_denied(self, before: frozenset[str]) -> frozenset[str]:
+        """Deny what the supervisor's list holds (``revocation.admin.read_runtime``) and
+        ``before`` did not, and take off what ``before`` held and the list no longer does;
+        the list's entries. With a shared cache an entry sent to this worker's fleet counts
+        as the fleet's (``SharedCache.restore_denied``). Nothing without a supervisor."""
+        if self.admin_socket is None:
+            return before
+        runtime = read_runtime(self.admin_socket.parent)
+        cache = self._cache()
+        shared = cache.shared if cache is not None else None
+        listed = frozenset(runtime.denied)
+        for sha256 in sorted(before - listed):
+            if shared is not None:
+                shared.forget_restored(sha256)
+            self.revocation.allow(sha256)
+        for sha256 in runtime.denied:
+            if sha256 in before:
+                continue
+            if shared is None:
+                self.revocation.deny(sha256, announce=False)
+            else:
+                sent = runtime.sent.get(sha256) == shared.fleet_id
+                shared.restore_denied(sha256, sent=sent)
+        return listed
+
+    def _denial_sent_late(self, sha256: str, fleet_id: str) -> None:
         """A deny entry made while the shared cache was unavailable reached the fleet: the
         supervisor's list says so, so that a worker it restarts counts the entry as the
         fleet's (one another replica takes off later then goes, instead of coming back)."""
+        doc = {"sha256": sha256, "fleet": fleet_id}
         task = asyncio.get_running_loop().create_task(
-            self._post_supervisor("/workers/deny-sent", {"sha256": sha256}, "deny_sent_not_relayed")
+            self._post_supervisor("/workers/deny-sent", doc, "deny_sent_not_relayed")
         )
         self._fleet.add(task)
         task.add_done_callback(self._fleet.discard)

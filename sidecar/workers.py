@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,7 +43,7 @@ from . import BUILD, __version__, log, status, tls_sessions, tls_tickets
 from .admin import ADMIN_HEADER, explain_refusal, guard
 from .admin_reports import peer_allowed
 from .config import Config
-from .revocation.admin import fingerprint_of, write_runtime
+from .revocation.admin import FLEET_HEADER, fingerprint_of, write_runtime
 
 #: merged by the largest value: the same everywhere (a date, a list every worker holds)
 _MAX_GAUGES = ("_timestamp_seconds", "_expiring_soon", "_deny_list_entries")
@@ -127,22 +128,25 @@ class Worker:
     retired: dict[_Key, float] = field(default_factory=dict)
     last: dict[_Key, float] = field(default_factory=dict)
     restarts: int = 0
-    #: the run-time deny entries written down when its process was started (it reads them)
-    denied_at_start: frozenset[str] = frozenset()
 
 
-def _left_unsent(answers: list[tuple[int, str] | None]) -> bool:
-    """Whether a relayed ``POST /deny`` left the entry unsent: no worker answered that the
-    fleet has it (``"fleet": true``). Without a shared cache nothing is sent, and nothing
-    is left (no answer says ``"fleet"``)."""
-    fleet: list[object] = []
+def _sent_to(answers: list[tuple[int, str, dict[str, str]] | None]) -> str | None:
+    """The fleet a relayed ``POST /deny`` reached: the one a worker's answer names
+    (``FLEET_HEADER``) where it says ``"fleet": true``; None when no answer says so (the
+    shared cache was unavailable, no worker answered, or there is no shared cache)."""
     for answer in answers:
-        if answer is not None and answer[0] in (200, 207):
-            with contextlib.suppress(ValueError, AttributeError):
-                fleet.append(json.loads(answer[1]).get("fleet"))
-    if True in fleet:
-        return False
-    return False in fleet or not fleet
+        if answer is None or answer[0] != 200:
+            continue
+        named = (v for k, v in answer[2].items() if k.lower() == FLEET_HEADER.lower())
+        fleet = next(named, None)
+        with contextlib.suppress(ValueError, AttributeError):
+            if fleet and _FLEET_ID.match(fleet) and json.loads(answer[1]).get("fleet") is True:
+                return fleet
+    return None
+
+
+#: a fleet's name (``SharedCache.fleet_id``)
+_FLEET_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 class Supervisor:
@@ -160,9 +164,8 @@ class Supervisor:
         self.started = time.time()
         #: run-time deny entries (POST /deny), kept for workers started later
         self.denied: set[str] = set()
-        #: those of them no worker has told the fleet of yet (see revocation.admin)
-        self.unsent: set[str] = set()
-        self._replays: set[asyncio.Task[None]] = set()
+        #: those of them a worker has told a fleet of, and which (see revocation.admin)
+        self.sent: dict[str, str] = {}
         #: the session ticket keys' secret, the same for every worker (restarted ones too)
         self._ticket_secret = tls_tickets.new_secret()
         #: the table the workers share their TLS sessions in (tls_sessions), made once: its
@@ -211,7 +214,6 @@ class Supervisor:
             passed.append(self._sessions)
         # A new process reads the file anew: an earlier SIGHUP has nothing left to do.
         worker.started = worker.reload_pending = False
-        worker.denied_at_start = frozenset(self.denied)
         try:
             worker.process = Child(args, pass_fds=tuple(passed))
         finally:
@@ -285,13 +287,6 @@ class Supervisor:
             if reason == "starting":
                 return
         worker.started = True
-        if self.denied - worker.denied_at_start:
-            # It read the entries at start; one added while it started may have missed it.
-            # (Not the others again: a POST tells the fleet, and the fleet may have taken
-            # them off since.)
-            task = asyncio.get_running_loop().create_task(self._replay_denied(worker))
-            self._replays.add(task)
-            task.add_done_callback(self._replays.discard)
         if worker.reload_pending and worker.process is not None:
             worker.reload_pending = False
             worker.process.send_signal(signal.SIGHUP)
@@ -313,16 +308,17 @@ class Supervisor:
                 later.append(worker.index)
         self.log.info("reload_relayed", workers=now, when_started=later)
 
-    async def _replay_denied(self, worker: Worker) -> None:
-        for sha256 in sorted(self.denied - worker.denied_at_start):
-            await self._ask(worker, "POST", f"/deny?sha256={sha256}")
-
-    async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, str] | None:
+    async def _ask_with_headers(
+        self, worker: Worker, method: str, path: str
+    ) -> tuple[int, str, dict[str, str]] | None:
         try:
-            answer = await self._request(worker, method, path)
+            return await self._request(worker, method, path)
         except (_Undelivered, _Lost):
             return None
-        return answer[0], answer[1]
+
+    async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, str] | None:
+        answer = await self._ask_with_headers(worker, method, path)
+        return (answer[0], answer[1]) if answer is not None else None
 
     async def _request(
         self,
@@ -451,19 +447,24 @@ class Supervisor:
                 return web.json_response({"error": str(exc)}, status=400)
             if request.method == "POST":
                 self.denied.add(sha256)
-                self.unsent.add(sha256)  # until a worker says the fleet has it
-                write_runtime(self.runtime, self.denied, self.unsent)
+                self.sent.pop(sha256, None)  # until a worker says a fleet has it
+                write_runtime(self.runtime, self.denied, self.sent)
             path = f"/deny?sha256={sha256}"
-            answers = await asyncio.gather(
-                *(self._ask(w, request.method, path) for w in self.workers)
+            full = await asyncio.gather(
+                *(self._ask_with_headers(w, request.method, path) for w in self.workers)
             )
-            if request.method == "POST" and not _left_unsent(answers):
-                self.unsent.discard(sha256)
-                write_runtime(self.runtime, self.denied, self.unsent)
-            if request.method == "DELETE" and any(a is not None and a[0] == 200 for a in answers):
+            answers = [(a[0], a[1]) if a is not None else None for a in full]
+            if request.method == "POST":
+                fleet = _sent_to(full)
+                if fleet is not None:
+                    self.sent[sha256] = fleet
+                    write_runtime(self.runtime, self.denied, self.sent)
+            elif sha256 in self.denied:
+                # taken off, whatever the workers answered (207: here only for now; 404: one
+                # had it no longer): a worker started later must not find it
                 self.denied.discard(sha256)
-                self.unsent.discard(sha256)
-                write_runtime(self.runtime, self.denied, self.unsent)
+                self.sent.pop(sha256, None)
+                write_runtime(self.runtime, self.denied, self.sent)
             reached = [a for a in answers if a is not None]
             if not reached:
                 return web.json_response({"error": "no worker answered"}, status=503)
@@ -599,16 +600,20 @@ class Supervisor:
             return web.json_response({"workers": reached})
 
         async def sent(request: web.Request) -> web.Response:
-            """A worker sent a deny entry made while the shared cache was unavailable."""
-            doc = await request.json()
+            """A worker sent a deny entry made while the shared cache was unavailable to its
+            fleet (``{"sha256": ..., "fleet": SharedCache.fleet_id}``)."""
             try:
-                sha256 = fingerprint_of({"sha256": str(doc.get("sha256"))})
-            except (ValueError, AttributeError) as exc:
-                return web.json_response({"error": str(exc)}, status=400)
-            if sha256 in self.unsent:
-                self.unsent.discard(sha256)
-                write_runtime(self.runtime, self.denied, self.unsent)
-            return web.json_response({"unsent": len(self.unsent)})
+                doc = await request.json()
+                sha256 = fingerprint_of({"sha256": str(doc["sha256"])})
+                fleet = doc["fleet"]
+                if not isinstance(fleet, str) or not _FLEET_ID.match(fleet):
+                    raise ValueError(f"not a fleet: {fleet!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                return web.json_response({"error": f"not a sent entry: {exc}"}, status=400)
+            if sha256 in self.denied and self.sent.get(sha256) != fleet:
+                self.sent[sha256] = fleet
+                write_runtime(self.runtime, self.denied, self.sent)
+            return web.json_response({"sent": len(self.sent)})
 
         app = web.Application()
         app.router.add_post("/workers/forget", forget)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from sidecar.revocation.admin import RUNTIME_DENY_FILE, Runtime, read_runtime, write_runtime
-from sidecar.workers import _left_unsent
+from sidecar.workers import _sent_to
 
 from .conftest import ConfigDir, Upstream
 from .fleet import (
@@ -33,6 +33,7 @@ from .fleet import (
     fleet,
     get,
     make_clients,
+    replica_config,
     verdicts,
 )
 from .redisd import RedisServer, redis_server
@@ -385,39 +386,121 @@ async def test_a_denial_sent_late_is_the_fleets_for_a_restarted_worker(
 # ---- the supervisor's file ---------------------------------------------------------------------
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
+FLEET = "0123456789abcdef"
 
 
-def test_the_supervisors_list_says_which_entries_the_fleet_has_not_had(tmp_path: Path) -> None:
-    write_runtime(
-        tmp_path, {SHA_A, SHA_B}, {SHA_B, "c" * 64}
-    )  # an unsent entry not denied: not kept
-    assert read_runtime(tmp_path) == Runtime([SHA_A, SHA_B], {SHA_B})
+def test_the_supervisors_list_says_which_entries_went_to_which_fleet(tmp_path: Path) -> None:
+    write_runtime(tmp_path, {SHA_A, SHA_B}, {SHA_B: FLEET, "c" * 64: FLEET})  # c: not denied
+    assert read_runtime(tmp_path) == Runtime([SHA_A, SHA_B], {SHA_B: FLEET})
     (tmp_path / RUNTIME_DENY_FILE).write_text(json.dumps([SHA_A.upper()]))  # an earlier version's
-    assert read_runtime(tmp_path) == Runtime([SHA_A], set())
+    assert read_runtime(tmp_path) == Runtime([SHA_A], {})
     for wrong in (
-        '{"denied": "x", "unsent": []}',
+        '{"denied": "x", "sent": {}}',
         '{"denied": []}',
         '"x"',
-        '{"denied": ["zz"], "unsent": []}',
+        '{"denied": ["zz"], "sent": {}}',
+        '{"denied": [], "sent": []}',
+        json.dumps({"denied": [], "sent": {SHA_A: 1}}),
     ):
         (tmp_path / RUNTIME_DENY_FILE).write_text(wrong)
         with pytest.raises(ValueError, match=str(tmp_path / RUNTIME_DENY_FILE) + "|fingerprint"):
             read_runtime(tmp_path)
-    assert read_runtime(tmp_path / "none") == Runtime([], set())
+    assert read_runtime(tmp_path / "none") == Runtime([], {})
+
+
+def _answer(status: int, doc: str, fleet: str | None = FLEET) -> tuple[int, str, dict[str, str]]:
+    return status, doc, ({"x-sidecar-fleet": fleet} if fleet is not None else {})
 
 
 @pytest.mark.parametrize(
-    ("answers", "unsent"),
+    ("answers", "fleet"),
     [
-        ([(200, '{"denied": "x", "fleet": true}'), (207, '{"fleet": false}')], False),
-        ([(207, '{"fleet": false}'), (207, '{"fleet": false}')], True),
-        ([(207, '{"fleet": false}'), None], True),
-        ([None, None], True),  # no worker answered: the entry waits in the list
-        ([(200, '{"denied": "x", "new": true}')], False),  # no shared cache: nothing to send
-        ([(500, "not json")], True),
+        ([_answer(200, '{"fleet": true}'), _answer(207, '{"fleet": false}', None)], FLEET),
+        ([_answer(207, '{"fleet": false}', None)] * 2, None),
+        ([_answer(207, '{"fleet": false}', None), None], None),
+        ([None, None], None),  # no worker answered: the entry waits in the list
+        ([_answer(200, '{"new": true}', None)], None),  # no shared cache: nothing sent
+        ([_answer(200, '{"fleet": true}', None)], None),  # no fleet named: not counted
+        ([_answer(200, '{"fleet": true}', "../x")], None),
+        ([_answer(200, "not json")], None),
     ],
 )
-def test_a_relayed_denial_is_unsent_until_a_worker_says_the_fleet_has_it(
-    answers: list[tuple[int, str] | None], unsent: bool
+def test_a_relayed_denial_counts_as_sent_to_the_fleet_a_worker_names(
+    answers: list[tuple[int, str, dict[str, str]] | None], fleet: str | None
 ) -> None:
-    assert _left_unsent(answers) is unsent
+    assert _sent_to(answers) == fleet
+
+
+async def test_a_removal_made_while_cut_off_is_not_undone_by_a_restarted_worker(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """A, cut off, denies a certificate and takes it off again (207 both times, the second
+    from a supervisor whose workers answer 207). Redis answers; later a worker of A is
+    restarted: it does not find the entry in its supervisor's list, and sends nothing."""
+    async with cut_off_first(fleet, config_dir, upstream, verdicts, redis_server, workers=2) as (
+        a,
+        b,
+        proxy,
+    ):
+        [client] = make_clients(config_dir, 1)
+        await proxy.cut()
+        await eventually(lambda: _shared_down(a))
+        assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 207
+        assert (await a.admin("DELETE", f"/deny?sha256={client.sha256}"))[0] == 207
+        await proxy.restore()
+        await eventually(lambda: _up_in_every_worker(a, 2))
+        assert await _status_everywhere([a, b], client, 200)
+        await _restart_workers(a, 1)
+        await eventually(lambda: _up_in_every_worker(a, 2))
+        for _ in range(3):
+            assert await _status_everywhere([a, b], client, 200)
+            await asyncio.sleep(0.3)
+        assert _deny_set(redis_server) == set()
+
+
+async def test_a_denial_sent_before_a_reload_moved_the_fleet_is_kept_by_a_restarted_worker(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """A denies a certificate, sent to the fleet under one key prefix; a reload moves A to
+    another prefix (another fleet), whose set does not hold it; then a worker of A is
+    restarted. Every worker of A keeps refusing the certificate: the restarted one counts
+    the entry as not sent to its fleet, and sends it there."""
+    data = replica_config(
+        config_dir,
+        upstream_port=upstream.port,
+        verdicts=verdicts,
+        redis_url=redis_server.url,
+        workers=2,
+    )
+    a = await fleet("moved", data)
+    [client] = make_clients(config_dir, 1)
+    assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 200
+    await eventually(lambda: _status_everywhere([a], client, 403), within=5)
+    reloads = await a.metric("sidecar_config_reloads_total", result="success")
+    data["identity"]["cache"]["shared"]["key_prefix"] = "moved:"
+    config_dir.write(data, "moved.yaml")
+    a.proc.send_signal(signal.SIGHUP)
+
+    async def reloaded() -> bool:
+        return await a.metric("sidecar_config_reloads_total", result="success") >= reloads + 2
+
+    await eventually(reloaded, within=20)
+    await _restart_workers(a, 1)
+    await eventually(lambda: _up_in_every_worker(a, 2))
+
+    async def in_the_new_set() -> bool:
+        raw = redis_server.client().smembers("moved:deny")
+        return {m.decode() if isinstance(m, bytes) else m for m in raw} == {client.sha256}
+
+    await eventually(in_the_new_set, within=10)
+    for _ in range(3):
+        assert await _status_everywhere([a], client, 403)
+        await asyncio.sleep(0.3)

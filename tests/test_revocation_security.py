@@ -910,6 +910,72 @@ async def test_deny_reaches_every_worker_and_a_restarted_one(
         await proc.communicate()
 
 
+async def test_changes_made_while_a_worker_restarts_hold_in_it(
+    config_dir: ConfigDir, slow_upstream: int
+) -> None:
+    """Alice denied, then one worker killed; while the supervisor restarts it, Alice and Bob
+    are denied and taken off again and again, ending with Alice off and Bob on (the
+    restarting worker misses relays, or reads them from the supervisor's list, depending on
+    when they land). Once it is ready every worker allows Alice and refuses Bob."""
+    import aiohttp
+
+    from .test_signals import client_ctx, start
+
+    data = config_dir.base(slow_upstream)
+    data["listen"]["workers"] = 2
+    data["log"] = {"level": "error"}  # no line per change: nobody reads the pipe meanwhile
+    proc, port, admin_port = await start(config_dir, data)
+    alice, bob = sha256_of(config_dir.certs.alice), sha256_of(config_dir.certs.bob)
+    base = f"http://127.0.0.1:{admin_port}"
+    header = {"X-Sidecar-Admin": "1"}
+
+    async def statuses(who: str) -> set[int]:
+        out = set()
+        for _ in range(16):  # new connections: both workers get some
+            async with (
+                aiohttp.ClientSession() as fresh,
+                fresh.get(
+                    f"https://localhost:{port}/app/", ssl=client_ctx(config_dir, who)
+                ) as resp,
+            ):
+                out.add(resp.status)
+        return out
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/deny?sha256={alice}", headers=header) as resp:
+                assert resp.status == 200
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            os.kill(int(children[0]), 9)
+            # changes all through the restart (0.5 s) and the start: Alice on and off, Bob
+            # on and off, ending with Alice off and Bob on
+            until = asyncio.get_running_loop().time() + 3.0
+            while asyncio.get_running_loop().time() < until:
+                for method, who in (("POST", alice), ("DELETE", bob), ("DELETE", alice)):
+                    async with session.request(
+                        method, f"{base}/deny?sha256={who}", headers=header
+                    ) as resp:
+                        assert resp.status in (200, 207, 404), await resp.text()
+                async with session.post(f"{base}/deny?sha256={bob}", headers=header) as resp:
+                    assert resp.status in (200, 207)
+                await asyncio.sleep(0.01)
+            for _ in range(150):
+                await asyncio.sleep(0.1)
+                async with session.get(f"{base}/metrics") as resp:
+                    restarted = "sidecar_worker_restarts_total 1.0" in await resp.text()
+                async with session.get(f"{base}/readyz") as ready:
+                    if restarted and ready.status == 200:
+                        break
+            else:
+                pytest.fail("the killed worker was not restarted")
+            assert await statuses("alice") == {200}
+            assert await statuses("bob") == {403}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        await proc.communicate()
+
+
 # ---- the identity backend's word: Identity Plus PB 0004 / PB 0005 -----------------------------
 
 

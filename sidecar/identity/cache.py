@@ -59,9 +59,13 @@ class SharedLevel(Protocol):
     def attach_deny(self, sink: DenySink) -> None: ...
 
     #: told of each denial sent to the fleet late (made while Redis was unavailable)
-    on_shared_late: Callable[[str], None] | None
+    on_shared_late: Callable[[str, str], None] | None
+    #: which fleet (the deny set's Redis and key)
+    fleet_id: str
 
     def restore_denied(self, sha256: str, *, sent: bool) -> None: ...
+
+    def forget_restored(self, sha256: str) -> None: ...
 
     async def publish_deny(self, sha256: str, *, add: bool) -> bool: ...
 

@@ -7,11 +7,13 @@ to every worker and keeps the run-time entries in ``RUNTIME_DENY_FILE`` in its p
 folder, next to the workers' admin sockets, so that a worker it restarts starts with them
 (``read_runtime``).
 
-With a shared cache the file also says which entries no worker has told the fleet of yet
-(every relayed ``POST`` answered 207, and no worker has sent it since). A restarted worker
-counts the others as the fleet's: once it has the fleet's set, an entry another replica took
-off meanwhile goes here too, instead of coming back. It sends the unsent ones when Redis
-answers, as the worker that made them would have.
+With a shared cache the file also says which entries a worker has told the fleet of, and
+which fleet (a relayed ``POST`` whose answer says ``"fleet": true`` names it in
+``FLEET_HEADER``; a worker that sends one late tells the supervisor). A restarted worker
+counts those sent to its own fleet as the fleet's: once it has the fleet's set, an entry
+another replica took off meanwhile goes here too, instead of coming back. The others (made
+while Redis was unavailable, or sent to the fleet of a shared cache a reload replaced) it
+sends when Redis answers, as the worker that made them would have.
 
 With a shared cache (``identity.cache.shared``) ``fleet`` takes each change to every replica
 through Redis; the answer says whether it did (``"fleet": true``), or, with Redis unusable,
@@ -75,7 +77,12 @@ def _fleet_answer(doc: dict[str, object], fleet: bool | None, local_only: str) -
     return _json(200 if fleet else 207, doc)
 
 
-def deny_routes(app: web.Application, revocation: Revocation, fleet: Fleet | None = None) -> None:
+def deny_routes(
+    app: web.Application,
+    revocation: Revocation,
+    fleet: Fleet | None = None,
+    fleet_id: Callable[[], str | None] | None = None,
+) -> None:
     """``GET /deny`` lists the entries; ``POST /deny?sha256=`` refuses a certificate from now
     on (open connections included) and drops its cached verdict; ``DELETE /deny?sha256=``
     takes a run-time entry off (one in ``tls.deny`` is the configuration's: 409)."""
@@ -90,7 +97,11 @@ def deny_routes(app: web.Application, revocation: Revocation, fleet: Fleet | Non
             return _json(400, {"error": str(exc)})
         new = revocation.deny(sha256)
         told = await fleet(sha256, True) if fleet is not None else None
-        return _fleet_answer({"denied": sha256, "new": new}, told, _DENIED_LOCAL_ONLY)
+        answer = _fleet_answer({"denied": sha256, "new": new}, told, _DENIED_LOCAL_ONLY)
+        which = fleet_id() if told and fleet_id is not None else None
+        if which is not None:
+            answer.headers[FLEET_HEADER] = which
+        return answer
 
     async def remove(request: web.Request) -> web.Response:
         try:
@@ -115,39 +126,49 @@ def deny_routes(app: web.Application, revocation: Revocation, fleet: Fleet | Non
     app.router.add_delete("/deny", remove)
 
 
+#: the header a worker's answer names its fleet in (``SharedCache.fleet_id``) when the fleet
+#: took the change: its supervisor writes it down (see the module's docstring)
+FLEET_HEADER = "X-Sidecar-Fleet"
+
+
 class Runtime(NamedTuple):
     """The run-time entries a supervisor keeps for the workers it (re)starts: every entry,
-    and those no worker has told the fleet of yet (made while the shared cache was
-    unavailable; a subset of ``denied``)."""
+    and, for those a worker has told a fleet of, which fleet (``SharedCache.fleet_id``)."""
 
     denied: list[str]
-    unsent: set[str]
+    sent: dict[str, str]
 
 
 def read_runtime(folder: Path) -> Runtime:
     """The supervisor's run-time entries (none when there is no file). Raises ``ValueError``
     naming the file when it is not what ``write_runtime`` writes (or a JSON list of
-    fingerprints, as earlier versions wrote it)."""
+    fingerprints, as earlier versions wrote it: none of them counted as sent)."""
     path = folder / RUNTIME_DENY_FILE
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        return Runtime([], set())
+        return Runtime([], {})
     if isinstance(doc, list):
-        doc = {"denied": doc, "unsent": []}
-    if not isinstance(doc, dict) or not all(
-        isinstance(doc.get(key), list) for key in ("denied", "unsent")
+        doc = {"denied": doc, "sent": {}}
+    sent = doc.get("sent") if isinstance(doc, dict) else None
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("denied"), list)
+        or not isinstance(sent, dict)
+        or not all(isinstance(fleet, str) for fleet in sent.values())
     ):
-        raise ValueError(f"{path}: not a deny list (denied and unsent: lists of fingerprints)")
+        raise ValueError(
+            f"{path}: not a deny list (denied: a list of fingerprints; sent: fingerprint to fleet)"
+        )
     denied = [normalize_fingerprint(str(item)) for item in doc["denied"]]
-    unsent = {normalize_fingerprint(str(item)) for item in doc["unsent"]}
-    return Runtime(denied, unsent & set(denied))
+    kept = {normalize_fingerprint(str(sha256)): fleet for sha256, fleet in sent.items()}
+    return Runtime(denied, {k: v for k, v in kept.items() if k in set(denied)})
 
 
-def write_runtime(folder: Path, entries: set[str], unsent: set[str]) -> None:
+def write_runtime(folder: Path, entries: set[str], sent: dict[str, str]) -> None:
     """Replace the file at once (a worker starting meanwhile reads the old or the new list)."""
     target = folder / RUNTIME_DENY_FILE
     temporary = target.with_suffix(".tmp")
-    doc = {"denied": sorted(entries), "unsent": sorted(unsent & entries)}
-    temporary.write_text(json.dumps(doc))
+    kept = {sha256: sent[sha256] for sha256 in sorted(sent) if sha256 in entries}
+    temporary.write_text(json.dumps({"denied": sorted(entries), "sent": kept}))
     temporary.replace(target)

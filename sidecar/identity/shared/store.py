@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import re
 import secrets
@@ -248,6 +249,10 @@ class SharedCache:
         self._connect_timeout = max(2.0, config.timeout)
         prefix = config.key_prefix
         self._prefix = prefix
+        #: which fleet this is (the deny set's Redis and key), for a supervisor's list: an
+        #: entry sent to another fleet (before a reload changed the shared cache) is not
+        #: this one's
+        self.fleet_id = hashlib.sha256(f"{config.url}\n{prefix}".encode()).hexdigest()[:16]
         self.channel = f"{prefix}events"
         self._epoch_key = f"{prefix}epoch"
         self._deny_key = f"{prefix}deny"
@@ -255,8 +260,9 @@ class SharedCache:
         self._fleet_denied: set[str] = set()
         #: the deny set was loaded once: ``_fleet_denied`` holds what it held then, and since
         self._loaded = False
-        #: told of each denial sent late (``_send_late``): a supervisor's list learns it
-        self.on_shared_late: Callable[[str], None] | None = None
+        #: told of each denial sent late (``_send_late``), with ``fleet_id``: a supervisor's
+        #: list learns it
+        self.on_shared_late: Callable[[str, str], None] | None = None
         #: run-time deny entries added here while Redis could not take them: sent at the next
         #: (re)connection (those taken off here meanwhile, not)
         self._unsent_denials: set[str] = set()
@@ -436,7 +442,7 @@ class SharedCache:
                     )
                     told = self.on_shared_late
                     if told is not None:
-                        told(sha256)
+                        told(sha256, self.fleet_id)
             if self._unsent_denials:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -506,6 +512,13 @@ class SharedCache:
         self._unsent_denials.add(sha256)
         if self.up():
             self._schedule_late()
+
+    def forget_restored(self, sha256: str) -> None:
+        """An entry ``restore_denied`` took was taken off the supervisor's list since: not
+        sent from here, and no longer counted as the fleet's (the set, or the channel,
+        says again if the fleet still holds it)."""
+        self._unsent_denials.discard(sha256)
+        self._fleet_denied.discard(sha256)
 
     async def _listen(self, pubsub: Any) -> None:
         """Handle the channel's messages until the connection is judged broken: an error, no
@@ -1008,6 +1021,14 @@ class SharedCache:
             self._fleet_denied.add(sha256)
             if sink is not None:
                 sink.deny(sha256, announce=False)
+            if sha256 in self._unsent_denials:
+                # denied here while Redis was unusable, and sent by another process (a
+                # sibling worker that made it too): not sent again from here, where it could
+                # undo a removal made after that
+                self._unsent_denials.discard(sha256)
+                told = self.on_shared_late
+                if told is not None:
+                    told(sha256, self.fleet_id)
         else:
             self._fleet_denied.discard(sha256)
             if sink is not None and sha256 not in self._unsent_denials:
