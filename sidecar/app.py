@@ -282,7 +282,7 @@ class Sidecar:
         self.metrics.bind_revocation(self.revocation)
         self._observe_certificates(self.config)
         # a worker the supervisor (re)started: the run-time deny entries it keeps
-        restored = self._restore_denied(frozenset())
+        restored = self._restore_denied({})
         self.revocation.start()
         await self._start_admin()
         # Read again now that the supervisor's relays reach this worker: what it changed
@@ -396,7 +396,7 @@ class Sidecar:
         )
         self.readiness.checks.append(self._identity_problem)
         self.readiness.checks.append(self.revocation.problem)
-        deny_routes(app, self.revocation, self._deny_fleet, self._fleet_id)
+        deny_routes(app, self.revocation, self._deny_fleet)
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         if self.admin_socket is not None:
@@ -586,14 +586,11 @@ class Sidecar:
             return
         cache.purge(sha256=sha256, serial=serial)
 
-    def _fleet_id(self) -> str | None:
-        cache = self._cache()
-        shared = cache.shared if cache is not None else None
-        return shared.fleet_id if shared is not None else None
-
-    async def _deny_fleet(self, sha256: str, add: bool) -> bool | None:
+    async def _deny_fleet(self, sha256: str, add: bool) -> str | bool | None:
         """A run-time deny entry added (``add``) or taken off here: the same on every replica
-        through the shared cache, if there is one (None without). Logged when it could not."""
+        through the shared cache, if there is one (None without): the name of the fleet it
+        went to (of this cache, whatever a reload meanwhile made current), False when it could
+        not (logged)."""
         cache = self._cache()
         shared = cache.shared if cache is not None else None
         if shared is None:
@@ -612,7 +609,7 @@ class Sidecar:
                     "again when Redis answers: repeat the call then"
                 ),
             )
-        return told
+        return shared.fleet_id if told else False
 
     def _revoked_elsewhere(self, sha256: str, why: str) -> None:
         """Revocation found ``sha256`` revoked (a deny entry, an OCSP answer, an Identity Plus
@@ -627,28 +624,33 @@ class Sidecar:
         self._fleet.add(task)
         task.add_done_callback(self._fleet.discard)
 
-    def _restore_denied(self, before: frozenset[str]) -> frozenset[str]:
+    def _restore_denied(self, before: Mapping[str, bool]) -> dict[str, bool]:
         """Deny what the supervisor's list holds (``revocation.admin.read_runtime``) and
-        ``before`` did not, and take off what ``before`` held and the list no longer does;
-        the list's entries. With a shared cache an entry sent to this worker's fleet counts
-        as the fleet's (``SharedCache.restore_denied``). Nothing without a supervisor."""
+        ``before`` did not, and take off what ``before`` held and the list no longer does; the
+        list's entries, each with whether it was sent to this worker's fleet. With a shared
+        cache an entry sent there counts as the fleet's (``SharedCache.restore_denied``); one
+        ``before`` had as sent that the list now has as unsent was denied again since (a new
+        POST): denied here and sent. Nothing without a supervisor."""
         if self.admin_socket is None:
-            return before
+            return dict(before)
         runtime = read_runtime(self.admin_socket.parent)
         cache = self._cache()
         shared = cache.shared if cache is not None else None
-        listed = frozenset(runtime.denied)
-        for sha256 in sorted(before - listed):
+        listed = {
+            sha256: shared is not None and runtime.sent.get(sha256) == shared.fleet_id
+            for sha256 in runtime.denied
+        }
+        for sha256 in sorted(set(before) - set(listed)):
             if shared is not None:
                 shared.forget_restored(sha256)
             self.revocation.allow(sha256)
-        for sha256 in runtime.denied:
-            if sha256 in before:
-                continue
+        for sha256, sent in listed.items():
+            was = before.get(sha256)
+            if was is not None and (sent or not was):
+                continue  # as read before (or now sent: it goes to the fleet either way)
             if shared is None:
                 self.revocation.deny(sha256, announce=False)
             else:
-                sent = runtime.sent.get(sha256) == shared.fleet_id
                 shared.restore_denied(sha256, sent=sent)
         return listed
 

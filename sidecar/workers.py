@@ -140,13 +140,13 @@ def _sent_to(answers: list[tuple[int, str, dict[str, str]] | None]) -> str | Non
         named = (v for k, v in answer[2].items() if k.lower() == FLEET_HEADER.lower())
         fleet = next(named, None)
         with contextlib.suppress(ValueError, AttributeError):
-            if fleet and _FLEET_ID.match(fleet) and json.loads(answer[1]).get("fleet") is True:
+            if fleet and _FLEET_ID.fullmatch(fleet) and json.loads(answer[1]).get("fleet") is True:
                 return fleet
     return None
 
 
 #: a fleet's name (``SharedCache.fleet_id``)
-_FLEET_ID = re.compile(r"^[0-9a-f]{16}$")
+_FLEET_ID = re.compile(r"[0-9a-f]{16}")
 
 
 class Supervisor:
@@ -606,7 +606,7 @@ class Supervisor:
                 doc = await request.json()
                 sha256 = fingerprint_of({"sha256": str(doc["sha256"])})
                 fleet = doc["fleet"]
-                if not isinstance(fleet, str) or not _FLEET_ID.match(fleet):
+                if not isinstance(fleet, str) or not _FLEET_ID.fullmatch(fleet):
                     raise ValueError(f"not a fleet: {fleet!r}")
             except (ValueError, KeyError, TypeError) as exc:
                 return web.json_response({"error": f"not a sent entry: {exc}"}, status=400)

@@ -373,6 +373,11 @@ async def test_a_denial_sent_late_is_the_fleets_for_a_restarted_worker(
         assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 207
         await proxy.restore()
         await eventually(lambda: _status_everywhere([a, b], client, 403), within=10)
+
+        async def both_sent() -> bool:  # each worker of A sends its own (see the note)
+            return len([e for e in a.events() if e.get("event") == "deny_shared_late"]) == 2
+
+        await eventually(both_sent, within=15)
         assert (await b.admin("DELETE", f"/deny?sha256={client.sha256}"))[0] == 200
         await eventually(lambda: _status_everywhere([a, b], client, 200), within=5)
         await _restart_workers(a, 1)
@@ -504,3 +509,40 @@ async def test_a_denial_sent_before_a_reload_moved_the_fleet_is_kept_by_a_restar
     for _ in range(3):
         assert await _status_everywhere([a], client, 403)
         await asyncio.sleep(0.3)
+
+
+@pytest.mark.parametrize(
+    ("told", "status", "fleet", "header"),
+    [
+        (FLEET, 200, True, FLEET),  # the fleet the change went through, named
+        (False, 207, False, None),
+        (None, 200, None, None),  # no shared cache
+    ],
+)
+async def test_a_denials_answer_names_the_fleet_the_change_went_through(
+    told: str | bool | None, status: int, fleet: bool | None, header: str | None
+) -> None:
+    """The name comes from the call that sent the entry, not from whatever cache is current
+    when the answer is made (a reload may have replaced it meanwhile)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sidecar.revocation.admin import FLEET_HEADER, deny_routes
+
+    from .revocation_parts import no_revocation
+
+    async def fleet_call(sha256: str, add: bool) -> str | bool | None:
+        return told
+
+    app = web.Application()
+    deny_routes(app, no_revocation(), fleet_call)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.post(f"/deny?sha256={SHA_A}")
+        doc = await resp.json()
+        assert (resp.status, doc.get("fleet"), resp.headers.get(FLEET_HEADER)) == (
+            status,
+            fleet,
+            header,
+        )
+        resp = await client.delete(f"/deny?sha256={SHA_A}")
+        assert (await resp.json()).get("fleet") == fleet and FLEET_HEADER not in resp.headers

@@ -36,9 +36,10 @@ from .gate import Revocation
 #: the supervisor's list of run-time deny entries, in its runtime folder (one JSON list)
 RUNTIME_DENY_FILE = "deny.json"
 
-#: ``fleet(sha256, add)``: True once every replica was told, False when they could not be,
-#: None without a shared cache
-Fleet = Callable[[str, bool], Awaitable[bool | None]]
+#: ``fleet(sha256, add)``: the fleet's name (``SharedCache.fleet_id``, of the cache the change
+#: went through) once every replica was told, False when they could not be, None without a
+#: shared cache
+Fleet = Callable[[str, bool], Awaitable[str | bool | None]]
 
 #: what a 207 says (``fleet`` false): a denial is sent when Redis answers (``shared.store``),
 #: a removal is not (the fleet's entry wins then: it fails closed)
@@ -81,7 +82,6 @@ def deny_routes(
     app: web.Application,
     revocation: Revocation,
     fleet: Fleet | None = None,
-    fleet_id: Callable[[], str | None] | None = None,
 ) -> None:
     """``GET /deny`` lists the entries; ``POST /deny?sha256=`` refuses a certificate from now
     on (open connections included) and drops its cached verdict; ``DELETE /deny?sha256=``
@@ -97,10 +97,10 @@ def deny_routes(
             return _json(400, {"error": str(exc)})
         new = revocation.deny(sha256)
         told = await fleet(sha256, True) if fleet is not None else None
-        answer = _fleet_answer({"denied": sha256, "new": new}, told, _DENIED_LOCAL_ONLY)
-        which = fleet_id() if told and fleet_id is not None else None
-        if which is not None:
-            answer.headers[FLEET_HEADER] = which
+        reached = None if told is None else told is not False
+        answer = _fleet_answer({"denied": sha256, "new": new}, reached, _DENIED_LOCAL_ONLY)
+        if isinstance(told, str):
+            answer.headers[FLEET_HEADER] = told
         return answer
 
     async def remove(request: web.Request) -> web.Response:
@@ -119,7 +119,8 @@ def deny_routes(
         if result == "absent":
             return _json(404, {"error": "this certificate is not on the run-time deny-list"})
         told = await fleet(sha256, False) if fleet is not None else None
-        return _fleet_answer({"removed": sha256}, told, _REMOVED_LOCAL_ONLY)
+        reached = None if told is None else told is not False
+        return _fleet_answer({"removed": sha256}, reached, _REMOVED_LOCAL_ONLY)
 
     app.router.add_get("/deny", listing)
     app.router.add_post("/deny", add)

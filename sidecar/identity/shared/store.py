@@ -1021,14 +1021,6 @@ class SharedCache:
             self._fleet_denied.add(sha256)
             if sink is not None:
                 sink.deny(sha256, announce=False)
-            if sha256 in self._unsent_denials:
-                # denied here while Redis was unusable, and sent by another process (a
-                # sibling worker that made it too): not sent again from here, where it could
-                # undo a removal made after that
-                self._unsent_denials.discard(sha256)
-                told = self.on_shared_late
-                if told is not None:
-                    told(sha256, self.fleet_id)
         else:
             self._fleet_denied.discard(sha256)
             if sink is not None and sha256 not in self._unsent_denials:
