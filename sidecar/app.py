@@ -641,9 +641,8 @@ class Sidecar:
             for sha256 in runtime.denied
         }
         for sha256 in sorted(set(before) - set(listed)):
-            if shared is not None:
-                shared.forget_restored(sha256)
-            self.revocation.allow(sha256)
+            if shared is None or shared.forget_restored(sha256):
+                self.revocation.allow(sha256)
         for sha256, sent in listed.items():
             was = before.get(sha256)
             if was is not None and (sent or not was):

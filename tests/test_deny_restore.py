@@ -16,6 +16,7 @@ import pytest
 
 from sidecar import config as config_module
 from sidecar.app import Sidecar
+from sidecar.identity.shared.record import Message, encode_message
 from sidecar.identity.shared.store import SharedCache
 from sidecar.metrics import Metrics
 from sidecar.revocation.admin import read_runtime, write_runtime
@@ -160,5 +161,50 @@ async def test_a_denial_made_again_while_a_worker_starts_holds_in_it(
         assert members(redis_server, "sidecar:deny") == {X}
         assert X in alone.revocation.denied()["runtime"]
         assert read_runtime(runtime).sent == {}
+    finally:
+        await alone.stop(grace=0.5)
+
+
+async def test_a_removal_from_the_list_does_not_override_a_denial_heard_since(
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a worker starts (between its two reads of the list), this replica's operator
+    takes X off (the list drops it; the fleet hears the removal), then another replica denies
+    X again (the worker hears it on the channel). The second read finds X gone from the list,
+    but the fleet's latest word is a denial: the worker keeps refusing X."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    data = replica_config(
+        config_dir, upstream_port=upstream.port, verdicts=verdicts, redis_url=redis_server.url
+    )
+    redis = redis_server.client()
+    redis.sadd("sidecar:deny", X)
+    write_runtime(runtime, {X}, {X: fleet_of(redis_server.url, "sidecar:")})
+    bind = Sidecar._start_admin
+
+    async def meanwhile(self: Sidecar) -> None:
+        await up(self)
+        write_runtime(runtime, set(), {})  # DELETE here: the relay cannot reach it yet
+        redis.srem("sidecar:deny", X)
+        redis.publish("sidecar:events", encode_message(Message("allow", "other-1", sha256=X)))
+        await asyncio.sleep(0.2)
+        redis.sadd("sidecar:deny", X)  # POST on another replica
+        redis.publish("sidecar:events", encode_message(Message("deny", "other-2", sha256=X)))
+        await asyncio.sleep(0.2)
+        assert X in self.revocation.denied()["runtime"]
+        await bind(self)
+
+    monkeypatch.setattr(Sidecar, "_start_admin", meanwhile)
+    alone = worker(data, config_dir, "alone", runtime / "worker-0.sock")
+    await alone.start()
+    try:
+        await asyncio.sleep(0.3)
+        assert members(redis_server, "sidecar:deny") == {X}
+        assert X in alone.revocation.denied()["runtime"]
     finally:
         await alone.stop(grace=0.5)

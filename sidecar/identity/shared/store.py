@@ -513,12 +513,14 @@ class SharedCache:
         if self.up():
             self._schedule_late()
 
-    def forget_restored(self, sha256: str) -> None:
+    def forget_restored(self, sha256: str) -> bool:
         """An entry ``restore_denied`` took was taken off the supervisor's list since: not
-        sent from here, and no longer counted as the fleet's (the set, or the channel,
-        says again if the fleet still holds it)."""
+        sent from here. True when the fleet, as last heard here, does not hold it (take it
+        off here); False when it does (the list's removal may be older than a denial heard
+        since on the channel: the fleet's word stands until the set or the channel says
+        otherwise)."""
         self._unsent_denials.discard(sha256)
-        self._fleet_denied.discard(sha256)
+        return sha256 not in self._fleet_denied
 
     async def _listen(self, pubsub: Any) -> None:
         """Handle the channel's messages until the connection is judged broken: an error, no
