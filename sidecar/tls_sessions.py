@@ -431,15 +431,10 @@ def _cap_age(functions: _Functions, session: int) -> None:
     (kept by the copy and by the encoding); each later one gets what is left as its timeout
     (0 when nothing is: not resumed). A session from the table has the client's certificate
     after that time (``for_the_table``)."""
-    data = ctypes.c_void_p()
-    length = ctypes.c_size_t()
     made = functions.get_time(session)
-    if (
-        functions.get0_appdata(session, ctypes.byref(data), ctypes.byref(length)) == 1
-        and length.value >= _BEGAN
-        and data.value
-    ):
-        began = int.from_bytes(ctypes.string_at(data.value, 8), "big")
+    found = _appdata(functions, session)
+    if found is not None and found[1] >= _BEGAN:
+        began = int.from_bytes(ctypes.string_at(found[0], _BEGAN), "big")
     else:
         began = made
         stamp = began.to_bytes(8, "big")
@@ -559,13 +554,23 @@ def resumed_peer(ssl_object: ssl.SSLObject) -> bytes | None:
     session = functions.get_session(pointer)
     if not session:
         return None
+    found = _appdata(functions, session)
+    if found is None or found[1] <= _BEGAN:
+        return None
+    return ctypes.string_at(found[0] + _BEGAN, found[1] - _BEGAN)
+
+
+def _appdata(functions: _Functions, session: int) -> tuple[int, int] | None:
+    """Where a session's application data is, and its length
+    (``SSL_SESSION_get0_ticket_appdata``: OpenSSL's, valid while the session is); None when
+    it has none."""
     data = ctypes.c_void_p()
     length = ctypes.c_size_t()
     if functions.get0_appdata(session, ctypes.byref(data), ctypes.byref(length)) != 1:
         return None
-    if length.value <= _BEGAN or not data.value:
+    if not length.value or not data.value:
         return None
-    return ctypes.string_at(data.value + _BEGAN, length.value - _BEGAN)
+    return data.value, length.value
 
 
 @cache

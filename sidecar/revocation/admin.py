@@ -69,13 +69,16 @@ def fingerprint_of(query: Mapping[str, str]) -> str:
     return normalize_fingerprint(text)
 
 
-def _fleet_answer(doc: dict[str, object], fleet: bool | None, local_only: str) -> web.Response:
-    if fleet is None:
+def _fleet_answer(doc: dict[str, object], told: str | bool | None, local_only: str) -> web.Response:
+    """``doc`` with what ``fleet`` said (see ``Fleet``): 200, or 207 when the fleet was not
+    told; no ``"fleet"`` without a shared cache."""
+    if told is None:
         return _json(200, doc)
-    doc["fleet"] = fleet
-    if not fleet:
+    reached = told is not False
+    doc["fleet"] = reached
+    if not reached:
         doc["error"] = local_only
-    return _json(200 if fleet else 207, doc)
+    return _json(200 if reached else 207, doc)
 
 
 def deny_routes(
@@ -97,8 +100,7 @@ def deny_routes(
             return _json(400, {"error": str(exc)})
         new = revocation.deny(sha256)
         told = await fleet(sha256, True) if fleet is not None else None
-        reached = None if told is None else told is not False
-        answer = _fleet_answer({"denied": sha256, "new": new}, reached, _DENIED_LOCAL_ONLY)
+        answer = _fleet_answer({"denied": sha256, "new": new}, told, _DENIED_LOCAL_ONLY)
         if isinstance(told, str):
             answer.headers[FLEET_HEADER] = told
         return answer
@@ -119,8 +121,7 @@ def deny_routes(
         if result == "absent":
             return _json(404, {"error": "this certificate is not on the run-time deny-list"})
         told = await fleet(sha256, False) if fleet is not None else None
-        reached = None if told is None else told is not False
-        return _fleet_answer({"removed": sha256}, reached, _REMOVED_LOCAL_ONLY)
+        return _fleet_answer({"removed": sha256}, told, _REMOVED_LOCAL_ONLY)
 
     app.router.add_get("/deny", listing)
     app.router.add_post("/deny", add)
@@ -162,8 +163,9 @@ def read_runtime(folder: Path) -> Runtime:
             f"{path}: not a deny list (denied: a list of fingerprints; sent: fingerprint to fleet)"
         )
     denied = [normalize_fingerprint(str(item)) for item in doc["denied"]]
+    listed = set(denied)
     kept = {normalize_fingerprint(str(sha256)): fleet for sha256, fleet in sent.items()}
-    return Runtime(denied, {k: v for k, v in kept.items() if k in set(denied)})
+    return Runtime(denied, {k: v for k, v in kept.items() if k in listed})
 
 
 def write_runtime(folder: Path, entries: set[str], sent: dict[str, str]) -> None:
