@@ -116,6 +116,10 @@ class RedisServer:
     def key_names(self, pattern: str = "*") -> list[str]:
         return sorted(k.decode() for k in self.client().scan_iter(match=pattern, count=1000))
 
+    def members(self, key: str) -> set[str]:
+        """The members of the set ``key``, as text."""
+        return {m.decode() if isinstance(m, bytes) else m for m in self.client().smembers(key)}
+
 
 @contextlib.contextmanager
 def running_cluster(folder: Path, nodes: int = 3) -> Iterator[list[RedisServer]]:

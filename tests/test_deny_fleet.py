@@ -186,9 +186,7 @@ async def test_a_deny_entry_made_while_cut_off_reaches_the_fleet_when_redis_answ
         await eventually(lambda: _shared_up(a))
         await eventually(lambda: _status_everywhere([a, b], denied, 403), within=5)
         assert await _status_everywhere([a, b], undone, 200)
-        raw = redis_server.client().smembers("sidecar:deny")
-        members = {m.decode() if isinstance(m, bytes) else m for m in raw}
-        assert members == {denied.sha256}
+        assert redis_server.members("sidecar:deny") == {denied.sha256}
         late = [e for e in a.events() if e.get("event") == "deny_shared_late"]
         assert [e["cert_sha256"] for e in late] == [denied.sha256]
 
@@ -293,9 +291,11 @@ async def _up_in_every_worker(replica: Replica, workers: int) -> bool:
     return await replica.metric("sidecar_cache_shared_up") == workers
 
 
-def _deny_set(redis_server: RedisServer) -> set[str]:
-    raw = redis_server.client().smembers("sidecar:deny")
-    return {m.decode() if isinstance(m, bytes) else m for m in raw}
+async def _holds(replicas: list[Replica], client: Client, status: int) -> None:
+    """Every worker of ``replicas`` answers ``status``, and still does a second later."""
+    for _ in range(3):
+        assert await _status_everywhere(replicas, client, status)
+        await asyncio.sleep(0.3)
 
 
 async def test_a_restarted_worker_does_not_bring_back_an_entry_the_fleet_took_off(
@@ -317,11 +317,9 @@ async def test_a_restarted_worker_does_not_bring_back_an_entry_the_fleet_took_of
     await eventually(lambda: _status_everywhere([a, b], client, 200), within=5)
     await _restart_workers(a, 1)
     await eventually(lambda: _up_in_every_worker(a, 2))
-    assert _deny_set(redis_server) == set()
-    for _ in range(3):  # every worker of both, for a while
-        assert await _status_everywhere([a, b], client, 200)
-        await asyncio.sleep(0.3)
-    assert _deny_set(redis_server) == set()
+    assert redis_server.members("sidecar:deny") == set()
+    await _holds([a, b], client, 200)
+    assert redis_server.members("sidecar:deny") == set()
 
 
 async def test_a_denial_not_sent_yet_survives_the_restart_of_every_worker(
@@ -349,7 +347,7 @@ async def test_a_denial_not_sent_yet_survives_the_restart_of_every_worker(
         assert await get(b.port, client) == 200
         await proxy.restore()
         await eventually(lambda: _status_everywhere([a, b], client, 403), within=10)
-        assert _deny_set(redis_server) == {client.sha256}
+        assert redis_server.members("sidecar:deny") == {client.sha256}
 
 
 async def test_a_denial_sent_late_is_the_fleets_for_a_restarted_worker(
@@ -382,10 +380,78 @@ async def test_a_denial_sent_late_is_the_fleets_for_a_restarted_worker(
         await eventually(lambda: _status_everywhere([a, b], client, 200), within=5)
         await _restart_workers(a, 1)
         await eventually(lambda: _up_in_every_worker(a, 2))
-        for _ in range(3):
-            assert await _status_everywhere([a, b], client, 200)
-            await asyncio.sleep(0.3)
-        assert _deny_set(redis_server) == set()
+        await _holds([a, b], client, 200)
+        assert redis_server.members("sidecar:deny") == set()
+
+
+async def test_a_removal_made_while_cut_off_is_not_undone_by_a_restarted_worker(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """A, cut off, denies a certificate and takes it off again (207 both times, the second
+    from a supervisor whose workers answer 207). Redis answers; later a worker of A is
+    restarted: it does not find the entry in its supervisor's list, and sends nothing."""
+    async with cut_off_first(fleet, config_dir, upstream, verdicts, redis_server, workers=2) as (
+        a,
+        b,
+        proxy,
+    ):
+        [client] = make_clients(config_dir, 1)
+        await proxy.cut()
+        await eventually(lambda: _shared_down(a))
+        assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 207
+        assert (await a.admin("DELETE", f"/deny?sha256={client.sha256}"))[0] == 207
+        await proxy.restore()
+        await eventually(lambda: _up_in_every_worker(a, 2))
+        assert await _status_everywhere([a, b], client, 200)
+        await _restart_workers(a, 1)
+        await eventually(lambda: _up_in_every_worker(a, 2))
+        await _holds([a, b], client, 200)
+        assert redis_server.members("sidecar:deny") == set()
+
+
+async def test_a_denial_sent_before_a_reload_moved_the_fleet_is_kept_by_a_restarted_worker(
+    fleet: Fleet,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+) -> None:
+    """A denies a certificate, sent to the fleet under one key prefix; a reload moves A to
+    another prefix (another fleet), whose set does not hold it; then a worker of A is
+    restarted. Every worker of A keeps refusing the certificate: the restarted one counts
+    the entry as not sent to its fleet, and sends it there."""
+    data = replica_config(
+        config_dir,
+        upstream_port=upstream.port,
+        verdicts=verdicts,
+        redis_url=redis_server.url,
+        workers=2,
+    )
+    a = await fleet("moved", data)
+    [client] = make_clients(config_dir, 1)
+    assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 200
+    await eventually(lambda: _status_everywhere([a], client, 403), within=5)
+    reloads = await a.metric("sidecar_config_reloads_total", result="success")
+    data["identity"]["cache"]["shared"]["key_prefix"] = "moved:"
+    config_dir.write(data, "moved.yaml")
+    a.proc.send_signal(signal.SIGHUP)
+
+    async def reloaded() -> bool:
+        return await a.metric("sidecar_config_reloads_total", result="success") >= reloads + 2
+
+    await eventually(reloaded, within=20)
+    await _restart_workers(a, 1)
+    await eventually(lambda: _up_in_every_worker(a, 2))
+
+    async def in_the_new_set() -> bool:
+        return redis_server.members("moved:deny") == {client.sha256}
+
+    await eventually(in_the_new_set, within=10)
+    await _holds([a], client, 403)
 
 
 # ---- the supervisor's file ---------------------------------------------------------------------
@@ -434,81 +500,6 @@ def test_a_relayed_denial_counts_as_sent_to_the_fleet_a_worker_names(
     answers: list[tuple[int, str, dict[str, str]] | None], fleet: str | None
 ) -> None:
     assert _sent_to(answers) == fleet
-
-
-async def test_a_removal_made_while_cut_off_is_not_undone_by_a_restarted_worker(
-    fleet: Fleet,
-    config_dir: ConfigDir,
-    upstream: Upstream,
-    verdicts: Verdicts,
-    redis_server: RedisServer,
-) -> None:
-    """A, cut off, denies a certificate and takes it off again (207 both times, the second
-    from a supervisor whose workers answer 207). Redis answers; later a worker of A is
-    restarted: it does not find the entry in its supervisor's list, and sends nothing."""
-    async with cut_off_first(fleet, config_dir, upstream, verdicts, redis_server, workers=2) as (
-        a,
-        b,
-        proxy,
-    ):
-        [client] = make_clients(config_dir, 1)
-        await proxy.cut()
-        await eventually(lambda: _shared_down(a))
-        assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 207
-        assert (await a.admin("DELETE", f"/deny?sha256={client.sha256}"))[0] == 207
-        await proxy.restore()
-        await eventually(lambda: _up_in_every_worker(a, 2))
-        assert await _status_everywhere([a, b], client, 200)
-        await _restart_workers(a, 1)
-        await eventually(lambda: _up_in_every_worker(a, 2))
-        for _ in range(3):
-            assert await _status_everywhere([a, b], client, 200)
-            await asyncio.sleep(0.3)
-        assert _deny_set(redis_server) == set()
-
-
-async def test_a_denial_sent_before_a_reload_moved_the_fleet_is_kept_by_a_restarted_worker(
-    fleet: Fleet,
-    config_dir: ConfigDir,
-    upstream: Upstream,
-    verdicts: Verdicts,
-    redis_server: RedisServer,
-) -> None:
-    """A denies a certificate, sent to the fleet under one key prefix; a reload moves A to
-    another prefix (another fleet), whose set does not hold it; then a worker of A is
-    restarted. Every worker of A keeps refusing the certificate: the restarted one counts
-    the entry as not sent to its fleet, and sends it there."""
-    data = replica_config(
-        config_dir,
-        upstream_port=upstream.port,
-        verdicts=verdicts,
-        redis_url=redis_server.url,
-        workers=2,
-    )
-    a = await fleet("moved", data)
-    [client] = make_clients(config_dir, 1)
-    assert (await a.admin("POST", f"/deny?sha256={client.sha256}"))[0] == 200
-    await eventually(lambda: _status_everywhere([a], client, 403), within=5)
-    reloads = await a.metric("sidecar_config_reloads_total", result="success")
-    data["identity"]["cache"]["shared"]["key_prefix"] = "moved:"
-    config_dir.write(data, "moved.yaml")
-    a.proc.send_signal(signal.SIGHUP)
-
-    async def reloaded() -> bool:
-        return await a.metric("sidecar_config_reloads_total", result="success") >= reloads + 2
-
-    await eventually(reloaded, within=20)
-    await _restart_workers(a, 1)
-    await eventually(lambda: _up_in_every_worker(a, 2))
-
-    async def in_the_new_set() -> bool:
-        raw = redis_server.client().smembers("moved:deny")
-        return {m.decode() if isinstance(m, bytes) else m for m in raw} == {client.sha256}
-
-    await eventually(in_the_new_set, within=10)
-    for _ in range(3):
-        assert await _status_everywhere([a], client, 403)
-        await asyncio.sleep(0.3)
 
 
 @pytest.mark.parametrize(

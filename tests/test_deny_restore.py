@@ -63,9 +63,29 @@ def worker(data: dict[str, Any], config_dir: ConfigDir, name: str, socket: Path)
     )
 
 
-def members(redis_server: RedisServer, key: str) -> set[str]:
-    raw = redis_server.client().smembers(key)
-    return {m.decode() if isinstance(m, bytes) else m for m in raw}
+async def until_member(redis_server: RedisServer, key: str) -> None:
+    """The set ``key`` holds X, and X alone (within 5 s)."""
+    for _ in range(100):
+        if redis_server.members(key) == {X}:
+            return
+        await asyncio.sleep(0.05)
+    assert redis_server.members(key) == {X}
+
+
+def runtime_and_config(
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    verdicts: Verdicts,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> tuple[Path, dict[str, Any]]:
+    """The supervisor's folder (empty) and a worker's configuration, with the shared cache."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    data = replica_config(
+        config_dir, upstream_port=upstream.port, verdicts=verdicts, redis_url=redis_server.url
+    )
+    return runtime, data
 
 
 async def test_a_denial_answered_across_a_reload_names_the_fleet_it_went_to(
@@ -80,11 +100,7 @@ async def test_a_denial_answered_across_a_reload_names_the_fleet_it_went_to(
     the worker to ``moved:``. The answer names the fleet the entry went to, so a worker the
     supervisor starts on ``moved:`` does not count the entry as that fleet's: it refuses the
     certificate and sends the entry there."""
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
-    data = replica_config(
-        config_dir, upstream_port=upstream.port, verdicts=verdicts, redis_url=redis_server.url
-    )
+    runtime, data = runtime_and_config(config_dir, upstream, verdicts, redis_server, tmp_path)
     moved = copy.deepcopy(data)
     moved["identity"]["cache"]["shared"]["key_prefix"] = "moved:"
     sent = Sidecar._deny_fleet
@@ -106,18 +122,14 @@ async def test_a_denial_answered_across_a_reload_names_the_fleet_it_went_to(
         answer = await post(runtime / "worker-0.sock", X)
         assert reloaded == [True] and answer[0] == 200, answer
         assert _sent_to([answer]) == fleet_of(redis_server.url, "sidecar:")
-        assert members(redis_server, "sidecar:deny") == {X}
+        assert redis_server.members("sidecar:deny") == {X}
         write_runtime(runtime, {X}, {X: fleet_of(redis_server.url, "sidecar:")})
         monkeypatch.setattr(Sidecar, "_deny_fleet", sent)
         moved["listen"]["port"] = 0
         second = worker(moved, config_dir, "second", runtime / "worker-1.sock")
         await second.start()
         await up(second)
-        for _ in range(100):
-            if members(redis_server, "moved:deny") == {X}:
-                break
-            await asyncio.sleep(0.05)
-        assert members(redis_server, "moved:deny") == {X}
+        await until_member(redis_server, "moved:deny")
         assert X in second.revocation.denied()["runtime"]
     finally:
         if second is not None:
@@ -137,11 +149,7 @@ async def test_a_denial_made_again_while_a_worker_starts_holds_in_it(
     starting worker follows the set and allows X. Before its admin socket is bound the
     operator denies X again (the supervisor writes X as unsent; its relay cannot reach the
     worker yet). The worker's second read sees the change: it refuses X and sends it."""
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
-    data = replica_config(
-        config_dir, upstream_port=upstream.port, verdicts=verdicts, redis_url=redis_server.url
-    )
+    runtime, data = runtime_and_config(config_dir, upstream, verdicts, redis_server, tmp_path)
     write_runtime(runtime, {X}, {X: fleet_of(redis_server.url, "sidecar:")})
     bind = Sidecar._start_admin
 
@@ -154,11 +162,7 @@ async def test_a_denial_made_again_while_a_worker_starts_holds_in_it(
     await alone.start()
     try:
         await up(alone)
-        for _ in range(100):
-            if members(redis_server, "sidecar:deny") == {X}:
-                break
-            await asyncio.sleep(0.05)
-        assert members(redis_server, "sidecar:deny") == {X}
+        await until_member(redis_server, "sidecar:deny")
         assert X in alone.revocation.denied()["runtime"]
         assert read_runtime(runtime).sent == {}
     finally:
@@ -177,11 +181,7 @@ async def test_a_removal_from_the_list_does_not_override_a_denial_heard_since(
     takes X off (the list drops it; the fleet hears the removal), then another replica denies
     X again (the worker hears it on the channel). The second read finds X gone from the list,
     but the fleet's latest word is a denial: the worker keeps refusing X."""
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
-    data = replica_config(
-        config_dir, upstream_port=upstream.port, verdicts=verdicts, redis_url=redis_server.url
-    )
+    runtime, data = runtime_and_config(config_dir, upstream, verdicts, redis_server, tmp_path)
     redis = redis_server.client()
     redis.sadd("sidecar:deny", X)
     write_runtime(runtime, {X}, {X: fleet_of(redis_server.url, "sidecar:")})
@@ -204,7 +204,7 @@ async def test_a_removal_from_the_list_does_not_override_a_denial_heard_since(
     await alone.start()
     try:
         await asyncio.sleep(0.3)
-        assert members(redis_server, "sidecar:deny") == {X}
+        assert redis_server.members("sidecar:deny") == {X}
         assert X in alone.revocation.denied()["runtime"]
     finally:
         await alone.stop(grace=0.5)

@@ -852,12 +852,45 @@ async def test_lifetimes_are_exported(
 # ---- several workers: a run-time deny reaches every one, a restarted one too --------------------
 
 
+async def _statuses(config_dir: ConfigDir, port: int, who: str) -> set[int]:
+    """What ``who`` gets for /app/ on 16 new connections (both workers get some)."""
+    import aiohttp
+
+    from .test_signals import client_ctx
+
+    out = set()
+    for _ in range(16):
+        async with (
+            aiohttp.ClientSession() as fresh,
+            fresh.get(f"https://localhost:{port}/app/", ssl=client_ctx(config_dir, who)) as resp,
+        ):
+            out.add(resp.status)
+    return out
+
+
+def _kill_a_worker(supervisor: int) -> None:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    os.kill(int(children[0]), 9)
+
+
+async def _restarted(session: Any, base: str) -> None:
+    """Back once the supervisor at ``base`` has restarted a worker and is ready again."""
+    for _ in range(150):
+        await asyncio.sleep(0.1)
+        async with session.get(f"{base}/metrics") as resp:
+            restarted = "sidecar_worker_restarts_total 1.0" in await resp.text()
+        async with session.get(f"{base}/readyz") as ready:
+            if restarted and ready.status == 200:
+                return
+    pytest.fail("the killed worker was not restarted")
+
+
 async def test_deny_reaches_every_worker_and_a_restarted_one(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:
     import aiohttp
 
-    from .test_signals import client_ctx, start
+    from .test_signals import start
 
     data = config_dir.base(slow_upstream)
     data["listen"]["workers"] = 2
@@ -866,44 +899,25 @@ async def test_deny_reaches_every_worker_and_a_restarted_one(
     base = f"http://127.0.0.1:{admin_port}"
     header = {"X-Sidecar-Admin": "1"}
 
-    async def statuses(session: aiohttp.ClientSession) -> list[int]:
-        out = []
-        for _ in range(16):  # new connections: both workers get some
-            async with (
-                aiohttp.ClientSession() as fresh,
-                fresh.get(
-                    f"https://localhost:{port}/app/", ssl=client_ctx(config_dir, "alice")
-                ) as resp,
-            ):
-                out.append(resp.status)
-        return out
-
     try:
         async with aiohttp.ClientSession() as session:
-            assert set(await statuses(session)) == {200}
+            assert await _statuses(config_dir, port, "alice") == {200}
             async with session.post(f"{base}/deny?sha256={alice}", headers=header) as resp:
                 assert resp.status == 200
                 assert await resp.json() == {"denied": alice, "new": True, "workers": 2}
-            assert set(await statuses(session)) == {403}
-            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-            os.kill(int(children[0]), 9)
-            for _ in range(150):
-                await asyncio.sleep(0.1)
-                async with session.get(f"{base}/metrics") as resp:
-                    restarted = "sidecar_worker_restarts_total 1.0" in await resp.text()
-                async with session.get(f"{base}/readyz") as ready:
-                    if restarted and ready.status == 200:
-                        break
-            else:
-                pytest.fail("the killed worker was not restarted")
-            assert set(await statuses(session)) == {403}  # the new worker denies it too
+            assert await _statuses(config_dir, port, "alice") == {403}
+            _kill_a_worker(proc.pid)
+            await _restarted(session, base)
+            assert await _statuses(config_dir, port, "alice") == {
+                403
+            }  # the new worker denies it too
             async with session.get(f"{base}/deny") as resp:
                 assert (await resp.json())["runtime"] == [alice]
             async with session.get(f"{base}/metrics") as resp:  # every worker holds the one entry
                 assert metric(await resp.text(), "sidecar_deny_list_entries", source="runtime") == 1
             async with session.delete(f"{base}/deny?sha256={alice}", headers=header) as resp:
                 assert resp.status == 200
-            assert set(await statuses(session)) == {200}
+            assert await _statuses(config_dir, port, "alice") == {200}
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
@@ -919,7 +933,7 @@ async def test_changes_made_while_a_worker_restarts_hold_in_it(
     when they land). Once it is ready every worker allows Alice and refuses Bob."""
     import aiohttp
 
-    from .test_signals import client_ctx, start
+    from .test_signals import start
 
     data = config_dir.base(slow_upstream)
     data["listen"]["workers"] = 2
@@ -929,24 +943,11 @@ async def test_changes_made_while_a_worker_restarts_hold_in_it(
     base = f"http://127.0.0.1:{admin_port}"
     header = {"X-Sidecar-Admin": "1"}
 
-    async def statuses(who: str) -> set[int]:
-        out = set()
-        for _ in range(16):  # new connections: both workers get some
-            async with (
-                aiohttp.ClientSession() as fresh,
-                fresh.get(
-                    f"https://localhost:{port}/app/", ssl=client_ctx(config_dir, who)
-                ) as resp,
-            ):
-                out.add(resp.status)
-        return out
-
     try:
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{base}/deny?sha256={alice}", headers=header) as resp:
                 assert resp.status == 200
-            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-            os.kill(int(children[0]), 9)
+            _kill_a_worker(proc.pid)
             # changes all through the restart (0.5 s) and the start: Alice on and off, Bob
             # on and off, ending with Alice off and Bob on
             until = asyncio.get_running_loop().time() + 3.0
@@ -959,17 +960,9 @@ async def test_changes_made_while_a_worker_restarts_hold_in_it(
                 async with session.post(f"{base}/deny?sha256={bob}", headers=header) as resp:
                     assert resp.status in (200, 207)
                 await asyncio.sleep(0.01)
-            for _ in range(150):
-                await asyncio.sleep(0.1)
-                async with session.get(f"{base}/metrics") as resp:
-                    restarted = "sidecar_worker_restarts_total 1.0" in await resp.text()
-                async with session.get(f"{base}/readyz") as ready:
-                    if restarted and ready.status == 200:
-                        break
-            else:
-                pytest.fail("the killed worker was not restarted")
-            assert await statuses("alice") == {200}
-            assert await statuses("bob") == {403}
+            await _restarted(session, base)
+            assert await _statuses(config_dir, port, "alice") == {200}
+            assert await _statuses(config_dir, port, "bob") == {403}
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
