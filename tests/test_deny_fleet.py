@@ -537,3 +537,38 @@ async def test_a_denials_answer_names_the_fleet_the_change_went_through(
         )
         resp = await client.delete(f"/deny?sha256={SHA_A}")
         assert (await resp.json()).get("fleet") == fleet and FLEET_HEADER not in resp.headers
+
+
+async def test_a_workers_late_send_message_is_read_strictly(config_dir: ConfigDir) -> None:
+    """The supervisor's socket for workers (``/workers/deny-sent``): a message that is not
+    a fingerprint and a fleet's name is refused with 400 naming the problem, and changes
+    nothing; one about an entry not on the list is taken and ignored; a good one is written
+    down."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sidecar import config as config_module
+    from sidecar.workers import Supervisor
+
+    data = config_dir.base()
+    data["listen"]["workers"] = 2
+    path = config_dir.write(data)
+    supervisor = Supervisor(config_module.load(path), path, log_format=None)
+    supervisor.denied = {SHA_A}
+    async with TestClient(TestServer(supervisor.control_app())) as client:
+        for body in (
+            b"not json",
+            b"[]",
+            json.dumps({"sha256": SHA_A}).encode(),
+            json.dumps({"sha256": "zz", "fleet": FLEET}).encode(),
+            json.dumps({"sha256": SHA_A, "fleet": FLEET + "\n"}).encode(),
+            json.dumps({"sha256": SHA_A, "fleet": 7}).encode(),
+        ):
+            resp = await client.post("/workers/deny-sent", data=body)
+            assert resp.status == 400, body
+            assert "not a sent entry" in (await resp.json())["error"]
+        assert supervisor.sent == {}
+        resp = await client.post("/workers/deny-sent", json={"sha256": SHA_B, "fleet": FLEET})
+        assert resp.status == 200 and supervisor.sent == {}  # not on the list
+        resp = await client.post("/workers/deny-sent", json={"sha256": SHA_A, "fleet": FLEET})
+        assert resp.status == 200 and supervisor.sent == {SHA_A: FLEET}
+    assert read_runtime(supervisor.runtime) == Runtime([SHA_A], {SHA_A: FLEET})
