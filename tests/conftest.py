@@ -281,6 +281,33 @@ def pytest_asyncio_loop_factories(
     return {"uvloop": uvloop.new_event_loop}
 
 
+#: fixtures that start the sidecar as its own process (tests/fleet.py's replicas)
+OWN_PROCESS_FIXTURES = frozenset({"fleet"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test whose sidecar runs as its own ``sidecar run`` process (marked ``own_process``, or
+    using a fixture in ``OWN_PROCESS_FIXTURES``) runs the same code whatever loop the test is
+    on: the process always takes uvloop (``runtime.run``), and the build follows the install
+    (``SIDECAR_PURE``). So the compiled build's uvloop pass skips it: the compiled pass on
+    asyncio ran the same process. The interpreted pass (on uvloop too, in CI) runs it."""
+    from sidecar import BUILD
+
+    covered = os.environ.get("SIDECAR_TEST_LOOP") == "uvloop" and BUILD.compiled
+    skip = pytest.mark.skip(
+        reason="own_process: the compiled pass on asyncio ran this same sidecar process"
+    )
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:  # a parameter of the same name is not the fixture
+            fixtures -= set(callspec.params)
+        if fixtures & OWN_PROCESS_FIXTURES and item.get_closest_marker("own_process") is None:
+            item.add_marker(pytest.mark.own_process)
+        if covered and item.get_closest_marker("own_process"):
+            item.add_marker(skip)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     """Which build of the request path the tests run (see setup.py; SIDECAR_PURE=1 for the
     interpreted one)."""

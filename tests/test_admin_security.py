@@ -222,6 +222,7 @@ async def test_a_name_not_configured_is_refused(running: Running) -> None:
     assert "admin.server_names" in doc["error"]
 
 
+@pytest.mark.own_process
 async def test_through_the_supervisor(config_dir: ConfigDir, slow_upstream: int) -> None:  # noqa: F811
     data = config_dir.base(slow_upstream)
     data["listen"]["workers"] = 2

@@ -28,10 +28,15 @@ from .conftest import ConfigDir
 from .servers import Scripted, StartScripted
 from .test_pipelining_security import Process, start_process
 
+#: the sidecar runs as its own process (conftest.pytest_collection_modifyitems)
+pytestmark = pytest.mark.own_process
+
 MiB = 1024 * 1024
 CONNECTIONS = 4
 #: all connections together; before: about 50 MiB per connection
 GROWTH_LIMIT = 12 * MiB
+#: a connection whose bytes the sidecar has not taken for this long is done sending
+STALL = 1.0
 
 HOST = b"Host: localhost\r\n"
 BIG_HEAD = (
@@ -79,8 +84,9 @@ async def process(config_dir: ConfigDir, scripted: StartScripted) -> AsyncIterat
 
 
 def pipeline(port: int, context: ssl.SSLContext, first: bytes) -> tuple[ssl.SSLSocket, int]:
-    """Open a connection, send ``first``, then as many big heads as the sidecar takes within
-    a few seconds; the socket (left open) and the bytes it took."""
+    """Open a connection, send ``first``, then as many big heads as the sidecar takes until it
+    has taken nothing for a second (or five seconds have passed); the socket (left open) and
+    the bytes it took."""
     tls = context.wrap_socket(
         socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
     )
@@ -90,9 +96,11 @@ def pipeline(port: int, context: ssl.SSLContext, first: bytes) -> tuple[ssl.SSLS
     payload = BIG_HEAD * 34
     sent = 0
     deadline = time.monotonic() + 5
-    while sent < len(payload) and time.monotonic() < deadline:
+    progress = time.monotonic()
+    while sent < len(payload) and time.monotonic() < min(deadline, progress + STALL):
         try:
             sent += tls.send(payload[sent : sent + 65536])
+            progress = time.monotonic()
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             time.sleep(0.05)
         except OSError:
@@ -106,24 +114,28 @@ async def test_pipelined_oversized_heads_are_not_held(process: Process, first: s
     await asyncio.sleep(0.5)
     baseline = process.rss()
     peak = baseline
-    sockets: list[ssl.SSLSocket] = []
-    taken: list[int] = []
+    context = process.client_context()
+    # all connections at once (each ends when the sidecar stops taking its bytes), the memory
+    # read every quarter second meanwhile and for two seconds after
+    sending = asyncio.gather(
+        *(
+            asyncio.to_thread(pipeline, process.port, context, FIRST[first])
+            for _ in range(CONNECTIONS)
+        )
+    )
     try:
-        for _ in range(CONNECTIONS):
-            tls, sent = await asyncio.to_thread(
-                pipeline, process.port, process.client_context(), FIRST[first]
-            )
-            sockets.append(tls)
-            taken.append(sent)
-            await asyncio.sleep(1)
+        while not sending.done():
+            await asyncio.wait([sending], timeout=0.25)
             peak = max(peak, process.rss())
-        for _ in range(4):
-            await asyncio.sleep(0.5)
+        for _ in range(8):
+            await asyncio.sleep(0.25)
             peak = max(peak, process.rss())
     finally:
-        for tls in sockets:
+        opened = await sending  # each thread ends on its own within five seconds
+        for tls, _ in opened:
             with contextlib.suppress(OSError):
                 tls.close()
+    taken = [sent for _, sent in opened]
     growth = peak - baseline
     assert growth < GROWTH_LIMIT, (
         f"RSS grew {growth / MiB:.1f} MiB with {CONNECTIONS} connections "

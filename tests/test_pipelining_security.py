@@ -32,6 +32,9 @@ import pytest
 from .conftest import ConfigDir, Upstream
 from .test_cli import free_port
 
+#: the sidecar runs as its own process (conftest.pytest_collection_modifyitems)
+pytestmark = pytest.mark.own_process
+
 MiB = 1024 * 1024
 FLOOD = 48 * MiB
 GROWTH_LIMIT = 16 * MiB

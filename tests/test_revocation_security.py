@@ -885,6 +885,7 @@ async def _restarted(session: Any, base: str) -> None:
     pytest.fail("the killed worker was not restarted")
 
 
+@pytest.mark.own_process
 async def test_deny_reaches_every_worker_and_a_restarted_one(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:
@@ -924,6 +925,7 @@ async def test_deny_reaches_every_worker_and_a_restarted_one(
         await proc.communicate()
 
 
+@pytest.mark.own_process
 async def test_changes_made_while_a_worker_restarts_hold_in_it(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:

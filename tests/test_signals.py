@@ -86,6 +86,7 @@ def client_ctx(config_dir: ConfigDir, name: str) -> Any:
     return ctx
 
 
+@pytest.mark.own_process
 async def test_sigterm_lets_a_slow_request_finish_then_exits_0(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:
@@ -113,6 +114,7 @@ async def test_sigterm_lets_a_slow_request_finish_then_exits_0(
     )
 
 
+@pytest.mark.own_process
 async def test_second_signal_stops_at_once(config_dir: ConfigDir, slow_upstream: int) -> None:
     data = config_dir.base(slow_upstream)
     data["shutdown"] = {"drain_delay": "30s", "grace_period": "30s"}
@@ -125,6 +127,7 @@ async def test_second_signal_stops_at_once(config_dir: ConfigDir, slow_upstream:
     await proc.communicate()
 
 
+@pytest.mark.own_process
 async def test_sighup_adds_a_user_while_a_keepalive_connection_stays_open(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:
@@ -156,6 +159,7 @@ async def test_sighup_adds_a_user_while_a_keepalive_connection_stays_open(
         await proc.communicate()
 
 
+@pytest.mark.own_process
 async def test_two_workers_serve_and_metrics_count_them_all(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:
@@ -191,6 +195,7 @@ async def test_two_workers_serve_and_metrics_count_them_all(
         await proc.communicate()
 
 
+@pytest.mark.own_process
 async def test_a_worker_that_dies_is_restarted(config_dir: ConfigDir, slow_upstream: int) -> None:
     data = config_dir.base(slow_upstream)
     data["listen"]["workers"] = 2
@@ -328,6 +333,7 @@ async def stop(proc: asyncio.subprocess.Process) -> bytes:
     return err
 
 
+@pytest.mark.own_process
 async def test_sighup_while_the_process_starts_is_held_then_applied(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:
@@ -357,6 +363,7 @@ async def test_sighup_while_the_process_starts_is_held_then_applied(
         await stop(proc)
 
 
+@pytest.mark.own_process
 async def test_sighup_while_workers_start_kills_none_and_applies_everywhere(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:
@@ -382,6 +389,7 @@ async def test_sighup_while_workers_start_kills_none_and_applies_everywhere(
     assert b'"worker_died"' not in err
 
 
+@pytest.mark.own_process
 async def test_sighup_while_a_worker_restarts_reaches_it_once_started(
     config_dir: ConfigDir, slow_upstream: int
 ) -> None:

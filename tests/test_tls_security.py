@@ -494,6 +494,7 @@ async def process(config_dir: ConfigDir, upstream: App) -> AsyncIterator[int]:
         await proc.communicate()
 
 
+@pytest.mark.own_process
 @pytest.mark.slow
 async def test_sslyze_finds_the_listener_compliant_with_mozilla_intermediate(
     sslyze: Path, process: int, config_dir: ConfigDir

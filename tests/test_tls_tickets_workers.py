@@ -35,6 +35,9 @@ from .test_listener import App, upstream
 from .test_operations import metric
 from .test_signals import start as start_process
 
+#: the sidecar runs as its own process (conftest.pytest_collection_modifyitems)
+pytestmark = pytest.mark.own_process
+
 __all__ = ["upstream"]
 
 #: new connections per check: all on one worker has a chance of 2 in 2**24

@@ -15,12 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .conftest import ConfigDir
 from .fake_identityplus import FakeIdentityPlus, fake_identityplus
 from .pki import Issued
 from .reporting import FAST, App, app, serial
 from .test_signals import start as start_process
+
+#: the sidecar runs as its own process (conftest.pytest_collection_modifyitems)
+pytestmark = pytest.mark.own_process
 
 __all__ = ["app", "fake_identityplus"]  # fixtures, imported to be used here
 

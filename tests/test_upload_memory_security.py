@@ -22,6 +22,9 @@ import pytest
 from .conftest import ConfigDir
 from .test_pipelining_security import Process, start_process
 
+#: the sidecar runs as its own process (conftest.pytest_collection_modifyitems)
+pytestmark = pytest.mark.own_process
+
 MiB = 1024 * 1024
 UPLOADS = 20
 #: per upload in flight, on average (measured: about 0.95 MiB; through aiohttp's server
