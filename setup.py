@@ -28,7 +28,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -85,6 +85,9 @@ COMPILED = [
     "sidecar/identity/reports.py",
     "sidecar/revocation/gate.py",
 ]
+#: C written by hand, built with the compiled build: the session table's callbacks
+#: (tls_sessions; no libssl headers needed: libssl's functions are passed in by address)
+C_EXTENSIONS = {"sidecar._sessions_c": "sidecar/_sessions_c.c"}
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)
 BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
@@ -133,7 +136,8 @@ class BuildExt(build_ext):
         manifest = {
             "compiler": MYPY,
             "modules": {
-                path.removesuffix(".py").replace("/", "."): _digest(path) for path in COMPILED
+                **{path.removesuffix(".py").replace("/", "."): _digest(path) for path in COMPILED},
+                **{module: _digest(path) for module, path in C_EXTENSIONS.items()},
             },
         }
         base = ROOT if self.inplace else Path(self.build_lib)
@@ -176,7 +180,13 @@ def _options() -> dict[str, Any]:
     # build requirement.
     flags = ["--cache-dir=build/mypyc-cache"]
     return {
-        "ext_modules": mypycify([*flags, *COMPILED], opt_level="3", group_name="sidecar"),
+        "ext_modules": [
+            *mypycify([*flags, *COMPILED], opt_level="3", group_name="sidecar"),
+            *(
+                Extension(module, [path], extra_compile_args=["-O2"])
+                for module, path in C_EXTENSIONS.items()
+            ),
+        ],
         "cmdclass": {"build_ext": BuildExt},
     }
 

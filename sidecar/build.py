@@ -67,7 +67,10 @@ def _stale(package: Path, modules: dict[str, str]) -> list[str]:
     stale = []
     for module, digest in modules.items():
         try:
+            # a module of Python compiled by mypyc, or an extension written in C
             source = _module_path(package, module).with_suffix(".py")
+            if not source.exists():
+                source = source.with_suffix(".c")
             current = hashlib.sha256(source.read_bytes()).hexdigest()
         except OSError:
             current = ""

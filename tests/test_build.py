@@ -98,6 +98,21 @@ def test_an_edited_source_loads_every_module_from_source(package: Path) -> None:
     assert importlib.import_module("fakepkg.sub.deep").VALUE == "source"
 
 
+def test_an_extension_written_in_c_is_checked_against_its_c_source(package: Path) -> None:
+    """``_sessions_c`` has a C source, no Python one: an edit to the C after the build means
+    the interpreted build too (which uses the Python callbacks), never a stale extension."""
+    c_source = package / "native.c"
+    c_source.write_text("/* the extension's source */\n")
+    (package / "native").with_suffix(SUFFIX).write_bytes(b"not an ELF file")
+    digests = {"fakepkg.mod": digest(package / "mod.py"), "fakepkg.native": digest(c_source)}
+    manifest(package, **digests)
+    assert choose(package, {}).compiled
+    c_source.write_text("/* edited since */\n")
+    build = choose(package, {})
+    assert not build.compiled
+    assert build.note is not None and "fakepkg.native" in build.note
+
+
 def test_sidecar_pure_forces_the_sources(package: Path) -> None:
     manifest(package, **{"fakepkg.mod": digest(package / "mod.py")})
     build = choose(package, {"SIDECAR_PURE": "1"})
