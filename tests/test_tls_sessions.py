@@ -345,6 +345,7 @@ def test_the_table_cannot_be_resized_under_the_workers() -> None:
 _FREED = """
 import gc, ssl, sys, tempfile
 from pathlib import Path
+from tests.memory_tls import handshake
 from tests.pki import PKI
 from sidecar import tls_groups, tls_sessions, tls_tickets
 pki = PKI.create()
@@ -361,19 +362,9 @@ for round in range(20):
     assert tls_sessions.bind(server, b"label", store) is None
     address = tls_groups._ssl_ctx(server)
     for _ in range(3):
-        s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-        s = server.wrap_bio(s_in, s_out, server_side=True)
-        c = client.wrap_bio(c_in, c_out, server_hostname="localhost")
-        for _ in range(6):
-            for end in (c, s):
-                try:
-                    end.do_handshake()
-                except ssl.SSLWantReadError:
-                    pass
-            s_in.write(c_out.read())
-            c_in.write(s_out.read())
+        s, c = handshake(server, client, rounds=6)
     assert server.session_stats()["number"] >= 3
-    del s, c, end, server
+    del s, c, server
     gc.collect()
     assert address not in tls_sessions._BOUND
 print("freed")
