@@ -233,6 +233,8 @@ class Sidecar:
             transports=HttpTransport,
             lifetime=self.metrics.client_cert_lifetime.observe,
         )
+        #: a resumed connection's chain headers: rebuilt from the anchors revocation reads
+        self.peer_certs.chains_from = self.revocation.chain_above
         self.revocation.forget = self._drop_here
         self.revocation.on_revoked.append(self._revoked_elsewhere)
         self._client_cert_expiry = float("nan")

@@ -31,7 +31,7 @@ import tempfile
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -446,6 +446,32 @@ class PeerCertificates:
     def __init__(self, max_entries: int = 4096) -> None:
         self._parsed: OrderedDict[bytes, ClientCert] = OrderedDict()
         self._max = max_entries
+        #: the chain OpenSSL verified each recent certificate with (``chain_of``)
+        self._chains: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
+        #: the chain above a certificate, rebuilt from the trust anchors (the app sets it:
+        #: ``Revocation.chain_above``); None: not rebuilt
+        self.chains_from: Callable[[ClientCert], tuple[bytes, ...] | None] | None = None
+
+    def chain_of(self, ssl_obj: ssl.SSLObject | None, cert: ClientCert) -> tuple[bytes, ...]:
+        """The certificates above ``cert`` that it was verified with (``verified_chain``), for
+        the chain headers. A connection that resumed a session verified nothing, and OpenSSL
+        keeps no chain in a session: the chain this worker last verified ``cert`` with, else
+        the one rebuilt from the trust anchors (a session another worker made), else none (an
+        intermediate only the client sent, verified by another worker)."""
+        if ssl_obj is None:
+            return ()
+        if not ssl_obj.session_reused:
+            chain = verified_chain(ssl_obj)
+            self._chains[cert.der] = chain
+            self._chains.move_to_end(cert.der)
+            if len(self._chains) > self._max:
+                self._chains.popitem(last=False)
+            return chain
+        known = self._chains.get(cert.der)
+        if known is not None:
+            return known
+        rebuilt = self.chains_from(cert) if self.chains_from is not None else None
+        return rebuilt if rebuilt is not None else ()
 
     def from_ssl_object(self, ssl_obj: ssl.SSLObject | None) -> ClientCert | None:
         """The verified peer certificate of a connection, or None when it presented none."""

@@ -10,8 +10,11 @@ chain it validated.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import socket
+import ssl
 from typing import Any
 from urllib.parse import unquote
 
@@ -150,3 +153,80 @@ async def test_no_certificate_no_certificate_headers(
     assert not names_received(upstream) & (
         certformats.HEADER_NAMES | {"x-app-certificate", "x-userinfo"}
     )
+
+
+# ---- a resumed session: the same headers as the full handshake ------------------------------
+
+#: every certificate header the sidecar writes with every format on
+WRITTEN = sorted(certformats.HEADER_NAMES | {"X-APP-CERTIFICATE"})
+
+
+def _exchange(
+    port: int, ctx: ssl.SSLContext, request: bytes, session: ssl.SSLSession | None
+) -> tuple[bytes, bool, ssl.SSLSession | None]:
+    """``request`` on a new connection resuming ``session``: the answer's head, whether the
+    session was resumed, and the connection's session (blocking: run it in a thread)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+    ):
+        tls.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := tls.recv(65536)):
+            data += chunk
+        if data.startswith(b"HTTP/1.1 101 "):
+            tls.sendall(b"\x88\x80" + bytes(4))  # a WebSocket close, masked, no payload
+            while tls.recv(65536):  # until the sidecar closes too
+                pass
+        return data.split(b"\r\n\r\n", 1)[0], bool(tls.session_reused), tls.session
+
+
+REQUESTS = {
+    "listener": b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    # a WebSocket upgrade: aiohttp's server (the fallback) builds the headers there
+    "websocket": b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+    b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("path", list(REQUESTS))
+@pytest.mark.parametrize("tls12", [False, True], ids=["TLS 1.3", "TLS 1.2"])
+@pytest.mark.parametrize("where", ["same worker", "other worker"])
+async def test_a_resumed_connection_carries_the_chain_it_was_verified_with(
+    start_sidecar: SidecarFactory,
+    config_dir: ConfigDir,
+    upstream: Upstream,
+    path: str,
+    tls12: bool,
+    where: str,
+) -> None:
+    """OpenSSL verifies nothing on a resumed connection and keeps no chain in a session:
+    before, every resumed connection's chain headers (``Client-Cert-Chain``, XFCC's
+    ``Chain``, Traefik's list) were empty. Now the worker that verified the certificate
+    gives the chain it verified, and another worker (the session from the workers' table)
+    the chain rebuilt from the trust anchors: every certificate header as on the full
+    handshake, on both request paths."""
+    from .test_tls_sessions import two
+
+    data: dict[str, Any] = config_dir.base(upstream.port)
+    data["headers"] = {"certificate_formats": ALL_FORMATS}
+    a, b = await two(start_sidecar, data)
+    there = a if where == "same worker" else b
+    ctx = a.client_ssl(a.certs.alice)
+    if tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    request = REQUESTS[path]
+    head, _, session = await asyncio.to_thread(_exchange, a.sidecar.port, ctx, request, None)
+    head_again, reused, _ = await asyncio.to_thread(
+        _exchange, there.sidecar.port, ctx, request, session
+    )
+    expected = b"HTTP/1.1 101 " if path == "websocket" else b"HTTP/1.1 200 "
+    assert head.startswith(expected) and head_again.startswith(expected), (head, head_again)
+    assert reused
+    first, resumed = upstream.seen
+    for name in WRITTEN:
+        assert resumed.header(name) == first.header(name), name
+    chain = SfList()
+    chain.parse(only(upstream, "Client-Cert-Chain").encode())
+    assert [m.value for m in chain] == [a.certs.pki.client_intermediate.der]

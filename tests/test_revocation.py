@@ -380,6 +380,20 @@ def test_the_chain_is_rebuilt_from_the_anchors() -> None:
     assert Anchors([ROOT.cert]).facts(client(LEAVES[0])).complete is False
 
 
+def test_the_path_above_a_certificate_is_what_a_verified_chain_lists_after_it() -> None:
+    """For a resumed connection's chain headers (OpenSSL keeps no chain in a session): the
+    intermediates up to the top anchor, that anchor left out, as ``verified_chain`` gives
+    them; () for an anchor itself; None when the issuer is not among the anchors."""
+    leaf = client(LEAVES[0])
+    assert Anchors([ROOT.cert, CA.cert]).path_above(leaf) == (CA.der,)
+    assert Anchors([CA.cert]).path_above(leaf) == ()  # the issuer is the top anchor
+    assert Anchors([ROOT.cert]).path_above(leaf) is None  # the intermediate only the client has
+    device = make_leaf(None, "device")
+    assert Anchors([CA.cert], [device.cert]).path_above(client(device)) == ()
+    anchors = Anchors([ROOT.cert, CA.cert])
+    assert anchors.path_above(leaf) is anchors.path_above(leaf)  # computed once
+
+
 # ---- OCSP responses ---------------------------------------------------------------------------
 
 

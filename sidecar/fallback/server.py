@@ -22,7 +22,7 @@ from ..errors import LimitReached
 from ..headers import lines_to_multidict
 from ..listener_state import ListenerState
 from ..request import Request
-from ..tls import requested_server_name, verified_chain
+from ..tls import requested_server_name
 from .connection import FallbackConnection, last_on_connection, to_response
 from .forward import FallbackForwarder, Forwarded, is_websocket
 
@@ -94,7 +94,7 @@ class Serve:
             web_request.raw_path,
             web_request.raw_headers,
             cert=(cert := _peer_certificate(web_request)),
-            chain=_verified_chain(web_request) if cert is not None else (),
+            chain=_verified_chain(self.state, web_request, cert) if cert is not None else (),
             peer_ip=_peer_ip(web_request),
             server_name=_server_name(web_request),
         )
@@ -157,9 +157,12 @@ def _server_name(request: web.BaseRequest) -> str | None:
     return requested_server_name(transport.get_extra_info("ssl_object") if transport else None)
 
 
-def _verified_chain(request: web.BaseRequest) -> tuple[bytes, ...]:
+def _verified_chain(
+    state: ListenerState, request: web.BaseRequest, cert: ClientCert
+) -> tuple[bytes, ...]:
     transport = request.transport
-    return verified_chain(transport.get_extra_info("ssl_object") if transport else None)
+    ssl_obj = transport.get_extra_info("ssl_object") if transport else None
+    return state.peer_certs.chain_of(ssl_obj, cert)
 
 
 def _peer_ip(request: web.BaseRequest) -> str | None:

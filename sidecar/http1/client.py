@@ -54,7 +54,7 @@ from ..listener_state import ListenerState
 from ..log import get_logger
 from ..request import ANSWER, FORWARD, Request
 from ..responses import SERVER, Answer
-from ..tls import requested_server_name, verified_chain
+from ..tls import requested_server_name
 from .bodies import decoder
 from .heads import HandOff, Head, HeadReader, Refusal
 from .inbound import Inbound
@@ -533,7 +533,9 @@ class ClientConnection(asyncio.Protocol):
         if chain is None:
             transport = self._transport
             ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
-            chain = self._peer_chain = verified_chain(ssl_obj)
+            cert = self.peer_certificate()
+            chain = () if cert is None else self._state.peer_certs.chain_of(ssl_obj, cert)
+            self._peer_chain = chain
         return chain
 
     def peer_certificate(self) -> ClientCert | None:

@@ -83,6 +83,7 @@ class Anchors:
             self._by_subject.setdefault(cert.subject, []).append(cert)
         self._pinned = frozenset(cert.public_bytes(serialization.Encoding.DER) for cert in pinned)
         self._facts: dict[str, Facts] = {}
+        self._paths: dict[str, tuple[bytes, ...] | None] = {}
 
     def certificates(self) -> list[x509.Certificate]:
         return [cert for group in self._by_subject.values() for cert in group]
@@ -96,6 +97,33 @@ class Anchors:
                 self._facts.clear()
             self._facts[cert.sha256] = known
         return known
+
+    def path_above(self, cert: ClientCert) -> tuple[bytes, ...] | None:
+        """The DER of the anchors between ``cert`` and the top of its chain (that top left
+        out), as OpenSSL's verified chain has them after the leaf, computed on first use;
+        () for an anchor itself (pinned or self-signed); None when its issuer is not among
+        the anchors (an intermediate only the client sent). For a connection that resumed a
+        session: OpenSSL verified nothing on it, and keeps no chain in the session."""
+        if cert.sha256 in self._paths:
+            return self._paths[cert.sha256]
+        facts = self.facts(cert)
+        path: tuple[bytes, ...] | None = None
+        if facts.self_trusted:
+            path = ()
+        elif facts.issuer is not None:
+            above = [facts.issuer]
+            for _ in range(_MAX_DEPTH):
+                if _self_signed(above[-1]):
+                    break
+                issuer = self.issuer_of(above[-1])
+                if issuer is None:
+                    break  # an anchor trusted as itself
+                above.append(issuer)
+            path = tuple(c.public_bytes(serialization.Encoding.DER) for c in above[:-1])
+        if len(self._paths) >= _REMEMBERED:
+            self._paths.clear()
+        self._paths[cert.sha256] = path
+        return path
 
     def issuer_of(self, cert: x509.Certificate) -> x509.Certificate | None:
         """The anchor that signed ``cert``: its name is ``cert``'s issuer and its key verifies

@@ -170,6 +170,11 @@ class Revocation:
 
     # ---- configuration ----------------------------------------------------------------------
 
+    def chain_above(self, cert: ClientCert) -> tuple[bytes, ...] | None:
+        """The anchors above ``cert`` as a verified chain lists them (``Anchors.path_above``):
+        for a connection that resumed a session, whose chain OpenSSL did not keep."""
+        return self._anchors.path_above(cert)
+
     def apply(self, prepared: Prepared) -> None:
         """Use a (re)loaded configuration from now on. Answers are computed again; the cached
         verdicts of certificates newly denied or newly listed in a CRL are dropped."""
