@@ -132,12 +132,26 @@ def replica_config(
     return data
 
 
+class PortTaken(AssertionError):
+    """A replica could not bind its ports: another socket took one after ``free_port``."""
+
+
 @pytest.fixture
 async def fleet(config_dir: ConfigDir) -> AsyncIterator[Callable[..., Awaitable[Replica]]]:
     """``await fleet(name, data)``: a ``sidecar run`` process, ready; stopped at the end."""
     started: list[Replica] = []
 
     async def start(name: str, data: dict[str, Any]) -> Replica:
+        for _ in range(3):
+            try:
+                return await start_once(name, data)
+            except PortTaken:
+                # free_port's port was taken meanwhile (an outgoing connection's local port
+                # is drawn from the same range): new ports, in ``data`` too, and again
+                data["listen"]["port"], data["admin"]["port"] = free_port(), free_port()
+        return await start_once(name, data)
+
+    async def start_once(name: str, data: dict[str, Any]) -> Replica:
         path = config_dir.write(data, f"{name}.yaml")
         log = config_dir.path / f"{name}.log"
         with log.open("wb") as err:
@@ -162,7 +176,11 @@ async def fleet(config_dir: ConfigDir) -> AsyncIterator[Callable[..., Awaitable[
             if proc.returncode is not None:
                 break
             await asyncio.sleep(0.1)
-        raise AssertionError(f"{name} did not become ready: {log.read_text()[-3000:]}")
+        text = log.read_text()
+        if proc.returncode is not None and "address already in use" in text:
+            started.remove(replica)
+            raise PortTaken(text[-3000:])
+        raise AssertionError(f"{name} did not become ready: {text[-3000:]}")
 
     yield start
     for replica in started:
