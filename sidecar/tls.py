@@ -446,8 +446,11 @@ class PeerCertificates:
     def __init__(self, max_entries: int = 4096) -> None:
         self._parsed: OrderedDict[bytes, ClientCert] = OrderedDict()
         self._max = max_entries
-        #: the chain OpenSSL verified each recent certificate with (``chain_of``)
-        self._chains: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
+        #: per context (a reload that changes trust makes new ones), the chain OpenSSL
+        #: verified each recent certificate with (``chain_of``)
+        self._chains: weakref.WeakKeyDictionary[
+            ssl.SSLContext, OrderedDict[bytes, tuple[bytes, ...]]
+        ] = weakref.WeakKeyDictionary()
         #: the chain above a certificate, rebuilt from the trust anchors (the app sets it:
         #: ``Revocation.chain_above``); None: not rebuilt
         self.chains_from: Callable[[ClientCert], tuple[bytes, ...] | None] | None = None
@@ -455,22 +458,30 @@ class PeerCertificates:
     def chain_of(self, ssl_obj: ssl.SSLObject | None, cert: ClientCert) -> tuple[bytes, ...]:
         """The certificates above ``cert`` that it was verified with (``verified_chain``), for
         the chain headers. A connection that resumed a session verified nothing, and OpenSSL
-        keeps no chain in a session: the chain this worker last verified ``cert`` with, else
-        the one rebuilt from the trust anchors (a session another worker made), else none (an
-        intermediate only the client sent, verified by another worker)."""
+        keeps no chain in a session: the chain this worker last verified ``cert`` with in
+        this context, else the one rebuilt from the trust anchors (a session another worker
+        made), else none (not known for certain: an intermediate only the client sent, or
+        two anchors that could issue one certificate)."""
         if ssl_obj is None:
             return ()
+        context = ssl_obj.context
+        known = self._chains.get(context)
         if not ssl_obj.session_reused:
             chain = verified_chain(ssl_obj)
-            self._chains[cert.der] = chain
-            self._chains.move_to_end(cert.der)
-            if len(self._chains) > self._max:
-                self._chains.popitem(last=False)
+            if known is None:
+                known = self._chains[context] = OrderedDict()
+            known[cert.der] = chain
+            known.move_to_end(cert.der)
+            if len(known) > self._max:
+                known.popitem(last=False)
             return chain
-        known = self._chains.get(cert.der)
-        if known is not None:
-            return known
-        rebuilt = self.chains_from(cert) if self.chains_from is not None else None
+        remembered = known.get(cert.der) if known is not None else None
+        if remembered is not None:
+            return remembered
+        try:
+            rebuilt = self.chains_from(cert) if self.chains_from is not None else None
+        except Exception:  # headers without a chain rather than a connection dropped
+            rebuilt = None
         return rebuilt if rebuilt is not None else ()
 
     def from_ssl_object(self, ssl_obj: ssl.SSLObject | None) -> ClientCert | None:

@@ -193,6 +193,7 @@ REQUESTS = {
 @pytest.mark.parametrize("path", list(REQUESTS))
 @pytest.mark.parametrize("tls12", [False, True], ids=["TLS 1.3", "TLS 1.2"])
 @pytest.mark.parametrize("where", ["same worker", "other worker"])
+@pytest.mark.parametrize("pinned", [False, True], ids=["", "pinned"])
 async def test_a_resumed_connection_carries_the_chain_it_was_verified_with(
     start_sidecar: SidecarFactory,
     config_dir: ConfigDir,
@@ -200,6 +201,7 @@ async def test_a_resumed_connection_carries_the_chain_it_was_verified_with(
     path: str,
     tls12: bool,
     where: str,
+    pinned: bool,
 ) -> None:
     """OpenSSL verifies nothing on a resumed connection and keeps no chain in a session:
     before, every resumed connection's chain headers (``Client-Cert-Chain``, XFCC's
@@ -211,6 +213,9 @@ async def test_a_resumed_connection_carries_the_chain_it_was_verified_with(
 
     data: dict[str, Any] = config_dir.base(upstream.port)
     data["headers"] = {"certificate_formats": ALL_FORMATS}
+    if pinned:  # partial chains: OpenSSL stops at the first trusted certificate
+        device, _ = config_dir.certs.pki.client("Pinned Device").write(config_dir.path, "device")
+        data["tls"]["pinned_certificates"] = [str(device)]
     a, b = await two(start_sidecar, data)
     there = a if where == "same worker" else b
     ctx = a.client_ssl(a.certs.alice)
@@ -227,6 +232,47 @@ async def test_a_resumed_connection_carries_the_chain_it_was_verified_with(
     first, resumed = upstream.seen
     for name in WRITTEN:
         assert resumed.header(name) == first.header(name), name
-    chain = SfList()
-    chain.parse(only(upstream, "Client-Cert-Chain").encode())
-    assert [m.value for m in chain] == [a.certs.pki.client_intermediate.der]
+    if pinned:
+        assert first.header("Client-Cert-Chain") == []  # the intermediate is trusted itself
+    else:
+        chain = SfList()
+        chain.parse(only(upstream, "Client-Cert-Chain").encode())
+        assert [m.value for m in chain] == [a.certs.pki.client_intermediate.der]
+
+
+class _Connection:
+    """What ``PeerCertificates.chain_of`` reads of an ``SSLObject``."""
+
+    def __init__(self, context: ssl.SSLContext, reused: bool, chain: list[bytes]) -> None:
+        self.context, self.session_reused, self._chain = context, reused, chain
+
+    def get_verified_chain(self) -> list[bytes]:
+        return self._chain
+
+
+def test_a_remembered_chain_is_the_contexts_and_a_failed_rebuild_is_no_chain(
+    config_dir: ConfigDir,
+) -> None:
+    """A chain verified under one context (one trust) is never given for a connection of
+    another: a reload that changes trust makes new contexts. Where the rebuild raises, the
+    headers carry no chain; the connection is not dropped."""
+    from sidecar.certs import ClientCert
+    from sidecar.tls import PeerCertificates
+
+    pki = config_dir.certs.pki
+    alice = ClientCert.from_der(config_dir.certs.alice.der)
+    before, after = (ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) for _ in range(2))
+    verified = [alice.der, pki.client_intermediate.der, pki.client_root.der]
+    peers = PeerCertificates()
+    full = _Connection(before, False, verified)
+    assert peers.chain_of(full, alice) == (pki.client_intermediate.der,)  # type: ignore[arg-type]
+    resumed_before = _Connection(before, True, [])
+    resumed_after = _Connection(after, True, [])
+    assert peers.chain_of(resumed_before, alice) == (pki.client_intermediate.der,)  # type: ignore[arg-type]
+    assert peers.chain_of(resumed_after, alice) == ()  # type: ignore[arg-type]
+
+    def broken(cert: ClientCert) -> tuple[bytes, ...] | None:
+        raise ValueError("an anchor that cannot be read")
+
+    peers.chains_from = broken
+    assert peers.chain_of(resumed_after, alice) == ()  # type: ignore[arg-type]

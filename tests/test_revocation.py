@@ -392,6 +392,28 @@ def test_the_path_above_a_certificate_is_what_a_verified_chain_lists_after_it() 
     assert Anchors([CA.cert], [device.cert]).path_above(client(device)) == ()
     anchors = Anchors([ROOT.cert, CA.cert])
     assert anchors.path_above(leaf) is anchors.path_above(leaf)  # computed once
+    # with pinned certificates OpenSSL stops at the first trusted certificate (partial chains)
+    assert Anchors([ROOT.cert, CA.cert], [device.cert]).path_above(leaf) == ()
+
+
+def test_a_path_with_two_possible_issuers_is_not_guessed() -> None:
+    """CA cross-signed by another root (the same name and key, two certificates): OpenSSL
+    picks one by its own rules, so the path is not known for certain (None: no chain)."""
+    other_root = make_ca("Unit Other Root")
+    cross = (
+        x509.CertificateBuilder()
+        .subject_name(CA.cert.subject)
+        .issuer_name(other_root.cert.subject)
+        .public_key(CA.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(CA.cert.not_valid_before_utc)
+        .not_valid_after(CA.cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(other_root.key, hashes.SHA256())
+    )
+    leaf = client(LEAVES[1])
+    assert Anchors([ROOT.cert, CA.cert, other_root.cert]).path_above(leaf) == (CA.der,)
+    assert Anchors([ROOT.cert, CA.cert, other_root.cert, cross]).path_above(leaf) is None
 
 
 # ---- OCSP responses ---------------------------------------------------------------------------

@@ -82,6 +82,9 @@ class Anchors:
             seen.add(der)
             self._by_subject.setdefault(cert.subject, []).append(cert)
         self._pinned = frozenset(cert.public_bytes(serialization.Encoding.DER) for cert in pinned)
+        #: OpenSSL stops a chain at its first trusted certificate (VERIFY_X509_PARTIAL_CHAIN,
+        #: set with pinned certificates: tls.server_context)
+        self._partial = bool(self._pinned)
         self._facts: dict[str, Facts] = {}
         self._paths: dict[str, tuple[bytes, ...] | None] = {}
 
@@ -100,30 +103,43 @@ class Anchors:
 
     def path_above(self, cert: ClientCert) -> tuple[bytes, ...] | None:
         """The DER of the anchors between ``cert`` and the top of its chain (that top left
-        out), as OpenSSL's verified chain has them after the leaf, computed on first use;
-        () for an anchor itself (pinned or self-signed); None when its issuer is not among
-        the anchors (an intermediate only the client sent). For a connection that resumed a
-        session: OpenSSL verified nothing on it, and keeps no chain in the session."""
+        out), as OpenSSL's verified chain lists them after the leaf, computed on first use:
+        for a connection that resumed a session another worker made (OpenSSL verified
+        nothing on it and keeps no chain in a session). () for an anchor itself (pinned or
+        self-signed), and wherever OpenSSL stops at the first trusted certificate (partial
+        chains: on with ``tls.pinned_certificates``); None when it is not known for certain:
+        the issuer is not among the anchors (an intermediate only the client sent), or two
+        anchors could issue one certificate of the path (cross-signed, or renewed beside the
+        old copy: OpenSSL's choice is not guessed here)."""
         if cert.sha256 in self._paths:
             return self._paths[cert.sha256]
         facts = self.facts(cert)
         path: tuple[bytes, ...] | None = None
         if facts.self_trusted:
             path = ()
-        elif facts.issuer is not None:
-            above = [facts.issuer]
-            for _ in range(_MAX_DEPTH):
-                if _self_signed(above[-1]):
-                    break
-                issuer = self.issuer_of(above[-1])
-                if issuer is None:
-                    break  # an anchor trusted as itself
-                above.append(issuer)
-            path = tuple(c.public_bytes(serialization.Encoding.DER) for c in above[:-1])
+        elif facts.certificate is not None and facts.issuer is not None:
+            path = self._path(facts.certificate)
         if len(self._paths) >= _REMEMBERED:
             self._paths.clear()
         self._paths[cert.sha256] = path
         return path
+
+    def _path(self, leaf: x509.Certificate) -> tuple[bytes, ...] | None:
+        above: list[x509.Certificate] = []
+        current = leaf
+        for _ in range(_MAX_DEPTH):
+            issuers = [c for c in self._by_subject.get(current.issuer, ()) if signed_by(current, c)]
+            if len(issuers) > 1:
+                return None
+            if not issuers:
+                break  # an anchor trusted as itself, at the top
+            above.append(issuers[0])
+            current = issuers[0]
+            if self._partial or _self_signed(current):
+                break
+        if not above:
+            return None
+        return tuple(c.public_bytes(serialization.Encoding.DER) for c in above[:-1])
 
     def issuer_of(self, cert: x509.Certificate) -> x509.Certificate | None:
         """The anchor that signed ``cert``: its name is ``cert``'s issuer and its key verifies
