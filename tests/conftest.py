@@ -269,12 +269,16 @@ def decode_userinfo(value: str) -> dict[str, Any]:
     return doc
 
 
+def _test_loop() -> str:
+    """The event loop async tests run on: uvloop, the loop ``sidecar run`` uses, unless
+    ``SIDECAR_TEST_LOOP=asyncio`` (CI runs the interpreted build that way)."""
+    return "asyncio" if os.environ.get("SIDECAR_TEST_LOOP") == "asyncio" else "uvloop"
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
-    """SIDECAR_TEST_LOOP=uvloop runs every async test on uvloop, the loop `sidecar run` uses
-    (CI runs the suite both ways)."""
-    if os.environ.get("SIDECAR_TEST_LOOP") != "uvloop":
+    if _test_loop() == "asyncio":
         return {"asyncio": asyncio.new_event_loop}
     import uvloop
 
@@ -286,16 +290,15 @@ OWN_PROCESS_FIXTURES = frozenset({"fleet"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test whose sidecar runs as its own ``sidecar run`` process (marked ``own_process``, or
-    using a fixture in ``OWN_PROCESS_FIXTURES``) runs the same code whatever loop the test is
-    on: the process always takes uvloop (``runtime.run``), and the build follows the install
-    (``SIDECAR_PURE``). So the compiled build's uvloop pass skips it: the compiled pass on
-    asyncio ran the same process. The interpreted pass (on uvloop too, in CI) runs it."""
-    from sidecar import BUILD
-
-    covered = os.environ.get("SIDECAR_TEST_LOOP") == "uvloop" and BUILD.compiled
+    """Tests whose sidecar runs as a ``sidecar run`` process of its own are marked
+    ``own_process`` (by hand, or here when they use a fixture in ``OWN_PROCESS_FIXTURES``).
+    ``SIDECAR_TEST_OWN_PROCESS=skip`` skips them: CI's second run (the interpreted build)
+    leaves them to the first. What they exercise besides the request path (the supervisor,
+    its workers, signals, replicas sharing Redis) is interpreted in both builds, and the
+    interpreted request path is what the in-process tests run there."""
+    skipping = os.environ.get("SIDECAR_TEST_OWN_PROCESS") == "skip"
     skip = pytest.mark.skip(
-        reason="own_process: the compiled pass on asyncio ran this same sidecar process"
+        reason="own_process: left to the compiled run (SIDECAR_TEST_OWN_PROCESS=skip)"
     )
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -304,7 +307,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             fixtures -= set(callspec.params)
         if fixtures & OWN_PROCESS_FIXTURES and item.get_closest_marker("own_process") is None:
             item.add_marker(pytest.mark.own_process)
-        if covered and item.get_closest_marker("own_process"):
+        if skipping and item.get_closest_marker("own_process"):
             item.add_marker(skip)
 
 
@@ -313,5 +316,5 @@ def pytest_report_header(config: pytest.Config) -> str:
     interpreted one)."""
     from sidecar import BUILD
 
-    line = f"sidecar build: {BUILD.describe()}"
+    line = f"sidecar build: {BUILD.describe()}, test loop: {_test_loop()}"
     return line if BUILD.note is None else f"{line} ({BUILD.note})"
