@@ -16,14 +16,9 @@ from pathlib import Path
 import pytest
 
 from .conftest import ConfigDir, Upstream, decode_userinfo
+from .ports import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:

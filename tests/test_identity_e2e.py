@@ -13,7 +13,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from yarl import URL
 from .conftest import ConfigDir, Running, SidecarFactory, Upstream, decode_userinfo
 from .fake_identityplus import FakeIdentityPlus, Fault, fake_identityplus
 from .pki import Issued
+from .ports import free_port
 from .servers import serve_app
 
 __all__ = ["fake_identityplus"]  # the fixture, imported to be used here
@@ -117,12 +117,6 @@ def sub_of(values: list[str]) -> str:
 def anonymous(upstream: Upstream) -> bool:
     last = upstream.last
     return last.header("X-USERINFO") == [] and last.header("X-APP-CERTIFICATE") == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

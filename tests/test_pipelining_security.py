@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 
 from .conftest import ConfigDir, Upstream
-from .test_cli import free_port
+from .ports import free_port
 
 #: the sidecar runs as its own process (conftest.pytest_collection_modifyitems)
 pytestmark = pytest.mark.own_process

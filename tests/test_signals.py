@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 
 from .conftest import ConfigDir
+from .ports import free_port
 from .servers import serve_app
-from .test_cli import free_port
 from .test_operations import read_response
 
 
