@@ -226,16 +226,18 @@ static size_t for_the_table(const uint8_t *der, size_t len, uint8_t *out, int *s
     int tag;
     size_t start, end;
     *same = 0;
-    if (!element(der, len, 0, &tag, &start, &end) || tag != SEQUENCE || end != len) return 0;
-    size_t peer_start = 0, peer_end = 0, app_at = 0, app_end = 0, began_at = 0;
+    size_t seq_start;
+    if (!element(der, len, 0, &tag, &seq_start, &end) || tag != SEQUENCE || end != len) return 0;
+    size_t peer_start = 0, peer_end = 0, app_at = 0, app_end = 0, began_at = 0, dropped = 0;
     int have_peer = 0, have_app = 0;
-    for (size_t at = start; at < len;) {
+    for (size_t at = seq_start; at < len;) {
         size_t s, e;
         if (!element(der, len, at, &tag, &s, &e)) return 0;
-        if (tag == PEER) {
+        if (tag == PEER) { /* every one dropped; the last one's certificate kept */
             have_peer = 1;
             peer_start = s;
             peer_end = e;
+            dropped += e - at;
         } else if (tag == APPDATA) {
             int inner;
             size_t is, ie;
@@ -257,18 +259,10 @@ static size_t for_the_table(const uint8_t *der, size_t len, uint8_t *out, int *s
     if (!element(der + peer_start, peer_len, 0, &tag, &start, &end) || tag != SEQUENCE ||
         end != peer_len)
         return 0;
-    /* the fields but the peer, the application data replaced */
+    /* the fields but the peer, the (last) application data replaced */
     size_t octets = BEGAN + peer_len;
     size_t app_new = header_size(header_size(octets) + octets) + header_size(octets) + octets;
-    size_t content = 0;
-    size_t seq_start;
-    element(der, len, 0, &tag, &seq_start, &end);
-    for (size_t at = seq_start; at < len;) {
-        size_t s, e;
-        element(der, len, at, &tag, &s, &e);
-        if (tag != PEER) content += (at == app_at) ? app_new : e - at;
-        at = e;
-    }
+    size_t content = (len - seq_start) - dropped - (app_end - app_at) + app_new;
     if (header_size(content) + content > len + GROWTH) return 0;
     size_t w = header(out, SEQUENCE, content);
     for (size_t at = seq_start; at < len;) {
@@ -288,7 +282,6 @@ static size_t for_the_table(const uint8_t *der, size_t len, uint8_t *out, int *s
         }
         at = e;
     }
-    (void)app_end;
     return w;
 }
 
@@ -731,45 +724,47 @@ static PyObject *py_key(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* The test helpers' table and key: 0, or -1 with an exception set (key released then). */
+static int table_and_key(PyObject *table, Py_buffer *key, Py_buffer *view, size_t *slots) {
+    if (key->len != KEY) {
+        PyErr_SetString(PyExc_ValueError, "a 16-byte key");
+    } else if (table_of(table, view, slots) == 0) {
+        return 0;
+    }
+    PyBuffer_Release(key);
+    return -1;
+}
+
 static PyObject *py_put(PyObject *self, PyObject *args) {
     PyObject *table;
-    Py_buffer key, der;
+    Py_buffer key, der, view;
     long long expires;
     double when;
-    if (!PyArg_ParseTuple(args, "Oy*Ly*d", &table, &key, &expires, &der, &when)) return NULL;
-    Py_buffer view;
     size_t slots;
-    PyObject *result = NULL;
-    if (key.len != KEY) {
-        PyErr_SetString(PyExc_ValueError, "a 16-byte key");
-    } else if (table_of(table, &view, &slots) == 0) {
-        result = PyBool_FromLong(put(view.buf, slots, key.buf, expires, der.buf, (size_t)der.len, when));
-        PyBuffer_Release(&view);
+    if (!PyArg_ParseTuple(args, "Oy*Ly*d", &table, &key, &expires, &der, &when)) return NULL;
+    if (table_and_key(table, &key, &view, &slots) != 0) {
+        PyBuffer_Release(&der);
+        return NULL;
     }
+    int kept = put(view.buf, slots, key.buf, expires, der.buf, (size_t)der.len, when);
+    PyBuffer_Release(&view);
     PyBuffer_Release(&key);
     PyBuffer_Release(&der);
-    return result;
+    return PyBool_FromLong(kept);
 }
 
 static PyObject *py_get(PyObject *self, PyObject *args) {
     PyObject *table;
-    Py_buffer key;
+    Py_buffer key, view;
     double when;
-    if (!PyArg_ParseTuple(args, "Oy*d", &table, &key, &when)) return NULL;
-    Py_buffer view;
     size_t slots;
-    PyObject *result = NULL;
-    if (key.len != KEY) {
-        PyErr_SetString(PyExc_ValueError, "a 16-byte key");
-    } else if (table_of(table, &view, &slots) == 0) {
-        uint8_t der[MAX_SESSION];
-        size_t len = get(view.buf, slots, key.buf, when, der);
-        result = len ? PyBytes_FromStringAndSize((const char *)der, (Py_ssize_t)len)
-                     : Py_NewRef(Py_None);
-        PyBuffer_Release(&view);
-    }
+    if (!PyArg_ParseTuple(args, "Oy*d", &table, &key, &when)) return NULL;
+    if (table_and_key(table, &key, &view, &slots) != 0) return NULL;
+    uint8_t der[MAX_SESSION];
+    size_t len = get(view.buf, slots, key.buf, when, der);
+    PyBuffer_Release(&view);
     PyBuffer_Release(&key);
-    return result;
+    return len ? PyBytes_FromStringAndSize((const char *)der, (Py_ssize_t)len) : Py_NewRef(Py_None);
 }
 
 static PyMethodDef methods[] = {

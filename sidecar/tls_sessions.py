@@ -297,17 +297,16 @@ def bind(context: ssl.SSLContext, label: bytes, store: SessionStore | None) -> s
     pointer = found[1]
     namespace = hashlib.blake2b(label, digest_size=32, person=b"sidecar-sessions").digest()
     callbacks = _callbacks()
-    _BOUND[pointer] = _Bound(functions, store, namespace)
     native = _native()
     if native is not None:
         table = store._map if store is not None else None
         try:
             native.module.bind(pointer, namespace, table, peerless() is None, MAX_AGE)
         except (ValueError, TypeError, BufferError, MemoryError) as exc:
-            native.module.forget(pointer)  # nothing of an earlier binding stays
-            _BOUND.pop(pointer, None)
+            _forget(pointer)  # nothing of an earlier binding stays
             return f"the session table cannot be bound ({exc})"
         callbacks = (native.on_new, native.on_remove, native.on_get)
+    _BOUND[pointer] = _Bound(functions, store, namespace)
     if _KEPT not in context.__dict__:
         # forgotten when the context goes, before OpenSSL frees it (and calls the remove
         # callback for each session it still holds: for a context no longer here, nothing)

@@ -90,6 +90,25 @@ def test_c_and_python_agree_at_the_edges(appdata: bytes | None, peer: bytes | No
         assert module.for_the_table(der) is not None
 
 
+def test_c_and_python_agree_on_repeated_fields() -> None:
+    """Two peers (both dropped, the last one's certificate kept) and two application data
+    fields (the last one replaced), which OpenSSL never writes: C counts what it drops
+    as Python does."""
+    module = native()
+    tlv = tls_sessions._tlv
+    fields = [
+        tlv(0x02, b"\x01"),
+        tlv(0xA3, tlv(0x30, b"a" * 200)),
+        tlv(0xA3, tlv(0x30, b"b" * 50)),
+        tlv(0xA4, tlv(0x04, b"x")),
+        tlv(0xB2, tlv(0x04, b"12345678 and more")),
+        tlv(0xB2, tlv(0x04, b"ABCDEFGH")),
+    ]
+    der = tlv(0x30, b"".join(fields))
+    kept = tls_sessions.for_the_table(der)
+    assert kept is not None and module.for_the_table(der) == kept
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=32, max_size=32), st.binary(max_size=300))
 @example(b"\0" * 32, b"")

@@ -117,7 +117,7 @@ class Anchors:
         path: tuple[bytes, ...] | None = None
         if facts.self_trusted:
             path = ()
-        elif facts.certificate is not None and facts.issuer is not None:
+        elif facts.certificate is not None:
             path = self._path(facts.certificate)
         if len(self._paths) >= _REMEMBERED:
             self._paths.clear()
@@ -125,6 +125,8 @@ class Anchors:
         return path
 
     def _path(self, leaf: x509.Certificate) -> tuple[bytes, ...] | None:
+        """``path_above`` for a certificate that is no anchor itself; None without an issuer
+        among the anchors."""
         above: list[x509.Certificate] = []
         current = leaf
         for _ in range(_MAX_DEPTH):
