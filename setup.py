@@ -86,8 +86,12 @@ COMPILED = [
     "sidecar/revocation/gate.py",
 ]
 #: C written by hand, built with the compiled build: the session table's callbacks
-#: (tls_sessions; no libssl headers needed: libssl's functions are passed in by address)
-C_EXTENSIONS = {"sidecar._sessions_c": "sidecar/_sessions_c.c"}
+#: (tls_sessions) and the reader of many TLS records at once (tls_records); no libssl
+#: headers needed: libssl's functions are passed in by address
+C_EXTENSIONS = {
+    "sidecar._sessions_c": "sidecar/_sessions_c.c",
+    "sidecar._records_c": "sidecar/_records_c.c",
+}
 MANIFEST = "sidecar/_compiled.json"
 #: the setup.py commands that build (the others only read metadata)
 BUILDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}

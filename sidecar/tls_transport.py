@@ -48,7 +48,7 @@ import ipaddress
 import ssl
 from typing import Any, Protocol, cast
 
-from . import proxyproto
+from . import proxyproto, tls_records
 from .config import LimitsConfig
 from .handshakes import HandshakeScheduler
 from .log import get_logger
@@ -73,6 +73,8 @@ _HIGH_WATER = 512 * 1024
 #: its socket is no longer read: more than any client's handshake flight
 _QUEUED_BYTES = 64 * 1024
 _LOW_WATER = _HIGH_WATER // 4
+#: many records decrypted in one call (the compiled build), else None: one call per record
+_RECORDS = tls_records.reader()
 
 _HANDSHAKE = 0  # accepted; the handshake runs
 _OPEN = 1  # the handshake succeeded; the application reads and writes
@@ -456,6 +458,9 @@ class TLSProtocol(asyncio.Protocol):
         sslobj = self._sslobj
         assert sslobj is not None
         incoming = self._incoming
+        records = _RECORDS
+        if records is not None and incoming.pending > _READ_SIZE and self._read_all(records):
+            return  # more than one record: decrypted in one call (tls_records)
         first = b""
         more: list[bytes] | None = None
         eof = False
@@ -478,11 +483,52 @@ class TLSProtocol(asyncio.Protocol):
         except ssl.SSLError as exc:
             self._fail(exc)
             return
+        self._deliver(first if more is None else b"".join(more), eof)
+
+    def _read_all(self, records: tls_records.Reader) -> bool:
+        """``_read`` with the C reader: every record into one bytes object. False when it
+        refused the connection's ``SSLObject`` (nothing was read: ``_read`` reads it)."""
+        sslobj = self._sslobj
+        assert sslobj is not None
+        incoming = self._incoming
+        parts: list[bytes] = []
+        while True:
+            # at most: the records in the BIO (each one's plaintext is shorter), what OpenSSL
+            # decrypted and holds, and the record it has begun reading (16 KiB)
+            limit = incoming.pending + sslobj.pending() + _READ_SIZE
+            try:
+                data, how = records(sslobj, limit)
+            except (TypeError, ValueError, RuntimeError):
+                if parts:  # cannot happen: the same object was taken a moment ago
+                    self._fail(ssl.SSLError("the TLS records could not be read"))
+                    return True
+                return False
+            if how == tls_records.FAILED:
+                # OpenSSL's error is still queued: Python's read raises it (and the alert
+                # OpenSSL chose is in the outgoing BIO)
+                try:
+                    sslobj.read(_READ_SIZE)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLError as exc:
+                    self._fail(exc)
+                    return True
+                self._fail(ssl.SSLError("a TLS record could not be read"))
+                return True
+            if data:
+                parts.append(data)
+            if how != tls_records.FULL:
+                break
+        self._deliver(parts[0] if len(parts) == 1 else b"".join(parts), how == tls_records.CLOSED)
+        return True
+
+    def _deliver(self, data: bytes, eof: bool) -> None:
+        """What a read decrypted, to the application; then the end of input, if it came."""
         if self._outgoing.pending:
             self._flush()  # what reading made OpenSSL send (a KeyUpdate's answer, an alert)
         app = self._app
-        if first and app is not None:
-            app.data_received(first if more is None else b"".join(more))
+        if data and app is not None:
+            app.data_received(data)
         if eof and self._state == _OPEN:
             self._end_of_input()
 

@@ -94,6 +94,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "tls_tickets",
         # the TLS sessions a supervisor's workers share (#19)
         "tls_sessions",
+        # many TLS records decrypted in one call (#19)
+        "tls_records",
         "runtime",
         "http1",
         "fallback",

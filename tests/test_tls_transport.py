@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from sidecar import tls_records, tls_transport
 from sidecar.config import LimitsConfig, TLSConfig
 from sidecar.handshakes import HandshakeScheduler
 from sidecar.metrics import Metrics
@@ -656,3 +659,130 @@ def test_closing_inside_connection_made(tls_files: TLSConfig, certs: Certs, tmp_
     conn.handshake()
     assert conn.tcp.eof_written
     assert conn.app.events == ["made"]
+
+
+# ---- many records in one read (tls_records) -----------------------------------------------------
+
+#: both readers: the C one (the compiled build's) and one call per record
+READERS = ["native", "python"]
+
+
+@pytest.fixture(params=READERS)
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "native":
+        if tls_records.reader() is None:
+            pytest.skip("the C reader is built with the compiled build only")
+        monkeypatch.setattr(tls_transport, "_RECORDS", tls_records.reader())
+    else:
+        monkeypatch.setattr(tls_transport, "_RECORDS", None)
+    return str(request.param)
+
+
+def test_the_compiled_build_reads_many_records_in_one_call() -> None:
+    from sidecar import BUILD
+
+    assert (tls_records.reader() is not None) == BUILD.compiled
+    assert (tls_transport._RECORDS is not None) == BUILD.compiled
+
+
+def test_many_records_then_close_notify_in_one_read(opened: Conn, reader: str) -> None:
+    sent = bytes(range(256)) * 300  # five records
+    opened.client.write(sent)
+    with pytest.raises(ssl.SSLWantReadError):
+        opened.client.unwrap()
+    opened.to_server()
+    assert opened.app.events == ["made", f"data {len(sent)}", "eof"]
+    assert opened.app.data == sent
+    opened.to_client()
+    opened.client.unwrap()  # our close_notify came back
+    assert opened.tcp.eof_written
+
+
+def test_a_tampered_record_among_many_ends_the_connection_with_openssl_s_alert(
+    opened: Conn, reader: str
+) -> None:
+    opened.client.write(b"x" * 40000)  # three records: the last one is changed
+    records = bytearray(opened.c_out.read())
+    records[-1] ^= 1
+    opened.tls.data_received(bytes(records))
+    assert opened.app.data == b"", "nothing of a read that failed is delivered"
+    assert opened.tcp.eof_written
+    with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
+        opened.receive()
+    opened.tls.data_received(bytes(records))  # whatever follows is dropped
+    assert opened.app.data == b""
+    opened.tls.connection_lost(None)
+    lost = opened.app.lost[0]
+    assert isinstance(lost, ssl.SSLError) and "BAD_RECORD_MAC" in str(lost)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pieces=st.lists(st.integers(min_value=1, max_value=40000), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=400000), max_size=6),
+    close=st.booleans(),
+)
+def test_whatever_the_reads_the_application_gets_exactly_what_was_sent(
+    tls_files: TLSConfig,
+    certs: Certs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pieces: list[int],
+    cuts: list[int],
+    close: bool,
+) -> None:
+    """The records of a stream of writes, cut anywhere into reads: the application gets
+    every byte once, in order, with either reader, and the end of input only at the end."""
+    for which in READERS:
+        records = tls_records.reader() if which == "native" else None
+        if which == "native" and records is None:
+            continue
+        monkeypatch.setattr(tls_transport, "_RECORDS", records)
+        conn = Conn(Listener(state(tls_files)), client_ctx(certs, certs.alice, tmp=tmp_path))
+        conn.handshake()
+        sent = b"".join(bytes([n % 251]) * n for n in pieces)
+        for n in pieces:
+            conn.client.write(bytes([n % 251]) * n)
+        if close:
+            with pytest.raises(ssl.SSLWantReadError):
+                conn.client.unwrap()
+        wire = conn.c_out.read()
+        at = 0
+        for cut in [*sorted({c % (len(wire) + 1) for c in cuts}), len(wire)]:
+            if cut > at:
+                conn.tls.data_received(wire[at:cut])
+                at = cut
+        assert bytes(conn.app.data) == sent, which
+        assert conn.app.events[-1] == ("eof" if close else f"data {conn.app.events[-1][5:]}")
+        assert conn.app.events.count("eof") == (1 if close else 0)
+
+
+def test_the_c_reader_takes_only_an_ssl_object_over_memory_of_its_context(
+    opened: Conn,
+) -> None:
+    if tls_records.reader() is None:
+        pytest.skip("the C reader is built with the compiled build only")
+    from sidecar import _records_c  # type: ignore[attr-defined]
+
+    inner = opened.tls._sslobj._sslobj  # type: ignore[union-attr]
+    with pytest.raises(TypeError):
+        _records_c.read(object(), inner.context, 100)
+    with pytest.raises(ValueError, match="of that context"):
+        _records_c.read(inner, ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), 100)
+    with pytest.raises(ValueError, match="positive"):
+        _records_c.read(inner, inner.context, 0)
+    import socket
+
+    with socket.socket() as plain:  # an SSLSocket's _SSLSocket has its socket: refused
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        over_socket = context._wrap_socket(plain, False, "x")  # type: ignore[attr-defined]
+        with pytest.raises(ValueError, match="over memory"):
+            _records_c.read(over_socket, context, 100)
+    opened.client.write(b"y" * 50000)
+    opened.tls._incoming.write(opened.c_out.read())
+    got, how = _records_c.read(inner, inner.context, 20000)  # less than there is
+    assert (got, how) == (b"y" * 20000, tls_records.FULL)
+    got, how = _records_c.read(inner, inner.context, 100000)
+    assert (got, how) == (b"y" * 30000, tls_records.WANT)

@@ -1,0 +1,82 @@
+"""Many TLS records decrypted in one call (``_records_c.c``), for ``tls_transport``.
+
+``ssl.SSLObject.read`` decrypts one record (16 KiB at most) per call into a new bytes object;
+a read of the socket that brought many records (an upload arrives 256 KiB at a time) then
+costs a Python call per record and a join that copies them all once more. ``reader()`` is
+the C function that decrypts all of them into one bytes object (``read(ssl_object, limit)``)
+with the compiled build, where libssl's functions are found; else None, and ``tls_transport``
+reads record by record. The C function reads the ``SSL`` where CPython keeps it only in an
+``_ssl._SSLSocket`` over memory BIOs whose context field is the object's context (else it
+raises, and nothing is read).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ssl
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+from .tls_groups import function, ssl_library
+
+#: how a read ended (``_records_c``): more bytes are needed, the peer's close_notify came, a
+#: record failed (``ssl.SSLObject.read`` raises why), the limit was reached
+WANT = 0
+CLOSED = 1
+FAILED = 2
+FULL = 3
+
+Reader = Callable[[ssl.SSLObject, int], tuple[bytes, int]]
+
+
+@cache
+def reader() -> Reader | None:
+    """The C reader (see the module's docstring), or None."""
+    from . import BUILD
+
+    if not BUILD.compiled:
+        return None
+    try:
+        from . import _records_c  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    if (_records_c.WANT, _records_c.CLOSED, _records_c.FAILED, _records_c.FULL) != (
+        WANT,
+        CLOSED,
+        FAILED,
+        FULL,
+    ):
+        return None
+    try:
+        import _ssl
+
+        library = ssl_library()
+        pointer = ctypes.c_void_p
+        addresses = tuple(
+            ctypes.cast(f, pointer).value
+            for f in (
+                function(
+                    library,
+                    "SSL_read_ex",
+                    ctypes.c_int,
+                    pointer,
+                    pointer,
+                    ctypes.c_size_t,
+                    ctypes.POINTER(ctypes.c_size_t),
+                ),
+                function(library, "SSL_get_error", ctypes.c_int, pointer, ctypes.c_int),
+                function(library, "ERR_clear_error", None),
+            )
+        )
+        _records_c.setup(addresses, _ssl._SSLSocket)  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError, TypeError, ValueError):
+        return None
+    read = _records_c.read
+
+    def read_records(ssl_object: ssl.SSLObject, limit: int) -> tuple[bytes, int]:
+        inner: Any = ssl_object._sslobj  # type: ignore[attr-defined]
+        result: tuple[bytes, int] = read(inner, inner.context, limit)
+        return result
+
+    return read_records
