@@ -11,8 +11,9 @@
  * through the addresses Python's ctypes resolved in the libssl Python's _ssl loaded (setup),
  * with their OpenSSL 3 signatures declared here. The SSL is read where CPython's _ssl keeps it
  * in its _SSLSocket (the object's header, the socket's weak reference (NULL over memory
- * BIOs), the SSL, then the context), only in an object of the type setup was given, and only
- * when the context found there is the one the caller names. The GIL is held throughout, as
+ * BIOs), the SSL, then the context), only in an object of exactly the type setup was given,
+ * over memory BIOs, and whose context field holds the context the caller read from the same
+ * object's attribute (which checks the layout, nothing more). The GIL is held throughout, as
  * nothing here waits: the BIOs are memory.
  *
  * A read that fails (a record that does not decrypt, an alert) reads nothing more and leaves
@@ -101,6 +102,10 @@ static PyObject *py_read(PyObject *self, PyObject *args) {
     while (got < room) {
         size_t n = 0;
         if (fn.read_ex(ssl, data + got, room - got, &n) == 1) {
+            if (n == 0) { /* never, by OpenSSL's word: not a loop that holds the GIL */
+                status = FAILED;
+                break;
+            }
             got += n;
             continue;
         }

@@ -6,8 +6,9 @@ costs a Python call per record and a join that copies them all once more. ``read
 the C function that decrypts all of them into one bytes object (``read(ssl_object, limit)``)
 with the compiled build, where libssl's functions are found; else None, and ``tls_transport``
 reads record by record. The C function reads the ``SSL`` where CPython keeps it only in an
-``_ssl._SSLSocket`` over memory BIOs whose context field is the object's context (else it
-raises, and nothing is read).
+object of exactly the ``_ssl._SSLSocket`` type, over memory BIOs, whose context field holds
+what its ``context`` attribute gives (a check of the layout); else it raises, and nothing is
+read.
 """
 
 from __future__ import annotations

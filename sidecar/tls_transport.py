@@ -498,6 +498,10 @@ class TLSProtocol(asyncio.Protocol):
             limit = incoming.pending + sslobj.pending() + _READ_SIZE
             try:
                 data, how = records(sslobj, limit)
+            except MemoryError:
+                # what OpenSSL decrypted is gone with it: the stream cannot go on
+                self._fail(ssl.SSLError("out of memory while reading TLS records"))
+                return True
             except (TypeError, ValueError, RuntimeError):
                 if parts:  # cannot happen: the same object was taken a moment ago
                     self._fail(ssl.SSLError("the TLS records could not be read"))
