@@ -786,3 +786,14 @@ def test_the_c_reader_takes_only_an_ssl_object_over_memory_of_its_context(
     assert (got, how) == (b"y" * 20000, tls_records.FULL)
     got, how = _records_c.read(inner, inner.context, 100000)
     assert (got, how) == (b"y" * 30000, tls_records.WANT)
+
+
+def test_many_records_read_while_paused_wait_in_the_bio(opened: Conn, reader: str) -> None:
+    transport = opened.app.transport
+    assert transport is not None
+    transport.pause_reading()
+    opened.send(b"z" * 70000)  # read before the socket stopped: kept, not delivered
+    assert opened.app.data == b""
+    transport.resume_reading()
+    opened.clock.run_soon()
+    assert opened.app.data == b"z" * 70000
