@@ -3,18 +3,17 @@
 ``ssl.SSLObject.read`` decrypts one record (16 KiB at most) per call into a new bytes object;
 a read of the socket that brought many records (an upload arrives 256 KiB at a time) then
 costs a Python call per record and a join that copies them all once more. ``reader()`` is
-the C function that decrypts all of them into one bytes object (``read(ssl_object, limit)``)
-with the compiled build, where libssl's functions are found; else None, and ``tls_transport``
-reads record by record. The C function reads the ``SSL`` where CPython keeps it only in an
-object of exactly the ``_ssl._SSLSocket`` type, over memory BIOs, whose context field holds
-what its ``context`` attribute gives (a check of the layout); else it raises, and nothing is
-read.
+the C function that decrypts all of them into one bytes object (``read(raw, raw.context,
+limit)``, ``raw`` being the ``SSLObject``'s ``_ssl._SSLSocket``) with the compiled build,
+where libssl's functions are found; else None, and ``tls_transport`` reads record by record.
+The C function reads the ``SSL`` where CPython keeps it only in an object of exactly the
+``_ssl._SSLSocket`` type, over memory BIOs, whose context field holds what the ``context``
+given with it is (a check of the layout); else it raises, and nothing is read.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ssl
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -28,7 +27,8 @@ CLOSED = 1
 FAILED = 2
 FULL = 3
 
-Reader = Callable[[ssl.SSLObject, int], tuple[bytes, int]]
+#: ``(raw, raw.context, limit) -> (plaintext, how)``
+Reader = Callable[[Any, Any, int], tuple[bytes, int]]
 
 
 @cache
@@ -73,11 +73,5 @@ def reader() -> Reader | None:
         _records_c.setup(addresses, _ssl._SSLSocket)  # type: ignore[attr-defined]
     except (ImportError, AttributeError, OSError, TypeError, ValueError):
         return None
-    read = _records_c.read
-
-    def read_records(ssl_object: ssl.SSLObject, limit: int) -> tuple[bytes, int]:
-        inner: Any = ssl_object._sslobj  # type: ignore[attr-defined]
-        result: tuple[bytes, int] = read(inner, inner.context, limit)
-        return result
-
-    return read_records
+    read: Reader = _records_c.read
+    return read

@@ -499,16 +499,15 @@ class TLSProtocol(asyncio.Protocol):
     def _read_all(self, records: tls_records.Reader) -> bool:
         """``_read`` with the C reader: every record into one bytes object. False when it
         refused the connection's ``SSLObject`` (nothing was read: ``_read`` reads it)."""
-        sslobj = self._sslobj
-        assert sslobj is not None
+        raw = self._raw
         incoming = self._incoming
         parts: list[bytes] = []
         while True:
             # at most: the records in the BIO (each one's plaintext is shorter), what OpenSSL
             # decrypted and holds, and the record it has begun reading (16 KiB)
-            limit = incoming.pending + self._raw.pending() + _READ_SIZE
+            limit = incoming.pending + raw.pending() + _READ_SIZE
             try:
-                data, how = records(sslobj, limit)
+                data, how = records(raw, raw.context, limit)
             except MemoryError:
                 # what OpenSSL decrypted is gone with it: the stream cannot go on
                 self._fail(ssl.SSLError("out of memory while reading TLS records"))
@@ -522,7 +521,7 @@ class TLSProtocol(asyncio.Protocol):
                 # OpenSSL's error is still queued: Python's read raises it (and the alert
                 # OpenSSL chose is in the outgoing BIO)
                 try:
-                    sslobj.read(_READ_SIZE)
+                    raw.read(_READ_SIZE)
                 except ssl.SSLWantReadError:
                     pass
                 except ssl.SSLError as exc:

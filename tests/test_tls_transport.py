@@ -797,3 +797,25 @@ def test_many_records_read_while_paused_wait_in_the_bio(opened: Conn, reader: st
     transport.resume_reading()
     opened.clock.run_soon()
     assert opened.app.data == b"z" * 70000
+
+
+def test_an_ssl_object_the_c_reader_refuses_is_read_record_by_record(
+    opened: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the connection's object is not CPython's ``_ssl._SSLSocket`` (here the
+    ``ssl.SSLObject`` wrapper itself), the C reader raises before reading anything and
+    the records are read one by one: all of them arrive."""
+    native = tls_records.reader()
+    if native is None:
+        pytest.skip("the C reader is built with the compiled build only")
+    asked: list[object] = []
+
+    def counted(raw: object, context: object, limit: int) -> tuple[bytes, int]:
+        asked.append(raw)
+        return native(raw, context, limit)
+
+    monkeypatch.setattr(tls_transport, "_RECORDS", counted)
+    opened.tls._raw = opened.tls._sslobj
+    opened.send(b"w" * 70000)
+    assert asked == [opened.tls._sslobj], "the C reader was asked first, and refused"
+    assert opened.app.data == b"w" * 70000
