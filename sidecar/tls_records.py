@@ -8,15 +8,17 @@ limit)``, ``raw`` being the ``SSLObject``'s ``_ssl._SSLSocket``) with the compil
 where libssl's functions are found; else None, and ``tls_transport`` reads record by record.
 The C function reads the ``SSL`` where CPython keeps it only in an object of exactly the
 ``_ssl._SSLSocket`` type, over memory BIOs, whose context field holds what the ``context``
-given with it is (a check of the layout); else it raises, and nothing is read.
+given with it is (a check of the layout); else it raises, and nothing is read. Given the
+bytes of a socket read as well (``read(raw, raw.context, limit, data)``, the incoming BIO
+being empty), it decrypts them where they are: ``MemoryBIO.write`` would zero-fill the BIO's
+room and copy them into it first.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from .tls_groups import function, ssl_library
 
@@ -27,8 +29,15 @@ CLOSED = 1
 FAILED = 2
 FULL = 3
 
-#: ``(raw, raw.context, limit) -> (plaintext, how)``
-Reader = Callable[[Any, Any, int], tuple[bytes, int]]
+
+class Reader(Protocol):
+    """``_records_c.read``: ``(raw, raw.context, limit) -> (plaintext, how)`` reads what the
+    incoming BIO holds; with ``data`` (the incoming BIO being empty), the bytes of a socket
+    read, without writing them into the BIO (what the records leave of them goes there)."""
+
+    def __call__(
+        self, raw: Any, context: Any, limit: int, data: bytes = ..., /
+    ) -> tuple[bytes, int]: ...
 
 
 @cache
@@ -68,6 +77,21 @@ def reader() -> Reader | None:
                 ),
                 function(library, "SSL_get_error", ctypes.c_int, pointer, ctypes.c_int),
                 function(library, "ERR_clear_error", None),
+                function(library, "SSL_get_rbio", pointer, pointer),
+                function(library, "SSL_set0_rbio", None, pointer, pointer),
+                function(library, "BIO_new_mem_buf", pointer, pointer, ctypes.c_int),
+                function(
+                    library,
+                    "BIO_ctrl",
+                    ctypes.c_long,
+                    pointer,
+                    ctypes.c_int,
+                    ctypes.c_long,
+                    pointer,
+                ),
+                function(library, "BIO_up_ref", ctypes.c_int, pointer),
+                function(library, "BIO_write", ctypes.c_int, pointer, pointer, ctypes.c_int),
+                function(library, "BIO_free", ctypes.c_int, pointer),
             )
         )
         _records_c.setup(addresses, _ssl._SSLSocket)  # type: ignore[attr-defined]

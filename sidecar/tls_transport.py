@@ -268,9 +268,19 @@ class TLSProtocol(asyncio.Protocol):
                 if app is not None:
                     app.data_received(data)
                 return
-            self._incoming.write(data)
             if not self._reading_paused:
+                records = _RECORDS
+                if (
+                    records is not None
+                    and len(data) > _READ_SIZE
+                    and not self._incoming.pending
+                    and self._read_all(records, data)
+                ):
+                    return  # decrypted where they are (tls_records)
+                self._incoming.write(data)
                 self._read()
+            else:
+                self._incoming.write(data)
         elif state == _HANDSHAKE:
             if self._proxy is not None:
                 self._proxy_header(data)
@@ -496,18 +506,23 @@ class TLSProtocol(asyncio.Protocol):
             return
         self._deliver(first if more is None else b"".join(more), eof)
 
-    def _read_all(self, records: tls_records.Reader) -> bool:
-        """``_read`` with the C reader: every record into one bytes object. False when it
-        refused the connection's ``SSLObject`` (nothing was read: ``_read`` reads it)."""
+    def _read_all(self, records: tls_records.Reader, data: bytes = b"") -> bool:
+        """``_read`` with the C reader: every record into one bytes object; those of ``data``
+        (a socket read, the incoming BIO being empty) without writing it into the BIO. False
+        when it refused the connection's ``SSLObject`` (nothing was read: the caller reads)."""
         raw = self._raw
         incoming = self._incoming
         parts: list[bytes] = []
         while True:
-            # at most: the records in the BIO (each one's plaintext is shorter), what OpenSSL
-            # decrypted and holds, and the record it has begun reading (16 KiB)
-            limit = incoming.pending + raw.pending() + _READ_SIZE
+            # at most: the records in the BIO and in data (each one's plaintext is shorter),
+            # what OpenSSL decrypted and holds, and the record it has begun reading (16 KiB)
+            limit = len(data) + incoming.pending + raw.pending() + _READ_SIZE
             try:
-                data, how = records(raw, raw.context, limit)
+                if data:
+                    got, how = records(raw, raw.context, limit, data)
+                    data = b""  # read, or (what the records left of it) in the incoming BIO
+                else:
+                    got, how = records(raw, raw.context, limit)
             except MemoryError:
                 # what OpenSSL decrypted is gone with it: the stream cannot go on
                 self._fail(ssl.SSLError("out of memory while reading TLS records"))
@@ -529,8 +544,8 @@ class TLSProtocol(asyncio.Protocol):
                     return True
                 self._fail(ssl.SSLError("a TLS record could not be read"))
                 return True
-            if data:
-                parts.append(data)
+            if got:
+                parts.append(got)
             if how != tls_records.FULL:
                 break
         self._deliver(parts[0] if len(parts) == 1 else b"".join(parts), how == tls_records.CLOSED)
