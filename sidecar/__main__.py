@@ -29,7 +29,7 @@ from .errors import CertificateError, ConfigError
 from .hosts import certificate_names
 from .identity import Verdict
 from .revocation.report import summary as revocation_summary
-from .runtime import run_loop, tune_gc
+from .runtime import run_loop, tune_gc, tune_malloc
 
 if TYPE_CHECKING:
     from .revocation.gate import Refusal
@@ -510,6 +510,9 @@ async def _serve(
     )
     await sidecar.start()
     tune_gc()
+    untuned = tune_malloc()
+    if untuned is not None:
+        log.get_logger("sidecar").debug("malloc_not_tuned", reason=untuned)
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
 

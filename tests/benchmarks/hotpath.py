@@ -39,7 +39,7 @@ from sidecar.config import load
 from sidecar.gateway import Gateway
 from sidecar.http1.upstream import UpstreamConnection
 from sidecar.listener import Listener
-from sidecar.runtime import tune_gc
+from sidecar.runtime import tune_gc, tune_malloc
 from tests.benchmarks.stack import matcher_routes
 from tests.pki import make_ca, make_leaf
 
@@ -205,6 +205,7 @@ async def measure(
 
     await run(1000)  # warm-up: caches, the route table, the pool
     tune_gc()  # as `sidecar run` does once started
+    tune_malloc()
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
