@@ -24,9 +24,10 @@
  * BIO first (issue #19: MemoryBIO.write zero-fills the BIO's room, then copies, 6 % of a
  * worker's time during uploads). The incoming BIO must be empty: the SSL's read BIO is swapped
  * for a read-only memory BIO over data's buffer (OpenSSL's BIO_new_mem_buf: no copy), the
- * records are read as above, whatever OpenSSL did not take of data (a record begun is kept in
- * OpenSSL's own buffer, so only a read cut short by the limit leaves any) is written into the
- * incoming BIO, and the SSL's read BIO is set back, all before it returns. The GIL is held
+ * records are read as above, whatever OpenSSL did not take of data (what follows a close_notify
+ * or a record that failed, or the rest of a read the limit cut short; a record begun is kept in
+ * OpenSSL's own buffer) is written into the incoming BIO, and the SSL's read BIO is set back,
+ * all before it returns. The GIL is held
  * throughout, so nothing else sees the swap; the caller's reference keeps data alive.
  *
  * Built only with the compiled build (setup.py); the interpreted one joins in Python.

@@ -554,7 +554,7 @@ class TLSProtocol(asyncio.Protocol):
     def _deliver(self, data: bytes, eof: bool) -> None:
         """What a read decrypted, to the application; then the end of input, if it came."""
         if self._outgoing.pending:
-            self._flush()  # what reading made OpenSSL send (a KeyUpdate's answer, an alert)
+            self._flush()  # what reading made OpenSSL send (an alert)
         app = self._app
         if data and app is not None:
             app.data_received(data)
