@@ -27,8 +27,8 @@
  * records are read as above, whatever OpenSSL did not take of data (what follows a close_notify
  * or a record that failed, or the rest of a read the limit cut short; a record begun is kept in
  * OpenSSL's own buffer) is written into the incoming BIO, and the SSL's read BIO is set back,
- * all before it returns. The GIL is held
- * throughout, so nothing else sees the swap; the caller's reference keeps data alive.
+ * all before it returns. The GIL is held throughout, so nothing else sees the swap; the
+ * caller's reference keeps data alive.
  *
  * Built only with the compiled build (setup.py); the interpreted one joins in Python.
  */
