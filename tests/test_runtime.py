@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -11,6 +14,9 @@ import textwrap
 import pytest
 
 from sidecar import runtime
+
+from .conftest import ConfigDir
+from .ports import free_port
 
 # A block sized for what a socket read may decrypt to, written, shrunk to what it did, freed:
 # as `_records_c.read` does once per read. Prints the page faults of 300 of them.
@@ -66,3 +72,23 @@ def test_the_environment_s_own_allocator_settings_are_left_alone(
         monkeypatch.setenv(name, "1")
         assert runtime.tune_malloc() == "the environment sets the allocator's thresholds"
         monkeypatch.delenv(name)
+
+
+@pytest.mark.own_process
+async def test_a_serving_process_tunes_its_allocator_unless_the_environment_does(
+    config_dir: ConfigDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sidecar run`` calls ``tune_malloc`` once started: with ``MALLOC_TOP_PAD_`` in its
+    environment it says, at debug level, that it left the allocator alone."""
+    from .test_signals import start
+
+    data = config_dir.base(free_port())
+    data["log"] = {"level": "debug"}
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "131072")
+    proc, _, _ = await start(config_dir, data)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    _, err = await proc.communicate()
+    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    untuned = [e for e in events if e["event"] == "malloc_not_tuned"]
+    assert [e["reason"] for e in untuned] == ["the environment sets the allocator's thresholds"]
