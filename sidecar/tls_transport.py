@@ -268,19 +268,18 @@ class TLSProtocol(asyncio.Protocol):
                 if app is not None:
                     app.data_received(data)
                 return
+            records = _RECORDS
+            if (
+                records is not None
+                and not self._reading_paused
+                and len(data) > _READ_SIZE
+                and not self._incoming.pending
+                and self._read_all(records, data)
+            ):
+                return  # decrypted where they are (tls_records)
+            self._incoming.write(data)
             if not self._reading_paused:
-                records = _RECORDS
-                if (
-                    records is not None
-                    and len(data) > _READ_SIZE
-                    and not self._incoming.pending
-                    and self._read_all(records, data)
-                ):
-                    return  # decrypted where they are (tls_records)
-                self._incoming.write(data)
                 self._read()
-            else:
-                self._incoming.write(data)
         elif state == _HANDSHAKE:
             if self._proxy is not None:
                 self._proxy_header(data)
