@@ -11,6 +11,8 @@ import os
 from collections.abc import Coroutine
 from typing import Any
 
+from .tls_groups import function
+
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -62,11 +64,9 @@ def tune_malloc() -> str | None:
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - glibc's, not musl's
-        mallopt = libc.mallopt
+        mallopt = function(libc, "mallopt", ctypes.c_int, ctypes.c_int, ctypes.c_int)
     except (OSError, AttributeError):
         return "the C library is not glibc"
-    mallopt.restype = ctypes.c_int
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     for parameter, value in MALLOC_TUNING:
         if mallopt(parameter, value) != 1:
             return f"glibc refused mallopt({parameter}, {value})"
