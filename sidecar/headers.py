@@ -246,7 +246,8 @@ def request_fields(
     Works on the bytes as received, so that what the upstream sees is byte for byte what the
     client sent, minus what is stripped.
     """
-    raw = raw if isinstance(raw, list | tuple) else list(raw)
+    # a tuple of types, not ``list | tuple``: compiled, the union would be built on every call
+    raw = raw if isinstance(raw, (list, tuple)) else list(raw)
     block, kept, host, connection, prior, seen = _request_pass(rules, raw, trusted, None)
     if connection:
         named = _named(connection, rules.always_strip_b if trusted else rules.untrusted_strip_b)
@@ -390,7 +391,8 @@ def response_fields(
     the request id are ours) and the report headers of ``rules``; which of ``HAS_LENGTH``,
     ``HAS_DATE``, ``HAS_SERVER`` it had; and the report headers' values, None when there was
     none. A report header is never passed on, whether reports are on or off."""
-    raw = raw if isinstance(raw, list | tuple) else list(raw)
+    # a tuple of types, not ``list | tuple``: compiled, the union would be built on every call
+    raw = raw if isinstance(raw, (list, tuple)) else list(raw)
     block, flags, connection, captured = _response_pass(raw, None, rules)
     if connection:
         named = _named(connection, _RESPONSE_STRIP)

@@ -363,7 +363,7 @@ def certificate_refusal(cert: ClientCert, now: float) -> tuple[str, str] | None:
         return "your client certificate has expired", "cert_expired"
     if now < cert.not_before_ts:
         return "your client certificate is not valid yet", "cert_not_yet_valid"
-    if not cert.allows_client_auth():
+    if not cert.client_auth:  # the attribute: certs.py is interpreted, a call costs more
         return (
             "your client certificate is not meant for client authentication",
             "cert_no_client_auth",

@@ -402,3 +402,44 @@ def test_host_name_never_accepts_what_a_name_cannot_hold(text: str) -> None:
         assert not name.endswith(".")
         assert not any(c in name for c in " /@?#[]%*\\")
         assert all(ord(c) < 128 for c in name)
+
+
+# ---- the Host field's syntax, and the valid values each worker remembers -------------------
+
+
+@pytest.mark.parametrize("bad", ["localhost/x", "local host", "user@localhost", "localhost:8a"])
+async def test_a_bad_host_after_good_ones_on_the_same_connection_is_400(
+    running: Running, upstream: Upstream, bad: str
+) -> None:
+    """The listener remembers Host values it found valid (``gateway._valid_host_field``): a
+    connection's next request with a broken one is refused all the same, and nothing of it
+    reaches the application."""
+    async with connect(running, "localhost") as conn:
+        for _ in range(3):
+            conn.send(req("GET", "/public/x", host="localhost"))
+            assert (await conn.response()).status == 200
+        conn.send(req("GET", "/public/x", host=bad))
+        response = await conn.response()
+    assert response.status == 400, response.body
+    assert len(upstream.seen) == 3
+
+
+#: what a Host value may be made of, and what it may not
+_HOST_PIECES = ["localhost", "a", ".", "-", ":", "8443", "[", "]", "::1", "%41", "%4", "%zz", "@"]
+_HOST_PIECES += ["/", " ", "\t", "é", "~", "!", "$", "'", "(", ",", ";", "=", "_", "?", "#"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.lists(st.sampled_from(_HOST_PIECES), max_size=6).map("".join), max_size=40))
+def test_remembered_host_values_are_judged_as_the_pattern_judges_them(values: list[str]) -> None:
+    """Whatever came before (the set filling up and being emptied included), a value is valid
+    exactly when the pattern matches it."""
+    from sidecar import gateway
+
+    gateway._VALID_HOSTS.clear()
+    filler = [f"h{n}.example".encode() for n in range(gateway._VALID_HOSTS_MAX - 3)]
+    for value in [v.encode() for v in values] + filler + [v.encode() for v in values]:
+        expected = gateway._HOST_FIELD.fullmatch(value) is not None
+        assert gateway._valid_host_field(value) is expected, value
+        assert gateway._valid_host_field(value) is expected, value  # remembered, or not
+        assert len(gateway._VALID_HOSTS) <= gateway._VALID_HOSTS_MAX

@@ -51,7 +51,10 @@ def request_head(
     which checked them), with a Host line first when ``host`` is given (the client sent none),
     and ``Transfer-Encoding: chunked`` last for a ``chunked`` body."""
     target_bytes = target.encode("utf-8", "surrogateescape")
-    if b"\r" in target_bytes or b"\n" in target_bytes:  # parsers refuse them: defence in depth
+    # parsers refuse them: defence in depth. (``find``, not ``in``: CPython's ``bytes in bytes``
+    # first tries the operand as an int and builds a TypeError to throw away, a third of this
+    # function's cost)
+    if target_bytes.find(b"\r") != -1 or target_bytes.find(b"\n") != -1:
         raise ValueError("CR or LF in the request target")
     end = b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"\r\n"
     if host is None:
