@@ -73,6 +73,35 @@ async def test_reloaded_header_timeout_closes_a_slow_head_on_a_new_connection(
         writer.close()
 
 
+async def test_reloaded_keepalive_timeout_binds_an_open_connection_from_its_next_request(
+    running: Running, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """The README: ``keepalive_timeout`` applies "from the next request on a connection
+    already open" (the listener reads it with the head limits, ``HeadLimits``)."""
+    reader, writer = await open_tls(running)
+    try:
+        for _ in range(2):  # before the reload (75 s), then after it (1 s)
+            writer.write(b"GET /public/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(
+                next(
+                    line.split(b":")[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+            )
+            await asyncio.wait_for(reader.readexactly(length), 10)
+            if not upstream.seen[1:]:
+                edit(config_dir, limits={"keepalive_timeout": "1s"})
+                assert await running.sidecar.reload("test")
+        # idle now: 75 s before the reload; generous margin over 1 s for a loaded machine
+        assert await closed_within(reader, 15), "the old keepalive_timeout is still in force"
+    finally:
+        writer.close()
+    assert len(upstream.seen) == 2
+
+
 async def test_reloaded_header_line_limit_refuses_on_the_fast_path(
     running: Running, config_dir: ConfigDir, upstream: Upstream
 ) -> None:

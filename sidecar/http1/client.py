@@ -234,7 +234,7 @@ class ClientConnection(asyncio.Protocol):
             # First bytes on an idle connection: the head is due within header_timeout (or
             # at the end of the keep-alive period, if that is sooner).
             self._head_started = True
-            self._set_deadline(state.limits.header_timeout, sooner_only=True)
+            self._set_deadline(state.heads.header_timeout, sooner_only=True)
         head = self._heads.read(buffer, state.heads)
         if not isinstance(head, Head):
             if isinstance(head, HandOff):
@@ -515,7 +515,7 @@ class ClientConnection(asyncio.Protocol):
         if flow.write_paused and not self._stopping:
             return
         if not self._buffer and not self._stopping:
-            self._set_deadline(self._state.limits.keepalive_timeout)  # idle now
+            self._set_deadline(self._state.heads.keepalive_timeout)  # idle now
         self._next()
         # Read again once what is held is at most the limit, or while the rest of a head is due.
         if self._open() and (not self._busy or len(self._buffer) <= _PIPELINE_LIMIT):

@@ -38,11 +38,24 @@ _FRAMING = frozenset({_CONTENT_LENGTH, b"transfer-encoding", _EXPECT})
 
 
 class HeadLimits:
-    """The framing limits of a request head (``limits.max_*``) and two sizes they imply."""
+    """The framing limits of a request head (``limits.max_*``) and two sizes they imply; and
+    the two deadlines of a connection between requests (``header_timeout``,
+    ``keepalive_timeout``), read for every request: here a native attribute, where the
+    configuration's model takes about 330 instructions per read."""
 
-    __slots__ = ("max_head", "max_header_line", "max_headers", "max_request_line", "short_head")
+    __slots__ = (
+        "header_timeout",
+        "keepalive_timeout",
+        "max_head",
+        "max_header_line",
+        "max_headers",
+        "max_request_line",
+        "short_head",
+    )
 
     def __init__(self, limits: LimitsConfig) -> None:
+        self.header_timeout = limits.header_timeout
+        self.keepalive_timeout = limits.keepalive_timeout
         self.max_request_line = limits.max_request_line
         self.max_header_line = limits.max_header_line
         self.max_headers = limits.max_headers
