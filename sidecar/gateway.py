@@ -800,9 +800,13 @@ def _plan(request: Request) -> Plan:
 
 #: Host values found valid, so that a connection's every request is not matched again (the
 #: regex was 5,000 of a request's 128,000 instructions, ``tests/benchmarks/instructions.py``);
-#: emptied when full, so whatever clients send, it holds at most this many
+#: emptied when full, so whatever clients send, it holds at most this many, each at most
+#: ``_VALID_HOST_LONGEST`` bytes (a DNS name, 253, and a port): about 80 KiB per worker. A
+#: longer value is matched every time; remembered, 256 of them could have held 256 header
+#: lines' worth (``limits.max_header_line``) for as long as the set lived.
 _VALID_HOSTS: Final[set[bytes]] = set()
 _VALID_HOSTS_MAX: Final = 256
+_VALID_HOST_LONGEST: Final = 260
 
 
 def _valid_host_field(value: bytes) -> bool:
@@ -811,9 +815,10 @@ def _valid_host_field(value: bytes) -> bool:
         return True
     if _HOST_FIELD.fullmatch(value) is None:
         return False
-    if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
-        _VALID_HOSTS.clear()
-    _VALID_HOSTS.add(value)
+    if len(value) <= _VALID_HOST_LONGEST:
+        if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+            _VALID_HOSTS.clear()
+        _VALID_HOSTS.add(value)
     return True
 
 

@@ -443,3 +443,20 @@ def test_remembered_host_values_are_judged_as_the_pattern_judges_them(values: li
         assert gateway._valid_host_field(value) is expected, value
         assert gateway._valid_host_field(value) is expected, value  # remembered, or not
         assert len(gateway._VALID_HOSTS) <= gateway._VALID_HOSTS_MAX
+
+
+def test_long_host_values_are_matched_every_time_not_remembered() -> None:
+    """The set holds short values only: 256 long valid ones (a header line each, up to
+    ``limits.max_header_line``) would otherwise stay in a worker's memory."""
+    from sidecar import gateway
+
+    gateway._VALID_HOSTS.clear()
+    longest = gateway._VALID_HOST_LONGEST
+    for n in range(300):
+        long = b"a" * (longest - 5) + b"%d.example" % n
+        assert gateway._valid_host_field(long) and gateway._valid_host_field(long + b":1")
+    assert not gateway._VALID_HOSTS
+    short = b"b" * (longest - 5) + b":8443"
+    assert len(short) == longest and gateway._valid_host_field(short)
+    assert list(gateway._VALID_HOSTS) == [short]
+    assert not gateway._valid_host_field(b"x" * 9000 + b" y")

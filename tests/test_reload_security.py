@@ -73,6 +73,26 @@ async def test_reloaded_header_timeout_closes_a_slow_head_on_a_new_connection(
         writer.close()
 
 
+async def test_reloaded_header_timeout_binds_an_open_connection_from_its_next_head(
+    running: Running, config_dir: ConfigDir, upstream: Upstream
+) -> None:
+    """A connection opened before the reload: its next head is due within the new
+    ``header_timeout`` (60 s before, 1 s after)."""
+    reader, writer = await open_tls(running)
+    try:
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        edit(config_dir, limits={"header_timeout": "1s"})
+        assert await running.sidecar.reload("test")
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: local")  # and never the rest
+        # generous margin over the new 1 s for a loaded machine (the keep-alive period is 75 s)
+        assert await closed_within(reader, 15), "the old header_timeout is still in force"
+    finally:
+        writer.close()
+    assert len(upstream.seen) == 1
+
+
 async def test_reloaded_keepalive_timeout_binds_an_open_connection_from_its_next_request(
     running: Running, config_dir: ConfigDir, upstream: Upstream
 ) -> None:

@@ -162,7 +162,7 @@ class ClientConnection(asyncio.Protocol):
         # (TCP_NODELAY: asyncio's and uvloop's TCP transports set it on every connection)
         # The first request head must arrive within header_timeout of the handshake.
         self._head_started = True
-        self._set_deadline(state.limits.header_timeout)
+        self._set_deadline(state.heads.header_timeout)
         # revocation: the handshake is complete (a resumed session's too): the gateway is told
         # of the certificate now, so that what its first request needs is fetched from now
         try:
