@@ -56,6 +56,15 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     return True
 
 
+async def get_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One keep-alive GET on an open connection, its 200 read to the end of its body."""
+    writer.write(b"GET /public/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    await asyncio.wait_for(reader.readexactly(int(lengths[0].split(b":")[1])), 10)
+
+
 # ---- limits.* apply on reload --------------------------------------------------------------
 
 
@@ -73,53 +82,27 @@ async def test_reloaded_header_timeout_closes_a_slow_head_on_a_new_connection(
         writer.close()
 
 
-async def test_reloaded_header_timeout_binds_an_open_connection_from_its_next_head(
-    running: Running, config_dir: ConfigDir, upstream: Upstream
+@pytest.mark.parametrize("limit", ["header_timeout", "keepalive_timeout"])
+async def test_a_reloaded_deadline_binds_an_open_connection_from_its_next_request(
+    running: Running, config_dir: ConfigDir, upstream: Upstream, limit: str
 ) -> None:
-    """A connection opened before the reload: its next head is due within the new
-    ``header_timeout`` (60 s before, 1 s after)."""
+    """The README: ``header_timeout`` and ``keepalive_timeout`` apply "from the next request
+    on a connection already open" (the listener reads them with the head limits,
+    ``HeadLimits``). 60 s and 75 s before the reload, 1 s after it."""
     reader, writer = await open_tls(running)
     try:
-        writer.write(b"GET /public/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert head.startswith(b"HTTP/1.1 200"), head
-        edit(config_dir, limits={"header_timeout": "1s"})
+        await get_ok(reader, writer)
+        edit(config_dir, limits={limit: "1s"})
         assert await running.sidecar.reload("test")
-        writer.write(b"GET /public/x HTTP/1.1\r\nHost: local")  # and never the rest
-        # generous margin over the new 1 s for a loaded machine (the keep-alive period is 75 s)
-        assert await closed_within(reader, 15), "the old header_timeout is still in force"
+        if limit == "header_timeout":
+            writer.write(b"GET /public/x HTTP/1.1\r\nHost: local")  # and never the rest
+        else:
+            await get_ok(reader, writer)  # the next request, then idle
+        # generous margin over the new 1 s for a loaded machine
+        assert await closed_within(reader, 15), f"the old {limit} is still in force"
     finally:
         writer.close()
-    assert len(upstream.seen) == 1
-
-
-async def test_reloaded_keepalive_timeout_binds_an_open_connection_from_its_next_request(
-    running: Running, config_dir: ConfigDir, upstream: Upstream
-) -> None:
-    """The README: ``keepalive_timeout`` applies "from the next request on a connection
-    already open" (the listener reads it with the head limits, ``HeadLimits``)."""
-    reader, writer = await open_tls(running)
-    try:
-        for _ in range(2):  # before the reload (75 s), then after it (1 s)
-            writer.write(b"GET /public/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200"), head
-            length = int(
-                next(
-                    line.split(b":")[1]
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-            )
-            await asyncio.wait_for(reader.readexactly(length), 10)
-            if not upstream.seen[1:]:
-                edit(config_dir, limits={"keepalive_timeout": "1s"})
-                assert await running.sidecar.reload("test")
-        # idle now: 75 s before the reload; generous margin over 1 s for a loaded machine
-        assert await closed_within(reader, 15), "the old keepalive_timeout is still in force"
-    finally:
-        writer.close()
-    assert len(upstream.seen) == 2
+    assert len(upstream.seen) == (1 if limit == "header_timeout" else 2)
 
 
 async def test_reloaded_header_line_limit_refuses_on_the_fast_path(
