@@ -125,7 +125,9 @@ class HeaderRules:
         if formats is not None and certificate:
             userinfo = self._identity_names[1]
             value = user.header_bytes
-            if b"\r" in value or b"\n" in value:
+            # on every request: ``find``, as ``bytes in bytes`` first tries the operand as an
+            # int and throws away a TypeError (see upstream.request_head)
+            if value.find(b"\r") != -1 or value.find(b"\n") != -1:
                 raise ValueError("CR or LF in an identity header")
             # CertificateHeaders checks its own lines and keeps them per chain
             return b"%b%b: %b\r\n" % (formats.lines(certificate, chain), userinfo, value)

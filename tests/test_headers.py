@@ -270,6 +270,22 @@ def test_identity_values_are_checked_for_cr_or_lf(certificate_b64: str, userinfo
             )
 
 
+@pytest.mark.parametrize("userinfo", ["e30=\r\nX-Injected: 1", "e30=\nX-Injected: 1", "e30=\r"])
+def test_identity_values_are_checked_with_certificate_formats_too(userinfo: str) -> None:
+    """With ``certificate_formats`` the X-USERINFO line is made on every request (the
+    certificate lines are kept per chain): its value is checked there."""
+    from .pki import make_ca, make_leaf
+
+    rules = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO", certificate_formats=("client-cert",))
+    der = make_leaf(make_ca("Formats CA"), "alice").der
+    user = User("sub-2", "mallory", header_value=userinfo)
+    with pytest.raises(ValueError, match="CR or LF in an identity header"):
+        rules.identity_lines("", user, der, ())
+    assert rules.identity_lines("", USER, der, ()).endswith(
+        b"X-USERINFO: " + USER.header_bytes + b"\r\n"
+    )
+
+
 def test_identity_lines_are_kept_per_certificate_and_user_within_a_bound() -> None:
     rules = HeaderRules("X-APP-CERTIFICATE", "X-USERINFO")
     bob = User("sub-3", "bob", roles=("member",))
