@@ -9,8 +9,9 @@ executes do not move: this runs ``hotpath.py`` twice under ``valgrind --tool=cal
 N and 2N requests per round, and divides the difference by the extra requests, so start-up,
 the warm-up and the harness's fixed costs cancel out. It prints the instructions per request
 and the functions that execute the most of them per request, inclusive of what they call
-(compiled functions appear as ``CPyDef_<module>___<function>``; C functions by name). Each
-run takes about a minute (Valgrind is about 50 times slower); both run at once.
+(the sidecar's compiled ones by default, named ``module.Class.method``; ``--match`` for C
+functions, which keep their names). Each run takes about a minute (Valgrind is about 50
+times slower); both run at once.
 
 Instructions are not time (a cache miss costs more than an add), but on the request path,
 where the working set is small, fewer instructions is less CPU, and a change of 1 % shows.
@@ -42,8 +43,8 @@ def _count(value: str) -> int:
 def _function(name: str) -> str:
     """``/path/file.c:function`` as ``function`` (callgrind also lists a function under each
     header its inlined code came from; the largest of those counts is kept).
-    A compiled function of the sidecar, ``CPyDef_http1___client___ClientConnection____start``,
-    is shown as ``client.ClientConnection._start`` (mypyc joins the parts with ``___``)."""
+    A compiled function of the sidecar, ``CPyDef_client___ClientConnection____start``, is
+    shown as ``client.ClientConnection._start`` (mypyc joins the parts with ``___``)."""
     function = name.rpartition(":")[2]
     if function.startswith("CPyDef_"):
         function = ".".join(function.removeprefix("CPyDef_").split("___"))
