@@ -24,6 +24,9 @@ from .metrics import Metrics
 from .tls import PeerCertificates, TLSState
 from .tls_transport import IPNetwork, TLSProtocol
 
+#: the listener's read buffer: uvloop's own (its loop reads 256 KiB per system call)
+READ_BUFFER = 256 * 1024
+
 
 class Listener:
     """Makes, counts and ends the listener's connections (see the module's docstring)."""
@@ -51,6 +54,10 @@ class Listener:
         self.state.hand_off = self._fallback.adopt
         #: the worker's handshake budget per turn of the loop (``limits.handshake_budget``)
         self.handshakes = HandshakeScheduler(self._loop, limits.handshake_budget)
+        #: what the accepted connections' sockets are read into, one read at a time
+        #: (``tls_transport``): as large as uvloop's own read buffer, so an upload is read
+        #: as many bytes per system call as before
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
         handshakes = self.handshakes
         metrics.tls_handshakes_queued.set_function(lambda: float(handshakes.queued))
         #: accepted connections, from accept (handshake included) to close, with the client

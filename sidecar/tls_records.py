@@ -36,7 +36,7 @@ class Reader(Protocol):
     read, without writing them into the BIO (what the records leave of them goes there)."""
 
     def __call__(
-        self, raw: Any, context: Any, limit: int, data: bytes = ..., /
+        self, raw: Any, context: Any, limit: int, data: bytes | memoryview = ..., /
     ) -> tuple[bytes, int]: ...
 
 

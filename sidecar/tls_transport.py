@@ -25,6 +25,12 @@ connection and runs TLS itself over OpenSSL memory BIOs (``ssl.SSLObject``), as 
   with the alert OpenSSL chose (certificate_required, unknown_ca, certificate_expired, ...),
   flushed before the connection is closed, so that browsers and scanners can say why. Each
   handshake that fails, times out or is abandoned is counted once, when it ends.
+- **Reads.** The socket is read into one buffer that all the listener's connections share
+  (``get_buffer``: a ``BufferedProtocol``), as OpenSSL reads its socket into its own buffer:
+  the loop does not make a bytes object of each read. A read is done with before the next:
+  what is decrypted at once is decrypted from it where it is (``tls_records``), anything
+  else is copied where it is kept (the incoming BIO, the ClientHello's buffer, the PROXY
+  header's).
 - **Open.** The listener's HTTP protocol (``Listener.protocol``) gets a ``TLSTransport``:
   asyncio's transport interface over the TLS session. A write is encrypted and handed to the
   TCP transport at once, one TCP write per application write; the TCP transport's flow control
@@ -93,6 +99,9 @@ class Listener(Protocol):
     proxy_from: tuple[IPNetwork, ...] | None
     #: the worker's handshake budget (``limits.handshake_budget``)
     handshakes: HandshakeScheduler
+    #: what every connection's socket is read into (``TLSProtocol.get_buffer``): one buffer
+    #: per listener, whose connections are all served by one loop in one thread
+    read_buffer: memoryview
 
     @property
     def limits(self) -> LimitsConfig: ...
@@ -110,7 +119,7 @@ class Listener(Protocol):
         """The HTTP protocol for a connection whose handshake succeeded."""
 
 
-class TLSProtocol(asyncio.Protocol):
+class TLSProtocol(asyncio.BufferedProtocol):
     """TLS on one accepted TCP connection (see the module's docstring)."""
 
     __slots__ = (
@@ -118,6 +127,7 @@ class TLSProtocol(asyncio.Protocol):
         "_app",
         "_app_writing_paused",
         "_awaiting_hello",
+        "_buffer",
         "_close_by",
         "_error",
         "_handshake_due",
@@ -142,6 +152,8 @@ class TLSProtocol(asyncio.Protocol):
     def __init__(self, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
         self._listener = listener
         self._loop = loop
+        #: where the TCP transport reads into: the listener's, which all its connections share
+        self._buffer = listener.read_buffer
         self._state = _HANDSHAKE
         self._tcp: asyncio.Transport | None = None
         self._incoming = ssl.MemoryBIO()
@@ -227,7 +239,7 @@ class TLSProtocol(asyncio.Protocol):
                 hello if self._awaiting_hello else limits.handshake_timeout, self._on_timer
             )
         if data:
-            self.data_received(data)
+            self._received(memoryview(data))
 
     def client_address(self) -> str | None:
         """The client's IP address: the PROXY header's, else the socket peer's (None when
@@ -238,7 +250,7 @@ class TLSProtocol(asyncio.Protocol):
             peer = tcp.get_extra_info("peername") if tcp is not None else None
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
-    def _proxy_header(self, data: bytes) -> None:
+    def _proxy_header(self, data: memoryview) -> None:
         """The PROXY protocol header, within ``limits.handshake_timeout`` (with the handshake)
         and ``proxyproto.MAX_LENGTH`` bytes; anything else closes the connection."""
         buffer = self._proxy
@@ -260,13 +272,24 @@ class TLSProtocol(asyncio.Protocol):
         self._peer = parsed.header.client
         self._begin(parsed.rest)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the TCP transport reads the socket into: the listener's read buffer, which
+        every connection of its loop shares. Nothing keeps a view of it past
+        ``buffer_updated``: what is kept is copied (into the incoming BIO, the ClientHello's
+        or the PROXY header's buffer, or a bytes object)."""
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received(self._buffer[:nbytes])
+
+    def _received(self, data: memoryview) -> None:
+        """A read of the socket: ``data`` is valid during this call only (``get_buffer``)."""
         state = self._state
         if state == _OPEN:
             if self._sslobj is None:  # plain
                 app = self._app
                 if app is not None:
-                    app.data_received(data)
+                    app.data_received(bytes(data))
                 return
             records = _RECORDS
             if (
@@ -286,7 +309,7 @@ class TLSProtocol(asyncio.Protocol):
                 return
             if self._sslobj is not None:
                 self._incoming.write(data)
-            elif not self._choose(data):  # policy: several servers
+            elif not self._choose(bytes(data)):  # policy: several servers
                 return
             if not self._queued:
                 self._listener.handshakes.step(self)
@@ -505,7 +528,7 @@ class TLSProtocol(asyncio.Protocol):
             return
         self._deliver(first if more is None else b"".join(more), eof)
 
-    def _read_all(self, records: tls_records.Reader, data: bytes = b"") -> bool:
+    def _read_all(self, records: tls_records.Reader, data: memoryview | None = None) -> bool:
         """``_read`` with the C reader: every record into one bytes object; those of ``data``
         (a socket read, the incoming BIO being empty) without writing it into the BIO. False
         when it refused the connection's ``SSLObject`` (nothing was read: the caller reads)."""
@@ -515,11 +538,12 @@ class TLSProtocol(asyncio.Protocol):
         while True:
             # at most: the records in the BIO and in data (each one's plaintext is shorter),
             # what OpenSSL decrypted and holds, and the record it has begun reading (16 KiB)
-            limit = len(data) + incoming.pending + raw.pending() + _READ_SIZE
+            limit = (0 if data is None else len(data)) + incoming.pending + raw.pending()
+            limit += _READ_SIZE
             try:
-                if data:
+                if data is not None:
                     got, how = records(raw, raw.context, limit, data)
-                    data = b""  # read, or (what the records left of it) in the incoming BIO
+                    data = None  # read, or (what the records left of it) in the incoming BIO
                 else:
                     got, how = records(raw, raw.context, limit)
             except MemoryError:

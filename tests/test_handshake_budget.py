@@ -24,7 +24,7 @@ from sidecar.handshakes import HandshakeScheduler
 from .conftest import Certs
 from .test_tls_transport import Clock as FakeClock
 from .test_tls_transport import Conn as MemoryConn
-from .test_tls_transport import Listener, client_ctx, state, tls_files  # noqa: F401
+from .test_tls_transport import Listener, client_ctx, socket_read, state, tls_files  # noqa: F401
 
 
 class Conn(MemoryConn):
@@ -285,7 +285,7 @@ def test_queued_handshakes_are_not_read_and_complete_in_order(
     assert listener.metrics.tls_handshakes_deferred._value.get() == 2
     third = conns[2]
     # a queued connection that receives more than a handshake flight is no longer read
-    third.tls.data_received(b"\x17\x03\x03\x40\x00" + b"x" * 70000)
+    socket_read(third.tls, b"\x17\x03\x03\x40\x00" + b"x" * 70000)
     assert reading() == [True, True, False]
     turns.run_soon()
     assert answered() == [True, True, False] and reading() == [True, True, False]

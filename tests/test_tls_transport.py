@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from sidecar import tls_records, tls_transport
 from sidecar.config import LimitsConfig, TLSConfig
 from sidecar.handshakes import HandshakeScheduler
+from sidecar.listener import READ_BUFFER
 from sidecar.metrics import Metrics
 from sidecar.tls import TLSState, server_context
 from sidecar.tls_transport import _LINGER, _SHUTDOWN_TIMEOUT, IPNetwork, TLSProtocol, TLSTransport
@@ -148,6 +150,8 @@ class App(asyncio.Protocol):
 
     events: list[str] = field(default_factory=list)
     data: bytearray = field(default_factory=bytearray)
+    #: the objects it was given, kept as they are (a view of the read buffer would change)
+    received: list[bytes] = field(default_factory=list)
     transport: TLSTransport | None = None
     lost: list[BaseException | None] = field(default_factory=list)
     on_made: Callable[[TLSTransport], None] | None = None
@@ -162,6 +166,7 @@ class App(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.events.append(f"data {len(data)}")
         self.data += data
+        self.received.append(data)
 
     def eof_received(self) -> bool:
         self.events.append("eof")
@@ -191,6 +196,7 @@ class Listener:
     handshakes: HandshakeScheduler = field(
         default_factory=lambda: HandshakeScheduler(cast(Any, None), 0.0)
     )
+    read_buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(READ_BUFFER)))
     capacity: int = 10
     admitted: int = 0
     released: int = 0
@@ -218,6 +224,20 @@ class Listener:
 # ---- a connection: the protocol, its TCP side, and a TLS client -------------------------------
 
 
+def socket_read(tls: TLSProtocol, data: bytes) -> None:
+    """A read of ``data`` as the event loop makes it: into the protocol's buffer, then
+    ``buffer_updated`` (in several reads beyond the buffer's size). Then the bytes read are
+    overwritten, as the next read of any connection sharing the buffer would: whatever kept
+    a view of them rather than a copy now holds other bytes, and its test fails."""
+    while data:
+        buffer = tls.get_buffer(-1)
+        size = min(len(buffer), len(data))
+        buffer[:size] = data[:size]
+        tls.buffer_updated(size)
+        buffer[:size] = b"\xaa" * size
+        data = data[size:]
+
+
 class Conn:
     def __init__(self, listener: Listener, client_ctx: ssl.SSLContext) -> None:
         self.clock = Clock()
@@ -235,7 +255,7 @@ class Conn:
     def to_server(self) -> None:
         data = self.c_out.read()
         if data:
-            self.tls.data_received(data)
+            socket_read(self.tls, data)
 
     def to_client(self) -> None:
         self.c_in.write(self.tcp.take())
@@ -400,7 +420,7 @@ def test_untrusted_certificate_gets_unknown_ca(
 
 
 def test_not_tls_at_all_is_refused_and_counted(listener: Listener, conn: Conn) -> None:
-    conn.tls.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    socket_read(conn.tls, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert conn.tcp.eof_written
     assert listener.failures == 1 and listener.apps == []
 
@@ -442,7 +462,7 @@ def test_a_client_hello_in_pieces_is_due_whole_within_client_hello_timeout(
     with contextlib.suppress(ssl.SSLWantReadError):
         conn.client.do_handshake()
     hello = conn.c_out.read()
-    conn.tls.data_received(hello[:10])  # a few bytes, then nothing
+    socket_read(conn.tls, hello[:10])  # a few bytes, then nothing
     assert not conn.tcp.written
     conn.clock.advance(listener.limits.client_hello_timeout)
     assert conn.tcp.end() == "aborted"
@@ -461,7 +481,7 @@ def test_the_hello_deadline_is_never_later_than_the_handshake_deadline(
 
 @pytest.mark.parametrize("how", ["eof", "lost"])
 def test_abandoned_handshake_is_counted_once(listener: Listener, conn: Conn, how: str) -> None:
-    conn.tls.data_received(conn.c_out.read() or b"")  # nothing yet: the client has not started
+    socket_read(conn.tls, conn.c_out.read() or b"")  # nothing yet: the client has not started
     if how == "eof":
         assert conn.tls.eof_received() is False
     conn.tls.connection_lost(None)
@@ -475,7 +495,7 @@ def test_connection_refused_at_accept(listener: Listener) -> None:
     tls = TLSProtocol(listener, Clock())  # type: ignore[arg-type]
     tls.connection_made(tcp)  # type: ignore[arg-type]
     assert tcp.aborted
-    tls.data_received(b"\x16\x03\x01")
+    socket_read(tls, b"\x16\x03\x01")
     tls.connection_lost(None)
     assert (listener.admitted, listener.released, listener.failures) == (0, 0, 0)
 
@@ -515,9 +535,9 @@ def test_all_that_one_read_decrypts_is_one_data_received(opened: Conn) -> None:
 def test_record_split_across_reads(opened: Conn) -> None:
     opened.client.write(b"split record")
     data = opened.c_out.read()
-    opened.tls.data_received(data[:7])
+    socket_read(opened.tls, data[:7])
     assert opened.app.data == b""
-    opened.tls.data_received(data[7:])
+    socket_read(opened.tls, data[7:])
     assert opened.app.data == b"split record"
 
 
@@ -637,7 +657,7 @@ def test_a_record_that_fails_to_decrypt_ends_the_connection(opened: Conn) -> Non
     opened.client.write(b"tampered")
     record = bytearray(opened.c_out.read())
     record[-1] ^= 1
-    opened.tls.data_received(bytes(record))
+    socket_read(opened.tls, bytes(record))
     assert opened.app.data == b""
     assert opened.tcp.eof_written
     with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
@@ -704,12 +724,12 @@ def test_a_tampered_record_among_many_ends_the_connection_with_openssl_s_alert(
     opened.client.write(b"x" * 40000)  # three records: the last one is changed
     records = bytearray(opened.c_out.read())
     records[-1] ^= 1
-    opened.tls.data_received(bytes(records))
+    socket_read(opened.tls, bytes(records))
     assert opened.app.data == b"", "nothing of a read that failed is delivered"
     assert opened.tcp.eof_written
     with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
         opened.receive()
-    opened.tls.data_received(bytes(records))  # whatever follows is dropped
+    socket_read(opened.tls, bytes(records))  # whatever follows is dropped
     assert opened.app.data == b""
     opened.tls.connection_lost(None)
     lost = opened.app.lost[0]
@@ -752,11 +772,74 @@ def test_whatever_the_reads_the_application_gets_exactly_what_was_sent(
         at = 0
         for cut in [*sorted({c % (len(wire) + 1) for c in cuts}), len(wire)]:
             if cut > at:
-                conn.tls.data_received(wire[at:cut])
+                socket_read(conn.tls, wire[at:cut])
                 at = cut
         assert bytes(conn.app.data) == sent, which
         assert conn.app.events[-1] == ("eof" if close else f"data {conn.app.events[-1][5:]}")
         assert conn.app.events.count("eof") == (1 if close else 0)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sizes=st.tuples(st.integers(1, 90000), st.integers(1, 90000)),
+    cuts=st.tuples(
+        st.lists(st.integers(0, 200000), max_size=5), st.lists(st.integers(0, 200000), max_size=5)
+    ),
+    turns=st.lists(st.booleans(), max_size=12),
+)
+def test_connections_reading_into_one_buffer_each_get_their_own_bytes(
+    tls_files: TLSConfig,
+    certs: Certs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sizes: tuple[int, int],
+    cuts: tuple[list[int], list[int]],
+    turns: list[bool],
+) -> None:
+    """Two connections of one listener read into the same buffer, their reads interleaved
+    and cut anywhere, records split across them: each application gets exactly what its own
+    client sent. A view of the buffer kept past its read would hold the other connection's
+    bytes (or ``socket_read``'s filler) by the time it is used."""
+    for which in READERS:
+        records = tls_records.reader() if which == "native" else None
+        if which == "native" and records is None:
+            continue
+        monkeypatch.setattr(tls_transport, "_RECORDS", records)
+        listener = Listener(state(tls_files))
+        conns = [Conn(listener, client_ctx(certs, certs.alice, tmp=tmp_path)) for _ in range(2)]
+        assert conns[0].tls.get_buffer(-1) is conns[1].tls.get_buffer(-1)
+        reads: list[list[bytes]] = []
+        sent: list[bytes] = []
+        apps: list[App] = []
+        for index, conn in enumerate(conns):
+            conn.handshake()
+            apps.append(listener.apps[-1])  # its own (``Conn.app`` is the listener's last)
+            data = bytes((index * 101 + n) % 251 for n in range(sizes[index]))
+            conn.client.write(data)
+            sent.append(data)
+            wire = conn.c_out.read()
+            bounds = [0, *sorted({c % (len(wire) + 1) for c in cuts[index]}), len(wire)]
+            reads.append([wire[a:b] for a, b in itertools.pairwise(bounds) if b > a])
+        for turn in [*turns, *[False] * len(reads[0]), *[True] * len(reads[1])]:
+            queue = reads[1 if turn else 0]
+            if queue:
+                socket_read(conns[1 if turn else 0].tls, queue.pop(0))
+        for app, data in zip(apps, sent, strict=True):
+            assert bytes(app.data) == data, which
+            assert b"".join(app.received) == data, which  # what it was given is still that
+
+
+def test_plain_reads_reach_the_application_as_bytes_of_their_own(tls_files: TLSConfig) -> None:
+    """``listen.tls: false``: each read is handed on as it is, a copy of the read buffer,
+    which the next read overwrites."""
+    listener = Listener(state(tls_files), plain=True)
+    tls = TLSProtocol(listener, Clock())  # type: ignore[arg-type]
+    tls.connection_made(TCP())  # type: ignore[arg-type]
+    socket_read(tls, b"GET / HTTP/1.1\r\n")
+    socket_read(tls, b"Host: x\r\n\r\n")
+    assert listener.apps[-1].received == [b"GET / HTTP/1.1\r\n", b"Host: x\r\n\r\n"]
 
 
 def test_the_c_reader_takes_only_an_ssl_object_over_memory_of_its_context(
