@@ -3,6 +3,7 @@ strings in, one result out, no connection and no event loop."""
 
 from __future__ import annotations
 
+import httptools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -250,3 +251,64 @@ def test_every_prefix_needs_more_and_the_whole_reads_back(
     assert got.target == f"/{path}"
     assert got.raw_headers == [(n.encode(), v.encode()) for n, v in fields]
     assert got.size == len(data)
+
+
+class _Ignore:
+    """Callbacks for a bare llhttp parser: none."""
+
+
+_LINE_METHOD = st.sampled_from([b"GET", b"POST", b"OPTIONS"])
+_LINE_TARGET = st.lists(
+    st.sampled_from([b"/", b"a", b"HTTP", b"/HTTP/1.1", b"/HTTP/1.0", b"1.1", b".", b"?x=", b"*"]),
+    min_size=1,
+    max_size=5,
+).map(b"".join)
+_LINE_END = st.sampled_from(
+    [
+        b" HTTP/1.1",
+        b" HTTP/1.0",
+        b"  HTTP/1.0",
+        b" HTTP/0.9",
+        b" HTTP/2.0",
+        b" HTTP/1.2",
+        b"",
+        b" HTTP/1.1 X",
+    ]
+)
+
+
+@settings(max_examples=500, derandomize=True)
+@given(
+    before=st.sampled_from([b"", b"\r\n"]),
+    method=_LINE_METHOD,
+    space=st.sampled_from([b" ", b"  "]),
+    target=_LINE_TARGET,
+    end=_LINE_END,
+)
+def test_the_version_is_the_one_llhttp_reads(
+    before: bytes, method: bytes, space: bytes, target: bytes, end: bytes
+) -> None:
+    """The request line's version, read from the head's bytes where they are the method,
+    the target and " HTTP/1.1" or " HTTP/1.0", is llhttp's: a target ending in "/HTTP/1.1"
+    is HTTP/0.9 to llhttp, and refused as such, whatever the rest of the head says; an empty
+    line first or two spaces (llhttp takes both) change nothing."""
+    data = before + method + space + target + end + b"\r\nHost: h\r\nX: a HTTP/1.1\r\n\r\n"
+    oracle = httptools.HttpRequestParser(_Ignore())
+    try:
+        oracle.feed_data(data)
+    except httptools.HttpParserError:
+        assert isinstance(read(data), Refusal)
+        return
+    version = oracle.get_http_version()
+    got = read(data)
+    if version in ("1.0", "1.1"):
+        assert isinstance(got, Head), (data, got)
+        assert got.http10 == (version == "1.0")
+    else:
+        assert got is VERSION, (data, version)
+
+
+def test_a_target_ending_like_a_version_is_no_version() -> None:
+    assert read(b"GET /HTTP/1.1\r\nHost: h\r\n\r\n") is VERSION  # HTTP/0.9 to llhttp
+    assert head(b"GET /HTTP/1.1 HTTP/1.0\r\nHost: h\r\n\r\n").http10
+    assert not head(b"GET /HTTP/1.0 HTTP/1.1\r\nHost: h\r\n\r\n").http10

@@ -877,20 +877,35 @@ async def test_stale_connection_is_retried_for_a_request_without_body(
 async def test_connection_close_response_is_not_reused(
     make_proxy: MakeProxy, scripted: StartScripted, session: aiohttp.ClientSession
 ) -> None:
+    http10 = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    # HTTP/1.0 with keep-alive: the version's own framing rules, not reused either
+    http10_keep_alive = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+
     async def answer(state: Scripted, n: int, head: bytes, w: asyncio.StreamWriter) -> bool:
         if head.startswith(b"GET /http10 "):
-            w.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            w.write(http10)
+        elif head.startswith(b"GET /http10-keep-alive "):
+            w.write(http10_keep_alive)
+        elif head.startswith(b"GET /interim-then-http10 "):
+            # the first bytes say HTTP/1.1; the final response's status line says 1.0
+            w.write(b"HTTP/1.1 100 Continue\r\n\r\n" + http10_keep_alive)
+        elif head.startswith(b"GET /split-http10 "):
+            w.write(http10_keep_alive[:7])  # "HTTP/1.", the rest in a later read
+            await w.drain()
+            await asyncio.sleep(0.05)
+            w.write(http10_keep_alive[7:])
         else:
             w.write(answer_ok(extra=b"Connection: close\r\n"))
         return True  # and the upstream would go on: only its word keeps us from reusing
 
     up = await scripted(answer)
     proxy = await make_proxy(up.url)
-    for path in ("/close", "/close", "/http10", "/http10"):
+    paths = ("/close", "/http10", "/http10-keep-alive", "/interim-then-http10", "/split-http10")
+    for path in paths * 2:
         status, headers, body = await fetch(session, "GET", proxy.url(path))
-        assert (status, body) == (200, b"ok")
+        assert (status, body) == (200, b"ok"), path
         assert headers.get("Connection", "").lower() != "close"  # hop by hop: not passed on
-    assert up.connections == 4
+    assert up.connections == 2 * len(paths)
 
 
 @pytest.mark.parametrize("version", [b"1.0", b"1.1"])

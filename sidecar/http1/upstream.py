@@ -50,12 +50,12 @@ def request_head(
     """The request line and the header lines of ``block`` (from ``headers.request_fields``,
     which checked them), with a Host line first when ``host`` is given (the client sent none),
     and ``Transfer-Encoding: chunked`` last for a ``chunked`` body."""
-    target_bytes = target.encode("utf-8", "surrogateescape")
-    # parsers refuse them: defence in depth. (``find``, not ``in``: CPython's ``bytes in bytes``
-    # first tries the operand as an int and builds a TypeError to throw away, a third of this
-    # function's cost)
-    if target_bytes.find(b"\r") != -1 or target_bytes.find(b"\n") != -1:
+    # parsers refuse them: defence in depth. (On the str: ``bytes in bytes`` first tries the
+    # operand as an int and builds a TypeError to throw away, and ``bytes.find`` parses its
+    # arguments as a tuple; surrogateescape leaves CR and LF as they are.)
+    if "\r" in target or "\n" in target:
         raise ValueError("CR or LF in the request target")
+    target_bytes = target.encode("utf-8", "surrogateescape")
     end = b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"\r\n"
     if host is None:
         return b"".join((method.encode("ascii"), b" ", target_bytes, b" HTTP/1.1\r\n", block, end))
@@ -199,6 +199,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = head_only
         self._error: BaseException | None = None
         self._interim = False
+        #: the response's first bytes are "HTTP/1.1 " (``on_headers_complete``)
+        self._http11 = False
         self._head_size = 0
         #: response bytes received in this exchange (interim responses included)
         self.received = 0
@@ -393,6 +395,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
             self.close()
             return
+        if not self.received:
+            self._http11 = data[:9] == b"HTTP/1.1 "  # (startswith parses its arguments)
         self.received += len(data)
         try:
             self._parser.feed_data(data)
@@ -458,6 +462,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         if 100 <= status < 200:
             self._interim = True  # 100 Continue, 103 Early Hints: the final response follows
+            self._http11 = False  # its status line is still to come
             return
         # Everything received so far is at most the head plus some body: only a large total
         # needs the head measured (data_received checks heads that arrive in pieces).
@@ -470,7 +475,14 @@ class UpstreamConnection(asyncio.Protocol):
                 raise self._error
         self.status = status
         self.head_done = True
-        self.keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        # Reused only after HTTP/1.1 (llhttp also keeps an HTTP/1.0 response with
+        # "Connection: keep-alive"). When the exchange's first bytes are "HTTP/1.1 ", this
+        # head is the one they began (no interim response came first): llhttp read that
+        # version from them, and get_http_version's str.format (2,200 instructions) is not
+        # needed.
+        self.keep_alive = parser.should_keep_alive() and (
+            self._http11 or parser.get_http_version() == "1.1"
+        )
         if self._head_only or status in (204, 304):
             self.complete = True
             if self._head_only:
