@@ -489,6 +489,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self._stale_parser = True
 
     def on_body(self, body: bytes) -> None:
+        if self._interim:
+            # RFC 9110 §15.2: a 1xx response ends with its header section. llhttp reads no
+            # body after 100, 102 and 103 but takes any other 1xx's framing at its word, and
+            # such a body would run into the final response's, past its length on the
+            # client's connection: the upstream's protocol error, nothing of it forwarded.
+            self._error = UpstreamError("protocol", "a body in an interim (1xx) response")
+            raise self._error  # stops the parser; data_received fails the connection
         if self.complete:  # a body after a HEAD response: the connection is out of step
             self.keep_alive = False
             return
