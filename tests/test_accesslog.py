@@ -19,6 +19,7 @@ from sidecar import log
 from sidecar.accesslog import (
     FIELDS,
     AccessLine,
+    _plain,
     console_value,
     json_string,
     json_value,
@@ -46,6 +47,22 @@ NOW = 1764892800_000000  # 2025-12-05T00:00:00Z, in microseconds
 def test_json_string_is_json_dumps_ensure_ascii(text: str) -> None:
     assert json_string(text) == json.dumps(text, ensure_ascii=True)
     assert json_string(text).isascii() and json_string(text).isprintable()
+
+
+@given(
+    st.one_of(
+        ANY_TEXT,
+        st.text(st.characters(max_codepoint=0x7F)),  # ASCII: controls, quotes, backslashes
+        st.text("0123456789abcdefABCDEFxyz"),  # letters and digits only: a request id's
+        st.text("0123456789abcdef\u00e9\u0660\u00b2"),  # and not ASCII (isalnum's own)
+    )
+)
+@example("")
+@example("0bfcc20af97ec25b0000000000000001")
+def test_plain_is_what_json_writes_as_it_is(text: str) -> None:
+    """``_plain``'s shortcut for letters and digits says what its definition says."""
+    written_as_is = json.dumps(text, ensure_ascii=True) == '"' + text + '"'
+    assert _plain(text) == written_as_is
 
 
 @given(VALUE)
