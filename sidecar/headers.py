@@ -124,11 +124,12 @@ class HeaderRules:
         formats = self._formats
         if formats is not None and certificate:
             userinfo = self._identity_names[1]
-            value = user.header_bytes
-            # on every request: ``find``, as ``bytes in bytes`` first tries the operand as an
-            # int and throws away a TypeError (see upstream.request_head)
-            if value.find(b"\r") != -1 or value.find(b"\n") != -1:
+            # on every request, so on the str its bytes are encoded from (ASCII: the same CR
+            # and LF), as upstream.request_head checks its target
+            text = user.header_value
+            if "\r" in text or "\n" in text:
                 raise ValueError("CR or LF in an identity header")
+            value = user.header_bytes
             # CertificateHeaders checks its own lines and keeps them per chain
             return b"%b%b: %b\r\n" % (formats.lines(certificate, chain), userinfo, value)
         key = (certificate_b64, user.header_bytes)
