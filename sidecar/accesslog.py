@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import time
+from time import time_ns  # compiled, time.time_ns() reads the attribute each time
 from typing import Final
 
 from .loglines import LineLogger
@@ -48,6 +48,8 @@ FIELDS: Final = (
 
 #: the fields written in milliseconds, rounded to 3 decimals: ``duration_ms``, ``upstream_ms``
 _MILLISECONDS: Final = (5, 15)
+#: the fields whose value changes with every request: the request id and the durations
+_VOLATILE: Final = (0, 5, 15)
 #: keys the event itself sets: a context variable of the same name does not reach the line
 _RESERVED: Final = frozenset([*FIELDS, "event", "level", "timestamp"])
 #: the console format's level and event columns (structlog pads the event to 30)
@@ -213,7 +215,9 @@ class Stamps:
         """The stamp, without its "Z", in ``parts[at:at + 3]``: the date and time, then the
         microseconds in two halves (or nothing), each a string already made."""
         second = micros // 1_000_000
-        micro = micros - second * 1_000_000
+        # the remainder, not micros - second * 1_000_000: compiled, a product of an operand
+        # above 2**30 takes the long integers' way (about 800 instructions)
+        micro = micros % 1_000_000
         if second != self._second:
             self._second = second
             self._prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime(
@@ -237,14 +241,17 @@ class AccessLine:
     them (a field of the same name wins; ``event``, ``level`` and ``timestamp`` are the
     event's own, and only ``worker`` is ever bound).
 
-    A line is one ``join`` of a list kept from line to line (``_parts``): three strings per
-    field (what comes before its value, the value, what comes after), the timestamp in
-    three, and the constant parts. A value is written into it only when it is not the last
-    value of its field (the same object, or an equal string or integer): the route's label,
-    the decision, the connection's certificate strings and address are not escaped again.
-    The usual changing values (the request id, a printable string; the durations; the
-    timestamp) are written from strings already made, so a line costs one allocation, its
-    own."""
+    A line is one ``join`` of a list kept from line to line (``_parts``). The fields that
+    change with every request (``_VOLATILE``: the request id, the durations) are three
+    strings of it each (what comes before the value, the value, what comes after), and so is
+    the timestamp; each run of the other fields is one string, the join of its fields' own
+    three strings each (``_groups``), joined again only when one of its values changed. A
+    value is written only when it is not the last value of its field (the same object, or
+    an equal string or integer): the route's label, the decision, the connection's
+    certificate strings and address are not escaped again, and their group not joined
+    again. The usual changing values (the request id, a printable string; the durations;
+    the timestamp) are written from strings already made, so a line whose other fields did
+    not change costs one allocation, its own, and a join of 16 strings (JSON)."""
 
     def __init__(
         self,
@@ -281,16 +288,37 @@ class AccessLine:
                 for i, name in enumerate(FIELDS)
             ]
             parts = []
-            self._stamp_at = 3 * len(slots) + 1
-        self._first = len(parts)
-        for prefix in prefixes:
-            parts += [prefix, "", ""]
+        # Where each field's three strings are: in the line's parts (group -1) or in a
+        # group's, at this index.
+        groups: list[list[str]] = []
+        group_at: list[int] = []
+        field_group: list[int] = []
+        field_at: list[int] = []
+        run: list[str] | None = None
+        for slot, prefix in zip(slots, prefixes, strict=True):
+            if slot in _VOLATILE:
+                field_group.append(-1)
+                field_at.append(len(parts))
+                parts += [prefix, "", ""]
+                run = None
+                continue
+            if run is None:
+                run = []
+                groups.append(run)
+                group_at.append(len(parts))
+                parts.append("")
+            field_group.append(len(groups) - 1)
+            field_at.append(len(run))
+            run += [prefix, "", ""]
+        for group, at in zip(groups, group_at, strict=True):
+            parts[at] = "".join(group)  # a run of context variables alone stays this
         if not console:
             tail = (
                 ', "event": "request"'
                 + "".join(f", {json_string(key)}: {json_value(value)}" for key, value in extra)
                 + ', "level": "info", "timestamp": "'
             )
+            self._stamp_at = len(parts) + 1
             parts += [tail, "", "", "", 'Z"}']
         self._slots = slots
         self._prefixes = prefixes
@@ -300,9 +328,13 @@ class AccessLine:
         #: other object can be taken for it
         self._last: list[object] = [_NOTHING] * len(slots)
         self._parts = parts
+        self._groups = groups
+        self._group_at = group_at
+        self._field_group = field_group
+        self._field_at = field_at
 
     def write(self, values: tuple[object, ...]) -> None:
-        self._lines.hold(self.render(values, time.time_ns() // 1000))
+        self._lines.hold(self.render(values, time_ns() // 1000))
 
     def render(self, values: tuple[object, ...], micros: int) -> str:
         """The line of an event at ``micros`` microseconds after the epoch."""
@@ -311,7 +343,10 @@ class AccessLine:
         console = self.console
         slots = self._slots
         last = self._last
-        at = self._first
+        groups = self._groups
+        field_group = self._field_group
+        field_at = self._field_at
+        changed = 0  # the groups to join again, a bit each
         for i in range(len(slots)):
             index = slots[i]
             if index >= 0:
@@ -325,8 +360,17 @@ class AccessLine:
                     and value == old
                 ):
                     last[i] = value
-                    self._show(parts, at, i, index, value, console)
-            at += 3
+                    group = field_group[i]
+                    if group < 0:
+                        self._show(parts, field_at[i], i, index, value, console)
+                    else:
+                        self._show(groups[group], field_at[i], i, index, value, console)
+                        changed |= 1 << group
+        if changed:
+            group_at = self._group_at
+            for group in range(len(groups)):
+                if changed >> group & 1:
+                    parts[group_at[group]] = "".join(groups[group])
         line = "".join(parts)
         return line.rstrip(" ") if console else line
 
