@@ -347,25 +347,33 @@ class AccessLine:
         field_group = self._field_group
         field_at = self._field_at
         changed = 0  # the groups to join again, a bit each
-        for i in range(len(slots)):
-            index = slots[i]
-            if index >= 0:
-                value = values[index]
-                old = last[i]
-                # the same object, or an equal string or integer (an address, a path, a
-                # subject, a status again)
-                if value is not old and not (
-                    type(value) is type(old)
-                    and (type(value) is str or type(value) is int)
-                    and value == old
-                ):
-                    last[i] = value
-                    group = field_group[i]
-                    if group < 0:
-                        self._show(parts, field_at[i], i, index, value, console)
-                    else:
-                        self._show(groups[group], field_at[i], i, index, value, console)
-                        changed |= 1 << group
+        try:
+            for i in range(len(slots)):
+                index = slots[i]
+                if index >= 0:
+                    value = values[index]
+                    old = last[i]
+                    # the same object, or an equal string or integer (an address, a path, a
+                    # subject, a status again)
+                    if value is not old and not (
+                        type(value) is type(old)
+                        and (type(value) is str or type(value) is int)
+                        and value == old
+                    ):
+                        last[i] = value
+                        group = field_group[i]
+                        if group < 0:
+                            self._show(parts, field_at[i], i, index, value, console)
+                        else:
+                            self._show(groups[group], field_at[i], i, index, value, console)
+                            changed |= 1 << group
+        except BaseException:
+            # A value JSON cannot write (the gateway makes none): the groups written so far
+            # are not joined, so nothing of this line is remembered and the next one writes
+            # every field again, none left from this one.
+            for i in range(len(last)):
+                last[i] = _NOTHING
+            raise
         if changed:
             group_at = self._group_at
             for group in range(len(groups)):

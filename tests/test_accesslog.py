@@ -11,6 +11,7 @@ import io
 import json
 from typing import Any
 
+import pytest
 import structlog
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -203,3 +204,19 @@ def test_lines_in_a_row_are_structlogs(
         stamp = (EPOCH + datetime.timedelta(microseconds=now)).isoformat()
         expected = _structlog_line(console, values, context, stamp.replace("+00:00", "Z"))
         assert line.render(values, now) == expected
+
+
+def test_a_line_that_cannot_be_written_leaves_nothing_behind() -> None:
+    """A value JSON cannot write raises (the gateway makes none). The next line is whole:
+    no field of it is left from the line that failed (here the client, written into its
+    group before the route raised)."""
+    line = AccessLine(False, [("worker", 1)], LineLogger(io.StringIO()))
+    first: Any = ("r1", "10.0.0.1", "GET", "/", 200, 1.0, "/", "forwarded", "", *[None] * 7)
+    line.render(first, NOW)
+    broken = list(first)
+    broken[1], broken[6] = "10.0.0.2", {(1,): 1}  # json.dumps: keys must be str
+    with pytest.raises(TypeError):
+        line.render(tuple(broken), NOW)
+    after = list(first)
+    after[1], after[6] = "10.0.0.2", "/next"
+    assert line.render(tuple(after), NOW) == _structlog_line(False, tuple(after), {"worker": 1})
