@@ -11,7 +11,9 @@ The C function reads the ``SSL`` where CPython keeps it only in an object of exa
 given with it is (a check of the layout); else it raises, and nothing is read. Given the
 bytes of a socket read as well (``read(raw, raw.context, limit, data)``, the incoming BIO
 being empty), it decrypts them where they are: ``MemoryBIO.write`` would zero-fill the BIO's
-room and copy them into it first.
+room and copy them into it first. OpenSSL's read buffer is kept for the records of one call
+(CPython's ``SSL_MODE_RELEASE_BUFFERS`` frees it after each record) and released once when
+all of them were read.
 """
 
 from __future__ import annotations
@@ -92,6 +94,16 @@ def reader() -> Reader | None:
                 function(library, "BIO_up_ref", ctypes.c_int, pointer),
                 function(library, "BIO_write", ctypes.c_int, pointer, pointer, ctypes.c_int),
                 function(library, "BIO_free", ctypes.c_int, pointer),
+                function(
+                    library,
+                    "SSL_ctrl",
+                    ctypes.c_long,
+                    pointer,
+                    ctypes.c_int,
+                    ctypes.c_long,
+                    pointer,
+                ),
+                function(library, "SSL_free_buffers", ctypes.c_int, pointer),
             )
         )
         _records_c.setup(addresses, _ssl._SSLSocket)  # type: ignore[attr-defined]

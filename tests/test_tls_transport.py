@@ -865,10 +865,28 @@ def test_the_c_reader_takes_only_an_ssl_object_over_memory_of_its_context(
             _records_c.read(over_socket, context, 100)
     opened.client.write(b"y" * 50000)
     opened.tls._incoming.write(opened.c_out.read())
+    assert _releases_buffers(inner)
     got, how = _records_c.read(inner, inner.context, 20000)  # less than there is
     assert (got, how) == (b"y" * 20000, tls_records.FULL)
+    assert _releases_buffers(inner), "the mode is set back after the read"
     got, how = _records_c.read(inner, inner.context, 100000)
     assert (got, how) == (b"y" * 30000, tls_records.WANT)
+    assert _releases_buffers(inner)
+
+
+def _releases_buffers(inner: object) -> bool:
+    """Whether the SSL of an ``_ssl._SSLSocket`` has ``SSL_MODE_RELEASE_BUFFERS`` (CPython
+    sets it; the C reader clears it for the records of one call only)."""
+    import ctypes
+
+    from sidecar.tls_groups import function, ssl_library
+
+    pointer = ctypes.c_void_p
+    ctrl = function(
+        ssl_library(), "SSL_ctrl", ctypes.c_long, pointer, ctypes.c_int, ctypes.c_long, pointer
+    )
+    ssl_at = id(inner) + object.__basicsize__ + ctypes.sizeof(pointer)  # after the socket's weakref
+    return bool(ctrl(ctypes.c_void_p.from_address(ssl_at).value, 33, 0, None) & 0x10)
 
 
 def test_many_records_read_while_paused_wait_in_the_bio(opened: Conn, reader: str) -> None:
@@ -958,6 +976,7 @@ def test_the_c_reader_given_data_leaves_what_it_did_not_read_in_the_bio(opened: 
     wire = opened.c_out.read()
     got, how = _records_c.read(inner, inner.context, 100000, wire[:20000])
     assert (got, how, incoming.pending) == (b"b" * 16384, tls_records.WANT, 0)
+    assert _releases_buffers(inner)  # and the record begun was kept (released only when whole)
     got, how = _records_c.read(inner, inner.context, 100000, wire[20000:])
     assert (got, how, incoming.pending) == (b"b" * 13616, tls_records.WANT, 0)
     # with bytes in the BIO it refuses, and nothing is taken
