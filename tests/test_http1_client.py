@@ -19,6 +19,8 @@ from typing import Any, cast
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.certs import ClientCert
 from sidecar.config import LimitsConfig, UpstreamConfig
@@ -559,3 +561,156 @@ async def test_stop_closes_an_idle_connection_and_lets_a_busy_one_finish(harness
     assert finished.done()
     assert busy_transport.statuses() == [200]
     assert b"Connection: close\r\n" in busy_transport.written
+
+
+# ---- a large read: its head, then the rest without the buffer ------------------------------
+
+
+class RecordingUpstream(Upstream):
+    """``Upstream`` for requests with bodies: the bytes of each upstream connection are
+    parsed into requests (Content-Length or chunked bodies), each answered once whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streams: dict[int, bytearray] = {}
+        self.whole: list[bytes] = []  # each request as the upstream got it, X-Request-ID out
+
+    def receive(self, protocol: asyncio.Protocol, data: bytes) -> None:
+        stream = self.streams.setdefault(id(protocol), bytearray())
+        stream += data
+        while (end := stream.find(b"\r\n\r\n")) >= 0:
+            head = bytes(stream[: end + 4])
+            length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+            size = end + 4 + (int(length.group(1)) if length else 0)
+            if re.search(rb"\r\ntransfer-encoding: *chunked", head, re.I):
+                last = stream.find(b"\r\n0\r\n\r\n", end)
+                if last < 0:
+                    return
+                size = last + 7
+            if len(stream) < size:
+                return
+            whole = bytes(stream[:size])
+            del stream[:size]
+            self.requests.append(whole)
+            # the head without its X-Request-ID, and the body decoded (chunks are framed as
+            # they arrived)
+            body = whole[end + 4 :]
+            if not length and body:
+                body = b"".join(_unchunked(body))
+            # (a chunked body that arrived whole is sent with its length)
+            volatile = rb"\r\n(X-Request-ID|Content-Length|Transfer-Encoding): [^\r]*"
+            self.whole.append(re.sub(volatile, b"", head, flags=re.I) + body)
+            self.answer(protocol, whole.split(b" ", 2)[1].decode())
+
+
+def _unchunked(data: bytes) -> Iterator[bytes]:
+    while True:
+        line, _, data = data.partition(b"\r\n")
+        size = int(line, 16)
+        if not size:
+            return
+        yield data[:size]
+        data = data[size + 2 :]
+
+
+def _post(path: str, body: bytes, *, chunked: bool = False) -> bytes:
+    if chunked:
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in _pieces(body)) + b"0\r\n\r\n"
+        return get(path, "Transfer-Encoding: chunked").replace(b"GET", b"POST", 1) + framed
+    head = get(path, f"Content-Length: {len(body)}").replace(b"GET", b"POST", 1)
+    return head + body
+
+
+def _pieces(body: bytes) -> list[bytes]:
+    return [body[i : i + 7000] for i in range(0, len(body), 7000)]
+
+
+_ITEMS = st.one_of(
+    st.tuples(st.just("get"), st.integers(0, 99)),
+    st.tuples(st.just("denied"), st.integers(0, 99)),  # 401 here
+    st.tuples(
+        st.sampled_from(["post", "chunked"]),
+        st.integers(0, 99),
+        st.sampled_from([0, 1, 100, 16_000, 40_000, 300_000]),
+    ),
+)
+#: what ends a connection's requests: an upgrade (and 30,000 bytes after it), a malformed head,
+#: a length past max_body_size
+_LAST = st.sampled_from([("upgrade",), ("refused",), ("too large",)])
+
+
+def _item(item: tuple[Any, ...]) -> bytes:
+    kind = item[0]
+    if kind == "get":
+        return get(f"/public/g{item[1]}")
+    if kind == "denied":
+        return get(f"/app/d{item[1]}")
+    if kind in ("post", "chunked"):
+        return _post(f"/public/p{item[1]}", bytes([item[1]]) * item[2], chunked=kind == "chunked")
+    if kind == "upgrade":
+        return get("/app/ws", "Connection: Upgrade", "Upgrade: websocket") + b"w" * 30_000
+    if kind == "refused":
+        return b"GET /public/bad HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n"
+    return b"POST /public/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: 900000\r\n\r\n"
+
+
+async def _served(
+    reads: list[bytes],
+) -> tuple[list[int], list[bytes], list[bytes], bytes, bool]:
+    """What a connection given ``reads`` answered, what the upstream got, what was handed
+    over, and whether the connection was closed."""
+    upstream = RecordingUpstream()
+    forwarder = Forwarder(UpstreamConfig(url="http://upstream.test"), dial=upstream.dial)
+    await forwarder.start()
+    limits = LimitsConfig(
+        header_timeout=10, keepalive_timeout=30, send_timeout=20, max_body_size=500_000
+    )
+    state = listener_state(forwarder, limits, client_certificate="required")
+    harness = Harness(Clock(asyncio.get_running_loop()), state, upstream, forwarder)
+    state.hand_off = harness.hand_off
+    _, transport = harness.connect()
+    try:
+        for data in reads:
+            for _ in range(100):
+                if transport.is_reading() or transport.is_closing():
+                    break
+                await settle(1)  # held: the client waits, as a socket would
+            if transport.is_closing():
+                break
+            transport.protocol.data_received(data)  # the fallback's, once handed over
+            await settle(5)
+        await settle(200)
+        handed = [bytes(h.data) for h in harness.handed]
+        answers = re.sub(rb"[0-9a-f]{32}|Date: [^\r]+", b"", bytes(transport.written))
+        closed = transport.is_closing()
+        transport.close()
+        await settle(5)
+    finally:
+        await forwarder.close()
+    return transport.statuses(), upstream.whole, handed, answers, closed
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    items=st.lists(_ITEMS, min_size=1, max_size=4),
+    last=st.none() | _LAST,
+    large=st.sampled_from([0, 300_000]),
+)
+def test_a_large_read_is_served_as_the_same_bytes_in_small_reads(
+    items: list[tuple[Any, ...]], last: tuple[str] | None, large: int
+) -> None:
+    """Whatever a connection's bytes are (heads, bodies of both framings, an upgrade and what
+    follows it, a refused head, a body over max_body_size), read in large pieces (each item
+    at once, or 300,000 bytes at a time: the head found in the read, the rest given to the
+    body's reader from there, ``_tail``) they are served exactly as in reads of 4 KiB, which
+    always go through the buffer."""
+    reads = [_item(item) for item in [*items, *([last] if last else [])]]
+    stream = b"".join(reads)
+    pieces = reads if not large else [stream[i : i + large] for i in range(0, len(stream), large)]
+    small = [stream[i : i + 4096] for i in range(0, len(stream), 4096)]
+
+    async def both() -> tuple[object, object]:
+        return await _served(pieces), await _served(small)
+
+    in_large, in_small = asyncio.run(both())
+    assert in_large == in_small

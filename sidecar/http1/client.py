@@ -65,6 +65,12 @@ _PIPELINE_LIMIT = 256 * 1024
 # Body bytes held while a body streams upstream before the client is told to wait (with the
 # upstream connection's own write buffer, what an upload in flight costs in memory).
 _STREAM_WINDOW = 128 * 1024
+# A read larger than this on an idle connection is served without copying the bytes after
+# its head into the buffer (data_received); the head's end is looked for in its first
+# _HEAD_SEARCH bytes (not found there, the read goes into the buffer as any other).
+_LARGE_READ = 16 * 1024
+_HEAD_SEARCH = 64 * 1024 + 4
+_HEAD_END = b"\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -94,6 +100,7 @@ class ClientConnection(asyncio.Protocol):
         "_state",
         "_stopped",
         "_stopping",
+        "_tail",
         "_task",
         "_timer",
         "_transport",
@@ -116,6 +123,9 @@ class ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         #: bytes received and not yet served: the next request heads
         self._buffer = bytearray()
+        #: while a large read is served (data_received): the bytes after its first head,
+        #: which follow the buffer's (_begin_body gives them to the body's reader)
+        self._tail = b""
         self._heads = HeadReader()
         self._stopping = False
         self._peer: ClientCert | None = _UNSET
@@ -195,12 +205,27 @@ class ClientConnection(asyncio.Protocol):
             data = inbound.feed(data)  # the body's bytes; what follows it is the next request's
             if not data:
                 return
-        self._buffer += data
         flow = self._flow
         # Else pipelined behind the request in flight, or the client is not taking its
         # answers (reading is held then: these are bytes read before it was).
-        if not self._busy and not flow.write_paused:
+        serve = not self._busy and not flow.write_paused
+        end = -1
+        if serve and len(data) > _LARGE_READ and not self._buffer:
+            # An upload's first read (up to the listener's 256 KiB): only the head goes
+            # into the buffer; the bytes after it wait in _tail, where _begin_body gives them
+            # to the body's reader, instead of being copied into the buffer and out again.
+            end = data.find(_HEAD_END, 0, _HEAD_SEARCH)
+        if end >= 0:
+            size = end + len(_HEAD_END)
+            self._buffer += data[:size]
+            self._tail = data[size:]
             self._next()
+            tail, self._tail = self._tail, b""
+            self._buffer += tail  # what no body took: as if the read had gone to the buffer
+        else:
+            self._buffer += data
+            if serve:
+                self._next()
         if len(self._buffer) > _PIPELINE_LIMIT and (self._busy or flow.write_paused):
             flow.hold(PIPELINE)
 
@@ -292,8 +317,11 @@ class ClientConnection(asyncio.Protocol):
             # refused before a byte of it is read or forwarded (the gateway answers 413)
             inbound.fail(BodyTooLarge(f"Content-Length {head.length} exceeds {limit}"))
             return True
-        buffer = self._buffer
-        if buffer:
+        tail = self._tail
+        if tail:  # the rest of a large read (data_received): the buffer held only the head
+            self._tail = b""
+            self._buffer += inbound.feed(tail)
+        elif buffer := self._buffer:
             self._buffer = bytearray(inbound.feed(bytes(buffer)))
         return True
 
@@ -308,6 +336,7 @@ class ClientConnection(asyncio.Protocol):
         self._writer.answer(request, answer)
         self._stopping = True
         self._buffer = bytearray()
+        self._tail = b""
         if self._transport is not None:
             self._transport.close()
 
@@ -634,7 +663,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self._release()
         self._end_waiting()
-        data, self._buffer = bytes(self._buffer), bytearray()
+        data, self._buffer = bytes(self._buffer) + self._tail, bytearray()
+        self._tail = b""
         fallback = self._state.hand_off(transport, peer)
         self._flow.detach()  # reading resumes if held here: aiohttp's protocol holds its own
         if data:
