@@ -85,7 +85,7 @@ def json_string(text: str) -> str:
     """``text`` as ``json.dumps(text, ensure_ascii=True)`` writes it: quoted, with the quote,
     the backslash, every control (DEL included) and every non-ASCII character escaped
     (beyond U+FFFF as a surrogate pair)."""
-    # The common case, a printable ASCII string (isascii is a flag, isprintable one pass).
+    # The common case, a printable ASCII string (_plain says how it is told cheaply).
     if _plain(text):
         return '"' + text + '"'
     out: list[str] = ['"']
