@@ -64,6 +64,7 @@ static struct {
     ssl_ctrl_f ssl_ctrl;
     free_buffers_f free_buffers;
     PyTypeObject *socket_type; /* _ssl._SSLSocket */
+    int release_once;          /* SSL_free_buffers keeps a record begun (setup) */
 } fn;
 
 #define ADDRESSES 12
@@ -90,7 +91,9 @@ enum { WANT = 0, CLOSED = 1, FAILED = 2, FULL = 3 };
 
 static PyObject *py_setup(PyObject *self, PyObject *args) {
     PyObject *addresses, *type;
-    if (!PyArg_ParseTuple(args, "O!O!", &PyTuple_Type, &addresses, &PyType_Type, &type))
+    int release_once;
+    if (!PyArg_ParseTuple(args, "O!O!p", &PyTuple_Type, &addresses, &PyType_Type, &type,
+                          &release_once))
         return NULL;
     if (PyTuple_GET_SIZE(addresses) != ADDRESSES) {
         PyErr_Format(PyExc_ValueError, "%d libssl function addresses are needed", ADDRESSES);
@@ -121,6 +124,7 @@ static PyObject *py_setup(PyObject *self, PyObject *args) {
     fn.bio_free = (bio_free_f)a[9];
     fn.ssl_ctrl = (ssl_ctrl_f)a[10];
     fn.free_buffers = (free_buffers_f)a[11];
+    fn.release_once = release_once;
     Py_XSETREF(fn.socket_type, (PyTypeObject *)Py_NewRef(type));
     Py_RETURN_NONE;
 }
@@ -198,15 +202,18 @@ static PyObject *py_read(PyObject *self, PyObject *args) {
      * buffer after each record and allocates it again for the next, a malloc and a free of
      * about 17 KiB per 16 KiB record (1.3 % of a worker's time during uploads, issue #19).
      * The buffer is kept for the records of this call, then released once when all of them
-     * were read (WANT: no plaintext is pending; SSL_free_buffers itself keeps a buffer that
-     * holds the start of a record). */
+     * were read (WANT: no plaintext is pending), with an OpenSSL whose SSL_free_buffers keeps
+     * a buffer that holds the start of a record (setup's release_once: before the fix of
+     * CVE-2024-4741 it freed one whose header was read and whose body was still to come, and
+     * a client decides where its records are cut). With an older one the buffer stays until
+     * a read with the mode set ends a record, or the connection ends. */
     long release = fn.ssl_ctrl(ssl, SSL_CTRL_MODE, 0, NULL) & SSL_MODE_RELEASE_BUFFERS;
     if (release) fn.ssl_ctrl(ssl, SSL_CTRL_CLEAR_MODE, release, NULL);
     size_t got = 0;
     int status = read_records(ssl, PyBytes_AS_STRING(out), (size_t)limit, &got);
     if (release) {
         fn.ssl_ctrl(ssl, SSL_CTRL_MODE, release, NULL);
-        if (status == WANT) fn.free_buffers(ssl);
+        if (status == WANT && fn.release_once) fn.free_buffers(ssl);
     }
     int lost = 0;
     if (over) {
@@ -231,8 +238,8 @@ static PyMethodDef methods[] = {
     {"setup", py_setup, METH_VARARGS,
      "setup(addresses, socket_type): libssl's SSL_read_ex, SSL_get_error, ERR_clear_error, "
      "SSL_get_rbio, SSL_set0_rbio, BIO_new_mem_buf, BIO_ctrl, BIO_up_ref, BIO_write, BIO_free, "
-     "SSL_ctrl, SSL_free_buffers; "
-     "and _ssl._SSLSocket"},
+     "SSL_ctrl, SSL_free_buffers; _ssl._SSLSocket; and whether SSL_free_buffers may be called "
+     "after a read (an OpenSSL with the fix of CVE-2024-4741)"},
     {"read", py_read, METH_VARARGS,
      "read(inner, context, limit[, data]) -> (plaintext, how): every record the incoming BIO "
      "(or data, the BIO being empty) holds, decrypted, up to limit bytes; what is left of data "

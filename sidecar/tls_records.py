@@ -13,12 +13,13 @@ bytes of a socket read as well (``read(raw, raw.context, limit, data)``, the inc
 being empty), it decrypts them where they are: ``MemoryBIO.write`` would zero-fill the BIO's
 room and copy them into it first. OpenSSL's read buffer is kept for the records of one call
 (CPython's ``SSL_MODE_RELEASE_BUFFERS`` frees it after each record) and released once when
-all of them were read.
+all of them were read, where OpenSSL's ``SSL_free_buffers`` is safe (``frees_buffers_safely``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import ssl
 from functools import cache
 from typing import Any, Protocol
 
@@ -40,6 +41,22 @@ class Reader(Protocol):
     def __call__(
         self, raw: Any, context: Any, limit: int, data: bytes | memoryview = ..., /
     ) -> tuple[bytes, int]: ...
+
+
+def frees_buffers_safely(version: int) -> bool:
+    """Whether the OpenSSL of this version number (``ssl.OPENSSL_VERSION_NUMBER``: the
+    library ``_ssl`` runs with) keeps, in ``SSL_free_buffers``, a read buffer that holds a
+    record begun. Fixed in 3.0.14, 3.1.6, 3.2.2 and 3.3.1 (CVE-2024-4741); before, it looked
+    only at the bytes read ahead and freed a buffer whose record header was read and whose
+    body was still to come: the C reader then never calls it (the buffer stays until a read
+    ends a record with ``SSL_MODE_RELEASE_BUFFERS`` set, or the connection ends). 1.1.1's fix
+    (1.1.1y) is in its paid support only: 1.x is taken as unfixed."""
+    major = version >> 28
+    if major != 3:
+        return major > 3
+    minor = (version >> 20) & 0xFF
+    patch = (version >> 4) & 0xFF
+    return patch >= {0: 14, 1: 6, 2: 2, 3: 1}.get(minor, 0)
 
 
 @cache
@@ -106,7 +123,8 @@ def reader() -> Reader | None:
                 function(library, "SSL_free_buffers", ctypes.c_int, pointer),
             )
         )
-        _records_c.setup(addresses, _ssl._SSLSocket)  # type: ignore[attr-defined]
+        socket_type = _ssl._SSLSocket  # type: ignore[attr-defined]
+        _records_c.setup(addresses, socket_type, frees_buffers_safely(ssl.OPENSSL_VERSION_NUMBER))
     except (ImportError, AttributeError, OSError, TypeError, ValueError):
         return None
     read: Reader = _records_c.read

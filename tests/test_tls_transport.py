@@ -1067,3 +1067,29 @@ def test_reads_of_data_leave_no_bio_behind_and_the_incoming_one_lives_as_long_as
     gc.collect()
     assert freed == [address], "freed with the SSL: no reference of the reads' own is left"
     del callback
+
+
+@pytest.mark.parametrize(
+    ("version", "safe"),
+    [
+        (0x30000130, True),  # 3.0.19
+        (0x300000E0, True),  # 3.0.14: the fix of CVE-2024-4741
+        (0x300000D0, False),  # 3.0.13
+        (0x30100060, True),  # 3.1.6
+        (0x30100050, False),  # 3.1.5
+        (0x30200020, True),  # 3.2.2
+        (0x30200010, False),  # 3.2.1
+        (0x30300010, True),  # 3.3.1
+        (0x30300000, False),  # 3.3.0
+        (0x30400000, True),  # 3.4.0
+        (0x40000000, True),
+        (0x1010119F, False),  # 1.1.1y: fixed in paid support only, taken as unfixed
+    ],
+)
+def test_the_read_buffer_is_released_only_where_openssl_keeps_a_record_begun(
+    version: int, safe: bool
+) -> None:
+    """``SSL_free_buffers`` before 3.0.14 (3.1.6, 3.2.2, 3.3.1) freed a buffer whose record
+    header was read and whose body was still to come (CVE-2024-4741); a client decides where
+    its records are cut, so the C reader calls it only with a fixed OpenSSL."""
+    assert tls_records.frees_buffers_safely(version) is safe
