@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import hashlib
 import json
@@ -193,11 +194,16 @@ def sslyze() -> Path:
     venv = ROOT / "build" / "sslyze"
     command = venv / "bin" / "sslyze"
     marker = venv / "installed"
-    if not command.exists() or not marker.exists() or marker.read_text() != SSLYZE:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, SSLYZE], check=True, timeout=900)
-        marker.write_text(SSLYZE)
+    venv.parent.mkdir(exist_ok=True)
+    # CI runs the compiled and the interpreted suites at once: one makes the venv, the other
+    # waits for it (never a venv cleared under a running sslyze)
+    with (venv.parent / "sslyze.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not command.exists() or not marker.exists() or marker.read_text() != SSLYZE:
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+            subprocess.run([*pip, SSLYZE], check=True, timeout=900)
+            marker.write_text(SSLYZE)
     return command
 
 
