@@ -56,7 +56,7 @@ from ..request import ANSWER, FORWARD, Request
 from ..responses import SERVER, Answer
 from ..tls import requested_server_name
 from .bodies import decoder
-from .heads import HandOff, Head, HeadReader, Refusal
+from .heads import HEAD_END, HandOff, Head, HeadReader, Refusal
 from .inbound import Inbound
 
 _UNSET: Any = object()
@@ -66,11 +66,9 @@ _PIPELINE_LIMIT = 256 * 1024
 # upstream connection's own write buffer, what an upload in flight costs in memory).
 _STREAM_WINDOW = 128 * 1024
 # A read larger than this on an idle connection is served without copying the bytes after
-# its head into the buffer (data_received); the head's end is looked for in its first
-# _HEAD_SEARCH bytes (not found there, the read goes into the buffer as any other).
+# its head into the buffer (data_received); the head's end is looked for as far as a head may
+# reach (``HeadLimits.max_head``; not found there, the read goes into the buffer as any other).
 _LARGE_READ = 16 * 1024
-_HEAD_SEARCH = 64 * 1024 + 4
-_HEAD_END = b"\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -214,9 +212,9 @@ class ClientConnection(asyncio.Protocol):
             # An upload's first read (up to the listener's 256 KiB): only the head goes
             # into the buffer; the bytes after it wait in _tail, where _begin_body gives them
             # to the body's reader, instead of being copied into the buffer and out again.
-            end = data.find(_HEAD_END, 0, _HEAD_SEARCH)
+            end = data.find(HEAD_END, 0, self._state.heads.max_head)
         if end >= 0:
-            size = end + len(_HEAD_END)
+            size = end + len(HEAD_END)
             self._buffer += data[:size]
             self._tail = data[size:]
             self._next()

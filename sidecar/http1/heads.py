@@ -29,7 +29,8 @@ import httptools
 
 from ..config import LimitsConfig
 
-_HEAD_END = b"\r\n\r\n"
+#: where a request head ends
+HEAD_END = b"\r\n\r\n"
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT", "PATCH")}
 # Lower case, as llhttp gives names as sent: the headers the body's framing is read from.
 _CONTENT_LENGTH = b"content-length"
@@ -199,7 +200,7 @@ class HeadReader:
     def read(self, buffer: bytearray, limits: HeadLimits) -> Head | HandOff | Refusal | None:
         """The first request head in ``buffer`` (not consumed: ``Head.size`` says how much
         it takes), or why there is none."""
-        end = buffer.find(_HEAD_END)
+        end = buffer.find(HEAD_END)
         if end < 0:
             if b"\n\n" in buffer:
                 return BARE_LF
