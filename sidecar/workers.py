@@ -145,6 +145,19 @@ def _sent_to(answers: list[tuple[int, str, dict[str, str]] | None]) -> str | Non
     return None
 
 
+def _deciding(answers: list[tuple[int, str]]) -> tuple[int, str]:
+    """The workers' answer to a relayed ``POST`` or ``DELETE /deny`` that the supervisor
+    gives: one that made the change and told the fleet (200), else one that made it here
+    only (207), else the first. Workers hear a fleet's entries one by one, so a ``DELETE``
+    soon after another replica's ``POST`` can find the entry in one worker (200) and not
+    yet in another (404): it was on the list and is off it now."""
+    for wanted in (200, 207):
+        found = next((a for a in answers if a[0] == wanted), None)
+        if found is not None:
+            return found
+    return answers[0]
+
+
 #: a fleet's name (``SharedCache.fleet_id``)
 _FLEET_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -468,8 +481,8 @@ class Supervisor:
             reached = [a for a in answers if a is not None]
             if not reached:
                 return web.json_response({"error": "no worker answered"}, status=503)
-            status = reached[0][0]
-            doc = json.loads(reached[0][1])
+            status, text = _deciding(reached)
+            doc = json.loads(text)
             doc["workers"] = len(reached)
             if status == 200 and len(reached) != len(self.workers):
                 status = 207

@@ -572,3 +572,63 @@ async def test_a_workers_late_send_message_is_read_strictly(config_dir: ConfigDi
         resp = await client.post("/workers/deny-sent", json={"sha256": SHA_A, "fleet": FLEET})
         assert resp.status == 200 and supervisor.sent == {SHA_A: FLEET}
     assert read_runtime(supervisor.runtime) == Runtime([SHA_A], {SHA_A: FLEET})
+
+
+async def test_a_removal_is_answered_by_the_worker_that_had_the_entry(
+    config_dir: ConfigDir,
+) -> None:
+    """A deny entry from the fleet reaches a replica's workers one by one (each hears the
+    channel itself). ``DELETE /deny`` on the replica before the second worker heard of it:
+    the first worker takes it off (200) and the second says it has no such entry (404). The
+    entry was on the list and is off it now, so the replica answers 200 and the worker's
+    answer, not the 404 of whichever worker was asked first (the CI run of stop 32 saw that
+    404 in ``test_a_restarted_worker_does_not_bring_back_an_entry_the_fleet_took_off``)."""
+    from aiohttp import ClientSession, web
+
+    from sidecar import config as config_module
+    from sidecar.revocation.admin import deny_routes
+    from sidecar.workers import Supervisor
+
+    from .revocation_parts import no_revocation
+
+    data = config_dir.base()
+    data["listen"]["workers"] = 2
+    path = config_dir.write(data)
+    supervisor = Supervisor(config_module.load(path), path, log_format=None)
+    told: list[tuple[str, bool]] = []
+
+    async def fleet_call(sha256: str, add: bool) -> str | bool | None:
+        told.append((sha256, add))
+        return FLEET
+
+    revocations = [no_revocation(), no_revocation()]
+    revocations[1].deny(SHA_A, announce=False)  # heard from the fleet; worker 0 not yet
+    runners: list[web.AppRunner] = []
+    try:
+        # worker 0, which has not heard of it, is asked first
+        for worker, revocation in zip(supervisor.workers, revocations, strict=True):
+            app = web.Application()
+            deny_routes(app, revocation, fleet_call)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.UnixSite(runner, str(worker.socket)).start()
+            runners.append(runner)
+        admin = web.AppRunner(supervisor.admin_app())
+        await admin.setup()
+        runners.append(admin)
+        site = web.TCPSite(admin, "127.0.0.1", 0)
+        await site.start()
+        port = admin.addresses[0][1]
+        async with ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/deny?sha256={SHA_A}"
+            async with session.delete(url, headers={"X-Sidecar-Admin": "1"}) as resp:
+                doc = await resp.json()
+                assert (resp.status, doc.get("removed"), doc.get("fleet")) == (200, SHA_A, True)
+            assert told == [(SHA_A, False)]
+            assert [r.denied()["runtime"] for r in revocations] == [[], []]
+            # taken off everywhere now: a second removal finds nothing anywhere
+            async with session.delete(url, headers={"X-Sidecar-Admin": "1"}) as resp:
+                assert resp.status == 404, await resp.text()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
