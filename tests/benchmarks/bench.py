@@ -569,6 +569,7 @@ class Bench:
             body_size=scenario.body_size,
             close=scenario.close,
             headers=stack.front_header(self.pki) if front else None,
+            think_ms=scenario.connections * 1000 / self.args.rate if self.args.rate else None,
         )
 
     # ---- a scenario on both proxies ------------------------------------------------------
@@ -1848,6 +1849,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "when nothing is pinned)",
     )
     p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="REQ_PER_S",
+        help="offer about this many requests per second in every run instead of as many as "
+        "the target answers: each connection waits a random time (exponential, mean "
+        "connections / rate) between an answer and its next request, so that latencies are "
+        "compared at one load; the rate reached is reported (it is a little lower, by the "
+        "latency)",
+    )
+    p.add_argument(
         "--scenarios",
         default="all",
         help="comma-separated scenario keys (S1-c32, S2-new, ..., S4-fleet), groups (S1, S2, "
@@ -1899,6 +1911,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--workers: one or more distinct counts, each at least 1")
     if args.wrk_threads is not None and args.wrk_threads < 1:
         p.error("--wrk-threads must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        p.error("--rate must be above 0")
     return args
 
 
@@ -1954,6 +1968,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sidecar: {info['sidecar_source']}")
     print(
         f"placement: {placement.describe()}; wrk threads {args.wrk_threads or placement.client_threads}; "
+        f"{'offered rate ' + format(args.rate, 'g') + ' req/s; ' if args.rate else ''}"
         f"{args.reps} reps x {args.duration:g} s (+{args.warmup:g} s warm-up), workers {','.join(map(str, args.workers))}"
     )
     results: dict[str, Any] = {
@@ -2102,7 +2117,8 @@ def report(results: dict[str, Any]) -> str:
         f"Python {info['python']} ({info.get('python_openssl', '?')}), "
         f"aiohttp {info['aiohttp']}, uvloop {info['uvloop']}; "
         f"{params.get('placement', '')}"
-        f"{'; wrk threads ' + str(params['wrk_threads']) if params.get('wrk_threads') else ''}; "
+        f"{'; wrk threads ' + str(params['wrk_threads']) if params.get('wrk_threads') else ''}"
+        f"{'; offered rate ' + format(params['rate'], 'g') + ' req/s' if params.get('rate') else ''}; "
         f"workers {workers_text}; "
         f"{params.get('reps')} reps x {params.get('duration')} s\n\n"
     )

@@ -46,7 +46,13 @@ def lua_script(
     body_size: int = 0,
     close: bool = False,
     headers: dict[str, str] | None = None,
+    think_ms: float | None = None,
 ) -> Path:
+    """``think_ms``: each connection waits a random time of this mean (exponential: the
+    connections' requests together arrive about as a Poisson process) between an answer and
+    its next request, so the offered rate is about connections / (think_ms + latency); wrk
+    times a request from its write, so the wait is not in its latency. wrk's delay is in
+    whole milliseconds: the mean must be at least a few."""
     lines = [f'wrk.method = "{method}"']
     # values without quotes or backslashes (e.g. URL-encoded PEM), so a plain Lua string holds them
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items()]
@@ -55,6 +61,14 @@ def lua_script(
         lines.append('wrk.headers["Content-Type"] = "application/octet-stream"')
     if close:
         lines.append('wrk.headers["Connection"] = "close"')
+    if think_ms is not None:
+        lines += [
+            f"local think_ms = {think_ms:.3f}",
+            "math.randomseed(os.time() + math.floor(os.clock() * 1e6))",
+            "function delay()",
+            "  return math.floor(-math.log(1 - math.random()) * think_ms + 0.5)",
+            "end",
+        ]
     path = folder / f"{name}.lua"
     path.write_text("\n".join(lines) + "\n" + _DONE)
     return path
