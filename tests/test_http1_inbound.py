@@ -18,6 +18,8 @@ from typing import Any, cast
 
 import httptools
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.config import LimitsConfig, UpstreamConfig
 from sidecar.flow import BODY
@@ -83,6 +85,8 @@ class Upstream:
     messages: list[_Message] = field(default_factory=list)
     transports: list[_UpstreamTransport] = field(default_factory=list)
     stalled: bool = False
+    #: its transport raises on a write (a transport in a state no write should meet)
+    broken: bool = False
 
     async def dial(self, factory: Callable[[], asyncio.Protocol]) -> object:
         self.dials += 1
@@ -114,6 +118,8 @@ class _UpstreamTransport(asyncio.Transport):
         self.parser = httptools.HttpRequestParser(self.message)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.upstream.broken:
+            raise RuntimeError("this transport takes no writes")
         data = bytes(data)
         self.upstream.received.append(data)
         self.parser.feed_data(data)
@@ -452,3 +458,158 @@ def test_body_is_a_hold_reason_of_its_own() -> None:
     from sidecar.flow import PIPELINE, WRITING
 
     assert len({BODY, PIPELINE, WRITING}) == 3 and not BODY & (PIPELINE | WRITING)
+
+
+# ---- bytes that arrive while the forward waits go to the upstream at once ---------------------
+
+
+def _chunked(pieces: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_streamed_body_reaches_the_upstream_from_the_read_itself(
+    harness: Harness, chunked: bool
+) -> None:
+    """Once the body streams and the forward waits for more, a read's body bytes are written
+    to the upstream in the read's own call (no turn of the forward's task), framed as the
+    client framed them; the body's end still goes through the task, and the upstream gets
+    the body whole and in order."""
+    conn, transport = harness.connect()
+    pieces = [bytes([65 + i]) * (3 * KiB + i) for i in range(8)]
+    if chunked:
+        conn.data_received(
+            post("/public/s", "Transfer-Encoding: chunked") + _chunked(pieces[:2])[:-5]
+        )
+    else:
+        total = sum(len(p) for p in pieces)
+        conn.data_received(post("/public/s", length=total) + pieces[0] + pieces[1])
+    await settle()
+    assert harness.upstream.dials == 1  # past body_buffer: streamed
+    for piece in pieces[2:]:
+        before = harness.upstream.bytes_received
+        conn.data_received(_chunked([piece])[:-5] if chunked else piece)
+        # no settle: written from data_received itself
+        assert harness.upstream.bytes_received == before + len(piece) + (
+            len(b"%x\r\n\r\n" % len(piece)) if chunked else 0
+        )
+    if chunked:
+        conn.data_received(b"0\r\n\r\n")
+    await settle()
+    [message] = harness.upstream.messages
+    assert message.body == b"".join(pieces)
+    assert transport.statuses() == [200]
+
+
+async def test_bytes_the_upstream_does_not_take_wait_for_the_forward(harness: Harness) -> None:
+    """While the upstream takes nothing (its socket full), what arrives is held, not pushed,
+    and reading stops past the window; bytes after it are never sent before it: once the
+    upstream takes again the body arrives whole and in order."""
+    conn, transport = harness.connect()
+    pieces = [bytes([97 + i % 26]) * (16 * KiB + i) for i in range(48)]
+    conn.data_received(post("/public/o", length=sum(len(p) for p in pieces)) + pieces[0])
+    await settle()
+    harness.upstream.stalled = True
+    sent = 1
+    conn.data_received(pieces[sent])  # pushed: the stall begins with this write
+    sent += 1
+    conn.data_received(pieces[sent])  # not pushed: the forward's task writes it, then waits
+    sent += 1
+    await settle()
+    stalled_at = harness.upstream.bytes_received
+    while transport.is_reading() and sent < len(pieces) - 2:
+        conn.data_received(pieces[sent])
+        sent += 1
+        await settle()
+    assert not transport.is_reading(), "reading did not stop"
+    assert harness.upstream.bytes_received == stalled_at  # held here, not pushed
+    harness.upstream.unstall()
+    await settle()
+    for piece in pieces[sent:]:
+        conn.data_received(piece)
+        await settle()
+    [message] = harness.upstream.messages
+    assert message.body == b"".join(pieces)
+    assert transport.statuses() == [200]
+
+
+async def _split_and_stalled(
+    chunked: bool, sizes: list[int], cuts: list[int], stalls: list[bool]
+) -> None:
+    loop = asyncio.get_running_loop()
+    upstream = Upstream()
+    forwarder = Forwarder(UpstreamConfig(url="http://upstream.test"), dial=upstream.dial)
+    await forwarder.start()
+    try:
+        harness = Harness(
+            Clock(loop), listener_state(forwarder, LIMITS, client_certificate="optional"), upstream
+        )
+        conn, transport = harness.connect()
+        pieces = [bytes([48 + i % 75]) * size for i, size in enumerate(sizes)]
+        body = b"".join(pieces)
+        if chunked:
+            wire = post("/public/h", "Transfer-Encoding: chunked") + _chunked(pieces)
+        else:
+            wire = post("/public/h", length=len(body)) + body
+        at = 0
+        for i, cut in enumerate(cuts * (len(wire) // max(1, sum(cuts)) + 1)):
+            if at >= len(wire):
+                break
+            if not transport.is_reading():  # held: the client's bytes wait for the upstream
+                upstream.unstall()
+                await settle()
+            conn.data_received(wire[at : at + cut])
+            at += cut
+            upstream.stalled = stalls[i % len(stalls)] if stalls else False
+            if i % 3 == 0:
+                await settle()
+        upstream.unstall()
+        await settle()
+        [message] = upstream.messages
+        assert message.body == body
+        assert transport.statuses() == [200]
+    finally:
+        await forwarder.close()
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    chunked=st.booleans(),
+    sizes=st.lists(st.integers(1, 24 * KiB), min_size=1, max_size=10),
+    cuts=st.lists(st.integers(1, 40 * KiB), min_size=1, max_size=12),
+    stalls=st.lists(st.booleans(), max_size=12),
+)
+def test_any_split_of_a_body_with_any_stalls_reaches_the_upstream_whole(
+    chunked: bool, sizes: list[int], cuts: list[int], stalls: list[bool]
+) -> None:
+    """Whatever the reads' sizes (cuts inside the head, the chunk framing and the data), and
+    whenever the upstream stops and starts taking, the upstream gets the body whole and in
+    order, pushed from the reads or sent by the forward's task, and the client its 200."""
+    asyncio.run(_split_and_stalled(chunked, sizes, cuts, stalls))
+
+
+async def test_a_push_whose_write_raises_fails_the_exchange(harness: Harness) -> None:
+    """A write to the upstream that raises from a read's push ends the exchange as one from
+    the forward's task does: the upstream connection is aborted (it never sees the body
+    complete) and the client gets an error answer, not a 200."""
+    conn, transport = harness.connect()
+    conn.data_received(post("/public/x", length=100 * KiB) + b"a" * 8 * KiB)
+    await settle()
+    assert harness.upstream.dials == 1
+    harness.upstream.broken = True
+    conn.data_received(b"b" * 8 * KiB)  # pushed: the write raises
+    await settle()
+    [upstream] = harness.upstream.transports
+    assert upstream.aborted
+    assert harness.upstream.messages == []
+    assert transport.statuses() and transport.statuses()[0] >= 500
+
+
+def test_a_body_that_pushes_has_no_timeout_of_its_own(clock: Clock) -> None:
+    """Pushed bytes do not wake the sender, so a timeout of its own would count a client
+    sending steadily as silent: the two are refused together."""
+    from sidecar.http1.upstream import RequestBody
+
+    body = inbound(clock, Holds(), 10)
+    with pytest.raises(ValueError, match="keeps its own deadlines"):
+        RequestBody(body, chunked=False, limit=None, timeout=5.0, pushing=body)

@@ -501,7 +501,9 @@ class ClientConnection(asyncio.Protocol):
             if not self._state.body_streams.take(key, limits.max_body_streams_per_address):
                 raise LimitReached("max_body_streams_per_address", 429)
         inbound.set_window(max(limits.body_buffer, _STREAM_WINDOW))
-        stream = RequestBody(inbound, chunked=inbound.chunked, limit=None, timeout=None)
+        stream = RequestBody(
+            inbound, chunked=inbound.chunked, limit=None, timeout=None, pushing=inbound
+        )
         return request.block, stream, key
 
     def _end_stream(self, key: str | None) -> None:

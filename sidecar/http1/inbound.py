@@ -4,7 +4,10 @@
 The connection feeds it what arrives (``feed``: what is left over is the next request's); the
 forward waits for the first ``limits.body_buffer`` bytes or the whole body (``buffered``),
 then takes what is here (``take``) or streams it as it comes (``read_nowait``, ``at_eof``,
-``readany``: the ``http1.upstream.BodyStream`` a ``RequestBody`` is sent from).
+``readany``: the ``http1.upstream.BodyStream`` a ``RequestBody`` is sent from). While it
+streams and waits in ``readany``, what arrives goes to the upstream from ``feed`` itself
+(``attach``: the ``RequestBody``'s ``push``) when the upstream takes it at once, without a
+turn of the forward's task; what it does not take, and the body's end, wake the task.
 
 Flow control: while more than ``window`` body bytes wait to be taken, the connection reads
 nothing more (``hold``; ``release`` once they are taken). So a body costs at most its window
@@ -45,6 +48,7 @@ class Inbound:
         "_paused",
         "_queued",
         "_release",
+        "_sink",
         "_started",
         "_timeout",
         "_timer",
@@ -104,6 +108,8 @@ class Inbound:
         self._last = 0.0
         self._held_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        #: where body bytes go while the forward waits for more (``attach``)
+        self._sink: Callable[[bytes], bool] | None = None
         if not expecting and not self.complete:
             self._start_clock()
 
@@ -124,14 +130,21 @@ class Inbound:
             self._start_clock()  # sent without waiting for 100 Continue
         else:
             self._last = self._loop.time()
+        pushed = False
         if body:
             size = self.size = self.size + len(body)
             limit = self._limit
             if limit is not None and size > limit:
                 self.fail(BodyTooLarge(f"the request body exceeds {limit} bytes"))
                 return b""
-            self._chunks.append(body)
-            self._queued += len(body)
+            if self._parked() and not self._chunks:
+                # The forward waits for more and nothing is queued before these bytes: they
+                # go to the upstream now, if it takes them, without a turn of its task.
+                sink = self._sink
+                pushed = sink is not None and sink(body)
+            if not pushed:
+                self._chunks.append(body)
+                self._queued += len(body)
         if self._decoder.done:
             self.complete = True
             self._stop_timer()
@@ -141,7 +154,8 @@ class Inbound:
             self._held = True
             self._held_at = self._loop.time()
             self._hold()
-        self._wake()
+        if not pushed or self.complete:
+            self._wake()
         return data[used:] if self.complete and used < len(data) else b""
 
     def continued(self) -> None:
@@ -169,6 +183,13 @@ class Inbound:
         self._wake()
 
     # ---- for the forward -----------------------------------------------------------------
+
+    def attach(self, sink: Callable[[bytes], bool] | None) -> None:
+        """While the forward streams the body (``http1.upstream.RequestBody.send_rest``):
+        bytes that arrive while it waits in ``readany``, with none queued before them, go to
+        ``sink``, which sends them to the upstream if it takes them at once (True) and
+        otherwise leaves them here (False). None detaches it."""
+        self._sink = sink
 
     def set_window(self, window: int) -> None:
         """Hold up to ``window`` bytes from now on (the body streams: a larger one)."""
@@ -219,6 +240,11 @@ class Inbound:
     def _raise_failure(self) -> None:
         if self.error is not None:
             raise self.error
+
+    def _parked(self) -> bool:
+        """The forward waits for body bytes, and has not been woken yet."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
 
     def _ready(self, size: int) -> bool:
         return self.complete or self._queued >= size

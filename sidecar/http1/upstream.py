@@ -84,15 +84,40 @@ class BodyStream(Protocol):
     async def readany(self) -> bytes: ...
 
 
+class Pushing(Protocol):
+    """A body source that can hand what arrives to the upstream itself, while the sender
+    waits for more (``http1.inbound.Inbound``): ``sink`` takes bytes and says whether it sent
+    them; None detaches it."""
+
+    def attach(self, sink: Callable[[bytes], bool] | None) -> None: ...
+
+
 class RequestBody:
     """The client's request body, framed as the client framed it, refused past ``limit``, and
     given up when the client pauses it for longer than ``timeout`` (None: the body's source
-    keeps its own deadlines, as ``Inbound`` does)."""
+    keeps its own deadlines, as ``Inbound`` does).
+
+    With ``pushing`` (the content itself, on the listener's own path), the bytes that arrive
+    while the sender waits for more go to the upstream from the source's call (``push``)
+    rather than through the sender's task; whatever the upstream does not take at once, and
+    the body's end, still go through the task."""
 
     def __init__(
-        self, content: BodyStream, *, chunked: bool, limit: int | None, timeout: float | None
+        self,
+        content: BodyStream,
+        *,
+        chunked: bool,
+        limit: int | None,
+        timeout: float | None,
+        pushing: Pushing | None = None,
     ) -> None:
+        if pushing is not None and timeout is not None:
+            # pushed bytes do not wake the sender, whose timeout would then count a client
+            # that sends steadily as silent: a source that pushes keeps its own deadlines
+            raise ValueError("a body source that pushes keeps its own deadlines: timeout None")
         self._content = content
+        self._pushing = pushing
+        self._conn: UpstreamConnection | None = None
         #: framed as chunks (the client sent no length)
         self.chunked = chunked
         self._timeout = timeout
@@ -115,6 +140,10 @@ class RequestBody:
         """Stream the rest to ``conn`` as it arrives; a failure becomes the exchange's error
         (``BodyTimeout`` when the client pauses longer than the timeout: the upstream
         connection is then aborted, so that the upstream sees the request incomplete)."""
+        pushing = self._pushing
+        if pushing is not None:
+            self._conn = conn
+            pushing.attach(self.push)
         try:
             while True:
                 data = await self._read()
@@ -128,6 +157,31 @@ class RequestBody:
             conn.fail(exc)
         except Exception as exc:  # e.g. the client's chunked framing was broken
             conn.fail(ConnectionAbortedError(f"request body: {type(exc).__name__}: {exc}"))
+        finally:
+            if pushing is not None:
+                pushing.attach(None)
+                self._conn = None
+
+    def push(self, data: bytes) -> bool:
+        """Send ``data`` (body bytes, not the end) now, framed, if the upstream takes it at
+        once: False, and nothing sent, when it does not (its socket is full, the exchange
+        failed or is over) or when ``data`` would pass ``limit`` (the sender's task then
+        meets the same and fails the exchange as without a push). A write that raises fails
+        the exchange, as in ``send_rest``: True, the bytes are taken and dropped with it."""
+        conn = self._conn
+        if conn is None or not data or not conn.taking:
+            return False
+        seen = self._seen + len(data)
+        if self._limit is not None and seen > self._limit:
+            return False
+        self._seen = seen
+        try:
+            conn.writelines([b"%x\r\n" % len(data), data, b"\r\n"] if self.chunked else [data])
+        except Exception as exc:  # as in send_rest: the exchange fails (the bytes were taken)
+            conn.fail(ConnectionAbortedError(f"request body: {type(exc).__name__}: {exc}"))
+            return True
+        conn.touch()
+        return True
 
     async def _read(self) -> bytes:
         """The body bytes that have arrived, waiting at most ``timeout`` for some; b"" at the
@@ -235,6 +289,11 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         return self.lost or self._transport is None or self._transport.is_closing()
+
+    @property
+    def taking(self) -> bool:
+        """A write now goes out: no failure, not closing, the upstream's socket not full."""
+        return self._error is None and not self._write_paused and not self.closing
 
     def writelines(self, data: list[bytes]) -> None:
         # After a failure the error surfaces in the next wait; a closed transport may raise.
