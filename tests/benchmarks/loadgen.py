@@ -244,13 +244,15 @@ def busy_seconds() -> tuple[float, float]:
 
 def wait_quiet(max_wait: float, threshold: float = 0.25, probe: float = 1.0) -> float:
     """Wait (at most ``max_wait`` seconds) until the machine is idle but for us; return the load
-    seen last, in cores. Call it between measurements, when none of our processes works."""
+    seen last, in cores. Call it between measurements, when none of our processes works. The
+    CPU time the hypervisor gives other guests (steal) counts as load: a run started while
+    it takes a large share of the CPUs is measured on less machine than the others."""
     deadline = time.monotonic() + max_wait
     while True:
-        b0, _ = busy_seconds()
+        b0, s0 = busy_seconds()
         t0 = time.monotonic()
         time.sleep(probe)
-        b1, _ = busy_seconds()
-        load = (b1 - b0) / (time.monotonic() - t0)
+        b1, s1 = busy_seconds()
+        load = (b1 - b0 + s1 - s0) / (time.monotonic() - t0)
         if load <= threshold or time.monotonic() >= deadline:
             return load
