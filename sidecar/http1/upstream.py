@@ -171,12 +171,11 @@ class RequestBody:
         conn = self._conn
         if conn is None or not data or not conn.taking:
             return False
-        seen = self._seen + len(data)
-        if self._limit is not None and seen > self._limit:
+        if self._limit is not None and self._seen + len(data) > self._limit:
             return False
-        self._seen = seen
+        framed = self._frame(data, False)  # counts it; within the limit, so it cannot raise
         try:
-            conn.writelines([b"%x\r\n" % len(data), data, b"\r\n"] if self.chunked else [data])
+            conn.writelines(framed)
         except Exception as exc:  # as in send_rest: the exchange fails (the bytes were taken)
             conn.fail(ConnectionAbortedError(f"request body: {type(exc).__name__}: {exc}"))
             return True
