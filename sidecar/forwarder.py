@@ -334,14 +334,18 @@ class Forward:
         assert conn is not None
         return conn.take()
 
-    async def relay(self, client: Client) -> None:
+    async def relay(self, client: Client, push: Callable[[bytes], bool] | None = None) -> None:
         """The rest of the body to ``client`` as it arrives. When the upstream fails, the
         client is aborted (it must see the answer truncated); a client that leaves (or is
         cut off for ``send_timeout``) ends the exchange at once, not at the upstream's next
-        byte."""
+        byte. With ``push`` (``client.write`` without the wait, False when the client does
+        not take the bytes at once), what arrives while this waits goes to the client from
+        the upstream's read (``UpstreamConnection.attach``)."""
         conn = self.conn
         assert conn is not None
         client.when_gone(conn.abandon)
+        if push is not None:
+            conn.attach(push)
         try:
             while True:
                 try:
@@ -356,6 +360,7 @@ class Forward:
         except ConnectionError:  # the client is gone
             return
         finally:
+            conn.attach(None)
             client.when_gone(None)
 
     def release(self) -> None:

@@ -469,7 +469,7 @@ class ClientConnection(asyncio.Protocol):
                 )
             else:
                 writer.respond(request, forward.status, forward.reason, fields, flags, b"", False)
-                await forward.relay(writer)
+                await forward.relay(writer, writer.push)
         finally:
             forward.release()
             self._end_stream(stream)
@@ -587,6 +587,13 @@ class ClientConnection(asyncio.Protocol):
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
+
+    @property
+    def taking(self) -> bool:
+        """A write now goes out: the connection is open and its transport's buffer below the
+        high-water mark."""
+        transport = self._transport
+        return transport is not None and not transport.is_closing() and not self._flow.write_paused
 
     async def drain(self) -> None:
         """Wait while the client is not taking what it was sent (``flow``: cut off after
@@ -797,11 +804,27 @@ class ResponseWriter:
         conn = self._conn
         if conn is None:
             raise ConnectionResetError("the client closed the connection")
+        self._send(conn, data)
+        await conn.drain()
+
+    def push(self, data: bytes) -> bool:
+        """``write`` without the wait, from the upstream's read while the relay waits for
+        more (``UpstreamConnection.attach``): ``data`` goes to the client now, framed, if it
+        takes it at once; False, and nothing written, when it does not (its transport's
+        buffer is above the high-water mark, the connection is closing or gone) or the
+        answer has no body (the relay's task then sees to it as before)."""
+        conn = self._conn
+        if conn is None or self._no_body or not data or not conn.taking:
+            return False
+        self._send(conn, data)
+        return True
+
+    def _send(self, conn: ClientConnection, data: bytes) -> None:
+        """``data`` (not empty: an empty chunk would end the body) framed for the client."""
         if self._chunked:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         elif not self._no_body:
             conn.write(data)
-        await conn.drain()
 
     async def finish(self) -> None:
         conn = self._conn

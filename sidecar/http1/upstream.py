@@ -245,6 +245,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        #: where body bytes go while the relay waits for more (``attach``)
+        self._sink: Callable[[bytes], bool] | None = None
         self._reset(head_only=False)
         self.request_sent = True
 
@@ -280,6 +282,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._transport.resume_reading()  # the last body was not read to the end
         self._reset(head_only=head_only)
         self._notify = None
+        self._sink = None
         self.request_sent = not sending
         self.idle = False
         if self.closing:  # closed on its way out of the pool
@@ -352,6 +355,13 @@ class UpstreamConnection(asyncio.Protocol):
                 return b""
             await self._wait()
         return self.take()
+
+    def attach(self, sink: Callable[[bytes], bool] | None) -> None:
+        """While the relay streams the body (``forwarder.Forward.relay``): the body bytes a
+        read brings while it waits in ``read``, with none queued before them, go to ``sink``,
+        which writes them to the client if it takes them at once (True) and otherwise leaves
+        them here (False, and the relay wakes for them). None detaches it."""
+        self._sink = sink
 
     def take(self) -> bytes:
         """The body bytes received so far, without waiting (all of it once ``complete``)."""
@@ -467,7 +477,46 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self.head_done and self.received > MAX_HEAD:
             self.fail(UpstreamError("protocol", f"response head larger than {MAX_HEAD} bytes"))
+        elif (
+            self._sink is not None
+            and self._chunks
+            and self._parked()
+            and self._push()
+            and not self._completed()
+        ):
+            return  # written to the client: the relay waits on (its end wakes it)
         self._wake()
+
+    def _parked(self) -> bool:
+        """The relay waits in ``read`` and has not been woken yet (it waits there only with
+        nothing queued: what is queued now came with this read)."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
+    def _push(self) -> bool:
+        """This read's body bytes to the sink; whether it took them. A sink that raises
+        fails the exchange (the relay then aborts the client, as for its own write)."""
+        sink = self._sink
+        assert sink is not None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            taken = sink(data)
+        except Exception as exc:
+            self.fail(ConnectionAbortedError(f"writing to the client: {type(exc).__name__}: {exc}"))
+            return False
+        if not taken:
+            self._chunks = [data]
+            return False
+        self._chunks = []
+        self._buffered = 0
+        if self._read_paused:
+            self._read_paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        # the body is arriving: the read deadline moves as the relay's wait would move it
+        self._deadline = self._loop.time() + self._read_timeout
+        return True
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -557,6 +606,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.complete:  # a body after a HEAD response: the connection is out of step
             self.keep_alive = False
             return
+        if not body:
+            return  # (never from llhttp: an empty piece would read as the body's end)
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._read_paused:
