@@ -223,6 +223,9 @@ async def test_bytes_the_client_does_not_take_wait_for_the_relay(harness: Harnes
         sent += 1
     assert transport.is_paused(), "the pushes did not fill the client's buffer"
     paused_at = len(transport.written)
+    harness.upstream.send(pieces[sent])  # the client takes nothing: held, not written
+    sent += 1
+    assert len(transport.written) == paused_at
     [upstream] = harness.upstream.transports
     while upstream.reading:
         harness.upstream.send(pieces[sent])
@@ -230,8 +233,6 @@ async def test_bytes_the_client_does_not_take_wait_for_the_relay(harness: Harnes
         await settle()
     assert sent < len(pieces), "reading the upstream did not stop"
     held_at = len(transport.written)
-    # at most what the relay's task wrote before it waits for the client: nothing pushed
-    assert held_at - paused_at <= len(pieces[sent - 1]) * (sent)
     harness.upstream.send(b"")  # a read of nothing changes nothing
     assert len(transport.written) == held_at
     while sent < len(pieces):
@@ -328,6 +329,30 @@ async def test_a_push_whose_write_raises_ends_the_exchange(harness: Harness) -> 
     assert transport.aborted
     [upstream] = harness.upstream.transports
     assert upstream.aborted
+
+
+async def test_bytes_after_a_complete_response_end_it_at_once(harness: Harness) -> None:
+    """An upstream read that ends the body and carries bytes after it (a second, unsolicited
+    response): the client gets the body whole at once, never a byte of what follows, and the
+    upstream connection is closed, not reused (the relay does not wait for its close)."""
+    conn, transport = harness.connect()
+    conn.data_received(GET)
+    await settle()
+    harness.upstream.send(head(chunked=False, length=8) + b"aaaa")
+    await settle()
+    harness.upstream.send(b"bbbb" + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nEVL")
+    await settle()
+    seen = responses(transport.written)
+    assert seen.complete == 1
+    assert seen.bodies == [b"aaaabbbb"]
+    assert b"EVL" not in transport.written
+    assert harness.upstream.transports[0].closed
+    conn.data_received(GET)  # served on a new upstream connection
+    await settle()
+    harness.upstream.send(head(chunked=False, length=2) + b"ok")
+    await settle()
+    assert transport.statuses() == [200, 200]
+    assert len(harness.upstream.transports) == 2
 
 
 # ---- the upstream's read deadline ---------------------------------------------------------------

@@ -472,6 +472,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self._completed():  # bytes after a complete response
                 self.keep_alive = False
                 self.close()
+                self._wake()  # the body is whole: the relay need not wait for the close
             else:  # a callback's own error, or what llhttp found
                 self.fail(self._error or UpstreamError("protocol", f"{type(exc).__name__}: {exc}"))
             return
@@ -503,6 +504,9 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             taken = sink(data)
         except Exception as exc:
+            # taken and dropped with the exchange, as the relay's own write would be
+            self._chunks = []
+            self._buffered = 0
             self.fail(ConnectionAbortedError(f"writing to the client: {type(exc).__name__}: {exc}"))
             return False
         if not taken:
