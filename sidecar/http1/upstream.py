@@ -501,23 +501,16 @@ class UpstreamConnection(asyncio.Protocol):
         assert sink is not None
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = [data]  # joined once, whoever takes it
         try:
             taken = sink(data)
         except Exception as exc:
-            # taken and dropped with the exchange, as the relay's own write would be
-            self._chunks = []
-            self._buffered = 0
+            self.take()  # taken and dropped with the exchange, as the relay's own write would be
             self.fail(ConnectionAbortedError(f"writing to the client: {type(exc).__name__}: {exc}"))
             return False
         if not taken:
-            self._chunks = [data]
             return False
-        self._chunks = []
-        self._buffered = 0
-        if self._read_paused:
-            self._read_paused = False
-            assert self._transport is not None
-            self._transport.resume_reading()
+        self.take()  # gone to the client (reading resumes if it was held)
         # the body is arriving: the read deadline moves as the relay's wait would move it
         self._deadline = self._loop.time() + self._read_timeout
         return True
