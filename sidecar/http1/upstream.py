@@ -321,7 +321,8 @@ class UpstreamConnection(asyncio.Protocol):
     def touch(self) -> None:
         """Push the read deadline back: the request body is still making progress, and the
         upstream need not answer before it has all of it (as nginx arms proxy_read_timeout
-        once the body is sent). A client that pauses its body is bounded by body_timeout."""
+        once the body is sent; a client that pauses its body is bounded by body_timeout), or
+        the response body is arriving while the relay's task waits (``_push``)."""
         self._deadline = self._loop.time() + self._read_timeout
 
     def notify(self, callback: Callable[[], None]) -> None:
@@ -511,8 +512,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not taken:
             return False
         self.take()  # gone to the client (reading resumes if it was held)
-        # the body is arriving: the read deadline moves as the relay's wait would move it
-        self._deadline = self._loop.time() + self._read_timeout
+        self.touch()  # as the relay's next wait would have moved the deadline
         return True
 
     def eof_received(self) -> bool:
